@@ -1,0 +1,34 @@
+"""The feature index: what each latent of an SAE means and where it fires, computed locally (what a
+Neuronpedia feature page and its microscope show). Owns densities, activation histograms, top and
+interval-sampled activating windows, the logit lens, decoder neighbours, cross-layer flow,
+explanations (a baseline and an optional OpenAI-compatible chat endpoint, with detection scoring),
+per-token top features, search, the SQLite file they live in, and export to Neuronpedia's format.
+
+Knows nothing of HTTP (the server reads the index through `FeatureIndex`).
+
+Modules: `stream` (bounded-memory accumulators), `lens` (weight-only views), `build` (the pass over
+the corpus), `pages` (accumulators to feature pages), `store` (SQLite), `prompt` (live per-text
+views), `explain`, `export`.
+"""
+
+from gemmascope.features.build import build_index
+from gemmascope.features.explain import ChatEndpoint, baseline_explanation, detection_score, explain_with_llm
+from gemmascope.features.export import export_neuronpedia
+from gemmascope.features.lens import decoder_neighbours, logit_lens
+from gemmascope.features.prompt import search_text, top_features
+from gemmascope.features.store import FeatureIndex, sae_fingerprint
+
+__all__ = [
+    "ChatEndpoint",
+    "FeatureIndex",
+    "baseline_explanation",
+    "build_index",
+    "decoder_neighbours",
+    "detection_score",
+    "explain_with_llm",
+    "export_neuronpedia",
+    "logit_lens",
+    "sae_fingerprint",
+    "search_text",
+    "top_features",
+]

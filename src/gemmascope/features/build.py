@@ -1,0 +1,389 @@
+"""Building the feature index: one streaming run over a held-out corpus slice that feeds every SAE
+given (one forward pass of the model captures all their sites), then the weight-only parts (logit
+lens, decoder neighbours), the cross-layer flow and the baseline explanations, written to SQLite.
+
+Two passes over the slice, each keeping only state bounded by the SAEs' widths:
+  1. per latent: tokens fired on, max and min activation, the running top-k activating tokens with
+     their windows; a sparse sample of activations for the cross-layer correlations;
+  2. with each latent's range known: its 50-bin histogram and a uniform sample of windows in each
+     of 5 equal-width activation intervals (the k smallest of i.i.d. random keys per interval),
+     plus random windows with the latents active in each (negatives for detection scoring).
+The second pass reads the sites' activations back from a temporary file when they fit in
+`spill_bytes`, else runs the model again (same batches, same values). No dense
+`[tokens, d_sae]` tensor of more than one batch ever exists.
+
+Knows models, corpora and SAEs through their public functions; knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gemmascope.corpus import load_corpus, pack, source_name, special_mask
+from gemmascope.errors import ConfigError, CorpusError
+from gemmascope.features.explain import baseline_explanation
+from gemmascope.features.lens import decoder_neighbours, logit_lens
+from gemmascope.features.pages import (
+    N_BINS,
+    N_INTERVALS,
+    PER_INTERVAL,
+    TOP_K,
+    WINDOW,
+    feature_pages,
+    token_strings,
+    window_tokens,
+)
+from gemmascope.features.store import BASELINE, FeatureIndex, sae_fingerprint
+from gemmascope.features.stream import (
+    Pass1Stats,
+    Pass2Stats,
+    SparseSample,
+    top_correlations,
+)
+from gemmascope.models import LanguageModel, Site, capture, parse_site, site_d_in
+from gemmascope.sae import SAE
+
+LOGIT_K = 10
+N_NEIGHBOURS = 10
+FLOW_K = 10
+PAGE_CHUNK = 512  # feature pages assembled and written at once (bounds the memory of that step)
+
+
+def sae_site(sae_id: str, sae: SAE, model: LanguageModel) -> Site:
+    """The site an SAE reads, checked against the model (layer in range, width matches)."""
+    spec = sae.cfg.site or sae.cfg.hook_name
+    if not spec:
+        raise ConfigError(
+            f"SAE {sae_id!r} has no site in its config (cfg.json 'metadata.hook_name'): expected one "
+            "such as 'resid_post.6' (on the command line: --site)"
+        )
+    site = parse_site(spec, model.n_layers)
+    width = site_d_in(model, site)
+    if sae.d_in != width:
+        raise ConfigError(
+            f"SAE {sae_id!r} reads {sae.d_in}-wide activations but site {site} of model {model.name!r} "
+            f"is {width} wide: expected the model and site the SAE was trained on"
+        )
+    return site
+
+
+def index_rows(model: LanguageModel, n_tokens: int, corpus: str, split: str, context_len: int) -> Tensor:
+    """`[rows, context_len]` token ids of the first `n_tokens` positions (rounded up to whole rows)
+    of a corpus split, packed with BOS first; a CorpusError when the split holds fewer."""
+    if n_tokens < 1:
+        raise ConfigError(f"n_tokens={n_tokens} must be at least 1")
+    n_rows = math.ceil(n_tokens / context_len)
+    docs = load_corpus(corpus, split)
+    rows = pack(model.tokenizer, docs, context_len=context_len, max_rows=n_rows)
+    if rows.shape[0] < n_rows:
+        have = rows.shape[0] * context_len
+        raise CorpusError(
+            f"the {split!r} split of corpus {corpus!r} holds {have:,} tokens in rows of {context_len}, "
+            f"fewer than the {n_tokens:,} asked for: ask for at most {have:,} tokens or use a bigger corpus"
+        )
+    return rows
+
+
+class _SiteActivations:
+    """The sites' activations of the index rows, a batch of rows at a time, for both passes: from
+    the model in the first; in the second from a temporary spill file when it was kept, else from
+    the model again."""
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        rows: Tensor,
+        sites: list[Site],
+        batch_rows: int,
+        spill_dir: Path,
+        spill_bytes: int,
+    ) -> None:
+        self.model, self.rows, self.sites, self.batch_rows = model, rows, sites, batch_rows
+        n_rows, ctx = rows.shape
+        widths = {site: site_d_in(model, site) for site in sites}
+        self.spill: dict[Site, np.memmap] | None = None
+        self.second_pass = "recompute"  # how pass 2 gets the activations
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if n_rows * ctx * sum(widths.values()) * 4 <= spill_bytes:
+            self._tmp = tempfile.TemporaryDirectory(prefix=".index-spill-", dir=spill_dir)
+            self.spill = {
+                site: np.lib.format.open_memmap(
+                    Path(self._tmp.name) / f"{site}.npy",
+                    mode="w+",
+                    dtype=np.float32,
+                    shape=(n_rows, ctx, widths[site]),
+                )
+                for site in sites
+            }
+            self.second_pass = "spill"
+
+    def batches(self, first: bool, desc: str, progress: bool) -> Iterator[tuple[int, dict[Site, Tensor]]]:
+        n_rows = self.rows.shape[0]
+        for start in tqdm(range(0, n_rows, self.batch_rows), desc=desc, unit="batch", disable=not progress):
+            stop = min(n_rows, start + self.batch_rows)
+            if first or self.spill is None:
+                ids = self.rows[start:stop].to(self.model.device)
+                acts = capture(self.model, ids, self.sites)
+                if first and self.spill is not None:
+                    for site, a in acts.items():
+                        self.spill[site][start:stop] = a.float().cpu().numpy()
+            else:
+                acts = {
+                    site: torch.from_numpy(np.asarray(self.spill[site][start:stop])) for site in self.sites
+                }
+            yield start, acts
+
+    def close(self) -> None:
+        self.spill = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _encode(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
+    """`[rows, ctx, d_sae]` latent activations of site activations `x [rows, ctx, d_in]`, zero at
+    special positions (`keep [rows, ctx]` False there)."""
+    with torch.no_grad():
+        acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float()
+    return acts * keep.to(acts.device)[..., None]
+
+
+def build_index(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    db_path: str | Path,
+    n_tokens: int = 20_000,
+    corpus: str = "wiki",
+    split: str = "heldout",
+    *,
+    context_len: int = 128,
+    batch_rows: int = 8,
+    flow_tokens: int = 8192,
+    n_null_windows: int = 64,
+    seed: int = 0,
+    spill_bytes: int = 1 << 30,
+    folders: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Index SAEs of one model over the first `n_tokens` token positions of a corpus split (by
+    default the held-out split of the bundled Wikipedia corpus, which training does not use) and
+    write them to the SQLite file `db_path` (created if missing; other SAEs in it are kept). Each
+    SAE is marked complete only once all its rows are written. `flow_tokens` non-special tokens
+    (0: none) sample the cross-layer correlations between SAEs at different layers. Returns
+    `db_path`."""
+    if not saes:
+        raise ConfigError("build_index needs at least one SAE")
+    if batch_rows < 1:
+        raise ConfigError(f"batch_rows={batch_rows} must be at least 1")
+    started = time.perf_counter()
+    sites = {sae_id: sae_site(sae_id, sae, model) for sae_id, sae in saes.items()}
+    rows = index_rows(model, n_tokens, corpus, split, context_len)
+    keep = ~special_mask(rows, model.special_token_ids)  # [rows, ctx]
+    n_valid = int(keep.sum())
+    if n_valid == 0:
+        raise CorpusError(f"the {split!r} split of corpus {corpus!r} gives no tokens besides BOS/EOS/pad")
+    db_path = Path(db_path)
+    with FeatureIndex(db_path, create=True) as index:
+        _build(
+            model,
+            saes,
+            sites,
+            rows,
+            keep,
+            index,
+            corpus=corpus,
+            split=split,
+            batch_rows=batch_rows,
+            flow_tokens=flow_tokens,
+            n_null_windows=n_null_windows,
+            seed=seed,
+            spill_bytes=spill_bytes,
+            folders=folders or {},
+            progress=progress,
+            started=started,
+        )
+    return db_path
+
+
+def _build(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    sites: Mapping[str, Site],
+    rows: Tensor,
+    keep: Tensor,
+    index: FeatureIndex,
+    *,
+    corpus: str,
+    split: str,
+    batch_rows: int,
+    flow_tokens: int,
+    n_null_windows: int,
+    seed: int,
+    spill_bytes: int,
+    folders: Mapping[str, str],
+    progress: bool,
+    started: float,
+) -> None:
+    """The build proper (see the module docstring), into an open index."""
+    n_valid = int(keep.sum())
+    ctx = rows.shape[1]
+    for sae_id, sae in saes.items():
+        site = sites[sae_id]
+        index.begin_sae(
+            {
+                "sae_id": sae_id,
+                "site": str(site),
+                "layer": site.layer,
+                "width": sae.d_sae,
+                "d_in": sae.d_in,
+                "architecture": sae.cfg.architecture,
+                "model_name": model.name,
+                "fingerprint": sae_fingerprint(sae),
+                "folder": folders.get(sae_id),
+            }
+        )
+    device = next(iter(saes.values())).W_enc.device
+    unique_sites = sorted(set(sites.values()))
+    source = _SiteActivations(model, rows, unique_sites, batch_rows, index.path.parent, spill_bytes)
+    try:
+        with_flow = flow_tokens > 0 and len({s.layer for s in sites.values()}) > 1
+        pass1 = {sid: Pass1Stats(sae.d_sae, TOP_K, WINDOW, device) for sid, sae in saes.items()}
+        samples = (
+            {sid: SparseSample(sae.d_sae, flow_tokens, 1 << 25) for sid, sae in saes.items()}
+            if with_flow
+            else {}
+        )
+        for start, acts_by_site in source.batches(True, "indexing: pass 1/2", progress):
+            k = keep[start : start + batch_rows]
+            for sid, sae in saes.items():
+                acts = _encode(sae, acts_by_site[sites[sid]], k)
+                pass1[sid].update(acts, int(k.sum()), start * ctx)
+                if with_flow:
+                    samples[sid].update(acts[k.to(acts.device)].cpu())
+        first_pass_s = time.perf_counter() - started
+
+        pass2 = {
+            sid: Pass2Stats(p.min_act, p.max_act, N_BINS, N_INTERVALS, PER_INTERVAL, WINDOW, seed)
+            for sid, p in pass1.items()
+        }
+        centres = _null_window_centres(keep, n_null_windows, seed)
+        null_latents: dict[str, dict[int, Tensor]] = {sid: {} for sid in saes}
+        for start, acts_by_site in source.batches(False, "indexing: pass 2/2", progress):
+            k = keep[start : start + batch_rows]
+            for sid, sae in saes.items():
+                acts = _encode(sae, acts_by_site[sites[sid]], k)
+                pass2[sid].update(acts, start * ctx)
+                for c in centres[(centres // ctx >= start) & (centres // ctx < start + len(k))].tolist():
+                    row, pos = c // ctx - start, c % ctx
+                    span = acts[row, max(0, pos - WINDOW) : pos + WINDOW + 1]
+                    null_latents[sid][c] = (span > 0).any(0).nonzero().squeeze(1).cpu()
+        corpus_s = time.perf_counter() - started
+    finally:
+        source.close()
+
+    decode = token_strings(model, rows)
+    stats_base = {
+        "n_tokens": n_valid,
+        "n_rows": int(rows.shape[0]),
+        "context_len": ctx,
+        "corpus": source_name(corpus),
+        "split": split,
+        "seed": seed,
+        "model_name": model.name,
+        "second_pass": source.second_pass,
+        "first_pass_s": round(first_pass_s, 2),
+        "corpus_passes_s": round(corpus_s, 2),
+    }
+    stats: dict[str, dict[str, Any]] = {}
+    for sid, sae in saes.items():
+        t0 = time.perf_counter()
+        up_ids, up_vals, down_ids, down_vals = logit_lens(model, sae, sites[sid], LOGIT_K, progress=progress)
+        nb_idx, nb_cos = decoder_neighbours(sae, N_NEIGHBOURS)
+        lens = {
+            "up_ids": up_ids.tolist(),
+            "up_vals": up_vals.tolist(),
+            "down_ids": down_ids.tolist(),
+            "down_vals": down_vals.tolist(),
+            "nb_idx": nb_idx.tolist(),
+            "nb_cos": nb_cos.tolist(),
+        }
+        weights_s = time.perf_counter() - t0
+        for start in range(0, sae.d_sae, PAGE_CHUNK):  # a chunk of pages at a time: bounded memory
+            stop = min(sae.d_sae, start + PAGE_CHUNK)
+            chunk = list(
+                feature_pages(pass1[sid], pass2[sid], n_valid, rows, decode, lens, model, start, stop)
+            )
+            index.write_features(sid, chunk)
+            index.set_explanations(sid, ((r[0], baseline_explanation(r[4]), None) for r in chunk), BASELINE)
+        index.write_null_windows(
+            sid,
+            (
+                (window_tokens(rows, c, decode, model.special_token_ids), null_latents[sid][c].numpy())
+                for c in centres.tolist()
+                if c in null_latents[sid]
+            ),
+        )
+        stats[sid] = {**stats_base, "weights_s": round(weights_s, 2), "width": sae.d_sae}
+        pass1[sid].top = pass2[sid].samples = None  # type: ignore[assignment]  # free as we go
+    flow_n = min((s.n_tokens for s in samples.values()), default=0)
+    if samples:
+        _write_flow(index, saes, sites, samples)
+    total_s = time.perf_counter() - started
+    for sid in saes:  # the last write: only now is each SAE served
+        index.finish_sae(
+            sid,
+            {
+                **stats[sid],
+                "flow_tokens": flow_n,
+                "seconds": round(total_s, 2),
+                "tokens_per_s": round(n_valid / total_s, 1),
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+
+
+def _write_flow(
+    index: FeatureIndex,
+    saes: Mapping[str, SAE],
+    sites: Mapping[str, Site],
+    samples: Mapping[str, SparseSample],
+) -> None:
+    """Correlations between every pair of SAEs at different layers over the shared token sample."""
+    n = min(s.n_tokens for s in samples.values())
+    if n < 2:
+        return
+    matrices = {sid: s.matrix(n) for sid, s in samples.items()}
+    ids = sorted(saes, key=lambda sid: (sites[sid].layer, sid))
+    for i, a in enumerate(ids):
+        for b in ids[i + 1 :]:
+            if sites[a].layer == sites[b].layer:
+                continue
+            a_idx, a_corr, b_idx, b_corr = top_correlations(matrices[a], matrices[b], FLOW_K)
+            index.write_flow(_flow_rows(a, b, a_idx, a_corr))
+            index.write_flow(_flow_rows(b, a, b_idx, b_corr))
+
+
+def _flow_rows(sid: str, other: str, idx: Tensor, corr: Tensor) -> Iterator[tuple[str, int, str, int, float]]:
+    live = idx >= 0
+    for latent, slot in live.nonzero().tolist():
+        yield sid, latent, other, int(idx[latent, slot]), round(float(corr[latent, slot]), 4)
+
+
+def _null_window_centres(keep: Tensor, n: int, seed: int) -> Tensor:
+    """`[n]` sorted flat token indices of random non-special positions (the centres of the random
+    windows used as negatives in detection scoring)."""
+    candidates = keep.flatten().nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed + 1)
+    pick = torch.randperm(len(candidates), generator=g)[: min(n, len(candidates))]
+    return candidates[pick].sort().values

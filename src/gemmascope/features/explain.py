@@ -1,0 +1,288 @@
+"""Explanations of latents. Owns the baseline explainer, which needs no other model (it describes a
+latent by its top activating tokens, the token before them and its logit-lens tokens), and the
+optional explainer that asks any OpenAI-compatible chat endpoint the user configures (URL + model
+name), with detection scoring: the endpoint is shown held-out windows, some where the latent fires
+and some where it does not, and must say which fit the explanation; the score is the balanced
+accuracy of its answers.
+
+Reads and writes explanations through `FeatureIndex`; knows nothing of how the index is built.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from gemmascope.errors import ConfigError, GemmaScopeError
+from gemmascope.features.store import BASELINE, FeatureIndex
+
+# ---------------------------------------------------------------------------------------------
+# Baseline
+
+
+def _quote(token: str) -> str:
+    return json.dumps(token.strip() or token, ensure_ascii=False)
+
+
+def baseline_explanation(feature: Mapping[str, Any]) -> str:
+    """A one-line description of a latent from its feature-page data alone: the tokens it fires on
+    most (weighted by activation over its top examples), the token that most often precedes them
+    when one does in at least half of the examples, and the tokens its logit lens promotes."""
+    examples = feature.get("top_examples") or []
+    if not examples:
+        return "never fires on the index corpus"
+    weight: dict[str, float] = {}
+    before: Counter[str] = Counter()
+    for ex in examples:
+        focus = ex["focus"]
+        token = ex["tokens"][focus].strip() or ex["tokens"][focus]
+        weight[token] = weight.get(token, 0.0) + float(ex["acts"][focus])
+        if focus > 0:
+            before[ex["tokens"][focus - 1].strip() or ex["tokens"][focus - 1]] += 1
+    total = sum(weight.values()) or 1.0
+    ranked = sorted(weight, key=lambda t: -weight[t])
+    top = [t for t in ranked[:3] if weight[t] / total >= 0.1] or ranked[:1]
+    parts = ["fires on " + ", ".join(_quote(t) for t in top)]
+    if before:
+        prev, count = before.most_common(1)[0]
+        if count >= len(examples) / 2:
+            parts.append(f"after {_quote(prev)}")
+    promoted = (feature.get("logit_lens") or {}).get("promoted") or []
+    if promoted:
+        parts.append("promotes " + ", ".join(_quote(p["token"]) for p in promoted[:3]))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# An OpenAI-compatible chat endpoint
+
+
+@dataclass
+class ChatEndpoint:
+    """An OpenAI-compatible chat completions endpoint: `url` is its base (e.g.
+    `http://127.0.0.1:8000/v1`, to which `/chat/completions` is added) or the full completions
+    URL; `model` the model name it serves; `api_key` sent as a bearer token when given."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://", self.url):
+            raise ConfigError(f"chat endpoint URL {self.url!r} must start with http:// or https://")
+        if not self.model:
+            raise ConfigError("a chat endpoint needs a model name")
+
+    @property
+    def completions_url(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+    def complete(self, prompt: str, max_tokens: int = 200) -> str:
+        """The endpoint's reply to one user message, at temperature 0."""
+        url = self.completions_url
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:300].decode(errors="replace")
+            raise GemmaScopeError(f"chat endpoint {url!r} answered HTTP {err.code}: {detail}") from err
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise GemmaScopeError(f"cannot reach chat endpoint {url!r}: {reason}") from err
+        try:
+            return str(json.loads(raw)["choices"][0]["message"]["content"])
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise GemmaScopeError(
+                f"chat endpoint {url!r} answered without choices[0].message.content: {raw[:300]!r}"
+            ) from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-written explanations and detection scoring
+
+
+def window_text(example: Mapping[str, Any], mark: bool = False) -> str:
+    """A window's text; with `mark`, the activating token wrapped as <<token>>."""
+    tokens = list(example["tokens"])
+    if mark:
+        f = example["focus"]
+        tokens[f] = f"<<{tokens[f]}>>"
+    return "".join(tokens).replace("\n", " ").strip()
+
+
+def explain_prompt(feature: Mapping[str, Any], n_shown: int) -> str:
+    lines = [
+        "We are studying one feature of a language model. Below are text excerpts where it activates "
+        "most strongly; the token where it activates is marked <<like this>>.",
+        "",
+    ]
+    for i, ex in enumerate((feature.get("top_examples") or [])[:n_shown], start=1):
+        lines.append(f"{i}. {window_text(ex, mark=True)}")
+    promoted = (feature.get("logit_lens") or {}).get("promoted") or []
+    if promoted:
+        lines += [
+            "",
+            "Tokens it makes more likely next: " + ", ".join(_quote(p["token"]) for p in promoted[:10]),
+        ]
+    lines += [
+        "",
+        "In one short phrase (at most 12 words), what does this feature detect? Reply with the phrase only.",
+    ]
+    return "\n".join(lines)
+
+
+def detection_prompt(explanation: str, texts: Sequence[str]) -> str:
+    lines = [
+        f'A feature of a language model is described as: "{explanation}".',
+        "For each numbered text below, decide whether the feature is active somewhere in it.",
+        "",
+    ]
+    lines += [f"{i}. {t}" for i, t in enumerate(texts, start=1)]
+    lines += [
+        "",
+        f"Reply with a JSON list of {len(texts)} numbers in order, 1 where the feature is active and 0 "
+        "where it is not, for example [1, 0, 1]. Reply with the list only.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_labels(reply: str, n: int) -> list[int] | None:
+    """The first JSON list of `n` zeros and ones in a reply, or None."""
+    for match in re.finditer(r"\[[^\[\]]*\]", reply):
+        try:
+            values = json.loads(match.group(0))
+        except ValueError:
+            continue
+        if isinstance(values, list) and len(values) == n and all(v in (0, 1, True, False) for v in values):
+            return [int(v) for v in values]
+    return None
+
+
+def detection_score(
+    endpoint: ChatEndpoint, explanation: str, texts: Sequence[str], truth: Sequence[bool]
+) -> float | None:
+    """Balanced accuracy of the endpoint predicting, from the explanation alone, which texts the
+    latent fires in (`truth`). None when the reply is not a list of `len(texts)` labels or when
+    the texts are all positive or all negative."""
+    if len(texts) != len(truth):
+        raise ConfigError(f"{len(texts)} texts but {len(truth)} labels")
+    n_pos = sum(truth)
+    n_neg = len(truth) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    labels = parse_labels(endpoint.complete(detection_prompt(explanation, texts)), len(texts))
+    if labels is None:
+        return None
+    tp = sum(1 for label, t in zip(labels, truth, strict=True) if t and label)
+    tn = sum(1 for label, t in zip(labels, truth, strict=True) if not t and not label)
+    return 0.5 * (tp / n_pos + tn / n_neg)
+
+
+def _clean_explanation(reply: str) -> str:
+    lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text.strip(" \"'`*").removeprefix("This feature detects ").strip()[:300]
+
+
+def scoring_set(
+    index: FeatureIndex,
+    sae_id: str,
+    latent: int,
+    feature: Mapping[str, Any],
+    n_shown: int,
+    n_scored: int,
+    rng: random.Random,
+) -> tuple[list[str], list[bool]]:
+    """Held-out texts for detection scoring, shuffled: up to `n_scored` windows where the latent
+    fires that the explainer was not shown (its top examples after the first `n_shown`, and its
+    interval samples) and as many random index windows where it does not fire anywhere."""
+    shown = {window_text(ex) for ex in (feature.get("top_examples") or [])[:n_shown]}
+    candidates = list((feature.get("top_examples") or [])[n_shown:])
+    for interval in feature.get("intervals") or []:
+        candidates += interval["examples"]
+    positives = sorted({window_text(ex) for ex in candidates} - shown)
+    rng.shuffle(positives)
+    positives = positives[:n_scored]
+    negatives = [
+        window_text({"tokens": tokens, "focus": 0})
+        for tokens, latents in index.null_windows(sae_id)
+        if not _contains(latents, latent)
+    ]
+    rng.shuffle(negatives)
+    negatives = negatives[: len(positives)]
+    items = [(t, True) for t in positives] + [(t, False) for t in negatives]
+    rng.shuffle(items)
+    return [t for t, _ in items], [label for _, label in items]
+
+
+def _contains(sorted_latents: Any, latent: int) -> bool:
+    i = int(sorted_latents.searchsorted(latent))
+    return i < len(sorted_latents) and int(sorted_latents[i]) == latent
+
+
+def explain_with_llm(
+    index: FeatureIndex,
+    sae_id: str,
+    latents: Sequence[int],
+    endpoint: ChatEndpoint,
+    n_shown: int = 10,
+    n_scored: int = 5,
+    score: bool = True,
+    score_baseline: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Ask the endpoint to explain each latent from its top `n_shown` windows and logit-lens tokens,
+    score the explanation by detection on held-out windows (and the baseline explanation too, with
+    `score_baseline`), and store both in the index under explainer `llm:MODEL`. Latents that never
+    fired are skipped. Returns `[{index, explanation, score, baseline, baseline_score}]`."""
+    if n_shown < 1 or n_scored < 1:
+        raise ConfigError(f"n_shown={n_shown} and n_scored={n_scored} must be at least 1")
+    rng = random.Random(seed)
+    explainer = f"llm:{endpoint.model}"
+    results = []
+    for latent in tqdm(list(latents), desc=f"explaining {sae_id}", unit="latent", disable=not progress):
+        feature = index.feature(sae_id, int(latent))
+        if not feature["top_examples"]:
+            continue
+        text = _clean_explanation(endpoint.complete(explain_prompt(feature, n_shown)))
+        if not text:
+            continue
+        result: dict[str, Any] = {"index": int(latent), "explanation": text, "score": None}
+        texts, truth = (
+            scoring_set(index, sae_id, int(latent), feature, n_shown, n_scored, rng) if score else ([], [])
+        )
+        if texts:
+            result["score"] = detection_score(endpoint, text, texts, truth)
+        index.set_explanation(sae_id, int(latent), text, explainer, result["score"], endpoint.model)
+        baseline = next((e for e in feature["explanations"] if e["explainer"] == BASELINE), None)
+        if baseline is not None:
+            result["baseline"] = baseline["text"]
+            if score_baseline and texts:
+                result["baseline_score"] = detection_score(endpoint, baseline["text"], texts, truth)
+                index.set_explanation(
+                    sae_id, int(latent), baseline["text"], BASELINE, result["baseline_score"]
+                )
+        results.append(result)
+    return results

@@ -1,0 +1,93 @@
+"""What an SAE's weights say about each latent, without any text: the logit lens (the decoder
+direction read out through the model's unembedding: the tokens a latent promotes and suppresses)
+and the nearest latents by decoder cosine similarity.
+
+Knows the model only through its unembedding and, for `attn_out` sites, the attention output
+projection that maps the heads' concatenated outputs into the residual stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gemmascope.models import LanguageModel, Site
+from gemmascope.sae import SAE
+
+_CHUNK_ENTRIES = 1 << 24  # logits or cosines held at once (64 MiB of fp32)
+
+
+def unembedding(model: LanguageModel) -> Tensor:
+    """`[d_model, vocab]`: the model's unembedding `W_U` (the transposed output embedding)."""
+    return model.hf.get_output_embeddings().weight.detach().t()
+
+
+def residual_directions(model: LanguageModel, sae: SAE, site: Site) -> Tensor:
+    """`[d_sae, d_model]`: each latent's decoder direction in the residual stream. For `attn_out`
+    (the heads' outputs before `o_proj`) that is `W_dec @ W_O^T`; other sites already live in the
+    residual stream's space (`mlp_in` is the normalised MLP input: read as is)."""
+    w_dec = sae.W_dec.detach()
+    if site.kind == "attn_out":
+        block: Any = model.layers[site.layer]
+        o_proj = block.self_attn.o_proj.weight.detach()  # [d_model, heads * d_head]
+        return w_dec @ o_proj.t()
+    return w_dec
+
+
+def logit_lens(
+    model: LanguageModel,
+    sae: SAE,
+    site: Site,
+    k: int = 10,
+    latents: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The logit lens of latents (all by default, else `latents [n]`): `W_dec[i] @ W_U` (through
+    `W_O` for `attn_out`), computed exactly, a chunk of latents at a time. Returns the top-k
+    promoted token ids and values `[n, k]` and the top-k suppressed token ids and values `[n, k]`
+    (most negative first)."""
+    directions = residual_directions(model, sae, site)
+    if latents is not None:
+        directions = directions[latents]
+    w_u = unembedding(model).to(directions.dtype)
+    n, vocab = directions.shape[0], w_u.shape[1]
+    k = min(k, vocab)
+    step = max(1, _CHUNK_ENTRIES // vocab)
+    up_ids, up_vals, down_ids, down_vals = [], [], [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, n, step), desc="logit lens", unit="chunk", disable=not progress):
+            logits = directions[start : start + step] @ w_u  # [chunk, vocab]
+            up = logits.topk(k, dim=1)
+            down = logits.topk(k, dim=1, largest=False)
+            up_ids.append(up.indices)
+            up_vals.append(up.values)
+            down_ids.append(down.indices)
+            down_vals.append(down.values)
+    if not up_ids:
+        empty_ids, empty_vals = torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+        return empty_ids, empty_vals, empty_ids, empty_vals
+    return torch.cat(up_ids), torch.cat(up_vals), torch.cat(down_ids), torch.cat(down_vals)
+
+
+def decoder_neighbours(sae: SAE, k: int = 10) -> tuple[Tensor, Tensor]:
+    """For each latent, the `k` other latents whose decoder rows have the highest cosine similarity
+    with its own: indices `[d_sae, k]` and cosines `[d_sae, k]`, computed exactly a chunk of rows at
+    a time. A zero decoder row has cosine 0 with everything."""
+    w = sae.W_dec.detach()
+    unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d_sae = unit.shape[0]
+    k = min(k, d_sae - 1)
+    step = max(1, _CHUNK_ENTRIES // d_sae)
+    indices, cosines = [], []
+    with torch.no_grad():
+        for start in range(0, d_sae, step):
+            stop = min(d_sae, start + step)
+            cos = unit[start:stop] @ unit.t()  # [chunk, d_sae]
+            cos[torch.arange(stop - start), torch.arange(start, stop)] = -torch.inf  # not itself
+            top = cos.topk(k, dim=1)
+            indices.append(top.indices)
+            cosines.append(top.values)
+    return torch.cat(indices), torch.cat(cosines)

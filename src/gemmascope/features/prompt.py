@@ -1,0 +1,130 @@
+"""Latents on one piece of text, computed live: per token the top-k latents (the microscope), and
+the latents that fire most on a text or on one of its tokens (search by text).
+
+Knows the model and the SAE; knows nothing of the index file except the per-latent densities a
+caller may pass in to hide dense latents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.errors import ConfigError
+from gemmascope.models import LanguageModel, capture, parse_site
+from gemmascope.sae import SAE
+
+MAX_PROMPT_TOKENS = 1024
+
+
+def encode_text(
+    model: LanguageModel, sae: SAE, text: str, max_tokens: int = MAX_PROMPT_TOKENS
+) -> tuple[list[int], Tensor]:
+    """Tokenise `text` (BOS first), run the model to the SAE's site and encode: token ids `[T]` and
+    latent activations `[T, d_sae]` (the BOS row included; callers hide it)."""
+    if not text or not text.strip():
+        raise ConfigError("the text is empty: expected at least one token")
+    if not sae.cfg.site:
+        raise ConfigError("the SAE has no site in its config: expected e.g. 'resid_post.6'")
+    site = parse_site(sae.cfg.site, model.n_layers)
+    ids = model.to_tokens(text)
+    if ids.shape[1] - 1 > max_tokens:
+        raise ConfigError(f"the text has {ids.shape[1] - 1} tokens, more than the limit of {max_tokens}")
+    x = capture(model, ids, [site])[site][0]
+    with torch.no_grad():
+        acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu()
+    return ids[0].tolist(), acts
+
+
+def _visible(acts: Tensor, densities: Tensor | None, hide_dense: float | None) -> Tensor:
+    """`acts [T, d_sae]` with latents denser than `hide_dense` zeroed when densities are given."""
+    if densities is None or hide_dense is None:
+        return acts
+    if densities.shape != (acts.shape[1],):
+        raise ConfigError(f"densities have shape {tuple(densities.shape)}, expected ({acts.shape[1]},)")
+    return acts * (densities.to(acts.device) <= hide_dense)
+
+
+def top_features(
+    model: LanguageModel,
+    sae: SAE,
+    text: str,
+    k: int = 5,
+    hide_dense: float | None = 0.01,
+    densities: Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """For each token of `text` after BOS, the top-`k` latents by activation (only those that
+    fire): `[{position, token, token_id, features: [{index, value}]}]`, position counted with BOS
+    at 0. With `densities [d_sae]` (from the feature index), latents firing on more than
+    `hide_dense` of tokens are hidden."""
+    if k < 1:
+        raise ConfigError(f"k={k} must be at least 1")
+    ids, acts = encode_text(model, sae, text)
+    acts = _visible(acts, densities, hide_dense)
+    values, latents = acts.topk(min(k, acts.shape[1]), dim=1)
+    out = []
+    for pos in range(1, len(ids)):
+        feats = [
+            {"index": int(i), "value": float(v)}
+            for v, i in zip(values[pos].tolist(), latents[pos].tolist(), strict=True)
+            if v > 0
+        ]
+        out.append(
+            {
+                "position": pos,
+                "token": model.tokenizer.decode([ids[pos]]),
+                "token_id": ids[pos],
+                "features": feats,
+            }
+        )
+    return out
+
+
+def search_text(
+    model: LanguageModel,
+    sae: SAE,
+    text: str,
+    token: str | int | None = None,
+    limit: int = 20,
+    densities: Tensor | None = None,
+    hide_dense: float | None = None,
+) -> list[dict[str, Any]]:
+    """The latents that fire most on `text` (BOS excluded), or only on the positions of one of its
+    tokens (`token`: the token's text, compared without surrounding spaces, or its id), by their
+    max activation there: `[{index, value, position, token, mean}]` with `position`/`token` where
+    the max is and `mean` the mean activation over the positions searched."""
+    if limit < 1:
+        raise ConfigError(f"search limit {limit} must be at least 1")
+    ids, acts = encode_text(model, sae, text)
+    acts = _visible(acts, densities, hide_dense)
+    strings = [model.tokenizer.decode([i]) for i in ids]
+    positions = list(range(1, len(ids)))
+    if token is not None:
+        if isinstance(token, int):
+            positions = [p for p in positions if ids[p] == token]
+        else:
+            positions = [p for p in positions if strings[p].strip() == str(token).strip()]
+        if not positions:
+            shown = ", ".join(repr(s) for s in strings[1:50])
+            raise ConfigError(f"token {token!r} does not occur in the text; its tokens are {shown}")
+    sub = acts[positions]  # [P, d_sae]
+    best, where = sub.max(0)
+    mean = sub.mean(0)
+    order = best.argsort(descending=True)[:limit]
+    out = []
+    for i in order.tolist():
+        if best[i] <= 0:
+            break
+        pos = positions[int(where[i])]
+        out.append(
+            {
+                "index": i,
+                "value": float(best[i]),
+                "position": pos,
+                "token": strings[pos],
+                "mean": float(mean[i]),
+            }
+        )
+    return out

@@ -1,0 +1,422 @@
+"""SAE files. Owns saving and loading SAEs in the formats users have (RECIPE.md section 5): our
+native folder, which is a SAELens folder (`cfg.json`, `sae_weights.safetensors`,
+`sparsity.safetensors`); SAELens folders written by SAELens; Gemma Scope `params.npz`; Gemma Scope 2
+`params.safetensors` (lower-case keys); and the run-folder layout `saes/SITE/layer_L/width_W/l0_K/`.
+
+Knows nothing of training: a saved SAE takes raw activations (the trainer folds its input scaling in
+before saving). Every loader checks keys, shapes and finiteness and raises FormatError naming the file
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from gemmascope import __version__
+from gemmascope.errors import FormatError
+from gemmascope.models import Site, parse_site
+from gemmascope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+NPZ_FILE = "params.npz"  # Gemma Scope (Gemma 2)
+GS2_FILE = "params.safetensors"  # Gemma Scope 2 (Gemma 3)
+PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+# SAELens calls the plain ReLU SAE "standard".
+_TO_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "relu": "standard"}
+_FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "jumprelu"}
+# The SAELens config version we write (its v6 layout: sizes at the top, provenance under "metadata").
+_SAELENS_VERSION = "6.0.0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-folder layout
+
+
+def sae_dir(
+    run_dir: Path | str, site: Site | str, width: int, l0: float, architecture: str = "jumprelu"
+) -> Path:
+    """`run_dir/saes/KIND/layer_L/width_W/l0_K`, K the measured L0 rounded, as Gemma Scope names its
+    SAEs; baselines get their architecture as a suffix (`l0_52_topk`) so they never share a folder."""
+    site = parse_site(site)
+    name = f"l0_{round(l0)}" + ("" if architecture == "jumprelu" else f"_{architecture}")
+    return Path(run_dir) / "saes" / site.folder / f"width_{width}" / name
+
+
+def sae_id(folder: Path | str) -> str:
+    """A short id of an SAE folder in a run: `resid_post.6.w4096.l0_52`; the folder name otherwise."""
+    parts = Path(folder).parts
+    if len(parts) >= 4:
+        kind, layer, width, l0 = parts[-4:]
+        m_layer, m_width = re.fullmatch(r"layer_(\d+)", layer), re.fullmatch(r"width_(\w+)", width)
+        if m_layer and m_width and l0.startswith("l0_"):
+            return f"{kind}.{m_layer.group(1)}.w{m_width.group(1)}.{l0}"
+    return Path(folder).name
+
+
+def find_saes(run_dir: Path | str) -> list[Path]:
+    """Every finished SAE folder under `run_dir/saes` (those holding cfg.json and weights), sorted."""
+    root = Path(run_dir) / "saes"
+    found = [p.parent for p in root.glob(f"**/{CFG_FILE}") if (p.parent / WEIGHTS_FILE).exists()]
+    return sorted(p for p in found if not p.name.endswith(".tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_sae(
+    sae: SAE, folder: Path | str, log10_density: Tensor | None = None, *, overwrite: bool = False
+) -> Path:
+    """Save an SAE as a SAELens-compatible folder: `cfg.json`, `sae_weights.safetensors` (W_enc,
+    W_dec, b_enc, b_dec, and threshold for JumpReLU) and, when given, `sparsity.safetensors`
+    (`sparsity`: log10 feature density `[d_sae]`). A BatchTopK SAE is saved as the JumpReLU SAE
+    with one global threshold it is at inference. Written to `FOLDER.tmp` and renamed when complete;
+    an existing folder is never replaced unless `overwrite`."""
+    folder = Path(folder)
+    if isinstance(sae, BatchTopKSAE):
+        sae = sae.to_jumprelu()
+    if folder.exists() and not overwrite:
+        raise FormatError(f"{str(folder)!r} already exists; refusing to overwrite an SAE")
+    weights = _state(sae)
+    _check_finite(weights, f"SAE for {str(folder)!r}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    (tmp / CFG_FILE).write_text(json.dumps(_saelens_cfg(sae), indent=2) + "\n")
+    if log10_density is not None:
+        density = log10_density.detach().to("cpu", torch.float32).contiguous()
+        if density.shape != (sae.d_sae,):
+            raise FormatError(f"log10_density has shape {tuple(density.shape)}, expected ({sae.d_sae},)")
+        save_file({"sparsity": density}, str(tmp / SPARSITY_FILE), metadata={"format": "pt"})
+    if folder.exists():  # overwrite: move the old one aside so the new one appears in one rename
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def save_params_npz(sae: SAE, path: Path | str) -> Path:
+    """Export a JumpReLU SAE as Gemma Scope's `params.npz` (W_enc, W_dec, b_enc, b_dec, threshold, fp32).
+    The file keeps weights only; site and training details live in the native folder."""
+    params = _gemma_scope_params(sae, "params.npz")
+    path = _file_path(path, NPZ_FILE)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays: dict[str, Any] = {k: v.numpy() for k, v in params.items()}
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def save_params_safetensors(sae: SAE, path: Path | str) -> Path:
+    """Export a JumpReLU SAE as Gemma Scope 2's `params.safetensors` (lower-case w_enc, w_dec, b_enc,
+    b_dec, threshold, fp32)."""
+    params = _gemma_scope_params(sae, "params.safetensors")
+    path = _file_path(path, GS2_FILE)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k.lower(): v for k, v in params.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _file_path(path: Path | str, default_name: str) -> Path:
+    """`path` itself when it names a file of the format's suffix, else `path/default_name`."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != Path(default_name).suffix:
+        path = path / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _gemma_scope_params(sae: SAE, fmt: str) -> dict[str, Tensor]:
+    if isinstance(sae, BatchTopKSAE):
+        sae = sae.to_jumprelu()
+    if not isinstance(sae, JumpReLUSAE):
+        raise FormatError(
+            f"{fmt} holds JumpReLU SAEs only, not {sae.cfg.architecture}; save it natively instead"
+        )
+    params = _state(sae)
+    _check_finite(params, f"SAE exported to {fmt}")
+    return params
+
+
+def _state(sae: SAE) -> dict[str, Tensor]:
+    names = [n for n in PARAM_NAMES if n != "threshold" or isinstance(sae, JumpReLUSAE)]
+    return {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous().clone() for n in names}
+
+
+def _saelens_cfg(sae: SAE) -> dict[str, Any]:
+    c = sae.cfg
+    site = parse_site(c.site) if c.site else None
+    cfg: dict[str, Any] = {
+        "architecture": _TO_SAELENS[c.architecture],
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,  # saved SAEs take raw activations (RECIPE 1)
+        "normalize_activations": "none",  # the input scaling is folded into the weights
+        "reshape_activations": "none",
+    }
+    if c.architecture == "topk":
+        cfg["k"] = c.k
+    cfg["metadata"] = {
+        "sae_lens_version": _SAELENS_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": c.model_name,
+        "hook_name": c.hook_name or (site.hook_name if site else ""),
+        "hook_head_index": None,
+        "context_size": c.context_size,
+        "prepend_bos": True,
+        "dataset_path": c.dataset,
+        "exclude_special_tokens": True,
+        "gemmascope": {"version": __version__, "site": c.site, "k": c.k, "extra": c.extra},
+    }
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_sae(path: Path | str, device: str = "cpu", d_in: int | None = None) -> SAE:
+    """Load an SAE from any supported format, as a module taking raw activations:
+    - a native or SAELens folder (`cfg.json` + `sae_weights.safetensors`, optional sparsity);
+    - Gemma Scope `params.npz` (a file, or a folder holding one);
+    - Gemma Scope 2 `params.safetensors` with lower-case keys (a file, or a folder holding one).
+    With `d_in`, the SAE's input width must equal it (the width of the site it will read)."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"no SAE at {str(path)!r}: the path does not exist")
+    if path.is_dir():
+        if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
+            sae = _load_saelens(path)
+        elif (path / NPZ_FILE).exists():
+            sae = _load_gemma_scope(path / NPZ_FILE)
+        elif (path / GS2_FILE).exists():
+            sae = _load_gemma_scope(path / GS2_FILE)
+        else:
+            raise FormatError(
+                f"no SAE in folder {str(path)!r}: expected {CFG_FILE} + {WEIGHTS_FILE} (native / SAELens), "
+                f"{NPZ_FILE} (Gemma Scope) or {GS2_FILE} (Gemma Scope 2)"
+            )
+    elif path.name == WEIGHTS_FILE or path.name == CFG_FILE:
+        return load_sae(path.parent, device, d_in)
+    elif path.suffix in (".npz", ".safetensors"):
+        sae = _load_gemma_scope(path)
+    else:
+        raise FormatError(f"unknown SAE file {str(path)!r}: expected a folder, a .npz or a .safetensors file")
+    if d_in is not None and sae.d_in != d_in:
+        where = f" of site {sae.cfg.site}" if sae.cfg.site else ""
+        raise FormatError(
+            f"SAE at {str(path)!r} has d_in {sae.d_in}, but the site{where} it should read has d_in {d_in}"
+        )
+    return sae.to(device)
+
+
+def load_log10_density(folder: Path | str) -> Tensor | None:
+    """The `sparsity` tensor (log10 feature density `[d_sae]`) of a SAELens folder, if it has one."""
+    path = Path(folder) / SPARSITY_FILE
+    if not path.exists():
+        return None
+    return _read_safetensors(path)["sparsity"]
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FormatError(f"cannot read {str(path)!r}: {err}") from err
+
+
+def _load_saelens(folder: Path) -> SAE:
+    try:
+        raw = json.loads((folder / CFG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FormatError(f"cannot read {str(folder / CFG_FILE)!r}: {err}") from err
+    if not isinstance(raw, dict):
+        raise FormatError(f"{str(folder / CFG_FILE)!r} is not a JSON object")
+    meta = raw.get("metadata") or {}
+    flat = {**raw, **meta}  # SAELens < 6 keeps metadata at the top level
+    ours = meta.get("gemmascope") or {}
+    arch_name = str(flat.get("architecture", "standard"))
+    activation = str(flat.get("activation_fn", flat.get("activation_fn_str", "relu")))
+    k = flat.get("k") or (flat.get("activation_fn_kwargs") or {}).get("k")
+    if arch_name == "standard" and activation == "topk":
+        arch_name = "topk"
+    if arch_name not in _FROM_SAELENS:
+        raise FormatError(
+            f"{str(folder)!r} holds a SAELens {arch_name!r} SAE; supported: {', '.join(sorted(_FROM_SAELENS))}"
+        )
+    norm = flat.get("normalize_activations", "none")
+    if norm not in ("none", None, False):
+        raise FormatError(
+            f"{str(folder)!r} normalizes activations at run time ({norm!r}); only SAEs with the scaling "
+            "folded into the weights (normalize_activations 'none') are supported"
+        )
+    weights = _read_safetensors(folder / WEIGHTS_FILE)
+    if "log_threshold" in weights and "threshold" not in weights:
+        weights["threshold"] = weights.pop("log_threshold").exp()
+    scaling = weights.pop("scaling_factor", None)
+    if scaling is not None and not torch.all(scaling == 1):
+        raise FormatError(f"{str(folder)!r} has a fine-tuning scaling_factor other than 1; not supported")
+    for name in ("d_in", "d_sae"):
+        if not isinstance(raw.get(name), int):
+            raise FormatError(f"{str(folder / CFG_FILE)!r} lacks a whole-number {name!r}")
+    site = ours.get("site") or _site_from_hook(str(flat.get("hook_name", flat.get("hook_point", ""))))
+    cfg = _config(
+        folder / CFG_FILE,
+        architecture=_FROM_SAELENS[arch_name],
+        d_in=raw["d_in"],
+        d_sae=raw["d_sae"],
+        k=int(k) if k is not None and _FROM_SAELENS[arch_name] == "topk" else None,
+        model_name=str(flat.get("model_name") or ""),
+        site=site,
+        hook_name=str(flat.get("hook_name") or flat.get("hook_point") or ""),
+        context_size=int(flat.get("context_size") or 128),
+        dataset=str(flat.get("dataset_path") or ""),
+        extra=dict(ours.get("extra") or {"source": "saelens"}),
+    )
+    sae = _build(cfg, weights, folder / WEIGHTS_FILE)
+    if flat.get("apply_b_dec_to_input"):
+        # SAELens subtracts b_dec before encoding; fold that into b_enc so the SAE takes raw x.
+        with torch.no_grad():
+            sae.b_enc.sub_(sae.b_dec @ sae.W_enc)
+    return sae
+
+
+def _load_gemma_scope(path: Path) -> SAE:
+    """Gemma Scope `params.npz` (W_enc...) or Gemma Scope 2 `params.safetensors` (w_enc...)."""
+    if path.suffix == ".npz":
+        try:
+            with np.load(path) as data:
+                arrays = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        except (OSError, ValueError, EOFError) as err:
+            raise FormatError(f"cannot read {str(path)!r}: {err}") from err
+        fmt = "gemma-scope"
+    else:
+        arrays = _read_safetensors(path)
+        fmt = "gemma-scope-2"
+    by_lower = {k.lower(): k for k in arrays}
+    missing = [n for n in PARAM_NAMES if n.lower() not in by_lower]
+    unexpected = sorted(set(by_lower) - {n.lower() for n in PARAM_NAMES})
+    if missing or unexpected:
+        raise FormatError(
+            f"{str(path)!r} is not a Gemma Scope JumpReLU SAE: "
+            + (f"missing keys {missing}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected keys {unexpected}" if unexpected else "")
+            + f" (expected {', '.join(PARAM_NAMES)}, in any case)"
+        )
+    weights = {n: arrays[by_lower[n.lower()]] for n in PARAM_NAMES}
+    w_enc = weights["W_enc"]
+    if w_enc.ndim != 2:
+        raise FormatError(f"{str(path)!r}: W_enc has shape {tuple(w_enc.shape)}, expected [d_in, d_sae]")
+    site, extra = _gemma_scope_path_info(path)
+    cfg = _config(
+        path,
+        architecture="jumprelu",
+        d_in=int(w_enc.shape[0]),
+        d_sae=int(w_enc.shape[1]),
+        site=site,
+        hook_name=parse_site(site).hook_name if site else "",
+        context_size=1024,  # Gemma Scope trained on sequences of 1,024 tokens
+        extra={"source": fmt, **extra},
+    )
+    return _build(cfg, weights, path)
+
+
+def _config(where: Path, **kwargs: Any) -> SAEConfig:
+    try:
+        return SAEConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise FormatError(f"{str(where)!r} has an invalid SAE config: {err}") from err
+
+
+def _build(cfg: SAEConfig, weights: dict[str, Tensor], where: Path) -> SAE:
+    """An SAE module holding `weights` after checking every key's presence, shape and finiteness."""
+    sae = build_sae(cfg)
+    if isinstance(sae, BatchTopKSAE):  # never stored as such; batchtopk files are JumpReLU
+        raise FormatError(f"{str(where)!r}: batchtopk SAEs are stored as jumprelu")
+    expected = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_enc": (cfg.d_sae,),
+        "b_dec": (cfg.d_in,),
+    }
+    if isinstance(sae, JumpReLUSAE):
+        expected["threshold"] = (cfg.d_sae,)
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise FormatError(f"{str(where)!r} lacks {missing}; a {cfg.architecture} SAE needs {list(expected)}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise FormatError(
+                f"{str(where)!r}: {name} has shape {list(weights[name].shape)}, expected {list(shape)} "
+                f"(d_in {cfg.d_in}, d_sae {cfg.d_sae})"
+            )
+    tensors = {n: weights[n].to(torch.float32) for n in expected}
+    _check_finite(tensors, repr(str(where)))
+    with torch.no_grad():
+        for name, value in tensors.items():
+            getattr(sae, name).copy_(value)
+    return sae
+
+
+def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise FormatError(f"{what}: {', '.join(bad)} contain NaN or inf")
+
+
+def _site_from_hook(hook_name: str) -> str:
+    if not hook_name:
+        return ""
+    try:
+        return str(parse_site(hook_name))
+    except ValueError:
+        return ""
+
+
+# Markers of the site kind in Gemma Scope paths: Gemma Scope 2 folders, Gemma Scope repo suffixes.
+_GS_KINDS = (
+    (r"resid_post|-res(?:-|/|$)", "resid_post"),
+    (r"attn_out|-att(?:-|/|$)", "attn_out"),
+    (r"mlp_out|-mlp(?:-|/|$)", "mlp_out"),
+)
+
+
+def _gemma_scope_path_info(path: Path) -> tuple[str, dict[str, Any]]:
+    """Site and release details from a Gemma Scope path: `...-res/layer_12/width_16k/average_l0_82/`
+    (Gemma Scope) or `resid_post/layer_12_width_16k_l0_small/` (Gemma Scope 2)."""
+    text = "/".join(path.parts[-5:])
+    extra: dict[str, Any] = {}
+    for pattern, key in (
+        (r"average_l0_(\d+)", "average_l0"),
+        (r"_l0_(small|medium|big)", "l0_size"),
+        (r"width_(\w+?)(?:/|_l0|$)", "width"),
+    ):
+        m = re.search(pattern, text)
+        if m:
+            extra[key] = int(m.group(1)) if m.group(1).isdigit() else m.group(1)
+    layer = re.search(r"layer_(\d+)", text)
+    kind = next((k for marker, k in _GS_KINDS if re.search(marker, text)), None)
+    site = f"{kind}.{layer.group(1)}" if kind and layer else ""
+    return site, extra

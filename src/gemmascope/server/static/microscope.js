@@ -1,0 +1,96 @@
+// Microscope page: a prompt's tokens shaded by their strongest feature, per-token top features.
+"use strict";
+
+GS.header("microscope");
+
+const $ = (id) => document.getElementById(id);
+let state = null; // {saeId, tokens, results, pinned}
+
+function strongest(r) {
+  return r.top_features.length ? r.top_features[0].value : 0;
+}
+
+// Every feature seen on the prompt, with its strongest activation and the tokens it fires on.
+function featureTable(results) {
+  const byIndex = new Map();
+  for (const r of results) {
+    for (const f of r.top_features) {
+      const cur = byIndex.get(f.index) || {index: f.index, max: 0, at: r.position, positions: []};
+      cur.positions.push(r.position);
+      if (f.value > cur.max) { cur.max = f.value; cur.at = r.position; }
+      byIndex.set(f.index, cur);
+    }
+  }
+  return [...byIndex.values()].sort((a, b) => b.max - a.max);
+}
+
+function showFeatures(position) {
+  const box = $("features");
+  box.innerHTML = "";
+  let rows;
+  if (position === null || position === undefined) {
+    rows = featureTable(state.results).slice(0, 40).map((f) => ({index: f.index, value: f.max,
+      note: `max on ${JSON.stringify(state.tokens[f.at])}`}));
+    $("features-title").textContent = "Features on the prompt (strongest first)";
+  } else {
+    const r = state.results.find((x) => x.position === position);
+    rows = r ? r.top_features : [];
+    $("features-title").textContent = `Top features on token ${position}: ${JSON.stringify(state.tokens[position])}`;
+  }
+  if (!rows.length) box.append(GS.el("div", {class: "muted"}, "No feature fires here (dense features hidden)."));
+  for (const f of rows) {
+    box.append(GS.el("div", {class: "feat", "data-index": f.index,
+      onclick: () => { window.location.href = GS.featureUrl(state.saeId, f.index); }},
+      GS.el("a", {class: "id", href: GS.featureUrl(state.saeId, f.index)}, `#${f.index}`),
+      GS.el("span", {class: "expl"}, state.explanations[f.index] || f.note || ""),
+      GS.el("span", {class: "val"}, GS.fmt(f.value, 2))));
+  }
+}
+
+function render() {
+  const values = state.tokens.map(() => 0);
+  for (const r of state.results) values[r.position] = strongest(r);
+  const box = $("tokens");
+  box.innerHTML = "";
+  const tokensEl = GS.renderTokens(state.tokens, values, {
+    skipFirst: true,
+    title: (i) => {
+      const r = state.results.find((x) => x.position === i);
+      const top = r && r.top_features.length ? r.top_features.map((f) => `#${f.index} ${GS.fmt(f.value, 2)}`).join(", ") : "no feature";
+      return `${JSON.stringify(state.tokens[i])}: ${top}`;
+    },
+    onhover: (i) => { if (state.pinned === null) showFeatures(i); },
+    onclick: (i) => {
+      state.pinned = state.pinned === i ? null : i;
+      box.querySelectorAll(".tok").forEach((s) => s.classList.toggle("sel", Number(s.dataset.i) === state.pinned));
+      showFeatures(state.pinned);
+    },
+  });
+  box.append(tokensEl);
+  $("result").hidden = false;
+  showFeatures(null);
+}
+
+async function run() {
+  const saeId = $("sae").value;
+  const body = {prompt: $("prompt").value, sae_id: saeId, k: 5, hide_dense: $("show-dense").checked ? 1.0 : 0.01};
+  $("status").textContent = "running the model…";
+  const data = await GS.busy($("run"), $("error"), () => GS.api("/v1/activation/topk-by-token", body));
+  $("status").textContent = "";
+  if (!data) return;
+  state = {saeId: data.sae_id, tokens: data.tokens, results: data.results, explanations: data.explanations || {}, pinned: null};
+  const url = new URL(window.location.href);
+  url.searchParams.set("sae_id", data.sae_id);
+  url.searchParams.set("prompt", body.prompt);
+  window.history.replaceState(null, "", url);
+  render();
+}
+
+(async function init() {
+  const q = GS.query();
+  try { await GS.fillSaeSelect($("sae"), q.get("sae_id")); }
+  catch (e) { $("error").textContent = e.message; return; }
+  if (q.get("prompt")) { $("prompt").value = q.get("prompt"); run(); }
+  $("run").addEventListener("click", run);
+  $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
+})();

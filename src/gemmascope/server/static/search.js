@@ -1,0 +1,59 @@
+// Search page: features that fire most on a text, whose explanation matches, or by id.
+"use strict";
+
+GS.header("search");
+
+const $ = (id) => document.getElementById(id);
+const HINTS = {
+  text: "Features with the strongest activation anywhere in the text; give a token to search only where it occurs.",
+  explanation: "Words to look for in the features' explanations.",
+  id: "SAE_ID#INDEX, or a feature index (looked up in the chosen SAE, or every SAE).",
+};
+
+const mode = () => document.querySelector("input[name=mode]:checked").value;
+
+async function search() {
+  const body = {query: $("query").value, mode: mode(), sae_id: $("sae").value || null, k: 20};
+  if (mode() === "text" && $("token").value.trim()) body.token = $("token").value;
+  if (mode() === "text") body.hide_dense = $("show-dense").checked ? 1.0 : 0.01;
+  $("status").textContent = body.mode === "text" ? "running the model…" : "";
+  const data = await GS.busy($("search"), $("error"), () => GS.api("/v1/search/text", body));
+  $("status").textContent = "";
+  if (!data) return;
+  const table = $("results");
+  table.innerHTML = "";
+  const showAct = data.mode === "text";
+  table.append(GS.el("tr", {}, GS.el("th", {}, "feature"), GS.el("th", {}, "SAE"), GS.el("th", {}, "explanation"),
+    showAct ? GS.el("th", {class: "num"}, "activation") : null, showAct ? GS.el("th", {}, "on token") : null));
+  for (const r of data.results) {
+    table.append(GS.el("tr", {class: "result"},
+      GS.el("td", {}, GS.el("a", {href: GS.featureUrl(r.sae_id, r.index), class: "mono"}, `#${r.index}`)),
+      GS.el("td", {class: "mono small"}, r.sae_id),
+      GS.el("td", {}, r.explanation || ""),
+      showAct ? GS.el("td", {class: "num"}, GS.fmt(r.value, 3)) : null,
+      showAct ? GS.el("td", {class: "mono small"}, r.token === undefined ? "" : JSON.stringify(r.token)) : null));
+  }
+  $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
+  $("results-card").hidden = false;
+}
+
+function onMode() {
+  $("hint").textContent = HINTS[mode()];
+  $("token-label").hidden = mode() !== "text";
+  $("dense-label").hidden = mode() !== "text";
+  const all = $("sae").querySelector("option[value='']");
+  if (all) all.disabled = mode() === "text";
+  if (mode() === "text" && !$("sae").value) $("sae").selectedIndex = 1;
+}
+
+(async function init() {
+  const q = GS.query();
+  try { await GS.fillSaeSelect($("sae"), q.get("sae_id"), true); }
+  catch (e) { $("error").textContent = e.message; return; }
+  if (q.get("mode")) document.querySelector(`input[name=mode][value=${CSS.escape(q.get("mode"))}]`).checked = true;
+  document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", onMode));
+  onMode();
+  $("search").addEventListener("click", search);
+  $("query").addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
+  if (q.get("q")) { $("query").value = q.get("q"); search(); }
+})();

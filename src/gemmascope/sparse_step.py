@@ -1,0 +1,178 @@
+"""The fast JumpReLU training step. Owns `jumprelu_terms_sparse`, a drop-in for the plain reference
+`train.jumprelu_terms` (same signature, same values, same gradients within fp32 rounding) that does
+only one dense product: the encoder's. Everything else touches only the (token, latent) pairs that
+are active, or near enough to the threshold for its pseudo-gradient (RECIPE.md section 2):
+
+    forward   pre = (x - b_dec) @ W_enc + b_enc        dense, in row blocks, never held whole
+              keep (b, i) with pre > θ_i - ε            the active set plus the kernel's support
+              x̂ = f @ W_dec + b_dec                    sparse CSR [B, S] @ dense
+    backward  G = ∂recon/∂x̂ = 2 (x̂ - x) / B
+              ∂f[b, i] = G[b] · W_dec[i] on kept pairs  sampled dense-dense product (SDDMM)
+              grad W_dec = fᵀ G, grad W_encᵀ = (∂pre)ᵀ (x - b_dec)   sparse CSR [S, B] @ dense
+              grad b_enc, grad θ                        index_add over kept pairs
+              grad b_dec = Σ_b G - W_enc grad b_enc
+
+The reference does six dense products of 2·B·d_in·d_sae FLOPs (encoder and decoder forward, and two
+each backward) and keeps several [B, d_sae] tensors; this does one and keeps none, so its limit is
+the dense matmul rate / (2·d_in·d_sae) tokens per second (see benchmarks/train_step.py).
+The same code runs on CPU (MKL sparse kernels) and on CUDA (cuSPARSE through torch.sparse).
+
+Knows nothing of the training loop, the optimiser or files; `train.py` picks this or the reference
+with `TrainConfig.fast`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.sae import JumpReLUSAE
+
+# The encoder product is done in row blocks of at most this many [rows, d_sae] elements (1 GiB of
+# fp32), so a wide SAE never holds a whole [batch, d_sae] matrix.
+BLOCK_ELEMENTS = 2**28
+
+
+def jumprelu_terms_sparse(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The two terms of the JumpReLU loss on `x [batch, d_in]` (already divided by C), computed
+    sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias),
+    `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only through the rectangle-kernel
+    pseudo-derivative) and `fired [d_sae]` (bool), exactly as `train.jumprelu_terms`; backward fills
+    the gradients of W_enc, b_enc, W_dec, b_dec, threshold (and x, if it requires one)."""
+    recon, l0, fired = _SparseJumpReLU.apply(
+        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, float(bandwidth)
+    )
+    return recon, l0, fired
+
+
+def kept_pairs(
+    x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, low: Tensor, block_elements: int = BLOCK_ELEMENTS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, latent) pairs whose pre-activation exceeds `low [d_sae]`, in row-major order:
+    `rows [nnz]`, `cols [nnz]` (int64) and their pre-activations `pre_acts [nnz]`, equal to
+    `x_centered @ W_enc + b_enc` at those pairs. The dense product runs in row blocks of at most
+    `block_elements` elements, and the bias is added after the gather (the reference's rounding)."""
+    batch, d_sae = x_centered.shape[0], W_enc.shape[1]
+    low_unbiased = low - b_enc  # compare the bare product with (low - b_enc): no pass adds the bias
+    block = max(1, min(batch, block_elements // d_sae))
+    rows, cols, values = [], [], []
+    for start in range(0, batch, block):
+        product = x_centered[start : start + block] @ W_enc  # [block, d_sae]
+        flat = torch.nonzero((product > low_unbiased).view(-1)).squeeze(1)
+        values.append(product.view(-1)[flat])
+        rows.append(torch.div(flat, d_sae, rounding_mode="floor") + start)
+        cols.append(flat % d_sae)
+    col = torch.cat(cols)
+    return torch.cat(rows), col, torch.cat(values) + b_enc[col]
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # torch warns once that sparse CSR is "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _crow(sorted_index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """CSR row pointers `[n + 1]` of a sorted row-index vector."""
+    crow = torch.zeros(n + 1, dtype=dtype, device=sorted_index.device)
+    crow[1:] = torch.cumsum(torch.bincount(sorted_index, minlength=n), 0)
+    return crow
+
+
+class _SparseJumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        threshold: Tensor,
+        bandwidth: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        batch, d_sae = x.shape[0], W_enc.shape[1]
+        x_centered = x - b_dec  # [B, d_in]: the pre-encoder bias
+        # A margin of a whole bandwidth below θ keeps every pair the kernel K((pre - θ)/ε) can touch,
+        # whatever the rounding of (θ - ε - b_enc).
+        rows, cols, pre_acts = kept_pairs(x_centered, W_enc, b_enc, threshold - bandwidth)
+        theta = threshold[cols]
+        active = pre_acts > theta
+        u = (pre_acts - theta) / bandwidth  # as the reference computes the kernel's argument
+        near = (u > -0.5) & (u < 0.5)
+        # The few kept pairs that are neither active nor near (θ - ε < pre <= θ - ε/2) carry zeros.
+
+        # int32 indices: MKL's and cuSPARSE's 32-bit kernels are the fast ones
+        index_dtype = torch.int32 if max(rows.numel(), batch, d_sae) < 2**31 - 1 else torch.int64
+        crow = _crow(rows, batch, index_dtype)
+        col = cols.to(index_dtype)
+        f_values = pre_acts * active  # [nnz]: f at kept pairs (0 where only near)
+        x_hat = _csr(crow, col, f_values, (batch, d_sae)) @ W_dec + b_dec  # [B, d_in]
+        error = x_hat - x
+        recon = error.pow(2).sum(-1).mean()
+        l0 = active.sum().to(x.dtype) / batch
+        fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
+        fired[cols[active]] = True
+
+        ctx.mark_non_differentiable(fired)
+        ctx.save_for_backward(
+            x_centered, error, W_enc, W_dec, threshold, rows, cols, crow, col, f_values, active, near
+        )
+        ctx.bandwidth = bandwidth
+        return recon, l0, fired
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_recon: Tensor, grad_l0: Tensor, _grad_fired: Any
+    ) -> tuple[Tensor | None, ...]:
+        (x_centered, error, W_enc, W_dec, threshold, rows, cols, crow, col, f_values, active, near) = (
+            ctx.saved_tensors
+        )
+        eps: float = ctx.bandwidth
+        batch, d_in = x_centered.shape
+        d_sae = W_enc.shape[1]
+        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec, need_theta, _ = ctx.needs_input_grad
+
+        G = error * (2.0 * grad_recon / batch)  # [B, d_in]: ∂recon/∂x̂
+        pattern = _csr(crow, col, f_values, (batch, d_sae))
+        # ∂loss/∂f at the kept pairs: G[b] · W_dec[i]
+        grad_f = torch.sparse.sampled_addmm(pattern, G, W_dec.t(), beta=0.0).values()  # [nnz]
+        grad_pre = grad_f * active  # ∂f/∂pre = H(pre - θ); the L0 term sends none
+
+        grad_theta = None
+        if need_theta:
+            theta = threshold[cols]
+            # ∂f/∂θ = -(θ/ε) K, ∂H/∂θ = -(1/ε) K; l0 is a mean over the batch
+            per_pair = (-(theta / eps) * grad_f - grad_l0 / (eps * batch)) * near
+            grad_theta = torch.zeros_like(threshold).index_add_(0, cols, per_pair)
+        grad_b_enc = torch.zeros(d_sae, dtype=G.dtype, device=G.device).index_add_(0, cols, grad_pre)
+
+        grad_W_dec = grad_W_enc = None
+        if need_W_dec or need_W_enc:
+            # the transposed pattern [d_sae, B]: kept pairs sorted by latent
+            order = torch.argsort(cols * batch + rows)  # by latent, then token
+            crow_t = _crow(cols[order], d_sae, crow.dtype)
+            row_t = rows[order].to(crow.dtype)
+            if need_W_dec:
+                grad_W_dec = _csr(crow_t, row_t, f_values[order], (d_sae, batch)) @ G  # [d_sae, d_in]
+            if need_W_enc:
+                grad_W_enc = (_csr(crow_t, row_t, grad_pre[order], (d_sae, batch)) @ x_centered).t()
+
+        grad_b_dec = grad_x = None
+        if need_b_dec or need_x:
+            # ∂loss/∂(x - b_dec) through the encoder, summed over the batch: W_enc @ grad_b_enc
+            grad_b_dec = G.sum(0) - W_enc @ grad_b_enc
+        if need_x:
+            grad_x = _csr(crow, col, grad_pre, (batch, d_sae)) @ W_enc.t() - G
+        return (
+            grad_x,
+            grad_W_enc,
+            grad_b_enc if need_b_enc else None,
+            grad_W_dec,
+            grad_b_dec if need_b_dec else None,
+            grad_theta,
+            None,
+        )

@@ -1,0 +1,436 @@
+"""Steering and interventions. Owns editing SAE latents inside a running model (RECIPE.md section 6):
+adding a latent's decoder direction at every position (Neuronpedia's additive steering), clamping
+latents to a value and ablating them (both spliced as encode -> edit -> decode plus the SAE's error
+term, so an empty edit leaves the activation bitwise unchanged), generation of a default and a steered
+completion with one seed and one set of sampling settings, and the effect measures: the shift in
+next-token log-probabilities and the shift of a chosen latent downstream.
+
+Knows nothing of HTTP, of files or of the feature index: a default strength (the latent's max
+activation) is handed in by the caller (`fill_strengths`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.errors import ConfigError, ModelError
+from gemmascope.models import LanguageModel, Site, capture, edit_site, parse_site, site_d_in
+from gemmascope.sae import SAE
+
+MODES = ("add", "clamp", "ablate")
+MAX_PROMPT_TOKENS = 512  # prompt tokens after BOS; bounds the work one request can ask for
+MAX_NEW_TOKENS = 512
+MAX_FREQ_PENALTY = 2.0  # OpenAI's and Neuronpedia's range is [-2, 2]
+# Sampling defaults (the CLI and the server use these): a little randomness, a mild frequency
+# penalty against loops (Neuronpedia's steer page defaults to temperature 0.5, penalty 2).
+DEFAULT_MAX_NEW_TOKENS = 40
+DEFAULT_TEMPERATURE = 0.5
+DEFAULT_FREQ_PENALTY = 1.0
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """One edit of one latent of one SAE, at the SAE's site, at every position.
+
+    - `add`: `act += value * W_dec[latent]` (unit-norm direction when `normalize`), the residual
+      steering of Neuronpedia; `value` is the strength (None: fill it with `fill_strengths`).
+    - `clamp`: set the latent's activation to `value` and splice with the error term.
+    - `ablate`: set the latent's activation to 0 and splice with the error term (`value` ignored).
+    """
+
+    sae: SAE
+    latent: int
+    mode: str = "add"
+    value: float | None = None
+    normalize: bool = False
+
+    def describe(self) -> str:
+        where = self.sae.cfg.site or "?"
+        if self.mode == "ablate":
+            return f"ablate {where}#{self.latent}"
+        verb = "add" if self.mode == "add" else "clamp"
+        return f"{verb} {where}#{self.latent} {'by' if self.mode == 'add' else 'to'} {self.value:g}"
+
+
+def fill_strengths(
+    interventions: Sequence[Intervention], default_strength: Callable[[Intervention], float | None]
+) -> list[Intervention]:
+    """Give every `add` or `clamp` intervention without a value the one `default_strength` returns
+    for it (the CLI and server pass the latent's max activation from the feature index). Those the
+    callable has no value for are left as they are; `steering` then names them."""
+    filled = []
+    for iv in interventions:
+        if iv.value is None and iv.mode in ("add", "clamp"):
+            value = default_strength(iv)
+            if value is not None:
+                iv = replace(iv, value=float(value))
+        filled.append(iv)
+    return filled
+
+
+def sae_site(model: LanguageModel, sae: SAE) -> Site:
+    """The model site an SAE reads, checked against the model: the layer exists and the
+    activation width there is the SAE's `d_in`."""
+    if not sae.cfg.site:
+        raise ConfigError("the SAE's config names no site; expected e.g. site='resid_post.6'")
+    try:
+        site = parse_site(sae.cfg.site, model.n_layers)
+    except ConfigError as err:
+        raise ModelError(f"model {model.name!r} has no site {sae.cfg.site!r} for this SAE: {err}") from err
+    d_in = site_d_in(model, site)
+    if d_in != sae.d_in:
+        raise ModelError(
+            f"the SAE for site {site} has d_in={sae.d_in} but model {model.name!r} has width {d_in} there; "
+            f"is the SAE for another model (its config says {sae.cfg.model_name!r})?"
+        )
+    return site
+
+
+def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
+    """Validate one intervention against the model; return its site. Raises ConfigError or ModelError."""
+    if iv.mode not in MODES:
+        raise ConfigError(f"unknown steering mode {iv.mode!r}: expected one of {', '.join(MODES)}")
+    try:
+        latent = operator.index(iv.latent)
+    except TypeError:
+        latent = -1
+    if isinstance(iv.latent, bool) or not 0 <= latent < iv.sae.d_sae:
+        raise ConfigError(
+            f"latent {iv.latent!r} is out of range for the SAE at {iv.sae.cfg.site or '?'}: "
+            f"expected an integer in 0..{iv.sae.d_sae - 1}"
+        )
+    if iv.mode != "ablate":
+        if iv.value is None:
+            raise ConfigError(
+                f"no {'strength' if iv.mode == 'add' else 'value'} for latent {iv.latent} at "
+                f"{iv.sae.cfg.site or '?'}: give one (or a feature index, whose max activation is the default)"
+            )
+        if not math.isfinite(iv.value):
+            raise ConfigError(
+                f"steering value {iv.value!r} for latent {iv.latent} is not finite: expected a real number"
+            )
+    return sae_site(model, iv.sae)
+
+
+def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Tensor], Tensor]:
+    """The function of the activation `[batch, pos, d_in]` that applies one SAE's interventions.
+
+    Clamp/ablate: with latents `f = encode(x)` and edited latents `f'`, the spliced activation is
+    `decode(f') + (x - decode(f))`. We compute it as `x + (f' - f)[:, :, idx] @ W_dec[idx]` over the
+    edited latents `idx` only: equal in exact arithmetic, cheaper for wide SAEs, and a position whose
+    latents did not change gets exactly `x` back (no rounding from subtracting and re-adding x̂).
+    Then the additive steering vectors are added (to the spliced activation).
+    """
+    splice = [iv for iv in interventions if iv.mode in ("clamp", "ablate")]
+    adds = [iv for iv in interventions if iv.mode == "add"]
+    W_dec = sae.W_dec.detach()
+    # Later edits of the same latent win, as if applied one after the other.
+    targets: dict[int, float] = {
+        iv.latent: (0.0 if iv.mode == "ablate" else float(iv.value or 0.0)) for iv in splice
+    }
+    idx = torch.tensor(sorted(targets), dtype=torch.long, device=W_dec.device)
+    target_values = torch.tensor(
+        [targets[i] for i in sorted(targets)], dtype=W_dec.dtype, device=W_dec.device
+    )
+
+    steer_vec: Tensor | None = None  # [d_in]
+    for iv in adds:
+        direction = W_dec[iv.latent]
+        if iv.normalize:
+            direction = direction / direction.norm().clamp_min(1e-12)
+        term = float(iv.value or 0.0) * direction
+        steer_vec = term if steer_vec is None else steer_vec + term
+
+    def edit(act: Tensor) -> Tensor:
+        out = act
+        if len(targets):
+            with torch.no_grad():
+                f = sae.encode(act.to(W_dec.dtype))  # [batch, pos, d_sae]
+                f_old = f[..., idx]  # [batch, pos, n_edit]
+                delta = (target_values - f_old) @ W_dec[idx]  # [batch, pos, d_in]
+            out = out + delta.to(act.dtype)
+        if steer_vec is not None:
+            out = out + steer_vec.to(act.dtype)
+        return out
+
+    return edit
+
+
+@contextmanager
+def steering(model: LanguageModel, interventions: Sequence[Intervention]) -> Iterator[None]:
+    """Within the block, every forward pass of `model` (prompt and generated tokens alike) runs with
+    the interventions applied at their SAEs' sites. Several latents and several SAEs may be given;
+    one hook per SAE, stacked in the order the SAEs first appear. All are validated before any hook
+    is placed, and every hook is removed on exit, also when the body raises."""
+    groups: dict[int, tuple[SAE, Site, list[Intervention]]] = {}
+    for iv in interventions:
+        site = check_intervention(model, iv)
+        groups.setdefault(id(iv.sae), (iv.sae, site, []))[2].append(iv)
+    with ExitStack() as stack:
+        for sae, site, ivs in groups.values():
+            stack.enter_context(edit_site(model, site, _site_edit(sae, ivs)))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class SamplingSettings:
+    """How completions are sampled; the default and the steered run share one."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
+    top_p: float = 1.0
+    freq_penalty: float = DEFAULT_FREQ_PENALTY  # subtracted from a token's logit once per earlier occurrence
+    seed: int = DEFAULT_SEED
+
+    def check(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not 1 <= int(self.max_new_tokens) <= MAX_NEW_TOKENS:
+            raise ConfigError(
+                f"max_new_tokens={self.max_new_tokens!r} is out of range: expected 1..{MAX_NEW_TOKENS}"
+            )
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(
+                f"temperature={self.temperature!r} is invalid: expected a finite number >= 0 (0 = greedy)"
+            )
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p={self.top_p!r} is invalid: expected 0 < top_p <= 1")
+        if not (math.isfinite(self.freq_penalty) and abs(self.freq_penalty) <= MAX_FREQ_PENALTY):
+            raise ConfigError(
+                f"freq_penalty={self.freq_penalty!r} is invalid: expected a number in "
+                f"-{MAX_FREQ_PENALTY:g}..{MAX_FREQ_PENALTY:g}"
+            )
+
+
+@dataclass
+class SteeredPair:
+    """A prompt's default and steered completions, sampled with the same settings and seed."""
+
+    prompt: str
+    default: str
+    steered: str
+    interventions: list[str]
+    settings: SamplingSettings
+    default_ids: list[int] = field(default_factory=list)
+    steered_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prompt_tokens(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
+    """Tokenise a prompt to `[1, T]` with BOS first, refusing an empty or over-long one."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("the prompt is empty: expected some text")
+    ids = model.to_tokens(prompt)
+    n = ids.shape[1] - 1
+    if n > max_tokens:
+        raise ConfigError(f"the prompt is {n} tokens long: expected at most {max_tokens}")
+    return ids
+
+
+def _stop_ids(model: LanguageModel) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(getattr(model.hf, "generation_config", None), "eos_token_id", None)
+    for value in (model.tokenizer.eos_token_id, eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _next_token(
+    logits: Tensor, counts: Tensor, settings: SamplingSettings, generator: torch.Generator
+) -> int:
+    """Pick the next token from `logits [vocab]` given `counts [vocab]` of the tokens so far."""
+    logits = logits.double()
+    if settings.freq_penalty:
+        logits = logits - settings.freq_penalty * counts
+    if settings.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always the most likely token)
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < settings.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    # inverse-CDF draw: one uniform number per step (cheaper than multinomial over a 262k vocabulary)
+    cdf = probs.cumsum(0)
+    u = (1 - torch.rand(1, generator=generator, dtype=cdf.dtype)) * cdf[
+        -1
+    ]  # in (0, total]: never a p=0 token
+    return int(torch.searchsorted(cdf, u).clamp_max(cdf.shape[0] - 1))
+
+
+@torch.no_grad()
+def sample(model: LanguageModel, input_ids: Tensor, settings: SamplingSettings) -> list[int]:
+    """Sample up to `settings.max_new_tokens` after `input_ids [1, T]` with a KV cache, stopping
+    at EOS; the random draws come from a generator seeded with `settings.seed` alone, so two runs
+    with the same settings draw the same numbers. The frequency penalty counts every token of the
+    sequence so far, prompt included (as TransformerLens, which Neuronpedia uses, does)."""
+    settings.check()
+    if input_ids.shape[1] + settings.max_new_tokens > model.max_context:
+        raise ConfigError(
+            f"prompt ({input_ids.shape[1]} tokens) plus max_new_tokens={settings.max_new_tokens} exceeds "
+            f"the model's context of {model.max_context} tokens"
+        )
+    generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+    stop = _stop_ids(model)
+    out = model.hf(input_ids=input_ids, use_cache=True)
+    counts = torch.bincount(input_ids[0].cpu(), minlength=out.logits.shape[-1]).double()  # [vocab]
+    new: list[int] = []
+    for _ in range(settings.max_new_tokens):
+        token = _next_token(out.logits[0, -1].cpu(), counts, settings, generator)
+        new.append(token)
+        if token in stop:
+            break
+        counts[token] += 1
+        next_ids = torch.tensor([[token]], dtype=torch.long, device=input_ids.device)
+        out = model.hf(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
+def _decode(model: LanguageModel, ids: list[int]) -> str:
+    return str(model.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def generate(
+    model: LanguageModel,
+    prompt: str,
+    interventions: Sequence[Intervention] = (),
+    settings: SamplingSettings | None = None,
+) -> str:
+    """One completion of `prompt` with the interventions applied (none: the default completion)."""
+    settings = settings or SamplingSettings()
+    ids = prompt_tokens(model, prompt)
+    with steering(model, interventions):
+        return _decode(model, sample(model, ids, settings))
+
+
+def generate_pair(
+    model: LanguageModel,
+    prompt: str,
+    interventions: Sequence[Intervention],
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    seed: int = DEFAULT_SEED,
+    freq_penalty: float = DEFAULT_FREQ_PENALTY,
+    top_p: float = 1.0,
+) -> SteeredPair:
+    """The default and the steered completion of one prompt, same seed and sampling settings,
+    side by side. Interventions are validated before anything runs."""
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, freq_penalty, seed)
+    settings.check()
+    for iv in interventions:
+        check_intervention(model, iv)
+    ids = prompt_tokens(model, prompt)
+    default_ids = sample(model, ids, settings)
+    with steering(model, interventions):
+        steered_ids = sample(model, ids, settings)
+    return SteeredPair(
+        prompt=prompt,
+        default=_decode(model, default_ids),
+        steered=_decode(model, steered_ids),
+        interventions=[iv.describe() for iv in interventions],
+        settings=settings,
+        default_ids=default_ids,
+        steered_ids=steered_ids,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Effect measures
+
+
+@torch.no_grad()
+def next_token_logprobs(
+    model: LanguageModel, prompt: str, interventions: Sequence[Intervention] = ()
+) -> Tensor:
+    """Log-probabilities `[vocab]` of the token after `prompt`, with the interventions applied."""
+    ids = prompt_tokens(model, prompt)
+    with steering(model, interventions):
+        logits = model.hf(input_ids=ids, use_cache=False).logits[0, -1]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def logprob_shift(
+    model: LanguageModel, prompt: str, interventions: Sequence[Intervention], k: int = 10
+) -> dict[str, Any]:
+    """How the interventions move the next-token distribution after `prompt`: the `k` tokens whose
+    log-probability rose most and the `k` that fell most (each with clean and steered log-prob and
+    the change), the KL divergence KL(clean ‖ steered) in nats, and the top token before and after."""
+    if isinstance(k, bool) or not 1 <= k <= 1000:
+        raise ConfigError(f"k={k!r} is out of range: expected 1..1000")
+    for iv in interventions:
+        check_intervention(model, iv)
+    clean = next_token_logprobs(model, prompt)
+    steered = next_token_logprobs(model, prompt, interventions)
+    diff = steered - clean
+
+    def rows(order: Tensor) -> list[dict[str, Any]]:
+        return [
+            {
+                "token": model.tokenizer.decode([int(i)]),
+                "token_id": int(i),
+                "clean_logprob": float(clean[i]),
+                "steered_logprob": float(steered[i]),
+                "delta": float(diff[i]),
+            }
+            for i in order
+        ]
+
+    kl = float((clean.exp() * (clean - steered)).sum())
+    return {
+        "prompt": prompt,
+        "interventions": [iv.describe() for iv in interventions],
+        "rose": rows(diff.topk(k).indices),
+        "fell": rows((-diff).topk(k).indices),
+        "kl": kl,
+        "top_clean": rows(clean.topk(1).indices)[0],
+        "top_steered": rows(steered.topk(1).indices)[0],
+    }
+
+
+@torch.no_grad()
+def latent_shift(
+    model: LanguageModel, prompt: str, interventions: Sequence[Intervention], sae: SAE, latent: int
+) -> dict[str, Any]:
+    """How the interventions change latent `latent` of `sae` (usually one at a later site) on each
+    token of `prompt`: clean and steered activations per token `[T]` (BOS included) and their means
+    over the prompt's tokens (BOS excluded)."""
+    site = check_intervention(model, Intervention(sae, latent, "ablate"))
+    for iv in interventions:
+        check_intervention(model, iv)
+    ids = prompt_tokens(model, prompt)
+
+    def acts() -> Tensor:
+        x = capture(model, ids, [site])[site][0]  # [T, d_in]
+        return sae.encode(x.to(sae.W_dec.dtype))[:, latent].double()  # [T]
+
+    clean = acts()
+    with steering(model, interventions):
+        steered = acts()
+    return {
+        "prompt": prompt,
+        "site": str(site),
+        "latent": latent,
+        "interventions": [iv.describe() for iv in interventions],
+        "tokens": [model.tokenizer.decode([int(t)]) for t in ids[0]],
+        "clean": clean.tolist(),
+        "steered": steered.tolist(),
+        "mean_clean": float(clean[1:].mean()),
+        "mean_steered": float(steered[1:].mean()),
+        "delta_mean": float((steered[1:] - clean[1:]).mean()),
+    }

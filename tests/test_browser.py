@@ -1,0 +1,195 @@
+"""The web UI in a real browser: headless Debian Chromium driven by Playwright clicks through each page
+of a small real run folder (tiny model, see test_server.tiny_run_dir) the way a user would, and
+checks what is shown. It also checks that no page logs a JavaScript error or fetches anything from
+outside the local server.
+
+Needs /usr/bin/chromium (CI installs Debian's `chromium`); never downloads a browser.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_server import PROMPT, tiny_run_dir
+
+from gemmascope.models import LanguageModel
+from gemmascope.server import create_app, serving
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM),
+        reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel) -> Iterator[str]:
+    run_dir = tiny_run_dir(tmp_path_factory, tiny_model)
+    with serving(create_app(run_dir, model=tiny_model)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, base_url: str) -> Iterator[Any]:
+    """A fresh page that records JavaScript errors and every URL it requests."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.errors = []
+    page.requests = []
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.on("console", lambda msg: page.errors.append(msg.text) if msg.type == "error" else None)
+    page.on("request", lambda req: page.requests.append(req.url))
+    yield page
+    assert all(url.startswith(base_url) for url in page.requests), [
+        u for u in page.requests if not u.startswith(base_url)
+    ]
+    context.close()
+
+
+def no_js_errors(page: Any, allowed: tuple[str, ...] = ()) -> None:
+    errors = [e for e in page.errors if not any(a in e for a in allowed)]
+    assert not errors, errors
+
+
+def test_microscope_feature_page_and_steering(page: Any, base_url: str) -> None:
+    """The user's path: type a prompt into the microscope, hover a token, click a feature, see its
+    page with highlighted examples, try their own text, steer with it and see two completions."""
+    page.goto(base_url + "/")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#prompt", PROMPT)
+    page.click("#run")
+    page.wait_for_selector("#tokens .tok")
+    shown = page.locator("#tokens .tok").all_inner_texts()
+    assert "".join(shown) == PROMPT  # every token shown once, BOS hidden
+
+    # Hovering a token filters the feature list to that token.
+    page.locator("#tokens .tok").nth(5).hover()
+    assert f'token 6: "{shown[5]}"' in page.inner_text("#features-title")
+    page.mouse.move(2, 2)
+    page.wait_for_function(
+        "document.querySelector('#features-title').textContent.startsWith('Features on the prompt')"
+    )
+    first = page.locator("#features .feat").first
+    index = first.get_attribute("data-index")
+    assert index is not None
+
+    # Clicking a feature opens its page, with examples highlighted.
+    first.click()
+    page.wait_for_url(f"**/feature/*/{index}")
+    page.wait_for_selector("#top-examples .example")
+    assert page.inner_text("#title").endswith(f"feature #{index}")
+    assert (
+        page.locator("#top-examples .example .tok.hot").count()
+        == page.locator("#top-examples .example").count()
+    )
+    hot = page.locator("#top-examples .example .tok.hot").first
+    assert "rgba(249, 115, 22" in hot.evaluate("el => getComputedStyle(el).backgroundColor")
+    assert page.locator("#lens-pos tr").count() == 11 and page.locator("#lens-neg tr").count() == 11
+    assert page.locator("#intervals .group").count() == 5
+    assert page.locator("#neighbours a").count() == 10
+    assert page.is_visible("#hist") and "non-zero activations" in page.inner_text("#hist-note")
+    assert page.inner_text("#explanation").strip()
+
+    # Try your own text: the prompt the feature fired on in the microscope.
+    page.fill("#own-text", PROMPT)
+    page.click("#own-run")
+    page.wait_for_selector("#own-result .tok")
+    assert page.locator("#own-result .tok").count() == len(shown)
+    assert page.inner_text("#own-max").startswith("max ")
+
+    # Steer with this: the feature is filled in; two completions side by side.
+    page.click("#steer-button")
+    page.wait_for_url("**/steer?*")
+    page.wait_for_selector(".feature-row")
+    assert page.input_value(".feature-row .index") == index
+    page.fill("#prompt", "The capital of France is")
+    page.fill(".feature-row .strength", "40")
+    page.fill("#temperature", "0")
+    page.fill("#max-new", "8")
+    page.click("#steer")
+    page.wait_for_selector("#outputs:not([hidden])")
+    default, steered = page.inner_text("#default"), page.inner_text("#steered")
+    assert default.startswith("The capital of France is") and steered.startswith("The capital of France is")
+    assert len(default) > len("The capital of France is") and default != steered
+    assert f"add #{index}" in page.inner_text("#steered-tag")
+    no_js_errors(page)
+
+
+def test_microscope_shows_errors_from_the_server(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#prompt", "   ")
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+    assert "empty" in page.inner_text("#error")
+    page.fill("#prompt", "word " * 300)
+    page.click("#run")
+    page.wait_for_function("document.querySelector('#error').textContent.includes('tokens')")
+    no_js_errors(page, allowed=("status of 400",))  # the browser logs the failed fetch itself
+
+
+def test_search_page(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/search")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#query", PROMPT)
+    page.click("#search")
+    page.wait_for_selector("#results tr.result")
+    n = page.locator("#results tr.result").count()
+    assert 0 < n <= 20 and page.inner_text("#results-title") == f"{n} result{'s' if n > 1 else ''}"
+    values = [float(v) for v in page.locator("#results tr.result td.num").all_inner_texts()]
+    assert values == sorted(values, reverse=True)
+    page.check("input[name=mode][value=id]")
+    page.select_option("#sae", "")  # every SAE
+    page.fill("#query", "7")
+    page.click("#search")
+    page.wait_for_function("document.querySelector('#results-title').textContent.startsWith('2 results')")
+    page.locator("#results tr.result a").first.click()
+    page.wait_for_url("**/feature/*/7")
+    page.wait_for_selector("#stats .stat")
+    no_js_errors(page)
+
+
+def test_saes_page(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/saes")
+    page.wait_for_selector("#saes tr.sae")
+    assert page.locator("#saes tr.sae").count() == 2
+    cells = page.locator("#saes tr.sae").first.locator("td").all_inner_texts()
+    assert cells[1] == "resid_post.1" and cells[3] == "256"
+    assert all(c not in ("", "–") for c in cells[5:8])  # L0, FVU, delta LM loss from the report
+    page.wait_for_load_state("networkidle")
+    images = page.locator("#plots img")
+    assert images.count() >= 1
+    assert "frontier_l0_delta_lm_loss" in (images.first.get_attribute("src") or "")
+    assert all(w > 0 for w in images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)"))
+    no_js_errors(page)
+
+
+def test_unknown_feature_page(page: Any, base_url: str) -> None:
+    resp = page.goto(base_url + "/feature/resid_post.1.w256.l0_1/99999")
+    assert resp.status == 404 and "out of range" in page.inner_text(".error")

@@ -1,0 +1,164 @@
+"""Tests for models.py: sites, capture, edits, loading errors (tiny model) and the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmascope.errors import ConfigError, ModelError
+from gemmascope.models import (
+    LanguageModel,
+    Site,
+    all_sites,
+    capture,
+    edit_site,
+    load_model,
+    parse_site,
+    site_d_in,
+    transcoder_sites,
+)
+
+
+@pytest.mark.parametrize(
+    "spec, site",
+    [
+        ("resid_post.6", Site("resid_post", 6)),
+        ("resid_post/layer_6", Site("resid_post", 6)),
+        ("attn_out/3", Site("attn_out", 3)),
+        ("blocks.6.hook_resid_post", Site("resid_post", 6)),
+        ("blocks.2.attn.hook_z", Site("attn_out", 2)),
+        ("blocks.11.hook_mlp_out", Site("mlp_out", 11)),
+        ("blocks.1.hook_mlp_in", Site("mlp_in", 1)),
+    ],
+)
+def test_parse_site_accepts_our_names_and_transformerlens_aliases(spec: str, site: Site) -> None:
+    assert parse_site(spec) == site
+    assert parse_site(site.hook_name) == site
+    assert parse_site(str(site)) == site
+
+
+def test_parse_site_errors_name_the_value_and_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"'resid_pre.3'.*resid_post, attn_out, mlp_out, mlp_in"):
+        parse_site("resid_pre.3")
+    with pytest.raises(ConfigError, match=r"layer 18 .* valid layers are 0..17"):
+        parse_site("resid_post.18", n_layers=18)
+
+
+def test_unknown_model_name_is_a_clear_error() -> None:
+    with pytest.raises(ModelError, match=r"unknown model 'gemma-9000'.*gemma-3-270m"):
+        load_model("gemma-9000")
+
+
+def _plain_hooks(
+    model: LanguageModel, input_ids: torch.Tensor, sites: list[Site]
+) -> dict[Site, torch.Tensor]:
+    """Reference capture with ordinary transformers forward hooks and a full forward pass."""
+    out: dict[Site, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        block = model.hf.model.layers[site.layer]
+        if site.kind == "resid_post":
+            handles.append(
+                block.register_forward_hook(
+                    lambda m, a, o, s=site: out.__setitem__(s, o[0] if isinstance(o, tuple) else o)
+                )
+            )
+        elif site.kind == "attn_out":
+            handles.append(
+                block.self_attn.o_proj.register_forward_pre_hook(
+                    lambda m, a, s=site: out.__setitem__(s, a[0])
+                )
+            )
+        elif site.kind == "mlp_out":
+            handles.append(
+                block.post_feedforward_layernorm.register_forward_hook(
+                    lambda m, a, o, s=site: out.__setitem__(s, o)
+                )
+            )
+        else:
+            handles.append(
+                block.pre_feedforward_layernorm.register_forward_hook(
+                    lambda m, a, o, s=site: out.__setitem__(s, o)
+                )
+            )
+    with torch.no_grad():
+        model.hf(input_ids=input_ids)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_capture_equals_plain_forward_hooks(tiny_model: LanguageModel) -> None:
+    sites = [*all_sites(tiny_model), *transcoder_sites(1)]
+    ids = torch.randint(3, 1000, (2, 20))
+    ids[:, 0] = tiny_model.tokenizer.bos_token_id
+    got = capture(tiny_model, ids, sites)
+    want = _plain_hooks(tiny_model, ids, sites)
+    for site in sites:
+        assert got[site].shape == (2, 20, site_d_in(tiny_model, site))
+        torch.testing.assert_close(got[site], want[site], rtol=0, atol=0)
+
+
+def test_capture_stops_after_the_deepest_layer(tiny_model: LanguageModel) -> None:
+    ran: list[int] = []
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+        for i, layer in enumerate(tiny_model.layers)
+    ]
+    try:
+        capture(tiny_model, tiny_model.to_tokens("hello there"), [Site("mlp_out", 1), Site("attn_out", 0)])
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1]
+
+
+def test_capture_rejects_a_layer_out_of_range(tiny_model: LanguageModel) -> None:
+    with pytest.raises(ConfigError, match="layer 9 is out of range"):
+        capture(tiny_model, tiny_model.to_tokens("hi"), [Site("resid_post", 9)])
+
+
+@pytest.mark.parametrize("kind", ["resid_post", "attn_out", "mlp_out", "mlp_in"])
+def test_edit_site_changes_the_forward_pass_and_is_removed_afterwards(
+    tiny_model: LanguageModel, kind: str
+) -> None:
+    ids = tiny_model.to_tokens("The quick brown fox")
+    site = Site(kind, 1)
+    with torch.no_grad():
+        clean = tiny_model.hf(ids).logits
+        with edit_site(tiny_model, site, lambda act: act):
+            same = tiny_model.hf(ids).logits
+        with edit_site(tiny_model, site, lambda act: act * 0):
+            zeroed = tiny_model.hf(ids).logits
+        with pytest.raises(RuntimeError), edit_site(tiny_model, site, lambda act: act * 0):
+            raise RuntimeError("boom")
+        after = tiny_model.hf(ids).logits
+    assert torch.equal(clean, same)
+    assert not torch.allclose(clean, zeroed)
+    assert torch.equal(clean, after)
+
+
+@pytest.mark.real
+def test_real_gemma_loads_from_cache_and_predicts_sensibly(real_model: LanguageModel) -> None:
+    cfg = real_model.config
+    assert (real_model.n_layers, real_model.d_model, cfg.num_attention_heads, cfg.head_dim) == (
+        18,
+        640,
+        4,
+        256,
+    )
+    assert site_d_in(real_model, Site("attn_out", 0)) == 1024
+    ids = real_model.to_tokens("The capital of France is Paris, and the capital of Germany is")
+    with torch.no_grad():
+        logits = real_model.hf(ids).logits[0, -1]
+    assert real_model.tokenizer.decode(int(logits.argmax())).strip() == "Berlin"
+
+
+@pytest.mark.real
+def test_real_capture_equals_plain_forward_hooks(real_model: LanguageModel) -> None:
+    sites = [Site("resid_post", 6), Site("attn_out", 6), Site("mlp_out", 6), Site("mlp_in", 3)]
+    ids = real_model.to_tokens("Gemma Scope is a suite of sparse autoencoders trained on every layer.")
+    got = capture(real_model, ids, sites)
+    want = _plain_hooks(real_model, ids, sites)
+    for site in sites:
+        torch.testing.assert_close(got[site], want[site], rtol=0, atol=0)

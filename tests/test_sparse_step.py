@@ -1,0 +1,233 @@
+"""The fast JumpReLU step (sparse_step.py) against the plain reference `train.jumprelu_terms`: the
+same recon, l0 and fired, and the same gradient for every parameter, within fp32 tolerance, on random
+data and on real activations; and a short training run with `fast=True` ending where the reference
+run ends."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from gemmascope import sparse_step
+from gemmascope.activations import harvest
+from gemmascope.formats import load_sae
+from gemmascope.models import LanguageModel, Site, capture
+from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sparse_step import jumprelu_terms_sparse, kept_pairs
+from gemmascope.train import TrainConfig, TrainSpec, init_sae, jumprelu_terms, train_saes
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+LOSSES: dict[str, LossFn] = {
+    "recon + lambda l0": lambda recon, l0: recon + 0.3 * l0,
+    "target-L0 penalty": lambda recon, l0: recon + 2.0 * (l0 / 10.0 - 1).pow(2),
+    "recon only": lambda recon, l0: recon,
+    "l0 only": lambda recon, l0: 0.5 * l0,
+}
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Small matrices on a shared 2-core machine run far faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_sae(d_in: int, d_sae: int, seed: int = 0) -> JumpReLUSAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = JumpReLUSAE(SAEConfig("jumprelu", d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
+    return sae
+
+
+def set_thresholds_for_l0(sae: JumpReLUSAE, x: Tensor, l0: float) -> None:
+    """θ per latent at the pre-activation quantile that makes each latent fire on l0/d_sae of `x`."""
+    with torch.no_grad():
+        pre_acts = sae.pre_acts(x - sae.b_dec)
+        sae.threshold.copy_(torch.quantile(pre_acts, 1 - l0 / sae.d_sae, dim=0).clamp_min(1e-3))
+
+
+def run(
+    fn: Callable[..., tuple[Tensor, Tensor, Tensor]], sae: JumpReLUSAE, x: Tensor, eps: float, loss: LossFn
+):
+    """Values and gradients (of every parameter, and of x if it requires one) of one step."""
+    sae.zero_grad(set_to_none=True)
+    if x.grad is not None:
+        x.grad = None
+    recon, l0, fired = fn(sae, x, eps)
+    loss(recon, l0).backward()
+    grads = {name: getattr(sae, name).grad for name in PARAMS}
+    if x.requires_grad:
+        grads["x"] = x.grad
+    return recon.detach(), l0.detach(), fired, grads
+
+
+def assert_same_step(
+    sae: JumpReLUSAE, x: Tensor, eps: float, loss: LossFn = LOSSES["recon + lambda l0"]
+) -> None:
+    ref = run(jumprelu_terms, sae, x, eps, loss)
+    fast = run(jumprelu_terms_sparse, sae, x, eps, loss)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
+    assert fast[1] == ref[1], f"l0 {fast[1]} != reference {ref[1]}"
+    assert torch.equal(fast[2], ref[2]), "fired differs"
+    for name, want in ref[3].items():
+        got = fast[3][name]
+        if want is None:  # the reference sends this parameter no gradient: neither may we, or zeros
+            assert got is None or not got.any(), name
+            continue
+        assert got is not None, f"no gradient for {name}"
+        assert got.shape == want.shape, name
+        scale = float(want.abs().max())
+        err = float((got - want).abs().max())
+        assert err <= 1e-5 * scale + 1e-7, f"{name}: max error {err:.3g}, gradient scale {scale:.3g}"
+
+
+def near_pairs(sae: JumpReLUSAE, x: Tensor, eps: float) -> tuple[int, int]:
+    """(pairs inside the kernel's support, of which inactive) — so a test knows θ's gradient is exercised."""
+    with torch.no_grad():
+        u = (sae.pre_acts(x - sae.b_dec) - sae.threshold) / eps
+        near = (u > -0.5) & (u < 0.5)
+        return int(near.sum()), int((near & (u <= 0)).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Random data
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("eps", [0.001, 0.05])
+def test_equal_to_the_reference_on_random_data(loss_name: str, eps: float) -> None:
+    sae = random_sae(32, 384, seed=1)
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(2)) / 32**0.5 * 3
+    set_thresholds_for_l0(sae, x[:100], l0=20)
+    near, near_inactive = near_pairs(sae, x, eps)
+    if eps == 0.05:  # make sure the θ pseudo-gradient and the inactive side of the kernel are tested
+        assert near > 100 and near_inactive > 50
+    assert_same_step(sae, x, eps, LOSSES[loss_name])
+
+
+def test_gradient_to_x_when_it_requires_one() -> None:
+    sae = random_sae(16, 128, seed=3)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    set_thresholds_for_l0(sae, x, l0=12)
+    assert_same_step(sae, x.requires_grad_(True), 0.05)
+
+
+def test_no_latent_active() -> None:
+    sae = random_sae(16, 64, seed=5)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        sae.threshold.fill_(1e3)
+    recon, l0, fired = jumprelu_terms_sparse(sae, x, 0.001)
+    assert l0 == 0 and not fired.any()
+    torch.testing.assert_close(recon, (x - sae.b_dec).pow(2).sum(-1).mean())
+    assert_same_step(sae, x, 0.001)
+
+
+def test_row_blocks_give_the_same_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    sae = random_sae(24, 256, seed=6)
+    x = torch.randn(100, 24)
+    set_thresholds_for_l0(sae, x, l0=15)
+    whole = run(jumprelu_terms_sparse, sae, x, 0.02, LOSSES["recon + lambda l0"])
+    monkeypatch.setattr(sparse_step, "BLOCK_ELEMENTS", 7 * 256)  # blocks of 7 rows, the last one short
+    blocks = run(jumprelu_terms_sparse, sae, x, 0.02, LOSSES["recon + lambda l0"])
+    torch.testing.assert_close(blocks[0], whole[0])
+    assert blocks[1] == whole[1] and torch.equal(blocks[2], whole[2])
+    for name in PARAMS:
+        torch.testing.assert_close(blocks[3][name], whole[3][name])
+
+
+def test_kept_pairs_are_the_dense_pairs_above_the_bound() -> None:
+    g = torch.Generator().manual_seed(7)
+    x, W_enc, b_enc = (
+        torch.randn(50, 8, generator=g),
+        torch.randn(8, 96, generator=g),
+        torch.randn(96, generator=g),
+    )
+    low = torch.rand(96, generator=g) * 2
+    rows, cols, pre_acts = kept_pairs(x, W_enc, b_enc, low, block_elements=96 * 9)
+    dense = x @ W_enc + b_enc
+    # the kept set is decided on the product before the bias; only pairs within rounding of `low` may differ
+    want = (dense > low).nonzero()
+    assert abs(len(rows) - len(want)) <= 2
+    assert torch.equal(rows * 96 + cols, (rows * 96 + cols).sort().values)  # row-major order
+    torch.testing.assert_close(pre_acts, dense[rows, cols])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real activations
+
+
+def scaled_acts(model: LanguageModel, site: Site, texts: list[str]) -> Tensor:
+    """`[tokens, d_model]`: the site's activations on `texts` (BOS dropped), scaled so E‖x‖² = 1."""
+    acts = [capture(model, model.to_tokens(t), [site])[site][0, 1:] for t in texts]
+    x = torch.cat(acts).float()
+    return x / x.pow(2).sum(-1).mean().sqrt()
+
+
+TEXTS = [
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose molecules.",
+    "In 1969 the Apollo 11 mission landed the first two people on the Moon.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+]
+
+
+@pytest.mark.parametrize("start", ["recipe init", "sparse thresholds"])
+def test_equal_to_the_reference_on_tiny_model_activations(tiny_model: LanguageModel, start: str) -> None:
+    x = scaled_acts(tiny_model, Site("resid_post", 2), TEXTS)
+    sae = init_sae(
+        JumpReLUSAE(SAEConfig("jumprelu", d_in=x.shape[1], d_sae=512)), torch.Generator().manual_seed(0)
+    )
+    if start == "sparse thresholds":
+        set_thresholds_for_l0(sae, x, l0=20)
+    assert_same_step(sae, x, 0.001)
+
+
+@pytest.mark.real
+def test_equal_to_the_reference_on_gemma_3_270m_activations(real_model: LanguageModel) -> None:
+    x = scaled_acts(real_model, Site("resid_post", 6), TEXTS * 2)  # ~180 tokens of d_in 640
+    sae = init_sae(JumpReLUSAE(SAEConfig("jumprelu", d_in=640, d_sae=2048)), torch.Generator().manual_seed(0))
+    assert_same_step(sae, x, 0.001)
+    set_thresholds_for_l0(sae, x, l0=50)
+    assert_same_step(sae, x, 0.001)
+    assert near_pairs(sae, x, 0.001)[0] > 0
+
+
+def test_fast_training_run_ends_where_the_reference_run_ends(
+    tiny_model: LanguageModel, tmp_path: Path
+) -> None:
+    harvest(tiny_model, ["resid_post.2"], tmp_path / "store", n_tokens=4096, context_len=64, progress=False)
+    saes = {}
+    for fast in (False, True):
+        run_dir = tmp_path / f"fast_{fast}"
+        shutil.copytree(tmp_path / "store" / "activations", run_dir / "activations")
+        cfg = TrainConfig(batch_size=256, lr=1e-3, fast=fast, checkpoint_every=100)
+        specs = [TrainSpec("resid_post.2", 256, l0_coeff=1e-3), TrainSpec("resid_post.2", 128, target_l0=20)]
+        folders = train_saes(run_dir, specs, tokens=256 * 12, config=cfg, progress=False)
+        saes[fast] = [load_sae(f) for f in folders]
+        assert all(load_sae(f).cfg.extra["fast"] is fast for f in folders)
+    # Adam (β1 = 0) moves each weight by about ±lr a step whatever its gradient's size, so a weight
+    # whose gradient is near zero (θ of a latent with few pairs in the kernel's support) follows the
+    # sign of rounding noise and may end a few steps apart. So: nearly every weight within a fifth of
+    # one step (lr = 1e-3, in the training-time scale), and the same L0 and FVU; a wrong gradient
+    # would leave most weights apart.
+    for ref, fast in zip(saes[False], saes[True], strict=True):
+        scale = ref.cfg.extra["scale"]
+        for name in PARAMS:
+            unit = scale if name in ("b_enc", "b_dec", "threshold") else 1.0  # folded: times C
+            diff = (getattr(fast, name) - getattr(ref, name)).abs() / unit
+            assert float((diff <= 2e-4).float().mean()) >= 0.99, f"{name}: {int((diff > 2e-4).sum())} apart"
+        assert fast.cfg.extra["l0"] == pytest.approx(ref.cfg.extra["l0"], rel=1e-3)
+        assert fast.cfg.extra["fvu"] == pytest.approx(ref.cfg.extra["fvu"], rel=1e-3)

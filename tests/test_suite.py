@@ -1,0 +1,130 @@
+"""Tests for suite.py and the `suite` / `demo` commands: a whole suite on the tiny model (every stage,
+the summary and heatmap, resuming without redoing work, the time budget), bad input, and the demo
+end to end on the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemmascope.cli import main
+from gemmascope.errors import ConfigError, StoreError
+from gemmascope.formats import load_sae
+from gemmascope.suite import SuitePlan, parse_l0s, parse_layers, run_suite
+
+
+def _tiny_plan(**kw: object) -> SuitePlan:
+    base: dict[str, object] = dict(
+        model="tiny-gemma3",
+        kinds=["resid_post", "mlp_out"],
+        layers=[1, 2],
+        widths=[128],
+        target_l0s=[8.0],
+        tokens=4096,
+        eval_tokens=1200,
+        index_tokens=2048,
+        batch_size=256,
+        fast=False,
+    )
+    base.update(kw)
+    return SuitePlan(**base)  # type: ignore[arg-type]
+
+
+def test_parse_l0s_and_layers() -> None:
+    assert parse_l0s("small,medium,big") == [15.0, 45.0, 120.0]
+    assert parse_l0s("20, 50") == [20.0, 50.0]
+    assert parse_layers("all") is None
+    assert parse_layers("0-2,6") == [0, 1, 2, 6]
+    with pytest.raises(ConfigError, match="'huge'"):
+        parse_l0s("huge")
+    with pytest.raises(ConfigError, match=r"layers \[30\] are out of range: valid layers are 0..17"):
+        parse_layers("30", n_layers=18)
+
+
+def test_suite_runs_every_stage_and_resumes_without_redoing_work(tmp_path: Path) -> None:
+    run_dir = tmp_path / "suite"
+    stopped = run_suite(run_dir, _tiny_plan(), max_minutes=0.0, say=lambda _: None)
+    assert stopped == {"complete": False, "stopped_before": "harvest"}
+
+    out = run_suite(run_dir, _tiny_plan(), say=lambda _: None)
+    assert out["complete"]
+    assert len(out["saes"]) == 4  # 2 layers x 2 sites x 1 width x 1 target
+    sites = set()
+    for folder in out["saes"]:
+        sae = load_sae(folder)
+        sites.add(sae.cfg.site)
+        result = json.loads((folder / "eval.json").read_text())
+        assert result["eval_result_metrics"]["sparsity"]["l0"] > 0
+    assert sites == {"resid_post.1", "mlp_out.1", "resid_post.2", "mlp_out.2"}
+    report = run_dir / "report"
+    for name in ("heatmap.png", "summary.txt", "evals.json", "frontier_l0_delta_lm_loss.png"):
+        assert (report / name).stat().st_size > 0, name
+    assert (run_dir / "features.sqlite").exists()
+
+    # A second run finds everything done and touches nothing.
+    mtimes = {f: (f / "sae_weights.safetensors").stat().st_mtime_ns for f in out["saes"]}
+    said: list[str] = []
+    again = run_suite(run_dir, _tiny_plan(), say=said.append)
+    assert again["complete"] and said == []
+    assert mtimes == {f: (f / "sae_weights.safetensors").stat().st_mtime_ns for f in again["saes"]}
+
+
+def test_suite_refuses_a_run_folder_of_another_model(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(
+        json.dumps({"model": "gemma-3-270m", "corpus": "wiki", "context_len": 128})
+    )
+    with pytest.raises(StoreError, match="model='gemma-3-270m'"):
+        run_suite(run_dir, _tiny_plan(), say=lambda _: None)
+    assert json.loads((run_dir / "run.json").read_text())["model"] == "gemma-3-270m"  # nothing overwritten
+
+
+def test_cli_suite_bad_input_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["suite", str(tmp_path / "r"), "--model", "tiny-gemma3", "--l0", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown L0 target 'huge'" in err and "Traceback" not in err
+    assert main(["suite", str(tmp_path / "r"), "--model", "tiny-gemma3", "--sites", "resid_pre"]) == 2
+    assert "unknown site kinds ['resid_pre']" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_demo_end_to_end_on_the_real_model(tmp_path: Path) -> None:
+    """`gemmascope demo --no-serve` with a small budget on Gemma 3 270M, then every artefact checked."""
+    run_dir = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "gemmascope.cli", "demo", "--no-serve", "--run-dir", str(run_dir),
+        "--tokens", "6144", "--train-tokens", "12288", "--width", "1024",
+        "--eval-tokens", "1536", "--index-tokens", "3072",
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Three features of resid_post.6" in done.stdout
+    folder = next((run_dir / "saes" / "resid_post" / "layer_6" / "width_1024").iterdir())
+    sae = load_sae(folder)
+    assert (sae.cfg.model_name, sae.cfg.site, sae.cfg.d_in, sae.cfg.d_sae) == (
+        "gemma-3-270m",
+        "resid_post.6",
+        640,
+        1024,
+    )
+    metrics = json.loads((folder / "eval.json").read_text())["eval_result_metrics"]
+    assert 0 < metrics["sparsity"]["l0"] < 1024
+    assert 0 <= metrics["gemmascope"]["fvu"] < 1.0
+    assert metrics["gemmascope"]["n_tokens"] >= 1024
+    from gemmascope.features import FeatureIndex
+    from gemmascope.formats import sae_id
+
+    index = FeatureIndex(run_dir / "features.sqlite")
+    shown = [f for f in (index.feature(sae_id(folder), i) for i in range(1024)) if f["top_examples"]]
+    assert len(shown) > 100
+    assert (run_dir / "report" / "heatmap.png").exists()
