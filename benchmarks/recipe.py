@@ -2,7 +2,8 @@
 TopK at matched L0 (Gemma Scope section 4's finding, RECIPE.md 4)?
 
     python benchmarks/recipe.py             # 200k harvested, 100k per SAE: about 25 min on 2 shared cores
-    python benchmarks/recipe.py --tokens 2000000 --train-tokens 2000000   # the issue's full size
+    python benchmarks/recipe.py --tokens 900000 --train-tokens 2000000 --threads 2
+        # the issue's size: every training token of the bundled corpus (932k), 2M steps x batch per SAE
 
 Steps (each resumes if the run folder already holds it):
 1. harvest `--tokens` activations of Gemma 3 270M at `--site` (train split of the bundled corpus) and
@@ -139,6 +140,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", action="store_true", help="the plain JumpReLU step (default: the fast one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -146,7 +148,7 @@ def main() -> None:
     site = str(parse_site(args.site))
     coeffs = [float(c) for c in args.l0_coeffs.split(",")]
     train_tokens = args.train_tokens
-    config = TrainConfig(seed=args.seed)
+    config = TrainConfig(seed=args.seed, fast=not args.reference)
     if args.batch_size:
         config.batch_size = args.batch_size
     if args.lr:
@@ -197,6 +199,7 @@ def main() -> None:
             "l0_warmup_steps": load_sae(jump_dirs[0]).cfg.extra["l0_warmup_steps"],
             "bandwidth": config.bandwidth,
             "threshold_init": config.threshold_init,
+            "fast_step": config.fast,
             "published": {k: list(v) if isinstance(v, tuple) else v for k, v in PUBLISHED.items()},
         },
         "jumprelu": jumprelu,

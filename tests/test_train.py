@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import gemmascope.train as train_module
 from gemmascope.activations import ActivationStore, harvest
 from gemmascope.cli import main
 from gemmascope.errors import ConfigError, StoreError
@@ -428,6 +429,36 @@ def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: py
     with pytest.raises(StoreError, match="contain NaN or inf .batch 3"):
         train_saes(run_dir, [TrainSpec(SITE, 32, l0_coeff=1e-3)], 1024, small_config(), progress=False)
     assert not (run_dir / "saes").exists()
+
+
+def test_massive_activation_tokens_are_left_out_of_training(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 3 has ordinary tokens with 4-10x the median norm; one in a batch made Adam (beta1 = 0)
+    diverge. The trainer leaves tokens with ‖x/C‖ > max_norm out, as it does BOS."""
+    real_batches, real_loss = ActivationStore.batches, train_module._loss
+    seen: list[torch.Tensor] = []
+
+    def with_massive_tokens(self: ActivationStore, *args: object, **kwargs: object) -> Iterator[dict]:
+        for i, batch in enumerate(real_batches(self, *args, **kwargs)):  # type: ignore[arg-type]
+            if i % 2 == 0:
+                x = next(iter(batch.values()))
+                x[7] *= 50.0  # a token at 50x its norm
+            yield batch
+
+    def spy(t: object, x: torch.Tensor, *args: object) -> dict:
+        seen.append(x.norm(dim=-1))
+        return real_loss(t, x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ActivationStore, "batches", with_massive_tokens)
+    monkeypatch.setattr(train_module, "_loss", spy)
+    spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
+    [folder] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)
+    assert [len(n) for n in seen] == [127, 128] * 4
+    assert max(float(n.max()) for n in seen) <= 3.0
+    assert load_sae(folder).cfg.extra["max_scaled_norm"] == 3.0
+    with pytest.raises(ConfigError, match="max_norm 0.5 must be a finite number > 1"):
+        train_saes(run_dir, [TrainSpec(SITE, 64, l0_coeff=1e-3)], 1024, small_config(max_norm=0.5))
 
 
 # ---------------------------------------------------------------------------------------------

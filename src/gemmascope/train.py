@@ -82,6 +82,14 @@ SHORT_RUN: dict[str, Any] = {
 # coefficient 1 ends at held-out L0 49.1, FVU 0.41; coefficient 10 at L0 50.5 but FVU 0.62.
 TARGET_L0_COEFF = 1.0
 BATCHTOPK_THRESHOLD_MOMENTUM = 0.99  # running mean of the smallest kept activation (Bussmann et al.)
+# Tokens whose scaled activation norm ‖x/C‖ exceeds this (the RMS norm is 1 after scaling) are left
+# out of training, as BOS is. Not in the Gemma Scope report, which covers Gemma 2: Gemma 3 270M has
+# "massive activations" on a few ordinary tokens (at resid_post.6, an apostrophe in some contexts:
+# 0.05% of tokens at 4-10x the median norm, so 15-100x the squared norm). One such token in a batch
+# gives a gradient spike that Adam with beta1 = 0 turns into a full-size step on every weight it
+# touches; on 2M-token runs every SAE diverged (FVU > 1) within 1,500 steps. Normal tokens stay
+# below 2x the median norm, so 3 keeps all of them. None trains on every token.
+MAX_SCALED_NORM = 3.0
 FINAL_FRACTION = 0.1  # L0, FVU and densities of a finished SAE are measured on this last part of training
 
 
@@ -130,6 +138,7 @@ class TrainConfig:
     threshold_init: float = THRESHOLD_INIT
     target_l0_coeff: float = TARGET_L0_COEFF
     dead_window_tokens: int | None = None
+    max_norm: float | None = MAX_SCALED_NORM  # skip tokens with ‖x/C‖ above this (massive activations)
     seed: int = 0
     buffer_tokens: int = 2**18
     fast: bool = False  # JumpReLU terms from gemmascope.sparse_step (same values and gradients)
@@ -369,6 +378,8 @@ def train_saes(
             for t in trainees:
                 x = batch[t.site].to(par.device)  # [batch, d_in], already divided by C
                 _check_batch(x, t, step_index, store)
+                if cfg.max_norm is not None:
+                    x = x[x.norm(dim=-1) <= cfg.max_norm]  # [batch', d_in]: massive activations left out
                 lr = lr_at(step_index, t.lr, plan["lr_warmup_steps"])
                 coeff_scale = sparsity_coeff_at(step_index, 1.0, plan["l0_warmup_steps"])
                 out = par.share_out(_loss(t, x, coeff_scale, cfg, terms))
@@ -462,6 +473,10 @@ def _plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Trai
         raise ConfigError(f"learning rate {cfg.lr!r} must be a finite number > 0")
     if not (math.isfinite(cfg.bandwidth) and cfg.bandwidth > 0):
         raise ConfigError(f"bandwidth {cfg.bandwidth!r} must be a finite number > 0")
+    if cfg.max_norm is not None and not (math.isfinite(cfg.max_norm) and cfg.max_norm > 1):
+        raise ConfigError(
+            f"max_norm {cfg.max_norm!r} must be a finite number > 1 (the scaled RMS norm) or None"
+        )
     if tokens < cfg.batch_size:
         raise ConfigError(f"tokens {tokens} must be at least one batch ({cfg.batch_size})")
     steps = tokens // cfg.batch_size
@@ -643,6 +658,7 @@ def _save_finished(
         "dead_window_tokens": plan["dead_window_tokens"],
         "bandwidth": cfg.bandwidth,
         "threshold_init": cfg.threshold_init,
+        "max_scaled_norm": cfg.max_norm,
         "adam_betas": list(ADAM_BETAS),
         "adam_eps": ADAM_EPS,
         "seed": cfg.seed,
