@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--sae", help="an SAE folder to index instead of searching runs/")
     parser.add_argument("--batch-rows", type=int, default=8)
     parser.add_argument("--no-forward", action="store_true", help="skip the bare forward-pass comparison")
+    parser.add_argument("--keep", help="copy the built features.sqlite here (default: discard it)")
     args = parser.parse_args()
 
     from gemmascope.features import FeatureIndex, build_index
@@ -191,6 +192,10 @@ def main() -> int:
         density = index.densities(key)
         examples = interpretable(index, key) if folder is not None else []
         db_mb = db.stat().st_size / 2**20
+        if args.keep:
+            import shutil
+
+            shutil.copyfile(db, args.keep)
 
     result = {
         "sae": key,

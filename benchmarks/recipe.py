@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from gemmascope.activations import ActivationStore, harvest
+from gemmascope.evals import norm_limit
 from gemmascope.formats import load_sae
 from gemmascope.models import load_model, parse_site
 from gemmascope.sae import SAE
@@ -50,7 +51,11 @@ def heldout_activations(run_dir: Path, site: str) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
-    """L0 and FVU (Σ‖x − x̂‖² / Σ‖x − mean x‖²) of an SAE on raw activations `x [tokens, d_in]`."""
+    """L0 and FVU (Σ‖x − x̂‖² / Σ‖x − mean x‖²) of an SAE on raw activations `x [tokens, d_in]`,
+    without the massive-activation tokens its training left out (`evals.norm_limit`), as evals do."""
+    limit = norm_limit(sae)
+    if limit is not None:
+        x = x[x.norm(dim=-1) <= limit]
     l0 = sq_err = 0.0
     for start in range(0, len(x), chunk):
         xb = x[start : start + chunk]
@@ -58,7 +63,7 @@ def measure(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
         l0 += float((f > 0).sum())
         sq_err += float((xb - sae.decode(f)).pow(2).sum())
     sq_dev = float((x - x.mean(0)).pow(2).sum())
-    return {"l0": l0 / len(x), "fvu": sq_err / sq_dev}
+    return {"l0": l0 / len(x), "fvu": sq_err / sq_dev, "tokens": len(x)}
 
 
 def describe(folder: Path, x: torch.Tensor) -> dict[str, Any]:
@@ -136,6 +141,9 @@ def main() -> None:
     p.add_argument("--heldout-tokens", type=int, default=16_384)
     p.add_argument("--l0-coeffs", default="3e-4,1e-3,3e-3", help="JumpReLU lambdas")
     p.add_argument("--match", type=int, default=1, help="index of the lambda whose L0 the TopK SAE matches")
+    p.add_argument(
+        "--k", type=int, help="TopK's k and the target L0 (default: the matched SAE's held-out L0)"
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
@@ -172,7 +180,7 @@ def main() -> None:
     print(json.dumps(jumprelu, indent=1))
 
     t = time.time()
-    k = max(1, round(jumprelu[args.match]["heldout"]["l0"]))
+    k = args.k or max(1, round(jumprelu[args.match]["heldout"]["l0"]))
     config.name = f"topk_k{k}"
     phase2 = [TrainSpec(site, args.width, "topk", k=k), TrainSpec(site, args.width, target_l0=k)]
     topk_dir, target_dir = train_saes(run_dir, phase2, train_tokens, config)
@@ -194,7 +202,7 @@ def main() -> None:
         "epochs": load_sae(jump_dirs[0]).cfg.extra["epochs"],
         "settings": {
             "batch_size": config.batch_size,
-            "lr": config.lr,
+            "lr": load_sae(jump_dirs[0]).cfg.extra["lr"],
             "lr_warmup_steps": load_sae(jump_dirs[0]).cfg.extra["lr_warmup_steps"],
             "l0_warmup_steps": load_sae(jump_dirs[0]).cfg.extra["l0_warmup_steps"],
             "bandwidth": config.bandwidth,

@@ -14,7 +14,7 @@ import torch
 from gemmascope import evals
 from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError, CorpusError
-from gemmascope.models import LanguageModel, Site
+from gemmascope.models import LanguageModel, Site, capture, parse_site
 from gemmascope.sae import SAE, JumpReLUSAE, SAEConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +199,28 @@ def test_identity_sae_scores_perfectly_and_zero_sae_recovers_nothing(tiny_model:
     alone = evals.evaluate_tokens(tiny_model, {"random": saes["random"]}, ids, min_tokens=32)[0]
     assert evals.summary(alone) == pytest.approx(rand)
     assert len(results["random"]["fvu_by_position"]) == 32 and results["random"]["fvu_by_position"][0] is None
+
+
+def test_positions_above_the_training_norm_limit_are_left_out(tiny_model: LanguageModel) -> None:
+    """An SAE trained without Gemma 3's massive-activation tokens (cfg max_scaled_norm x scale) is not
+    scored or spliced on them: they are left out as BOS is."""
+    ids = eval_rows(tiny_model, rows=2, context_len=32)
+    site = parse_site("resid_post.2")
+    x = capture(tiny_model, ids, [site])[site]  # [rows, T, d]
+    keep = ~special_mask(ids, tiny_model.special_token_ids)
+    norms = x.norm(dim=-1)[keep]
+    limit = float(norms.median())
+    zero = zero_sae("resid_post.2", 64)
+    zero.cfg.extra.update({"max_scaled_norm": 2.0, "scale": limit / 2.0})
+    assert evals.norm_limit(zero) == pytest.approx(limit)
+    metrics = evals.evaluate_tokens(tiny_model, {"zero": zero}, ids, min_tokens=8)[0]["eval_result_metrics"]
+    above = int((norms > limit).sum())
+    assert 0 < above < len(norms)
+    assert metrics["gemmascope"]["n_massive_tokens_excluded"] == above
+    assert metrics["gemmascope"]["n_tokens"] == len(norms) - above
+    # the kept positions are those at or below the limit: the zero SAE's error there is their sum of squares
+    kept = x[keep][norms <= limit]
+    assert metrics["reconstruction_quality"]["mse"] == pytest.approx(float(kept.pow(2).mean()), rel=1e-4)
 
 
 def test_evaluate_reads_heldout_text_and_names_fields_as_saebench(tiny_model: LanguageModel) -> None:

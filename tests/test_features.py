@@ -342,6 +342,29 @@ def test_top_features_hide_bos_and_match_the_encoder(
     assert not shown & set(densities.nonzero().squeeze(1).tolist())
 
 
+def test_positions_above_the_training_norm_limit_show_no_features(
+    tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE]
+) -> None:
+    """Inputs like those the SAE's training left out (Gemma 3's massive activations, cfg
+    max_scaled_norm x scale) get no features, as BOS does; the others are unchanged."""
+    sae = saes["resid_post.1.w96"]
+    text = "The cat sat on the mat in Paris."
+    ids = tiny_model.to_tokens(text)
+    site = Site("resid_post", 1)
+    x = capture(tiny_model, ids, [site])[site][0]
+    norms = x[1:].norm(dim=-1)
+    limit = float(norms.median())
+    plain = top_features(tiny_model, sae, text, k=3, densities=None)
+    limited = JumpReLUSAE(
+        SAEConfig(**{**sae.cfg.__dict__, "extra": {"max_scaled_norm": 2.0, "scale": limit / 2}})
+    )
+    limited.load_state_dict(sae.state_dict())
+    rows = top_features(tiny_model, limited, text, k=3, densities=None)
+    for r, p, n in zip(rows, plain, norms, strict=True):
+        assert r["features"] == ([] if n > limit else p["features"])
+    assert any(n > limit for n in norms) and any(r["features"] for r in rows)
+
+
 def test_search_text_ranks_latents_by_their_max_on_the_text_or_token(
     tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE]
 ) -> None:

@@ -431,6 +431,16 @@ def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: py
     assert not (run_dir / "saes").exists()
 
 
+def test_default_learning_rate_follows_the_run_length(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short runs take SHORT_RUN's lr; runs longer than long_run_steps the lower, stable lr_long."""
+    spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
+    [short] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
+    assert load_sae(short).cfg.extra["lr"] == train_module.SHORT_RUN["lr"]
+    monkeypatch.setitem(train_module.SHORT_RUN, "long_run_steps", 4)
+    [long] = train_saes(run_dir, [TrainSpec(SITE, 48, l0_coeff=1e-3)], 1024, small_config(), progress=False)
+    assert load_sae(long).cfg.extra["lr"] == train_module.SHORT_RUN["lr_long"]
+
+
 def test_massive_activation_tokens_are_left_out_of_training(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

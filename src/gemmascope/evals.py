@@ -32,7 +32,7 @@ from tqdm import tqdm
 from gemmascope.corpus import load_corpus, pack, special_mask
 from gemmascope.errors import ConfigError, CorpusError
 from gemmascope.models import LanguageModel, Site, capture, edit_site, parse_site, site_d_in
-from gemmascope.sae import SAE
+from gemmascope.sae import SAE, norm_limit
 
 MIN_EVAL_TOKENS = 1024  # fewer non-special tokens than this and dead/dense/CE numbers mean little
 DENSE_DENSITY = 0.1  # a latent firing on more than 10% of tokens is dense (Gemma Scope 2)
@@ -344,6 +344,7 @@ def evaluate_tokens(
     ablation_stats = {site: NextTokenStats() for site in unique_sites}
     sae_stats = {sae_id: NextTokenStats() for sae_id in named}
     n_batches = math.ceil(rows / batch_size)
+    n_massive = 0
     passes = 1 + len(unique_sites) + len(named)
 
     with torch.no_grad():
@@ -354,6 +355,11 @@ def evaluate_tokens(
             targets = ids[:, 1:][predict]
 
             acts, clean_logits = _clean_pass(model, ids, unique_sites)
+            massive = _massive(acts, named, sites)  # [B, T] left out as BOS is (see norm_limit)
+            n_massive += int((keep & massive).sum())
+            keep = keep & ~massive
+            predict = keep[:, :-1] & keep[:, 1:]
+            targets = ids[:, 1:][predict]
             clean = CleanDistribution(clean_logits[:, :-1][predict])
             del clean_logits
             clean_stats.update(*clean.compare(clean.logits, targets))
@@ -399,7 +405,7 @@ def evaluate_tokens(
             "sparsity": {"l0": rec["l0"], "l1": rec["l1"]},
             "token_stats": {
                 "total_tokens_eval_reconstruction": clean_stats.n,
-                "total_tokens_eval_sparsity_variance": n_eval,
+                "total_tokens_eval_sparsity_variance": n_eval - n_massive,
             },
             "misc_metrics": {
                 k: rec[k] for k in ("freq_over_1_percent", "freq_over_10_percent", "frac_alive")
@@ -409,7 +415,8 @@ def evaluate_tokens(
                 "delta_lm_loss": spliced.ce - clean_stats.ce,
                 "frac_dead": rec["frac_dead"],
                 "frac_dense": rec["frac_dense"],
-                "n_tokens": n_eval,
+                "n_tokens": n_eval - n_massive,
+                "n_massive_tokens_excluded": n_massive,
                 "n_predictions": clean_stats.n,
             },
         }
@@ -442,6 +449,17 @@ def evaluate_tokens(
             }
         )
     return results
+
+
+def _massive(acts: Mapping[Site, Tensor], named: Mapping[str, SAE], sites: Mapping[str, Site]) -> Tensor:
+    """`[B, T]` bool: positions where some SAE's input norm exceeds its `norm_limit`."""
+    first = next(iter(acts.values()))
+    out = torch.zeros(first.shape[:2], dtype=torch.bool, device=first.device)
+    for sae_id, sae in named.items():
+        limit = norm_limit(sae)
+        if limit is not None:
+            out |= acts[sites[sae_id]].norm(dim=-1) > limit
+    return out
 
 
 def _dtype(sae: SAE) -> torch.dtype:

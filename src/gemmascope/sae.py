@@ -225,3 +225,13 @@ def step(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     the threshold only (rectangle-kernel pseudo-derivative); summed over latents it is the L0."""
     out: Tensor = _Step.apply(pre_acts, threshold, bandwidth)
     return out
+
+
+def norm_limit(sae: SAE) -> float | None:
+    """The raw input norm above which the SAE's training left tokens out (`max_scaled_norm` x the
+    scale C in its cfg, set by training: Gemma 3's massive activations, see train.MAX_SCALED_NORM),
+    or None. Evaluation, splicing and the feature index leave such positions out as they do BOS."""
+    extra = sae.cfg.extra
+    if extra.get("max_scaled_norm") is None or extra.get("scale") is None:
+        return None
+    return float(extra["max_scaled_norm"]) * float(extra["scale"])

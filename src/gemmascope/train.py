@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -71,7 +72,12 @@ THRESHOLD_FLOOR = 1e-6
 # run and would round to nothing here, so lr warms up over 5% of the steps and lambda over 20%,
 # never longer than the published step counts.
 SHORT_RUN: dict[str, Any] = {
+    # Default learning rate by run length (measured on Gemma 3 270M resid_post.6, batch 256, see
+    # BENCHMARKS.md): 3e-3 converges in a few hundred steps but diverges (FVU > 1) after about 2,000;
+    # 5e-4 is stable over 7,812 steps. Runs longer than `long_run_steps` take `lr_long`.
     "lr": 3e-3,
+    "lr_long": 5e-4,
+    "long_run_steps": 1500,
     "batch_size": 256,
     "lr_warmup_fraction": 0.05,
     "l0_warmup_fraction": 0.2,
@@ -131,7 +137,7 @@ class TrainConfig:
     to the run length (see SHORT_RUN); the values used are recorded in each SAE's `cfg.extra`."""
 
     batch_size: int = SHORT_RUN["batch_size"]
-    lr: float = SHORT_RUN["lr"]
+    lr: float | None = None  # None: SHORT_RUN's lr for runs up to long_run_steps, lr_long beyond
     lr_warmup_steps: int | None = None
     l0_warmup_steps: int | None = None
     bandwidth: float = BANDWIDTH
@@ -341,6 +347,9 @@ def train_saes(
     store = ActivationStore(run_dir)
     specs = [_checked_spec(spec, store) for spec in specs]
     plan = _plan(store, specs, tokens, cfg)
+    if cfg.lr is None:
+        long_run = plan["steps"] > SHORT_RUN["long_run_steps"]
+        cfg = dataclasses.replace(cfg, lr=SHORT_RUN["lr_long"] if long_run else SHORT_RUN["lr"])
     par = _Parallel.start(cfg, specs, store)  # one process unless torchrun started several
     terms = par.share_terms(_terms_fn(cfg.fast))
     key = par.key(_run_key(store, specs, tokens, cfg))
@@ -469,7 +478,7 @@ def _plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Trai
         )
     if cfg.batch_size < 1:
         raise ConfigError(f"batch size {cfg.batch_size} must be at least 1")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate {cfg.lr!r} must be a finite number > 0")
     if not (math.isfinite(cfg.bandwidth) and cfg.bandwidth > 0):
         raise ConfigError(f"bandwidth {cfg.bandwidth!r} must be a finite number > 0")
@@ -547,6 +556,7 @@ def _new_trainee(
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
     sae = init_sae(build_sae(sae_cfg), generator, cfg.threshold_init).to(device or "cpu")
     lr = spec.lr if spec.lr is not None else cfg.lr
+    assert lr is not None, "train_saes resolves the run's learning rate first"
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     return _Trainee(
         spec=spec,

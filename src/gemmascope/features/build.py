@@ -52,7 +52,7 @@ from gemmascope.features.stream import (
     top_correlations,
 )
 from gemmascope.models import LanguageModel, Site, capture, parse_site, site_d_in
-from gemmascope.sae import SAE
+from gemmascope.sae import SAE, norm_limit
 
 LOGIT_K = 10
 N_NEIGHBOURS = 10
@@ -154,6 +154,9 @@ class _SiteActivations:
 def _encode(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
     """`[rows, ctx, d_sae]` latent activations of site activations `x [rows, ctx, d_in]`, zero at
     special positions (`keep [rows, ctx]` False there)."""
+    limit = norm_limit(sae)
+    if limit is not None:  # inputs like those training left out (Gemma 3's massive activations)
+        keep = keep & (x.norm(dim=-1) <= limit).to(keep.device)
     with torch.no_grad():
         acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float()
     return acts * keep.to(acts.device)[..., None]

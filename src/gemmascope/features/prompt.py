@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel, capture, parse_site
-from gemmascope.sae import SAE
+from gemmascope.sae import SAE, norm_limit
 
 MAX_PROMPT_TOKENS = 1024
 
@@ -35,6 +35,9 @@ def encode_text(
     x = capture(model, ids, [site])[site][0]
     with torch.no_grad():
         acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu()
+    limit = norm_limit(sae)
+    if limit is not None:  # inputs like those training left out (Gemma 3's massive activations)
+        acts[x.norm(dim=-1).cpu() > limit] = 0.0
     return ids[0].tolist(), acts
 
 
