@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--steer-prompt", default=STEER_PROMPT)
     parser.add_argument(
+        "--strength-fraction", type=float, default=0.15, help="of the feature's max activation"
+    )
+    parser.add_argument(
         "--search", default=PROMPT, help="text for the search page (searched at --focus-token)"
     )
     parser.add_argument("--sae", default=None, help="SAE id to show (default: the run's first)")
@@ -89,6 +92,11 @@ def main() -> None:
         page.click("#steer-with")
         page.wait_for_selector(".feature-row")
         page.fill("#prompt", args.steer_prompt)
+        # Strength: a fraction of the feature's max activation (the placeholder shows it), as README
+        # advises; the default, the whole max activation, is strong on this model.
+        page.wait_for_function("document.querySelector('.strength').placeholder.startsWith('max act ')")
+        max_act = float(page.locator(".strength").first.get_attribute("placeholder").split()[-1])  # type: ignore[union-attr]
+        page.fill(".strength", f"{args.strength_fraction * max_act:.1f}")
         timed("steer", lambda: (page.click("#steer"), page.wait_for_selector("#outputs:not([hidden])")))
         shot("steer")
 

@@ -15,6 +15,7 @@ from gemmascope.models import (
     load_model,
     parse_site,
     site_d_in,
+    token_texts,
     transcoder_sites,
 )
 
@@ -162,3 +163,21 @@ def test_real_capture_equals_plain_forward_hooks(real_model: LanguageModel) -> N
     want = _plain_hooks(real_model, ids, sites)
     for site in sites:
         torch.testing.assert_close(got[site], want[site], rtol=0, atol=0)
+
+
+def test_token_texts_join_characters_split_over_byte_tokens(tiny_model: LanguageModel) -> None:
+    """A narrow no-break space is three byte-fallback tokens, each "\ufffd" alone: its text goes on
+    the last of them; every other token keeps its own text, and the texts join to the text."""
+    text = "1,855,000\u202fkm2 café"
+    ids = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    alone = [tiny_model.tokenizer.decode([i]) for i in ids]
+    assert alone.count("\ufffd") == 3  # the premise: three byte tokens
+    texts = token_texts(tiny_model.tokenizer, ids)
+    first = alone.index("\ufffd")
+    assert texts[first : first + 3] == ["", "", "\u202f"]
+    assert [t for j, t in enumerate(texts) if not first <= j < first + 3] == [
+        t for j, t in enumerate(alone) if not first <= j < first + 3
+    ]
+    assert "".join(texts) == text
+    # A character cut off at the end of a window stays as it was.
+    assert token_texts(tiny_model.tokenizer, ids[: first + 2]) == alone[: first + 2]

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +87,32 @@ class LanguageModel:
         if prepend_bos:
             ids = [self.tokenizer.bos_token_id, *ids]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+
+REPLACEMENT_CHAR = "\ufffd"
+MAX_CHAR_BYTES = 4  # a UTF-8 character spans at most 4 byte tokens
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int], decoded: Mapping[int, str] | None = None) -> list[str]:
+    """Each token's text as pages and the microscope show it: the token decoded alone, except where
+    a character is split over byte-fallback tokens (each alone decodes to U+FFFD): the character
+    goes on the last of its tokens, where the model has read all of it, and the others get "".
+    `decoded`: single-token texts already known, by id."""
+    texts = [decoded[i] if decoded is not None and i in decoded else str(tokenizer.decode([i])) for i in ids]
+    k = 0
+    while k < len(texts):
+        if REPLACEMENT_CHAR not in texts[k]:
+            k += 1
+            continue
+        for end in range(k + 2, min(len(ids), k + MAX_CHAR_BYTES) + 1):
+            joined = str(tokenizer.decode(list(ids[k:end])))
+            if REPLACEMENT_CHAR not in joined:
+                texts[k:end] = [""] * (end - k - 1) + [joined]
+                k = end
+                break
+        else:
+            k += 1
+    return texts
 
 
 def decoder_layers(hf: nn.Module) -> nn.ModuleList:

@@ -332,7 +332,10 @@ def _build(
         index.write_null_windows(
             sid,
             (
-                (window_tokens(rows, c, decode, model.special_token_ids), null_latents[sid][c].numpy())
+                (
+                    window_tokens(rows, c, decode, model.special_token_ids, model.tokenizer),
+                    null_latents[sid][c].numpy(),
+                )
                 for c in centres.tolist()
                 if c in null_latents[sid]
             ),

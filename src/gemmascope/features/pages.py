@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.features.stream import Pass1Stats, Pass2Stats
-from gemmascope.models import LanguageModel
+from gemmascope.models import LanguageModel, token_texts
 
 TOP_K = 20  # top activating windows per latent
 WINDOW = 8  # tokens each side of the activating one
@@ -48,12 +48,14 @@ def trim_bounds(rows: Tensor, token: Tensor, special: set[int]) -> tuple[Tensor,
     return left_stops + 1, right_stops - 1
 
 
-def window_tokens(rows: Tensor, centre: int, decode: dict[int, str], special: set[int]) -> list[str]:
+def window_tokens(
+    rows: Tensor, centre: int, decode: dict[int, str], special: set[int], tokenizer: Any
+) -> list[str]:
     """The tokens of the window around flat token index `centre`, trimmed to its document."""
     ctx = rows.shape[1]
     row, pos = centre // ctx, centre % ctx
     lo, hi = trim_bounds(rows, torch.tensor([centre]), special)
-    return [decode[int(i)] for i in rows[row, pos + int(lo) : pos + int(hi) + 1].tolist()]
+    return token_texts(tokenizer, rows[row, pos + int(lo) : pos + int(hi) + 1].tolist(), decode)
 
 
 def _round_decimals(max_act: float) -> int:
@@ -70,6 +72,7 @@ def _examples(
     decode: dict[int, str],
     special: set[int],
     decimals: Tensor,
+    tokenizer: Any,
 ) -> list[list[dict[str, Any]]]:
     """Windows `{tokens, acts, focus}` for entries `token [g, k]` (-1 empty) with activations
     `payload [g, k, 2 * WINDOW + 1]`, per group, strongest first; acts rounded per group."""
@@ -90,7 +93,9 @@ def _examples(
         acts = np.round(
             flat_payload[j, WINDOW + a : WINDOW + b + 1].double().numpy(), int(decimals[grp])
         ).tolist()
-        out[grp].append({"tokens": [decode[i] for i in ids], "acts": acts, "focus": -a, "value": acts[-a]})
+        out[grp].append(
+            {"tokens": token_texts(tokenizer, ids, decode), "acts": acts, "focus": -a, "value": acts[-a]}
+        )
     for examples in out:
         examples.sort(key=lambda e: -e["value"])
     return out
@@ -116,7 +121,13 @@ def feature_pages(
     max_act = p1.max_act[start:stop].cpu()
     decimals = torch.tensor([_round_decimals(float(m)) for m in max_act.tolist()])
     top = _examples(
-        rows, p1.top.token[start:stop].cpu(), p1.top.payload[start:stop].cpu(), decode, special, decimals
+        rows,
+        p1.top.token[start:stop].cpu(),
+        p1.top.payload[start:stop].cpu(),
+        decode,
+        special,
+        decimals,
+        model.tokenizer,
     )
     g0, g1 = start * N_INTERVALS, stop * N_INTERVALS
     samples = _examples(
@@ -126,6 +137,7 @@ def feature_pages(
         decode,
         special,
         decimals.repeat_interleave(N_INTERVALS),
+        model.tokenizer,
     )
     lo, hi = p2.lo[start:stop].cpu().tolist(), p2.hi[start:stop].cpu().tolist()
     per = N_BINS // N_INTERVALS

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
-from gemmascope.models import LanguageModel, capture, parse_site
+from gemmascope.models import LanguageModel, capture, parse_site, token_texts
 from gemmascope.sae import SAE, norm_limit
 
 MAX_PROMPT_TOKENS = 1024
@@ -67,6 +67,7 @@ def top_features(
     ids, acts = encode_text(model, sae, text)
     acts = _visible(acts, densities, hide_dense)
     values, latents = acts.topk(min(k, acts.shape[1]), dim=1)
+    texts = token_texts(model.tokenizer, ids)
     out = []
     for pos in range(1, len(ids)):
         feats = [
@@ -77,7 +78,7 @@ def top_features(
         out.append(
             {
                 "position": pos,
-                "token": model.tokenizer.decode([ids[pos]]),
+                "token": texts[pos],
                 "token_id": ids[pos],
                 "features": feats,
             }
@@ -102,7 +103,7 @@ def search_text(
         raise ConfigError(f"search limit {limit} must be at least 1")
     ids, acts = encode_text(model, sae, text)
     acts = _visible(acts, densities, hide_dense)
-    strings = [model.tokenizer.decode([i]) for i in ids]
+    strings = token_texts(model.tokenizer, ids)
     positions = list(range(1, len(ids)))
     if token is not None:
         if isinstance(token, int):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.models import LanguageModel, capture, load_model, parse_site
+from gemmascope.models import LanguageModel, capture, load_model, parse_site, token_texts
 from gemmascope.sae import SAE
 from gemmascope.steer import sae_site
 
@@ -198,7 +198,7 @@ class Run:
         return [int(self.model.tokenizer.bos_token_id), *ids]
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        return [str(self.model.tokenizer.decode([i])) for i in ids]
+        return token_texts(self.model.tokenizer, ids)
 
     def strength_limit(self, max_activation: float | None) -> float:
         if max_activation is not None and math.isfinite(max_activation) and max_activation > 0:
