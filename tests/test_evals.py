@@ -213,8 +213,10 @@ def test_positions_above_the_training_norm_limit_are_left_out(tiny_model: Langua
     zero = zero_sae("resid_post.2", 64)
     zero.cfg.extra.update({"max_scaled_norm": 2.0, "scale": limit / 2.0})
     assert evals.norm_limit(zero) == pytest.approx(limit)
-    metrics = evals.evaluate_tokens(tiny_model, {"zero": zero}, ids, min_tokens=8)[0]["eval_result_metrics"]
+    result = evals.evaluate_tokens(tiny_model, {"zero": zero}, ids, min_tokens=8)[0]
+    metrics = result["eval_result_metrics"]
     above = int((norms > limit).sum())
+    assert f"BOS/EOS/pad and {above} massive-activation tokens excluded" in evals.format_table([result])
     assert 0 < above < len(norms)
     assert metrics["gemmascope"]["n_massive_tokens_excluded"] == above
     assert metrics["gemmascope"]["n_tokens"] == len(norms) - above

@@ -542,6 +542,7 @@ def summary(result: Mapping[str, Any]) -> dict[str, Any]:
         "frac_dead": m["gemmascope"]["frac_dead"],
         "frac_dense": m["gemmascope"]["frac_dense"],
         "n_tokens": m["gemmascope"]["n_tokens"],
+        "n_massive_tokens_excluded": m["gemmascope"].get("n_massive_tokens_excluded", 0),
     }
     probing = result.get("sparse_probing")
     if probing:
@@ -716,7 +717,9 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
         for row in lines
     ]
     n = rows[0]["n_tokens"] if rows else 0
-    return "\n".join(text) + f"\n({n} held-out tokens per SAE; BOS/EOS/pad excluded)"
+    massive = max((int(r.get("n_massive_tokens_excluded") or 0) for r in rows), default=0)
+    left_out = f" and {massive} massive-activation tokens" if massive else ""
+    return "\n".join(text) + f"\n({n} held-out tokens per SAE; BOS/EOS/pad{left_out} excluded)"
 
 
 def _fmt(value: Any, digits: int) -> str:
