@@ -154,6 +154,21 @@ def test_microscope_shows_errors_from_the_server(page: Any, base_url: str) -> No
     no_js_errors(page, allowed=("status of 400",))  # the browser logs the failed fetch itself
 
 
+def test_microscope_shows_a_character_split_over_byte_tokens_once(page: Any, base_url: str) -> None:
+    """A narrow no-break space is three byte tokens: the character shows whole on the last, the
+    other two are slivers that still carry their activations (hover titles), and nothing is garbled."""
+    text = "1,855,000\u202fkm2 of land"
+    page.goto(base_url + "/")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#prompt", text)
+    page.click("#run")
+    page.wait_for_selector("#tokens .tok")
+    assert "".join(page.locator("#tokens .tok").all_text_contents()) == text
+    assert page.locator("#tokens .tok.part").count() == 2
+    assert "\ufffd" not in page.inner_text("#tokens")
+    no_js_errors(page)
+
+
 def test_search_page(page: Any, base_url: str) -> None:
     page.goto(base_url + "/search")
     page.wait_for_selector("#sae option", state="attached")

@@ -77,7 +77,9 @@ GS.renderTokens = function (tokens, values, opts) {
   tokens.forEach((t, i) => {
     if (opts.skipFirst && i === 0) return;
     const v = values ? values[i] : 0;
-    const span = GS.el("span", {class: "tok" + (i === opts.hot ? " hot" : ""), "data-i": i}, GS.tokenText(t, opts.inline));
+    // "" is a byte token whose character is shown on the last of its bytes: a sliver keeps it visible.
+    const cls = "tok" + (t === "" ? " part" : "") + (i === opts.hot ? " hot" : "");
+    const span = GS.el("span", {class: cls, "data-i": i}, GS.tokenText(t, opts.inline));
     const bg = GS.shade(v, max);
     if (bg) span.style.background = bg;
     span.title = opts.title ? opts.title(i) : `${JSON.stringify(t)}: ${GS.fmt(v)}`;
