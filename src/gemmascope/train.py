@@ -872,6 +872,7 @@ class _Parallel:
         self.data = mode == "data" and world > 1  # ranks split each batch
         self.spread = mode == "sae" and world > 1  # ranks split the SAEs
         self.mine: list[int] = []
+        self.owns_group = False  # whether `start` joined the process group (and `finish` leaves it)
 
     @classmethod
     def start(cls, cfg: TrainConfig, specs: list[TrainSpec], store: ActivationStore) -> _Parallel:
@@ -883,14 +884,16 @@ class _Parallel:
             raise ConfigError(f"unknown parallel mode {cfg.parallel!r}: expected one of {PARALLEL_MODES}")
         device = _training_device(cfg.device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if dist.is_available() and dist.is_initialized():
+        started = dist.is_available() and dist.is_initialized()
+        if started:
             world = dist.get_world_size()
         elif world > 1:
             if not dist.is_available():
                 raise ConfigError(f"WORLD_SIZE is {world} but this PyTorch has no torch.distributed")
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            atexit.register(dist.destroy_process_group)
+            atexit.register(dist.destroy_process_group)  # if the run fails before `finish`
         par = cls(cfg.parallel, dist.get_rank() if world > 1 else 0, world, device)
+        par.owns_group = world > 1 and not started
         if par.data:
             if cfg.batch_size % world:
                 raise ConfigError(
@@ -1007,22 +1010,32 @@ class _Parallel:
         return self._all_reduce(tensor.float()) if self.data else tensor
 
     def finish(self, outputs: list[Path], n_specs: int) -> list[Path]:
-        """Every SAE folder of the run, in the order of the specs, on every rank."""
-        if self.world == 1 or not (self.data or self.spread):
+        """Every SAE folder of the run, in the order of the specs, on every rank; then leave the
+        process group if `start` joined it."""
+        if self.world == 1:
             return outputs
         import torch.distributed as dist
 
         if self.data:
             shared: list[Any] = [outputs]
             dist.broadcast_object_list(shared, src=0)
-            return list(shared[0])
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, (self.mine, [str(p) for p in outputs]))
-        folders: list[Path | None] = [None] * n_specs
-        for indices, paths in parts:
-            for i, p in zip(indices, paths, strict=True):
-                folders[i] = Path(p)
-        return [p for p in folders if p is not None]
+            folders = [Path(p) for p in shared[0]]
+        else:
+            parts: list[Any] = [None] * self.world
+            dist.all_gather_object(parts, (self.mine, [str(p) for p in outputs]))
+            by_spec: list[Path | None] = [None] * n_specs
+            for indices, paths in parts:
+                for i, p in zip(indices, paths, strict=True):
+                    by_spec[i] = Path(p)
+            folders = [p for p in by_spec if p is not None]
+        if self.owns_group:
+            # Leave together: a rank tearing down its group while another still talks to it can
+            # abort that one at exit ("terminate called without an active exception").
+            dist.barrier()
+            dist.destroy_process_group()
+            atexit.unregister(dist.destroy_process_group)
+            self.owns_group = False
+        return folders
 
 
 def _spread(specs: list[TrainSpec], store: ActivationStore, world: int) -> list[list[int]]:
