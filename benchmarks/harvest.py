@@ -84,10 +84,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from gemmascope import activations
+    from gemmascope import sites
     from gemmascope.activations import harvest
     from gemmascope.corpus import load_corpus, pack
-    from gemmascope.models import BUNDLED_MODEL, Site, convert_bundled_gemma, load_model
+    from gemmascope.models import BUNDLED_MODEL, convert_bundled_gemma, load_model
+    from gemmascope.sites import Site
 
     results: dict[str, Any] = {
         "model": BUNDLED_MODEL,
@@ -159,7 +160,7 @@ def main() -> None:
     # Time spent inside the forward passes of a harvest, measured in the same run as the harvest
     # itself: their ratio is the model's share of harvest time, robust to a machine shared with others.
     in_forward = [0.0]
-    plain_capture = activations.capture
+    plain_capture = sites.capture  # harvest's batches (sites.capture_batches) call it
 
     def timed_capture(*a: Any, **kw: Any) -> Any:
         start = time.perf_counter()
@@ -168,7 +169,7 @@ def main() -> None:
         finally:
             in_forward[0] += time.perf_counter() - start
 
-    activations.capture = timed_capture  # type: ignore[assignment]
+    sites.capture = timed_capture  # type: ignore[assignment]
     forward_share: dict[str, list[float]] = {"harvest_1_site": [], "harvest_3_sites": []}
 
     bare_forward()  # warm-up: first-call allocations and lazy inits

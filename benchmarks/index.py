@@ -78,8 +78,8 @@ def find_trained_sae(width: int, layer: int) -> Path | None:
 def fresh_sae(model: Any, width: int, layer: int, l0: int, seed: int) -> Any:
     """Gemma Scope init with thresholds at each latent's (1 - l0/width) pre-activation quantile."""
     from gemmascope.corpus import load_corpus, pack
-    from gemmascope.models import Site, capture
     from gemmascope.sae import JumpReLUSAE, SAEConfig
+    from gemmascope.sites import Site, capture
 
     d_in = model.d_model
     g = torch.Generator().manual_seed(seed)
@@ -153,10 +153,11 @@ def main() -> int:
     parser.add_argument("--keep", help="copy the built features.sqlite here (default: discard it)")
     args = parser.parse_args()
 
+    from gemmascope.corpus import token_rows
     from gemmascope.features import FeatureIndex, build_index
-    from gemmascope.features.build import index_rows
     from gemmascope.formats import load_sae, sae_id
-    from gemmascope.models import Site, capture, load_model
+    from gemmascope.models import load_model
+    from gemmascope.sites import Site, capture
 
     t0 = time.perf_counter()
     model = load_model("gemma-3-270m")
@@ -172,7 +173,7 @@ def main() -> int:
 
     forward: dict[str, Any] = {}
     if not args.no_forward:
-        rows = index_rows(model, args.tokens, "wiki", "heldout", 128)
+        rows = token_rows(model.tokenizer, args.tokens, "wiki", "heldout", 128)
         site = Site("resid_post", args.layer)
         start = time.perf_counter()
         for i in range(0, len(rows), args.batch_rows):

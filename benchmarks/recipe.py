@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from gemmascope.activations import ActivationStore, harvest
-from gemmascope.evals import norm_limit
 from gemmascope.formats import load_sae
-from gemmascope.models import load_model, parse_site
-from gemmascope.sae import SAE
+from gemmascope.models import load_model
+from gemmascope.sae import SAE, massive_mask
+from gemmascope.sites import parse_site
 from gemmascope.train import PUBLISHED, TrainConfig, TrainSpec, read_training_log, train_saes
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,10 +52,8 @@ def heldout_activations(run_dir: Path, site: str) -> torch.Tensor:
 @torch.no_grad()
 def measure(sae: SAE, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
     """L0 and FVU (Σ‖x − x̂‖² / Σ‖x − mean x‖²) of an SAE on raw activations `x [tokens, d_in]`,
-    without the massive-activation tokens its training left out (`evals.norm_limit`), as evals do."""
-    limit = norm_limit(sae)
-    if limit is not None:
-        x = x[x.norm(dim=-1) <= limit]
+    without the massive-activation tokens its training left out (`sae.massive_mask`), as evals do."""
+    x = x[~massive_mask(sae, x)]
     l0 = sq_err = 0.0
     for start in range(0, len(x), chunk):
         xb = x[start : start + chunk]

@@ -30,8 +30,10 @@ import torch
 from gemmascope.corpus import load_corpus, pack, special_mask
 from gemmascope.features import FeatureIndex, logit_lens, search_text
 from gemmascope.formats import load_sae, sae_id
-from gemmascope.models import BUNDLED_MODEL, capture, load_model
-from gemmascope.steer import Intervention, generate_pair, logprob_shift, sae_site
+from gemmascope.models import BUNDLED_MODEL, load_model
+from gemmascope.sae import sae_site
+from gemmascope.sites import capture
+from gemmascope.steer import Intervention, generate_pair, logprob_shift
 
 PROMPTS = [
     "I went for a walk this morning and",

@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from gemmascope import activations
-from gemmascope.activations import ActivationStore, harvest
+from gemmascope.activations import ActivationStore, harvest, harvesting
 from gemmascope.corpus import load_corpus, pack, special_mask
 from gemmascope.errors import ConfigError, CorpusError, StoreError
-from gemmascope.models import LanguageModel, Site, capture
+from gemmascope.models import LanguageModel
+from gemmascope.sites import Site, capture
 
 SITES = [Site("resid_post", 1), Site("attn_out", 1), Site("mlp_out", 0)]
 CTX = 32
@@ -241,7 +242,7 @@ def test_harvest_again_is_a_no_op_and_extending_equals_one_run(
     def no_forward(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a complete store must not run the model again")
 
-    monkeypatch.setattr(activations, "capture", no_forward)
+    monkeypatch.setattr(harvesting, "capture_batches", no_forward)
     harvest(tiny_model, SITES[:2], tmp_path / "one", 1024, **SMALL)
     with pytest.raises(StoreError, match="already holds 32 rows"):
         harvest(tiny_model, SITES[:2], tmp_path / "one", 500, **SMALL)
@@ -250,13 +251,15 @@ def test_harvest_again_is_a_no_op_and_extending_equals_one_run(
 _KILLED_HARVEST = """
 import sys, time
 import gemmascope.activations as act
-from gemmascope.models import capture, load_model
+import gemmascope.sites as sites
+from gemmascope.models import load_model
+from gemmascope.sites import capture
 
 def slow_capture(*args, **kwargs):
     time.sleep(0.1)  # slow enough for the test to kill it mid-run
     return capture(*args, **kwargs)
 
-act.capture = slow_capture
+sites.capture = slow_capture  # looked up by sites.capture_batches, which harvest runs
 act.harvest(load_model("tiny-gemma3"), ["resid_post.1", "mlp_out.0"], sys.argv[1], 1024,
             context_len=32, shard_rows=4, batch_rows=2, progress=False)
 """
@@ -373,3 +376,61 @@ def test_real_gemma_harvest_equals_plain_forward_hooks(real_model: LanguageModel
         assert store.manifest(site)["d_in"] == (1024 if site.kind == "attn_out" else 640)
         torch.testing.assert_close(store_acts(store, site), torch.cat(reference[site]), rtol=1e-5, atol=1e-4)
         assert store.scale(site) > 0
+
+
+def test_a_manifest_missing_keys_is_one_clear_error(tiny_model: LanguageModel, tmp_path: Path) -> None:
+    harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
+    path = tmp_path / "activations" / "resid_post" / "layer_1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for broken in (
+        {k: v for k, v in manifest.items() if k not in ("complete", "special_ids")},
+        {**manifest, "shards": [{"file": "shard-00000.safetensors"}]},
+        {**manifest, "shards": "none"},
+    ):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(StoreError, match="manifest .* is damaged: it lacks"):
+            ActivationStore(tmp_path)
+        with pytest.raises(StoreError, match="is damaged"):
+            harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
+
+
+def test_disk_full_during_a_harvest_is_one_error_and_leaves_no_temp_file(
+    tiny_model: LanguageModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from gemmascope import runs
+
+    real_open = open
+
+    def full_disk(path: Any, mode: str = "r", *args: Any) -> Any:
+        f = real_open(path, mode, *args)
+        if "w" in mode and str(path).endswith(".safetensors.tmp") and "00001" in str(path):
+            f.write(b"partial")
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(runs, "open", full_disk, raising=False)
+    with pytest.raises(StoreError, match="No space left on device; free some disk space"):
+        harvest(tiny_model, SITES[:1], tmp_path, 500, **SMALL)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    monkeypatch.undo()
+    store = harvest(tiny_model, SITES[:1], tmp_path, 500, **SMALL)  # resumes from the shard that failed
+    assert store.manifest(SITES[0])["complete"]
+
+
+def test_a_flipped_byte_of_the_right_size_is_caught_when_read(
+    tiny_model: LanguageModel, tmp_path: Path
+) -> None:
+    harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
+    shard = tmp_path / "activations" / "resid_post" / "layer_1" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x40  # inside the activations: the file still parses, only the hash tells
+    shard.write_bytes(bytes(data))
+    activations._VERIFIED.clear()  # a fresh process
+    store = ActivationStore(tmp_path)
+    with pytest.raises(StoreError, match="is damaged: its SHA-256 differs from the manifest's"):
+        next(store.rows(SITES[0]))
+    with pytest.raises(StoreError, match="SHA-256"):
+        next(store.batches([SITES[0]], 16))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from gemmascope.corpus import Document, is_heldout, load_corpus, pack, source_name, special_mask
+from gemmascope.corpus import Document, is_heldout, load_corpus, pack, source_name, special_mask, token_rows
 from gemmascope.errors import ConfigError, CorpusError
 from gemmascope.models import LanguageModel
 
@@ -207,3 +207,19 @@ def test_special_mask_marks_bos_eos_and_pad() -> None:
     ids = torch.tensor([[2, 5, 1, 7], [2, 0, 0, 9]])
     assert special_mask(ids, {0, 1, 2}).tolist() == [[True, False, True, False], [True, True, True, False]]
     assert not special_mask(ids, {99}).any()
+
+
+def test_token_rows_is_pack_of_the_split_with_enough_rows(tmp_path: Path) -> None:
+    text = tmp_path / "words.txt"
+    text.write_text("\n\n".join(f"paragraph {i} has a few words in it" for i in range(10)))
+    docs = load_corpus(str(text), "all")
+    rows = token_rows(WordTokenizer(), 17, str(text), "all", context_len=4)  # ceil(17 / 4) rows
+    assert rows.tolist() == pack(WordTokenizer(), docs, context_len=4, max_rows=5).tolist()
+    # counting only the tokens after BOS: ceil(17 / 3) rows
+    assert len(token_rows(WordTokenizer(), 17, str(text), "all", context_len=4, count_bos=False)) == 6
+    with pytest.raises(CorpusError, match=r"holds \d+ tokens in rows of 4, fewer than the 1,000 asked for"):
+        token_rows(WordTokenizer(), 1000, str(text), "all", context_len=4)
+    fewer = token_rows(WordTokenizer(), 1000, str(text), "all", context_len=4, exact=False)
+    assert fewer.tolist() == pack(WordTokenizer(), docs, context_len=4).tolist()
+    with pytest.raises(ConfigError, match="n_tokens=0"):
+        token_rows(WordTokenizer(), 0, str(text), "all")

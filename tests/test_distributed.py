@@ -1,7 +1,7 @@
-"""`gemmascope train` under torchrun (train.py, `_Parallel`): two CPU processes with gloo on the tiny
-model's activations. Data-parallel must end where one process ends when it trains on the same
-global batches (the two ranks' batches concatenated); SAE-parallel must end exactly where one process
-ends."""
+"""`gemmascope train` under torchrun (train/distributed.py, `Parallel`): two CPU processes with gloo on
+the tiny model's activations. Data-parallel must end where one process ends when it trains on the
+same global batches (the two ranks' batches concatenated); SAE-parallel must end exactly where one
+process ends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for evals.py: each metric on hand-built cases with known answers, the splice on the tiny
+"""Tests for the evals package (core, metrics, probing, report): each metric on hand-built cases with known answers, the splice on the tiny
 model (an exact SAE leaves the forward pass unchanged, a zero SAE equals zero-ablation), bad input,
 the probes, the files and plots, and the real Gemma 3 270M."""
 
@@ -14,8 +14,9 @@ import torch
 from gemmascope import evals
 from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError, CorpusError
-from gemmascope.models import LanguageModel, Site, capture, parse_site
+from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE, JumpReLUSAE, SAEConfig
+from gemmascope.sites import Site, capture, parse_site
 
 # ---------------------------------------------------------------------------------------------
 # Hand-built SAEs
@@ -110,6 +111,76 @@ def test_reconstruction_metrics_known_answers() -> None:
     mean_only = evals.ReconstructionStats(d_sae=4, context_len=8)
     _feed(mean_only, x, torch.zeros_like(x), f)  # x_hat = mean(x) = 0
     assert mean_only.metrics()["fvu"] == pytest.approx(1.0)
+
+
+def test_health_on_hand_built_latents() -> None:
+    # 10 latents on 20 tokens: latent 0 always on, latent 1 on 12 tokens (60%), latent 2 on 4 (20%),
+    # latent 3 on 2 (10%: not over 10%), latent 4 on 1, latents 5..9 never: dead
+    n, d_sae = 20, 10
+    fires = [20, 12, 4, 2, 1, 0, 0, 0, 0, 0]
+    f = torch.zeros(n, d_sae)
+    for j, k in enumerate(fires):
+        f[:k, j] = 1.0 + j
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    stats = evals.ReconstructionStats(d_sae=d_sae, context_len=8)
+    _feed(stats, x, x, f)
+    m = stats.metrics()
+    h = m["health"]
+    l0 = sum(fires) / n  # 39 / 20
+    assert m["l0"] == pytest.approx(l0)
+    assert h["n_tokens"] == n and h["d_sae"] == d_sae
+    assert h["n_dead"] == 5 and h["frac_dead"] == pytest.approx(0.5) == m["frac_dead"]
+    assert h["n_over_50_percent"] == 2 and h["frac_over_50_percent"] == pytest.approx(0.2)
+    assert h["l0_share_over_50_percent"] == pytest.approx((20 + 12) / 39)
+    assert h["n_over_10_percent"] == 3 and h["frac_over_10_percent"] == pytest.approx(0.3) == m["frac_dense"]
+    assert h["l0_share_over_10_percent"] == pytest.approx((20 + 12 + 4) / 39)
+    # degenerate: always-on latents and dense latents carrying most of L0 (dead 50% is not over 50%)
+    assert h["warning"].startswith("SAE looks degenerate: 2 latents fire on over half")
+    assert "carry 92% of L0" in h["warning"] and "never fired" not in h["warning"]
+
+
+def test_health_warning_rule() -> None:
+    def health(density: list[float]) -> dict[str, object]:
+        return evals.health(torch.tensor(density, dtype=torch.float64), n_tokens=1000)
+
+    # healthy: nothing over 50%, the one latent over 10% carries 0.15 / 0.85 < 20% of L0, 1 of 9 dead
+    fine = health([0.15, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0])
+    assert fine["n_over_50_percent"] == 0 and fine["n_dead"] == 1 and fine["n_over_10_percent"] == 1
+    assert fine["l0_share_over_10_percent"] == pytest.approx(0.15 / 0.85) and fine["warning"] is None
+    # two latents over 10% carrying 0.4 / 0.9 of L0: warned
+    dense = health([0.15, 0.1, 0.1, 0.1, 0.1, 0.1, 0.25, 0.0])
+    assert dense["n_over_10_percent"] == 2 and dense["l0_share_over_10_percent"] == pytest.approx(0.4 / 0.9)
+    assert dense["warning"] == "SAE looks degenerate: the 2 latents over 10% density carry 44% of L0"
+    # one latent over 50% is enough
+    assert "1 latents fire on over half" in str(health([0.51] + [0.01] * 99)["warning"])
+    # over half the latents dead, N named
+    dead = health([0.05, 0.05, 0.0, 0.0, 0.0])
+    assert dead["warning"] == "SAE looks degenerate: 60% of latents never fired on 1000 held-out tokens"
+    # all dead: L0 0, shares 0, still warned
+    none = health([0.0, 0.0])
+    assert none["l0_share_over_10_percent"] == 0.0 and "100% of latents never fired" in str(none["warning"])
+
+
+def test_health_in_eval_json_table_and_summary(tiny_model: LanguageModel, tmp_path: Path) -> None:
+    results = evals.evaluate_tokens(
+        tiny_model, {"zero": zero_sae("resid_post.2", 64)}, eval_rows(tiny_model, 2, 32), min_tokens=32
+    )
+    h = results[0]["health"]
+    n = results[0]["eval_result_metrics"]["gemmascope"]["n_tokens"]
+    assert h["n_tokens"] == n and h["n_dead"] == 16 and h["frac_dead"] == 1.0
+    assert h["warning"] == f"SAE looks degenerate: 100% of latents never fired on {n} held-out tokens"
+    data = json.loads(evals.write_eval(tmp_path / "sae", results[0]).read_text())
+    assert data["health"] == h
+    s = evals.summary(data)
+    assert s["n_over_50_percent"] == 0 and s["health_warning"] == h["warning"]
+    table = evals.format_table([data])
+    assert ">50%" in table and "L0>10%" in table
+    assert f"({n} held-out tokens per SAE; dead = never fired on them" in table
+    assert f"! zero: {h['warning']}" in table
+    assert "never fired on" in evals.health_line(data)
+    # an eval.json from before the health block still makes a table
+    old = {k: v for k, v in data.items() if k != "health"}
+    assert evals.summary(old)["health_warning"] is None and "!" not in evals.format_table([old])
 
 
 def test_next_token_metrics_match_a_plain_reference() -> None:

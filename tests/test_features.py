@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemmascope.corpus import special_mask
+from gemmascope.corpus import special_mask, token_rows
 from gemmascope.errors import ConfigError, CorpusError, GemmaScopeError, StoreError
 from gemmascope.features import (
     ChatEndpoint,
@@ -33,11 +33,11 @@ from gemmascope.features import (
     search_text,
     top_features,
 )
-from gemmascope.features.build import index_rows
 from gemmascope.features.pages import WINDOW
 from gemmascope.features.stream import KeepSmallest, Pass1Stats, top_correlations
-from gemmascope.models import LanguageModel, Site, capture
+from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sites import Site, capture
 
 N_TOKENS = 1536  # 12 rows of 128
 CTX = 128
@@ -79,7 +79,7 @@ def built(
 @pytest.fixture(scope="module")
 def brute(tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE]) -> dict[str, Any]:
     """Every latent activation of the index corpus at once (fine at this size): the reference."""
-    rows = index_rows(tiny_model, N_TOKENS, "wiki", "heldout", CTX)
+    rows = token_rows(tiny_model.tokenizer, N_TOKENS, "wiki", "heldout", CTX)
     keep = ~special_mask(rows, tiny_model.special_token_ids)
     out: dict[str, Any] = {"rows": rows, "keep": keep}
     for sid, sae in saes.items():
@@ -646,6 +646,11 @@ def test_a_half_built_index_is_never_served(
         raise RuntimeError("killed mid-build")
 
     monkeypatch.setattr("gemmascope.features.build.decoder_neighbours", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index(tiny_model, {"x": sae}, db, n_tokens=256, progress=False)
+    index = FeatureIndex(db)  # a killed re-build leaves the good index whole
+    assert [s["sae_id"] for s in index.saes()] == ["x"] and index.feature("x", 0)["index"] == 0
+    db = tmp_path / "first.sqlite"  # a killed first build is never served
     with pytest.raises(RuntimeError, match="killed"):
         build_index(tiny_model, {"x": sae}, db, n_tokens=256, progress=False)
     index = FeatureIndex(db)

@@ -385,3 +385,52 @@ def test_convert_command_between_formats(tmp_path: Path, capsys: pytest.CaptureF
     assert_same_weights(load_sae(src), load_sae(tmp_path / "native"))
     assert main(["convert", str(src), str(tmp_path / "native")]) == 2  # never overwrites
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` but the writer lock (which a writer leaves, empty, when it is done)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_convert_overwrite_replaces_only_an_sae_folder_never_src(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = save_sae(random_sae(), tmp_path / "run" / "saes" / "resid_post" / "layer_1" / "width_32" / "l0_5")
+    (src / "eval.json").write_text('{"mine": 1}')
+    report = tmp_path / "report"  # a folder that is not an SAE: `cp -a RUN/report /tmp/x`
+    report.mkdir()
+    (report / "evals.json").write_text("{}")
+    (report / "plot.png").write_bytes(b"png")
+    before = _snapshot(tmp_path)
+    assert main(["convert", "--overwrite", str(src), str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "is not an SAE folder" in err and "evals.json" in err and err.count("\n") == 1
+    assert main(["convert", "--overwrite", str(src), str(src)]) == 2  # onto itself
+    assert "is the source itself" in capsys.readouterr().err
+    assert main(["convert", "--overwrite", str(src), str(src.parent / "." / src.name)]) == 2
+    assert _snapshot(tmp_path) == before  # eval.json and the report untouched
+    other = save_sae(random_sae("relu"), tmp_path / "other")
+    assert main(["convert", "--overwrite", str(src), str(other)]) == 0  # an SAE folder is replaced
+    assert load_sae(other).cfg.architecture == "jumprelu"
+    assert not list(tmp_path.glob("*.old")) and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("to, name", [("npz", "params.npz"), ("safetensors", "params.safetensors")])
+def test_convert_to_a_file_never_overwrites_without_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], to: str, name: str
+) -> None:
+    src = save_sae(random_sae(), tmp_path / "sae")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"someone else's file")
+    assert main(["convert", str(src), str(out), "--to", to]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; refusing to overwrite it (pass --overwrite)" in err
+    assert (out / name).read_bytes() == b"someone else's file"
+    assert main(["convert", str(src), str(out / name), "--to", to, "--overwrite"]) == 0
+    assert_same_weights(load_sae(src), load_sae(out / name))
+    assert sorted(p.name for p in out.iterdir()) == [name]

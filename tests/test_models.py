@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from gemmascope.errors import ConfigError, ModelError
-from gemmascope.models import (
-    LanguageModel,
+from gemmascope.models import LanguageModel, load_model, token_texts
+from gemmascope.sites import (
     Site,
-    all_sites,
     capture,
+    capture_batches,
     edit_site,
-    load_model,
     parse_site,
     site_d_in,
-    token_texts,
     transcoder_sites,
 )
 
@@ -90,7 +88,12 @@ def _plain_hooks(
 
 
 def test_capture_equals_plain_forward_hooks(tiny_model: LanguageModel) -> None:
-    sites = [*all_sites(tiny_model), *transcoder_sites(1)]
+    every = [
+        Site(kind, layer)
+        for layer in range(tiny_model.n_layers)
+        for kind in ("resid_post", "attn_out", "mlp_out")
+    ]
+    sites = [*every, *transcoder_sites(1)]
     ids = torch.randint(3, 1000, (2, 20))
     ids[:, 0] = tiny_model.tokenizer.bos_token_id
     got = capture(tiny_model, ids, sites)
@@ -181,3 +184,33 @@ def test_token_texts_join_characters_split_over_byte_tokens(tiny_model: Language
     assert "".join(texts) == text
     # A character cut off at the end of a window stays as it was.
     assert token_texts(tiny_model.tokenizer, ids[: first + 2]) == alone[: first + 2]
+
+
+def test_capture_with_logits_runs_to_the_end(tiny_model: LanguageModel) -> None:
+    ids = torch.randint(3, 1000, (2, 12))
+    sites = [Site("resid_post", 1), Site("mlp_out", 2)]
+    acts, logits = capture(tiny_model, ids, sites, logits=True)
+    with torch.no_grad():
+        want = tiny_model.hf(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    stopped = capture(tiny_model, ids, sites)
+    for site in sites:
+        torch.testing.assert_close(acts[site], stopped[site], rtol=0, atol=0)
+
+
+def test_capture_batches_walks_rows_in_order_and_cuts_padding(tiny_model: LanguageModel) -> None:
+    rows = torch.randint(3, 1000, (5, 10))
+    site = Site("resid_post", 1)
+    batches = list(capture_batches(tiny_model, rows, [site], 2, start=1, logits=True))
+    assert [(b.start, b.stop) for b in batches] == [(1, 3), (3, 5)]
+    for b in batches:
+        acts, logits = capture(tiny_model, rows[b.start : b.stop], [site], logits=True)
+        assert b.logits is not None and torch.equal(b.logits, logits)
+        assert torch.equal(b.acts[site], acts[site])
+    lengths = [10, 4, 6, 3, 2]
+    mask = (torch.arange(10) < torch.tensor(lengths)[:, None]).long()
+    cut = list(capture_batches(tiny_model, rows, [site], 2, attention_mask=mask))
+    assert [tuple(b.ids.shape) for b in cut] == [(2, 10), (2, 6), (1, 2)]
+    assert cut[1].attention_mask is not None and cut[1].attention_mask.tolist() == mask[2:4, :6].tolist()
+    with pytest.raises(ConfigError, match="batch_rows=0"):
+        next(capture_batches(tiny_model, rows, [site], 0))

@@ -28,11 +28,12 @@ from gemmascope.corpus import load_corpus, pack
 from gemmascope.errors import StoreError
 from gemmascope.features import FeatureIndex, build_index
 from gemmascope.formats import sae_dir, sae_id, save_sae
-from gemmascope.models import LanguageModel, capture, parse_site
+from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig
 from gemmascope.server import app as app_module
 from gemmascope.server import create_app, serving
-from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
+from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_REQUEST_TOKENS
+from gemmascope.sites import capture, parse_site
 from gemmascope.steer import generate_pair
 
 PROMPT = "The Eiffel Tower is in Paris, the capital of France. It was built in 1889."
@@ -143,7 +144,7 @@ def test_health_and_saes_list_the_run(client: TestClient, run_dir: Path) -> None
         data["plots"][0] == "/v1/report/frontier_l0_delta_lm_loss.png"
     )  # UI.md's L0 vs delta LM loss plot first
     assert data["limits"] == {
-        "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        "max_prompt_tokens": MAX_REQUEST_TOKENS,
         "max_prompt_chars": MAX_PROMPT_CHARS,
         "max_new_tokens": MAX_NEW_TOKENS,
     }
@@ -217,6 +218,42 @@ def test_single_feature_activations(client: TestClient, app: Any, ids: list[str]
     assert len(data["tokens"]) == acts.shape[0]
 
 
+def test_single_and_topk_agree_on_massive_tokens(client: TestClient, app: Any, ids: list[str]) -> None:
+    """Tokens above the SAE's training norm limit (Gemma 3's massive activations) get no features in
+    the microscope and a zero activation from /v1/activation/single alike (both read latents
+    through `sae.encode_inputs`)."""
+    entry = app.state.run.saes[ids[0]]
+    token_ids, acts = direct_acts(app, ids[0], PROMPT)
+    site = parse_site(entry.site)
+    norms = capture(app.state.run.model, torch.tensor([token_ids]), [site])[site][0].norm(dim=-1)
+    limit = float(norms[1:].median())
+    massive = norms > limit
+    assert 0 < int(massive[1:].sum()) < len(token_ids) - 1
+    fired = acts * massive[:, None]  # the latents that fire on a massive token without the limit
+    fired[0] = 0
+    t, i = divmod(int(fired.argmax()), acts.shape[1])
+    assert fired[t, i] > 0, "some feature should fire on a massive token without the limit"
+    entry.sae.cfg.max_norm = limit
+    try:
+        body = {"prompt": PROMPT, "sae_id": ids[0]}
+        micro = client.post("/v1/activation/topk-by-token", json={**body, "k": 20, "hide_dense": 1.0}).json()
+        single = client.post("/v1/activation/single", json={**body, "index": i}).json()
+    finally:
+        entry.sae.cfg.max_norm = None
+    values = single["activation"]["values"]
+    assert values[t] == 0.0
+    for r in micro["results"]:
+        shown = {f["index"]: f["value"] for f in r["top_features"]}
+        if massive[r["position"]]:
+            assert shown == {} and values[r["position"]] == 0.0
+        if i in shown:
+            assert shown[i] == pytest.approx(values[r["position"]], rel=1e-5)
+        elif len(shown) < 20:  # not among the top 20: it does not fire here
+            assert values[r["position"]] == 0.0
+        if not massive[r["position"]]:
+            assert values[r["position"]] == pytest.approx(float(acts[r["position"], i]), rel=1e-4, abs=1e-6)
+
+
 def test_search_by_text_token_explanation_and_id(
     client: TestClient, app: Any, ids: list[str], run_dir: Path
 ) -> None:
@@ -279,7 +316,7 @@ def test_steer_gives_default_and_steered_completions(client: TestClient, app: An
 # ---------------------------------------------------------------------------------------------
 # Bad input: a 4xx with a JSON message, and the server keeps serving
 
-LONG = "word " * (MAX_PROMPT_TOKENS + 10)
+LONG = "word " * (MAX_REQUEST_TOKENS + 10)
 SAE = "resid_post.1.w256.l0_1"
 STEER = {"prompt": "Hello", "features": [{"sae_id": SAE, "index": 1, "strength": 1.0}]}
 BAD_REQUESTS = [
@@ -290,14 +327,14 @@ BAD_REQUESTS = [
         "/v1/activation/topk-by-token",
         {"prompt": LONG},
         400,
-        f"at most {MAX_PROMPT_TOKENS}",
+        f"at most {MAX_REQUEST_TOKENS}",
     ),
     (
         "too many tokens to steer",
         "/v1/steer/completion",
         {**STEER, "prompt": LONG},
         400,
-        f"at most {MAX_PROMPT_TOKENS}",
+        f"at most {MAX_REQUEST_TOKENS}",
     ),
     (
         "too many characters",
@@ -622,3 +659,41 @@ def test_serve_refuses_a_taken_port_before_loading(run_dir: Path, capsys: pytest
         port = taken.getsockname()[1]
         assert main(["serve", str(run_dir), "--port", str(port)]) == 2
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's structure: one model queue, steer's defaults, no server paths in what clients see
+
+
+def test_steer_defaults_are_steers(client: TestClient) -> None:
+    from gemmascope import steer
+
+    resp = client.post("/v1/steer/completion", json=STEER)
+    assert resp.status_code == 200, resp.text
+    settings = resp.json()["settings"]
+    assert settings["max_new_tokens"] == steer.DEFAULT_MAX_NEW_TOKENS
+    assert settings["temperature"] == steer.DEFAULT_TEMPERATURE
+    assert settings["seed"] == steer.DEFAULT_SEED
+    assert settings["freq_penalty"] == steer.DEFAULT_FREQ_PENALTY
+    assert settings["top_p"] == steer.DEFAULT_TOP_P
+
+
+def test_errors_show_no_absolute_server_path(
+    tmp_path: Path, run_dir: Path, tiny_model: LanguageModel
+) -> None:
+    import shutil
+
+    from gemmascope.server.errors import public_message
+
+    shutil.copytree(run_dir / "saes", tmp_path / "saes")
+    client = TestClient(create_app(tmp_path, model=tiny_model))
+    listing = client.get("/v1/saes").json()
+    key = listing["saes"][0]
+    resp = client.get(f"/v1/feature/{key['id']}/0")
+    search = client.post("/v1/search/text", json={"query": "x", "mode": "explanation", "sae_id": key["id"]})
+    assert resp.status_code == 404 and search.status_code == 404
+    for text in (json.dumps(listing), resp.text, search.text):
+        assert "gemmascope index" in text and str(tmp_path.parent) not in text
+    assert f"gemmascope index {tmp_path.name}" in resp.json()["error"]
+    message = public_message(f"cannot read '{tmp_path}/run.json' or '/srv/x/y.sqlite'", tmp_path)
+    assert message == f"cannot read '{tmp_path.name}/run.json' or 'y.sqlite'"

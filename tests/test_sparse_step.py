@@ -16,8 +16,9 @@ from torch import Tensor
 from gemmascope import sparse_step
 from gemmascope.activations import harvest
 from gemmascope.formats import load_sae
-from gemmascope.models import LanguageModel, Site, capture
+from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sites import Site, capture
 from gemmascope.sparse_step import jumprelu_terms_sparse, kept_pairs
 from gemmascope.train import TrainConfig, TrainSpec, init_sae, jumprelu_terms, train_saes
 

@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from gemmascope.errors import ConfigError, GemmaScopeError, ModelError
-from gemmascope.models import LanguageModel, Site, capture
+from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sites import Site, capture
 from gemmascope.steer import (
-    MAX_PROMPT_TOKENS,
     Intervention,
     SamplingSettings,
     _next_token,
     fill_strengths,
-    generate,
     generate_pair,
     latent_shift,
     logprob_shift,
@@ -262,13 +261,19 @@ def test_greedy_sampling_with_cache_matches_full_recompute(tiny_model):
         seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
 
 
+def plain_completion(model: LanguageModel, settings: SamplingSettings) -> str:
+    """The completion of PROMPT sampled without any intervention."""
+    new = sample(model, model.to_tokens(PROMPT), settings)
+    return str(model.tokenizer.decode(new, skip_special_tokens=True))
+
+
 def test_generate_pair_shares_seed_and_settings(tiny_model, sae2):
     kwargs = dict(max_new_tokens=8, temperature=1.0, seed=3, freq_penalty=0.5)
     zero = generate_pair(tiny_model, PROMPT, [Intervention(sae2, 3, "add", 0.0)], **kwargs)
     assert zero.default_ids == zero.steered_ids and zero.default == zero.steered
-    plain = generate(tiny_model, PROMPT, [], SamplingSettings(8, 1.0, 1.0, 0.5, 3))
+    plain = plain_completion(tiny_model, SamplingSettings(8, 1.0, 1.0, 0.5, 3))
     assert plain == zero.default
-    other_seed = generate(tiny_model, PROMPT, [], SamplingSettings(8, 1.0, 1.0, 0.5, 4))
+    other_seed = plain_completion(tiny_model, SamplingSettings(8, 1.0, 1.0, 0.5, 4))
     assert other_seed != zero.default
     pair = generate_pair(tiny_model, PROMPT, [Intervention(sae2, 3, "add", 80.0)], **kwargs)
     assert pair.default == zero.default

@@ -128,3 +128,63 @@ def test_demo_end_to_end_on_the_real_model(tmp_path: Path) -> None:
     shown = [f for f in (index.feature(sae_id(folder), i) for i in range(1024)) if f["top_examples"]]
     assert len(shown) > 100
     assert (run_dir / "report" / "heatmap.png").exists()
+
+
+def _one_sae_plan(**kw: object) -> SuitePlan:
+    return _tiny_plan(**{"kinds": ["resid_post"], "layers": [1], "widths": [32], "tokens": 2048, **kw})
+
+
+def test_a_rerun_with_another_plan_is_refused_or_extends_with_extend(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = run_suite(run_dir, _one_sae_plan(), say=lambda _: None)
+    assert first["complete"] and len(first["saes"]) == 1
+    run_json = (run_dir / "run.json").read_bytes()
+    weights = (first["saes"][0] / "sae_weights.safetensors").read_bytes()
+
+    other = _one_sae_plan(widths=[64], target_l0s=[12.0])
+    with pytest.raises(
+        StoreError, match=r"holds another plan: widths \[32\] \(recorded\) vs \[64\] \(asked\)"
+    ):
+        run_suite(run_dir, other, say=lambda _: None)
+    assert (run_dir / "run.json").read_bytes() == run_json  # no lie written
+    with pytest.raises(StoreError, match="cannot change tokens"):
+        run_suite(run_dir, _one_sae_plan(widths=[64], tokens=4096), extend=True, say=lambda _: None)
+
+    said: list[str] = []
+    out = run_suite(run_dir, other, extend=True, say=said.append)
+    assert out["complete"] and said == ["== train/layer_1", "== eval/layer_1", "== index", "== report"]
+    assert sorted(load_sae(f).cfg.d_sae for f in out["saes"]) == [32, 32, 64, 64]  # 2 widths x 2 L0s
+    assert (first["saes"][0] / "sae_weights.safetensors").read_bytes() == weights  # kept, not retrained
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded["widths"] == [32, 64] and recorded["target_l0s"] == [8.0, 12.0]
+    again: list[str] = []
+    recorded.pop("gemmascope_version")
+    assert run_suite(run_dir, SuitePlan(**recorded), say=again.append)["complete"]
+    assert again == []
+
+
+def test_suite_bad_dtype_is_refused_before_run_json_and_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gemmascope import suite
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model must not load for a bad --dtype")
+
+    monkeypatch.setattr(suite, "load_model", no_model)
+    assert main(["suite", str(tmp_path / "r"), "--model", "tiny-gemma3", "--dtype", "int8"]) == 2
+    assert "unknown dtype 'int8'" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "run.json").exists()
+
+
+@pytest.mark.parametrize("name, text", [("run.json", "{oops"), ("suite.json", "[1, 2]"), ("run.json", "3")])
+def test_a_damaged_run_or_suite_json_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str
+) -> None:
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / name).write_text(text)
+    assert main(["suite", str(run_dir), "--model", "tiny-gemma3", "--layers", "1", "--widths", "32"]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "damaged" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert (run_dir / name).read_text() == text

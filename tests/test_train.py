@@ -1,6 +1,6 @@
-"""Tests of train.py on the tiny model: the loss terms and their gradients, init, schedules, folding
-the scaling in, several SAEs from one pass, naming by measured L0, logs and plot, checkpoints with
-SIGKILL and bit-exact resume, and bad input."""
+"""Tests of the train package on the tiny model: the loss terms and their gradients, init, schedules,
+folding the scaling in, several SAEs from one pass, naming by measured L0, logs and plot, checkpoints
+with SIGKILL and bit-exact resume, and bad input."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 import gemmascope.train as train_module
+import gemmascope.train.checkpoint as train_checkpoint
+import gemmascope.train.loop as train_loop
 from gemmascope.activations import ActivationStore, harvest
 from gemmascope.cli import main
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.formats import load_sae, save_sae
 from gemmascope.models import LanguageModel
-from gemmascope.sae import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, build_sae
+from gemmascope.sae import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, build_sae, norm_limit
 from gemmascope.train import (
     PUBLISHED,
     TrainConfig,
@@ -245,7 +247,8 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert sae.cfg.site == spec.site and sae.cfg.model_name == "tiny-gemma3"
         assert extra["scale"] == pytest.approx(ActivationStore(run_dir).scale(spec.site))
         assert extra["steps"] == 64 and extra["batch_size"] == 128
-        assert extra["lr_warmup_steps"] == 3 and extra["l0_warmup_steps"] == 13  # 5% and 20% of 64 steps
+        # 5% of 64 steps; thresholds start at the target rate, so the sparsity needs no warm-up
+        assert extra["lr_warmup_steps"] == 3 and extra["l0_warmup_steps"] == 0
         assert extra["published"]["lr"] == PUBLISHED["lr"] == 7e-5
         assert 0 <= extra["fvu"] < 1.5 and 0 <= extra["dead_fraction"] <= 1
         assert (path / "sparsity.safetensors").exists()
@@ -288,9 +291,7 @@ def test_checkpoint_of_another_config_is_a_clear_error(
     def die(*_args: object) -> None:
         raise KeyboardInterrupt  # stop after the last checkpoint, before the run is marked finished
 
-    from gemmascope import train as train_module
-
-    monkeypatch.setattr(train_module._Checkpoint, "finish", die)
+    monkeypatch.setattr(train_checkpoint.Checkpoint, "finish", die)
     with pytest.raises(KeyboardInterrupt):
         train_saes(run_dir, specs, 2048, small_config(lr=1e-3), progress=False)
     monkeypatch.undo()
@@ -351,11 +352,9 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(
     killed_at = torch.load(state, weights_only=False)["step"]
     assert 0 < killed_at < 300
 
-    from gemmascope import train as train_module
-
     steps_taken = []
-    real_step = train_module._optimizer_step
-    monkeypatch.setattr(train_module, "_optimizer_step", lambda *a: steps_taken.append(1) or real_step(*a))
+    real_step = train_loop._optimizer_step
+    monkeypatch.setattr(train_loop, "_optimizer_step", lambda *a: steps_taken.append(1) or real_step(*a))
     resumed = run_job(run_dir)  # resumes from the checkpoint the killed process left
     assert len(steps_taken) == (300 - killed_at) * 2  # only the steps after the checkpoint, for 2 SAEs
     monkeypatch.undo()
@@ -446,7 +445,7 @@ def test_massive_activation_tokens_are_left_out_of_training(
 ) -> None:
     """Gemma 3 has ordinary tokens with 4-10x the median norm; one in a batch made Adam (beta1 = 0)
     diverge. The trainer leaves tokens with ‖x/C‖ > max_norm out, as it does BOS."""
-    real_batches, real_loss = ActivationStore.batches, train_module._loss
+    real_batches, real_loss = ActivationStore.batches, train_loop._loss
     seen: list[torch.Tensor] = []
 
     def with_massive_tokens(self: ActivationStore, *args: object, **kwargs: object) -> Iterator[dict]:
@@ -461,7 +460,7 @@ def test_massive_activation_tokens_are_left_out_of_training(
         return real_loss(t, x, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ActivationStore, "batches", with_massive_tokens)
-    monkeypatch.setattr(train_module, "_loss", spy)
+    monkeypatch.setattr(train_loop, "_loss", spy)
     spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
     [folder] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)
     assert [len(n) for n in seen] == [127, 128] * 4
@@ -469,6 +468,25 @@ def test_massive_activation_tokens_are_left_out_of_training(
     assert load_sae(folder).cfg.extra["max_scaled_norm"] == 3.0
     with pytest.raises(ConfigError, match="max_norm 0.5 must be a finite number > 1"):
         train_saes(run_dir, [TrainSpec(SITE, 64, l0_coeff=1e-3)], 1024, small_config(max_norm=0.5))
+
+
+def test_saved_sae_records_its_norm_limit_and_old_folders_still_give_it(run_dir: Path) -> None:
+    """Training writes the raw-input norm above which it left tokens out as `SAEConfig.max_norm`
+    (max_norm x C); a cfg.json from before that field, with only the extra keys, gives the same."""
+    [folder] = train_saes(run_dir, [TrainSpec(SITE, 32, l0_coeff=1e-3)], 1024, small_config(), progress=False)
+    sae = load_sae(folder)
+    limit = 3.0 * ActivationStore(run_dir).scale(SITE)
+    assert sae.cfg.max_norm == limit and norm_limit(sae) == limit
+    cfg_path = folder / "cfg.json"
+    raw = json.loads(cfg_path.read_text())
+    del raw["metadata"]["gemmascope"]["max_norm"]
+    cfg_path.write_text(json.dumps(raw))
+    old = load_sae(folder)
+    assert old.cfg.max_norm == limit and norm_limit(old) == limit
+    [every] = train_saes(
+        run_dir, [TrainSpec(SITE, 48, l0_coeff=1e-3)], 1024, small_config(max_norm=None), progress=False
+    )
+    assert load_sae(every).cfg.max_norm is None and norm_limit(load_sae(every)) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +525,7 @@ def test_real_gemma_saes_take_raw_activations(real_model: LanguageModel, tmp_pat
     """On Gemma 3 270M (resid_post norms in the thousands), the saved SAE reads raw activations:
     its d_in is the site's, and on the raw stored activations its FVU is the one measured in training
     on the scaled ones (an unfolded scale would make it about ‖x‖² / var(x) ≈ 8)."""
-    from gemmascope.models import parse_site, site_d_in
+    from gemmascope.sites import parse_site, site_d_in
 
     site = parse_site("resid_post.6")
     store = harvest(real_model, [site], tmp_path, n_tokens=1024, context_len=64, progress=False)

@@ -1,6 +1,7 @@
 """Text corpora. Owns the text sources (the bundled English Wikipedia summaries, .txt / .jsonl /
 .parquet files, Hugging Face datasets when `datasets` is installed), the fixed train / held-out split,
-tokenising, and packing documents into rows of a fixed context length that each start with BOS.
+tokenising, and packing documents into rows of a fixed context length that each start with BOS
+(`pack`; `token_rows` is the one way from a corpus split to such rows).
 
 Knows nothing of models (it only needs a tokenizer), sites or SAEs.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -260,6 +262,36 @@ def pack(
         )
     rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
     return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+
+
+def token_rows(
+    tokenizer: Any,
+    n_tokens: int,
+    corpus: str = DEFAULT_CORPUS,
+    split: str = "train",
+    context_len: int = 128,
+    *,
+    count_bos: bool = True,
+    exact: bool = True,
+) -> Tensor:
+    """`[rows, context_len]` int64 token rows of a corpus split, BOS first in each
+    (`pack(tokenizer, load_corpus(corpus, split), context_len)`): enough rows for `n_tokens` token
+    positions, `ceil(n_tokens / context_len)`; with `count_bos=False` only the tokens after BOS are
+    counted, `ceil(n_tokens / (context_len - 1))` rows. The one way from a corpus to token rows
+    (harvest, evaluation, the feature index). With `exact` a split that holds fewer rows is a
+    CorpusError; without, the rows it holds come back."""
+    if n_tokens < 1:
+        raise ConfigError(f"n_tokens={n_tokens} must be at least 1")
+    per_row = context_len if count_bos else context_len - 1
+    n_rows = math.ceil(n_tokens / max(per_row, 1))
+    rows = pack(tokenizer, load_corpus(corpus, split), context_len=context_len, max_rows=n_rows)
+    if exact and rows.shape[0] < n_rows:
+        have = rows.shape[0] * context_len
+        raise CorpusError(
+            f"the {split!r} split of corpus {corpus!r} holds {have:,} tokens in rows of {context_len}, "
+            f"fewer than the {n_tokens:,} asked for: ask for at most {have:,} tokens or use a bigger corpus"
+        )
+    return rows
 
 
 def _chunks(docs: Sequence[Document], size: int) -> Iterator[Sequence[Document]]:

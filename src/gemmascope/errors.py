@@ -14,6 +14,11 @@ class ModelError(GemmaScopeError):
     """A model cannot be found or loaded, or a site does not exist on it."""
 
 
+class SiteError(ConfigError, ModelError):
+    """An SAE's site is missing from its config, absent from the model, or of another width there
+    (both a bad value and a model mismatch, so either class catches it)."""
+
+
 class CorpusError(GemmaScopeError):
     """A text source is empty, unreadable or too small."""
 
@@ -24,3 +29,7 @@ class StoreError(GemmaScopeError):
 
 class FormatError(GemmaScopeError):
     """An SAE file has missing or misshaped keys or non-finite values."""
+
+
+class TrainingError(GemmaScopeError):
+    """Training broke down (a spike or collapse it could not recover from); nothing was saved."""

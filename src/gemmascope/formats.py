@@ -1,7 +1,7 @@
 """SAE files. Owns saving and loading SAEs in the formats users have (RECIPE.md section 5): our
 native folder, which is a SAELens folder (`cfg.json`, `sae_weights.safetensors`,
 `sparsity.safetensors`); SAELens folders written by SAELens; Gemma Scope `params.npz`; Gemma Scope 2
-`params.safetensors` (lower-case keys); and the run-folder layout `saes/SITE/layer_L/width_W/l0_K/`.
+`params.safetensors` (lower-case keys). Where SAE folders live in a run folder is runs.py's.
 
 Knows nothing of training: a saved SAE takes raw activations (the trainer folds its input scaling in
 before saving). Every loader checks keys, shapes and finiteness and raises FormatError naming the file
@@ -10,6 +10,7 @@ and what was expected.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,52 +26,31 @@ from torch import Tensor
 
 from gemmascope import __version__
 from gemmascope.errors import FormatError
-from gemmascope.models import Site, parse_site
-from gemmascope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae
+from gemmascope.runs import (
+    CFG_FILE,
+    EVAL_FILE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    is_sae_folder,
+    save_atomic,
+    tmp_path,
+    write_atomic,
+)
+from gemmascope.runs import find_saes as find_saes  # re-exported: the run folder's, kept importable here
+from gemmascope.runs import sae_dir as sae_dir
+from gemmascope.runs import sae_id as sae_id
+from gemmascope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae, max_norm_from_extra
+from gemmascope.sites import parse_site
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
 NPZ_FILE = "params.npz"  # Gemma Scope (Gemma 2)
 GS2_FILE = "params.safetensors"  # Gemma Scope 2 (Gemma 3)
+CONVERT_FORMATS = ("native", "npz", "safetensors")
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 # SAELens calls the plain ReLU SAE "standard".
 _TO_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "relu": "standard"}
 _FROM_SAELENS = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu", "batchtopk": "jumprelu"}
 # The SAELens config version we write (its v6 layout: sizes at the top, provenance under "metadata").
 _SAELENS_VERSION = "6.0.0"
-
-
-# ---------------------------------------------------------------------------------------------
-# Run-folder layout
-
-
-def sae_dir(
-    run_dir: Path | str, site: Site | str, width: int, l0: float, architecture: str = "jumprelu"
-) -> Path:
-    """`run_dir/saes/KIND/layer_L/width_W/l0_K`, K the measured L0 rounded, as Gemma Scope names its
-    SAEs; baselines get their architecture as a suffix (`l0_52_topk`) so they never share a folder."""
-    site = parse_site(site)
-    name = f"l0_{round(l0)}" + ("" if architecture == "jumprelu" else f"_{architecture}")
-    return Path(run_dir) / "saes" / site.folder / f"width_{width}" / name
-
-
-def sae_id(folder: Path | str) -> str:
-    """A short id of an SAE folder in a run: `resid_post.6.w4096.l0_52`; the folder name otherwise."""
-    parts = Path(folder).parts
-    if len(parts) >= 4:
-        kind, layer, width, l0 = parts[-4:]
-        m_layer, m_width = re.fullmatch(r"layer_(\d+)", layer), re.fullmatch(r"width_(\w+)", width)
-        if m_layer and m_width and l0.startswith("l0_"):
-            return f"{kind}.{m_layer.group(1)}.w{m_width.group(1)}.{l0}"
-    return Path(folder).name
-
-
-def find_saes(run_dir: Path | str) -> list[Path]:
-    """Every finished SAE folder under `run_dir/saes` (those holding cfg.json and weights), sorted."""
-    root = Path(run_dir) / "saes"
-    found = [p.parent for p in root.glob(f"**/{CFG_FILE}") if (p.parent / WEIGHTS_FILE).exists()]
-    return sorted(p for p in found if not p.name.endswith(".tmp"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,24 +64,29 @@ def save_sae(
     W_dec, b_enc, b_dec, and threshold for JumpReLU) and, when given, `sparsity.safetensors`
     (`sparsity`: log10 feature density `[d_sae]`). A BatchTopK SAE is saved as the JumpReLU SAE
     with one global threshold it is at inference. Written to `FOLDER.tmp` and renamed when complete;
-    an existing folder is never replaced unless `overwrite`."""
+    an existing folder is never replaced unless `overwrite`, and then only when it is an SAE folder."""
     folder = Path(folder)
     if isinstance(sae, BatchTopKSAE):
         sae = sae.to_jumprelu()
-    if folder.exists() and not overwrite:
-        raise FormatError(f"{str(folder)!r} already exists; refusing to overwrite an SAE")
+    _check_replaceable(folder, overwrite)
     weights = _state(sae)
     _check_finite(weights, f"SAE for {str(folder)!r}")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / CFG_FILE).write_text(json.dumps(_saelens_cfg(sae), indent=2) + "\n")
+    density = None
     if log10_density is not None:
         density = log10_density.detach().to("cpu", torch.float32).contiguous()
         if density.shape != (sae.d_sae,):
             raise FormatError(f"log10_density has shape {tuple(density.shape)}, expected ({sae.d_sae},)")
-        save_file({"sparsity": density}, str(tmp / SPARSITY_FILE), metadata={"format": "pt"})
+    tmp = tmp_path(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CFG_FILE).write_text(json.dumps(_saelens_cfg(sae), indent=2) + "\n")
+        if density is not None:
+            save_file({"sparsity": density}, str(tmp / SPARSITY_FILE), metadata={"format": "pt"})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():  # overwrite: move the old one aside so the new one appears in one rename
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -113,27 +98,73 @@ def save_sae(
     return folder
 
 
-def save_params_npz(sae: SAE, path: Path | str) -> Path:
+# Files an SAE folder may hold besides the SAE itself; anything else means the folder is not ours to replace.
+_SAE_FOLDER_FILES = {CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, EVAL_FILE}
+
+
+def _check_replaceable(folder: Path, overwrite: bool) -> None:
+    """Refuse to replace `folder` unless `overwrite` and it is an SAE folder holding only SAE files
+    (an empty folder is fine): `--overwrite` never deletes a folder that is not an SAE."""
+    if not folder.exists():
+        return
+    if not overwrite:
+        raise FormatError(f"{str(folder)!r} already exists; refusing to overwrite an SAE")
+    if not folder.is_dir():
+        raise FormatError(f"{str(folder)!r} is a file, not an SAE folder; refusing to replace it")
+    entries = {p.name for p in folder.iterdir()}
+    foreign = sorted(entries - _SAE_FOLDER_FILES)
+    if entries and (foreign or not is_sae_folder(folder)):
+        raise FormatError(
+            f"{str(folder)!r} is not an SAE folder (it holds {', '.join(foreign) or 'no SAE weights'}); "
+            "refusing to replace it: choose a new or SAE folder"
+        )
+
+
+def _check_new_file(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FormatError(f"{str(path)!r} already exists; refusing to overwrite it (pass --overwrite)")
+    if path.is_dir():
+        raise FormatError(f"{str(path)!r} is a folder, not a file; refusing to replace it")
+
+
+def convert(
+    src: Path | str, dest: Path | str, to: str = "native", *, overwrite: bool = False
+) -> tuple[SAE, Path]:
+    """Load the SAE at `src` (any supported format) and save it at `dest` as `to`: `native` (a folder,
+    with its log10 densities when `src` has them), `npz` (Gemma Scope) or `safetensors` (Gemma Scope 2).
+    Nothing existing is replaced without `overwrite`, never a folder that is not an SAE, never `src`."""
+    if to not in CONVERT_FORMATS:
+        raise FormatError(f"unknown format {to!r}: expected one of {', '.join(CONVERT_FORMATS)}")
+    if Path(src).resolve() == Path(dest).resolve():
+        raise FormatError(f"destination {str(dest)!r} is the source itself; choose another destination")
+    sae = load_sae(src)
+    if to == "native":
+        density = load_log10_density(src) if Path(src).is_dir() else None
+        return sae, save_sae(sae, dest, log10_density=density, overwrite=overwrite)
+    save = save_params_npz if to == "npz" else save_params_safetensors
+    return sae, save(sae, dest, overwrite=overwrite)
+
+
+def save_params_npz(sae: SAE, path: Path | str, *, overwrite: bool = False) -> Path:
     """Export a JumpReLU SAE as Gemma Scope's `params.npz` (W_enc, W_dec, b_enc, b_dec, threshold, fp32).
-    The file keeps weights only; site and training details live in the native folder."""
+    The file keeps weights only; site and training details live in the native folder. An existing
+    file is replaced only with `overwrite`."""
     params = _gemma_scope_params(sae, "params.npz")
     path = _file_path(path, NPZ_FILE)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    _check_new_file(path, overwrite)
     arrays: dict[str, Any] = {k: v.numpy() for k, v in params.items()}
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # to memory: np.savez would add ".npz" to a temporary name
+    return write_atomic(path, buffer.getvalue())
 
 
-def save_params_safetensors(sae: SAE, path: Path | str) -> Path:
+def save_params_safetensors(sae: SAE, path: Path | str, *, overwrite: bool = False) -> Path:
     """Export a JumpReLU SAE as Gemma Scope 2's `params.safetensors` (lower-case w_enc, w_dec, b_enc,
-    b_dec, threshold, fp32)."""
+    b_dec, threshold, fp32). An existing file is replaced only with `overwrite`."""
     params = _gemma_scope_params(sae, "params.safetensors")
     path = _file_path(path, GS2_FILE)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k.lower(): v for k, v in params.items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    _check_new_file(path, overwrite)
+    return save_atomic(path, lambda tmp: save_file({k.lower(): v for k, v in params.items()}, str(tmp)))
 
 
 def _file_path(path: Path | str, default_name: str) -> Path:
@@ -187,7 +218,13 @@ def _saelens_cfg(sae: SAE) -> dict[str, Any]:
         "prepend_bos": True,
         "dataset_path": c.dataset,
         "exclude_special_tokens": True,
-        "gemmascope": {"version": __version__, "site": c.site, "k": c.k, "extra": c.extra},
+        "gemmascope": {
+            "version": __version__,
+            "site": c.site,
+            "k": c.k,
+            "max_norm": c.max_norm,
+            "extra": c.extra,
+        },
     }
     return cfg
 
@@ -293,6 +330,7 @@ def _load_saelens(folder: Path) -> SAE:
         context_size=int(flat.get("context_size") or 128),
         dataset=str(flat.get("dataset_path") or ""),
         extra=dict(ours.get("extra") or {"source": "saelens"}),
+        max_norm=_max_norm(ours),
     )
     sae = _build(cfg, weights, folder / WEIGHTS_FILE)
     if flat.get("apply_b_dec_to_input"):
@@ -341,6 +379,13 @@ def _load_gemma_scope(path: Path) -> SAE:
         extra={"source": fmt, **extra},
     )
     return _build(cfg, weights, path)
+
+
+def _max_norm(ours: dict[str, Any]) -> float | None:
+    """`SAEConfig.max_norm` from our part of cfg.json; older folders have only the extra keys."""
+    if ours.get("max_norm") is not None:
+        return float(ours["max_norm"])
+    return max_norm_from_extra(ours.get("extra") or {})
 
 
 def _config(where: Path, **kwargs: Any) -> SAEConfig:

@@ -1,10 +1,10 @@
-"""Models and sites. Owns loading a causal LM and its tokenizer (the bundled Gemma 3 270M, converted
-once from its GGUF file and cached; a small random Gemma 3 for tests; any transformers causal LM by
-local path or hub id), the names of the sites SAEs read (`resid_post`, `attn_out`, `mlp_out`,
-`mlp_in`) and their hook points, capture of many sites in one forward pass that stops after the
-deepest layer needed, and the context manager that edits a site's activation.
+"""Models. Owns loading a causal LM and its tokenizer (the bundled Gemma 3 270M, converted once from
+its GGUF file and cached; a small random Gemma 3 for tests; any transformers causal LM by local path
+or hub id), the model's decoder layers, tokenising a prompt with its bound (`MAX_PROMPT_TOKENS`,
+`prompt_tokens`) and each token's display text (`token_texts`).
 
-Knows nothing of SAEs, their training or their files.
+Knows nothing of sites, hooks or capture (`sites.py` owns them and takes a `LanguageModel`), nor of
+SAEs, their training or their files.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,24 @@ from torch import Tensor, nn
 
 from gemmascope.errors import ConfigError, ModelError
 
+# re-exported for old imports: site names now live in gemmascope.sites (sites imports this module
+# for types only, so no cycle)
+from gemmascope.sites import (  # noqa: F401
+    SITE_KINDS,
+    CapturedBatch,
+    Site,
+    SiteFn,
+    capture,
+    capture_batches,
+    edit_site,
+    parse_site,
+    site_d_in,
+    transcoder_sites,
+)
+
 BUNDLED_MODEL = "gemma-3-270m"
 TINY_MODEL = "tiny-gemma3"
-SITE_KINDS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
-
-# TransformerLens hook names users already know, per site kind.
-_TL_SUFFIX = {
-    "resid_post": "hook_resid_post",
-    "attn_out": "attn.hook_z",
-    "mlp_out": "hook_mlp_out",
-    "mlp_in": "hook_mlp_in",
-}
+MAX_PROMPT_TOKENS = 512  # prompt tokens after BOS one call may run (microscope, search, steering)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +93,18 @@ class LanguageModel:
         if prepend_bos:
             ids = [self.tokenizer.bos_token_id, *ids]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+
+def prompt_tokens(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
+    """Tokenise a prompt to `[1, T]` with BOS first, refusing an empty one or one of more than
+    `max_tokens` tokens after BOS (ConfigError)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("the prompt is empty: expected some text")
+    ids = model.to_tokens(prompt)
+    n = ids.shape[1] - 1
+    if n > max_tokens:
+        raise ConfigError(f"the prompt is {n} tokens long: expected at most {max_tokens}")
+    return ids
 
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -304,170 +322,3 @@ def _tiny_gemma3(device: str | torch.device, dtype: torch.dtype) -> LanguageMode
         hf = Gemma3ForCausalLM(tiny_gemma3_config(len(tokenizer)))
     hf.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     return LanguageModel(hf=hf, tokenizer=tokenizer, name=TINY_MODEL)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sites
-
-
-@dataclass(frozen=True, order=True)
-class Site:
-    """A place in the model an SAE reads: a kind (`resid_post`, `attn_out`, `mlp_out`, `mlp_in`)
-    at a layer. `str(site)` is `kind.layer`; `hook_name` is the TransformerLens name."""
-
-    kind: str
-    layer: int
-
-    def __str__(self) -> str:
-        return f"{self.kind}.{self.layer}"
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.layer}.{_TL_SUFFIX[self.kind]}"
-
-    @property
-    def folder(self) -> str:
-        """Relative folder of this site in a run: `SITE/layer_L`."""
-        return f"{self.kind}/layer_{self.layer}"
-
-
-_SITE_PATTERNS = [
-    re.compile(r"^(?P<kind>[a-z_]+)[./@](?:layer_)?(?P<layer>\d+)$"),
-    re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<tl>hook_resid_post|attn\.hook_z|hook_mlp_out|hook_mlp_in)$"),
-]
-_TL_TO_KIND = {suffix: kind for kind, suffix in _TL_SUFFIX.items()}
-
-
-def parse_site(spec: str | Site, n_layers: int | None = None) -> Site:
-    """Parse `resid_post.6`, `resid_post/layer_6`, `blocks.6.hook_resid_post`, `blocks.6.attn.hook_z`
-    or `blocks.6.hook_mlp_out` into a Site, checking the layer against `n_layers` when given."""
-    site: Site | None = spec if isinstance(spec, Site) else None
-    if site is None:
-        assert isinstance(spec, str)
-        for pattern in _SITE_PATTERNS:
-            m = pattern.match(spec.strip())
-            if m:
-                kind = m.groupdict().get("kind") or _TL_TO_KIND[m.group("tl")]
-                site = Site(kind, int(m.group("layer")))
-                break
-        if site is None or site.kind not in SITE_KINDS:
-            raise ConfigError(
-                f"unknown site {spec!r}: expected KIND.LAYER with KIND one of {', '.join(SITE_KINDS)} "
-                "(e.g. 'resid_post.6'), or a TransformerLens name such as 'blocks.6.hook_resid_post'"
-            )
-    assert site is not None
-    if n_layers is not None and not 0 <= site.layer < n_layers:
-        raise ConfigError(
-            f"layer {site.layer} of site {spec!r} is out of range: valid layers are 0..{n_layers - 1}"
-        )
-    return site
-
-
-def all_sites(
-    model: LanguageModel, kinds: Sequence[str] = ("resid_post", "attn_out", "mlp_out")
-) -> list[Site]:
-    """Every site of the given kinds at every layer of the model."""
-    return [Site(kind, layer) for layer in range(model.n_layers) for kind in kinds]
-
-
-def transcoder_sites(layer: int) -> tuple[Site, Site]:
-    """The transcoder pair at a layer: MLP input (after pre_feedforward_layernorm) to `mlp_out`."""
-    return Site("mlp_in", layer), Site("mlp_out", layer)
-
-
-def site_d_in(model: LanguageModel, site: Site) -> int:
-    """Width of the activation at a site: d_model, or heads × head_dim for `attn_out`."""
-    if site.kind == "attn_out":
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return int(cfg.num_attention_heads * head_dim)
-    return model.d_model
-
-
-# ---------------------------------------------------------------------------------------------
-# Hooks: one mechanism for capture and edits
-
-SiteFn = Callable[[Tensor], Tensor | None]
-
-
-def _hook(model: LanguageModel, site: Site, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
-    """Register `fn(activation [batch, pos, d]) -> replacement or None` at the site's hook point."""
-    layers = model.layers
-    if not 0 <= site.layer < len(layers):
-        raise ConfigError(f"layer {site.layer} is out of range: valid layers are 0..{len(layers) - 1}")
-    block: Any = layers[site.layer]
-    if site.kind == "attn_out":
-        o_proj = block.self_attn.o_proj
-
-        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> Any:
-            out = fn(args[0])
-            return None if out is None else (out, *args[1:])
-
-        return o_proj.register_forward_pre_hook(pre_hook)
-    if site.kind == "resid_post":
-
-        def resid_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output
-            out = fn(hidden)
-            if out is None:
-                return None
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return block.register_forward_hook(resid_hook)
-    name = {"mlp_out": "post_feedforward_layernorm", "mlp_in": "pre_feedforward_layernorm"}[site.kind]
-    module = getattr(block, name, None)
-    if module is None:
-        raise ModelError(f"site {site} needs {name!r}, which {type(block).__name__} does not have")
-    return module.register_forward_hook(lambda _m, _a, output: fn(output))
-
-
-class _StopForward(Exception):
-    """Raised inside the forward pass once the deepest needed site has been captured."""
-
-
-def capture(
-    model: LanguageModel,
-    input_ids: Tensor,
-    sites: Sequence[Site],
-    attention_mask: Tensor | None = None,
-) -> dict[Site, Tensor]:
-    """Run one forward pass over `input_ids [batch, pos]` and return each site's activation
-    `[batch, pos, d_in]` (detached). The pass stops after the deepest layer a site needs."""
-    if not sites:
-        raise ConfigError("capture needs at least one site")
-    acts: dict[Site, Tensor] = {}
-    deepest = max(site.layer for site in sites)
-    if deepest >= model.n_layers:
-        raise ConfigError(f"layer {deepest} is out of range: valid layers are 0..{model.n_layers - 1}")
-
-    def recorder(site: Site) -> SiteFn:
-        def record(act: Tensor) -> None:
-            acts[site] = act.detach()
-
-        return record
-
-    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
-        raise _StopForward
-
-    with ExitStack() as stack:
-        for site in sites:
-            stack.callback(_hook(model, site, recorder(site)).remove)
-        stack.callback(model.layers[deepest].register_forward_hook(stop).remove)
-        with torch.no_grad():
-            try:
-                model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-    return {site: acts[site] for site in sites}
-
-
-@contextmanager
-def edit_site(model: LanguageModel, site: Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within the block, replace the activation at `site` by `fn(activation [batch, pos, d_in])`
-    in every forward pass (and so in every generation step). The hook is removed on exit, also when
-    the body raises."""
-    handle = _hook(model, site, fn)
-    try:
-        yield
-    finally:
-        handle.remove()

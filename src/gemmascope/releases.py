@@ -19,8 +19,9 @@ from pathlib import Path
 
 from gemmascope.errors import ConfigError, FormatError
 from gemmascope.formats import load_sae
-from gemmascope.models import BUNDLED_MODEL, parse_site
+from gemmascope.models import BUNDLED_MODEL
 from gemmascope.sae import SAE
+from gemmascope.sites import parse_site
 
 _GS1 = re.compile(r"^gemma-scope-(?P<size>2b|9b|27b)-(?P<variant>pt|it)-(?P<kind>res|att|mlp)$")
 _GS2 = re.compile(r"^gemma-scope-2-(?P<size>270m|1b|4b|12b|27b)-(?P<variant>pt|it)$")

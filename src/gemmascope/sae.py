@@ -3,19 +3,22 @@ baselines it is compared with (TopK, BatchTopK, ReLU with an L1 penalty): parame
 decode, forward, and the straight-through functions whose pseudo-derivatives train the JumpReLU
 threshold.
 
-Knows nothing of files (see formats.py) or of training loops (see train.py). Every SAE here takes
+Knows nothing of files (see formats.py) or of training loops (see train/). Every SAE here takes
 raw activations at inference: no input normalisation and no b_dec subtraction.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gemmascope.errors import ConfigError
+from gemmascope.errors import ConfigError, SiteError
+from gemmascope.models import LanguageModel
+from gemmascope.sites import Site, parse_site, site_d_in
 
 ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
 
@@ -36,6 +39,9 @@ class SAEConfig:
     extra: dict[str, Any] = field(
         default_factory=dict
     )  # training details worth keeping (lambda, L0 target...)
+    # The raw input norm above which training left tokens out (Gemma 3's massive activations: the
+    # trainer's max_norm on scaled inputs x the scale C), None if it trained on every token.
+    max_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -153,7 +159,7 @@ class BatchTopKSAE(SAE):
 
 
 class ReLUSAE(SAE):
-    """ReLU SAE (Bricken et al. 2023), trained with an L1 penalty on `f` (see train.py)."""
+    """ReLU SAE (Bricken et al. 2023), trained with an L1 penalty on `f` (see train/loop.py)."""
 
     def activation(self, pre_acts: Tensor) -> Tensor:
         return torch.nn.functional.relu(pre_acts)
@@ -228,10 +234,79 @@ def step(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 def norm_limit(sae: SAE) -> float | None:
-    """The raw input norm above which the SAE's training left tokens out (`max_scaled_norm` x the
-    scale C in its cfg, set by training: Gemma 3's massive activations, see train.MAX_SCALED_NORM),
-    or None. Evaluation, splicing and the feature index leave such positions out as they do BOS."""
-    extra = sae.cfg.extra
+    """The raw input norm above which the SAE's training left tokens out (`cfg.max_norm`, set by
+    training: Gemma 3's massive activations, see train.recipe.MAX_SCALED_NORM), or None. Evaluation,
+    splicing and the feature index leave such positions out as they do BOS. A config without the
+    field but with the extra keys older training wrote gives the same limit (`max_norm_from_extra`)."""
+    if sae.cfg.max_norm is not None:
+        return sae.cfg.max_norm
+    return max_norm_from_extra(sae.cfg.extra)
+
+
+def max_norm_from_extra(extra: dict[str, Any]) -> float | None:
+    """`SAEConfig.max_norm` from the `cfg.extra` keys training wrote before that field existed:
+    `max_scaled_norm` x `scale`, or None if either is missing."""
     if extra.get("max_scaled_norm") is None or extra.get("scale") is None:
         return None
     return float(extra["max_scaled_norm"]) * float(extra["scale"])
+
+
+# ---------------------------------------------------------------------------------------------
+# From model activations to latents: the one path
+
+
+def sae_site(model: LanguageModel, sae: SAE, name: str | None = None) -> Site:
+    """The model site an SAE reads, checked against the model: the SAE names a site, the model has
+    that layer, and the activation there is the SAE's `d_in` wide (else a `SiteError`, naming the
+    SAE by `name` when given). Warns when the SAE's cfg names another model."""
+    label = f"SAE {name!r}" if name else f"SAE ({sae.cfg.architecture}, d_sae={sae.d_sae})"
+    spec = sae.cfg.site or sae.cfg.hook_name
+    if not spec:
+        raise SiteError(
+            f"{label} has no site in its config, so it names no site to read: expected one such as "
+            "'resid_post.6' (cfg.json 'metadata.hook_name'; on the command line: --site)"
+        )
+    try:
+        site = parse_site(spec, model.n_layers)
+    except ConfigError as err:
+        raise SiteError(f"model {model.name!r} has no site {spec!r} for {label}: {err}") from err
+    width = site_d_in(model, site)
+    if sae.d_in != width:
+        raise SiteError(
+            f"{label} has d_in={sae.d_in} and reads {sae.d_in}-wide activations but site {site} of model "
+            f"{model.name!r} is {width} wide: expected the model and site the SAE was trained on (its cfg "
+            f"says model {sae.cfg.model_name or '?'!r})"
+        )
+    made_for = sae.cfg.model_name
+    if made_for and _short_model_name(made_for) != _short_model_name(model.name):
+        warnings.warn(
+            f"SAE at {site} was made for model {made_for!r} but is used on {model.name!r}", stacklevel=2
+        )
+    return site
+
+
+def _short_model_name(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def massive_mask(sae: SAE, x: Tensor) -> Tensor:
+    """`[...]` bool, True where the input `x [..., d_in]` is above the SAE's `norm_limit` (inputs
+    like those its training left out: Gemma 3's massive activations); all False without a limit.
+    The norm is taken of `x` as the model gives it, before any dtype change."""
+    limit = norm_limit(sae)
+    if limit is None:
+        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return x.norm(dim=-1) > limit
+
+
+@torch.no_grad()
+def encode_inputs(sae: SAE, x: Tensor, keep: Tensor | None = None) -> Tensor:
+    """`[..., d_in] -> [..., d_sae]`: the latents of model activations `x` (any dtype, any device),
+    computed in the SAE's dtype on its device, and zero where the position is left out: where
+    `keep [...]` is False (BOS, EOS, pad: `~corpus.special_mask(ids, model.special_token_ids)`)
+    and where `x` is massive (`massive_mask`). The latents are on the SAE's device, in its dtype."""
+    out = ~massive_mask(sae, x)
+    if keep is not None:
+        out = keep.to(out.device) & out
+    f = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype))
+    return f * out.to(f.device)[..., None]

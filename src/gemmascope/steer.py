@@ -21,18 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmascope.errors import ConfigError, ModelError
-from gemmascope.models import LanguageModel, Site, capture, edit_site, parse_site, site_d_in
-from gemmascope.sae import SAE
+from gemmascope.errors import ConfigError
+from gemmascope.models import LanguageModel, prompt_tokens
+from gemmascope.sae import SAE, encode_inputs, sae_site
+from gemmascope.sites import Site, capture, edit_site
 
 MODES = ("add", "clamp", "ablate")
-MAX_PROMPT_TOKENS = 512  # prompt tokens after BOS; bounds the work one request can ask for
 MAX_NEW_TOKENS = 512
 MAX_FREQ_PENALTY = 2.0  # OpenAI's and Neuronpedia's range is [-2, 2]
-# Sampling defaults (the CLI and the server use these): a little randomness, a mild frequency
-# penalty against loops (Neuronpedia's steer page defaults to temperature 0.5, penalty 2).
+# Sampling defaults, the one place for them (the CLI and the server take theirs from here): a little
+# randomness, a mild frequency penalty against loops (Neuronpedia's steer page defaults to
+# temperature 0.5, penalty 2), no nucleus cut.
 DEFAULT_MAX_NEW_TOKENS = 40
 DEFAULT_TEMPERATURE = 0.5
+DEFAULT_TOP_P = 1.0
 DEFAULT_FREQ_PENALTY = 1.0
 DEFAULT_SEED = 0
 
@@ -77,26 +79,9 @@ def fill_strengths(
     return filled
 
 
-def sae_site(model: LanguageModel, sae: SAE) -> Site:
-    """The model site an SAE reads, checked against the model: the layer exists and the
-    activation width there is the SAE's `d_in`."""
-    if not sae.cfg.site:
-        raise ConfigError("the SAE's config names no site; expected e.g. site='resid_post.6'")
-    try:
-        site = parse_site(sae.cfg.site, model.n_layers)
-    except ConfigError as err:
-        raise ModelError(f"model {model.name!r} has no site {sae.cfg.site!r} for this SAE: {err}") from err
-    d_in = site_d_in(model, site)
-    if d_in != sae.d_in:
-        raise ModelError(
-            f"the SAE for site {site} has d_in={sae.d_in} but model {model.name!r} has width {d_in} there; "
-            f"is the SAE for another model (its config says {sae.cfg.model_name!r})?"
-        )
-    return site
-
-
 def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
-    """Validate one intervention against the model; return its site. Raises ConfigError or ModelError."""
+    """Validate one intervention against the model; return its site. Raises ConfigError (a
+    `SiteError`, also a ModelError, when the SAE's site does not fit the model)."""
     if iv.mode not in MODES:
         raise ConfigError(f"unknown steering mode {iv.mode!r}: expected one of {', '.join(MODES)}")
     try:
@@ -154,6 +139,7 @@ def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Ten
         out = act
         if len(targets):
             with torch.no_grad():
+                # every position is edited (BOS too): the splice is exact, so no mask (encode_inputs) here
                 f = sae.encode(act.to(W_dec.dtype))  # [batch, pos, d_sae]
                 f_old = f[..., idx]  # [batch, pos, n_edit]
                 delta = (target_values - f_old) @ W_dec[idx]  # [batch, pos, d_in]
@@ -191,7 +177,7 @@ class SamplingSettings:
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = DEFAULT_TEMPERATURE  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = DEFAULT_TOP_P
     freq_penalty: float = DEFAULT_FREQ_PENALTY  # subtracted from a token's logit once per earlier occurrence
     seed: int = DEFAULT_SEED
 
@@ -227,17 +213,6 @@ class SteeredPair:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def prompt_tokens(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
-    """Tokenise a prompt to `[1, T]` with BOS first, refusing an empty or over-long one."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ConfigError("the prompt is empty: expected some text")
-    ids = model.to_tokens(prompt)
-    n = ids.shape[1] - 1
-    if n > max_tokens:
-        raise ConfigError(f"the prompt is {n} tokens long: expected at most {max_tokens}")
-    return ids
 
 
 def _stop_ids(model: LanguageModel) -> set[int]:
@@ -306,19 +281,6 @@ def _decode(model: LanguageModel, ids: list[int]) -> str:
     return str(model.tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def generate(
-    model: LanguageModel,
-    prompt: str,
-    interventions: Sequence[Intervention] = (),
-    settings: SamplingSettings | None = None,
-) -> str:
-    """One completion of `prompt` with the interventions applied (none: the default completion)."""
-    settings = settings or SamplingSettings()
-    ids = prompt_tokens(model, prompt)
-    with steering(model, interventions):
-        return _decode(model, sample(model, ids, settings))
-
-
 def generate_pair(
     model: LanguageModel,
     prompt: str,
@@ -327,7 +289,7 @@ def generate_pair(
     temperature: float = DEFAULT_TEMPERATURE,
     seed: int = DEFAULT_SEED,
     freq_penalty: float = DEFAULT_FREQ_PENALTY,
-    top_p: float = 1.0,
+    top_p: float = DEFAULT_TOP_P,
 ) -> SteeredPair:
     """The default and the steered completion of one prompt, same seed and sampling settings,
     side by side. Interventions are validated before anything runs."""
@@ -408,8 +370,8 @@ def latent_shift(
     model: LanguageModel, prompt: str, interventions: Sequence[Intervention], sae: SAE, latent: int
 ) -> dict[str, Any]:
     """How the interventions change latent `latent` of `sae` (usually one at a later site) on each
-    token of `prompt`: clean and steered activations per token `[T]` (BOS included) and their means
-    over the prompt's tokens (BOS excluded)."""
+    token of `prompt`: clean and steered activations per token `[T]` (BOS included; zero where the
+    input is massive, see `sae.encode_inputs`) and their means over the prompt's tokens (BOS excluded)."""
     site = check_intervention(model, Intervention(sae, latent, "ablate"))
     for iv in interventions:
         check_intervention(model, iv)
@@ -417,7 +379,7 @@ def latent_shift(
 
     def acts() -> Tensor:
         x = capture(model, ids, [site])[site][0]  # [T, d_in]
-        return sae.encode(x.to(sae.W_dec.dtype))[:, latent].double()  # [T]
+        return encode_inputs(sae, x)[:, latent].double()  # [T]
 
     clean = acts()
     with steering(model, interventions):

@@ -1,8 +1,10 @@
-"""The main job: a Gemma Scope-like suite of SAEs in one run folder, and the demo. Owns `run.json`
-(what was asked), `suite.json` (which stages are finished), the order of the stages (harvest once,
-then per layer train and evaluate, then index and report), resuming a stopped suite without redoing
-finished work, the time budget, the suite summary (table and layers x sites heatmap PNG), and the
-choice of features the demo prints.
+"""The main job: a Gemma Scope-like suite of SAEs in one run folder. Owns `run.json`
+(what was asked: a re-run with another plan is refused with the difference, or extends the recorded
+plan with `extend`), `suite.json` (which stages are finished and for which sites and SAEs, so a stage
+is never done by name alone), the order of the stages (harvest once, then per layer train and
+evaluate, then index and report), resuming a stopped suite without redoing finished work, the time
+budget, and the suite summary (table and layers x sites heatmap PNG). The demo that runs it on one
+site lives in `demo.py`.
 
 Calls only the public functions of the pipeline modules; knows nothing of their internals.
 """
@@ -10,7 +12,6 @@ Calls only the public functions of the pipeline modules; knows nothing of their 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,13 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from gemmascope import __version__
+from gemmascope.corpus import DEFAULT_CORPUS
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.models import BUNDLED_MODEL, SITE_KINDS, LanguageModel, Site, load_model
+from gemmascope.models import BUNDLED_MODEL, LanguageModel, load_model
+from gemmascope.runs import (
+    ACTIVATIONS,
+    EVAL_FILE,
+    FEATURES_DB,
+    HELDOUT,
+    MANIFEST,
+    RUN_JSON,
+    SUITE_JSON,
+    lock,
+    write_atomic,
+)
+from gemmascope.sites import SITE_KINDS, Site
 
 # Gemma Scope 2 names its SAEs by L0 band: small 10-20, medium 30-60, big 90-150 (RECIPE 2,
 # "L0 control"). A name asks for the middle of its band as the target L0.
 L0_BANDS = {"small": 15.0, "medium": 45.0, "big": 120.0}
-SUITE_KINDS = ("resid_post", "attn_out", "mlp_out")
+SUITE_KINDS = tuple(k for k in SITE_KINDS if k != "mlp_in")  # a suite's default: all but the transcoder input
 
 
 @dataclass
@@ -46,7 +60,7 @@ class SuitePlan:
     eval_tokens: int = 8_192
     index_tokens: int = 16_384
     context_len: int = 128
-    corpus: str = "wiki"
+    corpus: str = DEFAULT_CORPUS
     dtype: str = "float32"
     seed: int = 0
     fast: bool = True
@@ -54,11 +68,14 @@ class SuitePlan:
     keep_activations: bool = True
 
     def check(self) -> None:
+        from gemmascope.activations import dtype_name
+
         bad = [k for k in self.kinds if k not in SITE_KINDS]
         if bad or not self.kinds:
             raise ConfigError(
-                f"unknown site kinds {bad or self.kinds}: expected some of {', '.join(SUITE_KINDS)}"
+                f"unknown site kinds {bad or self.kinds}: expected some of {', '.join(SITE_KINDS)}"
             )
+        dtype_name(self.dtype)
         if not self.widths or any(w < 1 for w in self.widths):
             raise ConfigError(f"widths {self.widths} must be positive integers")
         if not self.target_l0s and not self.l0_coeffs:
@@ -113,42 +130,97 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int] | None:
 # State of a run folder
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of the run folder; a StoreError naming it when it is damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(
+            f"{what} {str(path)!r} is unreadable or damaged ({err}); restore or delete it"
+        ) from None
+    if not isinstance(data, dict):
+        raise StoreError(
+            f"{what} {str(path)!r} is damaged: expected a JSON object, found {type(data).__name__}"
+        )
+    return data
+
+
 class _State:
-    """`suite.json`: the finished stages and what they produced, written atomically after each."""
+    """`suite.json`: the finished stages and what each covered (sites, SAEs, settings), written
+    atomically after each. A stage is done only for the work it recorded, never by name alone."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "suite.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"done": {}}
+        self.path = run_dir / SUITE_JSON
+        self.data: dict[str, Any] = (
+            _read_json(self.path, "suite state") if self.path.exists() else {"done": {}}
+        )
+        if not isinstance(self.data.get("done"), dict):
+            raise StoreError(f"suite state {str(self.path)!r} is damaged: it lacks its 'done' object")
 
-    def done(self, stage: str) -> bool:
-        return stage in self.data["done"]
+    def get(self, stage: str, key: Any = None) -> Any:
+        """What a finished stage recorded, when it was finished with this `key`; None otherwise."""
+        entry = self.data["done"].get(stage)
+        if not isinstance(entry, dict) or "value" not in entry or entry.get("key") != key:
+            return None
+        return entry["value"]
 
-    def get(self, stage: str) -> Any:
-        return self.data["done"][stage]
+    def finish(self, stage: str, value: Any, key: Any = None) -> None:
+        self.data["done"][stage] = {"key": key, "value": value}
+        write_atomic(self.path, json.dumps(self.data, indent=2))
 
-    def finish(self, stage: str, value: Any = True) -> None:
-        self.data["done"][stage] = value
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
+
+# Fields of a plan that name the run folder's model and text: never changed, even with --extend.
+_IDENTITY = ("model", "corpus", "context_len")
+# Fields --extend adds to (the union of the old and the new); every other field must match.
+_EXTENSIBLE = ("kinds", "layers", "widths", "target_l0s", "l0_coeffs")
+_FREE = ("keep_activations",)  # may differ from run to run
+
+
+def reconcile_plan(run_dir: Path | str, plan: SuitePlan, extend: bool = False) -> SuitePlan:
+    """The plan to run in `run_dir`: `plan` itself for a new folder or the same plan; with `extend`,
+    the recorded plan extended by this one's sites, layers, widths and L0s. A plan that differs from
+    the recorded one is refused with the difference (a StoreError), so a run folder never claims work
+    it does not hold. Writes nothing."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_JSON
+    if not path.exists():
+        return plan
+    old = _read_json(path, "run description")
+    asked = asdict(plan)
+    for key in _IDENTITY:
+        if old.get(key) != asked[key]:
+            raise StoreError(
+                f"run folder {run_dir} was made with {key}={old.get(key)!r}, not {asked[key]!r}; "
+                "use another folder"
+            )
+    diffs = [k for k in asked if k in old and k not in _FREE and old[k] != asked[k]]
+    if not diffs:
+        return plan
+    said = "; ".join(f"{k} {old[k]!r} (recorded) vs {asked[k]!r} (asked)" for k in diffs)
+    fixed = [k for k in diffs if k not in _EXTENSIBLE]
+    if not extend or fixed:
+        hint = (
+            f"--extend adds sites, layers, widths and L0s but cannot change {', '.join(fixed)}"
+            if extend
+            else "re-run with the recorded plan, pass --extend to add to it, or use another folder"
+        )
+        raise StoreError(f"run folder {run_dir} holds another plan: {said}; {hint}")
+    merged = dict(asked)
+    for key in diffs:
+        if old[key] is None or asked[key] is None:  # layers: None is every layer
+            merged[key] = None
+        elif not isinstance(old[key], list):
+            raise StoreError(f"run description {str(path)!r} is damaged: {key} {old[key]!r} is not a list")
+        else:
+            merged[key] = old[key] + [v for v in asked[key] if v not in old[key]]
+    return SuitePlan(**merged)
 
 
 def _write_run_json(run_dir: Path, plan: SuitePlan) -> None:
-    """Record what was asked; refuse a folder made for another model or corpus."""
-    path = run_dir / "run.json"
-    asked = {"gemmascope_version": __version__, **asdict(plan)}
-    if path.exists():
-        old = json.loads(path.read_text())
-        for key in ("model", "corpus", "context_len"):
-            if old.get(key) != asked[key]:
-                raise StoreError(
-                    f"run folder {run_dir} was made with {key}={old.get(key)!r}, not {asked[key]!r}; "
-                    "use another folder"
-                )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asked, indent=2))
-    os.replace(tmp, path)
+    """Record what was asked (the plan `reconcile_plan` returned)."""
+    write_atomic(
+        run_dir / RUN_JSON, json.dumps({"gemmascope_version": __version__, **asdict(plan)}, indent=2)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,94 +237,157 @@ def run_suite(
     max_minutes: float | None = None,
     model: LanguageModel | None = None,
     say: Callable[[str], None] = print,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a suite in `run_dir`: harvest every site once, then per layer train and
-    evaluate its SAEs, then build the feature index and the report. Finished stages are skipped.
-    With `max_minutes`, no new stage starts once the budget is spent (re-run to continue).
+    evaluate its SAEs, then build the feature index and the report. Finished work is skipped; a plan
+    other than the recorded one is refused unless `extend` (see `reconcile_plan`). With `max_minutes`,
+    no new stage starts once the budget is spent (re-run to continue). Holds the run folder's lock.
     Returns the summary (`complete`, `saes`, `results`, `report`)."""
-    from gemmascope.activations import harvest
-
     run_dir = Path(run_dir)
     plan.check()
-    _write_run_json(run_dir, plan)
-    state = _State(run_dir)
-    model = model or load_model(plan.model)
-    layers = plan.layers if plan.layers is not None else list(range(model.n_layers))
-    sites = [Site(kind, layer) for layer in layers for kind in plan.kinds]
-    for site in sites:
-        if site.layer >= model.n_layers:
-            raise ConfigError(f"layer {site.layer} is out of range: valid layers are 0..{model.n_layers - 1}")
+    with lock(run_dir, "suite"):
+        plan = reconcile_plan(run_dir, plan, extend)
+        state = _State(run_dir)
+        _write_run_json(run_dir, plan)
+        model = model or load_model(plan.model)
+        layers = plan.layers if plan.layers is not None else list(range(model.n_layers))
+        for layer in layers:
+            if not 0 <= layer < model.n_layers:
+                raise ConfigError(f"layer {layer} is out of range: valid layers are 0..{model.n_layers - 1}")
+        try:
+            folders = _run_stages(run_dir, plan, model, layers, state, max_minutes, say)
+        except BudgetReached as stop:
+            say(
+                f"time budget of {max_minutes:g} min reached before stage {stop}; "
+                "re-run the same command to continue"
+            )
+            return {"complete": False, "stopped_before": str(stop)}
+        results = [_read_json(f / EVAL_FILE, "eval result") for f in folders]
+        report = state.get("report", _rel(run_dir, folders))
+        return {"complete": True, "saes": folders, "results": results, "report": run_dir / report}
+
+
+def _rel(run_dir: Path, folders: Sequence[Path]) -> list[str]:
+    return [str(f.relative_to(run_dir)) for f in folders]
+
+
+def _run_stages(
+    run_dir: Path,
+    plan: SuitePlan,
+    model: LanguageModel,
+    layers: list[int],
+    state: _State,
+    max_minutes: float | None,
+    say: Callable[[str], None],
+) -> list[Path]:
+    """The stages in order, each skipped when `suite.json` records it done for this very work:
+    harvest (the sites), train and eval per layer (the SAEs), index and report (all SAEs). Returns
+    the SAE folders of the plan."""
+    from gemmascope.activations import harvest
+    from gemmascope.train.recipe import HELDOUT_TOKENS
+
     started = time.monotonic()
 
-    def stage(name: str) -> bool:
-        """True if the stage still has to run; raises BudgetReached when the time is up."""
-        if state.done(name):
-            return False
+    def stage(name: str) -> None:
         if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
             raise BudgetReached(name)
         say(f"== {name}")
-        return True
 
-    try:
-        if stage("harvest"):
-            harvest(
-                model,
-                sites,
-                run_dir,
-                plan.tokens,
-                corpus=plan.corpus,
-                context_len=plan.context_len,
-                dtype=plan.dtype,
-            )
-            state.finish("harvest")
-        for layer in layers:
-            layer_sites = [s for s in sites if s.layer == layer]
-            if stage(f"train/layer_{layer}"):
-                folders = _train_layer(run_dir, plan, layer_sites, layer)
-                state.finish(f"train/layer_{layer}", [str(f.relative_to(run_dir)) for f in folders])
-                if not plan.keep_activations:
-                    _drop_activations(run_dir, layer_sites)
-            if stage(f"eval/layer_{layer}"):
-                _evaluate_layer(
-                    run_dir, plan, model, [run_dir / p for p in state.get(f"train/layer_{layer}")]
-                )
-                state.finish(f"eval/layer_{layer}")
-        folders = [run_dir / p for layer in layers for p in state.get(f"train/layer_{layer}")]
-        if stage("index"):
-            _index(run_dir, plan, model, folders)
-            state.finish("index")
-        if stage("report"):
-            report = write_suite_report(run_dir, folders)
-            state.finish("report", str(report.relative_to(run_dir)))
-    except BudgetReached as stop:
-        say(
-            f"time budget of {max_minutes:g} min reached before stage {stop}; re-run the same command to continue"
-        )
-        return {"complete": False, "stopped_before": str(stop)}
-    results = [json.loads((f / "eval.json").read_text()) for f in folders]
-    return {"complete": True, "saes": folders, "results": results, "report": run_dir / state.get("report")}
+    sites = [Site(kind, layer) for layer in layers for kind in plan.kinds]
+    harvest_key = {"tokens": plan.tokens, "dtype": plan.dtype}
+    harvested = state.get("harvest", harvest_key) or []
+    trained = {layer: _trained(state, layer) for layer in layers}
+    todo = {layer: [s for s in _layer_specs(plan, layer) if s.name not in trained[layer]] for layer in layers}
+    missing = [
+        s for s in sites
+        if str(s) not in harvested
+        or (todo[s.layer] and not (run_dir / ACTIVATIONS / s.folder / MANIFEST).exists())
+    ]  # fmt: skip
+    if missing:
+        stage("harvest")
+        harvest(
+            model, missing, run_dir, plan.tokens, corpus=plan.corpus, context_len=plan.context_len,
+            dtype=plan.dtype,
+        )  # fmt: skip
+        # a slice of the held-out split: training names each SAE by its L0 there (train.HELDOUT_TOKENS)
+        harvest(
+            model, missing, run_dir / HELDOUT, HELDOUT_TOKENS, corpus=plan.corpus, split="heldout",
+            context_len=plan.context_len, dtype=plan.dtype,
+        )  # fmt: skip
+        state.finish("harvest", sorted(set(harvested) | {str(s) for s in sites}), harvest_key)
+    folders: list[Path] = []
+    for layer in layers:
+        if todo[layer]:
+            stage(f"train/layer_{layer}")
+            names = [s.name for s in todo[layer]]
+            name = f"layer_{layer}" if not trained[layer] else f"layer_{layer}_{_digest(names)}"
+            new = _train_layer(run_dir, plan, todo[layer], name)
+            trained[layer].update(zip(names, _rel(run_dir, new), strict=True))
+            state.finish(f"train/layer_{layer}", {"specs": trained[layer]})
+            if not plan.keep_activations:
+                _drop_activations(run_dir, [s for s in sites if s.layer == layer])
+        layer_folders = [run_dir / trained[layer][s.name] for s in _layer_specs(plan, layer)]
+        evaluated = state.get(f"eval/layer_{layer}") or []
+        unevaluated = [f for f in layer_folders if str(f.relative_to(run_dir)) not in evaluated]
+        if unevaluated:
+            stage(f"eval/layer_{layer}")
+            _evaluate_layer(run_dir, plan, model, unevaluated)
+            state.finish(f"eval/layer_{layer}", sorted(set(evaluated) | set(_rel(run_dir, unevaluated))))
+        folders += layer_folders
+    for f in folders:
+        _read_json(f / EVAL_FILE, "eval result")  # a damaged one is named before any stage reads it
+    index_key = {"saes": _rel(run_dir, folders), "tokens": plan.index_tokens}
+    if state.get("index", index_key) is None:
+        stage("index")
+        _index(run_dir, plan, model, folders)
+        state.finish("index", True, index_key)
+    if state.get("report", _rel(run_dir, folders)) is None:
+        stage("report")
+        report = write_suite_report(run_dir, folders)
+        state.finish("report", str(report.relative_to(run_dir)), _rel(run_dir, folders))
+    return folders
 
 
-def _train_layer(run_dir: Path, plan: SuitePlan, sites: Sequence[Site], layer: int) -> list[Path]:
-    from gemmascope.train import TrainConfig, TrainSpec, train_saes
+def _digest(names: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+
+
+def _trained(state: _State, layer: int) -> dict[str, str]:
+    """The SAEs a layer's training stages produced: spec name -> folder relative to the run."""
+    value = state.get(f"train/layer_{layer}")
+    specs = value.get("specs") if isinstance(value, dict) else None
+    return dict(specs) if isinstance(specs, dict) else {}
+
+
+def _layer_specs(plan: SuitePlan, layer: int) -> list[Any]:
+    """The plan's SAEs at one layer, in training order: site, then width, then sparsity."""
+    from gemmascope.train import TrainSpec
 
     specs = []
-    for site in sites:
+    for kind in plan.kinds:
+        site = str(Site(kind, layer))
         for width in plan.widths:
             for target in plan.target_l0s:
                 specs.append(
-                    TrainSpec(site=str(site), width=width, architecture=plan.architecture, target_l0=target)
+                    TrainSpec(site=site, width=width, architecture=plan.architecture, target_l0=target)
                 )
             for coeff in plan.l0_coeffs:
                 specs.append(
-                    TrainSpec(site=str(site), width=width, architecture=plan.architecture, l0_coeff=coeff)
+                    TrainSpec(site=site, width=width, architecture=plan.architecture, l0_coeff=coeff)
                 )
-    config = TrainConfig(
-        name=f"layer_{layer}", seed=plan.seed, fast=plan.fast and plan.architecture == "jumprelu"
-    )
+    return specs
+
+
+def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str) -> list[Path]:
+    from gemmascope.train import TrainConfig, train_saes
+
+    config = TrainConfig(name=name, seed=plan.seed, fast=plan.fast and plan.architecture == "jumprelu")
     if plan.batch_size is not None:
         config.batch_size = plan.batch_size
-    return train_saes(run_dir, specs, plan.train_tokens or plan.tokens, config)
+    return train_saes(run_dir, list(specs), plan.train_tokens or plan.tokens, config)
 
 
 def _drop_activations(run_dir: Path, sites: Sequence[Site]) -> None:
@@ -260,7 +395,7 @@ def _drop_activations(run_dir: Path, sites: Sequence[Site]) -> None:
     import shutil
 
     for site in sites:
-        shutil.rmtree(run_dir / "activations" / site.folder, ignore_errors=True)
+        shutil.rmtree(run_dir / ACTIVATIONS / site.folder, ignore_errors=True)
 
 
 def _evaluate_layer(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequence[Path]) -> None:
@@ -283,7 +418,7 @@ def _index(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequen
     build_index(
         model,
         saes,
-        run_dir / "features.sqlite",
+        run_dir / FEATURES_DB,
         n_tokens=plan.index_tokens,
         corpus=plan.corpus,
         context_len=plan.context_len,
@@ -297,145 +432,10 @@ def _index(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequen
 def write_suite_report(run_dir: Path, folders: Sequence[Path]) -> Path:
     """Write `report/evals.json` and the frontier plots (evals.write_report), plus the suite's
     `summary.txt` table and `heatmap.png` (layers x sites of L0, FVU and delta LM loss)."""
-    from gemmascope.evals import format_table, write_report
+    from gemmascope.evals import format_table, plot_heatmap, write_report
 
     results = [json.loads((f / "eval.json").read_text()) for f in folders]
     report = write_report(run_dir, results)
     (report / "summary.txt").write_text(format_table(results) + "\n")
     plot_heatmap(results, report / "heatmap.png")
     return report
-
-
-def _cell_metrics(result: dict[str, Any]) -> tuple[str, int, dict[str, float]]:
-    from gemmascope.evals import summary
-
-    row = summary(result)
-    site = result.get("sae_cfg", {}).get("site", "")
-    kind, layer = site.rsplit(".", 1)
-    return kind, int(layer), row
-
-
-def plot_heatmap(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """A layers x sites heatmap of L0, FVU and delta LM loss. Where a cell has several SAEs it
-    shows the widest, and of those the one with the median L0, so each cell is one real SAE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cells: dict[tuple[str, int], list[dict[str, float]]] = {}
-    for result in results:
-        kind, layer, row = _cell_metrics(result)
-        cells.setdefault((kind, layer), []).append(row)
-    kinds = [k for k in SITE_KINDS if any(c[0] == k for c in cells)]
-    layers = sorted({c[1] for c in cells})
-    metrics = [("l0", "L0"), ("fvu", "FVU"), ("delta_lm_loss", "ΔLM loss")]
-    fig, axes = plt.subplots(
-        1, 3, figsize=(4 + 1.2 * len(kinds) * 3, 1.5 + 0.35 * len(layers)), squeeze=False
-    )
-    for ax, (key, title) in zip(axes[0], metrics, strict=True):
-        grid = np.full((len(layers), len(kinds)), np.nan)
-        for (kind, layer), rows in cells.items():
-            widest = max(r.get("d_sae", 0) for r in rows)
-            rows = sorted((r for r in rows if r.get("d_sae", 0) == widest), key=lambda r: r.get("l0", 0))
-            grid[layers.index(layer), kinds.index(kind)] = rows[len(rows) // 2].get(key, np.nan)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(kinds)), kinds, rotation=30)
-        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        ax.set_ylabel("layer")
-        ax.set_title(title)
-        for i in range(len(layers)):
-            for j in range(len(kinds)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# The demo
-
-
-def showcase_features(db_path: Path, sae_id: str, n: int = 3, candidates: int = 400) -> list[dict[str, Any]]:
-    """Pick `n` latents that read well in a terminal: not rare, not dense, and whose top windows
-    mostly fire on the same token (a plainly interpretable latent). Returns their feature records."""
-    from collections import Counter
-
-    from gemmascope.features import FeatureIndex
-
-    index = FeatureIndex(db_path)
-    d_sae = int(next(s for s in index.saes() if s["sae_id"] == sae_id)["d_sae"])
-    scored: list[tuple[float, int]] = []
-    seen_tokens: set[str] = set()
-    for i in range(min(d_sae, candidates)):
-        feature = index.feature(sae_id, i)
-        examples = feature.get("top_examples") or []
-        if not 1e-4 <= float(feature.get("density") or 0) <= 0.05 or len(examples) < 5:
-            continue
-        focus = Counter(e["tokens"][e["focus"]].strip().lower() for e in examples)
-        token, count = focus.most_common(1)[0]
-        scored.append((count / len(examples) + 0.01 * len(token), i))
-    picked = []
-    for _score, i in sorted(scored, reverse=True):
-        feature = index.feature(sae_id, i)
-        examples = feature["top_examples"]
-        token = examples[0]["tokens"][examples[0]["focus"]].strip().lower()
-        if token in seen_tokens:
-            continue
-        seen_tokens.add(token)
-        picked.append(feature)
-        if len(picked) == n:
-            break
-    return picked
-
-
-def format_window(example: dict[str, Any]) -> str:
-    """One top-activating window as text, the activating token in [[brackets]]."""
-    parts = []
-    for j, tok in enumerate(example["tokens"]):
-        parts.append(f"[[{tok}]]" if j == example["focus"] else tok)
-    return "".join(parts).replace("\n", " ")
-
-
-def run_demo(
-    run_dir: Path | str,
-    plan: SuitePlan,
-    serve: bool = True,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    say: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """The whole loop on one site: harvest, train one JumpReLU SAE, evaluate, index; print the eval
-    table and three features with their top text; then serve the web UI (unless `serve` is False)."""
-    from gemmascope.evals import format_table
-    from gemmascope.formats import sae_id
-
-    run_dir = Path(run_dir)
-    started = time.monotonic()
-    out = run_suite(run_dir, plan, say=say)
-    folder = out["saes"][0]
-    say("\n" + format_table(out["results"]))
-    key = sae_id(folder)
-    features = showcase_features(run_dir / "features.sqlite", key)
-    say(f"\nThree features of {key} and where they fire most:")
-    for feature in features:
-        say(
-            f"\n  feature {feature['index']}  (density {feature['density']:.2e}, max activation {feature['max_act']:.1f})"
-        )
-        if feature.get("explanation"):
-            say(f"  explanation: {feature['explanation']}")
-        for example in feature["top_examples"][:3]:
-            say(f"    {max(example['acts']):6.1f}  {format_window(example)}")
-    say(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {run_dir}")
-    out["showcase"] = features
-    if serve:
-        from gemmascope.server.app import serve as serve_ui
-
-        say(f"serving the web UI at http://{host}:{port}/  (Ctrl-C to stop)")
-        serve_ui(run_dir, host=host, port=port)
-    return out

@@ -17,7 +17,6 @@ Knows models, corpora and SAEs through their public functions; knows nothing of 
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gemmascope.corpus import load_corpus, pack, source_name, special_mask
+from gemmascope.corpus import DEFAULT_CORPUS, source_name, special_mask, token_rows
 from gemmascope.errors import ConfigError, CorpusError
 from gemmascope.features.explain import baseline_explanation
 from gemmascope.features.lens import decoder_neighbours, logit_lens
@@ -51,48 +50,14 @@ from gemmascope.features.stream import (
     SparseSample,
     top_correlations,
 )
-from gemmascope.models import LanguageModel, Site, capture, parse_site, site_d_in
-from gemmascope.sae import SAE, norm_limit
+from gemmascope.models import LanguageModel
+from gemmascope.sae import SAE, encode_inputs, sae_site
+from gemmascope.sites import Site, capture_batches, site_d_in
 
 LOGIT_K = 10
 N_NEIGHBOURS = 10
 FLOW_K = 10
 PAGE_CHUNK = 512  # feature pages assembled and written at once (bounds the memory of that step)
-
-
-def sae_site(sae_id: str, sae: SAE, model: LanguageModel) -> Site:
-    """The site an SAE reads, checked against the model (layer in range, width matches)."""
-    spec = sae.cfg.site or sae.cfg.hook_name
-    if not spec:
-        raise ConfigError(
-            f"SAE {sae_id!r} has no site in its config (cfg.json 'metadata.hook_name'): expected one "
-            "such as 'resid_post.6' (on the command line: --site)"
-        )
-    site = parse_site(spec, model.n_layers)
-    width = site_d_in(model, site)
-    if sae.d_in != width:
-        raise ConfigError(
-            f"SAE {sae_id!r} reads {sae.d_in}-wide activations but site {site} of model {model.name!r} "
-            f"is {width} wide: expected the model and site the SAE was trained on"
-        )
-    return site
-
-
-def index_rows(model: LanguageModel, n_tokens: int, corpus: str, split: str, context_len: int) -> Tensor:
-    """`[rows, context_len]` token ids of the first `n_tokens` positions (rounded up to whole rows)
-    of a corpus split, packed with BOS first; a CorpusError when the split holds fewer."""
-    if n_tokens < 1:
-        raise ConfigError(f"n_tokens={n_tokens} must be at least 1")
-    n_rows = math.ceil(n_tokens / context_len)
-    docs = load_corpus(corpus, split)
-    rows = pack(model.tokenizer, docs, context_len=context_len, max_rows=n_rows)
-    if rows.shape[0] < n_rows:
-        have = rows.shape[0] * context_len
-        raise CorpusError(
-            f"the {split!r} split of corpus {corpus!r} holds {have:,} tokens in rows of {context_len}, "
-            f"fewer than the {n_tokens:,} asked for: ask for at most {have:,} tokens or use a bigger corpus"
-        )
-    return rows
 
 
 class _SiteActivations:
@@ -129,20 +94,20 @@ class _SiteActivations:
             self.second_pass = "spill"
 
     def batches(self, first: bool, desc: str, progress: bool) -> Iterator[tuple[int, dict[Site, Tensor]]]:
+        spill = self.spill
+        if first or spill is None:
+            for batch in capture_batches(
+                self.model, self.rows, self.sites, self.batch_rows, desc=desc, progress=progress
+            ):
+                if first and spill is not None:
+                    for site, a in batch.acts.items():
+                        spill[site][batch.start : batch.stop] = a.float().cpu().numpy()
+                yield batch.start, batch.acts
+            return
         n_rows = self.rows.shape[0]
         for start in tqdm(range(0, n_rows, self.batch_rows), desc=desc, unit="batch", disable=not progress):
             stop = min(n_rows, start + self.batch_rows)
-            if first or self.spill is None:
-                ids = self.rows[start:stop].to(self.model.device)
-                acts = capture(self.model, ids, self.sites)
-                if first and self.spill is not None:
-                    for site, a in acts.items():
-                        self.spill[site][start:stop] = a.float().cpu().numpy()
-            else:
-                acts = {
-                    site: torch.from_numpy(np.asarray(self.spill[site][start:stop])) for site in self.sites
-                }
-            yield start, acts
+            yield start, {site: torch.from_numpy(np.asarray(spill[site][start:stop])) for site in self.sites}
 
     def close(self) -> None:
         self.spill = None
@@ -151,23 +116,12 @@ class _SiteActivations:
             self._tmp = None
 
 
-def _encode(sae: SAE, x: Tensor, keep: Tensor) -> Tensor:
-    """`[rows, ctx, d_sae]` latent activations of site activations `x [rows, ctx, d_in]`, zero at
-    special positions (`keep [rows, ctx]` False there)."""
-    limit = norm_limit(sae)
-    if limit is not None:  # inputs like those training left out (Gemma 3's massive activations)
-        keep = keep & (x.norm(dim=-1) <= limit).to(keep.device)
-    with torch.no_grad():
-        acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float()
-    return acts * keep.to(acts.device)[..., None]
-
-
 def build_index(
     model: LanguageModel,
     saes: Mapping[str, SAE],
     db_path: str | Path,
     n_tokens: int = 20_000,
-    corpus: str = "wiki",
+    corpus: str = DEFAULT_CORPUS,
     split: str = "heldout",
     *,
     context_len: int = 128,
@@ -190,8 +144,8 @@ def build_index(
     if batch_rows < 1:
         raise ConfigError(f"batch_rows={batch_rows} must be at least 1")
     started = time.perf_counter()
-    sites = {sae_id: sae_site(sae_id, sae, model) for sae_id, sae in saes.items()}
-    rows = index_rows(model, n_tokens, corpus, split, context_len)
+    sites = {sae_id: sae_site(model, sae, sae_id) for sae_id, sae in saes.items()}
+    rows = token_rows(model.tokenizer, n_tokens, corpus, split, context_len)
     keep = ~special_mask(rows, model.special_token_ids)  # [rows, ctx]
     n_valid = int(keep.sum())
     if n_valid == 0:
@@ -270,7 +224,7 @@ def _build(
         for start, acts_by_site in source.batches(True, "indexing: pass 1/2", progress):
             k = keep[start : start + batch_rows]
             for sid, sae in saes.items():
-                acts = _encode(sae, acts_by_site[sites[sid]], k)
+                acts = encode_inputs(sae, acts_by_site[sites[sid]], k).float()
                 pass1[sid].update(acts, int(k.sum()), start * ctx)
                 if with_flow:
                     samples[sid].update(acts[k.to(acts.device)].cpu())
@@ -285,7 +239,7 @@ def _build(
         for start, acts_by_site in source.batches(False, "indexing: pass 2/2", progress):
             k = keep[start : start + batch_rows]
             for sid, sae in saes.items():
-                acts = _encode(sae, acts_by_site[sites[sid]], k)
+                acts = encode_inputs(sae, acts_by_site[sites[sid]], k).float()
                 pass2[sid].update(acts, start * ctx)
                 for c in centres[(centres // ctx >= start) & (centres // ctx < start + len(k))].tolist():
                     row, pos = c // ctx - start, c % ctx

@@ -19,7 +19,7 @@ from typing import Any
 
 from gemmascope.errors import ConfigError
 from gemmascope.features.store import FeatureIndex
-from gemmascope.models import parse_site
+from gemmascope.sites import parse_site
 
 _KIND_SHORT = {"resid_post": "res", "attn_out": "att", "mlp_out": "mlp", "mlp_in": "mlpin"}
 

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gemmascope.models import LanguageModel, Site
+from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE
+from gemmascope.sites import Site
 
 _CHUNK_ENTRIES = 1 << 24  # logits or cosines held at once (64 MiB of fp32)
 

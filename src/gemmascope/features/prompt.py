@@ -9,36 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
-from gemmascope.models import LanguageModel, capture, parse_site, token_texts
-from gemmascope.sae import SAE, norm_limit
-
-MAX_PROMPT_TOKENS = 1024
+from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel, prompt_tokens, token_texts
+from gemmascope.sae import SAE, encode_inputs, sae_site
+from gemmascope.sites import capture
 
 
 def encode_text(
     model: LanguageModel, sae: SAE, text: str, max_tokens: int = MAX_PROMPT_TOKENS
 ) -> tuple[list[int], Tensor]:
-    """Tokenise `text` (BOS first), run the model to the SAE's site and encode: token ids `[T]` and
-    latent activations `[T, d_sae]` (the BOS row included; callers hide it)."""
-    if not text or not text.strip():
-        raise ConfigError("the text is empty: expected at least one token")
-    if not sae.cfg.site:
-        raise ConfigError("the SAE has no site in its config: expected e.g. 'resid_post.6'")
-    site = parse_site(sae.cfg.site, model.n_layers)
-    ids = model.to_tokens(text)
-    if ids.shape[1] - 1 > max_tokens:
-        raise ConfigError(f"the text has {ids.shape[1] - 1} tokens, more than the limit of {max_tokens}")
-    x = capture(model, ids, [site])[site][0]
-    with torch.no_grad():
-        acts = sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float().cpu()
-    limit = norm_limit(sae)
-    if limit is not None:  # inputs like those training left out (Gemma 3's massive activations)
-        acts[x.norm(dim=-1).cpu() > limit] = 0.0
-    return ids[0].tolist(), acts
+    """Tokenise `text` (BOS first), run the model to the SAE's site and encode (`sae.encode_inputs`,
+    so massive-activation positions get no latents): token ids `[T]` and latent activations
+    `[T, d_sae]` on the CPU (the BOS row included; callers hide it)."""
+    site = sae_site(model, sae)
+    ids = prompt_tokens(model, text, max_tokens)
+    x = capture(model, ids, [site])[site][0]  # [T, d_in]
+    return ids[0].tolist(), encode_inputs(sae, x).float().cpu()
 
 
 def _visible(acts: Tensor, densities: Tensor | None, hide_dense: float | None) -> Tensor:

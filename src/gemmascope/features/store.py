@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS null_windows (
 """
 
 BASELINE = "baseline"  # the explainer that needs no other model (explain.py)
+_STAGING = "\t(re-build)"  # suffix of the id a re-build writes under until it completes
+
+
+def _staging(sae_id: str) -> str:
+    return sae_id + _STAGING
 
 
 def sae_fingerprint(sae: SAE) -> str:
@@ -79,13 +84,14 @@ class FeatureIndex:
 
     def __init__(self, db_path: str | Path, create: bool = False) -> None:
         self.path = Path(db_path)
+        # How messages name the file: its folder and name, never an absolute path (they reach HTTP clients).
+        self.where = str(Path(self.path.parent.name) / self.path.name)
         if not create and not self.path.is_file():
-            raise StoreError(
-                f"no feature index at {str(self.path)!r}: build one with 'gemmascope index RUN_DIR'"
-            )
+            raise StoreError(f"no feature index at {self.where!r}: build one with 'gemmascope index RUN_DIR'")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._staged: dict[str, str] = {}  # sae_id -> staging id, for re-builds begun by this object
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
             schema = self._meta_schema()
@@ -96,11 +102,11 @@ class FeatureIndex:
                 self._db.commit()
             elif schema != SCHEMA:
                 raise StoreError(
-                    f"{str(self.path)!r} is not a gemmascope feature index (schema {schema!r}, "
+                    f"{self.where!r} is not a gemmascope feature index (schema {schema!r}, "
                     f"expected {SCHEMA!r})"
                 )
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{str(self.path)!r} is not a readable SQLite feature index: {err}") from err
+            raise StoreError(f"{self.where!r} is not a readable SQLite feature index: {err}") from err
 
     def _meta_schema(self) -> str | None:
         try:
@@ -151,7 +157,7 @@ class FeatureIndex:
         )
         out = []
         for r in rows:
-            if not r[9] and not include_incomplete:
+            if (not r[9] and not include_incomplete) or str(r[0]).endswith(_STAGING):
                 continue
             out.append(
                 {
@@ -177,12 +183,12 @@ class FeatureIndex:
             if info["sae_id"] == sae_id:
                 if not info["complete"]:
                     raise StoreError(
-                        f"the index of SAE {sae_id!r} in {str(self.path)!r} is incomplete (its build "
+                        f"the index of SAE {sae_id!r} in {self.where!r} is incomplete (its build "
                         "was interrupted): rebuild it with 'gemmascope index'"
                     )
                 return info
         known = ", ".join(i["sae_id"] for i in self.saes()) or "none"
-        raise StoreError(f"unknown SAE {sae_id!r} in {str(self.path)!r}: indexed SAEs are {known}")
+        raise StoreError(f"unknown SAE {sae_id!r} in {self.where!r}: indexed SAEs are {known}")
 
     def _check_latent(self, info: dict[str, Any], index: int) -> int:
         if isinstance(index, bool) or not isinstance(index, int | np.integer):
@@ -199,7 +205,7 @@ class FeatureIndex:
         info = self.sae_info(sae_id)
         if info["fingerprint"] != sae_fingerprint(sae):
             raise StoreError(
-                f"the index of {sae_id!r} in {str(self.path)!r} was built from other weights "
+                f"the index of {sae_id!r} in {self.where!r} was built from other weights "
                 f"(fingerprint {info['fingerprint']}, this SAE {sae_fingerprint(sae)}): rebuild it "
                 "with 'gemmascope index'"
             )
@@ -214,7 +220,7 @@ class FeatureIndex:
             (sae_id, index),
         )
         if not rows:
-            raise StoreError(f"latent {index} of {sae_id!r} is missing from {str(self.path)!r}: rebuild it")
+            raise StoreError(f"latent {index} of {sae_id!r} is missing from {self.where!r}: rebuild it")
         density, n_fired, max_act, blob = rows[0]
         data = unpack_json(blob)
         explanations = self.explanations(sae_id, index)
@@ -325,26 +331,32 @@ class FeatureIndex:
     # Writing (the builder and the explainers)
 
     def begin_sae(self, info: dict[str, Any]) -> None:
-        """Start (re)building one SAE: drop its old rows and register it as incomplete. `info` has
+        """Start (re)building one SAE. A first build registers it as incomplete under its own id; a
+        re-build of a complete SAE writes under a staging id, and `finish_sae` swaps the new rows in
+        for the old in one transaction, so a killed re-build leaves the good index whole. `info` has
         sae_id, site, layer, width, d_in, architecture, model_name, fingerprint, folder."""
         with self._transaction() as db:
             current = self.model_name
             if current is not None and current != info["model_name"]:
                 raise StoreError(
-                    f"{str(self.path)!r} indexes SAEs of model {current!r}, not {info['model_name']!r}: "
+                    f"{self.where!r} indexes SAEs of model {current!r}, not {info['model_name']!r}: "
                     "use another index file"
                 )
             if current is None:
                 db.execute("INSERT INTO meta VALUES ('model_name', ?)", (info["model_name"],))
             sae_id = info["sae_id"]
-            for table in ("features", "explanations", "null_windows", "flow"):
-                db.execute(f"DELETE FROM {table} WHERE sae_id = ?", (sae_id,))
-            db.execute("DELETE FROM flow WHERE other_sae_id = ?", (sae_id,))
+            complete = db.execute("SELECT complete FROM saes WHERE sae_id = ?", (sae_id,)).fetchone()
+            key = _staging(sae_id) if complete is not None and complete[0] else sae_id
+            self._delete_rows(db, _staging(sae_id))
+            if key == sae_id:
+                self._delete_rows(db, sae_id)
+            else:
+                self._staged[sae_id] = key
             db.execute(
                 "INSERT OR REPLACE INTO saes (sae_id, site, layer, width, d_in, architecture, model_name, "
                 "fingerprint, folder, complete, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)",
                 (
-                    sae_id,
+                    key,
                     info["site"],
                     info["layer"],
                     info["width"],
@@ -356,34 +368,57 @@ class FeatureIndex:
                 ),
             )
 
+    @staticmethod
+    def _delete_rows(db: sqlite3.Connection, sae_id: str) -> None:
+        for table in ("features", "explanations", "null_windows", "flow"):
+            db.execute(f"DELETE FROM {table} WHERE sae_id = ?", (sae_id,))
+        db.execute("DELETE FROM flow WHERE other_sae_id = ?", (sae_id,))
+        db.execute("DELETE FROM saes WHERE sae_id = ?", (sae_id,))
+
+    def _key(self, sae_id: str) -> str:
+        """Where this SAE's rows are written now: its staging id during a re-build."""
+        return self._staged.get(sae_id, sae_id)
+
     def write_features(
         self, sae_id: str, rows: Iterable[tuple[int, float, int, float, dict[str, Any]]]
     ) -> None:
         """Rows `(index, density, n_fired, max_act, data)` with `data` the rest of the feature page."""
+        key = self._key(sae_id)
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?, ?, ?)",
-                ((sae_id, i, d, n, m, pack_json(data)) for i, d, n, m, data in rows),
+                ((key, i, d, n, m, pack_json(data)) for i, d, n, m, data in rows),
             )
 
     def write_flow(self, rows: Iterable[tuple[str, int, str, int, float]]) -> None:
         """Rows `(sae_id, index, other_sae_id, other_index, corr)`."""
         with self._transaction() as db:
-            db.executemany("INSERT INTO flow VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO flow VALUES (?, ?, ?, ?, ?)",
+                ((self._key(a), i, self._key(b), j, c) for a, i, b, j, c in rows),
+            )
 
     def write_null_windows(self, sae_id: str, windows: Iterable[tuple[list[str], np.ndarray]]) -> None:
+        key = self._key(sae_id)
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO null_windows VALUES (?, ?, ?, ?)",
                 (
-                    (sae_id, w, json.dumps(tokens), np.asarray(latents, dtype=np.int32).tobytes())
+                    (key, w, json.dumps(tokens), np.asarray(latents, dtype=np.int32).tobytes())
                     for w, (tokens, latents) in enumerate(windows)
                 ),
             )
 
     def finish_sae(self, sae_id: str, stats: dict[str, Any]) -> None:
-        """Mark an SAE's index complete (the last write of a build)."""
+        """Mark an SAE's index complete (the last write of a build); a re-build's rows replace the old
+        ones here, in one transaction."""
+        key = self._staged.pop(sae_id, sae_id)
         with self._transaction() as db:
+            if key != sae_id:
+                self._delete_rows(db, sae_id)
+                for table in ("saes", "features", "explanations", "null_windows", "flow"):
+                    db.execute(f"UPDATE {table} SET sae_id = ? WHERE sae_id = ?", (sae_id, key))
+                db.execute("UPDATE flow SET other_sae_id = ? WHERE other_sae_id = ?", (sae_id, key))
             db.execute(
                 "UPDATE saes SET complete = 1, stats = ? WHERE sae_id = ?", (json.dumps(stats), sae_id)
             )
@@ -407,14 +442,14 @@ class FeatureIndex:
         explainer: str = BASELINE,
         model: str | None = None,
     ) -> None:
-        info = self.saes(include_incomplete=True)
-        widths = {i["sae_id"]: i["width"] for i in info}
-        if sae_id not in widths:
-            raise StoreError(f"unknown SAE {sae_id!r} in {str(self.path)!r}")
+        key = self._key(sae_id)
+        widths = {r[0]: r[1] for r in self._query("SELECT sae_id, width FROM saes")}
+        if key not in widths:
+            raise StoreError(f"unknown SAE {sae_id!r} in {self.where!r}")
         now = time.time()
         rows = []
         for index, text, score in items:
-            self._check_latent({"sae_id": sae_id, "width": widths[sae_id]}, index)
-            rows.append((sae_id, int(index), explainer, text, score, model, now))
+            self._check_latent({"sae_id": sae_id, "width": widths[key]}, index)
+            rows.append((key, int(index), explainer, text, score, model, now))
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?, ?, ?)", rows)

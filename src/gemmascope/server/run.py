@@ -21,11 +21,14 @@ from typing import Any
 import torch
 
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.models import LanguageModel, capture, load_model, parse_site, token_texts
-from gemmascope.sae import SAE
-from gemmascope.steer import sae_site
+from gemmascope.models import LanguageModel, load_model, prompt_tokens, token_texts
+from gemmascope.runs import EVAL_FILE, EVALS_JSON, FEATURES_DB, REPORT, RUN_JSON
+from gemmascope.sae import SAE, encode_inputs, sae_site
+from gemmascope.sites import capture, parse_site
 
-MAX_PROMPT_TOKENS = 256  # prompt tokens after BOS in one request that runs the model
+# The request limit: prompt tokens after BOS in one HTTP request that runs the model. Smaller than
+# the library's `models.MAX_PROMPT_TOKENS`: a shared server bounds each request's work tighter.
+MAX_REQUEST_TOKENS = 256
 MAX_NEW_TOKENS = 64  # tokens one steering request may generate
 MAX_PROMPT_CHARS = 4000  # refused before tokenising, so a huge body costs nothing
 STRENGTH_FACTOR = 100.0  # |strength| <= this x the feature's max activation
@@ -71,14 +74,15 @@ class Run:
     requests editing or capturing the same model at once would see each other's hooks."""
 
     def __init__(self, run_dir: str | Path, model: LanguageModel | None = None) -> None:
-        from gemmascope.formats import find_saes, load_sae, sae_id
+        from gemmascope.formats import load_sae
+        from gemmascope.runs import find_saes, sae_id
 
         self.run_dir = Path(run_dir).expanduser().resolve()
         if not self.run_dir.is_dir():
             raise StoreError(
                 f"run folder {str(run_dir)!r} does not exist: expected a folder made by gemmascope"
             )
-        self.info = _read_json(self.run_dir / "run.json")
+        self.info = _read_json(self.run_dir / RUN_JSON)
         folders = find_saes(self.run_dir)
         if not folders:
             raise StoreError(
@@ -91,16 +95,16 @@ class Run:
         self.saes: dict[str, LoadedSAE] = {}
         for folder, sae in loaded:
             key = sae_id(folder)
-            site = sae_site(self.model, sae)  # the model has this site, of this width
-            result = evals.get(key) or _eval_summary(Path(folder) / "eval.json")
+            site = sae_site(self.model, sae, key)  # the model has this site, of this width
+            result = evals.get(key) or _eval_summary(Path(folder) / EVAL_FILE)
             self.saes[key] = LoadedSAE(key, sae, str(site), site.kind, site.layer, result)
         self.model_lock = threading.Lock()
-        self.index_path = self.run_dir / "features.sqlite"
+        self.index_path = self.run_dir / FEATURES_DB
         self._index: Any = None  # features.FeatureIndex, opened on first use; safe across threads
         self._index_lock = threading.Lock()
         self._not_indexed: dict[str, str | None] = {}  # sae id -> why it cannot be shown, or None
         self._columns: dict[tuple[str, str], torch.Tensor] = {}
-        self.report_dir = self.run_dir / "report"
+        self.report_dir = self.run_dir / REPORT
 
     # -- what the run holds --------------------------------------------------------------------
 
@@ -110,7 +114,7 @@ class Run:
 
     def _read_evals(self) -> dict[str, dict[str, Any]]:
         """Headline eval numbers per SAE id from `report/evals.json` (its flat `summary` rows)."""
-        data = _read_json(self.run_dir / "report" / "evals.json")
+        data = _read_json(self.run_dir / REPORT / EVALS_JSON)
         rows = data.get("summary") if isinstance(data, dict) else None
         return {row["sae_id"]: row for row in rows or [] if isinstance(row, dict) and "sae_id" in row}
 
@@ -189,13 +193,10 @@ class Run:
                 f"the prompt is {len(text)} characters long: expected at most {MAX_PROMPT_CHARS}"
             )
 
-    def prompt_ids(self, text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    def prompt_ids(self, text: str, max_tokens: int = MAX_REQUEST_TOKENS) -> list[int]:
         """Token ids of a prompt (BOS first), refusing an empty or over-long one with ConfigError."""
         self.check_text(text)
-        ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_tokens:
-            raise ConfigError(f"the prompt is {len(ids)} tokens long: expected at most {max_tokens}")
-        return [int(self.model.tokenizer.bos_token_id), *ids]
+        return prompt_tokens(self.model, text, max_tokens)[0].tolist()  # type: ignore[no-any-return]
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return token_texts(self.model.tokenizer, ids)
@@ -205,14 +206,13 @@ class Run:
             return STRENGTH_FACTOR * max_activation
         return STRENGTH_LIMIT
 
-    @torch.no_grad()
     def feature_acts(self, entry: LoadedSAE, index: int, ids: list[int]) -> list[float]:
-        """Activation `[T]` of latent `index` of one SAE on each token of `ids` (BOS included)."""
+        """Activation `[T]` of latent `index` of one SAE on each token of `ids` (BOS included; zero
+        where the input is massive, as the microscope shows it: `sae.encode_inputs`)."""
         site = parse_site(entry.site)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         x = capture(self.model, input_ids, [site])[site][0]  # [T, d_in]
-        sae = entry.sae
-        return sae.encode(x.to(sae.W_dec.dtype))[:, index].tolist()  # type: ignore[no-any-return]
+        return encode_inputs(entry.sae, x)[:, index].tolist()  # type: ignore[no-any-return]
 
 
 def _eval_summary(path: Path) -> dict[str, Any]:

@@ -49,8 +49,8 @@ async function steer() {
     return {sae_id: row.querySelector(".sae").value, index: Number(row.querySelector(".index").value),
       strength: s === "" ? null : Number(s), mode: row.querySelector(".mode").value};
   });
-  const body = {prompt: $("prompt").value, features, temperature: numberOr("temperature", 0.7),
-    seed: numberOr("seed", 0), max_new_tokens: numberOr("max-new", 32), freq_penalty: numberOr("freq", 1)};
+  const body = {prompt: $("prompt").value, features, temperature: numberOr("temperature", 0.5),
+    seed: numberOr("seed", 0), max_new_tokens: numberOr("max-new", 40), freq_penalty: numberOr("freq", 1)};
   $("status").textContent = "generating both completions…";
   const data = await GS.busy($("steer"), $("error"), () => GS.api("/v1/steer/completion", body));
   $("status").textContent = "";

@@ -1,0 +1,188 @@
+"""Training quality against EleutherAI sparsify at the same budget (issue "SAEs worth reading").
+
+    python benchmarks/quality.py                       # 300k training tokens at resid_post.6 and mlp_out.6
+    python benchmarks/quality.py --budgets 300000,2000000 --sites resid_post.6
+
+For each site and training budget, on identical tokens of Gemma 3 270M (the bundled Wikipedia corpus,
+train split, harvested once into `--run-dir`):
+- ours: JumpReLU with the default recipe (target L0 = `--l0`), TopK and BatchTopK (k = `--l0`) with
+  their own settings (b_dec at the data mean, AuxK on dead latents, Adam beta1 0.9);
+- sparsify (PyPI `eai-sparsify`, a bench-only requirement): its own Trainer and defaults, TopK k =
+  `--l0`, fed the same harvested activations in the same order (benchmarks/sparsify_baseline.py).
+Every SAE is measured by our `evaluate` on `--eval-tokens` held-out tokens: L0, FVU, ΔLM loss, CE
+recovered, KL, dead (never fired on them), latents over 50% / 10% density and their share of L0, and
+the wall time of its training. Writes benchmarks/results/quality.json and quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmascope.activations import ActivationStore, harvest
+from gemmascope.evals import evaluate, summary
+from gemmascope.formats import load_sae
+from gemmascope.models import load_model
+from gemmascope.runs import HELDOUT
+from gemmascope.sae import SAE, SAEConfig, TopKSAE
+from gemmascope.sites import parse_site
+from gemmascope.train import TrainConfig, TrainSpec, train_saes
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sparsify_baseline import train_sparsify_topk  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+COLUMNS = ("l0", "fvu", "delta_lm_loss", "ce_loss_score", "kl_div_with_sae", "frac_dead")
+
+
+def ints(text: str) -> list[int]:
+    return [int(float(part)) for part in text.split(",") if part]
+
+
+def sparsify_tokens(store: ActivationStore, site: str, tokens: int) -> torch.Tensor:
+    """`[tokens, d_in]` raw activations in the order our trainer reads them (seed 0, batch 4,096),
+    epochs repeated as needed: sparsify sees exactly our training tokens."""
+    per_epoch = int(store.manifest(site)["n_tokens_non_special"])
+    batches = store.batches([site], 4096, seed=0, epochs=math.ceil(tokens / per_epoch) + 1)
+    parts, n = [], 0
+    for batch in batches:
+        parts.append(batch[parse_site(site)])
+        n += len(parts[-1])
+        if n >= tokens:
+            break
+    return torch.cat(parts)[:tokens]
+
+
+def train_ours(run_dir: Path, site: str, budget: int, width: int, l0: int) -> dict[str, tuple[SAE, float]]:
+    """Our three architectures, each in its own pass (so each has its own wall time)."""
+    specs = {
+        "ours jumprelu": TrainSpec(site, width, target_l0=l0),
+        "ours topk": TrainSpec(site, width, "topk", k=l0),
+        "ours batchtopk": TrainSpec(site, width, "batchtopk", k=l0),
+    }
+    out = {}
+    for label, spec in specs.items():
+        started = time.monotonic()
+        name = f"quality_{budget}_{site}_{spec.architecture}"
+        [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name))
+        out[label] = (load_sae(folder), time.monotonic() - started)
+    return out
+
+
+def train_theirs(
+    store: ActivationStore, site: str, budget: int, width: int, l0: int
+) -> tuple[SAE, float, dict]:
+    x = sparsify_tokens(store, site, budget)
+    started = time.monotonic()
+    state, info = train_sparsify_topk(x, l0, width, overrides={"auxk_alpha": 1 / 32})
+    wall = time.monotonic() - started
+    sae = TopKSAE(SAEConfig("topk", x.shape[1], width, k=l0, site=site, hook_name=parse_site(site).hook_name))
+    sae.load_state_dict(state)
+    info.pop("train_fvu", None)
+    return sae, wall, info
+
+
+def plot(rows: list[dict[str, Any]], png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    sites = sorted({r["site"] for r in rows})
+    fig = Figure(figsize=(5.5 * len(sites), 4.2), dpi=110)
+    for i, site in enumerate(sites):
+        ax = fig.add_subplot(1, len(sites), i + 1)
+        for label in sorted({r["sae"] for r in rows}):
+            pts = sorted(
+                (r["budget"], r["delta_lm_loss"]) for r in rows if r["site"] == site and r["sae"] == label
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("ΔLM loss (nats)")
+        ax.set_title(site)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| site | tokens | SAE | L0 | FVU | ΔLM loss | CE rec | KL | dead | >50% | >10% (L0 share) | train s |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['site']} | {r['budget']:,} | {r['sae']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
+            f"{r['delta_lm_loss']:.3f} | {r['ce_loss_score']:.3f} | {r['kl_div_with_sae']:.3f} | "
+            f"{r['frac_dead']:.3f} | {r['n_over_50_percent']} | {r['n_over_10_percent']} "
+            f"({r['l0_share_over_10_percent']:.2f}) | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", default="runs/bench_quality")
+    parser.add_argument("--sites", default="resid_post.6,mlp_out.6")
+    parser.add_argument("--budgets", default="300000")
+    parser.add_argument(
+        "--harvest-tokens",
+        type=int,
+        default=None,
+        help="distinct tokens (default: the largest budget, at most the corpus)",
+    )
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--l0", type=int, default=45)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="quality")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    sites, budgets = args.sites.split(","), ints(args.budgets)
+    model = load_model("gemma-3-270m")
+    started = time.monotonic()
+    harvest(model, sites, run_dir, n_tokens=args.harvest_tokens or min(max(budgets), 940_000))
+    harvest(model, sites, run_dir / HELDOUT, n_tokens=args.eval_tokens, split="heldout")
+    harvest_s = time.monotonic() - started
+    store = ActivationStore(run_dir)
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    for budget in budgets:
+        for site in sites:
+            trained = train_ours(run_dir, site, budget, args.width, args.l0)
+            theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0)
+            trained["sparsify topk"] = (theirs, wall)
+            extra[f"sparsify {site} {budget}"] = info
+            results = evaluate(
+                model, {label: sae for label, (sae, _) in trained.items()}, n_tokens=args.eval_tokens
+            )
+            for label, result in zip(trained, results, strict=True):
+                s = summary(result)
+                rows.append(
+                    {"site": site, "budget": budget, "sae": label, "train_seconds": trained[label][1], **s}
+                )
+                print(json.dumps({k: rows[-1][k] for k in ("site", "budget", "sae", *COLUMNS)}), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = {
+        "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+        "harvest_seconds": harvest_s,
+        "rows": rows,
+        "sparsify": extra,
+    }
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1, default=str))
+    plot(rows, RESULTS / f"{args.out}.png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

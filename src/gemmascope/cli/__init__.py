@@ -1,0 +1,69 @@
+"""The `gemmascope` command: argument parsing and printing over the public functions of the
+pipeline modules. `pipeline` holds the subcommands that write into a run folder (demo, suite,
+harvest, train, convert), `measure` those that measure SAEs and index their features (eval, index),
+`explore` those that look inside the model through them (inspect, steer, serve), `options` the shared
+option groups and the one comma-list parser. A `GemmaScopeError` is printed as
+one line (no traceback) and exits with status 2.
+
+Knows nothing of internals beyond those public functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from gemmascope.cli import explore, measure, pipeline
+from gemmascope.errors import GemmaScopeError
+
+# Each subcommand is a pair of functions: `args_NAME(parser)` adds its arguments and sets
+# `run_NAME(args) -> exit status` as the runner. SUBCOMMANDS lists them in help order.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "demo": (
+        "the whole loop on the bundled model and corpus: harvest, train, eval, index, serve",
+        pipeline.args_demo,
+    ),
+    "suite": ("train a suite of SAEs over many layers and sites, resumably", pipeline.args_suite),
+    "harvest": ("capture activations at sites into a run folder", pipeline.args_harvest),
+    "train": ("train SAEs on a run folder's activations with the Gemma Scope recipe", pipeline.args_train),
+    "eval": ("measure SAEs: L0, FVU, delta LM loss, CE recovered, KL, density, probing", measure.args_eval),
+    "index": ("build the feature index (features.sqlite) of SAEs", measure.args_index),
+    "inspect": ("print the top features of each token of a text", explore.args_inspect),
+    "steer": ("generate with and without steering, side by side", explore.args_steer),
+    "serve": ("serve the local web UI over a run folder", explore.args_serve),
+    "convert": (
+        "convert SAEs between formats (native, Gemma Scope npz / safetensors)",
+        pipeline.args_convert,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gemmascope import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gemmascope",
+        description="An open, trainable, local Gemma Scope: train, measure, explore and steer SAEs.",
+    )
+    parser.add_argument("--version", action="version", version=f"gemmascope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gemmascope` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except GemmaScopeError as err:
+        print(f"gemmascope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"gemmascope {args.command}: interrupted; finished work is kept, re-run to resume",
+            file=sys.stderr,
+        )
+        return 130

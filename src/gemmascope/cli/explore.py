@@ -1,0 +1,316 @@
+"""The subcommands that look inside the model through SAEs: `inspect` (a text's top features per
+token, search), `steer` (generation with and without an intervention) and `serve` (the web UI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gemmascope.cli.options import add_model, add_sae_choice, add_serving
+from gemmascope.errors import ConfigError, StoreError
+from gemmascope.runs import FEATURES_DB, find_index, resolve_sae, run_of, sae_id
+
+
+def args_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="the text to look at (not needed with --find)")
+    add_sae_choice(p)
+    add_model(p, None, "model to run (default: the model named in the SAE's metadata)")
+    p.add_argument("-k", type=int, default=5, help="features per token (default 5)")
+    p.add_argument(
+        "--dense", type=float, default=0.01, help="hide features firing on more than this share (0.01)"
+    )
+    p.add_argument("--show-dense", action="store_true", help="do not hide dense features")
+    p.add_argument("--search", action="store_true", help="list the features firing most on the text instead")
+    p.add_argument("--token", help="with --search: only at this token of the text")
+    p.add_argument("--find", metavar="QUERY", help="search the index's explanations instead")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from gemmascope.features import FeatureIndex
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.sae is None and run_dir is None:
+        raise ConfigError(
+            "inspect needs --sae SAE_FOLDER, or --run RUN_DIR (with --sae SAE_ID if it has several)"
+        )
+    key, folder = "", None
+    try:
+        key, folder = resolve_sae(args.sae, run_dir)
+    except StoreError:
+        if not (args.sae is None and args.find):  # --find searches every SAE when none is named
+            raise
+    if run_dir is None and folder is not None:
+        run_dir = run_of(folder)
+    db = Path(args.db) if args.db else (run_dir / FEATURES_DB if run_dir else None)
+    index = FeatureIndex(db) if db is not None and db.is_file() else None
+    if args.find:
+        if index is None:
+            raise StoreError(
+                "--find searches a feature index: build one with 'gemmascope index' or pass --db"
+            )
+        for hit in index.search_explanations(key or None, args.find, limit=args.limit):
+            score = "" if hit["score"] is None else f"  (score {hit['score']:.2f})"
+            print(f"{hit['sae_id']}#{hit['index']}: {hit['explanation']}{score}")
+        return 0
+    if not args.text:
+        raise ConfigError("inspect needs a text (or --find QUERY)")
+    for flag, value, low in (("-k", args.k, 1), ("--limit", args.limit, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} {value} must be at least {low}")
+    if not 0 < args.dense <= 1:
+        raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
+    assert folder is not None  # resolve_sae found it: only --find goes on without
+    _inspect_text(args, key, folder, index)
+    return 0
+
+
+def _inspect_text(args: argparse.Namespace, key: str, folder: Path, index: Any) -> None:
+    from gemmascope.features import search_text, top_features
+    from gemmascope.formats import load_sae
+    from gemmascope.models import load_model
+
+    sae = load_sae(folder)
+    model_name = args.model or sae.cfg.model_name
+    if not model_name:
+        raise ConfigError(f"SAE folder {str(folder)!r} names no model in its metadata: pass --model NAME")
+    indexed = index is not None and key in {s["sae_id"] for s in index.saes()}
+    densities = None
+    if indexed:
+        index.check_sae(key, sae)
+        densities = index.densities(key).float()
+    model = load_model(model_name)
+    hide = None if args.show_dense else args.dense
+
+    def explanation(i: int) -> str:
+        found = index.explanations(key, i) if indexed else []
+        return found[0]["text"] if found else ""
+
+    if args.search:
+        hits = search_text(
+            model, sae, args.text, token=args.token, limit=args.limit, densities=densities, hide_dense=hide
+        )
+        where = f" at token {args.token!r}" if args.token else ""
+        print(f"features of {key} firing most on the text{where}:")
+        for h in hits:
+            print(
+                f"  #{h['index']:<6} {h['value']:8.2f}  at {h['token']!r} (position {h['position']})  {explanation(h['index'])}"
+            )
+        return
+    rows = top_features(model, sae, args.text, k=args.k, hide_dense=hide, densities=densities)
+    colour = args.color == "always" or (
+        args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    )
+    print(_shaded(rows) if colour else "".join(r["token"] for r in rows))
+    print()
+    note = (
+        ""
+        if hide is None or densities is not None
+        else " (no feature index for this SAE: dense features shown)"
+    )
+    print(f"top {args.k} features of {key} per token{note}:")
+    seen: dict[int, float] = {}
+    for r in rows:
+        feats = "  ".join(f"#{f['index']} {f['value']:.2f}" for f in r["features"]) or "-"
+        print(f"  {r['position']:4d}  {r['token']!r:<16} {feats}")
+        for f in r["features"]:
+            seen[f["index"]] = max(seen.get(f["index"], 0.0), f["value"])
+    if indexed and seen:
+        print("\nexplanations:")
+        for i in sorted(seen, key=lambda i: -seen[i])[:15]:
+            print(f"  #{i:<6} {explanation(i)}")
+
+
+def _shaded(rows: list[dict[str, Any]]) -> str:
+    """The text with each token's background shaded by its strongest feature (white to orange)."""
+    peak = max((r["features"][0]["value"] for r in rows if r["features"]), default=0.0)
+    shades = (231, 230, 223, 216, 209, 202)
+    line = []
+    for r in rows:
+        top = r["features"][0]["value"] if r["features"] else 0.0
+        shade = shades[min(len(shades) - 1, int(len(shades) * top / peak))] if peak > 0 and top > 0 else None
+        line.append(r["token"] if shade is None else f"\033[48;5;{shade}m\033[30m{r['token']}\033[0m")
+    return "".join(line)
+
+
+def args_steer(p: argparse.ArgumentParser) -> None:
+    from gemmascope.steer import (
+        DEFAULT_FREQ_PENALTY,
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_SEED,
+        DEFAULT_TEMPERATURE,
+        DEFAULT_TOP_P,
+        MODES,
+    )
+
+    class InOrder(argparse.Action):
+        """Record --sae/--feature/--strength in the order given, so each pairs with its neighbours."""
+
+        def __call__(
+            self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: object, opt: object = None
+        ) -> None:
+            ns.steps = [*ns.steps, (self.dest, value)]
+
+    p.description = (
+        "Generate a completion of PROMPT with and without steering, same seed and sampling settings, and "
+        "print both and the shift in next-token log-probabilities. Each --feature uses the --sae given "
+        "before it (or the only --sae); each --strength belongs to the --feature before it. Without "
+        "--strength, the latent's max activation from the run's feature index is used."
+    )
+    p.add_argument("prompt", help="the text to complete")
+    p.add_argument(
+        "--sae", action=InOrder, required=True, metavar="SAE",
+        help="an SAE folder, or an SAE id of --run (e.g. resid_post.6.w4096.l0_52); repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--feature",
+        action=InOrder,
+        type=int,
+        required=True,
+        metavar="N",
+        help="latent index to steer; repeatable",
+    )
+    p.add_argument(
+        "--strength", action=InOrder, type=float, metavar="S",
+        help="steering strength (add) or value (clamp) for the --feature before it",
+    )  # fmt: skip
+    p.add_argument(
+        "--mode", choices=MODES, default="add",
+        help="add: add S x the decoder direction; clamp: set the latent to S; ablate: set it to 0",
+    )  # fmt: skip
+    p.add_argument("--normalize", action="store_true", help="add the unit-norm decoder direction")
+    p.add_argument(
+        "--run", dest="run_dir", metavar="RUN_DIR", help="run folder holding the SAEs and features.sqlite"
+    )
+    p.add_argument("--index", help="feature index (features.sqlite) for default strengths")
+    add_model(p, None, "model name or path (default: the SAE's model, else gemma-3-270m)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--freq-penalty", type=float, default=DEFAULT_FREQ_PENALTY)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument(
+        "--top-k", type=int, default=10, help="tokens to show whose log-prob rose / fell (0: none)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_steer, steps=[])
+
+
+def _pairs(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Pair each --feature with its --sae and --strength, in the order given."""
+    sae_specs = [value for kind, value in steps if kind == "sae"]
+    current: str | None = sae_specs[0] if len(sae_specs) == 1 else None
+    wanted: list[dict[str, Any]] = []
+    for kind, value in steps:
+        if kind == "sae":
+            current = value
+        elif kind == "feature":
+            if current is None:
+                raise ConfigError(
+                    f"--feature {value} comes before any --sae; with several SAEs put each first"
+                )
+            wanted.append({"sae": current, "latent": value, "value": None})
+        elif not wanted or wanted[-1]["value"] is not None:
+            raise ConfigError(f"--strength {value} must follow the --feature it is for")
+        else:
+            wanted[-1]["value"] = value
+    return wanted
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    from gemmascope.features import FeatureIndex
+    from gemmascope.formats import load_sae
+    from gemmascope.models import BUNDLED_MODEL, load_model
+    from gemmascope.steer import Intervention, fill_strengths, generate_pair, logprob_shift
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    wanted = _pairs(args.steps)
+    folders = {spec: resolve_sae(spec, run_dir)[1] for spec in dict.fromkeys(w["sae"] for w in wanted)}
+    saes = {spec: load_sae(folder) for spec, folder in folders.items()}
+    ids = {id(saes[spec]): sae_id(folder) for spec, folder in folders.items()}
+    interventions = [
+        Intervention(saes[w["sae"]], w["latent"], args.mode, w["value"], normalize=args.normalize)
+        for w in wanted
+    ]
+    for iv in interventions:  # before the model loads
+        if not 0 <= iv.latent < iv.sae.d_sae:
+            raise ConfigError(
+                f"latent {iv.latent} is out of range for SAE {ids[id(iv.sae)]}: expected --feature in "
+                f"0..{iv.sae.d_sae - 1}"
+            )
+    places = [run_dir] if run_dir else []
+    places += [p for folder in folders.values() for p in folder.resolve().parents]
+    index_path = Path(args.index) if args.index else find_index(places)
+    defaults: list[str] = []
+    if index_path is not None and any(iv.value is None for iv in interventions):
+        index = FeatureIndex(index_path)
+        indexed = {info["sae_id"] for info in index.saes()}
+
+        def max_activation(iv: Intervention) -> float | None:
+            sid = ids[id(iv.sae)]
+            if sid not in indexed:
+                return None
+            index.check_sae(sid, iv.sae)  # a StoreError if the index was built from another SAE
+            max_act = index.feature(sid, iv.latent).get("max_act")
+            if max_act is None:
+                return None
+            defaults.append(f"{sid}#{iv.latent}: {float(max_act):g}")
+            return float(max_act)
+
+        interventions = fill_strengths(interventions, max_activation)
+    model_name = args.model or next(
+        (s.cfg.model_name for s in saes.values() if s.cfg.model_name), BUNDLED_MODEL
+    )
+    model = load_model(model_name)
+    pair = generate_pair(
+        model, args.prompt, interventions, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        seed=args.seed, freq_penalty=args.freq_penalty, top_p=args.top_p,
+    )  # fmt: skip
+    shift = logprob_shift(model, args.prompt, interventions, k=args.top_k) if args.top_k else None
+    if args.json:
+        print(json.dumps({"model": model_name, **pair.to_dict(), "logprob_shift": shift}, indent=2))
+        return 0
+    s = pair.settings
+    print(f"model {model_name}; SAEs {', '.join(sorted(set(ids.values())))}")
+    if defaults:
+        print(f"default strengths (max activation from {index_path}): {', '.join(defaults)}")
+    print(f"steering: {'; '.join(pair.interventions)}")
+    print(
+        f"seed {s.seed}, temperature {s.temperature:g}, top-p {s.top_p:g}, freq penalty {s.freq_penalty:g}, "
+        f"up to {s.max_new_tokens} new tokens\n"
+    )
+    print(f"--- default ---\n{pair.prompt}{pair.default}\n")
+    print(f"--- steered ---\n{pair.prompt}{pair.steered}\n")
+    if shift is not None:
+
+        def fmt(rows: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{r['token']!r} {r['delta']:+.2f}" for r in rows)
+
+        print(
+            f"next-token log-prob shift after the prompt (KL {shift['kl']:.3f} nats; "
+            f"top token {shift['top_clean']['token']!r} -> {shift['top_steered']['token']!r}):"
+        )
+        print(f"  rose: {fmt(shift['rose'])}")
+        print(f"  fell: {fmt(shift['fell'])}")
+    return 0
+
+
+def args_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (saes/, features.sqlite, report/)")
+    add_serving(p)
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from gemmascope.server import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is out of range: expected 1..65535")
+    serve(args.run_dir, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,297 @@
+"""The subcommands that write into a run folder: `harvest`, `train`, `suite`, `demo` and `convert`.
+Each holds the run folder's writer lock (runs.lock) while it writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from gemmascope.cli.options import add_corpus, add_model, add_serving, parse_list
+from gemmascope.errors import ConfigError
+from gemmascope.runs import REPORT, check_name, lock, run_of
+
+
+def args_harvest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder (created, or resumed / extended if it exists)")
+    add_model(p)
+    p.add_argument(
+        "--sites",
+        required=True,
+        help="sites, comma-separated: resid_post.6,attn_out.6 or blocks.6.hook_mlp_out",
+    )
+    p.add_argument("--tokens", type=int, required=True, help="tokens to harvest (rounded up to whole rows)")
+    add_corpus(p, split="train")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.set_defaults(run=run_harvest)
+
+
+def run_harvest(args: argparse.Namespace) -> int:
+    from gemmascope.activations import check_request, harvest
+    from gemmascope.models import load_model
+
+    sites = parse_list(args.sites, "--sites")
+    check_request(sites, args.tokens, args.dtype, args.split, args.context_len)  # before the model loads
+    with lock(args.run_dir, "harvest"):
+        model = load_model(args.model)
+        store = harvest(
+            model, sites, args.run_dir, args.tokens, corpus=args.corpus, context_len=args.context_len,
+            dtype=args.dtype, split=args.split,
+        )  # fmt: skip
+    for site in store.sites:
+        m = store.manifest(site)
+        print(f"{site}: {m['n_tokens']} tokens, d_in {m['d_in']}, {m['dtype']}, scale C {m['scale']:.4g}")
+    return 0
+
+
+def args_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder holding harvested activations (see `gemmascope harvest`)")
+    p.add_argument("--sites", default=None, help="sites, comma-separated (default: every site of the store)")
+    p.add_argument("--widths", default="4096", help="SAE widths, comma-separated")
+    p.add_argument(
+        "--arch", default="jumprelu", help="jumprelu (default), topk, batchtopk or relu (ReLU + L1)"
+    )
+    sparsity = p.add_mutually_exclusive_group()
+    sparsity.add_argument("--l0-coeffs", default=None, help="fixed lambdas (L0 penalty; L1 for relu)")
+    sparsity.add_argument("--target-l0", default=None, help="target L0s (Gemma Scope 2 quadratic penalty)")
+    sparsity.add_argument("--k", default=None, help="active latents per token for topk / batchtopk")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default: one epoch)")
+    p.add_argument("--batch-size", type=int, default=None, help="activations per step")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (published: 7e-5)")
+    p.add_argument("--lr-warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument(
+        "--l0-warmup-steps", type=int, default=None, help="default: none (θ starts at the target rate)"
+    )
+    p.add_argument("--b-dec-init", default=None, help="mean (default: the data mean) or zero (published)")
+    p.add_argument("--adam-beta1", type=float, default=None, help="Adam beta1 (default 0.9; published: 0)")
+    p.add_argument(
+        "--dead-preact-coeff", type=float, default=None, help="pre-activation loss on dead JumpReLU latents"
+    )
+    p.add_argument(
+        "--dense-coeff", type=float, default=None, help="penalty on JumpReLU latents over 10%% density"
+    )
+    p.add_argument("--auxk-coeff", type=float, default=None, help="TopK AuxK coefficient (default 1/32)")
+    p.add_argument(
+        "--spike-factor",
+        type=float,
+        default=None,
+        help="batch FVU over this x its running value is a spike (0: off)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="train", help="name of this training run's checkpoint and log")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument(
+        "--restart", action="store_true", help="discard an unfinished checkpoint of another config"
+    )
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--fast", action="store_true", help="sparse JumpReLU step (the default)")
+    step.add_argument(
+        "--reference", action="store_true", help="the plain JumpReLU step instead of the sparse one"
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("data", "sae"),
+        default="data",
+        help="under torchrun: data (each process reads its slice of the store, gradients averaged; "
+        "the batch size is the global one) or sae (the SAEs are spread over the processes)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda (under torchrun: one GPU a process)"
+    )
+    p.set_defaults(run=run_train)
+
+
+def _sparsities(args: argparse.Namespace) -> list[dict[str, float | int]]:
+    """The sparsity settings the flags ask for, one dict of TrainSpec fields each."""
+    if args.arch in ("topk", "batchtopk"):
+        ks = parse_list(args.k, "--k", int)
+        if not ks:
+            raise ConfigError(f"--arch {args.arch} needs --k, e.g. --k 32")
+        return [{"k": k} for k in ks]
+    if args.k is not None:
+        raise ConfigError(f"--k is for topk / batchtopk, not {args.arch}")
+    if args.target_l0 is not None:
+        return [{"target_l0": t} for t in parse_list(args.target_l0, "--target-l0", float)]
+    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", float)
+    if not coeffs:
+        raise ConfigError("give the sparsity: --l0-coeffs, --target-l0 (jumprelu) or --k (topk)")
+    return [{"l0_coeff": c} for c in coeffs]
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from gemmascope.activations import ActivationStore
+    from gemmascope.formats import load_sae
+    from gemmascope.train import TrainConfig, TrainSpec, train_saes
+
+    check_name(args.name)
+    if args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
+    widths, how = parse_list(args.widths, "--widths", int), _sparsities(args)
+    with lock(args.run_dir, "train"):
+        store = ActivationStore(args.run_dir)
+        sites = parse_list(args.sites, "--sites") or [str(s) for s in store.sites]
+        specs = [
+            TrainSpec(site=site, width=width, architecture=args.arch, **h)  # type: ignore[arg-type]
+            for site in sites
+            for width in widths
+            for h in how
+        ]
+        config = TrainConfig(
+            seed=args.seed, name=args.name, fast=not args.reference, checkpoint_every=args.checkpoint_every
+        )
+        config.parallel, config.device = args.parallel, args.device
+        flags = ("batch_size", "lr", "lr_warmup_steps", "l0_warmup_steps", "b_dec_init", "dead_preact_coeff")
+        for flag in (*flags, "dense_coeff", "auxk_coeff", "spike_factor"):
+            if getattr(args, flag) is not None:
+                setattr(config, flag, getattr(args, flag))
+        if args.adam_beta1 is not None:
+            config.adam_betas = (args.adam_beta1, config.adam_betas[1])
+        tokens = args.tokens
+        if tokens is None:
+            tokens = min(int(store.manifest(spec.site)["n_tokens_non_special"]) for spec in specs)
+        folders = train_saes(Path(args.run_dir), specs, tokens, config, restart=args.restart)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 prints for all
+        return 0
+    print(f"{'site':<14} {'width':>6} {'arch':<9} {'sparsity':<14} {'L0':>7} {'FVU':>7} {'dead':>6}  folder")
+    for spec, folder in zip(specs, folders, strict=True):
+        extra = load_sae(folder).cfg.extra
+        how_text = spec.name.rsplit("/", 1)[-1]
+        print(
+            f"{spec.site:<14} {spec.width:>6} {spec.architecture:<9} {how_text:<14} {extra['l0']:>7.1f} "
+            f"{extra['fvu']:>7.4f} {extra['dead_fraction']:>6.1%}  {folder}"
+        )
+    print(f"log: {Path(args.run_dir) / REPORT / (args.name + '_log.jsonl')} (plot: {args.name}_curves.png)")
+    return 0
+
+
+def args_suite(p: argparse.ArgumentParser) -> None:
+    from gemmascope.suite import SUITE_KINDS
+
+    p.add_argument("run_dir", help="run folder (created, or resumed if it exists)")
+    add_model(p)
+    p.add_argument("--sites", default=",".join(SUITE_KINDS), help="site kinds, comma-separated")
+    p.add_argument("--layers", default="all", help="'all', '6', '2,6,10' or '0-17'")
+    p.add_argument("--widths", default="4096", help="SAE widths, comma-separated")
+    p.add_argument("--l0", default="medium", help="target L0s: small,medium,big or numbers")
+    p.add_argument("--l0-coeffs", default="", help="fixed lambdas instead of target L0s, comma-separated")
+    p.add_argument("--tokens", type=int, default=200_000, help="activations harvested per site")
+    p.add_argument(
+        "--train-tokens", type=int, default=None, help="training tokens per SAE (default: --tokens)"
+    )
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--index-tokens", type=int, default=16384)
+    p.add_argument("--dtype", default="float32", help="activation store dtype: float32, float16, bfloat16")
+    add_corpus(p)
+    p.add_argument("--max-minutes", type=float, default=None, help="start no new stage after this long")
+    p.add_argument(
+        "--drop-activations", action="store_true", help="delete a layer's activations once trained"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="add this command's sites, layers, widths and L0s to the run folder's plan (otherwise a "
+        "plan other than the recorded one is refused)",
+    )
+    p.set_defaults(run=run_suite)
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    from gemmascope.evals import format_table
+    from gemmascope.suite import SuitePlan, parse_l0s, parse_layers, run_suite
+
+    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", float)
+    plan = SuitePlan(
+        model=args.model,
+        kinds=parse_list(args.sites, "--sites"),
+        layers=parse_layers(args.layers),
+        widths=parse_list(args.widths, "--widths", int),
+        target_l0s=[] if coeffs else parse_l0s(args.l0),
+        l0_coeffs=coeffs,
+        tokens=args.tokens,
+        train_tokens=args.train_tokens,
+        eval_tokens=args.eval_tokens,
+        index_tokens=args.index_tokens,
+        context_len=args.context_len,
+        corpus=args.corpus,
+        dtype=args.dtype,
+        seed=args.seed,
+        keep_activations=not args.drop_activations,
+    )
+    out = run_suite(args.run_dir, plan, max_minutes=args.max_minutes, extend=args.extend)
+    if not out["complete"]:
+        return 0
+    print(format_table(out["results"]))
+    print(f"report: {out['report']} (heatmap.png, frontier plots, evals.json)")
+    return 0
+
+
+def args_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run-dir", default="runs/demo", help="run folder (default runs/demo; resumed if it exists)"
+    )
+    add_model(p)
+    p.add_argument("--layer", type=int, default=6, help="layer of the resid_post site (default 6, mid-model)")
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--l0", default="medium", help="target L0: small, medium, big or a number")
+    p.add_argument("--tokens", type=int, default=300_000, help="training activations harvested")
+    p.add_argument(
+        "--train-tokens", type=int, default=300_000, help="training steps x batch (epochs over --tokens)"
+    )
+    p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument(
+        "--index-tokens", type=int, default=99_712, help="default: the whole held-out split (779 rows of 128)"
+    )
+    p.add_argument("--no-serve", action="store_true", help="stop after printing (for scripts and CI)")
+    add_serving(p)
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from gemmascope.demo import run_demo
+    from gemmascope.suite import SuitePlan, parse_l0s
+
+    plan = SuitePlan(
+        model=args.model,
+        kinds=["resid_post"],
+        layers=[args.layer],
+        widths=[args.width],
+        target_l0s=parse_l0s(args.l0)[:1],
+        tokens=args.tokens,
+        train_tokens=args.train_tokens,
+        eval_tokens=args.eval_tokens,
+        index_tokens=args.index_tokens,
+    )
+    run_demo(args.run_dir, plan, serve=not args.no_serve, host=args.host, port=args.port)
+    return 0
+
+
+def args_convert(p: argparse.ArgumentParser) -> None:
+    from gemmascope.formats import CONVERT_FORMATS
+
+    p.add_argument(
+        "src", help="an SAE: our / SAELens folder, Gemma Scope params.npz, Gemma Scope 2 params.safetensors"
+    )
+    p.add_argument("dest", help="output folder (native) or file / folder (npz, safetensors)")
+    p.add_argument(
+        "--to",
+        choices=CONVERT_FORMATS,
+        default="native",
+        help="native: SAELens-compatible folder; npz: Gemma Scope params.npz; "
+        "safetensors: Gemma Scope 2 params.safetensors",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder or file")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from gemmascope.formats import convert
+
+    run_dir = run_of(args.dest)  # writing into a run folder takes its lock
+    with lock(run_dir, "convert") if run_dir is not None else nullcontext():
+        sae, out = convert(args.src, args.dest, args.to, overwrite=args.overwrite)
+    site = sae.cfg.site or "site unknown"
+    print(f"{sae.cfg.architecture} SAE d_in {sae.d_in} d_sae {sae.d_sae} ({site}) -> {out}")
+    return 0

@@ -1,0 +1,98 @@
+"""The demo: the whole loop on one site in one command (the suite's stages on a small plan), then the
+eval table, a few features that read well in a terminal with their top windows, and the web UI. Owns the
+choice of those features and how a window is printed.
+
+Calls only the public functions of the suite and the pipeline modules; knows nothing of their internals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gemmascope.runs import FEATURES_DB
+from gemmascope.suite import SuitePlan, run_suite
+
+
+def showcase_features(db_path: Path, sae_id: str, n: int = 3, candidates: int = 400) -> list[dict[str, Any]]:
+    """Pick `n` latents that read well in a terminal: not rare, not dense, and whose top windows
+    mostly fire on the same token (a plainly interpretable latent). Returns their feature records."""
+    from collections import Counter
+
+    from gemmascope.features import FeatureIndex
+
+    index = FeatureIndex(db_path)
+    d_sae = int(next(s for s in index.saes() if s["sae_id"] == sae_id)["d_sae"])
+    scored: list[tuple[float, int]] = []
+    seen_tokens: set[str] = set()
+    for i in range(min(d_sae, candidates)):
+        feature = index.feature(sae_id, i)
+        examples = feature.get("top_examples") or []
+        if not 1e-4 <= float(feature.get("density") or 0) <= 0.05 or len(examples) < 5:
+            continue
+        focus = Counter(e["tokens"][e["focus"]].strip().lower() for e in examples)
+        token, count = focus.most_common(1)[0]
+        scored.append((count / len(examples) + 0.01 * len(token), i))
+    picked = []
+    for _score, i in sorted(scored, reverse=True):
+        feature = index.feature(sae_id, i)
+        examples = feature["top_examples"]
+        token = examples[0]["tokens"][examples[0]["focus"]].strip().lower()
+        if token in seen_tokens:
+            continue
+        seen_tokens.add(token)
+        picked.append(feature)
+        if len(picked) == n:
+            break
+    return picked
+
+
+def format_window(example: dict[str, Any]) -> str:
+    """One top-activating window as text, the activating token in [[brackets]]."""
+    parts = []
+    for j, tok in enumerate(example["tokens"]):
+        parts.append(f"[[{tok}]]" if j == example["focus"] else tok)
+    return "".join(parts).replace("\n", " ")
+
+
+def run_demo(
+    run_dir: Path | str,
+    plan: SuitePlan,
+    serve: bool = True,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The whole loop on one site: harvest, train one JumpReLU SAE, evaluate, index; print the eval
+    table and three features with their top text; then serve the web UI (unless `serve` is False)."""
+    from gemmascope.evals import format_table, health_line
+    from gemmascope.formats import sae_id
+
+    run_dir = Path(run_dir)
+    started = time.monotonic()
+    out = run_suite(run_dir, plan, say=say)
+    folder = out["saes"][0]
+    say("\n" + format_table(out["results"]))
+    for result in out["results"]:
+        say(health_line(result))
+    key = sae_id(folder)
+    features = showcase_features(run_dir / FEATURES_DB, key)
+    say(f"\nThree features of {key} and where they fire most:")
+    for feature in features:
+        say(
+            f"\n  feature {feature['index']}  (density {feature['density']:.2e}, max activation {feature['max_act']:.1f})"
+        )
+        if feature.get("explanation"):
+            say(f"  explanation: {feature['explanation']}")
+        for example in feature["top_examples"][:3]:
+            say(f"    {max(example['acts']):6.1f}  {format_window(example)}")
+    say(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {run_dir}")
+    out["showcase"] = features
+    if serve:
+        from gemmascope.server.app import serve as serve_ui
+
+        say(f"serving the web UI at http://{host}:{port}/  (Ctrl-C to stop)")
+        serve_ui(run_dir, host=host, port=port)
+    return out

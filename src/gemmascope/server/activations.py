@@ -1,0 +1,82 @@
+"""The microscope over HTTP: `POST /v1/activation/topk-by-token` (each token's strongest features, with
+their explanations) and `POST /v1/activation/single` (one feature's activation on each token), with
+their request bodies. The model work waits in the model queue; explanations are read afterwards on
+a worker thread, so the model is free for the next request meanwhile.
+
+Knows nothing of how features are computed: it calls `features.top_features` and `Run.feature_acts`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+from pydantic import Field
+
+from gemmascope.features import top_features
+from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
+from gemmascope.server.run import MAX_PROMPT_CHARS
+
+router = APIRouter()
+
+
+class TopkByTokenRequest(Body):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    sae_id: str | None = None  # default: the run's first SAE
+    k: int = Field(5, ge=1, le=20)
+    hide_dense: float = Field(0.01, ge=0.0, le=1.0)  # hide features firing on more than this fraction
+
+
+class SingleRequest(Body):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    sae_id: str
+    index: int
+
+
+@router.post("/v1/activation/topk-by-token")
+async def topk_by_token(body: TopkByTokenRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    entry = sae_or_404(run, body.sae_id) if body.sae_id else run.first_sae
+    run.check_text(body.prompt)
+    densities = run.column(entry, "density")
+
+    def work() -> tuple[list[str], list[dict[str, Any]]]:
+        ids = run.prompt_ids(body.prompt)
+        rows = top_features(
+            run.model, entry.sae, body.prompt, k=body.k, hide_dense=body.hide_dense, densities=densities
+        )
+        return run.token_strings(ids), rows
+
+    tokens, rows = await queue.run(work)
+    results = [  # top_features: Neuronpedia's name for a token's features
+        {"position": r["position"], "token": r["token"], "top_features": r["features"]} for r in rows
+    ]
+    seen = sorted({f["index"] for r in rows for f in r["features"]})
+    explanations = await anyio.to_thread.run_sync(lambda: run.explanations(entry, seen))
+    return {
+        "sae_id": entry.id,
+        "tokens": tokens,
+        "results": results,
+        "explanations": explanations,
+        "dense_hidden": densities is not None,
+    }
+
+
+@router.post("/v1/activation/single")
+async def single(body: SingleRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    entry = sae_or_404(run, body.sae_id)
+    i = feature_or_4xx(entry, body.index)
+    run.check_text(body.prompt)
+
+    def work() -> tuple[list[str], list[float]]:
+        ids = run.prompt_ids(body.prompt)
+        return run.token_strings(ids), run.feature_acts(entry, i, ids)
+
+    tokens, values = await queue.run(work)
+    best = max(range(1, len(values)), key=lambda t: values[t])  # BOS excluded
+    return {
+        "sae_id": entry.id,
+        "index": i,
+        "tokens": tokens,
+        "activation": {"values": values, "max_value": values[best], "max_value_index": best},
+    }

@@ -1,0 +1,101 @@
+"""Search over HTTP: `POST /v1/search/text` with its request body, in three modes: `text` (the features
+that fire on a text, run through the model queue), `explanation` (words in the features'
+explanations, from the feature index) and `id` (a feature named `SAE_ID#INDEX` or by index).
+
+Knows nothing of how features are searched: it calls `features.search_text` and the feature index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter
+from pydantic import Field
+
+from gemmascope.features import search_text
+from gemmascope.server.errors import ApiError
+from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
+from gemmascope.server.model_queue import ModelQueue
+from gemmascope.server.run import MAX_PROMPT_CHARS, Run
+
+router = APIRouter()
+
+
+class SearchRequest(Body):
+    query: str = Field(max_length=MAX_PROMPT_CHARS)
+    mode: Literal["text", "explanation", "id"] = "text"
+    sae_id: str | None = None  # text: default the run's first SAE; explanation / id: default every SAE
+    token: str | None = Field(None, max_length=200)  # text mode: only the positions of this token
+    k: int = Field(20, ge=1, le=100)
+    hide_dense: float = Field(0.01, ge=0.0, le=1.0)  # text mode: hide features firing on more than this
+
+
+@router.post("/v1/search/text")
+async def search(body: SearchRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    query = body.query.strip()
+    if not query:
+        raise ApiError(
+            400, "the search query is empty: expected some text, explanation words or a feature id"
+        )
+    if body.mode == "id":
+        return _by_id(run, query, body.sae_id)
+    if body.mode == "explanation":
+        return _by_explanation(run, query, body)
+    return await _by_text(run, queue, query, body)
+
+
+def _by_id(run: Run, query: str, sae_id: str | None) -> dict[str, Any]:
+    hits = _feature_ids(run, query, sae_id)
+    for hit in hits:
+        hit["explanation"] = run.explanations(run.saes[hit["sae_id"]], [hit["index"]]).get(hit["index"])
+    return {"mode": "id", "results": hits}
+
+
+def _feature_ids(run: Run, query: str, sae_id: str | None) -> list[dict[str, Any]]:
+    """`SAE_ID#INDEX` (or `SAE_ID/INDEX`), or a bare index looked up in `sae_id` or every SAE."""
+    for sep in ("#", "/"):
+        if sep in query:
+            key, _, idx = query.rpartition(sep)
+            entry = sae_or_404(run, key.strip())
+            return [{"sae_id": entry.id, "index": feature_or_4xx(entry, idx.strip())}]
+    entries = [sae_or_404(run, sae_id)] if sae_id else list(run.saes.values())
+    try:
+        i = int(query)
+    except ValueError:
+        raise ApiError(
+            400, f"feature id {query!r} is not understood: expected SAE_ID#INDEX or an index"
+        ) from None
+    hits = [{"sae_id": e.id, "index": i} for e in entries if 0 <= i < e.d_sae]
+    return hits or [{"sae_id": entries[0].id, "index": feature_or_4xx(entries[0], i)}]
+
+
+def _by_explanation(run: Run, query: str, body: SearchRequest) -> dict[str, Any]:
+    entry = sae_or_404(run, body.sae_id) if body.sae_id else None
+    if entry is not None and run.not_indexed(entry):
+        raise ApiError(404, str(run.not_indexed(entry)))
+    hits = run.feature_index().search_explanations(entry.id if entry else None, query, limit=body.k)
+    return {"mode": "explanation", "results": [hit for hit in hits if hit["sae_id"] in run.saes]}
+
+
+async def _by_text(run: Run, queue: ModelQueue, query: str, body: SearchRequest) -> dict[str, Any]:
+    entry = sae_or_404(run, body.sae_id) if body.sae_id else run.first_sae
+    run.check_text(query)
+    densities = run.column(entry, "density")
+
+    def work() -> list[dict[str, Any]]:
+        run.prompt_ids(query)
+        return search_text(  # type: ignore[no-any-return]
+            run.model,
+            entry.sae,
+            query,
+            token=body.token,
+            limit=body.k,
+            densities=densities,
+            hide_dense=body.hide_dense,
+        )
+
+    rows = await queue.run(work)
+    explained = await anyio.to_thread.run_sync(lambda: run.explanations(entry, [r["index"] for r in rows]))
+    results = [{"sae_id": entry.id, **r, "explanation": explained.get(r["index"])} for r in rows]
+    return {"mode": "text", "sae_id": entry.id, "results": results}

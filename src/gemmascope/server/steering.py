@@ -1,0 +1,116 @@
+"""Steering over HTTP: `POST /v1/steer/completion` with its request body: a default and a steered
+completion of one prompt, same seed and sampling settings, with up to `MAX_STEER_FEATURES`
+interventions. A feature's strength defaults to its max activation in the feature index and is
+bounded by `Run.strength_limit`; the sampling defaults are `steer`'s. The generation waits in the
+model queue.
+
+Knows nothing of how steering works: it calls `steer.fill_strengths` and `steer.generate_pair`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import Field
+
+from gemmascope.server.errors import ApiError
+from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
+from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, Run
+from gemmascope.steer import (
+    DEFAULT_FREQ_PENALTY,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SEED,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_FREQ_PENALTY,
+    Intervention,
+    SteeredPair,
+    fill_strengths,
+    generate_pair,
+)
+
+MAX_STEER_FEATURES = 8
+MAX_TEMPERATURE = 2.0
+
+router = APIRouter()
+
+
+class SteerFeature(Body):
+    sae_id: str
+    index: int
+    strength: float | None = Field(None, allow_inf_nan=False)  # default: the feature's max activation
+    mode: Literal["add", "clamp", "ablate"] = "add"
+
+
+class SteerRequest(Body):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    features: list[SteerFeature] = Field(min_length=1, max_length=MAX_STEER_FEATURES)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
+    seed: int = Field(DEFAULT_SEED, ge=0, le=2**31 - 1)
+    freq_penalty: float = Field(DEFAULT_FREQ_PENALTY, ge=-MAX_FREQ_PENALTY, le=MAX_FREQ_PENALTY)
+    normalize: bool = False  # add unit-norm decoder directions
+
+
+@router.post("/v1/steer/completion")
+async def steer_completion(body: SteerRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    run.check_text(body.prompt)
+    interventions = [_intervention(run, feat, body.normalize) for feat in body.features]
+
+    def work() -> SteeredPair:
+        run.prompt_ids(body.prompt)
+        return generate_pair(
+            run.model,
+            body.prompt,
+            interventions,
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            seed=body.seed,
+            freq_penalty=body.freq_penalty,
+            top_p=body.top_p,
+        )
+
+    pair = await queue.run(work)
+    return {
+        "prompt": body.prompt,
+        "features": [
+            {"sae_id": feat.sae_id, "index": iv.latent, "mode": iv.mode, "strength": iv.value}
+            for feat, iv in zip(body.features, interventions, strict=True)
+        ],
+        "settings": body.model_dump(
+            include={"max_new_tokens", "temperature", "top_p", "seed", "freq_penalty", "normalize"}
+        ),
+        "default": pair.default,
+        "steered": pair.steered,
+        "outputs": [
+            {"type": "DEFAULT", "output": pair.default},
+            {"type": "STEERED", "output": pair.steered},
+        ],
+    }
+
+
+def _intervention(run: Run, feat: SteerFeature, normalize: bool) -> Intervention:
+    """The intervention a requested feature asks for, its strength defaulted to the feature's max
+    activation (400 when that is unknown) and bounded by `run.strength_limit` (400 beyond it)."""
+    entry = sae_or_404(run, feat.sae_id)
+    i = feature_or_4xx(entry, feat.index)
+    max_acts = run.column(entry, "max_act")
+    max_act = float(max_acts[i]) if max_acts is not None else None
+    asked = Intervention(entry.sae, i, feat.mode, feat.strength, normalize)
+    [iv] = fill_strengths([asked], lambda _: max_act or None)
+    if iv.value is None and iv.mode != "ablate":
+        raise ApiError(
+            400, f"give a strength for {entry.id}#{i}: its max activation (the default) is unknown"
+        )
+    if iv.value is not None:
+        limit = run.strength_limit(max_act)
+        if not math.isfinite(iv.value) or abs(iv.value) > limit:
+            raise ApiError(
+                400,
+                f"strength {iv.value:g} for {entry.id}#{i} is out of range: expected a number in "
+                f"-{limit:g}..{limit:g}",
+            )
+    return iv

@@ -1,0 +1,281 @@
+"""Sites. Owns the names of the places in a model SAEs read (`resid_post`, `attn_out`, `mlp_out`,
+`mlp_in` at a layer; TransformerLens aliases such as `blocks.6.hook_resid_post`), their widths and hook
+points, the one capture mechanism (many sites in one forward pass, with the logits or stopping after
+the deepest layer needed; `capture_batches` runs it over token rows a batch at a time for every batch
+loop of the project) and the one edit mechanism (the context manager that replaces a site's
+activation in every forward pass).
+
+Takes a loaded `models.LanguageModel`; knows nothing of loading models, nor of SAEs, their training
+or their files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from gemmascope.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # types only: models re-exports this module's names, so a runtime import would cycle
+    from gemmascope.models import LanguageModel
+
+SITE_KINDS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
+
+# TransformerLens hook names users already know, per site kind.
+_TL_SUFFIX = {
+    "resid_post": "hook_resid_post",
+    "attn_out": "attn.hook_z",
+    "mlp_out": "hook_mlp_out",
+    "mlp_in": "hook_mlp_in",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A place in the model an SAE reads: a kind (`resid_post`, `attn_out`, `mlp_out`, `mlp_in`)
+    at a layer. `str(site)` is `kind.layer`; `hook_name` is the TransformerLens name."""
+
+    kind: str
+    layer: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.{_TL_SUFFIX[self.kind]}"
+
+    @property
+    def folder(self) -> str:
+        """Relative folder of this site in a run: `SITE/layer_L`."""
+        return f"{self.kind}/layer_{self.layer}"
+
+
+_SITE_PATTERNS = [
+    re.compile(r"^(?P<kind>[a-z_]+)[./@](?:layer_)?(?P<layer>\d+)$"),
+    re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<tl>hook_resid_post|attn\.hook_z|hook_mlp_out|hook_mlp_in)$"),
+]
+_TL_TO_KIND = {suffix: kind for kind, suffix in _TL_SUFFIX.items()}
+
+
+def parse_site(spec: str | Site, n_layers: int | None = None) -> Site:
+    """Parse `resid_post.6`, `resid_post/layer_6`, `blocks.6.hook_resid_post`, `blocks.6.attn.hook_z`
+    or `blocks.6.hook_mlp_out` into a Site, checking the layer against `n_layers` when given."""
+    site: Site | None = spec if isinstance(spec, Site) else None
+    if site is None:
+        assert isinstance(spec, str)
+        for pattern in _SITE_PATTERNS:
+            m = pattern.match(spec.strip())
+            if m:
+                kind = m.groupdict().get("kind") or _TL_TO_KIND[m.group("tl")]
+                site = Site(kind, int(m.group("layer")))
+                break
+        if site is None or site.kind not in SITE_KINDS:
+            raise ConfigError(
+                f"unknown site {spec!r}: expected KIND.LAYER with KIND one of {', '.join(SITE_KINDS)} "
+                "(e.g. 'resid_post.6'), or a TransformerLens name such as 'blocks.6.hook_resid_post'"
+            )
+    assert site is not None
+    if n_layers is not None and not 0 <= site.layer < n_layers:
+        raise ConfigError(
+            f"layer {site.layer} of site {spec!r} is out of range: valid layers are 0..{n_layers - 1}"
+        )
+    return site
+
+
+def transcoder_sites(layer: int) -> tuple[Site, Site]:
+    """The transcoder pair at a layer: MLP input (after pre_feedforward_layernorm) to `mlp_out`."""
+    return Site("mlp_in", layer), Site("mlp_out", layer)
+
+
+def site_d_in(model: LanguageModel, site: Site) -> int:
+    """Width of the activation at a site: d_model, or heads × head_dim for `attn_out`."""
+    if site.kind == "attn_out":
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return int(cfg.num_attention_heads * head_dim)
+    return model.d_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: one mechanism for capture and edits
+
+SiteFn = Callable[[Tensor], Tensor | None]
+
+
+def _hook(model: LanguageModel, site: Site, fn: SiteFn) -> torch.utils.hooks.RemovableHandle:
+    """Register `fn(activation [batch, pos, d]) -> replacement or None` at the site's hook point."""
+    layers = model.layers
+    if not 0 <= site.layer < len(layers):
+        raise ConfigError(f"layer {site.layer} is out of range: valid layers are 0..{len(layers) - 1}")
+    block: Any = layers[site.layer]
+    if site.kind == "attn_out":
+        o_proj = block.self_attn.o_proj
+
+        def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> Any:
+            out = fn(args[0])
+            return None if out is None else (out, *args[1:])
+
+        return o_proj.register_forward_pre_hook(pre_hook)
+    if site.kind == "resid_post":
+
+        def resid_hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            out = fn(hidden)
+            if out is None:
+                return None
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return block.register_forward_hook(resid_hook)
+    name = {"mlp_out": "post_feedforward_layernorm", "mlp_in": "pre_feedforward_layernorm"}[site.kind]
+    module = getattr(block, name, None)
+    if module is None:
+        raise ModelError(f"site {site} needs {name!r}, which {type(block).__name__} does not have")
+    return module.register_forward_hook(lambda _m, _a, output: fn(output))
+
+
+class _StopForward(Exception):
+    """Raised inside the forward pass once the deepest needed site has been captured."""
+
+
+@overload
+def capture(
+    model: LanguageModel,
+    input_ids: Tensor,
+    sites: Sequence[Site],
+    attention_mask: Tensor | None = None,
+    logits: Literal[False] = False,
+) -> dict[Site, Tensor]: ...
+
+
+@overload
+def capture(
+    model: LanguageModel,
+    input_ids: Tensor,
+    sites: Sequence[Site],
+    attention_mask: Tensor | None = None,
+    *,
+    logits: Literal[True],
+) -> tuple[dict[Site, Tensor], Tensor]: ...
+
+
+def capture(
+    model: LanguageModel,
+    input_ids: Tensor,
+    sites: Sequence[Site],
+    attention_mask: Tensor | None = None,
+    logits: bool = False,
+) -> dict[Site, Tensor] | tuple[dict[Site, Tensor], Tensor]:
+    """Run one forward pass over `input_ids [batch, pos]` and return each site's activation
+    `[batch, pos, d_in]` (detached). Without `logits` the pass stops after the deepest layer a site
+    needs; with `logits=True` it runs to the end and returns `(acts, logits [batch, pos, vocab])`."""
+    if not sites and not logits:
+        raise ConfigError("capture needs at least one site")
+    acts: dict[Site, Tensor] = {}
+    deepest = max((site.layer for site in sites), default=0)
+    if deepest >= model.n_layers:
+        raise ConfigError(f"layer {deepest} is out of range: valid layers are 0..{model.n_layers - 1}")
+
+    def recorder(site: Site) -> SiteFn:
+        def record(act: Tensor) -> None:
+            acts[site] = act.detach()
+
+        return record
+
+    def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
+        raise _StopForward
+
+    out: Tensor | None = None
+    with ExitStack() as stack:
+        for site in sites:
+            stack.callback(_hook(model, site, recorder(site)).remove)
+        if not logits:
+            stack.callback(model.layers[deepest].register_forward_hook(stop).remove)
+        with torch.no_grad():
+            try:
+                out = model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            except _StopForward:
+                pass
+    by_site = {site: acts[site] for site in sites}
+    if logits:
+        assert out is not None
+        return by_site, out
+    return by_site
+
+
+@dataclass
+class CapturedBatch:
+    """One batch of `capture_batches`: rows `start:stop` of the token rows, their ids `[B, T]` and
+    attention mask (or None) on the model's device, each site's activation `[B, T, d_in]`, and the
+    logits `[B, T, vocab]` when asked for."""
+
+    start: int
+    stop: int
+    ids: Tensor
+    attention_mask: Tensor | None
+    acts: dict[Site, Tensor]
+    logits: Tensor | None = None
+
+
+def capture_batches(
+    model: LanguageModel,
+    rows: Tensor,
+    sites: Sequence[Site],
+    batch_rows: int,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    attention_mask: Tensor | None = None,
+    logits: bool = False,
+    desc: str | None = None,
+    progress: bool = False,
+) -> Iterator[CapturedBatch]:
+    """`capture` over token rows `rows [n_rows, T]` (rows `start:stop`), `batch_rows` rows per
+    forward pass, in order: the one batch loop of harvesting, evaluation, probing and the feature
+    index. With `attention_mask [n_rows, T]` (right padding), each batch is cut to its longest row.
+    `desc` and `progress` show a progress bar of batches."""
+    if batch_rows < 1:
+        raise ConfigError(f"batch_rows={batch_rows} must be at least 1")
+    stop = rows.shape[0] if stop is None else stop
+    starts = range(start, stop, batch_rows)
+    from tqdm import tqdm
+
+    for a in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        b = min(a + batch_rows, stop)
+        ids, mask = rows[a:b], None
+        if attention_mask is not None:
+            mask = attention_mask[a:b]
+            width = int(mask.sum(1).max())
+            ids = ids[:, :width].contiguous().to(model.device)
+            mask = mask[:, :width].contiguous().to(model.device)
+        else:
+            ids = ids.to(model.device)
+        # no local keeps the batch's tensors while it is out, so a consumer can free the logits early
+        if logits:
+            yield CapturedBatch(
+                a, b, ids, mask, *capture(model, ids, sites, attention_mask=mask, logits=True)
+            )
+        else:
+            yield CapturedBatch(a, b, ids, mask, capture(model, ids, sites, attention_mask=mask))
+
+
+@contextmanager
+def edit_site(model: LanguageModel, site: Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, replace the activation at `site` by `fn(activation [batch, pos, d_in])`
+    in every forward pass (and so in every generation step). The hook is removed on exit, also when
+    the body raises."""
+    handle = _hook(model, site, fn)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,154 @@
+"""Checkpoints, the training log and resume. Owns `run_dir/checkpoints/NAME/` (`state.pt` while a run
+trains, written atomically; `done.json` once it finished), the run key that says whether a checkpoint
+belongs to this very run (and, if not, which settings differ), and `report/NAME_log.jsonl` (its plot
+is `evals.report.plot_training_log`).
+
+Knows nothing of how a step trains, of the recipe's numbers or of processes: a checkpoint stores the
+states the loop hands it (weights, optimiser states, counts), the step and the torch RNG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmascope.activations import ActivationStore
+from gemmascope.errors import StoreError
+from gemmascope.runs import CFG_FILE, save_atomic, write_atomic
+from gemmascope.train.recipe import TrainConfig, TrainSpec
+
+
+def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: TrainConfig) -> str:
+    """What makes two runs the same run: the store's data, the specs, the tokens and every setting
+    that changes the numbers (not how often we log or checkpoint)."""
+    settings = {
+        f.name: getattr(cfg, f.name)
+        for f in fields(cfg)
+        if f.name not in ("checkpoint_every", "log_every", "name", "parallel", "device")
+    }
+    data = {s: [e["sha256"] for e in store.manifest(s)["shards"]] for s in sorted({t.site for t in specs})}
+    return json.dumps(
+        {"specs": [asdict(s) for s in specs], "tokens": tokens, "config": settings, "data": data},
+        sort_keys=True,
+    )
+
+
+class Checkpoint:
+    """`run_dir/checkpoints/NAME/`: `state.pt` (weights, optimiser states, counts, step, RNG) while
+    training, written atomically; `done.json` (the run key and its SAE folders) once finished."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder = folder
+        self.key = key
+        self.state_path = folder / "state.pt"
+        self.done_path = folder / "done.json"
+
+    def finished_outputs(self) -> list[Path] | None:
+        """The SAE folders of this very run if it already finished and they are all still there."""
+        if not self.done_path.exists():
+            return None
+        try:
+            done = json.loads(self.done_path.read_text())
+            outputs, key = [Path(p) for p in done["outputs"]], done["key"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StoreError(
+                f"training record {str(self.done_path)!r} is damaged ({err!r}): delete it to train this run again"
+            ) from None
+        if key == self.key and all((p / CFG_FILE).exists() for p in outputs):
+            return outputs
+        return None
+
+    def load(self, restart: bool) -> dict[str, Any] | None:
+        if not self.state_path.exists():
+            return None
+        try:
+            state: dict[str, Any] = torch.load(self.state_path, weights_only=False)
+        except Exception as err:  # a torn file cannot happen (atomic writes), but a foreign one can
+            raise StoreError(f"cannot read checkpoint {str(self.state_path)!r}: {err}") from err
+        if state.get("key") == self.key:
+            return state
+        if restart:
+            self.state_path.unlink()
+            return None
+        raise StoreError(
+            f"{str(self.state_path)!r} is an unfinished training run (step {state.get('step')}) of another "
+            f"config ({_key_difference(state.get('key'), self.key)}); re-run with its arguments to resume it, "
+            "restart to discard it, or choose another name"
+        )
+
+    def save(self, step_index: int, trainee_states: list[dict[str, Any]]) -> None:
+        """Write the state after `step_index` steps: each SAE's state as the loop hands it over
+        and the torch RNG."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "key": self.key,
+            "step": step_index,
+            "trainees": trainee_states,
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_atomic(self.state_path, lambda tmp: torch.save(state, tmp))
+
+    def finish(self, outputs: list[Path]) -> None:
+        write_atomic(
+            self.done_path, json.dumps({"key": self.key, "outputs": [str(p) for p in outputs]}, indent=1)
+        )
+        self.state_path.unlink(missing_ok=True)
+
+
+def _key_difference(old: str | None, new: str) -> str:
+    """Which parts of two run keys differ, for the error message."""
+    try:
+        a, b = json.loads(old or "{}"), json.loads(new)
+    except json.JSONDecodeError:
+        return "unreadable key"
+    diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if "config" in diffs:
+        ca, cb = a.get("config", {}), b.get("config", {})
+        diffs.remove("config")
+        diffs += [
+            f"{k}: {ca.get(k)!r} -> {cb.get(k)!r}"
+            for k in sorted(set(ca) | set(cb))
+            if ca.get(k) != cb.get(k)
+        ]
+    return "differs in " + ", ".join(diffs)
+
+
+class TrainingLog:
+    """The training log, one JSON object per logged step; a resumed run drops rows after its checkpoint."""
+
+    def __init__(self, path: Path, resume_after: int, write: bool = True) -> None:
+        self.path = path
+        self.file: Any = None
+        if not write:  # a data-parallel rank other than 0: rank 0 logs the shared steps
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        if resume_after and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_after
+            ]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")  # noqa: SIM115 - closed by close()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def read_training_log(path: Path | str) -> Iterator[dict[str, Any]]:
+    """The rows of a training log (`report/NAME_log.jsonl`)."""
+    for line in Path(path).read_text().splitlines():
+        if line:
+            yield json.loads(line)

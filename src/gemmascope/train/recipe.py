@@ -1,0 +1,479 @@
+"""The Gemma Scope training recipe (RECIPE.md section 2), as numbers and pure functions: the published
+constants beside the short-run defaults measured here (`PUBLISHED`, `SHORT_RUN`), what to train
+(`TrainSpec`) and how (`TrainConfig`), the JumpReLU loss terms with their straight-through
+pseudo-derivatives, the initialisation, the lr and sparsity warm-ups, the decoder-gradient projection,
+folding the input scaling into the weights, and the run plan (steps, epochs, warm-ups and dead window
+scaled to the run length) with the checks of every spec and setting.
+
+Knows nothing of the training loop, optimiser state, checkpoints, logs, files or processes (see
+`loop`, `checkpoint`, `distributed`); of the activation store it reads only the manifests.
+
+Where the constants come from (Gemma Scope, arXiv 2408.05147, section 3, condensed in RECIPE.md 2):
+the published value is kept beside every short-run default chosen here, and both are written into
+every saved SAE's `cfg.extra`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.activations import ActivationStore
+from gemmascope.errors import ConfigError, StoreError
+from gemmascope.runs import check_name
+from gemmascope.sae import ARCHITECTURES, SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae, jumprelu, step
+from gemmascope.sites import parse_site
+
+# ---------------------------------------------------------------------------------------------
+# Constants of the recipe
+
+# Gemma Scope section 3 (RECIPE 2), exactly as published. Tuned for 4-16B tokens per SAE.
+PUBLISHED: dict[str, Any] = {
+    "lr": 7e-5,  # Adam learning rate
+    "lr_warmup_steps": 1_000,  # cosine warm-up of lr from 0.1 lr to lr
+    "l0_warmup_steps": 10_000,  # linear warm-up of the sparsity coefficient from 0 to lambda
+    "batch_size": 4_096,  # activations per step
+    "adam_betas": (0.0, 0.999),
+    "adam_eps": 1e-8,
+    "bandwidth": 0.001,  # epsilon of the rectangle kernel; valid because E‖x‖² = 1
+    "threshold_init": 0.001,  # theta at init, raw fp32 parameter
+    "dead_window_tokens": 10_000_000,  # a latent silent for this many tokens is dead
+}
+BANDWIDTH = PUBLISHED["bandwidth"]
+THRESHOLD_INIT = PUBLISHED["threshold_init"]
+ADAM_BETAS = PUBLISHED["adam_betas"]
+ADAM_EPS = PUBLISHED["adam_eps"]
+LR_WARMUP_START = 0.1  # the lr warm-up starts at 0.1 * lr (Gemma Scope section 3)
+# RECIPE 2: theta is the raw threshold "clamped > 0"; this floor keeps it strictly positive.
+THRESHOLD_FLOOR = 1e-6
+
+# Short-run defaults for 1e5-1e7 tokens on a CPU, chosen by a sweep of JumpReLU SAEs on Gemma 3 270M
+# resid_post.6 (width 4096, lambda 1e-3, 100k training tokens, FVU and L0 on 20k held-out tokens):
+#   lr 7e-5 (published), batch 1024:  L0 780, FVU 1.81 (untrained, as RECIPE 2 "short runs" warns)
+#   lr 3e-4, batch 1024:  L0 253, FVU 0.78      lr 1e-3, batch 1024:  L0 162, FVU 0.64
+#   lr 3e-3, batch 1024:  L0 116, FVU 0.64      lr 1e-2, batch 1024:  L0 5.5, FVU 0.82
+#   lr 1e-3, batch 256:   L0 136, FVU 0.64      lr 3e-3, batch 256:   L0 49,  FVU 0.48
+#   lr 1e-2, batch 256:   L0 28,  FVU 0.58
+# (3e-3 was the default until longer runs showed it diverging at random steps; see below.)
+# Under Adam each parameter, theta included, moves about lr per step, so a short run needs a large
+# lr and many small steps for the thresholds to travel from 0.001 to where they belong. Warm-ups
+# are scaled to the run length: the published 1k and 10k steps are ~0.1% and 1% of a 4-16B-token
+# run and would round to nothing here, so lr warms up over 5% of the steps and lambda over 20%,
+# never longer than the published step counts.
+SHORT_RUN: dict[str, Any] = {
+    # Default learning rate by run length (measured on Gemma 3 270M resid_post.6, see BENCHMARKS.md,
+    # "Training quality"): with b_dec started at the data mean, thresholds started at the target
+    # firing rate and Adam beta1 = 0.9, lr 2e-3 at batch 1,024 trains without spikes; runs longer
+    # than `long_run_steps` take `lr_long`. (lr 1e-3: FVU 0.088; 2e-3: 0.083; 4e-3: 0.082, 300k tokens.)
+    "lr": 2e-3,
+    "lr_long": 5e-4,
+    "long_run_steps": 3000,
+    "batch_size": 1024,
+    "lr_warmup_fraction": 0.05,
+    "lr_decay_fraction": 0.2,  # linear decay of lr to 0 over the last 20% of the steps
+    "l0_warmup_fraction": 0.0,  # thresholds start at the target rate, so L0 needs no warm-up
+    "dead_window_fraction": 0.25,  # of the run's tokens, never more than the published 10M
+    # Adam with beta1 = 0 (published) at lr 1e-3..2e-3 spiked in 4 of 6 short runs (batch FVU
+    # 45-232) and killed latents; beta1 = 0.9 did not (RECIPE.md 2, "short runs").
+    "adam_betas": (0.9, 0.999),
+}
+# Gemma Scope 2 target-L0 mode: penalty coefficient * (L0 / L0* - 1)^2. The report gives the form
+# (a quadratic penalty around the target L0*), not the coefficient. Same sweep, target 50:
+# coefficient 1 ends at held-out L0 49.1, FVU 0.41; coefficient 10 at L0 50.5 but FVU 0.62.
+TARGET_L0_COEFF = 1.0
+# Latents that die or crowd (RECIPE.md 2, "short runs" and "dead latents"; measured in BENCHMARKS.md):
+# - a dead JumpReLU latent (silent for the dead window) gets no gradient from the loss, so nothing
+#   brings it back. Anthropic's January 2025 update adds a pre-activation loss ReLU(θ − pre) that
+#   pushes its pre-activations up and its threshold down; we apply it to dead latents only, which
+#   keeps it cheap (a product over the dead columns alone) and leaves live latents untouched.
+# - Gemma Scope 2 penalises latents that fire on more than ~10% of tokens: the penalty here is
+#   DENSE_COEFF · Σ ReLU(batch densityᵢ − 10%) over the latents whose running density is above 10%,
+#   its gradient reaching θ through the same straight-through kernel as the L0 term.
+# - TopK and BatchTopK get sparsify's AuxK: the k_aux most active dead latents reconstruct what the
+#   live ones miss, with coefficient 1/32.
+DEAD_PREACT_COEFF = 0.0  # likewise: revived latents cost FVU within a short run; opt in
+DENSE_DENSITY = 0.1
+DENSE_COEFF = 0.0  # measured: costs more ΔLM loss than it buys at CPU budgets (BENCHMARKS.md); opt in
+DENSITY_EVERY = 10  # steps between measurements of every latent's firing rate (one encoder pass)
+DENSITY_MOMENTUM = 0.7  # of the running firing rate, per measurement
+AUXK_COEFF = 1 / 32
+INIT_L0 = 50.0  # the L0 thresholds start at when the spec gives λ rather than a target L0 ...
+INIT_DENSITY = 0.05  # ... or this fraction of a narrower width
+# The spike guard: a batch FVU this many times its running value (after the lr warm-up) means the
+# last steps broke the SAE. It goes back to the last checkpoint's weights with half the lr, at most
+# MAX_RECOVERIES times, then stops with a message; it never saves a broken SAE as finished.
+SPIKE_FACTOR = 10.0
+MAX_RECOVERIES = 3
+FVU_MOMENTUM = 0.95  # of the running batch FVU the guard compares with
+B_DEC_INITS = ("mean", "zero")
+BATCHTOPK_THRESHOLD_MOMENTUM = 0.99  # running mean of the smallest kept activation (Bussmann et al.)
+# Tokens whose scaled activation norm ‖x/C‖ exceeds this (the RMS norm is 1 after scaling) are left
+# out of training, as BOS is. Not in the Gemma Scope report, which covers Gemma 2: Gemma 3 270M has
+# "massive activations" on a few ordinary tokens (at resid_post.6, an apostrophe in some contexts:
+# 0.05% of tokens at 4-10x the median norm, so 15-100x the squared norm). One such token in a batch
+# gives a gradient spike that Adam with beta1 = 0 turns into a full-size step on every weight it
+# touches; on 2M-token runs every SAE diverged (FVU > 1) within 1,500 steps. Normal tokens stay
+# below 2x the median norm, so 3 keeps all of them. None trains on every token.
+MAX_SCALED_NORM = 3.0
+FINAL_FRACTION = 0.1  # L0, FVU and densities of a finished SAE are measured on this last part of training
+# ... unless the run has held-out activations (`runs.HELDOUT`): then on up to this many of them, which
+# names the folder by an L0 no training step has seen (a run saved as l0_98 once had held-out L0 43).
+HELDOUT_TOKENS = 16_384
+HELDOUT_BATCH = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# What to train
+
+
+@dataclass
+class TrainSpec:
+    """One SAE to train: where it reads, how wide it is, its architecture and how its sparsity is set.
+
+    JumpReLU takes `l0_coeff` (λ, a fixed L0 penalty) or `target_l0` (Gemma Scope 2's quadratic
+    penalty around L0*); TopK and BatchTopK take `k`; ReLU takes `l0_coeff` as its L1 coefficient.
+    `lr` overrides the run's learning rate for this SAE."""
+
+    site: str
+    width: int
+    architecture: str = "jumprelu"
+    l0_coeff: float | None = None
+    target_l0: float | None = None
+    k: int | None = None
+    lr: float | None = None
+
+    @property
+    def name(self) -> str:
+        """A short label for logs: `resid_post.6/w4096/jumprelu/lam0.001`."""
+        if self.architecture in ("topk", "batchtopk"):
+            how = f"k{self.k}"
+        elif self.target_l0 is not None:
+            how = f"target{self.target_l0:g}"
+        else:
+            how = f"lam{self.l0_coeff:g}"
+        return f"{self.site}/w{self.width}/{self.architecture}/{how}"
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every SAE of one training run. `None` warm-ups and dead window are scaled
+    to the run length (see SHORT_RUN); the values used are recorded in each SAE's `cfg.extra`."""
+
+    batch_size: int = SHORT_RUN["batch_size"]
+    lr: float | None = None  # None: SHORT_RUN's lr for runs up to long_run_steps, lr_long beyond
+    lr_warmup_steps: int | None = None
+    lr_decay_steps: int | None = None  # linear decay of lr to 0 over the last steps (None: 20% of them)
+    l0_warmup_steps: int | None = None
+    adam_betas: tuple[float, float] = SHORT_RUN["adam_betas"]  # published: (0.0, 0.999)
+    bandwidth: float = BANDWIDTH
+    b_dec_init: str = "mean"  # "mean": the data mean of the first batch; "zero": as published
+    threshold_init: float | None = None  # None: θ at each latent's target firing rate; a number: that θ
+    target_l0_coeff: float = TARGET_L0_COEFF
+    dead_preact_coeff: float = DEAD_PREACT_COEFF  # pre-activation loss on dead JumpReLU latents (0: off)
+    dense_coeff: float = DENSE_COEFF  # penalty on JumpReLU latents over `dense_density` (0: off)
+    dense_density: float = DENSE_DENSITY
+    auxk_coeff: float = AUXK_COEFF  # TopK / BatchTopK auxiliary loss on dead latents (0: off)
+    spike_factor: float = SPIKE_FACTOR  # batch FVU over this x its running value: a spike (0: no guard)
+    dead_window_tokens: int | None = None
+    max_norm: float | None = MAX_SCALED_NORM  # skip tokens with ‖x/C‖ above this (massive activations)
+    seed: int = 0
+    buffer_tokens: int = 2**18
+    fast: bool = True  # JumpReLU terms from gemmascope.sparse_step (same values and gradients)
+    parallel: str = "data"  # under torchrun: "data" (ranks split each batch) or "sae" (split the SAEs)
+    device: str = "cpu"  # "cuda": under torchrun each process trains on its own GPU (LOCAL_RANK)
+    name: str = "train"  # checkpoints in run_dir/checkpoints/NAME, logs in run_dir/report/NAME_*
+    checkpoint_every: int = 50  # steps
+    log_every: int = 10  # steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's pieces
+
+
+def jumprelu_terms(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The two terms of the JumpReLU loss on a batch `x [batch, d_in]` already divided by C.
+
+    The encoder sees `x - b_dec` (the pre-encoder bias). Returns `recon` (mean over the batch of
+    ‖x − x̂‖², summed over d_in), `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), whose gradient goes to
+    θ only, through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (bool: the latent was
+    active on some token of the batch). This is the plain reference; `sparse_step.jumprelu_terms_sparse`
+    is the fast path with the same signature, values and gradients."""
+    pre_acts = sae.pre_acts(x - sae.b_dec)  # [batch, d_sae]
+    f = jumprelu(pre_acts, sae.threshold, bandwidth)
+    x_hat = sae.decode(f)
+    recon = (x - x_hat).pow(2).sum(-1).mean()
+    active = step(pre_acts, sae.threshold, bandwidth)  # [batch, d_sae] floats 0/1
+    l0 = active.sum(-1).mean()
+    fired = (active > 0).any(0)
+    return recon, l0, fired
+
+
+# The signature of the JumpReLU loss terms: this reference or `sparse_step.jumprelu_terms_sparse`.
+TermsFn = Callable[[JumpReLUSAE, Tensor, float], tuple[Tensor, Tensor, Tensor]]
+
+
+def init_sae(sae: SAE, generator: torch.Generator, threshold_init: float = THRESHOLD_INIT) -> SAE:
+    """RECIPE 2 init: W_dec He-uniform, then each row scaled to unit norm; W_enc = W_decᵀ (untied
+    afterwards); b_enc = b_dec = 0; JumpReLU θ = `threshold_init` (0.001)."""
+    with torch.no_grad():
+        w_dec = torch.empty(sae.d_sae, sae.d_in)
+        torch.nn.init.kaiming_uniform_(w_dec, generator=generator)
+        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        sae.W_dec.copy_(w_dec)
+        sae.W_enc.copy_(w_dec.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        if isinstance(sae, JumpReLUSAE):
+            sae.threshold.fill_(threshold_init)
+    return sae
+
+
+def init_from_data(sae: SAE, x: Tensor, cfg: TrainConfig, init_l0: float) -> SAE:
+    """Start what the data sets the scale of from a first batch `x [batch, d_in]` (already / C).
+
+    `b_dec` at the data mean (as sparsify does): at resid_post.6 of Gemma 3 270M the mean holds ~90%
+    of E‖x‖², and from 0 a short run spends itself getting there while latents die or turn into
+    always-on stand-ins for the mean. JumpReLU thresholds at the pre-activation each latent exceeds
+    on `init_l0 / width` of the batch (Anthropic's 2025 "b_enc at a target firing rate", set through
+    θ), so L0 starts at its target instead of at most of the width."""
+    with torch.no_grad():
+        if cfg.b_dec_init == "mean":
+            sae.b_dec.copy_(x.mean(0))
+        if isinstance(sae, JumpReLUSAE) and cfg.threshold_init is None:
+            pre_acts = sae.pre_acts(x - sae.b_dec)  # [batch, d_sae]
+            k = min(x.shape[0] - 1, max(1, round(init_l0 / sae.d_sae * x.shape[0])))
+            top = pre_acts.topk(k + 1, dim=0).values  # [k + 1, d_sae]
+            # halfway between the k-th and (k+1)-th largest: no token sits on the threshold's edge
+            sae.threshold.copy_((0.5 * (top[k - 1] + top[k])).clamp_min(THRESHOLD_FLOOR))
+    return sae
+
+
+def dead_preact_loss(sae: JumpReLUSAE, x: Tensor, dead: Tensor) -> Tensor:
+    """Anthropic's pre-activation loss on the `dead [d_sae]` (bool) latents only: the batch mean of
+    Σᵢ ReLU(θᵢ − preᵢ) over them (decoder rows have unit norm), on `x [batch, d_in]` (already / C).
+    Its gradient raises their pre-activations and lowers their thresholds until they fire again."""
+    index = dead.nonzero().squeeze(1)
+    pre_acts = (x - sae.b_dec) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dead]
+    return torch.relu(sae.threshold[index] - pre_acts).sum(-1).mean()
+
+
+def dense_penalty(
+    sae: JumpReLUSAE,
+    x: Tensor,
+    dense: Tensor,
+    limit: float,
+    bandwidth: float,
+    share: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Gemma Scope 2's penalty on latents that fire too often: Σᵢ ReLU(densityᵢ − `limit`) over the
+    `dense [d_sae]` (bool) latents, densityᵢ their firing rate on the batch `x [batch, d_in]` (already
+    / C), differentiable in θ through the straight-through step (as the L0 term). `share` turns a
+    data-parallel rank's densities into the whole batch's (the penalty is not linear in them)."""
+    index = dense.nonzero().squeeze(1)
+    pre_acts = (x - sae.b_dec) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dense]
+    density = step(pre_acts, sae.threshold[index], bandwidth).mean(0)  # [n_dense]
+    if share is not None:
+        density = share(density)
+    return torch.relu(density - limit).sum()
+
+
+def auxk_loss(sae: SAE, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """sparsify's AuxK for TopK SAEs: the `k_aux` most active `dead [d_sae]` latents of each token
+    reconstruct the live latents' error `residual [batch, d_in]` (detached), as a fraction of its
+    variance, so dead latents learn something useful to come back with."""
+    index = dead.nonzero().squeeze(1)
+    pre_acts = torch.relu((x - sae.b_dec) @ sae.W_enc[:, index] + sae.b_enc[index])  # [batch, n_dead]
+    values, which = pre_acts.topk(min(k_aux, index.numel()), dim=-1)
+    f = torch.zeros_like(pre_acts).scatter(-1, which, values)
+    error = residual - f @ sae.W_dec[index]
+    return error.pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+def fold_scaling(sae: SAE, scale: float) -> SAE:
+    """The SAE for raw activations of one trained on `x / scale` with the pre-encoder bias (RECIPE 2,
+    folding): b_enc' = C·(b_enc − b_dec @ W_enc), b_dec' = C·b_dec, θ' = C·θ, W_enc and W_dec
+    unchanged. On raw x it gives the training-time latents and reconstruction times C."""
+    cfg = SAEConfig(**sae.cfg.to_dict())
+    folded = build_sae(cfg)
+    with torch.no_grad():
+        folded.W_enc.copy_(sae.W_enc)
+        folded.W_dec.copy_(sae.W_dec)
+        folded.b_enc.copy_(scale * (sae.b_enc - sae.b_dec @ sae.W_enc))
+        folded.b_dec.copy_(scale * sae.b_dec)
+        if isinstance(sae, (JumpReLUSAE, BatchTopKSAE)):
+            folded.threshold.copy_(scale * sae.threshold)  # type: ignore[operator]
+    return folded
+
+
+def lr_at(step_index: int, lr: float, warmup_steps: int, decay_steps: int = 0, n_steps: int = 0) -> float:
+    """Cosine warm-up from 0.1·lr to lr over the first `warmup_steps` steps (RECIPE 2), then lr, then
+    (short runs) a linear decay to 0 over the last `decay_steps` of the run's `n_steps`."""
+    if step_index < warmup_steps:
+        progress = step_index / warmup_steps
+        return lr * (LR_WARMUP_START + (1 - LR_WARMUP_START) * 0.5 * (1 - math.cos(math.pi * progress)))
+    if decay_steps and step_index >= n_steps - decay_steps:
+        return lr * (n_steps - step_index) / (decay_steps + 1)
+    return lr
+
+
+def sparsity_coeff_at(step_index: int, coeff: float, warmup_steps: int) -> float:
+    """Linear warm-up of the sparsity coefficient from 0 to `coeff` over `warmup_steps` (RECIPE 2)."""
+    if step_index >= warmup_steps:
+        return coeff
+    return coeff * step_index / warmup_steps
+
+
+def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
+    """Remove from each row's gradient its component along that (unit-norm) row, before the
+    optimiser step (RECIPE 2, decoder)."""
+    if W_dec.grad is not None:
+        with torch.no_grad():  # outside no_grad the gradient would grow an autograd graph each step
+            W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking the specs and planning the run
+
+
+def checked_spec(spec: TrainSpec, store: ActivationStore) -> TrainSpec:
+    """The spec with its site in canonical form, or a ConfigError naming what makes no sense."""
+    site = str(parse_site(spec.site))
+    if parse_site(site) not in store.sites:
+        raise ConfigError(
+            f"site {spec.site!r} is not in the activation store of {str(store.run_dir)!r}: "
+            f"it holds {', '.join(map(str, store.sites))}"
+        )
+    if spec.architecture not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {spec.architecture!r}: expected one of {ARCHITECTURES}")
+    if not isinstance(spec.width, int) or spec.width < 1:
+        raise ConfigError(f"width {spec.width!r} of {spec.site} must be a positive whole number of latents")
+
+    def positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+        ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(
+                f"{name} {value!r} of a {spec.architecture} SAE must be a finite number {bound}"
+            )
+
+    if spec.architecture == "jumprelu":
+        if (spec.l0_coeff is None) == (spec.target_l0 is None):
+            raise ConfigError(
+                "a jumprelu SAE needs exactly one of l0_coeff (λ) or target_l0, "
+                f"got l0_coeff={spec.l0_coeff!r}, target_l0={spec.target_l0!r}"
+            )
+        if spec.l0_coeff is not None:
+            positive("l0_coeff", spec.l0_coeff, allow_zero=True)
+        else:
+            positive("target_l0", spec.target_l0)
+            if float(spec.target_l0 or 0) >= spec.width:
+                raise ConfigError(f"target_l0 {spec.target_l0} must be below the width {spec.width}")
+    elif spec.architecture in ("topk", "batchtopk"):
+        if not isinstance(spec.k, int) or not 0 < spec.k <= spec.width:
+            raise ConfigError(
+                f"{spec.architecture} needs a whole k with 0 < k <= width {spec.width}, got {spec.k!r}"
+            )
+        if spec.l0_coeff is not None or spec.target_l0 is not None:
+            raise ConfigError(f"{spec.architecture} sets its sparsity with k only, not l0_coeff or target_l0")
+    else:  # relu
+        positive("l0_coeff (the L1 coefficient)", spec.l0_coeff)
+    if spec.lr is not None:
+        positive("lr", spec.lr)
+    return TrainSpec(**{**asdict(spec), "site": site})
+
+
+def checked_config(cfg: TrainConfig) -> None:
+    """A ConfigError naming the first setting of `cfg` that makes no sense."""
+
+    def finite(name: str, value: float, low: float, high: float = math.inf) -> None:
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"{name} {value!r} must be a finite number in [{low:g}, {high:g}]")
+
+    check_name(cfg.name, "training run name")  # its checkpoint and log stay inside the run folder
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch size {cfg.batch_size} must be at least 1")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"learning rate {cfg.lr!r} must be a finite number > 0")
+    if not (math.isfinite(cfg.bandwidth) and cfg.bandwidth > 0):
+        raise ConfigError(f"bandwidth {cfg.bandwidth!r} must be a finite number > 0")
+    if cfg.max_norm is not None and not (math.isfinite(cfg.max_norm) and cfg.max_norm > 1):
+        raise ConfigError(
+            f"max_norm {cfg.max_norm!r} must be a finite number > 1 (the scaled RMS norm) or None"
+        )
+    if cfg.b_dec_init not in B_DEC_INITS:
+        raise ConfigError(f"b_dec_init {cfg.b_dec_init!r} must be one of {B_DEC_INITS}")
+    if cfg.threshold_init is not None:
+        finite("threshold_init", cfg.threshold_init, THRESHOLD_FLOOR)
+    for beta in cfg.adam_betas:
+        finite("an Adam beta", beta, 0.0, 0.9999)
+    for name in ("dead_preact_coeff", "dense_coeff", "auxk_coeff", "target_l0_coeff"):
+        finite(name, getattr(cfg, name), 0.0)
+    finite("dense_density", cfg.dense_density, 1e-6, 1.0)
+    if cfg.spike_factor != 0:
+        finite("spike_factor (0 turns the guard off)", cfg.spike_factor, 1.5)
+
+
+def run_plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: TrainConfig) -> dict[str, Any]:
+    """Steps, epochs and the warm-ups and dead window scaled to this run's length."""
+    if not specs:
+        raise ConfigError("nothing to train: give at least one SAE spec")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"the same SAE is asked for twice: {sorted({n for n in names if names.count(n) > 1})}"
+        )
+    checked_config(cfg)
+    if tokens < cfg.batch_size:
+        raise ConfigError(f"tokens {tokens} must be at least one batch ({cfg.batch_size})")
+    steps = tokens // cfg.batch_size
+    sites = sorted({parse_site(s.site) for s in specs})
+    available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in sites)
+    per_epoch = available // cfg.batch_size
+    if per_epoch < 1:
+        raise StoreError(
+            f"the activation store holds {available} usable tokens, less than one batch ({cfg.batch_size})"
+        )
+    lr_warmup = cfg.lr_warmup_steps
+    if lr_warmup is None:
+        lr_warmup = min(PUBLISHED["lr_warmup_steps"], round(SHORT_RUN["lr_warmup_fraction"] * steps))
+    l0_warmup = cfg.l0_warmup_steps
+    if l0_warmup is None:
+        l0_warmup = min(PUBLISHED["l0_warmup_steps"], round(SHORT_RUN["l0_warmup_fraction"] * steps))
+    dead_window = cfg.dead_window_tokens
+    if dead_window is None:
+        dead_window = min(
+            PUBLISHED["dead_window_tokens"],
+            max(cfg.batch_size, round(SHORT_RUN["dead_window_fraction"] * tokens)),
+        )
+    lr_decay = cfg.lr_decay_steps
+    if lr_decay is None:
+        lr_decay = round(SHORT_RUN["lr_decay_fraction"] * steps)
+    if lr_warmup < 0 or l0_warmup < 0 or lr_decay < 0 or dead_window < 1:
+        raise ConfigError(
+            f"warm-ups must be >= 0 steps and the dead window >= 1 token, got {lr_warmup}, {l0_warmup}, {dead_window}"
+        )
+    return {
+        "steps": steps,
+        "epochs": math.ceil(steps / per_epoch),
+        "store_tokens": available,
+        "lr_warmup_steps": lr_warmup,
+        "lr_decay_steps": min(lr_decay, max(0, steps - lr_warmup)),
+        "l0_warmup_steps": l0_warmup,
+        "dead_window_tokens": dead_window,
+        "final_steps": max(1, round(FINAL_FRACTION * steps)),
+    }
+
+
+def with_run_lr(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """`cfg` with its learning rate set: unless given, SHORT_RUN's `lr` for runs up to
+    `long_run_steps` steps and the lower, stable `lr_long` for longer ones."""
+    if cfg.lr is not None:
+        return cfg
+    long_run = steps > SHORT_RUN["long_run_steps"]
+    return dataclasses.replace(cfg, lr=SHORT_RUN["lr_long"] if long_run else SHORT_RUN["lr"])

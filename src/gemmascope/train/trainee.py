@@ -1,0 +1,221 @@
+"""One SAE in training (`Trainee`): its optimiser; the running counts that training watches (tokens
+since each latent last fired, every latent's firing rate, the batch FVU) and the sums over the final
+part of training that its log and folder name need; the spike guard (a batch FVU far above its running
+value sends the SAE back to its last checkpoint with half the learning rate); and its measurement on
+held-out activations at the end.
+
+Knows nothing of the step loop, checkpoints on disk or the saved folder (see `loop`, `checkpoint`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gemmascope.activations import ActivationStore
+from gemmascope.errors import TrainingError
+from gemmascope.sae import SAE, SAEConfig, build_sae
+from gemmascope.sites import Site, parse_site
+from gemmascope.train.distributed import Parallel
+from gemmascope.train.recipe import (
+    ADAM_EPS,
+    DENSITY_MOMENTUM,
+    HELDOUT_BATCH,
+    HELDOUT_TOKENS,
+    MAX_RECOVERIES,
+    THRESHOLD_INIT,
+    TrainConfig,
+    TrainSpec,
+    init_sae,
+)
+
+
+@dataclass
+class Trainee:
+    """An SAE in training with its optimiser and the running counts its logs and folder name need."""
+
+    spec: TrainSpec
+    site: Site
+    scale: float
+    sae: SAE
+    optimizer: torch.optim.Adam
+    lr: float
+    since_fired: Tensor  # [d_sae] int64 tokens since the latent last fired
+    density: Tensor  # [d_sae] running firing rate, measured every DENSITY_EVERY steps
+    final: dict[str, Any] = field(default_factory=dict)  # sums over the final part of training
+    fvu: float | None = None  # running batch FVU, what the spike guard compares with
+    recoveries: int = 0  # spikes recovered from (each halves lr)
+    good: dict[str, Any] | None = None  # the state at the last checkpoint, to recover a spike from
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "since_fired": self.since_fired,
+            "density": self.density,
+            "final": self.final,
+            "fvu": self.fvu,
+            "lr": self.lr,
+            "recoveries": self.recoveries,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        state = copy.deepcopy(state)  # a kept state must not share tensors with the live SAE
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        device = self.sae.W_enc.device  # a checkpoint saved on another GPU loads onto ours
+        self.since_fired = state["since_fired"].to(device)
+        self.density = state["density"].to(device)
+        self.final = {**state["final"], "fires": state["final"]["fires"].to(device)}
+        self.fvu, self.lr, self.recoveries = state["fvu"], state["lr"], state["recoveries"]
+
+    def keep_good(self) -> None:
+        """Remember the current state as the one a spike goes back to."""
+        self.good = copy.deepcopy(self.state())
+
+
+def new_trainee(
+    index: int, spec: TrainSpec, store: ActivationStore, cfg: TrainConfig, device: torch.device | None = None
+) -> Trainee:
+    site = parse_site(spec.site)
+    manifest = store.manifest(site)
+    sae_cfg = SAEConfig(
+        architecture=spec.architecture,
+        d_in=int(manifest["d_in"]),
+        d_sae=spec.width,
+        k=spec.k,
+        model_name=store.model_name,
+        site=str(site),
+        hook_name=site.hook_name,
+        context_size=store.context_len,
+        dataset=store.corpus,
+    )
+    # Each SAE's init depends only on (seed, its index), so adding SAEs never changes the others.
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    threshold = cfg.threshold_init if cfg.threshold_init is not None else THRESHOLD_INIT
+    sae = init_sae(build_sae(sae_cfg), generator, threshold).to(device or "cpu")
+    lr = spec.lr if spec.lr is not None else cfg.lr
+    assert lr is not None, "train_saes resolves the run's learning rate first"
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas, eps=ADAM_EPS)
+    return Trainee(
+        spec=spec,
+        site=site,
+        scale=store.scale(site),
+        sae=sae,
+        optimizer=optimizer,
+        lr=lr,
+        since_fired=torch.zeros(spec.width, dtype=torch.long, device=sae.W_enc.device),
+        density=torch.full((spec.width,), -1.0, device=sae.W_enc.device),  # -1: not measured yet
+        final={
+            "steps": 0,
+            "tokens": 0,
+            "l0": 0.0,
+            "sq_err": 0.0,
+            "sq_dev": 0.0,
+            "fires": torch.zeros(spec.width, device=sae.W_enc.device),
+        },
+    )
+
+
+def spiked(t: Trainee, loss: float, fvu: float, cfg: TrainConfig, warm: bool) -> bool:
+    """Whether this batch shows a broken SAE: a non-finite loss, or (after the lr warm-up) a batch
+    FVU over `cfg.spike_factor` times its running value."""
+    if not math.isfinite(loss):
+        return True
+    return bool(cfg.spike_factor and warm and t.fvu is not None and fvu > cfg.spike_factor * t.fvu)
+
+
+def recover(t: Trainee, step_index: int, fvu: float) -> None:
+    """Go back to the last checkpoint's state with half the learning rate, or stop with a message
+    once MAX_RECOVERIES spikes have been recovered from (nothing of this run is saved)."""
+    if t.good is None or t.recoveries >= MAX_RECOVERIES:
+        raise TrainingError(
+            f"training of {t.spec.name} broke down at step {step_index + 1} (batch FVU {fvu:.3g} against a "
+            f"running {t.fvu or float('nan'):.3g}) after {t.recoveries} recoveries at ever lower learning "
+            f"rates (now {t.lr:g}); nothing was saved: train again with a lower lr"
+        )
+    lr, recoveries = t.lr, t.recoveries
+    t.load_state(t.good)
+    t.lr, t.recoveries = lr / 2, recoveries + 1
+    tqdm.write(
+        f"{t.spec.name}: batch FVU {fvu:.3g} at step {step_index + 1} is a spike; back to the last "
+        f"checkpoint with lr {t.lr:g}"
+    )
+
+
+def measure_density(t: Trainee, x: Tensor, par: Parallel) -> None:
+    """Update the running firing rate of every latent (what the dense penalty reads) on `x`."""
+    with torch.no_grad():
+        fires = par.sum((t.sae.activation(t.sae.pre_acts(x - t.sae.b_dec)) > 0).sum(0).float())
+        rate = fires / par.tokens(x.shape[0])
+        running = DENSITY_MOMENTUM * t.density + (1 - DENSITY_MOMENTUM) * rate
+        t.density = torch.where(t.density < 0, rate, running)  # -1: not measured yet
+
+
+def update_counts(
+    t: Trainee,
+    x: Tensor,
+    out: dict[str, Tensor],
+    final: bool,
+    dead_window: int,
+    sq_dev: float,
+    par: Parallel | None = None,
+) -> dict[str, float]:
+    """Dead-latent counts, the final-part sums, and this step's log figures (data-parallel: over
+    the whole step's batch, which `x` is this rank's part of; `sq_dev` is its Σ ‖x − mean(x)‖²)."""
+    batch = x.shape[0] if par is None else par.tokens(x.shape[0])
+    t.since_fired += batch
+    t.since_fired[out["fired"]] = 0
+    sq_err = float(out["recon"]) * batch
+    if final:
+        with torch.no_grad():  # densities as the saved SAE fires (BatchTopK: its global threshold)
+            fires = (t.sae.activation(t.sae.pre_acts(x - t.sae.b_dec)) > 0).sum(0)
+        if par is not None:
+            fires = par.sum(fires)
+        t.final["steps"] += 1
+        t.final["tokens"] += batch
+        t.final["l0"] += float(out["l0"])
+        t.final["sq_err"] += sq_err
+        t.final["sq_dev"] += sq_dev
+        t.final["fires"] += fires.float()
+    return {
+        "loss": float(out["loss"].detach()),
+        "recon": float(out["recon"]),
+        "l0": float(out["l0"]),
+        "fvu": sq_err / sq_dev,
+        "dead_fraction": float((t.since_fired >= dead_window).float().mean()),
+    }
+
+
+def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfig) -> dict[str, Any] | None:
+    """L0, FVU and per-latent density of a trained SAE on up to HELDOUT_TOKENS held-out tokens of its
+    site (scaled by the training C, massive activations left out as in training), or None when the
+    run has no held-out activations of that site."""
+    if heldout is None or t.site not in heldout.sites:
+        return None
+    sq_err = sq_dev = l0 = 0.0
+    fires = torch.zeros(t.sae.d_sae)
+    n = 0
+    with torch.no_grad():
+        available = int(heldout.manifest(t.site)["n_tokens_non_special"])
+        for batch in heldout.batches([t.site], max(1, min(HELDOUT_BATCH, available)), seed=0):
+            x = batch[t.site].to(t.sae.W_enc.device) / t.scale  # [batch, d_in]
+            if cfg.max_norm is not None:
+                x = x[x.norm(dim=-1) <= cfg.max_norm]
+            f = t.sae.activation(t.sae.pre_acts(x - t.sae.b_dec))  # [batch, d_sae]
+            sq_err += float((x - t.sae.decode(f)).pow(2).sum())
+            sq_dev += float((x - x.mean(0)).pow(2).sum())
+            l0 += float((f > 0).sum())
+            fires += (f > 0).sum(0).float().cpu()
+            n += x.shape[0]
+            if n >= HELDOUT_TOKENS:
+                break
+    if n == 0:
+        return None
+    return {"l0": l0 / n, "fvu": sq_err / sq_dev, "density": fires / n, "tokens": n}

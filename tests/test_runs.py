@@ -1,0 +1,140 @@
+"""Tests for runs.py: the one atomic write (nothing left behind, a full disk is one clear error), the
+one-writer lock (a second writer fails at once naming the first), name checks, SAE ids, and the CLI's
+one comma-list parser."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gemmascope import runs
+from gemmascope.cli import main
+from gemmascope.cli.options import parse_list
+from gemmascope.errors import ConfigError, StoreError
+
+
+def test_write_atomic_replaces_whole_and_leaves_nothing_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "a.json"
+    runs.write_atomic(path, "old")
+    runs.write_atomic(path, b"new")
+    assert path.read_text() == "new"
+
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, *args: Any) -> None:
+            self.f = real_open(*args)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data: bytes) -> int:
+            self.f.write(data[:3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "open", FullDisk, raising=False)
+    with pytest.raises(StoreError, match=r"cannot write .*a.json.*No space left on device; free some disk"):
+        runs.write_atomic(path, "newer")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+    with pytest.raises(RuntimeError), runs.writing(tmp_path / "b.pt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen[str]:
+    code = (
+        "import sys, time; from gemmascope import runs\n"
+        f"with runs.lock({str(run_dir)!r}, 'train R --name dup'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_fails_at_once_naming_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    with runs.lock(run_dir), runs.lock(run_dir):  # re-entrant within a process
+        pass
+    holder = _hold_lock(run_dir)
+    try:
+        with pytest.raises(StoreError, match=rf"in use by process {holder.pid} \(train R --name dup\)"):
+            with runs.lock(run_dir):
+                pass
+        started = time.monotonic()
+        argv = ["train", str(run_dir), "--widths", "32", "--l0-coeffs", "1", "--name", "dup"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"process {holder.pid}" in err and err.count("\n") == 1 and "Traceback" not in err
+        assert time.monotonic() - started < 5  # at once, not after waiting
+    finally:
+        holder.kill()
+        holder.wait()
+    with runs.lock(run_dir):  # the OS dropped the dead holder's lock
+        pass
+
+
+@pytest.mark.parametrize("name", ["../../x", "../../../../tmp/x", "/tmp/x", "a/b", "..", ""])
+def test_names_that_leave_the_run_folder_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="is not a plain name"):
+        runs.check_name(name)
+
+
+def test_train_name_outside_the_run_folder_is_refused_before_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", str(tmp_path / "run"), "--widths", "32", "--l0-coeffs", "1"]
+    assert main([*argv, "--name", "../../../../tmp/x"]) == 2
+    err = capsys.readouterr().err
+    assert "--name '../../../../tmp/x' is not a plain name" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_sae_ids_and_folders() -> None:
+    folder = runs.sae_dir("R", "resid_post.6", 4096, 51.6)
+    assert folder == Path("R/saes/resid_post/layer_6/width_4096/l0_52")
+    assert runs.sae_id(folder) == "resid_post.6.w4096.l0_52"
+    assert runs.sae_dir("R", "mlp_out.2", 64, 8, "topk").name == "l0_8_topk"
+
+
+def test_one_list_parser_names_the_flag_and_the_bad_item() -> None:
+    assert parse_list(" 1, 2,,3 ", "--widths", int) == [1, 2, 3]
+    assert parse_list("a,b", "--sites") == ["a", "b"]
+    with pytest.raises(
+        ConfigError, match=r"--l0-coeffs '1e-3,x': item 'x' is not valid: expected comma-separated numbers"
+    ):
+        parse_list("1e-3,x", "--l0-coeffs", float)
+
+
+def test_suite_l0_coeffs_bad_item_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["suite", str(tmp_path / "r"), "--model", "tiny-gemma3", "--l0-coeffs", "0.1,abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--l0-coeffs '0.1,abc'" in err and "'abc'" in err and "Traceback" not in err
+
+
+def test_training_refuses_a_name_outside_the_run_folder_at_its_source(tmp_path: Path) -> None:
+    from gemmascope.activations import harvest
+    from gemmascope.models import load_model
+    from gemmascope.train import TrainConfig, TrainSpec, train_saes
+
+    harvest(load_model("tiny-gemma3"), ["resid_post.1"], tmp_path, 256, context_len=32, progress=False)
+    spec = TrainSpec(site="resid_post.1", width=16, l0_coeff=1.0)
+    with pytest.raises(ConfigError, match="is not a plain name"):
+        train_saes(tmp_path, [spec], 256, TrainConfig(name="../../../../tmp/x", batch_size=64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "activations"]
