@@ -1,5 +1,6 @@
-"""Tests for activations.py: harvesting (tiny model; one test on the real Gemma 3 270M), the
-manifest and scale, resume after SIGKILL, bad input, and reading back in order and as batches."""
+"""Tests for the activations package (activations/): harvesting (tiny model; one test on the real
+Gemma 3 270M), the manifest and scale, resume after SIGKILL, bad input, and reading back in order and
+as batches."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def store(tiny_model: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def plain_hook_acts(model: LanguageModel, input_ids: Tensor, sites: list[Site]) -> dict[Site, Tensor]:
-    """Reference: a full transformers forward with hand-written hooks, independent of models.capture."""
+    """Reference: a full transformers forward with hand-written hooks, independent of sites.capture."""
     acts: dict[Site, Tensor] = {}
     handles = []
     for site in sites:
@@ -434,3 +435,19 @@ def test_a_flipped_byte_of_the_right_size_is_caught_when_read(
         next(store.rows(SITES[0]))
     with pytest.raises(StoreError, match="SHA-256"):
         next(store.batches([SITES[0]], 16))
+
+
+def test_harvest_again_repairs_a_damaged_or_missing_shard(tiny_model: LanguageModel, tmp_path: Path) -> None:
+    """What the damaged-shard message says to do works: harvesting again recomputes the bad shard."""
+    harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
+    folder = tmp_path / "activations" / "resid_post" / "layer_1"
+    good = {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")}
+    shard = folder / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-7] ^= 0x40
+    shard.write_bytes(bytes(data))
+    harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
+    assert {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")} == good
+    shard.unlink()
+    harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
+    assert {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")} == good

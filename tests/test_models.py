@@ -1,4 +1,5 @@
-"""Tests for models.py: sites, capture, edits, loading errors (tiny model) and the real Gemma 3 270M."""
+"""Tests for models.py and sites.py: sites, capture, edits, loading errors (tiny model) and the real
+Gemma 3 270M."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fast JumpReLU step (sparse_step.py) against the plain reference `train.jumprelu_terms`: the
+"""The fast JumpReLU step (sparse_step.py) against the plain reference `train.recipe.jumprelu_terms`: the
 same recon, l0 and fired, and the same gradient for every parameter, within fp32 tolerance, on random
 data and on real activations; and a short training run with `fast=True` ending where the reference
 run ends."""

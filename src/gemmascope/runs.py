@@ -5,15 +5,15 @@ keep a user-given name inside the run folder.
     runs/NAME/
       run.json, suite.json                  what was asked; which suite stages are finished
       activations/SITE/layer_L/             shards + manifest.json
-      heldout/activations/SITE/layer_L/     held-out split activations (when harvested)
-      heldout/activations/SITE/layer_L/     the same for a slice of the held-out split
+      heldout/activations/SITE/layer_L/     the same for a slice of the held-out split (HELDOUT; when
+                                            harvested, training names SAEs by their L0 there)
       saes/SITE/layer_L/width_W/l0_K/       cfg.json, sae_weights.safetensors, sparsity.safetensors, eval.json
       checkpoints/NAME/                     state.pt, done.json (training)
       features.sqlite                       the feature index
       graphs/, report/                      attribution graphs; evals.json, plots, training logs
       .lock                                 held by the one writer
 
-Knows nothing of what is inside the files (see activations.py, formats.py, train/, features/).
+Knows nothing of what is inside the files (see activations/, formats.py, train/, features/).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class SAEConfig:
     d_sae: int
     k: int | None = None  # active latents per token for topk / batchtopk
     model_name: str = ""
-    site: str = ""  # e.g. "resid_post.6" (models.Site string form)
+    site: str = ""  # e.g. "resid_post.6" (sites.Site string form)
     hook_name: str = ""  # TransformerLens name, e.g. "blocks.6.hook_resid_post"
     context_size: int = 128
     dataset: str = ""

@@ -1,5 +1,5 @@
 """The fast JumpReLU training step. Owns `jumprelu_terms_sparse`, a drop-in for the plain reference
-`train.jumprelu_terms` (same signature, same values, same gradients within fp32 rounding) that does
+`train.recipe.jumprelu_terms` (same signature, same values, same gradients within fp32 rounding) that does
 only one dense product: the encoder's. Everything else touches only the (token, latent) pairs that
 are active, or near enough to the threshold for its pseudo-gradient (RECIPE.md section 2):
 
@@ -17,7 +17,7 @@ each backward) and keeps several [B, d_sae] tensors; this does one and keeps non
 the dense matmul rate / (2·d_in·d_sae) tokens per second (see benchmarks/train_step.py).
 The same code runs on CPU (MKL sparse kernels) and on CUDA (cuSPARSE through torch.sparse).
 
-Knows nothing of the training loop, the optimiser or files; `train.py` picks this or the reference
+Knows nothing of the training loop, the optimiser or files; `train.loop` picks this or the reference
 with `TrainConfig.fast`.
 """
 
@@ -40,7 +40,7 @@ def jumprelu_terms_sparse(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tupl
     """The two terms of the JumpReLU loss on `x [batch, d_in]` (already divided by C), computed
     sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias),
     `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only through the rectangle-kernel
-    pseudo-derivative) and `fired [d_sae]` (bool), exactly as `train.jumprelu_terms`; backward fills
+    pseudo-derivative) and `fired [d_sae]` (bool), exactly as `train.recipe.jumprelu_terms`; backward fills
     the gradients of W_enc, b_enc, W_dec, b_dec, threshold (and x, if it requires one)."""
     recon, l0, fired = _SparseJumpReLU.apply(
         x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, float(bandwidth)

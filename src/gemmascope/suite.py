@@ -249,12 +249,12 @@ def run_suite(
     with lock(run_dir, "suite"):
         plan = reconcile_plan(run_dir, plan, extend)
         state = _State(run_dir)
-        _write_run_json(run_dir, plan)
         model = model or load_model(plan.model)
         layers = plan.layers if plan.layers is not None else list(range(model.n_layers))
         for layer in layers:
             if not 0 <= layer < model.n_layers:
                 raise ConfigError(f"layer {layer} is out of range: valid layers are 0..{model.n_layers - 1}")
+        _write_run_json(run_dir, plan)  # only a plan that passed every check is recorded
         try:
             folders = _run_stages(run_dir, plan, model, layers, state, max_minutes, say)
         except BudgetReached as stop:
@@ -310,7 +310,7 @@ def _run_stages(
             model, missing, run_dir, plan.tokens, corpus=plan.corpus, context_len=plan.context_len,
             dtype=plan.dtype,
         )  # fmt: skip
-        # a slice of the held-out split: training names each SAE by its L0 there (train.HELDOUT_TOKENS)
+        # a slice of the held-out split: training names each SAE by its L0 there (train.recipe.HELDOUT_TOKENS)
         harvest(
             model, missing, run_dir / HELDOUT, HELDOUT_TOKENS, corpus=plan.corpus, split="heldout",
             context_len=plan.context_len, dtype=plan.dtype,
@@ -387,7 +387,9 @@ def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str
     config = TrainConfig(name=name, seed=plan.seed, fast=plan.fast and plan.architecture == "jumprelu")
     if plan.batch_size is not None:
         config.batch_size = plan.batch_size
-    return train_saes(run_dir, list(specs), plan.train_tokens or plan.tokens, config)
+    # restart: an unfinished checkpoint of this layer under another spec list (killed, then --extend)
+    # is stale; one of the same specs still resumes
+    return train_saes(run_dir, list(specs), plan.train_tokens or plan.tokens, config, restart=True)
 
 
 def _drop_activations(run_dir: Path, sites: Sequence[Site]) -> None:

@@ -3,7 +3,7 @@ forward passes that produce L0, FVU, delta LM loss, CE loss recovered against ze
 KL(clean || spliced), dead/dense fractions and the health block (their arithmetic lives in
 metrics.py), the held-out token rows, and the splice of a reconstruction (or zeros) into the real
 forward pass. The site check and the latents come from `sae.sae_site` and `sae.encode_inputs`; the
-batches and the clean pass (logits and every site) from `models.capture_batches`.
+batches and the clean pass (logits and every site) from `sites.capture_batches`.
 
 Every metric is taken over non-special tokens only (BOS, EOS and pad excluded), on held-out text.
 The clean forward pass and the activations at every SAE's site come from one pass; the zero-ablation

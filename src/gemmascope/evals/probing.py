@@ -4,7 +4,7 @@ class-mean difference, the pooling of texts and the probing result.
 
 Knows nothing of tables or files (report.py) or of the core metrics beyond the SAE naming of
 core.py; nothing of the server or of training. Latents come from `sae.encode_inputs` (special and
-massive-activation tokens left out), batches from `models.capture_batches`.
+massive-activation tokens left out), batches from `sites.capture_batches`.
 """
 
 from __future__ import annotations

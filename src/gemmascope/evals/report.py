@@ -333,7 +333,7 @@ def plot_heatmap(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path
 def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -> Path:
     """Loss, L0, FVU and dead fraction against tokens for every SAE of a training log, from its
     rows (`{"step", "tokens", NAME: {"loss", "l0", "fvu", "dead_fraction", ...}}`, as
-    `train.read_training_log` yields them). Dead here is training's running count (silent for the
+    `train.checkpoint.read_training_log` yields them). Dead here is training's running count (silent for the
     dead window), not the held-out one of `eval.json`. Writes a PNG."""
     rows = list(rows)
     names = [k for k in (rows[0] if rows else {}) if k not in ("step", "tokens")]

@@ -4,7 +4,8 @@
 to do, and the few computations the pages need that are not a pipeline function of their own
 (one latent's activation on each token of a text).
 
-Knows nothing of HTTP: routes live in app.py. Paths never come from a request: SAEs are looked up
+Knows nothing of HTTP: the routes live in the routers (pages.py, saes.py, activations.py,
+search.py, steering.py), which app.py mounts. Paths never come from a request: SAEs are looked up
 by id in a table built at start-up, and report files by exact name in a listing of `report/`.
 """
 

@@ -9,6 +9,7 @@ training.
 - `recipe`: the published constants beside the measured short-run ones, `TrainSpec`, `TrainConfig`,
   the loss terms, init, schedules, folding, and the run plan.
 - `loop`: `train_saes`, several SAEs from one stream.
+- `trainee`: one SAE in training: its optimiser, running counts, spike guard and held-out measurement.
 - `checkpoint`: checkpoints, the run key, the training log.
 - `distributed`: torchrun, data-parallel and SAE-parallel.
 

@@ -10,6 +10,7 @@ states the loop hands it (weights, optimiser states, counts), the step and the t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -73,7 +74,8 @@ class Checkpoint:
         if state.get("key") == self.key:
             return state
         if restart:
-            self.state_path.unlink()
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads it, rank 0 deletes it
+                self.state_path.unlink(missing_ok=True)
             return None
         raise StoreError(
             f"{str(self.state_path)!r} is an unfinished training run (step {state.get('step')}) of another "

@@ -182,17 +182,21 @@ class Parallel:
             self._all_reduce(p.grad).div_(self.world)
 
     def tokens(self, local: int) -> int:
-        """Tokens in the whole step's batch."""
-        return local * self.world if self.data else local
+        """Tokens in the whole step's batch: summed over the ranks, since the massive-activation filter
+        keeps a different number on each, so that every rank counts alike (dead latents, densities)."""
+        if not self.data:
+            return local
+        return int(self._all_reduce(torch.tensor([local], dtype=torch.float64, device=self.device)).item())
 
     def sq_dev(self, x: Tensor) -> float:
         """Σ ‖x − mean(x)‖² over the whole step's batch `x [batch, d_in]`."""
         if not self.data:
             return float((x - x.mean(0)).pow(2).sum())
         x64 = x.double()
-        sums = self._all_reduce(torch.cat([x64.sum(0), x64.pow(2).sum().view(1)]))
-        n = x.shape[0] * self.world
-        return float(sums[-1] - sums[:-1].pow(2).sum() / n)
+        count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+        sums = self._all_reduce(torch.cat([x64.sum(0), x64.pow(2).sum().view(1), count]))
+        n = float(sums[-1])
+        return float(sums[-2] - sums[:-2].pow(2).sum() / n)
 
     def sum(self, tensor: Tensor) -> Tensor:
         """`tensor` summed over the ranks that split the batch."""

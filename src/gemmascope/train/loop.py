@@ -159,8 +159,9 @@ def train_saes(
     restart: bool = False,
 ) -> list[Path]:
     """Train every SAE of `specs` for `tokens` activations from one pass over the run's activation
-    store, and save each (scaling folded in) to `saes/SITE/layer_L/width_W/l0_K/`, named by the L0
-    measured over the last 10% of training. Returns the SAE folders, in the order of `specs`.
+    store, and save each (scaling folded in) to `saes/SITE/layer_L/width_W/l0_K/`, named by its L0 on
+    the run's held-out activations (`runs.HELDOUT`) when it has them, else by the L0 measured over the
+    last 10% of training. Returns the SAE folders, in the order of `specs`.
 
     Each step reads one batch of all the specs' sites at the same token positions and steps every
     SAE on it. A checkpoint is written every `config.checkpoint_every` steps; run the same call again
@@ -365,9 +366,10 @@ def _save_finished(
     training when the run has none), and save; reuse our own folder if a previous attempt of this
     same run already saved it."""
     fin = t.final
-    l0 = fin["l0"] / fin["steps"]
-    fvu = fin["sq_err"] / fin["sq_dev"]
-    density = fin["fires"].cpu() / fin["tokens"]
+    # a spike recovered from in the last steps can leave the final part empty (its sums went back)
+    l0 = fin["l0"] / max(fin["steps"], 1)
+    fvu = fin["sq_err"] / max(fin["sq_dev"], 1e-12)
+    density = fin["fires"].cpu() / max(fin["tokens"], 1)
     measured_on = f"the last {fin['tokens']} training tokens ({FINAL_FRACTION:.0%} of the run)"
     if heldout is not None:
         l0, fvu, density = heldout["l0"], heldout["fvu"], heldout["density"]
@@ -392,7 +394,7 @@ def _save_finished(
         "epochs": plan["epochs"],
         "steps": plan["steps"],
         "batch_size": cfg.batch_size,
-        "lr": t.lr,
+        "lr": t.spec.lr if t.spec.lr is not None else cfg.lr,  # as asked; lr_final after any recoveries
         "lr_final": t.lr,
         "spike_recoveries": t.recoveries,
         "lr_warmup_steps": plan["lr_warmup_steps"],
