@@ -67,16 +67,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole loop on one site: harvest, train one JumpReLU SAE, evaluate, index; print the eval
     table and three features with their top text; then serve the web UI (unless `serve` is False)."""
-    from gemmascope.evals import format_table, health_line
+    from gemmascope.evals import format_table
     from gemmascope.formats import sae_id
 
     run_dir = Path(run_dir)
     started = time.monotonic()
     out = run_suite(run_dir, plan, say=say)
     folder = out["saes"][0]
-    say("\n" + format_table(out["results"]))
-    for result in out["results"]:
-        say(health_line(result))
+    say("\n" + format_table(out["results"]))  # with each SAE's health warning under it
     key = sae_id(folder)
     features = showcase_features(run_dir / FEATURES_DB, key)
     say(f"\nThree features of {key} and where they fire most:")

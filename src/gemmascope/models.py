@@ -24,21 +24,6 @@ from torch import Tensor, nn
 
 from gemmascope.errors import ConfigError, ModelError
 
-# re-exported for old imports: site names now live in gemmascope.sites (sites imports this module
-# for types only, so no cycle)
-from gemmascope.sites import (  # noqa: F401
-    SITE_KINDS,
-    CapturedBatch,
-    Site,
-    SiteFn,
-    capture,
-    capture_batches,
-    edit_site,
-    parse_site,
-    site_d_in,
-    transcoder_sites,
-)
-
 BUNDLED_MODEL = "gemma-3-270m"
 TINY_MODEL = "tiny-gemma3"
 MAX_PROMPT_TOKENS = 512  # prompt tokens after BOS one call may run (microscope, search, steering)

@@ -41,7 +41,6 @@ from gemmascope.evals.probing import (
 )
 from gemmascope.evals.report import (
     format_table,
-    health_line,
     plot_density,
     plot_frontier,
     plot_heatmap,
@@ -74,7 +73,6 @@ __all__ = [
     "evaluate_tokens",
     "format_table",
     "health",
-    "health_line",
     "health_warning",
     "kl_div_score",
     "norm_limit",

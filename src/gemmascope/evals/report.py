@@ -218,20 +218,6 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([_align(lines), *notes])
 
 
-def health_line(result: Mapping[str, Any]) -> str:
-    """One sentence on an SAE's health block: dead (never fired on the N held-out tokens), latents
-    over 50% and over 10% density with the share of L0 they carry, and the warning or "healthy"."""
-    h = result.get("health")
-    if not h:
-        return f"health of {result['sae_id']}: not measured (eval.json predates the health block)"
-    return (
-        f"health of {result['sae_id']}: {h['frac_dead']:.1%} dead (never fired on {h['n_tokens']} held-out "
-        f"tokens); {h['n_over_50_percent']} latents over 50% density carry {h['l0_share_over_50_percent']:.1%} "
-        f"of L0, {h['n_over_10_percent']} over 10% carry {h['l0_share_over_10_percent']:.1%}; "
-        + (h["warning"] or "healthy")
-    )
-
-
 def _align(lines: Sequence[Sequence[str]]) -> str:
     """Rows of cells as text columns: the first left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
