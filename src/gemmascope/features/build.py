@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -152,52 +153,55 @@ def build_index(
         raise CorpusError(f"the {split!r} split of corpus {corpus!r} gives no tokens besides BOS/EOS/pad")
     db_path = Path(db_path)
     with FeatureIndex(db_path, create=True) as index:
-        _build(
-            model,
-            saes,
-            sites,
-            rows,
-            keep,
-            index,
-            corpus=corpus,
-            split=split,
-            batch_rows=batch_rows,
-            flow_tokens=flow_tokens,
-            n_null_windows=n_null_windows,
-            seed=seed,
-            spill_bytes=spill_bytes,
-            folders=folders or {},
-            progress=progress,
-            started=started,
-        )
+        job = _Job(model, dict(saes), sites, rows, keep, index, corpus, split, batch_rows, seed, started)
+        _begin(job, folders or {})
+        passes = _corpus_passes(job, flow_tokens, n_null_windows, spill_bytes, progress)
+        decode = token_strings(model, rows)  # token id -> text, for every page's windows
+        stats = {sid: _write_pages(job, sid, passes, decode, progress) for sid in job.saes}
+        if passes.samples:
+            _write_flow(index, job.saes, sites, passes.samples)
+        _finish(job, stats, min((s.n_tokens for s in passes.samples.values()), default=0))
     return db_path
 
 
-def _build(
-    model: LanguageModel,
-    saes: Mapping[str, SAE],
-    sites: Mapping[str, Site],
-    rows: Tensor,
-    keep: Tensor,
-    index: FeatureIndex,
-    *,
-    corpus: str,
-    split: str,
-    batch_rows: int,
-    flow_tokens: int,
-    n_null_windows: int,
-    seed: int,
-    spill_bytes: int,
-    folders: Mapping[str, str],
-    progress: bool,
-    started: float,
-) -> None:
-    """The build proper (see the module docstring), into an open index."""
-    n_valid = int(keep.sum())
-    ctx = rows.shape[1]
-    for sae_id, sae in saes.items():
-        site = sites[sae_id]
-        index.begin_sae(
+@dataclass
+class _Job:
+    """One index build: the SAEs, their sites, the token rows and which positions count, the open
+    index, and the settings every stage reads."""
+
+    model: LanguageModel
+    saes: dict[str, SAE]
+    sites: Mapping[str, Site]
+    rows: Tensor  # [n_rows, ctx] token ids
+    keep: Tensor  # [n_rows, ctx] bool: not BOS/EOS/pad
+    index: FeatureIndex
+    corpus: str
+    split: str
+    batch_rows: int
+    seed: int
+    started: float
+
+
+@dataclass
+class _Passes:
+    """What the two passes over the corpus gathered per SAE (pass1: counts, extremes, top windows;
+    pass2: histograms and interval samples), the flow samples, the null windows' latents, and timings."""
+
+    pass1: dict[str, Pass1Stats]
+    pass2: dict[str, Pass2Stats]
+    samples: dict[str, SparseSample]
+    centres: Tensor
+    null_latents: dict[str, dict[int, Tensor]]
+    second_pass: str
+    first_pass_s: float
+    corpus_s: float
+
+
+def _begin(job: _Job, folders: Mapping[str, str]) -> None:
+    """Register every SAE in the index (not served until `_finish`)."""
+    for sae_id, sae in job.saes.items():
+        site = job.sites[sae_id]
+        job.index.begin_sae(
             {
                 "sae_id": sae_id,
                 "site": str(site),
@@ -205,14 +209,24 @@ def _build(
                 "width": sae.d_sae,
                 "d_in": sae.d_in,
                 "architecture": sae.cfg.architecture,
-                "model_name": model.name,
+                "model_name": job.model.name,
                 "fingerprint": sae_fingerprint(sae),
                 "folder": folders.get(sae_id),
             }
         )
+
+
+def _corpus_passes(
+    job: _Job, flow_tokens: int, n_null_windows: int, spill_bytes: int, progress: bool
+) -> _Passes:
+    """The two passes over the token rows (see the module docstring): one forward pass per batch
+    feeds every SAE; the second reads the first's activations back when they were kept."""
+    saes, sites, keep, ctx = job.saes, job.sites, job.keep, job.rows.shape[1]
     device = next(iter(saes.values())).W_enc.device
     unique_sites = sorted(set(sites.values()))
-    source = _SiteActivations(model, rows, unique_sites, batch_rows, index.path.parent, spill_bytes)
+    source = _SiteActivations(
+        job.model, job.rows, unique_sites, job.batch_rows, job.index.path.parent, spill_bytes
+    )
     try:
         with_flow = flow_tokens > 0 and len({s.layer for s in sites.values()}) > 1
         pass1 = {sid: Pass1Stats(sae.d_sae, TOP_K, WINDOW, device) for sid, sae in saes.items()}
@@ -222,22 +236,22 @@ def _build(
             else {}
         )
         for start, acts_by_site in source.batches(True, "indexing: pass 1/2", progress):
-            k = keep[start : start + batch_rows]
+            k = keep[start : start + job.batch_rows]
             for sid, sae in saes.items():
                 acts = encode_inputs(sae, acts_by_site[sites[sid]], k).float()
                 pass1[sid].update(acts, int(k.sum()), start * ctx)
                 if with_flow:
                     samples[sid].update(acts[k.to(acts.device)].cpu())
-        first_pass_s = time.perf_counter() - started
+        first_pass_s = time.perf_counter() - job.started
 
         pass2 = {
-            sid: Pass2Stats(p.min_act, p.max_act, N_BINS, N_INTERVALS, PER_INTERVAL, WINDOW, seed)
+            sid: Pass2Stats(p.min_act, p.max_act, N_BINS, N_INTERVALS, PER_INTERVAL, WINDOW, job.seed)
             for sid, p in pass1.items()
         }
-        centres = _null_window_centres(keep, n_null_windows, seed)
+        centres = _null_window_centres(keep, n_null_windows, job.seed)
         null_latents: dict[str, dict[int, Tensor]] = {sid: {} for sid in saes}
         for start, acts_by_site in source.batches(False, "indexing: pass 2/2", progress):
-            k = keep[start : start + batch_rows]
+            k = keep[start : start + job.batch_rows]
             for sid, sae in saes.items():
                 acts = encode_inputs(sae, acts_by_site[sites[sid]], k).float()
                 pass2[sid].update(acts, start * ctx)
@@ -245,63 +259,72 @@ def _build(
                     row, pos = c // ctx - start, c % ctx
                     span = acts[row, max(0, pos - WINDOW) : pos + WINDOW + 1]
                     null_latents[sid][c] = (span > 0).any(0).nonzero().squeeze(1).cpu()
-        corpus_s = time.perf_counter() - started
+        corpus_s = time.perf_counter() - job.started
     finally:
         source.close()
+    return _Passes(pass1, pass2, samples, centres, null_latents, source.second_pass, first_pass_s, corpus_s)
 
-    decode = token_strings(model, rows)
-    stats_base = {
+
+def _write_pages(
+    job: _Job, sid: str, passes: _Passes, decode: dict[int, str], progress: bool
+) -> dict[str, Any]:
+    """One SAE's feature pages (with logit lens, neighbours and baseline explanations) and null
+    windows, a chunk of pages at a time; returns its build figures."""
+    model, sae, rows = job.model, job.saes[sid], job.rows
+    n_valid = int(job.keep.sum())
+    t0 = time.perf_counter()
+    up_ids, up_vals, down_ids, down_vals = logit_lens(model, sae, job.sites[sid], LOGIT_K, progress=progress)
+    nb_idx, nb_cos = decoder_neighbours(sae, N_NEIGHBOURS)
+    lens = {
+        "up_ids": up_ids.tolist(),
+        "up_vals": up_vals.tolist(),
+        "down_ids": down_ids.tolist(),
+        "down_vals": down_vals.tolist(),
+        "nb_idx": nb_idx.tolist(),
+        "nb_cos": nb_cos.tolist(),
+    }
+    weights_s = time.perf_counter() - t0
+    pass1, pass2 = passes.pass1[sid], passes.pass2[sid]
+    for start in range(0, sae.d_sae, PAGE_CHUNK):  # a chunk of pages at a time: bounded memory
+        stop = min(sae.d_sae, start + PAGE_CHUNK)
+        chunk = list(feature_pages(pass1, pass2, n_valid, rows, decode, lens, model, start, stop))
+        job.index.write_features(sid, chunk)
+        job.index.set_explanations(sid, ((r[0], baseline_explanation(r[4]), None) for r in chunk), BASELINE)
+    null_latents = passes.null_latents[sid]
+    job.index.write_null_windows(
+        sid,
+        (
+            (
+                window_tokens(rows, c, decode, model.special_token_ids, model.tokenizer),
+                null_latents[c].numpy(),
+            )
+            for c in passes.centres.tolist()
+            if c in null_latents
+        ),
+    )
+    pass1.top = pass2.samples = None  # type: ignore[assignment]  # free as we go
+    return {
         "n_tokens": n_valid,
         "n_rows": int(rows.shape[0]),
-        "context_len": ctx,
-        "corpus": source_name(corpus),
-        "split": split,
-        "seed": seed,
+        "context_len": rows.shape[1],
+        "corpus": source_name(job.corpus),
+        "split": job.split,
+        "seed": job.seed,
         "model_name": model.name,
-        "second_pass": source.second_pass,
-        "first_pass_s": round(first_pass_s, 2),
-        "corpus_passes_s": round(corpus_s, 2),
+        "second_pass": passes.second_pass,
+        "first_pass_s": round(passes.first_pass_s, 2),
+        "corpus_passes_s": round(passes.corpus_s, 2),
+        "weights_s": round(weights_s, 2),
+        "width": sae.d_sae,
     }
-    stats: dict[str, dict[str, Any]] = {}
-    for sid, sae in saes.items():
-        t0 = time.perf_counter()
-        up_ids, up_vals, down_ids, down_vals = logit_lens(model, sae, sites[sid], LOGIT_K, progress=progress)
-        nb_idx, nb_cos = decoder_neighbours(sae, N_NEIGHBOURS)
-        lens = {
-            "up_ids": up_ids.tolist(),
-            "up_vals": up_vals.tolist(),
-            "down_ids": down_ids.tolist(),
-            "down_vals": down_vals.tolist(),
-            "nb_idx": nb_idx.tolist(),
-            "nb_cos": nb_cos.tolist(),
-        }
-        weights_s = time.perf_counter() - t0
-        for start in range(0, sae.d_sae, PAGE_CHUNK):  # a chunk of pages at a time: bounded memory
-            stop = min(sae.d_sae, start + PAGE_CHUNK)
-            chunk = list(
-                feature_pages(pass1[sid], pass2[sid], n_valid, rows, decode, lens, model, start, stop)
-            )
-            index.write_features(sid, chunk)
-            index.set_explanations(sid, ((r[0], baseline_explanation(r[4]), None) for r in chunk), BASELINE)
-        index.write_null_windows(
-            sid,
-            (
-                (
-                    window_tokens(rows, c, decode, model.special_token_ids, model.tokenizer),
-                    null_latents[sid][c].numpy(),
-                )
-                for c in centres.tolist()
-                if c in null_latents[sid]
-            ),
-        )
-        stats[sid] = {**stats_base, "weights_s": round(weights_s, 2), "width": sae.d_sae}
-        pass1[sid].top = pass2[sid].samples = None  # type: ignore[assignment]  # free as we go
-    flow_n = min((s.n_tokens for s in samples.values()), default=0)
-    if samples:
-        _write_flow(index, saes, sites, samples)
-    total_s = time.perf_counter() - started
-    for sid in saes:  # the last write: only now is each SAE served
-        index.finish_sae(
+
+
+def _finish(job: _Job, stats: Mapping[str, dict[str, Any]], flow_n: int) -> None:
+    """The last write: only now is each SAE served."""
+    total_s = time.perf_counter() - job.started
+    n_valid = int(job.keep.sum())
+    for sid in job.saes:
+        job.index.finish_sae(
             sid,
             {
                 **stats[sid],
