@@ -437,8 +437,10 @@ def test_a_flipped_byte_of_the_right_size_is_caught_when_read(
         next(store.batches([SITES[0]], 16))
 
 
-def test_harvest_again_repairs_a_damaged_or_missing_shard(tiny_model: LanguageModel, tmp_path: Path) -> None:
-    """What the damaged-shard message says to do works: harvesting again recomputes the bad shard."""
+def test_a_damaged_shard_is_named_and_harvest_recomputes_it_once_deleted(
+    tiny_model: LanguageModel, tmp_path: Path
+) -> None:
+    """What the damaged-shard message says to do works: delete the shard and harvest again."""
     harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
     folder = tmp_path / "activations" / "resid_post" / "layer_1"
     good = {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")}
@@ -446,8 +448,8 @@ def test_harvest_again_repairs_a_damaged_or_missing_shard(tiny_model: LanguageMo
     data = bytearray(shard.read_bytes())
     data[-7] ^= 0x40
     shard.write_bytes(bytes(data))
-    harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
-    assert {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")} == good
+    with pytest.raises(StoreError, match="shard-00000.safetensors.*delete it"):
+        harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
     shard.unlink()
     harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
     assert {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")} == good

@@ -295,10 +295,9 @@ class _SiteWriter:
             for index, entry in enumerate(old["shards"]):
                 if index >= len(self.shard_ranges) or tuple(entry["rows"]) != self.shard_ranges[index]:
                     break  # a short last shard of a smaller harvest: recompute it and what follows
-                try:
-                    verify_shard(self.folder / entry["file"], entry, full=True)
-                except StoreError:
-                    break  # missing or damaged: recompute it and every shard after it
+                if not (self.folder / entry["file"]).exists():
+                    break  # deleted (as the damaged-shard error advises): recompute it and what follows
+                verify_shard(self.folder / entry["file"], entry, full=True)  # damaged: an error naming it
                 start, stop = self.shard_ranges[index]
                 if entry["token_ids_sha256"] != tensor_sha256(rows[start:stop].to(torch.int32)):
                     raise StoreError(

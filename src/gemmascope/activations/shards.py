@@ -40,7 +40,9 @@ def verify_shard(path: Path, entry: dict[str, Any], full: bool) -> bytes | None:
     try:
         size = path.stat().st_size
     except OSError as err:
-        raise StoreError(f"shard {str(path)!r} listed in the manifest is missing: {err}") from err
+        raise StoreError(
+            f"shard {str(path)!r} listed in the manifest is missing ({err.strerror}); run harvest again to rewrite it"
+        ) from err
     if size != entry["bytes"]:
         raise StoreError(
             f"shard {str(path)!r} is truncated or damaged: {size} bytes on disk, the manifest says {entry['bytes']}; "
@@ -50,7 +52,10 @@ def verify_shard(path: Path, entry: dict[str, Any], full: bool) -> bytes | None:
         return None
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise StoreError(f"shard {str(path)!r} is damaged: its SHA-256 differs from the manifest's")
+        raise StoreError(
+            f"shard {str(path)!r} is damaged: its SHA-256 differs from the manifest's; "
+            "delete it and run harvest again to rewrite it"
+        )
     return data
 
 
