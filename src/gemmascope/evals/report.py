@@ -113,6 +113,14 @@ def _figure(width: float = 6.4, height: float = 4.4) -> Any:
     return Figure(figsize=(width, height), dpi=110)
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out and write a figure of `_figure` as a PNG at `path` (its folder created)."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return Path(path)
+
+
 def _line_key(s: Mapping[str, Any]) -> str:
     return f"{s['site']} {s['architecture']} w{s['d_sae']}"
 
@@ -140,9 +148,7 @@ def plot_frontier(results: Sequence[Mapping[str, Any]], metric: str, path: str |
     ax.grid(True, alpha=0.3)
     if lines:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_density(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -159,9 +165,7 @@ def plot_density(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     ax.set_ylabel("latents")
     ax.set_title("Latent density")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_position_error(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -177,9 +181,7 @@ def plot_position_error(results: Sequence[Mapping[str, Any]], path: str | Path) 
     ax.set_ylabel("FVU at position")
     ax.set_title("Reconstruction error by position")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -310,10 +312,7 @@ def plot_heatmap(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -> Path:
@@ -339,7 +338,4 @@ def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -
         ax.set_yscale(yscale)
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
-    return Path(png_path)
+    return _save(fig, png_path)
