@@ -86,3 +86,16 @@ def test_index_messages_name_no_absolute_path(tmp_path: Path) -> None:
             assert "'run/features.sqlite'" in str(err) and str(tmp_path) not in str(err)
         else:
             raise AssertionError("an unknown SAE must be an error")
+
+
+def test_explanation_search_matches_whole_words_only(tmp_path: Path) -> None:
+    with FeatureIndex(tmp_path / "features.sqlite", create=True) as index:
+        index.begin_sae(_info("f"))
+        index.write_features("s", [(i, 0.1, 1, 1.0, {"top_examples": []}) for i in range(3)])
+        index.set_explanations(
+            "s", [(0, "fires on the", None), (1, "fires on he, she", None), (2, "HE said", None)]
+        )
+        index.finish_sae("s", {"n_tokens": 10})
+        assert sorted(hit["index"] for hit in index.search_explanations("s", "he")) == [1, 2]
+        assert [hit["index"] for hit in index.search_explanations(None, "she")] == [1]
+        assert index.search_explanations("s", "th") == []

@@ -101,7 +101,7 @@ def test_without_a_local_copy_the_hub_is_asked_for_the_right_file(
     path = tmp_path / "params.npz"
     np.savez(path, **{k: v.detach().numpy() for k, v in _random_jumprelu().state_dict().items()})
 
-    def fake_download(repo_id: str, filename: str) -> str:
+    def fake_download(repo_id: str, filename: str, **_: object) -> str:
         asked.append((repo_id, filename))
         return str(path)
 
@@ -112,3 +112,16 @@ def test_without_a_local_copy_the_hub_is_asked_for_the_right_file(
     sae = load_release("gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71")
     assert asked == [("google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71/params.npz")]
     assert sae.cfg.site == "resid_post.20"
+
+
+def test_hub_offline_fails_at_once_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("GEMMASCOPE_RELEASES", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(FormatError, match="HF_HUB_OFFLINE is set.*GEMMASCOPE_RELEASES"):
+        release_file("gemma-scope-2-270m-pt", "resid_post/layer_6_width_16k_l0_small")
+    assert time.monotonic() - started < 5

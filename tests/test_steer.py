@@ -135,6 +135,38 @@ def test_clamp_and_ablate_match_the_error_term_splice(tiny_model, sae2, mode):
     assert not torch.allclose(got, x)
 
 
+@pytest.mark.parametrize("mode", ["add", "clamp", "ablate"])
+def test_positions_restrict_the_edit_to_those_tokens(tiny_model, sae2, mode):
+    site = Site("resid_post", 2)
+    x = capture(tiny_model, tiny_model.to_tokens(PROMPT), [site])[site]
+    latent = int(sae2.encode(x).detach()[0, 2:5].sum(0).argmax())  # fires at positions 2..4
+    value = {"add": 3.0, "clamp": 9.0, "ablate": None}[mode]
+    everywhere = edited_site(tiny_model, [Intervention(sae2, latent, mode, value)], site)
+    got = edited_site(tiny_model, [Intervention(sae2, latent, mode, value, positions=(2, 4, 99))], site)
+    for pos in range(x.shape[1]):
+        expected = everywhere[0, pos] if pos in (2, 4) else x[0, pos]
+        torch.testing.assert_close(got[0, pos], expected, msg=f"position {pos}")
+    assert not torch.equal(got[0, 2], x[0, 2])
+
+
+def test_positions_count_on_over_generated_tokens(sae2):
+    from gemmascope.steer import _site_edit
+
+    edit = _site_edit(sae2, [Intervention(sae2, 3, "add", 1.0, positions=(1, 5))])
+    prompt, step = torch.zeros(1, 4, 64), torch.zeros(1, 1, 64)
+    changed = lambda out: [bool(v) for v in (out.abs().sum(-1) > 0)[0]]  # noqa: E731
+    assert changed(edit(prompt)) == [False, True, False, False]  # positions 0..3
+    assert [changed(edit(step))[0] for _ in range(3)] == [False, True, False]  # generated 4, 5, 6
+    assert changed(edit(prompt)) == [False, True, False, False]  # a new prompt counts from 0 again
+
+
+@pytest.mark.parametrize("positions", [(), (-1,), (1.5,), (True,)])
+def test_bad_positions_are_clear_errors(tiny_model, sae2, positions):
+    with pytest.raises(ConfigError, match="positions"):
+        with steering(tiny_model, [Intervention(sae2, 3, "add", 1.0, positions=positions)]):
+            pass
+
+
 def test_several_saes_and_sites_at_once(tiny_model, sae1, sae2):
     other = random_sae("resid_post.2", seed=2)  # a second SAE on the same site
     site = Site("resid_post", 2)

@@ -247,8 +247,13 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert sae.cfg.site == spec.site and sae.cfg.model_name == "tiny-gemma3"
         assert extra["scale"] == pytest.approx(ActivationStore(run_dir).scale(spec.site))
         assert extra["steps"] == 64 and extra["batch_size"] == 128
-        # 5% of 64 steps; thresholds start at the target rate, so the sparsity needs no warm-up
-        assert extra["lr_warmup_steps"] == 3 and extra["l0_warmup_steps"] == 0
+        # the averaged sign optimiser runs without a schedule; thresholds start at the target rate,
+        # so the sparsity needs no warm-up either
+        assert extra["optimizer"] == "signum" and extra["lr"] == 1e-2
+        assert (
+            extra["lr_warmup_steps"] == 0 and extra["lr_decay_steps"] == 0 and extra["l0_warmup_steps"] == 0
+        )
+        assert extra["fixed_biases"] == (spec.architecture != "relu")
         assert extra["published"]["lr"] == PUBLISHED["lr"] == 7e-5
         assert 0 <= extra["fvu"] < 1.5 and 0 <= extra["dead_fraction"] <= 1
         assert (path / "sparsity.safetensors").exists()
@@ -430,14 +435,23 @@ def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: py
     assert not (run_dir / "saes").exists()
 
 
-def test_default_learning_rate_follows_the_run_length(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short runs take SHORT_RUN's lr; runs longer than long_run_steps the lower, stable lr_long."""
+def test_default_learning_rate_follows_the_optimiser_and_run_length(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sign optimiser takes lr_signum at any length; Adam takes SHORT_RUN's lr for short runs and
+    the lower, stable lr_long beyond long_run_steps."""
     spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
-    [short] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
+    [signum] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
+    assert load_sae(signum).cfg.extra["lr"] == train_module.SHORT_RUN["lr_signum"]
+    [short] = train_saes(run_dir, [spec], 1024, small_config(optimizer="adam", name="a"), progress=False)
     assert load_sae(short).cfg.extra["lr"] == train_module.SHORT_RUN["lr"]
     monkeypatch.setitem(train_module.SHORT_RUN, "long_run_steps", 4)
-    [long] = train_saes(run_dir, [TrainSpec(SITE, 48, l0_coeff=1e-3)], 1024, small_config(), progress=False)
+    adam = small_config(optimizer="adam", name="b")
+    [long] = train_saes(run_dir, [TrainSpec(SITE, 48, l0_coeff=1e-3)], 1024, adam, progress=False)
     assert load_sae(long).cfg.extra["lr"] == train_module.SHORT_RUN["lr_long"]
+    assert load_sae(long).cfg.extra["lr_warmup_steps"] == 0  # 5% of 8 steps, rounded
+    with pytest.raises(ConfigError, match="optimizer 'sgd' must be one of"):
+        train_saes(run_dir, [spec], 1024, small_config(optimizer="sgd", name="c"), progress=False)
 
 
 def test_massive_activation_tokens_are_left_out_of_training(

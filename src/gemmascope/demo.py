@@ -49,6 +49,33 @@ def showcase_features(db_path: Path, sae_id: str, n: int = 3, candidates: int = 
     return picked
 
 
+# What a readable SAE at the demo's budget reaches (the issue "SAEs worth reading", 300k tokens).
+TARGETS = (
+    ("ΔLM loss", "delta_lm_loss", 0.8, "{:.3f} nats"),
+    ("dead", "frac_dead", 0.05, "{:.1%}"),
+    ("latents over 50% density", "n_over_50_percent", 0, "{:d}"),
+    ("L0 share of latents over 10%", "l0_share_over_10_percent", 0.20, "{:.0%}"),
+)
+
+
+def target_lines(result: dict[str, Any]) -> list[str]:
+    """One line per quality target: the SAE's value, the bound, and whether it is met."""
+    from gemmascope.evals import summary
+
+    flat = summary(result)
+    lines = []
+    for label, key, bound, fmt in TARGETS:
+        value = flat.get(key)
+        if value is None:
+            lines.append(f"  unknown  {label} (this eval has no health block)")
+            continue
+        met = value <= bound
+        lines.append(
+            f"  {'met    ' if met else 'NOT met'}  {label} {fmt.format(value)} (target <= {fmt.format(bound)})"
+        )
+    return lines
+
+
 def format_window(example: dict[str, Any]) -> str:
     """One top-activating window as text, the activating token in [[brackets]]."""
     parts = []
@@ -76,6 +103,9 @@ def run_demo(
     folder = out["saes"][0]
     say("\n" + format_table(out["results"]))  # with each SAE's health warning under it
     key = sae_id(folder)
+    say(f"\nQuality targets of {key}:")
+    for line in target_lines(out["results"][0]):
+        say(line)
     features = showcase_features(run_dir / FEATURES_DB, key)
     say(f"\nThree features of {key} and where they fire most:")
     for feature in features:

@@ -86,13 +86,19 @@ def release_file(release: str, sae_id: str, root: str | Path | None = None) -> P
                 f"no file {str(path)!r}: expected {release}/{where.filename} under {str(root)!r}"
             )
         return path
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
+    offline = bool(constants.HF_HUB_OFFLINE)  # HF_HUB_OFFLINE=1: the local hub cache only, no network
     try:
-        return Path(hf_hub_download(repo_id=where.repo_id, filename=where.filename))
+        return Path(
+            hf_hub_download(
+                repo_id=where.repo_id, filename=where.filename, local_files_only=offline, etag_timeout=5
+            )
+        )
     except Exception as err:  # network, auth or missing-file errors all mean the same to the user
+        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else str(err)
         raise FormatError(
-            f"cannot fetch {where.filename!r} from {where.repo_id!r}: {err}. Without hub access, put the file "
+            f"cannot fetch {where.filename!r} from {where.repo_id!r}: {why}. Without hub access, put the file "
             "under a folder laid out as RELEASE/ID/ and pass it as root= or $GEMMASCOPE_RELEASES"
         ) from err
 

@@ -41,12 +41,17 @@ DEFAULT_SEED = 0
 
 @dataclass(frozen=True, eq=False)
 class Intervention:
-    """One edit of one latent of one SAE, at the SAE's site, at every position.
+    """One edit of one latent of one SAE, at the SAE's site, at every position or at `positions`.
 
     - `add`: `act += value * W_dec[latent]` (unit-norm direction when `normalize`), the residual
       steering of Neuronpedia; `value` is the strength (None: fill it with `fill_strengths`).
     - `clamp`: set the latent's activation to `value` and splice with the error term.
     - `ablate`: set the latent's activation to 0 and splice with the error term (`value` ignored).
+
+    `positions` (token indices of the prompt, 0 = BOS; None = every position, generated tokens
+    included) restricts the edit to those tokens, as an attribution graph's nodes are: a forward
+    pass over several tokens starts counting at 0, and each later one-token pass of a generation
+    continues the count, so positions past the prompt reach generated tokens too.
     """
 
     sae: SAE
@@ -54,13 +59,15 @@ class Intervention:
     mode: str = "add"
     value: float | None = None
     normalize: bool = False
+    positions: tuple[int, ...] | None = None
 
     def describe(self) -> str:
         where = self.sae.cfg.site or "?"
+        at = "" if self.positions is None else f" at positions {','.join(map(str, self.positions))}"
         if self.mode == "ablate":
-            return f"ablate {where}#{self.latent}"
+            return f"ablate {where}#{self.latent}{at}"
         verb = "add" if self.mode == "add" else "clamp"
-        return f"{verb} {where}#{self.latent} {'by' if self.mode == 'add' else 'to'} {self.value:g}"
+        return f"{verb} {where}#{self.latent} {'by' if self.mode == 'add' else 'to'} {self.value:g}{at}"
 
 
 def fill_strengths(
@@ -93,6 +100,13 @@ def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
             f"latent {iv.latent!r} is out of range for the SAE at {iv.sae.cfg.site or '?'}: "
             f"expected an integer in 0..{iv.sae.d_sae - 1}"
         )
+    if iv.positions is not None:
+        bad = [p for p in iv.positions if isinstance(p, bool) or not isinstance(p, int) or p < 0]
+        if bad or not iv.positions:
+            raise ConfigError(
+                f"positions {list(iv.positions)!r} of latent {iv.latent}: expected one or more token "
+                "indices >= 0 (0 is BOS), or none for every position"
+            )
     if iv.mode != "ablate":
         if iv.value is None:
             raise ConfigError(
@@ -113,39 +127,53 @@ def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Ten
     `decode(f') + (x - decode(f))`. We compute it as `x + (f' - f)[:, :, idx] @ W_dec[idx]` over the
     edited latents `idx` only: equal in exact arithmetic, cheaper for wide SAEs, and a position whose
     latents did not change gets exactly `x` back (no rounding from subtracting and re-adding x̂).
-    Then the additive steering vectors are added (to the spliced activation).
+    Then the additive steering vectors are added (to the spliced activation). Each intervention acts
+    at its `positions` only (all when None); the count of positions starts again at every forward
+    pass over more than one token (a new prompt) and runs on over one-token passes (generation).
     """
+    W_dec = sae.W_dec.detach()
     splice = [iv for iv in interventions if iv.mode in ("clamp", "ablate")]
     adds = [iv for iv in interventions if iv.mode == "add"]
-    W_dec = sae.W_dec.detach()
-    # Later edits of the same latent win, as if applied one after the other.
-    targets: dict[int, float] = {
-        iv.latent: (0.0 if iv.mode == "ablate" else float(iv.value or 0.0)) for iv in splice
-    }
-    idx = torch.tensor(sorted(targets), dtype=torch.long, device=W_dec.device)
-    target_values = torch.tensor(
-        [targets[i] for i in sorted(targets)], dtype=W_dec.dtype, device=W_dec.device
-    )
+    idx = sorted({iv.latent for iv in splice})
+    column = {latent: j for j, latent in enumerate(idx)}
+    idx_t = torch.tensor(idx, dtype=torch.long, device=W_dec.device)
+    offset = [0]  # the absolute position of this pass's first token
 
-    steer_vec: Tensor | None = None  # [d_in]
-    for iv in adds:
-        direction = W_dec[iv.latent]
-        if iv.normalize:
-            direction = direction / direction.norm().clamp_min(1e-12)
-        term = float(iv.value or 0.0) * direction
-        steer_vec = term if steer_vec is None else steer_vec + term
+    def where(iv: Intervention, start: int, length: int) -> Tensor:
+        """`[length]` bool: which of this pass's positions the intervention edits."""
+        if iv.positions is None:
+            return torch.ones(length, dtype=torch.bool, device=W_dec.device)
+        at = torch.tensor([p - start for p in iv.positions if start <= p < start + length], dtype=torch.long)
+        return torch.zeros(length, dtype=torch.bool, device=W_dec.device).index_fill(
+            0, at.to(W_dec.device), True
+        )
 
     def edit(act: Tensor) -> Tensor:
+        length = act.shape[1]
+        if length > 1:
+            offset[0] = 0
+        start = offset[0]
+        offset[0] += length
         out = act
-        if len(targets):
+        if splice:
+            # Later edits of the same latent win where they overlap, as if applied one after the other.
+            target = torch.full((length, len(idx)), math.nan, dtype=W_dec.dtype, device=W_dec.device)
+            for iv in splice:
+                value = 0.0 if iv.mode == "ablate" else float(iv.value or 0.0)
+                target[where(iv, start, length), column[iv.latent]] = value
             with torch.no_grad():
                 # every position is edited (BOS too): the splice is exact, so no mask (encode_inputs) here
-                f = sae.encode(act.to(W_dec.dtype))  # [batch, pos, d_sae]
-                f_old = f[..., idx]  # [batch, pos, n_edit]
-                delta = (target_values - f_old) @ W_dec[idx]  # [batch, pos, d_in]
-            out = out + delta.to(act.dtype)
-        if steer_vec is not None:
-            out = out + steer_vec.to(act.dtype)
+                f_old = sae.encode(act.to(W_dec.dtype))[..., idx_t]  # [batch, pos, n_edit]
+                change = torch.where(target.isnan(), torch.zeros_like(f_old), target - f_old)
+                out = out + (change @ W_dec[idx_t]).to(act.dtype)
+        if adds:
+            steer = torch.zeros(length, W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)  # [pos, d_in]
+            for iv in adds:
+                direction = W_dec[iv.latent]
+                if iv.normalize:
+                    direction = direction / direction.norm().clamp_min(1e-12)
+                steer += where(iv, start, length)[:, None] * (float(iv.value or 0.0) * direction)
+            out = out + steer.to(act.dtype)
         return out
 
     return edit

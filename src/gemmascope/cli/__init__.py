@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "suite": ("train a suite of SAEs over many layers and sites, resumably", pipeline.args_suite),
     "harvest": ("capture activations at sites into a run folder", pipeline.args_harvest),
     "train": ("train SAEs on a run folder's activations with the Gemma Scope recipe", pipeline.args_train),
+    "finetune": (
+        "fine-tune a trained SAE end to end with the model (Gemma Scope 2's MSE + KL loss)",
+        pipeline.args_finetune,
+    ),
     "eval": ("measure SAEs: L0, FVU, delta LM loss, CE recovered, KL, density, probing", measure.args_eval),
     "index": ("build the feature index (features.sqlite) of SAEs", measure.args_index),
     "inspect": ("print the top features of each token of a text", explore.args_inspect),

@@ -57,18 +57,34 @@ def args_train(p: argparse.ArgumentParser) -> None:
     sparsity.add_argument("--k", default=None, help="active latents per token for topk / batchtopk")
     p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default: one epoch)")
     p.add_argument("--batch-size", type=int, default=None, help="activations per step")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (published: 7e-5)")
-    p.add_argument("--lr-warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument(
+        "--optimizer",
+        choices=("signum", "adam"),
+        default=None,
+        help="signum (default: sign descent, schedule-free averaging, biases fixed) or adam (published)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 1e-2 (signum), 2e-3 (adam; published 7e-5)"
+    )
+    p.add_argument(
+        "--lr-warmup-steps", type=int, default=None, help="default: none (signum), 5%% of the steps (adam)"
+    )
     p.add_argument(
         "--l0-warmup-steps", type=int, default=None, help="default: none (θ starts at the target rate)"
     )
     p.add_argument("--b-dec-init", default=None, help="mean (default: the data mean) or zero (published)")
     p.add_argument("--adam-beta1", type=float, default=None, help="Adam beta1 (default 0.9; published: 0)")
     p.add_argument(
-        "--dead-preact-coeff", type=float, default=None, help="pre-activation loss on dead JumpReLU latents"
+        "--dead-preact-coeff",
+        type=float,
+        default=None,
+        help="pre-activation loss on dead JumpReLU latents (default 1e-3; 0: off)",
     )
     p.add_argument(
-        "--dense-coeff", type=float, default=None, help="penalty on JumpReLU latents over 10%% density"
+        "--dense-coeff",
+        type=float,
+        default=None,
+        help="penalty on JumpReLU latents over 10%% density (default 1; 0: off)",
     )
     p.add_argument("--auxk-coeff", type=float, default=None, help="TopK AuxK coefficient (default 1/32)")
     p.add_argument(
@@ -140,7 +156,15 @@ def run_train(args: argparse.Namespace) -> int:
             seed=args.seed, name=args.name, fast=not args.reference, checkpoint_every=args.checkpoint_every
         )
         config.parallel, config.device = args.parallel, args.device
-        flags = ("batch_size", "lr", "lr_warmup_steps", "l0_warmup_steps", "b_dec_init", "dead_preact_coeff")
+        flags = (
+            "optimizer",
+            "batch_size",
+            "lr",
+            "lr_warmup_steps",
+            "l0_warmup_steps",
+            "b_dec_init",
+            "dead_preact_coeff",
+        )
         for flag in (*flags, "dense_coeff", "auxk_coeff", "spike_factor"):
             if getattr(args, flag) is not None:
                 setattr(config, flag, getattr(args, flag))
@@ -294,4 +318,45 @@ def run_convert(args: argparse.Namespace) -> int:
         sae, out = convert(args.src, args.dest, args.to, overwrite=args.overwrite)
     site = sae.cfg.site or "site unknown"
     print(f"{sae.cfg.architecture} SAE d_in {sae.d_in} d_sae {sae.d_sae} ({site}) -> {out}")
+    return 0
+
+
+def args_finetune(p: argparse.ArgumentParser) -> None:
+    from gemmascope.finetune import BETA, LR
+
+    p.add_argument("sae_dir", help="a trained SAE folder")
+    add_model(p, None, "model to fine-tune with (default: the one the SAE's cfg names)")
+    p.add_argument("--tokens", type=int, default=16_384, help="training tokens (default 16384)")
+    p.add_argument("--lr", type=float, default=LR, help=f"Adam lr of the weights (default {LR:g})")
+    p.add_argument("--beta", type=float, default=BETA, help=f"weight of the KL term (default {BETA:g})")
+    p.add_argument(
+        "--eval-tokens", type=int, default=4096, help="held-out tokens to measure before/after (0: skip)"
+    )
+    p.add_argument("--out", default=None, help="folder to write (default: SAE_DIR_finetuned beside it)")
+    p.set_defaults(run=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from gemmascope.evals import evaluate, summary
+    from gemmascope.finetune import finetune_folder
+    from gemmascope.formats import load_sae
+    from gemmascope.models import load_model
+
+    folder = Path(args.sae_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"SAE_DIR {args.sae_dir!r} is not a folder: give a trained SAE folder")
+    if args.eval_tokens < 0:
+        raise ConfigError(f"--eval-tokens {args.eval_tokens} must be >= 0")
+    sae = load_sae(folder)
+    model = load_model(args.model or sae.cfg.model_name)
+    with lock(run_of(folder) or folder.parent, "finetune"):
+        out, info = finetune_folder(model, folder, args.out, tokens=args.tokens, lr=args.lr, beta=args.beta)
+    print(f"fine-tuned {info['steps']} steps on {info['tokens']} tokens in {info['seconds']:.0f} s: {out}")
+    if args.eval_tokens:
+        results = evaluate(model, {"before": sae, "after": load_sae(out)}, n_tokens=args.eval_tokens)
+        print(f"{'':<8} {'L0':>7} {'FVU':>7} {'ΔLM loss':>9} {'KL':>7}")
+        for name, r in zip(("before", "after"), map(summary, results), strict=True):
+            print(
+                f"{name:<8} {r['l0']:>7.1f} {r['fvu']:>7.4f} {r['delta_lm_loss']:>9.3f} {r['kl_div_with_sae']:>7.3f}"
+            )
     return 0

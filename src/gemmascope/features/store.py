@@ -290,8 +290,8 @@ class FeatureIndex:
         return [(json.loads(t), np.frombuffer(b, dtype=np.int32)) for t, b in rows]
 
     def search_explanations(self, sae_id: str | None, query: str, limit: int = 20) -> list[dict[str, Any]]:
-        """Latents whose explanation matches `query` (case-insensitive words; whole-phrase matches
-        first, then by the number of words matched, then by explanation score), over one SAE or,
+        """Latents whose explanation matches `query` (case-insensitive whole words: "he" does not
+        match "the"; whole-phrase matches first, then by the number of words matched, then by explanation score), over one SAE or,
         with `sae_id=None`, over all. Returns `[{sae_id, index, explanation, explainer, score}]`."""
         words = re.findall(r"\w+", query.lower())
         if not words:
@@ -314,10 +314,11 @@ class FeatureIndex:
                 continue
             lowered = text.lower()
             text_words = set(re.findall(r"\w+", lowered))
+            if not any(w in text_words for w in words):
+                continue  # only inside other words ("he" in "the"): not a match
             rank = (
                 float(phrase in " ".join(re.findall(r"\w+", lowered))),
                 float(sum(w in text_words for w in words)),
-                float(sum(w in lowered for w in words)),
                 float(explainer != BASELINE),
                 score if score is not None else -1.0,
             )

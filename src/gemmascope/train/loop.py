@@ -33,6 +33,7 @@ from gemmascope.sae import SAE, BatchTopKSAE, JumpReLUSAE
 from gemmascope.sites import Site
 from gemmascope.train.checkpoint import Checkpoint, TrainingLog, read_training_log, run_key
 from gemmascope.train.distributed import Parallel
+from gemmascope.train.optim import averaged, fixed_biases
 from gemmascope.train.recipe import (
     ADAM_EPS,
     BATCHTOPK_THRESHOLD_MOMENTUM,
@@ -81,9 +82,12 @@ def _loss(
     terms: TermsFn,
     dead_window: int,
     share: Callable[[Tensor], Tensor] | None = None,
+    recon_scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """The loss of one SAE on a batch `x [batch, d_in]` (already / C), and what the log reports;
-    `share` makes a data-parallel rank's batch means the whole batch's where the loss is not linear."""
+    `share` makes a data-parallel rank's batch means the whole batch's where the loss is not linear.
+    The reconstruction term enters the loss times `recon_scale` (the sign optimiser: 1 / the batch's
+    mean ‖x − mean(x)‖², so that it is the batch FVU, as the penalties' coefficients assume)."""
     spec, sae = t.spec, t.sae
     dead = t.since_fired >= dead_window  # [d_sae]
     sparsity: Tensor | float
@@ -122,7 +126,7 @@ def _loss(
         if spec.k is not None and cfg.auxk_coeff and dead.any():
             k_aux = max(1, x.shape[1] // 2)  # sparsify's k_aux: half of d_in
             extra = cfg.auxk_coeff * auxk_loss(sae, x, (x - x_hat).detach(), dead, k_aux)
-    loss = recon + coeff_scale * sparsity + extra
+    loss = recon_scale * recon + coeff_scale * sparsity + extra
     return {"loss": loss, "recon": recon.detach(), "l0": l0.detach(), "fired": fired}
 
 
@@ -137,7 +141,7 @@ def _optimizer_step(
         reduce_grads(t.sae)
     remove_parallel_grad(t.sae.W_dec)
     for group in t.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     t.optimizer.step()
     with torch.no_grad():
         t.sae.W_dec.div_(t.sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -206,10 +210,14 @@ def train_saes(
     outputs: list[Path] = []
     if par.writes:
         heldout = _heldout_store(run_dir)
-        outputs = [
-            _save_finished(t, run_dir, store, tokens, cfg, plan, key, measure_heldout(t, heldout, cfg))
-            for t in trainees
-        ]
+        outputs = []
+        for t in trainees:
+            with averaged(t.optimizer):  # the sign optimiser's average is the SAE it trained
+                outputs.append(
+                    _save_finished(
+                        t, run_dir, store, tokens, cfg, plan, key, measure_heldout(t, heldout, cfg)
+                    )
+                )
         ckpt.finish(outputs)
         plot_training_log(
             read_training_log(log.path), run_dir / REPORT / f"{cfg.name}{par.suffix}_curves.png"
@@ -284,8 +292,10 @@ def _train_step(run: _Run, t: Trainee, x: Tensor, step_index: int) -> dict[str, 
         x = x[x.norm(dim=-1) <= cfg.max_norm]  # [batch', d_in]: massive activations left out
     lr = lr_at(step_index, t.lr, plan["lr_warmup_steps"], plan["lr_decay_steps"], plan["steps"])
     coeff_scale = sparsity_coeff_at(step_index, 1.0, plan["l0_warmup_steps"])
-    out = par.share_out(_loss(t, x, coeff_scale, cfg, run.terms, plan["dead_window_tokens"], par.shared_mean))
     sq_dev = par.sq_dev(x)
+    recon_scale = par.tokens(x.shape[0]) / max(sq_dev, 1e-12) if cfg.optimizer == "signum" else 1.0
+    out = _loss(t, x, coeff_scale, cfg, run.terms, plan["dead_window_tokens"], par.shared_mean, recon_scale)
+    out = par.share_out(out)
     fvu = float(out["recon"]) * par.tokens(x.shape[0]) / sq_dev
     if spiked(t, float(out["loss"].detach()), fvu, cfg, step_index >= plan["lr_warmup_steps"]):
         recover(t, step_index, fvu)
@@ -409,6 +419,9 @@ def _save_finished(
         "dense_density": cfg.dense_density,
         "auxk_coeff": cfg.auxk_coeff,
         "max_scaled_norm": cfg.max_norm,
+        "optimizer": cfg.optimizer,
+        "threshold_lr_ratio": cfg.threshold_lr_ratio if cfg.optimizer == "signum" else 1.0,
+        "fixed_biases": cfg.optimizer == "signum" and fixed_biases(t.sae),
         "adam_betas": list(cfg.adam_betas),
         "adam_eps": ADAM_EPS,
         "seed": cfg.seed,

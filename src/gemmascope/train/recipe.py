@@ -67,22 +67,37 @@ THRESHOLD_FLOOR = 1e-6
 # run and would round to nothing here, so lr warms up over 5% of the steps and lambda over 20%,
 # never longer than the published step counts.
 SHORT_RUN: dict[str, Any] = {
-    # Default learning rate by run length (measured on Gemma 3 270M resid_post.6, see BENCHMARKS.md,
-    # "Training quality"): with b_dec started at the data mean, thresholds started at the target
-    # firing rate and Adam beta1 = 0.9, lr 2e-3 at batch 1,024 trains without spikes; runs longer
+    # The optimiser (train/optim.py; measured in BENCHMARKS.md, "Training quality against sparsify"):
+    # sign descent with schedule-free averaging, W_enc and W_dec at lr 1e-2 (eai-sparsify's rate at
+    # width 4,096), thresholds at a tenth of it, b_enc and b_dec fixed at 0 and the data mean. At
+    # resid_post.6, 300k tokens: FVU 0.064, ΔLM loss 0.6x, 3% dead, no latent over 50%, where Adam
+    # (below) with learned biases gives FVU 0.080, 88% dead and 35 always-on latents.
+    "optimizer": "signum",
+    "lr_signum": 1e-2,
+    "threshold_lr_ratio": 0.1,
+    # Adam ("--optimizer adam"): with b_dec started at the data mean, thresholds started at the
+    # target firing rate and beta1 = 0.9, lr 2e-3 at batch 1,024 trains without spikes; runs longer
     # than `long_run_steps` take `lr_long`. (lr 1e-3: FVU 0.088; 2e-3: 0.083; 4e-3: 0.082, 300k tokens.)
     "lr": 2e-3,
     "lr_long": 5e-4,
     "long_run_steps": 3000,
     "batch_size": 1024,
-    "lr_warmup_fraction": 0.05,
-    "lr_decay_fraction": 0.2,  # linear decay of lr to 0 over the last 20% of the steps
+    "lr_warmup_fraction": 0.05,  # Adam only: the averaged sign optimiser needs no schedule
+    "lr_decay_fraction": 0.2,  # Adam only: linear decay of lr to 0 over the last 20% of the steps
     "l0_warmup_fraction": 0.0,  # thresholds start at the target rate, so L0 needs no warm-up
-    "dead_window_fraction": 0.25,  # of the run's tokens, never more than the published 10M
+    # A latent silent for this many tokens is dead for the pre-activation loss and AuxK (never more
+    # than the published 10M): four batches, so a latent firing on fewer than ~1 in 4,000 tokens is
+    # pulled back before its threshold drifts out of reach.
+    "dead_window_tokens": 4096,
     # Adam with beta1 = 0 (published) at lr 1e-3..2e-3 spiked in 4 of 6 short runs (batch FVU
     # 45-232) and killed latents; beta1 = 0.9 did not (RECIPE.md 2, "short runs").
     "adam_betas": (0.9, 0.999),
 }
+OPTIMIZERS = ("signum", "adam")
+# Under sign descent every element moves by lr whatever its size, so the encoder's starting scale sets
+# how far a step turns it. Its columns start at this norm (PyTorch's default Linear init, which
+# sparsify keeps) rather than 1: FVU 0.087 against 0.093 at resid_post.6, 300k tokens.
+SIGNUM_ENC_INIT_NORM = 3**-0.5
 # Gemma Scope 2 target-L0 mode: penalty coefficient * (L0 / L0* - 1)^2. The report gives the form
 # (a quadratic penalty around the target L0*), not the coefficient. Same sweep, target 50:
 # coefficient 1 ends at held-out L0 49.1, FVU 0.41; coefficient 10 at L0 50.5 but FVU 0.62.
@@ -97,11 +112,15 @@ TARGET_L0_COEFF = 1.0
 #   its gradient reaching θ through the same straight-through kernel as the L0 term.
 # - TopK and BatchTopK get sparsify's AuxK: the k_aux most active dead latents reconstruct what the
 #   live ones miss, with coefficient 1/32.
-DEAD_PREACT_COEFF = 0.0  # likewise: revived latents cost FVU within a short run; opt in
+# Both are on by default with the sign optimiser (measured at resid_post.6, 300k tokens, BENCHMARKS.md):
+# the pre-activation loss takes dead latents from 59% to 3%; the dense penalty costs FVU (0.064 ->
+# 0.093) but lowers ΔLM loss (0.79 -> 0.70): the dense latents it removes spent the dictionary on
+# high-variance directions the model's next-token prediction barely reads.
+DEAD_PREACT_COEFF = 1e-3
 DENSE_DENSITY = 0.1
-DENSE_COEFF = 0.0  # measured: costs more ΔLM loss than it buys at CPU budgets (BENCHMARKS.md); opt in
-DENSITY_EVERY = 10  # steps between measurements of every latent's firing rate (one encoder pass)
-DENSITY_MOMENTUM = 0.7  # of the running firing rate, per measurement
+DENSE_COEFF = 1.0
+DENSITY_EVERY = 1  # steps between measurements of every latent's firing rate (one encoder pass)
+DENSITY_MOMENTUM = 0.0  # of the running firing rate, per measurement (0: the last batch's rate)
 AUXK_COEFF = 1 / 32
 INIT_L0 = 50.0  # the L0 thresholds start at when the spec gives λ rather than a target L0 ...
 INIT_DENSITY = 0.05  # ... or this fraction of a narrower width
@@ -166,7 +185,11 @@ class TrainConfig:
     to the run length (see SHORT_RUN); the values used are recorded in each SAE's `cfg.extra`."""
 
     batch_size: int = SHORT_RUN["batch_size"]
-    lr: float | None = None  # None: SHORT_RUN's lr for runs up to long_run_steps, lr_long beyond
+    optimizer: str = SHORT_RUN["optimizer"]  # "signum" (train/optim.py) or "adam" (as published)
+    lr: float | None = (
+        None  # None: lr_signum, or for Adam SHORT_RUN's lr up to long_run_steps, lr_long beyond
+    )
+    threshold_lr_ratio: float = SHORT_RUN["threshold_lr_ratio"]  # signum: JumpReLU θ at this x lr
     lr_warmup_steps: int | None = None
     lr_decay_steps: int | None = None  # linear decay of lr to 0 over the last steps (None: 20% of them)
     l0_warmup_steps: int | None = None
@@ -237,12 +260,15 @@ def init_sae(sae: SAE, generator: torch.Generator, threshold_init: float = THRES
 def init_from_data(sae: SAE, x: Tensor, cfg: TrainConfig, init_l0: float) -> SAE:
     """Start what the data sets the scale of from a first batch `x [batch, d_in]` (already / C).
 
-    `b_dec` at the data mean (as sparsify does): at resid_post.6 of Gemma 3 270M the mean holds ~90%
+    With the sign optimiser, W_enc's columns are scaled to SIGNUM_ENC_INIT_NORM. `b_dec` at the data
+    mean (as sparsify does): at resid_post.6 of Gemma 3 270M the mean holds ~90%
     of E‖x‖², and from 0 a short run spends itself getting there while latents die or turn into
     always-on stand-ins for the mean. JumpReLU thresholds at the pre-activation each latent exceeds
     on `init_l0 / width` of the batch (Anthropic's 2025 "b_enc at a target firing rate", set through
     θ), so L0 starts at its target instead of at most of the width."""
     with torch.no_grad():
+        if cfg.optimizer == "signum":
+            sae.W_enc.mul_(SIGNUM_ENC_INIT_NORM)
         if cfg.b_dec_init == "mean":
             sae.b_dec.copy_(x.mean(0))
         if isinstance(sae, JumpReLUSAE) and cfg.threshold_init is None:
@@ -406,6 +432,9 @@ def checked_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"max_norm {cfg.max_norm!r} must be a finite number > 1 (the scaled RMS norm) or None"
         )
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {cfg.optimizer!r} must be one of {OPTIMIZERS}")
+    finite("threshold_lr_ratio", cfg.threshold_lr_ratio, 0.0)
     if cfg.b_dec_init not in B_DEC_INITS:
         raise ConfigError(f"b_dec_init {cfg.b_dec_init!r} must be one of {B_DEC_INITS}")
     if cfg.threshold_init is not None:
@@ -439,21 +468,22 @@ def run_plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: T
         raise StoreError(
             f"the activation store holds {available} usable tokens, less than one batch ({cfg.batch_size})"
         )
+    scheduled = cfg.optimizer == "adam"  # the averaged sign optimiser needs no warm-up or decay
     lr_warmup = cfg.lr_warmup_steps
     if lr_warmup is None:
-        lr_warmup = min(PUBLISHED["lr_warmup_steps"], round(SHORT_RUN["lr_warmup_fraction"] * steps))
+        fraction = SHORT_RUN["lr_warmup_fraction"] if scheduled else 0.0
+        lr_warmup = min(PUBLISHED["lr_warmup_steps"], round(fraction * steps))
     l0_warmup = cfg.l0_warmup_steps
     if l0_warmup is None:
         l0_warmup = min(PUBLISHED["l0_warmup_steps"], round(SHORT_RUN["l0_warmup_fraction"] * steps))
     dead_window = cfg.dead_window_tokens
     if dead_window is None:
         dead_window = min(
-            PUBLISHED["dead_window_tokens"],
-            max(cfg.batch_size, round(SHORT_RUN["dead_window_fraction"] * tokens)),
+            PUBLISHED["dead_window_tokens"], max(cfg.batch_size, SHORT_RUN["dead_window_tokens"])
         )
     lr_decay = cfg.lr_decay_steps
     if lr_decay is None:
-        lr_decay = round(SHORT_RUN["lr_decay_fraction"] * steps)
+        lr_decay = round(SHORT_RUN["lr_decay_fraction"] * steps) if scheduled else 0
     if lr_warmup < 0 or l0_warmup < 0 or lr_decay < 0 or dead_window < 1:
         raise ConfigError(
             f"warm-ups must be >= 0 steps and the dead window >= 1 token, got {lr_warmup}, {l0_warmup}, {dead_window}"
@@ -471,9 +501,11 @@ def run_plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: T
 
 
 def with_run_lr(cfg: TrainConfig, steps: int) -> TrainConfig:
-    """`cfg` with its learning rate set: unless given, SHORT_RUN's `lr` for runs up to
-    `long_run_steps` steps and the lower, stable `lr_long` for longer ones."""
+    """`cfg` with its learning rate set: unless given, `lr_signum` for the sign optimiser; for Adam
+    SHORT_RUN's `lr` for runs up to `long_run_steps` steps and the lower, stable `lr_long` beyond."""
     if cfg.lr is not None:
         return cfg
+    if cfg.optimizer == "signum":
+        return dataclasses.replace(cfg, lr=SHORT_RUN["lr_signum"])
     long_run = steps > SHORT_RUN["long_run_steps"]
     return dataclasses.replace(cfg, lr=SHORT_RUN["lr_long"] if long_run else SHORT_RUN["lr"])

@@ -23,6 +23,7 @@ from gemmascope.errors import TrainingError
 from gemmascope.sae import SAE, SAEConfig, build_sae
 from gemmascope.sites import Site, parse_site
 from gemmascope.train.distributed import Parallel
+from gemmascope.train.optim import make_optimizer
 from gemmascope.train.recipe import (
     ADAM_EPS,
     DENSITY_MOMENTUM,
@@ -44,7 +45,7 @@ class Trainee:
     site: Site
     scale: float
     sae: SAE
-    optimizer: torch.optim.Adam
+    optimizer: torch.optim.Optimizer
     lr: float
     since_fired: Tensor  # [d_sae] int64 tokens since the latent last fired
     density: Tensor  # [d_sae] running firing rate, measured every DENSITY_EVERY steps
@@ -102,7 +103,7 @@ def new_trainee(
     sae = init_sae(build_sae(sae_cfg), generator, threshold).to(device or "cpu")
     lr = spec.lr if spec.lr is not None else cfg.lr
     assert lr is not None, "train_saes resolves the run's learning rate first"
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=cfg.adam_betas, eps=ADAM_EPS)
+    optimizer = make_optimizer(sae, cfg.optimizer, lr, lr * cfg.threshold_lr_ratio, cfg.adam_betas, ADAM_EPS)
     return Trainee(
         spec=spec,
         site=site,

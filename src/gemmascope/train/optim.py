@@ -1,0 +1,136 @@
+"""The short-run optimiser: sign descent with schedule-free averaging (`ScheduleFreeSign`), and
+`make_optimizer`, which builds it or the published Adam for one SAE with the recipe's parameter
+groups (which parameters train, at which learning rate, which are kept at unit-norm rows).
+
+Schedule-free averaging (Defazio et al. 2024, "The Road Less Scheduled") keeps two points per
+parameter: `z`, which takes the plain steps, and `x`, the running average of the `z`s; the gradient
+is taken at `y = (1 - β) z + β x`, the value the parameter holds while training. Each step here:
+
+    z ← z − lr · sign(∂loss/∂y)                   (sign descent: every element moves by lr)
+    x ← x + c (z − x),  c = lr² / Σ lr²          (the average, lr-weighted, as the reference does)
+    y ← (1 − β) z + β x
+
+and `averaged()` puts `x` into the parameters for evaluation and saving. The average stands in for a
+learning-rate decay, so a run needs no schedule and can stop at any step. Sign descent moves every
+parameter by the same amount whatever its gradient's scale, so a rarely firing latent learns as fast
+as a common one; eai-sparsify trains its TopK SAEs this way. Rows of a group with `unit_rows` (the
+decoder) are put back on the unit sphere after each step, in `z`, `x` and `y` alike.
+
+Knows nothing of SAEs beyond their parameter names, of the loss or of the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.sae import SAE, JumpReLUSAE, ReLUSAE
+
+
+class ScheduleFreeSign(torch.optim.Optimizer):
+    """Sign descent with schedule-free averaging. `momentum` is β (the weight of `x` in `y`)."""
+
+    def __init__(self, params: list[dict[str, Any]], lr: float, momentum: float = 0.95) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum {momentum!r} must be in [0, 1)")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "unit_rows": False})
+        self.averaging = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if self.averaging:
+            raise RuntimeError("step() while the averaged weights are in place: leave averaged() first")
+        for group in self.param_groups:
+            lr, beta = group["lr"], group["momentum"]
+            if lr <= 0:
+                continue
+            group["lr_max"] = max(lr, group.get("lr_max", 0.0))
+            group["weight_sum"] = group.get("weight_sum", 0.0) + group["lr_max"] ** 2
+            c = group["lr_max"] ** 2 / group["weight_sum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["z"] = p.detach().clone()
+                    state["x"] = p.detach().clone()
+                z, x = state["z"], state["x"]
+                z.add_(p.grad.sign(), alpha=-lr)
+                if group["unit_rows"]:
+                    _unit_rows(z)
+                x.lerp_(z, c)
+                if group["unit_rows"]:
+                    _unit_rows(x)
+                p.copy_(torch.lerp(z, x, beta))
+                if group["unit_rows"]:
+                    _unit_rows(p)
+
+    @torch.no_grad()
+    def swap_in_average(self) -> None:
+        """Put each parameter's average `x` in its place (and keep `y` to come back to)."""
+        if self.averaging:
+            return
+        for p, state in self.state.items():
+            if "x" in state:
+                state["y"] = p.detach().clone()
+                p.copy_(state["x"])
+        self.averaging = True
+
+    @torch.no_grad()
+    def swap_out_average(self) -> None:
+        """Back to the training point `y` after `swap_in_average`."""
+        if not self.averaging:
+            return
+        for p, state in self.state.items():
+            if "y" in state:
+                p.copy_(state.pop("y"))
+        self.averaging = False
+
+
+def _unit_rows(w: Tensor) -> None:
+    w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+class averaged:
+    """`with averaged(optimizer):` the parameters hold the values to evaluate and save (for
+    ScheduleFreeSign its average; for Adam, the parameters themselves)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def __enter__(self) -> None:
+        if isinstance(self.optimizer, ScheduleFreeSign):
+            self.optimizer.swap_in_average()
+
+    def __exit__(self, *exc: object) -> None:
+        if isinstance(self.optimizer, ScheduleFreeSign):
+            self.optimizer.swap_out_average()
+
+
+def fixed_biases(sae: SAE) -> bool:
+    """Whether this SAE's biases stay where initialisation put them (b_enc = 0, b_dec = the data
+    mean) under the sign optimiser. Learned at the weights' pace, b_enc turns latents into always-on
+    stand-ins for the dominant directions (measured, BENCHMARKS.md); JumpReLU's thresholds and
+    TopK's k set sparsity without it. A ReLU SAE needs its b_enc for sparsity, so it learns both."""
+    return not isinstance(sae, ReLUSAE)
+
+
+def make_optimizer(
+    sae: SAE, kind: str, lr: float, threshold_lr: float, betas: tuple[float, float], eps: float
+) -> torch.optim.Optimizer:
+    """The optimiser of one SAE: "signum" (ScheduleFreeSign: W_enc and W_dec at `lr`, the JumpReLU
+    thresholds at `threshold_lr`, biases fixed where `fixed_biases` says) or "adam" (every
+    parameter at `lr`, as published)."""
+    if kind == "adam":
+        return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
+    groups: list[dict[str, Any]] = [
+        {"params": [sae.W_enc], "lr": lr},
+        {"params": [sae.W_dec], "lr": lr, "unit_rows": True},
+    ]
+    if not fixed_biases(sae):
+        groups.append({"params": [sae.b_enc, sae.b_dec], "lr": lr})
+    if isinstance(sae, JumpReLUSAE):
+        groups.append({"params": [sae.threshold], "lr": threshold_lr, "lr_scale": threshold_lr / lr})
+    return ScheduleFreeSign(groups, lr=lr)
