@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import gemmascope.train as train_module
 import gemmascope.train.checkpoint as train_checkpoint
 import gemmascope.train.loop as train_loop
+import gemmascope.train.recipe as recipe
 from gemmascope.activations import ActivationStore, harvest
 from gemmascope.cli import main
 from gemmascope.errors import ConfigError, StoreError
@@ -442,9 +443,13 @@ def test_default_learning_rate_follows_the_optimiser_and_run_length(
     the lower, stable lr_long beyond long_run_steps."""
     spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
     [signum] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
-    assert load_sae(signum).cfg.extra["lr"] == train_module.SHORT_RUN["lr_signum"]
+    extra = load_sae(signum).cfg.extra
+    assert extra["lr"] == train_module.SHORT_RUN["lr_signum"]
+    assert extra["dead_preact_coeff"] == recipe.DEAD_PREACT_COEFF > 0
+    assert extra["dense_coeff"] == recipe.DENSE_COEFF > 0
     [short] = train_saes(run_dir, [spec], 1024, small_config(optimizer="adam", name="a"), progress=False)
     assert load_sae(short).cfg.extra["lr"] == train_module.SHORT_RUN["lr"]
+    assert load_sae(short).cfg.extra["dead_preact_coeff"] == load_sae(short).cfg.extra["dense_coeff"] == 0
     monkeypatch.setitem(train_module.SHORT_RUN, "long_run_steps", 4)
     adam = small_config(optimizer="adam", name="b")
     [long] = train_saes(run_dir, [TrainSpec(SITE, 48, l0_coeff=1e-3)], 1024, adam, progress=False)

@@ -107,3 +107,15 @@ def test_state_dict_round_trip_keeps_both_points() -> None:
         param.pow(2).sum().backward()
         o.step()
     assert torch.equal(p, q)
+
+
+def test_a_floor_holds_at_every_point_so_the_average_keeps_it_too() -> None:
+    theta = torch.nn.Parameter(torch.full((3,), 0.01))
+    opt = ScheduleFreeSign([{"params": [theta], "floor": 1e-6}], lr=0.01)
+    for _ in range(20):  # a gradient that pushes the thresholds below zero every step
+        theta.grad = torch.ones(3)
+        opt.step()
+    state, floor = opt.state[theta], float(torch.tensor(1e-6))  # the floor as float32 holds it
+    assert min(float(state["z"].min()), float(state["x"].min()), float(theta.detach().min())) >= floor
+    with averaged(opt):
+        assert float(theta.detach().min()) >= floor

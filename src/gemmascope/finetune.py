@@ -89,7 +89,7 @@ def finetune(
         loss = (mse + alpha * beta * kl) / (1 + beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        remove_parallel_grad(tuned.W_dec)  # the recipe's projection, for unit-norm rows
+        remove_parallel_grad(tuned.W_dec)
         optimizer.step()
         with torch.no_grad():  # and the rows' norms put back exactly
             tuned.W_dec.mul_(row_norms / tuned.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
@@ -125,6 +125,8 @@ def finetune_folder(
     sae = load_sae(folder)
     tuned, info = finetune(model, sae, **kwargs)
     tuned.cfg.extra["finetuned_from"] = folder.name
+    # what the trainer measured describes the SAE before fine-tuning; `gemmascope eval` measures this one
+    tuned.cfg.extra["measured_on"] = f"{tuned.cfg.extra.get('measured_on', '?')}, before fine-tuning"
     return save_sae(tuned, target, log10_density=load_log10_density(folder)), info
 
 
@@ -148,7 +150,7 @@ def _terms(model: LanguageModel, sae: SAE, site: Site, batch: Tensor) -> tuple[T
 
     with edit_site(model, site, splice):
         spliced = model.hf(input_ids=batch, use_cache=False).logits[:, :-1].float()
-    predict = keep[:, 1:]  # next tokens that are text
+    predict = keep[:, :-1] & keep[:, 1:]  # text predicting text (not from BOS, not of EOS or pad)
     log_p, log_q = F.log_softmax(clean[predict], -1), F.log_softmax(spliced[predict], -1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
     return seen["mse"], kl

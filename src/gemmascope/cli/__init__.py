@@ -1,8 +1,8 @@
 """The `gemmascope` command: argument parsing and printing over the public functions of the
 pipeline modules. `pipeline` holds the subcommands that write into a run folder (demo, suite,
 harvest, train, convert), `measure` those that measure SAEs and index their features (eval, index),
-`explore` those that look inside the model through them (inspect, steer, serve), `options` the shared
-option groups and the one comma-list parser. A `GemmaScopeError` is printed as
+`explore` those that look inside the model through them (inspect, contrast, steer, serve), `options`
+the shared option groups and the one comma-list parser. A `GemmaScopeError` is printed as
 one line (no traceback) and exits with status 2.
 
 Knows nothing of internals beyond those public functions.
@@ -34,6 +34,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "eval": ("measure SAEs: L0, FVU, delta LM loss, CE recovered, KL, density, probing", measure.args_eval),
     "index": ("build the feature index (features.sqlite) of SAEs", measure.args_index),
     "inspect": ("print the top features of each token of a text", explore.args_inspect),
+    "contrast": (
+        "the latents that separate two sets of prompts, over every SAE of a run",
+        explore.args_contrast,
+    ),
     "steer": ("generate with and without steering, side by side", explore.args_steer),
     "serve": ("serve the local web UI over a run folder", explore.args_serve),
     "convert": (

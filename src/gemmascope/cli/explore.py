@@ -1,5 +1,6 @@
 """The subcommands that look inside the model through SAEs: `inspect` (a text's top features per
-token, search), `steer` (generation with and without an intervention) and `serve` (the web UI)."""
+token, search), `contrast` (the latents separating two prompt sets), `steer` (generation with and
+without an intervention) and `serve` (the web UI)."""
 
 from __future__ import annotations
 
@@ -313,4 +314,75 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is out of range: expected 1..65535")
     serve(args.run_dir, host=args.host, port=args.port)
+    return 0
+
+
+def args_contrast(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder: every SAE under RUN/saes is searched at once")
+    p.add_argument("--a", action="append", default=[], metavar="TEXT", help="a prompt of set A (repeat)")
+    p.add_argument("--b", action="append", default=[], metavar="TEXT", help="a prompt of set B (repeat)")
+    p.add_argument("--a-file", help="set A from a file, one prompt per line")
+    p.add_argument("--b-file", help="set B from a file, one prompt per line")
+    p.add_argument("--pool", choices=("max", "mean", "last"), default="max", help="over a prompt's tokens")
+    p.add_argument("--top", type=int, default=20, help="latents to list (default 20)")
+    p.add_argument("--dense", type=float, default=0.01, help="hide latents firing on more than this share")
+    p.add_argument("--show-dense", action="store_true", help="do not hide dense latents")
+    add_model(p, None, "model to run (default: the model named in the SAEs' metadata)")
+    p.set_defaults(run=run_contrast)
+
+
+def _prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
+    if path is None:
+        return texts
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text: {err.__class__.__name__}") from err
+    return texts + [line for line in lines if line.strip()]
+
+
+def run_contrast(args: argparse.Namespace) -> int:
+    from gemmascope.features import FeatureIndex
+    from gemmascope.features.contrast import contrast
+    from gemmascope.formats import load_sae
+    from gemmascope.models import load_model
+    from gemmascope.runs import resolve_saes
+
+    prompts_a = _prompt_set(args.a, args.a_file, "--a-file")
+    prompts_b = _prompt_set(args.b, args.b_file, "--b-file")
+    if not 0 < args.dense <= 1:
+        raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
+    run_dir, folders = resolve_saes(args.run_dir)
+    saes = {sae_id(folder): load_sae(folder) for folder in folders}
+    names = {sae.cfg.model_name for sae in saes.values()}
+    model_name = args.model or (names.pop() if len(names) == 1 else "")
+    if not model_name:
+        raise ConfigError("the SAEs name no single model in their metadata: pass --model NAME")
+    db = (run_dir or Path(args.run_dir)) / FEATURES_DB
+    index = FeatureIndex(db) if db.is_file() else None
+    indexed = {s["sae_id"] for s in index.saes()} if index is not None else set()
+    densities = {key: index.densities(key).float() for key in saes if key in indexed} if index else None
+    hide = None if args.show_dense else args.dense
+    out = contrast(
+        load_model(model_name), saes, prompts_a, prompts_b, pool=args.pool, top=args.top,
+        densities=densities, hide_dense=hide,
+    )  # fmt: skip
+    print(
+        f"latents firing more on A ({out['n_a']} prompts) than on B ({out['n_b']}), {args.pool} over each prompt:"
+    )
+    print(
+        f"{'sae':<28} {'latent':>7} {'effect':>7} {'mean A':>8} {'mean B':>8} {'fired A':>8} {'fired B':>8} {'density':>9}"
+    )
+    for h in out["results"]:
+        found = index.explanations(h["sae_id"], h["index"]) if index and h["sae_id"] in indexed else []
+        density = "-" if h["density"] is None else f"{h['density']:.2e}"
+        print(
+            f"{h['sae_id']:<28} {h['index']:>7} {h['effect']:>7.2f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
+            f"{h['fired_a']:>5}/{out['n_a']:<2} {h['fired_b']:>5}/{out['n_b']:<2} {density:>9}  "
+            f"{found[0]['text'] if found else ''}"
+        )
+    if not out["results"]:
+        print("  none")
+    if out["hidden_dense"]:
+        print(f"({out['hidden_dense']} latents denser than {args.dense:g} hidden; --show-dense shows them)")
     return 0

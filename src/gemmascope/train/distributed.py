@@ -177,6 +177,8 @@ class Parallel:
     def reduce_grads(self, sae: SAE) -> None:
         """Average every parameter's gradient over the ranks (before the decoder projection and Adam)."""
         for p in sae.parameters():
+            if not p.requires_grad:  # a parameter the optimiser keeps fixed (the same on every rank)
+                continue
             if p.grad is None:  # every rank must take part in every all-reduce
                 p.grad = torch.zeros_like(p)
             self._all_reduce(p.grad).div_(self.world)

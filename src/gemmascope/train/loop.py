@@ -58,7 +58,7 @@ from gemmascope.train.recipe import (
     remove_parallel_grad,
     run_plan,
     sparsity_coeff_at,
-    with_run_lr,
+    with_run_defaults,
 )
 from gemmascope.train.trainee import (
     Trainee,
@@ -178,7 +178,7 @@ def train_saes(
     store = ActivationStore(run_dir)
     specs = [checked_spec(spec, store) for spec in specs]
     plan = run_plan(store, specs, tokens, cfg)
-    cfg = with_run_lr(cfg, plan["steps"])
+    cfg = with_run_defaults(cfg, plan["steps"])
     par = Parallel.start(cfg, specs, store)  # one process unless torchrun started several
     terms = par.share_terms(_terms_fn(cfg.fast))
     key = par.key(run_key(store, specs, tokens, cfg))

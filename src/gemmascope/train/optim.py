@@ -14,7 +14,8 @@ and `averaged()` puts `x` into the parameters for evaluation and saving. The ave
 learning-rate decay, so a run needs no schedule and can stop at any step. Sign descent moves every
 parameter by the same amount whatever its gradient's scale, so a rarely firing latent learns as fast
 as a common one; eai-sparsify trains its TopK SAEs this way. Rows of a group with `unit_rows` (the
-decoder) are put back on the unit sphere after each step, in `z`, `x` and `y` alike.
+decoder) are put back on the unit sphere after each step, and a group's `floor` (the thresholds') is
+kept, in `z`, `x` and `y` alike.
 
 Knows nothing of SAEs beyond their parameter names, of the loss or of the loop.
 """
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.sae import SAE, JumpReLUSAE, ReLUSAE
+from gemmascope.train.recipe import THRESHOLD_FLOOR
 
 
 class ScheduleFreeSign(torch.optim.Optimizer):
@@ -35,7 +37,7 @@ class ScheduleFreeSign(torch.optim.Optimizer):
     def __init__(self, params: list[dict[str, Any]], lr: float, momentum: float = 0.95) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum {momentum!r} must be in [0, 1)")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "unit_rows": False})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "unit_rows": False, "floor": None})
         self.averaging = False
 
     @torch.no_grad()
@@ -58,14 +60,13 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                     state["x"] = p.detach().clone()
                 z, x = state["z"], state["x"]
                 z.add_(p.grad.sign(), alpha=-lr)
-                if group["unit_rows"]:
-                    _unit_rows(z)
                 x.lerp_(z, c)
-                if group["unit_rows"]:
-                    _unit_rows(x)
                 p.copy_(torch.lerp(z, x, beta))
-                if group["unit_rows"]:
-                    _unit_rows(p)
+                for point in (z, x, p):  # the constraints hold at all three points, so in the average too
+                    if group["unit_rows"]:
+                        _unit_rows(point)
+                    if group["floor"] is not None:
+                        point.clamp_(min=group["floor"])
 
     @torch.no_grad()
     def swap_in_average(self) -> None:
@@ -121,16 +122,26 @@ def make_optimizer(
     sae: SAE, kind: str, lr: float, threshold_lr: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.Optimizer:
     """The optimiser of one SAE: "signum" (ScheduleFreeSign: W_enc and W_dec at `lr`, the JumpReLU
-    thresholds at `threshold_lr`, biases fixed where `fixed_biases` says) or "adam" (every
-    parameter at `lr`, as published)."""
+    thresholds at `threshold_lr` and kept over THRESHOLD_FLOOR, biases fixed where `fixed_biases`
+    says: they stop requiring gradients) or "adam" (every parameter at `lr`, as published)."""
     if kind == "adam":
         return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
     groups: list[dict[str, Any]] = [
         {"params": [sae.W_enc], "lr": lr},
         {"params": [sae.W_dec], "lr": lr, "unit_rows": True},
     ]
-    if not fixed_biases(sae):
+    if fixed_biases(sae):
+        for bias in (sae.b_enc, sae.b_dec):
+            bias.requires_grad_(False)  # no gradient computed, and none all-reduced across ranks
+    else:
         groups.append({"params": [sae.b_enc, sae.b_dec], "lr": lr})
     if isinstance(sae, JumpReLUSAE):
-        groups.append({"params": [sae.threshold], "lr": threshold_lr, "lr_scale": threshold_lr / lr})
+        groups.append(
+            {
+                "params": [sae.threshold],
+                "lr": threshold_lr,
+                "lr_scale": threshold_lr / lr,
+                "floor": THRESHOLD_FLOOR,
+            }
+        )
     return ScheduleFreeSign(groups, lr=lr)

@@ -112,7 +112,7 @@ TARGET_L0_COEFF = 1.0
 #   its gradient reaching θ through the same straight-through kernel as the L0 term.
 # - TopK and BatchTopK get sparsify's AuxK: the k_aux most active dead latents reconstruct what the
 #   live ones miss, with coefficient 1/32.
-# Both are on by default with the sign optimiser (measured at resid_post.6, 300k tokens, BENCHMARKS.md):
+# Both are on by default with the sign optimiser (off with Adam) (measured at resid_post.6, 300k tokens, BENCHMARKS.md):
 # the pre-activation loss takes dead latents from 59% to 3%; the dense penalty costs FVU (0.064 ->
 # 0.093) but lowers ΔLM loss (0.79 -> 0.70): the dense latents it removes spent the dictionary on
 # high-variance directions the model's next-token prediction barely reads.
@@ -198,8 +198,10 @@ class TrainConfig:
     b_dec_init: str = "mean"  # "mean": the data mean of the first batch; "zero": as published
     threshold_init: float | None = None  # None: θ at each latent's target firing rate; a number: that θ
     target_l0_coeff: float = TARGET_L0_COEFF
-    dead_preact_coeff: float = DEAD_PREACT_COEFF  # pre-activation loss on dead JumpReLU latents (0: off)
-    dense_coeff: float = DENSE_COEFF  # penalty on JumpReLU latents over `dense_density` (0: off)
+    # pre-activation loss on dead JumpReLU latents, penalty on those over `dense_density` (0: off);
+    # None: DEAD_PREACT_COEFF and DENSE_COEFF with the sign optimiser, 0 with Adam (not measured there)
+    dead_preact_coeff: float | None = None
+    dense_coeff: float | None = None
     dense_density: float = DENSE_DENSITY
     auxk_coeff: float = AUXK_COEFF  # TopK / BatchTopK auxiliary loss on dead latents (0: off)
     spike_factor: float = SPIKE_FACTOR  # batch FVU over this x its running value: a spike (0: no guard)
@@ -356,11 +358,13 @@ def sparsity_coeff_at(step_index: int, coeff: float, warmup_steps: int) -> float
 
 
 def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
-    """Remove from each row's gradient its component along that (unit-norm) row, before the
-    optimiser step (RECIPE 2, decoder)."""
+    """Remove from each row's gradient its component along that row, before the optimiser step
+    (RECIPE 2, decoder): rows are unit norm in training; a loaded SAE's, fine-tuned, need not be."""
     if W_dec.grad is not None:
         with torch.no_grad():  # outside no_grad the gradient would grow an autograd graph each step
-            W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+            w = W_dec.detach()
+            along = (W_dec.grad * w).sum(-1, keepdim=True) / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-24)
+            W_dec.grad -= along * w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +446,8 @@ def checked_config(cfg: TrainConfig) -> None:
     for beta in cfg.adam_betas:
         finite("an Adam beta", beta, 0.0, 0.9999)
     for name in ("dead_preact_coeff", "dense_coeff", "auxk_coeff", "target_l0_coeff"):
-        finite(name, getattr(cfg, name), 0.0)
+        if getattr(cfg, name) is not None:
+            finite(name, getattr(cfg, name), 0.0)
     finite("dense_density", cfg.dense_density, 1e-6, 1.0)
     if cfg.spike_factor != 0:
         finite("spike_factor (0 turns the guard off)", cfg.spike_factor, 1.5)
@@ -500,12 +505,18 @@ def run_plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: T
     }
 
 
-def with_run_lr(cfg: TrainConfig, steps: int) -> TrainConfig:
-    """`cfg` with its learning rate set: unless given, `lr_signum` for the sign optimiser; for Adam
-    SHORT_RUN's `lr` for runs up to `long_run_steps` steps and the lower, stable `lr_long` beyond."""
-    if cfg.lr is not None:
-        return cfg
-    if cfg.optimizer == "signum":
-        return dataclasses.replace(cfg, lr=SHORT_RUN["lr_signum"])
-    long_run = steps > SHORT_RUN["long_run_steps"]
-    return dataclasses.replace(cfg, lr=SHORT_RUN["lr_long"] if long_run else SHORT_RUN["lr"])
+def with_run_defaults(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """`cfg` with what depends on the optimiser and the run length set, unless given: the learning
+    rate (`lr_signum` for the sign optimiser; for Adam SHORT_RUN's `lr` for runs up to
+    `long_run_steps` steps and the lower, stable `lr_long` beyond) and the dead and dense penalties'
+    coefficients (on with the sign optimiser, where they were measured; off with Adam)."""
+    signum = cfg.optimizer == "signum"
+    lr = cfg.lr
+    if lr is None:
+        long_run = steps > SHORT_RUN["long_run_steps"]
+        lr = SHORT_RUN["lr_signum"] if signum else SHORT_RUN["lr_long"] if long_run else SHORT_RUN["lr"]
+    dead = (
+        cfg.dead_preact_coeff if cfg.dead_preact_coeff is not None else DEAD_PREACT_COEFF if signum else 0.0
+    )
+    dense = cfg.dense_coeff if cfg.dense_coeff is not None else DENSE_COEFF if signum else 0.0
+    return dataclasses.replace(cfg, lr=lr, dead_preact_coeff=dead, dense_coeff=dense)

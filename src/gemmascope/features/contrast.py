@@ -1,0 +1,124 @@
+"""Contrastive feature search: given two sets of prompts (A and B), the latents that separate them
+most, over every SAE given at once (Neuronpedia's "search via inference" over all layers).
+
+Each prompt runs through the model once, to the deepest site asked for; each SAE encodes its site
+(`sae.encode_inputs`: massive-activation positions get no latents), BOS is left out, and each
+latent's activations are pooled over the prompt (`max`, `mean`, or the `last` token). A latent's
+separation is Cohen's d of the pooled values between the two sets, (mean_A − mean_B) / pooled
+standard deviation, the deviation floored at 1% of the latent's largest pooled value so that a latent
+firing on every A prompt and no B prompt ranks high rather than dividing by zero. Each result also
+counts the prompts of each set it fires on. Latents denser than `hide_dense` on the corpus (from the
+feature index's densities, when given) are left out and counted.
+
+Knows the model and the SAEs; knows nothing of the index file beyond the densities passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.errors import ConfigError
+from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel, prompt_tokens
+from gemmascope.sae import SAE, encode_inputs, sae_site
+from gemmascope.sites import capture
+
+POOLS = ("max", "mean", "last")
+MIN_PROMPTS = 2  # per set: a standard deviation needs two
+MAX_PROMPTS = 200  # per set, to bound the work of one request
+SD_FLOOR = 0.01  # of the latent's largest pooled value
+
+
+def pooled_latents(
+    model: LanguageModel, saes: Mapping[str, SAE], prompts: Sequence[str], pool: str = "max"
+) -> dict[str, Tensor]:
+    """`{sae_id: [n_prompts, d_sae]}`: each prompt's latents pooled over its tokens after BOS."""
+    if pool not in POOLS:
+        raise ConfigError(f"pool {pool!r}: expected one of {', '.join(POOLS)}")
+    sites = {key: sae_site(model, sae) for key, sae in saes.items()}
+    rows: dict[str, list[Tensor]] = {key: [] for key in saes}
+    for text in prompts:
+        ids = prompt_tokens(model, text, MAX_PROMPT_TOKENS)
+        if ids.shape[1] < 2:
+            raise ConfigError(f"prompt {text!r} has no token after BOS")
+        acts = capture(model, ids, sorted(set(sites.values())))
+        for key, sae in saes.items():
+            f = encode_inputs(sae, acts[sites[key]][0]).float().cpu()[1:]  # [T-1, d_sae], BOS left out
+            rows[key].append({"max": f.max(0).values, "mean": f.mean(0), "last": f[-1]}[pool])
+    return {key: torch.stack(r) for key, r in rows.items()}
+
+
+def separation(a: Tensor, b: Tensor) -> Tensor:
+    """Cohen's d per latent of `a [n_a, d_sae]` against `b [n_b, d_sae]`, the pooled standard
+    deviation floored at SD_FLOOR of the latent's largest value (a latent silent in both: 0)."""
+    n_a, n_b = a.shape[0], b.shape[0]
+    var = ((n_a - 1) * a.var(0, unbiased=True) + (n_b - 1) * b.var(0, unbiased=True)) / (n_a + n_b - 2)
+    top = torch.maximum(a.abs().max(0).values, b.abs().max(0).values)
+    sd = torch.maximum(var.sqrt(), SD_FLOOR * top).clamp_min(1e-12)
+    return (a.mean(0) - b.mean(0)) / sd
+
+
+def contrast(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
+    *,
+    pool: str = "max",
+    top: int = 20,
+    densities: Mapping[str, Tensor] | None = None,
+    hide_dense: float | None = 0.01,
+) -> dict[str, Any]:
+    """The latents, over every SAE of `saes`, that fire more on `prompts_a` than on `prompts_b`,
+    best first: `{"results": [{sae_id, index, effect, mean_a, mean_b, fired_a, fired_b, density}],
+    "n_a", "n_b", "pool", "hidden_dense"}` (the number of latents left out for being denser than
+    `hide_dense`). Swap the sets for the other direction."""
+    for name, prompts in (("A", prompts_a), ("B", prompts_b)):
+        if isinstance(prompts, str) or not MIN_PROMPTS <= len(prompts) <= MAX_PROMPTS:
+            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+            raise ConfigError(f"prompt set {name} has {got}: expected {MIN_PROMPTS} to {MAX_PROMPTS} prompts")
+        if any(not p.strip() for p in prompts):
+            raise ConfigError(f"prompt set {name} has an empty prompt")
+    if not saes:
+        raise ConfigError("no SAE to search: give at least one")
+    if top < 1:
+        raise ConfigError(f"top {top} must be at least 1")
+    pooled_a = pooled_latents(model, saes, prompts_a, pool)
+    pooled_b = pooled_latents(model, saes, prompts_b, pool)
+    hits: list[dict[str, Any]] = []
+    hidden = 0
+    for key in saes:
+        a, b = pooled_a[key], pooled_b[key]
+        effect = separation(a, b)
+        density = None if densities is None else densities.get(key)
+        if density is not None and hide_dense is not None:
+            dense = density > hide_dense
+            hidden += int((dense & (effect > 0)).sum())
+            effect = effect.masked_fill(dense, float("-inf"))
+        values, latents = effect.topk(min(top, effect.numel()))
+        for value, i in zip(values.tolist(), latents.tolist(), strict=True):
+            if value <= 0:
+                break
+            hits.append(
+                {
+                    "sae_id": key,
+                    "index": i,
+                    "effect": value,
+                    "mean_a": float(a[:, i].mean()),
+                    "mean_b": float(b[:, i].mean()),
+                    "fired_a": int((a[:, i] > 0).sum()),
+                    "fired_b": int((b[:, i] > 0).sum()),
+                    "density": None if density is None else float(density[i]),
+                }
+            )
+    hits.sort(key=lambda h: h["effect"], reverse=True)
+    return {
+        "results": hits[:top],
+        "n_a": len(prompts_a),
+        "n_b": len(prompts_b),
+        "pool": pool,
+        "hidden_dense": hidden,
+    }
