@@ -192,3 +192,18 @@ def test_a_damaged_run_or_suite_json_is_one_clear_error(
     err = capsys.readouterr().err
     assert name in err and "damaged" in err and err.count("\n") == 1 and "Traceback" not in err
     assert (run_dir / name).read_text() == text
+
+
+def test_a_suite_with_a_finetune_evaluates_and_indexes_the_finetuned_saes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    said: list[str] = []
+    out = run_suite(run_dir, _one_sae_plan(finetune_tokens=256), say=said.append)
+    [folder] = out["saes"]
+    assert folder.name.endswith("_finetuned") and (folder / "eval.json").exists()
+    assert (folder.parent / folder.name.removesuffix("_finetuned")).is_dir()  # the trained one stays
+    assert load_sae(folder).cfg.extra["finetune"]["tokens"] >= 256
+    assert any(line.startswith("fine-tuned ") for line in said)
+    again = run_suite(run_dir, _one_sae_plan(finetune_tokens=256), say=lambda _: None)
+    assert again["saes"] == [folder]
+    with pytest.raises(ConfigError, match="finetune_tokens -1"):
+        _one_sae_plan(finetune_tokens=-1).check()

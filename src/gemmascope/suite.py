@@ -57,6 +57,7 @@ class SuitePlan:
     architecture: str = "jumprelu"
     tokens: int = 200_000
     train_tokens: int | None = None  # None: `tokens`
+    finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (finetune.py)
     eval_tokens: int = 8_192
     index_tokens: int = 16_384
     context_len: int = 128
@@ -83,6 +84,8 @@ class SuitePlan:
         for name, value in (("tokens", self.tokens), ("eval_tokens", self.eval_tokens)):
             if value < 1:
                 raise ConfigError(f"{name} {value} must be at least 1")
+        if self.finetune_tokens < 0:
+            raise ConfigError(f"finetune_tokens {self.finetune_tokens} must be >= 0 (0: no fine-tune)")
 
 
 def parse_l0s(spec: str) -> list[float]:
@@ -323,6 +326,8 @@ def _run_stages(
             names = [s.name for s in todo[layer]]
             name = f"layer_{layer}" if not trained[layer] else f"layer_{layer}_{_digest(names)}"
             new = _train_layer(run_dir, plan, todo[layer], name)
+            if plan.finetune_tokens:
+                new = [_finetuned(model, folder, plan, say) for folder in new]
             trained[layer].update(zip(names, _rel(run_dir, new), strict=True))
             state.finish(f"train/layer_{layer}", {"specs": trained[layer]})
             if not plan.keep_activations:
@@ -390,6 +395,19 @@ def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str
     # restart: an unfinished checkpoint of this layer under another spec list (killed, then --extend)
     # is stale; one of the same specs still resumes
     return train_saes(run_dir, list(specs), plan.train_tokens or plan.tokens, config, restart=True)
+
+
+def _finetuned(model: LanguageModel, folder: Path, plan: SuitePlan, say: Callable[[str], None]) -> Path:
+    """The SAE of `folder` fine-tuned end to end (`finetune.finetune_folder`), beside it; one a killed
+    run already wrote (saved atomically, so complete) is reused."""
+    from gemmascope.finetune import FINETUNED_SUFFIX, finetune_folder
+
+    done = folder.with_name(folder.name + FINETUNED_SUFFIX)
+    if done.exists():
+        return done
+    out, info = finetune_folder(model, folder, tokens=plan.finetune_tokens, corpus=plan.corpus)
+    say(f"fine-tuned {folder.name} on {info['tokens']} tokens in {info['seconds']:.0f} s")
+    return out
 
 
 def _drop_activations(run_dir: Path, sites: Sequence[Site]) -> None:

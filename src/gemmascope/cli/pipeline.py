@@ -202,6 +202,12 @@ def args_suite(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-tokens", type=int, default=None, help="training tokens per SAE (default: --tokens)"
     )
+    p.add_argument(
+        "--finetune-tokens",
+        type=int,
+        default=0,
+        help="end-to-end fine-tune of each SAE on this many tokens (0: none)",
+    )
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--index-tokens", type=int, default=16384)
     p.add_argument("--dtype", default="float32", help="activation store dtype: float32, float16, bfloat16")
@@ -234,6 +240,7 @@ def run_suite(args: argparse.Namespace) -> int:
         l0_coeffs=coeffs,
         tokens=args.tokens,
         train_tokens=args.train_tokens,
+        finetune_tokens=args.finetune_tokens,
         eval_tokens=args.eval_tokens,
         index_tokens=args.index_tokens,
         context_len=args.context_len,
@@ -262,6 +269,12 @@ def args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-tokens", type=int, default=300_000, help="training steps x batch (epochs over --tokens)"
     )
+    p.add_argument(
+        "--finetune-tokens",
+        type=int,
+        default=8192,
+        help="end-to-end fine-tune of the trained SAE (default 8192, about 2 min; 0: none)",
+    )
     p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument(
         "--index-tokens", type=int, default=99_712, help="default: the whole held-out split (779 rows of 128)"
@@ -283,6 +296,7 @@ def run_demo(args: argparse.Namespace) -> int:
         target_l0s=parse_l0s(args.l0)[:1],
         tokens=args.tokens,
         train_tokens=args.train_tokens,
+        finetune_tokens=args.finetune_tokens,
         eval_tokens=args.eval_tokens,
         index_tokens=args.index_tokens,
     )
