@@ -272,8 +272,8 @@ def args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--finetune-tokens",
         type=int,
-        default=8192,
-        help="end-to-end fine-tune of the trained SAE (default 8192, about 2 min; 0: none)",
+        default=0,
+        help="end-to-end fine-tune of the trained SAE on this many tokens (8192: about 2 min; default 0: none)",
     )
     p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument(
