@@ -84,7 +84,13 @@ def args_train(p: argparse.ArgumentParser) -> None:
         "--dense-coeff",
         type=float,
         default=None,
-        help="penalty on JumpReLU latents over 10%% density (default 1; 0: off)",
+        help="penalty on JumpReLU latents over --dense-density (default 1; 0: off)",
+    )
+    p.add_argument(
+        "--dense-density",
+        type=float,
+        default=None,
+        help="density over which latents are penalised (default 0.05)",
     )
     p.add_argument("--auxk-coeff", type=float, default=None, help="TopK AuxK coefficient (default 1/32)")
     p.add_argument(
@@ -165,7 +171,7 @@ def run_train(args: argparse.Namespace) -> int:
             "b_dec_init",
             "dead_preact_coeff",
         )
-        for flag in (*flags, "dense_coeff", "auxk_coeff", "spike_factor"):
+        for flag in (*flags, "dense_coeff", "dense_density", "auxk_coeff", "spike_factor"):
             if getattr(args, flag) is not None:
                 setattr(config, flag, getattr(args, flag))
         if args.adam_beta1 is not None:

@@ -108,16 +108,19 @@ TARGET_L0_COEFF = 1.0
 #   pushes its pre-activations up and its threshold down; we apply it to dead latents only, which
 #   keeps it cheap (a product over the dead columns alone) and leaves live latents untouched.
 # - Gemma Scope 2 penalises latents that fire on more than ~10% of tokens: the penalty here is
-#   DENSE_COEFF · Σ ReLU(batch densityᵢ − 10%) over the latents whose running density is above 10%,
+#   DENSE_COEFF · Σ ReLU(batch densityᵢ − limit) over the latents whose running density is above the
+#   limit (DENSE_DENSITY),
 #   its gradient reaching θ through the same straight-through kernel as the L0 term.
 # - TopK and BatchTopK get sparsify's AuxK: the k_aux most active dead latents reconstruct what the
 #   live ones miss, with coefficient 1/32.
-# Both are on by default with the sign optimiser (off with Adam) (measured at resid_post.6, 300k tokens, BENCHMARKS.md):
-# the pre-activation loss takes dead latents from 59% to 3%; the dense penalty costs FVU (0.064 ->
-# 0.093) but lowers ΔLM loss (0.79 -> 0.70): the dense latents it removes spent the dictionary on
-# high-variance directions the model's next-token prediction barely reads.
+# Both are on by default with the sign optimiser (off with Adam) (measured at resid_post.6, 300k
+# tokens, BENCHMARKS.md): the pre-activation loss takes dead latents from 59% to 3%; the dense
+# penalty costs FVU (0.064 -> 0.089) but lowers ΔLM loss (0.79 -> 0.67): the dense latents it removes
+# spent the dictionary on high-variance directions the model's next-token prediction barely reads.
+# Its limit is 5%, below Gemma Scope 2's ~10%: at 10% about 200 latents pile up just under the limit
+# and carry a third of L0; at 5% the latents over 10% carry 1% of it (ΔLM 0.64, FVU 0.10).
 DEAD_PREACT_COEFF = 1e-3
-DENSE_DENSITY = 0.1
+DENSE_DENSITY = 0.05
 DENSE_COEFF = 1.0
 DENSITY_EVERY = 1  # steps between measurements of every latent's firing rate (one encoder pass)
 DENSITY_MOMENTUM = 0.0  # of the running firing rate, per measurement (0: the last batch's rate)
