@@ -190,14 +190,25 @@ def _gemma_scope_params(sae: SAE, fmt: str) -> dict[str, Tensor]:
 
 def _state(sae: SAE) -> dict[str, Tensor]:
     names = [n for n in PARAM_NAMES if n != "threshold" or isinstance(sae, JumpReLUSAE)]
+    if sae.W_skip is not None:
+        names.append("W_skip")
     return {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous().clone() for n in names}
+
+
+def _saelens_architecture(c: SAEConfig) -> str:
+    """SAELens's name of the architecture: `jumprelu`, `topk`, `standard`; a transcoder's with
+    `_transcoder` (`_skip_transcoder` with the affine skip connection) appended."""
+    name = _TO_SAELENS[c.architecture]
+    if c.is_transcoder:
+        name += "_skip_transcoder" if c.affine_skip else "_transcoder"
+    return name
 
 
 def _saelens_cfg(sae: SAE) -> dict[str, Any]:
     c = sae.cfg
     site = parse_site(c.site) if c.site else None
     cfg: dict[str, Any] = {
-        "architecture": _TO_SAELENS[c.architecture],
+        "architecture": _saelens_architecture(c),
         "d_in": c.d_in,
         "d_sae": c.d_sae,
         "dtype": "float32",
@@ -208,12 +219,15 @@ def _saelens_cfg(sae: SAE) -> dict[str, Any]:
     }
     if c.architecture == "topk":
         cfg["k"] = c.k
+    if c.is_transcoder:
+        cfg["d_out"] = c.d_in
     cfg["metadata"] = {
         "sae_lens_version": _SAELENS_VERSION,
         "sae_lens_training_version": None,
         "model_name": c.model_name,
         "hook_name": c.hook_name or (site.hook_name if site else ""),
         "hook_head_index": None,
+        **({"hook_name_out": parse_site(c.out_site).hook_name} if c.out_site else {}),
         "context_size": c.context_size,
         "prepend_bos": True,
         "dataset_path": c.dataset,
@@ -223,6 +237,8 @@ def _saelens_cfg(sae: SAE) -> dict[str, Any]:
             "site": c.site,
             "k": c.k,
             "max_norm": c.max_norm,
+            "out_site": c.out_site,
+            "affine_skip": c.affine_skip,
             "extra": c.extra,
         },
     }
@@ -294,6 +310,9 @@ def _load_saelens(folder: Path) -> SAE:
     flat = {**raw, **meta}  # SAELens < 6 keeps metadata at the top level
     ours = meta.get("gemmascope") or {}
     arch_name = str(flat.get("architecture", "standard"))
+    transcoder = re.fullmatch(r"(\w+?)(_skip)?_transcoder", arch_name)
+    if transcoder:
+        arch_name = transcoder.group(1)
     activation = str(flat.get("activation_fn", flat.get("activation_fn_str", "relu")))
     k = flat.get("k") or (flat.get("activation_fn_kwargs") or {}).get("k")
     if arch_name == "standard" and activation == "topk":
@@ -331,7 +350,16 @@ def _load_saelens(folder: Path) -> SAE:
         dataset=str(flat.get("dataset_path") or ""),
         extra=dict(ours.get("extra") or {"source": "saelens"}),
         max_norm=_max_norm(ours),
+        out_site=(ours.get("out_site") or _site_from_hook(str(flat.get("hook_name_out") or "")))
+        if transcoder
+        else "",
+        affine_skip=bool(transcoder and transcoder.group(2)),
     )
+    if transcoder and not cfg.out_site:
+        raise FormatError(
+            f"{str(folder / CFG_FILE)!r} holds a transcoder but names no output site: expected "
+            "metadata.hook_name_out (e.g. 'blocks.6.hook_mlp_out')"
+        )
     sae = _build(cfg, weights, folder / WEIGHTS_FILE)
     if flat.get("apply_b_dec_to_input"):
         # SAELens subtracts b_dec before encoding; fold that into b_enc so the SAE takes raw x.
@@ -408,6 +436,8 @@ def _build(cfg: SAEConfig, weights: dict[str, Tensor], where: Path) -> SAE:
     }
     if isinstance(sae, JumpReLUSAE):
         expected["threshold"] = (cfg.d_sae,)
+    if cfg.affine_skip:
+        expected["W_skip"] = (cfg.d_in, cfg.d_in)
     missing = [n for n in expected if n not in weights]
     if missing:
         raise FormatError(f"{str(where)!r} lacks {missing}; a {cfg.architecture} SAE needs {list(expected)}")

@@ -1,7 +1,8 @@
 """Sparse autoencoder modules. Owns the JumpReLU SAE of Gemma Scope (RECIPE.md section 1) and the
 baselines it is compared with (TopK, BatchTopK, ReLU with an L1 penalty): parameters, encode,
 decode, forward, and the straight-through functions whose pseudo-derivatives train the JumpReLU
-threshold.
+threshold. A transcoder (Gemma Scope 2) is the same module reading one site and writing another
+(`cfg.out_site`: MLP input to MLP output), with an optional affine skip connection `W_skip`.
 
 Knows nothing of files (see formats.py) or of training loops (see train/). Every SAE here takes
 raw activations at inference: no input normalisation and no b_dec subtraction.
@@ -42,6 +43,14 @@ class SAEConfig:
     # The raw input norm above which training left tokens out (Gemma 3's massive activations: the
     # trainer's max_norm on scaled inputs x the scale C), None if it trained on every token.
     max_norm: float | None = None
+    # A transcoder's output site (e.g. "mlp_out.6" for site "mlp_in.6"): it predicts that site's
+    # activation instead of reconstructing its input; "" for an SAE.
+    out_site: str = ""
+    affine_skip: bool = False  # a transcoder's skip connection: x̂ = f @ W_dec + x @ W_skip + b_dec
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.out_site)
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -52,6 +61,8 @@ class SAEConfig:
             raise ConfigError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.architecture in ("topk", "batchtopk") and (self.k is None or not 0 < self.k <= self.d_sae):
             raise ConfigError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
+        if self.affine_skip and not self.out_site:
+            raise ConfigError("affine_skip is a transcoder's: it needs out_site (the site it writes)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +70,16 @@ class SAEConfig:
 
 class SAE(nn.Module):
     """Base SAE: `pre_acts = x @ W_enc + b_enc`, latents `f = activation(pre_acts)`,
-    reconstruction `x_hat = f @ W_dec + b_dec`. Subclasses define the activation."""
+    reconstruction `x_hat = f @ W_dec + b_dec`. Subclasses define the activation.
+
+    A transcoder (`cfg.out_site` set) predicts its output site's activation: `f @ W_dec + b_dec`,
+    plus `x @ W_skip` with the affine skip connection. Its `b_in [d_in]` buffer is training's
+    pre-encoder bias (the input mean, as `b_dec` is an SAE's); saving folds it into `b_enc`, so a
+    saved transcoder's is 0 and takes raw activations like every SAE here. Input and output sites
+    of Gemma models are both d_model wide, so `W_dec` is `[d_sae, d_in]` for both kinds."""
+
+    W_skip: nn.Parameter | None
+    b_in: Tensor
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -68,6 +88,26 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in)) if cfg.affine_skip else None
+        if cfg.is_transcoder:
+            self.register_buffer("b_in", torch.zeros(cfg.d_in))
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.cfg.is_transcoder
+
+    def pre_encoder_bias(self) -> Tensor:
+        """`[d_in]`: what training subtracts from the input before encoding (`b_dec` for an SAE,
+        `b_in` for a transcoder); folded into `b_enc` when the SAE is saved."""
+        return self.b_in if self.is_transcoder else self.b_dec
+
+    def centered(self, x: Tensor) -> Tensor:
+        """`[..., d_in]`: what training's encoder sees, `x` minus the pre-encoder bias."""
+        return x - self.pre_encoder_bias()
+
+    def skip(self, x: Tensor) -> Tensor | float:
+        """`[..., d_in]`: the affine skip connection's part of a transcoder's output, or 0."""
+        return 0.0 if self.W_skip is None else x @ self.W_skip
 
     @property
     def d_in(self) -> int:
@@ -94,8 +134,9 @@ class SAE(nn.Module):
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        """`[..., d_in] -> [..., d_in]`: the reconstruction of `x`."""
-        return self.decode(self.encode(x))
+        """`[..., d_in] -> [..., d_in]`: the reconstruction of `x` (a transcoder: its prediction of
+        the output site's activation, skip connection included)."""
+        return self.decode(self.encode(x)) + self.skip(x)
 
 
 class JumpReLUSAE(SAE):
@@ -152,8 +193,9 @@ class BatchTopKSAE(SAE):
         cfg = SAEConfig(**{**self.cfg.to_dict(), "architecture": "jumprelu", "k": None, "extra": extra})
         sae = JumpReLUSAE(cfg)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, name).copy_(getattr(self, name))
+            for name, value in self.state_dict().items():
+                if name != "threshold":  # a 0-dim global value here, one per latent there
+                    getattr(sae, name).copy_(value)
             sae.threshold.fill_(float(self.threshold))
         return sae
 

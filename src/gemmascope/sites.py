@@ -270,9 +270,9 @@ def capture_batches(
 
 
 @contextmanager
-def edit_site(model: LanguageModel, site: Site, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+def edit_site(model: LanguageModel, site: Site, fn: SiteFn) -> Iterator[None]:
     """Within the block, replace the activation at `site` by `fn(activation [batch, pos, d_in])`
-    in every forward pass (and so in every generation step). The hook is removed on exit, also when
+    in every forward pass (and so in every generation step; a `fn` returning None reads it only). The hook is removed on exit, also when
     the body raises."""
     handle = _hook(model, site, fn)
     try:

@@ -12,9 +12,12 @@ from gemmascope.evals.core import (
     SAEs,
     eval_token_ids,
     evaluate,
+    evaluate_replacement,
     evaluate_tokens,
     replaced_at,
     splice_sae,
+    splice_transcoders,
+    written_site,
     zero_ablate,
 )
 from gemmascope.evals.metrics import (
@@ -55,6 +58,9 @@ from gemmascope.evals.report import (
 from gemmascope.sae import norm_limit, sae_site  # the site check and the massive-token limit evals use
 
 __all__ = [
+    "evaluate_replacement",
+    "splice_transcoders",
+    "written_site",
     "ALWAYS_ON_DENSITY",
     "DENSE_DENSITY",
     "DENSITY_BIN_EDGES",

@@ -16,7 +16,7 @@ training, or of how SAE files are laid out (formats.py does that).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.corpus import DEFAULT_CORPUS, special_mask, token_rows
-from gemmascope.errors import ConfigError, CorpusError
+from gemmascope.errors import ConfigError, CorpusError, SiteError
 from gemmascope.evals.metrics import (
     DENSE_DENSITY,
     CleanDistribution,
@@ -35,7 +35,7 @@ from gemmascope.evals.metrics import (
 )
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE, encode_inputs, massive_mask, sae_site
-from gemmascope.sites import CapturedBatch, Site, capture_batches, edit_site
+from gemmascope.sites import CapturedBatch, Site, capture_batches, edit_site, parse_site
 
 MIN_EVAL_TOKENS = 1024  # fewer non-special tokens than this and dead/dense/CE numbers mean little
 SAEs = Mapping[str, SAE] | Sequence[SAE]
@@ -91,6 +91,47 @@ def evaluate(
     )
 
 
+def evaluate_replacement(
+    model: LanguageModel,
+    transcoders: Sequence[SAE],
+    n_tokens: int = 8192,
+    corpus: str = DEFAULT_CORPUS,
+    context_len: int = 128,
+    batch_size: int = 4,
+    min_tokens: int = MIN_EVAL_TOKENS,
+) -> dict[str, Any]:
+    """The replacement model's loss: every transcoder of `transcoders` (one per layer, at most)
+    replaces its layer's MLP output at once (`splice_transcoders`), on about `n_tokens` held-out
+    tokens. Returns `layers`, `ce_loss_without`, `ce_loss_with`, `delta_lm_loss`, `kl_div` and
+    `n_predictions` (predictions whose input and target are non-special)."""
+    layers = [written_site(model, tc).layer for tc in transcoders]
+    if not transcoders or not all(tc.is_transcoder for tc in transcoders):
+        raise ConfigError("the replacement model needs transcoders (SAEs with an output site), one per layer")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"the replacement model takes one transcoder per layer; layers given: {layers}")
+    token_ids = eval_token_ids(model, n_tokens, corpus, "heldout", context_len)
+    special = _special_positions(model, token_ids, min_tokens)
+    clean_stats, replaced_stats = NextTokenStats(), NextTokenStats()
+    with torch.no_grad():
+        for start in range(0, token_ids.shape[0], batch_size):
+            ids = token_ids[start : start + batch_size].to(model.device)
+            keep = ~special[start : start + batch_size].to(model.device)
+            predict = keep[:, :-1] & keep[:, 1:]
+            targets = ids[:, 1:][predict]
+            clean = CleanDistribution(_logits(model, ids, predict))
+            clean_stats.update(*clean.compare(clean.logits, targets))
+            with splice_transcoders(model, transcoders, keep):
+                replaced_stats.update(*clean.compare(_logits(model, ids, predict), targets))
+    return {
+        "layers": sorted(layers),
+        "ce_loss_without": clean_stats.ce,
+        "ce_loss_with": replaced_stats.ce,
+        "delta_lm_loss": replaced_stats.ce - clean_stats.ce,
+        "kl_div": replaced_stats.kl,
+        "n_predictions": clean_stats.n,
+    }
+
+
 @dataclass
 class _Accumulators:
     """The running sums of one evaluation: per SAE, per site and for the clean pass."""
@@ -121,16 +162,21 @@ def evaluate_tokens(
     Returns, per SAE, a dict with `sae_id`, `eval_type_id` "core", `eval_config`, `sae_cfg`,
     `eval_result_metrics` (SAEBench's groups and names plus a `gemmascope` group with `fvu`,
     `delta_lm_loss`, `frac_dead`, `frac_dense`), `health` (see `health`), `density_histogram`,
-    `fvu_by_position`, and `log10_density` (a `[d_sae]` tensor, not written to JSON)."""
+    `fvu_by_position`, and `log10_density` (a `[d_sae]` tensor, not written to JSON).
+
+    A transcoder is measured on what it replaces: FVU of its output site (the MLP's output) against
+    its prediction from its input site, ΔLM loss with the MLP's output replaced by that prediction,
+    CE recovered against zero-ablating the MLP's output."""
     named = _named(saes)
     sites = {sae_id: sae_site(model, sae) for sae_id, sae in named.items()}
-    unique_sites = sorted(set(sites.values()))
+    writes = {sae_id: written_site(model, sae) for sae_id, sae in named.items()}
+    unique_sites = sorted(set(sites.values()) | set(writes.values()))
     special = _special_positions(model, token_ids, min_tokens)
     rows, context_len = token_ids.shape
     acc = _Accumulators(
         recon={sae_id: ReconstructionStats(sae.d_sae, context_len) for sae_id, sae in named.items()},
         clean=NextTokenStats(),
-        ablation={site: NextTokenStats() for site in unique_sites},
+        ablation={site: NextTokenStats() for site in sorted(set(writes.values()))},
         spliced={sae_id: NextTokenStats() for sae_id in named},
     )
     batches = capture_batches(
@@ -139,7 +185,7 @@ def evaluate_tokens(
     with torch.no_grad():
         for batch in batches:  # the clean pass: logits and every site
             keep = ~special[batch.start : batch.stop].to(model.device)  # [B, T] non-special positions
-            _evaluate_batch(model, named, sites, batch, keep, acc)
+            _evaluate_batch(model, named, sites, writes, batch, keep, acc)
 
     config = {
         "model_name": model.name,
@@ -148,11 +194,27 @@ def evaluate_tokens(
         "batch_size_prompts": batch_size,
         "exclude_special_tokens_from_reconstruction": True,
         "dense_density": DENSE_DENSITY,
-        "forward_passes_per_batch": 1 + len(unique_sites) + len(named),
+        "forward_passes_per_batch": 1 + len(acc.ablation) + len(named),
         **(eval_config or {}),
     }
     n_tokens = int((~special).sum()) - acc.n_massive
-    return [_core_result(sae_id, sae, sites[sae_id], acc, n_tokens, config) for sae_id, sae in named.items()]
+    return [
+        _core_result(sae_id, sae, sites[sae_id], writes[sae_id], acc, n_tokens, config)
+        for sae_id, sae in named.items()
+    ]
+
+
+def written_site(model: LanguageModel, sae: SAE) -> Site:
+    """The site an SAE's output stands for: its own, or a transcoder's output site, checked
+    against the model (`sae.sae_site` checks the input site)."""
+    if not sae.is_transcoder:
+        return sae_site(model, sae)
+    try:
+        return parse_site(sae.cfg.out_site, model.n_layers)
+    except ConfigError as err:
+        raise SiteError(
+            f"model {model.name!r} has no output site {sae.cfg.out_site!r} for a transcoder: {err}"
+        ) from err
 
 
 def _special_positions(model: LanguageModel, token_ids: Tensor, min_tokens: int) -> Tensor:
@@ -176,6 +238,7 @@ def _evaluate_batch(
     model: LanguageModel,
     named: Mapping[str, SAE],
     sites: Mapping[str, Site],
+    writes: Mapping[str, Site],
     batch: CapturedBatch,
     keep: Tensor,
     acc: _Accumulators,
@@ -199,7 +262,8 @@ def _evaluate_batch(
     for sae_id, sae in named.items():
         x = acts[sites[sae_id]][keep]
         f = encode_inputs(sae, x)  # none of these positions is massive: keep excludes them
-        acc.recon[sae_id].update(x, sae.decode(f), f, positions)
+        target = acts[writes[sae_id]][keep].to(f.dtype)  # x itself, or a transcoder's MLP output
+        acc.recon[sae_id].update(target, sae.decode(f) + sae.skip(x.to(f.dtype)), f, positions)
     del acts
 
     for site, stats in acc.ablation.items():
@@ -213,11 +277,17 @@ def _evaluate_batch(
 
 
 def _core_result(
-    sae_id: str, sae: SAE, site: Site, acc: _Accumulators, n_tokens: int, config: Mapping[str, Any]
+    sae_id: str,
+    sae: SAE,
+    site: Site,
+    written: Site,
+    acc: _Accumulators,
+    n_tokens: int,
+    config: Mapping[str, Any],
 ) -> dict[str, Any]:
     """One SAE's result in SAEBench's core layout (see `evaluate_tokens`)."""
     rec = acc.recon[sae_id].metrics()
-    clean, abl, spliced = acc.clean, acc.ablation[site], acc.spliced[sae_id]
+    clean, abl, spliced = acc.clean, acc.ablation[written], acc.spliced[sae_id]
     metrics = {
         "model_behavior_preservation": {
             "kl_div_score": kl_div_score(spliced.kl, abl.kl),
@@ -261,6 +331,7 @@ def _core_result(
             "site": str(site),
             "hook_name": site.hook_name,
             "model_name": sae.cfg.model_name,
+            **({"out_site": str(written), "affine_skip": sae.cfg.affine_skip} if sae.is_transcoder else {}),
         },
         "eval_result_metrics": metrics,
         "health": rec["health"],
@@ -300,12 +371,36 @@ def replaced_at(
 
 def splice_sae(model: LanguageModel, sae: SAE, keep: Tensor) -> AbstractContextManager[None]:
     """Within the block, the activation at the SAE's site is replaced by the SAE's reconstruction
-    `x_hat` at the `keep [B, T]` positions (RECIPE 4: every non-special position)."""
+    `x_hat` at the `keep [B, T]` positions (RECIPE 4: every non-special position); a transcoder's
+    output site by its prediction (`splice_transcoders`)."""
+    if sae.is_transcoder:
+        return splice_transcoders(model, [sae], keep)
 
     def reconstruct(act: Tensor) -> Tensor:
         return sae(act.to(_dtype(sae))).to(act.dtype)
 
     return replaced_at(model, sae_site(model, sae), reconstruct, keep)
+
+
+@contextmanager
+def splice_transcoders(model: LanguageModel, transcoders: Sequence[SAE], keep: Tensor) -> Iterator[None]:
+    """Within the block, every transcoder's output site (its layer's MLP output) is replaced by its
+    prediction from its input site in the same pass, at the `keep [B, T]` positions: with one
+    transcoder per layer, the replacement model of attribution graphs (MLPs replaced, attention
+    and norms as they are)."""
+    with ExitStack() as stack:
+        for tc in transcoders:
+            held: dict[str, Tensor] = {}
+
+            def hold(act: Tensor, held: dict[str, Tensor] = held) -> None:
+                held["x"] = act
+
+            def predict(act: Tensor, held: dict[str, Tensor] = held, tc: SAE = tc) -> Tensor:
+                return tc(held["x"].to(_dtype(tc))).to(act.dtype)
+
+            stack.enter_context(edit_site(model, sae_site(model, tc), hold))
+            stack.enter_context(replaced_at(model, written_site(model, tc), predict, keep))
+        yield
 
 
 def zero_ablate(model: LanguageModel, site: Site, keep: Tensor) -> AbstractContextManager[None]:

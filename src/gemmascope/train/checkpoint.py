@@ -32,7 +32,10 @@ def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
         for f in fields(cfg)
         if f.name not in ("checkpoint_every", "log_every", "name", "parallel", "device")
     }
-    data = {s: [e["sha256"] for e in store.manifest(s)["shards"]] for s in sorted({t.site for t in specs})}
+    data = {
+        s: [e["sha256"] for e in store.manifest(s)["shards"]]
+        for s in sorted({n for t in specs for n in t.sites})
+    }
     return json.dumps(
         {"specs": [asdict(s) for s in specs], "tokens": tokens, "config": settings, "data": data},
         sort_keys=True,

@@ -144,8 +144,10 @@ class Parallel:
         if not self.data:
             return terms
 
-        def shared(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
-            recon, l0, fired = terms(sae, x, bandwidth)
+        def shared(
+            sae: JumpReLUSAE, x: Tensor, bandwidth: float, target: Tensor | None
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            recon, l0, fired = terms(sae, x, bandwidth, target)
             return recon, self.shared_mean(l0), fired
 
         return shared

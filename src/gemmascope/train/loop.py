@@ -67,6 +67,7 @@ from gemmascope.train.trainee import (
     new_trainee,
     recover,
     spiked,
+    training_pair,
     update_counts,
 )
 
@@ -77,6 +78,7 @@ from gemmascope.train.trainee import (
 def _loss(
     t: Trainee,
     x: Tensor,
+    y: Tensor,
     coeff_scale: float,
     cfg: TrainConfig,
     terms: TermsFn,
@@ -84,7 +86,8 @@ def _loss(
     share: Callable[[Tensor], Tensor] | None = None,
     recon_scale: float = 1.0,
 ) -> dict[str, Tensor]:
-    """The loss of one SAE on a batch `x [batch, d_in]` (already / C), and what the log reports;
+    """The loss of one SAE on a batch `x [batch, d_in]` (already / C) with target `y` (`x` itself,
+    or a transcoder's output-site activations), and what the log reports;
     `share` makes a data-parallel rank's batch means the whole batch's where the loss is not linear.
     The reconstruction term enters the loss times `recon_scale` (the sign optimiser: 1 / the batch's
     mean ‖x − mean(x)‖², so that it is the batch FVU, as the penalties' coefficients assume)."""
@@ -93,7 +96,7 @@ def _loss(
     sparsity: Tensor | float
     extra: Tensor | float = 0.0
     if isinstance(sae, JumpReLUSAE):
-        recon, l0, fired = terms(sae, x, cfg.bandwidth)
+        recon, l0, fired = terms(sae, x, cfg.bandwidth, None if y is x else y)
         if spec.target_l0 is not None:  # Gemma Scope 2: quadratic penalty around L0*
             sparsity = cfg.target_l0_coeff * (l0 / spec.target_l0 - 1).pow(2)
         else:
@@ -105,7 +108,7 @@ def _loss(
             penalty = dense_penalty(sae, x, dense, cfg.dense_density, cfg.bandwidth, share)
             extra = extra + cfg.dense_coeff * penalty
     else:
-        pre_acts = sae.pre_acts(x - sae.b_dec)
+        pre_acts = sae.pre_acts(sae.centered(x))
         if isinstance(sae, BatchTopKSAE):
             f = sae.batch_activation(pre_acts)
             with torch.no_grad():  # the global inference threshold: running mean of the smallest kept value
@@ -116,8 +119,8 @@ def _loss(
                     sae.threshold.copy_(m * sae.threshold + (1 - m) * smallest)
         else:
             f = sae.activation(pre_acts)
-        x_hat = sae.decode(f)
-        recon = (x - x_hat).pow(2).sum(-1).mean()
+        x_hat = sae.decode(f) + sae.skip(x)
+        recon = (y - x_hat).pow(2).sum(-1).mean()
         active = f > 0
         l0 = active.sum(-1).float().mean()
         fired = active.any(0)
@@ -125,7 +128,7 @@ def _loss(
         sparsity = float(spec.l0_coeff or 0.0) * f.sum(-1).mean() if spec.architecture == "relu" else 0.0
         if spec.k is not None and cfg.auxk_coeff and dead.any():
             k_aux = max(1, x.shape[1] // 2)  # sparsify's k_aux: half of d_in
-            extra = cfg.auxk_coeff * auxk_loss(sae, x, (x - x_hat).detach(), dead, k_aux)
+            extra = cfg.auxk_coeff * auxk_loss(sae, x, (y - x_hat).detach(), dead, k_aux)
     loss = recon_scale * recon + coeff_scale * sparsity + extra
     return {"loss": loss, "recon": recon.detach(), "l0": l0.detach(), "fired": fired}
 
@@ -197,7 +200,7 @@ def train_saes(
         torch.set_rng_state(resumed["torch_rng"])
     log_path = run_dir / REPORT / f"{cfg.name}{par.suffix}_log.jsonl"
     log = TrainingLog(log_path, resume_after=start, write=par.writes)
-    sites = sorted({t.site for t in trainees})
+    sites = sorted({s for t in trainees for s in (t.site, t.out_site) if s is not None})
     batches = par.batches(store, sites, cfg, plan["epochs"], plan["steps"])
     if start == 0:
         first = next(batches)
@@ -263,9 +266,10 @@ def _train_steps(
                 continue  # consumed before the checkpoint; the reader is deterministic for the seed
             row: dict[str, Any] = {"step": step_index + 1, "tokens": (step_index + 1) * cfg.batch_size}
             for t in trainees:
-                x = batch[t.site].to(par.device)  # [batch, d_in], already divided by C
-                _check_batch(x, t, step_index, run.store)
-                row[t.spec.name] = _train_step(run, t, x, step_index)
+                for site in (t.site, t.out_site):
+                    if site is not None:
+                        _check_batch(batch[site], site, t, step_index, run.store)
+                row[t.spec.name] = _train_step(run, t, batch, step_index)
             if (step_index + 1) % cfg.log_every == 0 or step_index + 1 == n_steps:
                 log.write(row)
             bar.set_postfix_str(_postfix(row, trainees))
@@ -282,19 +286,20 @@ def _train_steps(
         )
 
 
-def _train_step(run: _Run, t: Trainee, x: Tensor, step_index: int) -> dict[str, float]:
-    """One step of one SAE on its batch `x [batch, d_in]` (already / C), with the massive activations
-    left out; returns the step's log figures. A spike (see `_spiked`) is not stepped on: the SAE goes
+def _train_step(run: _Run, t: Trainee, batch: dict[Site, Tensor], step_index: int) -> dict[str, float]:
+    """One step of one SAE on its sites' part of the step's batch (already / C), with the massive
+    activations left out; returns the step's log figures. A spike (see `_spiked`) is not stepped on: the SAE goes
     back to its last checkpoint with half the learning rate."""
     cfg, plan, par = run.cfg, run.plan, run.par
     final = step_index >= plan["steps"] - plan["final_steps"]  # in the part the saved SAE is measured on
-    if cfg.max_norm is not None:
-        x = x[x.norm(dim=-1) <= cfg.max_norm]  # [batch', d_in]: massive activations left out
+    x, y = training_pair(t, batch, par.device, cfg.max_norm)  # [batch', d_in] each
     lr = lr_at(step_index, t.lr, plan["lr_warmup_steps"], plan["lr_decay_steps"], plan["steps"])
     coeff_scale = sparsity_coeff_at(step_index, 1.0, plan["l0_warmup_steps"])
-    sq_dev = par.sq_dev(x)
+    sq_dev = par.sq_dev(y)
     recon_scale = par.tokens(x.shape[0]) / max(sq_dev, 1e-12) if cfg.optimizer == "signum" else 1.0
-    out = _loss(t, x, coeff_scale, cfg, run.terms, plan["dead_window_tokens"], par.shared_mean, recon_scale)
+    out = _loss(
+        t, x, y, coeff_scale, cfg, run.terms, plan["dead_window_tokens"], par.shared_mean, recon_scale
+    )
     out = par.share_out(out)
     fvu = float(out["recon"]) * par.tokens(x.shape[0]) / sq_dev
     if spiked(t, float(out["loss"].detach()), fvu, cfg, step_index >= plan["lr_warmup_steps"]):
@@ -313,6 +318,8 @@ def _train_step(run: _Run, t: Trainee, x: Tensor, step_index: int) -> dict[str, 
 
 
 def _terms_fn(fast: bool) -> TermsFn:
+    """The JumpReLU loss terms: the reference, or with `fast` the sparse step for SAEs (it
+    autoencodes; a transcoder, which has a target, takes the reference)."""
     if not fast:
         return jumprelu_terms
     try:
@@ -321,8 +328,15 @@ def _terms_fn(fast: bool) -> TermsFn:
         raise ConfigError(
             f"fast training needs gemmascope.sparse_step, which cannot be imported: {err}"
         ) from err
-    fn: TermsFn = jumprelu_terms_sparse
-    return fn
+
+    def terms(
+        sae: JumpReLUSAE, x: Tensor, bandwidth: float, target: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if target is None:
+            return jumprelu_terms_sparse(sae, x, bandwidth)
+        return jumprelu_terms(sae, x, bandwidth, target)
+
+    return terms
 
 
 def _init_from_data(
@@ -332,20 +346,19 @@ def _init_from_data(
     data-parallel ranks start from the whole step's batch (their parts gathered in rank order), so
     the start is the single-process one."""
     for t in trainees:
-        x = par.gather(batch[t.site].to(par.device))  # [batch, d_in], already / C
-        if cfg.max_norm is not None:
-            x = x[x.norm(dim=-1) <= cfg.max_norm]
+        whole = {s: par.gather(v.to(par.device)) for s, v in batch.items()}  # [batch, d_in], already / C
+        x, y = training_pair(t, whole, par.device, cfg.max_norm)
         # λ sets no L0: start where Gemma Scope's "medium" SAEs end, or at 5% of a narrow width
         init_l0 = t.spec.target_l0 or t.spec.k or min(INIT_L0, INIT_DENSITY * t.spec.width)
-        init_from_data(t.sae, x, cfg, float(init_l0))
+        init_from_data(t.sae, x, cfg, float(init_l0), None if y is x else y)
 
 
-def _check_batch(x: Tensor, t: Trainee, step_index: int, store: ActivationStore) -> None:
+def _check_batch(x: Tensor, site: Site, t: Trainee, step_index: int, store: ActivationStore) -> None:
     if x.shape[-1] != t.sae.d_in:
-        raise StoreError(f"activations of {t.site} have d_in {x.shape[-1]}, the SAE expects {t.sae.d_in}")
+        raise StoreError(f"activations of {site} have d_in {x.shape[-1]}, the SAE expects {t.sae.d_in}")
     if not torch.isfinite(x).all():
         raise StoreError(
-            f"activations of {t.site} in {str(store.root)!r} contain NaN or inf (batch {step_index + 1}); "
+            f"activations of {site} in {str(store.root)!r} contain NaN or inf (batch {step_index + 1}); "
             "the store is damaged or the model overflowed: harvest again (in float32)"
         )
 
@@ -386,7 +399,7 @@ def _save_finished(
         measured_on = f"{heldout['tokens']} held-out tokens"
     train_id = hashlib.sha256(f"{key}/{t.spec.name}".encode()).hexdigest()[:16]
     trained = t.sae.to_jumprelu() if isinstance(t.sae, BatchTopKSAE) else t.sae
-    folded = fold_scaling(trained, t.scale)
+    folded = fold_scaling(trained, t.scale, t.out_scale)
     folded.cfg.extra = {
         **trained.cfg.extra,
         "train_id": train_id,
@@ -398,6 +411,7 @@ def _save_finished(
         "target_l0": t.spec.target_l0,
         "target_l0_coeff": cfg.target_l0_coeff if t.spec.target_l0 is not None else None,
         "scale": t.scale,
+        "out_scale": t.out_scale if t.out_site is not None else None,
         "scale_folded": True,
         "tokens": tokens,
         "store_tokens": plan["store_tokens"],
@@ -429,7 +443,12 @@ def _save_finished(
         "published": {k: list(v) if isinstance(v, tuple) else v for k, v in PUBLISHED.items()},
     }
     folded.cfg.max_norm = cfg.max_norm * t.scale if cfg.max_norm is not None else None  # raw inputs
-    base = sae_dir(run_dir, t.site, t.spec.width, l0, architecture=t.spec.architecture)
+    kind = t.spec.architecture
+    if t.out_site is not None:  # saes/mlp_in/layer_L/width_W/l0_K_transcoder (or _skip_transcoder)
+        kind = ("skip_" if t.spec.skip else "") + (
+            "transcoder" if kind == "jumprelu" else f"{kind}_transcoder"
+        )
+    base = sae_dir(run_dir, t.site, t.spec.width, l0, architecture=kind)
     for attempt in range(1, 1000):
         folder = base if attempt == 1 else base.with_name(f"{base.name}_v{attempt}")
         if not folder.exists():

@@ -160,7 +160,10 @@ class TrainSpec:
 
     JumpReLU takes `l0_coeff` (λ, a fixed L0 penalty) or `target_l0` (Gemma Scope 2's quadratic
     penalty around L0*); TopK and BatchTopK take `k`; ReLU takes `l0_coeff` as its L1 coefficient.
-    `lr` overrides the run's learning rate for this SAE."""
+    `lr` overrides the run's learning rate for this SAE.
+
+    A transcoder reads `site` and predicts `out_site` (Gemma Scope 2: `mlp_in.L` to `mlp_out.L`,
+    `sites.transcoder_sites`), with an affine skip connection when `skip`."""
 
     site: str
     width: int
@@ -169,17 +172,26 @@ class TrainSpec:
     target_l0: float | None = None
     k: int | None = None
     lr: float | None = None
+    out_site: str | None = None
+    skip: bool = False
 
     @property
     def name(self) -> str:
-        """A short label for logs: `resid_post.6/w4096/jumprelu/lam0.001`."""
+        """A short label for logs: `resid_post.6/w4096/jumprelu/lam0.001`; a transcoder's
+        `mlp_in.6>mlp_out.6/w4096/jumprelu/target45` (`+skip` with the skip connection)."""
         if self.architecture in ("topk", "batchtopk"):
             how = f"k{self.k}"
         elif self.target_l0 is not None:
             how = f"target{self.target_l0:g}"
         else:
             how = f"lam{self.l0_coeff:g}"
-        return f"{self.site}/w{self.width}/{self.architecture}/{how}"
+        where = self.site if self.out_site is None else f"{self.site}>{self.out_site}"
+        return f"{where}/w{self.width}/{self.architecture}{'+skip' if self.skip else ''}/{how}"
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites this spec reads: its own, and a transcoder's output site."""
+        return [self.site] if self.out_site is None else [self.site, self.out_site]
 
 
 @dataclass
@@ -224,18 +236,22 @@ class TrainConfig:
 # The recipe's pieces
 
 
-def jumprelu_terms(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+def jumprelu_terms(
+    sae: JumpReLUSAE, x: Tensor, bandwidth: float, target: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The two terms of the JumpReLU loss on a batch `x [batch, d_in]` already divided by C.
 
-    The encoder sees `x - b_dec` (the pre-encoder bias). Returns `recon` (mean over the batch of
-    ‖x − x̂‖², summed over d_in), `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), whose gradient goes to
-    θ only, through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (bool: the latent was
-    active on some token of the batch). This is the plain reference; `sparse_step.jumprelu_terms_sparse`
-    is the fast path with the same signature, values and gradients."""
-    pre_acts = sae.pre_acts(x - sae.b_dec)  # [batch, d_sae]
+    The encoder sees `sae.centered(x)` (the pre-encoder bias). Returns `recon` (mean over the batch
+    of ‖target − x̂‖², summed over d_in; the target is `x` itself for an SAE, the output site's
+    `target [batch, d_in]` for a transcoder, whose x̂ includes its skip connection), `l0` (mean over
+    the batch of Σᵢ H(preᵢ − θᵢ), whose gradient goes to θ only, through the rectangle-kernel
+    pseudo-derivative) and `fired [d_sae]` (bool: the latent was active on some token of the batch).
+    This is the plain reference; `sparse_step.jumprelu_terms_sparse` is the fast path for SAEs with
+    the same signature, values and gradients."""
+    pre_acts = sae.pre_acts(sae.centered(x))  # [batch, d_sae]
     f = jumprelu(pre_acts, sae.threshold, bandwidth)
-    x_hat = sae.decode(f)
-    recon = (x - x_hat).pow(2).sum(-1).mean()
+    x_hat = sae.decode(f) + sae.skip(x)
+    recon = ((x if target is None else target) - x_hat).pow(2).sum(-1).mean()
     active = step(pre_acts, sae.threshold, bandwidth)  # [batch, d_sae] floats 0/1
     l0 = active.sum(-1).mean()
     fired = (active > 0).any(0)
@@ -243,7 +259,7 @@ def jumprelu_terms(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tuple[Tenso
 
 
 # The signature of the JumpReLU loss terms: this reference or `sparse_step.jumprelu_terms_sparse`.
-TermsFn = Callable[[JumpReLUSAE, Tensor, float], tuple[Tensor, Tensor, Tensor]]
+TermsFn = Callable[[JumpReLUSAE, Tensor, float, Tensor | None], tuple[Tensor, Tensor, Tensor]]
 
 
 def init_sae(sae: SAE, generator: torch.Generator, threshold_init: float = THRESHOLD_INIT) -> SAE:
@@ -262,8 +278,11 @@ def init_sae(sae: SAE, generator: torch.Generator, threshold_init: float = THRES
     return sae
 
 
-def init_from_data(sae: SAE, x: Tensor, cfg: TrainConfig, init_l0: float) -> SAE:
-    """Start what the data sets the scale of from a first batch `x [batch, d_in]` (already / C).
+def init_from_data(
+    sae: SAE, x: Tensor, cfg: TrainConfig, init_l0: float, target: Tensor | None = None
+) -> SAE:
+    """Start what the data sets the scale of from a first batch `x [batch, d_in]` (already / C; a
+    transcoder's output-site batch is `target`: `b_dec` starts at its mean, `b_in` at `x`'s).
 
     With the sign optimiser, W_enc's columns are scaled to SIGNUM_ENC_INIT_NORM. `b_dec` at the data
     mean (as sparsify does): at resid_post.6 of Gemma 3 270M the mean holds ~90%
@@ -274,10 +293,12 @@ def init_from_data(sae: SAE, x: Tensor, cfg: TrainConfig, init_l0: float) -> SAE
     with torch.no_grad():
         if cfg.optimizer == "signum":
             sae.W_enc.mul_(SIGNUM_ENC_INIT_NORM)
+        if sae.is_transcoder:
+            sae.b_in.copy_(x.mean(0))
         if cfg.b_dec_init == "mean":
-            sae.b_dec.copy_(x.mean(0))
+            sae.b_dec.copy_((x if target is None else target).mean(0))
         if isinstance(sae, JumpReLUSAE) and cfg.threshold_init is None:
-            pre_acts = sae.pre_acts(x - sae.b_dec)  # [batch, d_sae]
+            pre_acts = sae.pre_acts(sae.centered(x))  # [batch, d_sae]
             k = min(x.shape[0] - 1, max(1, round(init_l0 / sae.d_sae * x.shape[0])))
             top = pre_acts.topk(k + 1, dim=0).values  # [k + 1, d_sae]
             # halfway between the k-th and (k+1)-th largest: no token sits on the threshold's edge
@@ -290,7 +311,7 @@ def dead_preact_loss(sae: JumpReLUSAE, x: Tensor, dead: Tensor) -> Tensor:
     Σᵢ ReLU(θᵢ − preᵢ) over them (decoder rows have unit norm), on `x [batch, d_in]` (already / C).
     Its gradient raises their pre-activations and lowers their thresholds until they fire again."""
     index = dead.nonzero().squeeze(1)
-    pre_acts = (x - sae.b_dec) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dead]
+    pre_acts = sae.centered(x) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dead]
     return torch.relu(sae.threshold[index] - pre_acts).sum(-1).mean()
 
 
@@ -307,7 +328,7 @@ def dense_penalty(
     / C), differentiable in θ through the straight-through step (as the L0 term). `share` turns a
     data-parallel rank's densities into the whole batch's (the penalty is not linear in them)."""
     index = dense.nonzero().squeeze(1)
-    pre_acts = (x - sae.b_dec) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dense]
+    pre_acts = sae.centered(x) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dense]
     density = step(pre_acts, sae.threshold[index], bandwidth).mean(0)  # [n_dense]
     if share is not None:
         density = share(density)
@@ -319,24 +340,29 @@ def auxk_loss(sae: SAE, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -
     reconstruct the live latents' error `residual [batch, d_in]` (detached), as a fraction of its
     variance, so dead latents learn something useful to come back with."""
     index = dead.nonzero().squeeze(1)
-    pre_acts = torch.relu((x - sae.b_dec) @ sae.W_enc[:, index] + sae.b_enc[index])  # [batch, n_dead]
+    pre_acts = torch.relu(sae.centered(x) @ sae.W_enc[:, index] + sae.b_enc[index])  # [batch, n_dead]
     values, which = pre_acts.topk(min(k_aux, index.numel()), dim=-1)
     f = torch.zeros_like(pre_acts).scatter(-1, which, values)
     error = residual - f @ sae.W_dec[index]
     return error.pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
 
 
-def fold_scaling(sae: SAE, scale: float) -> SAE:
+def fold_scaling(sae: SAE, scale: float, out_scale: float | None = None) -> SAE:
     """The SAE for raw activations of one trained on `x / scale` with the pre-encoder bias (RECIPE 2,
-    folding): b_enc' = C·(b_enc − b_dec @ W_enc), b_dec' = C·b_dec, θ' = C·θ, W_enc and W_dec
-    unchanged. On raw x it gives the training-time latents and reconstruction times C."""
-    cfg = SAEConfig(**sae.cfg.to_dict())
-    folded = build_sae(cfg)
+    folding): b_enc' = C·(b_enc − bias @ W_enc) with bias `b_dec` (a transcoder: `b_in`, then 0),
+    b_dec' = C·b_dec, θ' = C·θ, W_enc and W_dec unchanged. On raw x it gives the training-time
+    latents and reconstruction times C. A transcoder trained to predict `y / out_scale` has W_dec'
+    and W_skip' times out_scale / scale and b_dec' = out_scale·b_dec: on raw x it predicts raw y."""
+    out_scale = scale if out_scale is None else out_scale
+    folded = build_sae(SAEConfig(**sae.cfg.to_dict()))
+    ratio = out_scale / scale
     with torch.no_grad():
         folded.W_enc.copy_(sae.W_enc)
-        folded.W_dec.copy_(sae.W_dec)
-        folded.b_enc.copy_(scale * (sae.b_enc - sae.b_dec @ sae.W_enc))
-        folded.b_dec.copy_(scale * sae.b_dec)
+        folded.W_dec.copy_(ratio * sae.W_dec)
+        folded.b_enc.copy_(scale * (sae.b_enc - sae.pre_encoder_bias() @ sae.W_enc))
+        folded.b_dec.copy_(out_scale * sae.b_dec)
+        if sae.W_skip is not None and folded.W_skip is not None:
+            folded.W_skip.copy_(ratio * sae.W_skip)
         if isinstance(sae, (JumpReLUSAE, BatchTopKSAE)):
             folded.threshold.copy_(scale * sae.threshold)  # type: ignore[operator]
     return folded
@@ -375,13 +401,24 @@ def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
 
 
 def checked_spec(spec: TrainSpec, store: ActivationStore) -> TrainSpec:
-    """The spec with its site in canonical form, or a ConfigError naming what makes no sense."""
+    """The spec with its sites in canonical form, or a ConfigError naming what makes no sense."""
+    for name in spec.sites:
+        if parse_site(name) not in store.sites:
+            raise ConfigError(
+                f"site {name!r} is not in the activation store of {str(store.run_dir)!r}: "
+                f"it holds {', '.join(map(str, store.sites))}"
+            )
     site = str(parse_site(spec.site))
-    if parse_site(site) not in store.sites:
-        raise ConfigError(
-            f"site {spec.site!r} is not in the activation store of {str(store.run_dir)!r}: "
-            f"it holds {', '.join(map(str, store.sites))}"
-        )
+    out_site = None if spec.out_site is None else str(parse_site(spec.out_site))
+    if out_site is not None:
+        d_in, d_out = (int(store.manifest(parse_site(s))["d_in"]) for s in (site, out_site))
+        if d_in != d_out:
+            raise ConfigError(
+                f"transcoder {site} -> {out_site}: the sites are {d_in} and {d_out} wide; expected sites "
+                "of one width, such as an MLP's input and output (mlp_in.L -> mlp_out.L)"
+            )
+    elif spec.skip:
+        raise ConfigError(f"skip (an affine skip connection) is a transcoder's: {site} needs an out_site")
     if spec.architecture not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {spec.architecture!r}: expected one of {ARCHITECTURES}")
     if not isinstance(spec.width, int) or spec.width < 1:
@@ -418,7 +455,7 @@ def checked_spec(spec: TrainSpec, store: ActivationStore) -> TrainSpec:
         positive("l0_coeff (the L1 coefficient)", spec.l0_coeff)
     if spec.lr is not None:
         positive("lr", spec.lr)
-    return TrainSpec(**{**asdict(spec), "site": site})
+    return TrainSpec(**{**asdict(spec), "site": site, "out_site": out_site})
 
 
 def checked_config(cfg: TrainConfig) -> None:
@@ -469,7 +506,7 @@ def run_plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: T
     if tokens < cfg.batch_size:
         raise ConfigError(f"tokens {tokens} must be at least one batch ({cfg.batch_size})")
     steps = tokens // cfg.batch_size
-    sites = sorted({parse_site(s.site) for s in specs})
+    sites = sorted({parse_site(name) for s in specs for name in s.sites})
     available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in sites)
     per_epoch = available // cfg.batch_size
     if per_epoch < 1:

@@ -44,6 +44,8 @@ class Trainee:
     spec: TrainSpec
     site: Site
     scale: float
+    out_site: Site | None  # a transcoder's output site (its target), None for an SAE
+    out_scale: float  # the output site's C (an SAE's: `scale`)
     sae: SAE
     optimizer: torch.optim.Optimizer
     lr: float
@@ -85,6 +87,7 @@ def new_trainee(
     index: int, spec: TrainSpec, store: ActivationStore, cfg: TrainConfig, device: torch.device | None = None
 ) -> Trainee:
     site = parse_site(spec.site)
+    out_site = None if spec.out_site is None else parse_site(spec.out_site)
     manifest = store.manifest(site)
     sae_cfg = SAEConfig(
         architecture=spec.architecture,
@@ -96,6 +99,8 @@ def new_trainee(
         hook_name=site.hook_name,
         context_size=store.context_len,
         dataset=store.corpus,
+        out_site="" if out_site is None else str(out_site),
+        affine_skip=spec.skip,
     )
     # Each SAE's init depends only on (seed, its index), so adding SAEs never changes the others.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
@@ -108,6 +113,8 @@ def new_trainee(
         spec=spec,
         site=site,
         scale=store.scale(site),
+        out_site=out_site,
+        out_scale=store.scale(out_site or site),
         sae=sae,
         optimizer=optimizer,
         lr=lr,
@@ -153,7 +160,7 @@ def recover(t: Trainee, step_index: int, fvu: float) -> None:
 def measure_density(t: Trainee, x: Tensor, par: Parallel) -> None:
     """Update the running firing rate of every latent (what the dense penalty reads) on `x`."""
     with torch.no_grad():
-        fires = par.sum((t.sae.activation(t.sae.pre_acts(x - t.sae.b_dec)) > 0).sum(0).float())
+        fires = par.sum((t.sae.activation(t.sae.pre_acts(t.sae.centered(x))) > 0).sum(0).float())
         rate = fires / par.tokens(x.shape[0])
         running = DENSITY_MOMENTUM * t.density + (1 - DENSITY_MOMENTUM) * rate
         t.density = torch.where(t.density < 0, rate, running)  # -1: not measured yet
@@ -176,7 +183,7 @@ def update_counts(
     sq_err = float(out["recon"]) * batch
     if final:
         with torch.no_grad():  # densities as the saved SAE fires (BatchTopK: its global threshold)
-            fires = (t.sae.activation(t.sae.pre_acts(x - t.sae.b_dec)) > 0).sum(0)
+            fires = (t.sae.activation(t.sae.pre_acts(t.sae.centered(x))) > 0).sum(0)
         if par is not None:
             fires = par.sum(fires)
         t.final["steps"] += 1
@@ -197,21 +204,20 @@ def update_counts(
 def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfig) -> dict[str, Any] | None:
     """L0, FVU and per-latent density of a trained SAE on up to HELDOUT_TOKENS held-out tokens of its
     site (scaled by the training C, massive activations left out as in training), or None when the
-    run has no held-out activations of that site."""
-    if heldout is None or t.site not in heldout.sites:
+    run has no held-out activations of that site. A transcoder's FVU is of its output site."""
+    sites = [t.site] if t.out_site is None else [t.site, t.out_site]
+    if heldout is None or any(s not in heldout.sites for s in sites):
         return None
     sq_err = sq_dev = l0 = 0.0
     fires = torch.zeros(t.sae.d_sae)
     n = 0
     with torch.no_grad():
-        available = int(heldout.manifest(t.site)["n_tokens_non_special"])
-        for batch in heldout.batches([t.site], max(1, min(HELDOUT_BATCH, available)), seed=0):
-            x = batch[t.site].to(t.sae.W_enc.device) / t.scale  # [batch, d_in]
-            if cfg.max_norm is not None:
-                x = x[x.norm(dim=-1) <= cfg.max_norm]
-            f = t.sae.activation(t.sae.pre_acts(x - t.sae.b_dec))  # [batch, d_sae]
-            sq_err += float((x - t.sae.decode(f)).pow(2).sum())
-            sq_dev += float((x - x.mean(0)).pow(2).sum())
+        available = min(int(heldout.manifest(s)["n_tokens_non_special"]) for s in sites)
+        for batch in heldout.batches(sites, max(1, min(HELDOUT_BATCH, available)), seed=0):
+            x, y = training_pair(t, batch, t.sae.W_enc.device, cfg.max_norm)
+            f = t.sae.activation(t.sae.pre_acts(t.sae.centered(x)))  # [batch, d_sae]
+            sq_err += float((y - t.sae.decode(f) - t.sae.skip(x)).pow(2).sum())
+            sq_dev += float((y - y.mean(0)).pow(2).sum())
             l0 += float((f > 0).sum())
             fires += (f > 0).sum(0).float().cpu()
             n += x.shape[0]
@@ -220,3 +226,19 @@ def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfi
     if n == 0:
         return None
     return {"l0": l0 / n, "fvu": sq_err / sq_dev, "density": fires / n, "tokens": n}
+
+
+def training_pair(
+    t: Trainee, batch: dict[Site, Tensor], device: torch.device | str, max_norm: float | None
+) -> tuple[Tensor, Tensor]:
+    """`(x, target)`, each `[batch', d_in]` (already / C) on `device`: the SAE's input and what it
+    learns to output (`x` itself for an SAE, the output site's activations for a transcoder), with
+    the tokens where either is massive (scaled norm over `max_norm`) left out."""
+    x = batch[t.site].to(device)
+    y = x if t.out_site is None else batch[t.out_site].to(device)
+    if max_norm is not None:
+        keep = x.norm(dim=-1) <= max_norm
+        if t.out_site is not None:
+            keep &= y.norm(dim=-1) <= max_norm
+        x, y = x[keep], (x[keep] if t.out_site is None else y[keep])
+    return x, y

@@ -1,0 +1,169 @@
+"""Transcoders (Gemma Scope 2): TrainSpecs reading `mlp_in.L` and predicting `mlp_out.L`, with and
+without the affine skip connection; folding both scales in; the native and SAELens files; bad specs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmascope.activations import ActivationStore, harvest
+from gemmascope.corpus import special_mask
+from gemmascope.errors import ConfigError
+from gemmascope.evals import eval_token_ids, evaluate, evaluate_replacement, splice_transcoders, zero_ablate
+from gemmascope.formats import load_sae, save_sae
+from gemmascope.models import LanguageModel
+from gemmascope.sae import JumpReLUSAE, SAEConfig, build_sae
+from gemmascope.sites import capture, parse_site
+from gemmascope.train import TrainConfig, TrainSpec, fold_scaling, train_saes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+IN, OUT = "mlp_in.1", "mlp_out.1"
+
+
+@pytest.fixture(scope="module")
+def mlp_store(tiny_model: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("tc_run")
+    harvest(tiny_model, [IN, OUT, "resid_post.1"], run_dir, n_tokens=8192, context_len=64, progress=False)
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(mlp_store: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(mlp_store / "activations", dest / "activations")
+    return dest
+
+
+def random_transcoder(skip: bool, arch: str = "jumprelu") -> JumpReLUSAE:
+    g = torch.Generator().manual_seed(3)
+    cfg = SAEConfig(arch, d_in=8, d_sae=16, k=3 if arch == "topk" else None, site=IN, out_site=OUT, affine_skip=skip)
+    sae = build_sae(cfg)
+    with torch.no_grad():
+        for _, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        sae.b_in.copy_(torch.randn(8, generator=g))
+        if isinstance(sae, JumpReLUSAE):
+            sae.threshold.copy_(torch.rand(16, generator=g) * 0.5)
+    return sae  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_folded_transcoder_on_raw_x_predicts_raw_y(tmp_path: Path, skip: bool) -> None:
+    """Trained on x / C_in to predict y / C_out: saved, it maps raw x to C_out × the training output."""
+    sae = random_transcoder(skip)
+    c_in, c_out = 12.5, 40.0
+    x_raw = torch.randn(50, 8) * c_in
+    with torch.no_grad():
+        x = x_raw / c_in
+        f_train = sae.activation(sae.pre_acts(x - sae.b_in))
+        y_train = sae.decode(f_train) + sae.skip(x)
+        saved = load_sae(save_sae(fold_scaling(sae, c_in, c_out), tmp_path / "tc"))
+        assert saved.is_transcoder and saved.cfg.out_site == OUT and saved.cfg.affine_skip == skip
+        assert (saved.W_skip is not None) == skip
+        assert torch.allclose(saved.encode(x_raw), f_train * c_in, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(saved(x_raw), y_train * c_out, rtol=1e-5, atol=1e-3)
+        assert torch.equal(saved.b_in, torch.zeros(8))  # folded into b_enc
+
+
+def test_saelens_config_names_the_transcoder(tmp_path: Path) -> None:
+    folder = save_sae(fold_scaling(random_transcoder(True), 1.0), tmp_path / "tc")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder" and cfg["d_out"] == 8
+    assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    # a SAELens transcoder folder without our metadata still loads, its output site from the hook
+    del cfg["metadata"]["gemmascope"]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    again = load_sae(folder)
+    assert again.cfg.out_site == OUT and again.cfg.affine_skip and again.W_skip is not None
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool) -> None:
+    specs = [TrainSpec(IN, 64, target_l0=8, out_site=OUT, skip=skip), TrainSpec("resid_post.1", 32, target_l0=6)]
+    cfg = TrainConfig(batch_size=128, checkpoint_every=20, log_every=10)
+    outputs = train_saes(run_dir, specs, 8192, cfg, progress=False)
+    tc, sae = (load_sae(p) for p in outputs)
+    assert outputs[0].name.endswith("_skip_transcoder" if skip else "_transcoder")
+    assert outputs[0].parent.parent.parent.name == "mlp_in"
+    assert tc.cfg.out_site == OUT and tc.cfg.site == IN and not sae.is_transcoder
+    assert tc.cfg.extra["out_scale"] == pytest.approx(ActivationStore(run_dir).scale(OUT))
+    # on raw activations the saved transcoder predicts the MLP output: FVU well under 1
+    store = ActivationStore(run_dir)
+    batch = next(iter(store.batches([IN, OUT], 2048, seed=1)))
+    x, y = batch[parse_site(IN)], batch[parse_site(OUT)]  # raw, as the model gives them
+    with torch.no_grad():
+        pred = tc(x.float())
+    fvu = float((y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert fvu < 0.9, fvu
+    assert fvu == pytest.approx(tc.cfg.extra["fvu"], rel=0.5)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (TrainSpec("resid_post.1", 32, target_l0=4, skip=True), "skip"),
+        (TrainSpec(IN, 32, target_l0=4, out_site="mlp_out.3"), "mlp_out.3"),
+    ],
+)
+def test_bad_transcoder_specs_are_clear_errors(run_dir: Path, spec: TrainSpec, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train_saes(run_dir, [spec], 1024, TrainConfig(batch_size=128), progress=False)
+
+
+def zero_transcoder(layer: int, d: int = 64) -> JumpReLUSAE:
+    """A transcoder that predicts 0: splicing it is zero-ablating its layer's MLP output."""
+    cfg = SAEConfig("jumprelu", d_in=d, d_sae=8, site=f"mlp_in.{layer}", out_site=f"mlp_out.{layer}")
+    return JumpReLUSAE(cfg)
+
+
+def test_splice_puts_the_prediction_from_the_same_pass_in_place_of_the_mlp_output(
+    tiny_model: LanguageModel,
+) -> None:
+    tc = build_sae(SAEConfig("jumprelu", d_in=64, d_sae=16, site=IN, out_site=OUT, affine_skip=True))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for _, p in tc.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = torch.randint(3, 200, (2, 12))
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[:, 0] = False
+    with splice_transcoders(tiny_model, [tc], keep):
+        acts = capture(tiny_model, ids, [parse_site(IN), parse_site(OUT)])
+    expected = tc(acts[parse_site(IN)])
+    got = acts[parse_site(OUT)]
+    assert torch.allclose(got[keep], expected[keep], atol=1e-5)
+    clean = capture(tiny_model, ids, [parse_site(OUT)])[parse_site(OUT)]
+    assert torch.equal(got[~keep], clean[~keep])  # BOS untouched
+
+
+def test_transcoder_evals_measure_the_mlp_they_replace(tiny_model: LanguageModel) -> None:
+    """A transcoder predicting 0 is the MLP output zero-ablated: CE recovered 0, FVU 1 (its
+    prediction is no better than... nothing: FVU = E‖y‖² / E‖y − ȳ‖² ≥ 1); with every layer's
+    such transcoder, the replacement model's loss is that of the model with every MLP output zeroed."""
+    result = evaluate(tiny_model, {"tc": zero_transcoder(1)}, n_tokens=1200, context_len=64, min_tokens=100)[0]
+    m = result["eval_result_metrics"]
+    assert result["sae_cfg"]["out_site"] == OUT
+    perf = m["model_performance_preservation"]
+    assert perf["ce_loss_with_sae"] == pytest.approx(perf["ce_loss_with_ablation"], rel=1e-5)
+    assert m["gemmascope"]["fvu"] >= 1.0
+    replacement = evaluate_replacement(
+        tiny_model, [zero_transcoder(layer) for layer in range(4)], n_tokens=1200, context_len=64, min_tokens=100
+    )
+    ids = eval_token_ids(tiny_model, 1200, context_len=64)
+    keep = ~special_mask(ids, tiny_model.special_token_ids)
+    with ExitStack() as stack:
+        for layer in range(4):
+            stack.enter_context(zero_ablate(tiny_model, parse_site(f"mlp_out.{layer}"), keep))
+        with torch.no_grad():
+            logits = tiny_model.hf(input_ids=ids).logits[:, :-1]
+    predict = keep[:, :-1] & keep[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[predict].float(), ids[:, 1:][predict])
+    assert replacement["ce_loss_with"] == pytest.approx(float(ce), rel=1e-4)
+    assert replacement["layers"] == [0, 1, 2, 3] and replacement["delta_lm_loss"] > 0
+    with pytest.raises(ConfigError, match="one transcoder per layer"):
+        evaluate_replacement(tiny_model, [zero_transcoder(1), zero_transcoder(1)], n_tokens=1200)
