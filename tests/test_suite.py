@@ -207,3 +207,29 @@ def test_a_suite_with_a_finetune_evaluates_and_indexes_the_finetuned_saes(tmp_pa
     assert again["saes"] == [folder]
     with pytest.raises(ConfigError, match="finetune_tokens -1"):
         _one_sae_plan(finetune_tokens=-1).check()
+
+
+def test_a_transcoder_suite_trains_every_layer_from_one_harvest_and_reports_the_replacement_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "tc"
+    code = main(
+        ["suite", str(run_dir), "--model", "tiny-gemma3", "--transcoders", "--layers", "all", "--widths", "64",
+         "--l0", "8", "--tokens", "4096", "--eval-tokens", "1200", "--index-tokens", "2048"]
+    )  # fmt: skip
+    assert code == 0
+    plan = json.loads((run_dir / "run.json").read_text())
+    assert plan["kinds"] == [] and plan["transcoders"] == ["skip"]
+    harvested = sorted(p.parent.name + "/" + p.name for p in (run_dir / "activations").glob("*/layer_*"))
+    assert harvested == [f"{k}/layer_{i}" for k in ("mlp_in", "mlp_out") for i in range(4)]
+    saes = [load_sae(p.parent) for p in sorted((run_dir / "saes").glob("**/cfg.json"))]
+    assert [(s.cfg.site, s.cfg.out_site, s.cfg.affine_skip) for s in saes] == [
+        (f"mlp_in.{i}", f"mlp_out.{i}", True) for i in range(4)
+    ]
+    replacement = json.loads((run_dir / "report" / "replacement.json").read_text())
+    assert replacement["layers"] == [0, 1, 2, 3] and replacement["delta_lm_loss"] == pytest.approx(
+        replacement["ce_loss_with"] - replacement["ce_loss_without"]
+    )
+    summary = (run_dir / "report" / "summary.txt").read_text()
+    assert "replacement model" in summary and "skip_transcoder" in summary
+    assert "replacement model (4 transcoders)" in capsys.readouterr().out

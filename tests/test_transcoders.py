@@ -13,9 +13,9 @@ import torch
 
 from gemmascope.activations import ActivationStore, harvest
 from gemmascope.corpus import special_mask
-from gemmascope.errors import ConfigError
+from gemmascope.errors import ConfigError, FormatError
 from gemmascope.evals import eval_token_ids, evaluate, evaluate_replacement, splice_transcoders, zero_ablate
-from gemmascope.formats import load_sae, save_sae
+from gemmascope.formats import load_sae, save_params_safetensors, save_sae
 from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig, build_sae
 from gemmascope.sites import capture, parse_site
@@ -167,3 +167,27 @@ def test_transcoder_evals_measure_the_mlp_they_replace(tiny_model: LanguageModel
     assert replacement["layers"] == [0, 1, 2, 3] and replacement["delta_lm_loss"] > 0
     with pytest.raises(ConfigError, match="one transcoder per layer"):
         evaluate_replacement(tiny_model, [zero_transcoder(1), zero_transcoder(1)], n_tokens=1200)
+
+
+def test_gemma_scope_2_layout_round_trip(tmp_path: Path) -> None:
+    """Exported as Gemma Scope 2's params.safetensors (affine_skip_connection, config.json beside it)
+    and loaded back, from our export and from the release layout without our config.json."""
+    tc = fold_scaling(random_transcoder(True), 2.0, 3.0)
+    path = save_params_safetensors(tc, tmp_path / "transcoder" / "layer_1_width_16_l0_small")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(path)))
+    assert keys == {"w_enc", "w_dec", "b_enc", "b_dec", "threshold", "affine_skip_connection"}
+    x = torch.randn(20, 8) * 3
+    for drop_config in (False, True):
+        if drop_config:
+            (path.parent / "config.json").unlink()
+        again = load_sae(path)
+        assert again.cfg.site == IN and again.cfg.out_site == OUT and again.cfg.affine_skip
+        assert torch.allclose(again(x), tc(x), atol=1e-5)
+    # a transcoder file whose path names no layer, without config.json: a clear error
+    bare = tmp_path / "bare" / "params.safetensors"
+    bare.parent.mkdir()
+    shutil.copy(path, bare)
+    with pytest.raises(FormatError, match="names no layer"):
+        load_sae(bare)

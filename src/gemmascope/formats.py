@@ -44,6 +44,8 @@ from gemmascope.sites import parse_site
 
 NPZ_FILE = "params.npz"  # Gemma Scope (Gemma 2)
 GS2_FILE = "params.safetensors"  # Gemma Scope 2 (Gemma 3)
+GS2_CONFIG = "config.json"  # beside it
+GS2_SKIP = "affine_skip_connection"  # a Gemma Scope 2 transcoder's skip connection, [d_in, d_out]
 CONVERT_FORMATS = ("native", "npz", "safetensors")
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 # SAELens calls the plain ReLU SAE "standard".
@@ -160,11 +162,39 @@ def save_params_npz(sae: SAE, path: Path | str, *, overwrite: bool = False) -> P
 
 def save_params_safetensors(sae: SAE, path: Path | str, *, overwrite: bool = False) -> Path:
     """Export a JumpReLU SAE as Gemma Scope 2's `params.safetensors` (lower-case w_enc, w_dec, b_enc,
-    b_dec, threshold, fp32). An existing file is replaced only with `overwrite`."""
+    b_dec, threshold, fp32; a transcoder's skip connection as `affine_skip_connection [d_in, d_out]`,
+    applied as `x @ affine_skip_connection`), with a `config.json` beside it naming the sites. An
+    existing file is replaced only with `overwrite`."""
     params = _gemma_scope_params(sae, "params.safetensors")
     path = _file_path(path, GS2_FILE)
     _check_new_file(path, overwrite)
-    return save_atomic(path, lambda tmp: save_file({k.lower(): v for k, v in params.items()}, str(tmp)))
+    names = {"W_skip": GS2_SKIP}
+    tensors = {names.get(k, k.lower()): v for k, v in params.items()}
+    save_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomic(path.with_name(GS2_CONFIG), json.dumps(_gs2_config(sae), indent=2) + "\n")
+    return path
+
+
+def _gs2_config(sae: SAE) -> dict[str, Any]:
+    """The `config.json` written beside an exported `params.safetensors`: sizes, sites (TransformerLens
+    hook names) and the training figures worth keeping."""
+    c = sae.cfg
+    site = parse_site(c.site) if c.site else None
+    out = parse_site(c.out_site) if c.out_site else None
+    return {
+        "architecture": "jumprelu",
+        "model_name": c.model_name,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "hook_name": site.hook_name if site else c.hook_name,
+        "hook_name_out": out.hook_name if out else None,
+        "affine_skip_connection": c.affine_skip,
+        "site": c.site,
+        "out_site": c.out_site or None,
+        "l0": c.extra.get("l0"),
+        "fvu": c.extra.get("fvu"),
+        "source": f"gemmascope {__version__}",
+    }
 
 
 def _file_path(path: Path | str, default_name: str) -> Path:
@@ -381,6 +411,7 @@ def _load_gemma_scope(path: Path) -> SAE:
         arrays = _read_safetensors(path)
         fmt = "gemma-scope-2"
     by_lower = {k.lower(): k for k in arrays}
+    skip = arrays.get(by_lower.pop(GS2_SKIP, ""), None)
     missing = [n for n in PARAM_NAMES if n.lower() not in by_lower]
     unexpected = sorted(set(by_lower) - {n.lower() for n in PARAM_NAMES})
     if missing or unexpected:
@@ -396,17 +427,45 @@ def _load_gemma_scope(path: Path) -> SAE:
     if w_enc.ndim != 2:
         raise FormatError(f"{str(path)!r}: W_enc has shape {tuple(w_enc.shape)}, expected [d_in, d_sae]")
     site, extra = _gemma_scope_path_info(path)
+    out_site = ""
+    described = _read_gs2_config(path.with_name(GS2_CONFIG))
+    if described.get("site"):
+        site, out_site = str(described["site"]), str(described.get("out_site") or "")
+    elif site.startswith("transcoder."):  # a release's transcoder folder: MLP input to MLP output
+        layer = int(site.split(".")[1])
+        site, out_site = f"mlp_in.{layer}", f"mlp_out.{layer}"
+    if skip is not None:
+        weights["W_skip"] = skip
+        if not out_site:
+            raise FormatError(
+                f"{str(path)!r} holds a transcoder ({GS2_SKIP}) but its path names no layer: expected a "
+                "release folder such as 'transcoder/layer_6_width_16k_l0_small/' or a config.json with 'site'"
+            )
     cfg = _config(
         path,
         architecture="jumprelu",
         d_in=int(w_enc.shape[0]),
         d_sae=int(w_enc.shape[1]),
+        model_name=str(described.get("model_name") or ""),
         site=site,
         hook_name=parse_site(site).hook_name if site else "",
         context_size=1024,  # Gemma Scope trained on sequences of 1,024 tokens
         extra={"source": fmt, **extra},
+        out_site=out_site,
+        affine_skip=skip is not None,
     )
     return _build(cfg, weights, path)
+
+
+def _read_gs2_config(path: Path) -> dict[str, Any]:
+    """The `config.json` beside a `params.safetensors` when it is ours (it names the site), else {}."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FormatError(f"cannot read {str(path)!r}: {err}") from err
+    return data if isinstance(data, dict) and data.get("site") else {}
 
 
 def _max_norm(ours: dict[str, Any]) -> float | None:
@@ -472,6 +531,7 @@ def _site_from_hook(hook_name: str) -> str:
 
 # Markers of the site kind in Gemma Scope paths: Gemma Scope 2 folders, Gemma Scope repo suffixes.
 _GS_KINDS = (
+    (r"transcoder", "transcoder"),  # Gemma Scope 2's transcoders: mlp_in.L -> mlp_out.L
     (r"resid_post|-res(?:-|/|$)", "resid_post"),
     (r"attn_out|-att(?:-|/|$)", "attn_out"),
     (r"mlp_out|-mlp(?:-|/|$)", "mlp_out"),

@@ -28,17 +28,22 @@ from gemmascope.runs import (
     FEATURES_DB,
     HELDOUT,
     MANIFEST,
+    REPORT,
     RUN_JSON,
     SUITE_JSON,
     lock,
     write_atomic,
 )
-from gemmascope.sites import SITE_KINDS, Site
+from gemmascope.sites import SITE_KINDS, Site, parse_site
 
 # Gemma Scope 2 names its SAEs by L0 band: small 10-20, medium 30-60, big 90-150 (RECIPE 2,
 # "L0 control"). A name asks for the middle of its band as the target L0.
 L0_BANDS = {"small": 15.0, "medium": 45.0, "big": 120.0}
 SUITE_KINDS = tuple(k for k in SITE_KINDS if k != "mlp_in")  # a suite's default: all but the transcoder input
+# Gemma Scope 2's transcoders (mlp_in.L -> mlp_out.L): without ("plain") and with ("skip") the affine
+# skip connection.
+TRANSCODER_KINDS = ("plain", "skip")
+REPLACEMENT_JSON = "replacement.json"  # in report/: the replacement model's loss
 
 
 @dataclass
@@ -46,7 +51,10 @@ class SuitePlan:
     """What a suite trains. `target_l0s` (Gemma Scope 2's target-L0 mode) or `l0_coeffs` (fixed
     lambdas, Gemma Scope's sweep) choose the sparsity of each SAE; every (site, width, sparsity)
     triple is one SAE. `tokens` activations are harvested per site and each SAE trains on
-    `train_tokens` of them (several epochs when larger)."""
+    `train_tokens` of them (several epochs when larger). `transcoders` adds, per layer, one
+    transcoder per (kind, width, sparsity) from the MLP's input to its output (harvested with the
+    other sites, in the same pass), and the report then gives the replacement model's loss (every
+    layer's MLP replaced at once)."""
 
     model: str = BUNDLED_MODEL
     kinds: list[str] = field(default_factory=lambda: list(SUITE_KINDS))
@@ -55,6 +63,7 @@ class SuitePlan:
     target_l0s: list[float] = field(default_factory=lambda: [L0_BANDS["medium"]])
     l0_coeffs: list[float] = field(default_factory=list)
     architecture: str = "jumprelu"
+    transcoders: list[str] = field(default_factory=list)  # some of TRANSCODER_KINDS
     tokens: int = 200_000
     train_tokens: int | None = None  # None: `tokens`
     finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (finetune.py)
@@ -72,9 +81,15 @@ class SuitePlan:
         from gemmascope.activations import dtype_name
 
         bad = [k for k in self.kinds if k not in SITE_KINDS]
-        if bad or not self.kinds:
+        if bad or not (self.kinds or self.transcoders):
             raise ConfigError(
                 f"unknown site kinds {bad or self.kinds}: expected some of {', '.join(SITE_KINDS)}"
+                + ("" if bad else " (or transcoders)")
+            )
+        bad = [k for k in self.transcoders if k not in TRANSCODER_KINDS]
+        if bad:
+            raise ConfigError(
+                f"unknown transcoder kinds {bad}: expected some of {', '.join(TRANSCODER_KINDS)}"
             )
         dtype_name(self.dtype)
         if not self.widths or any(w < 1 for w in self.widths):
@@ -175,7 +190,7 @@ class _State:
 # Fields of a plan that name the run folder's model and text: never changed, even with --extend.
 _IDENTITY = ("model", "corpus", "context_len")
 # Fields --extend adds to (the union of the old and the new); every other field must match.
-_EXTENSIBLE = ("kinds", "layers", "widths", "target_l0s", "l0_coeffs")
+_EXTENSIBLE = ("kinds", "layers", "widths", "target_l0s", "l0_coeffs", "transcoders")
 _FREE = ("keep_activations",)  # may differ from run to run
 
 
@@ -297,7 +312,7 @@ def _run_stages(
             raise BudgetReached(name)
         say(f"== {name}")
 
-    sites = [Site(kind, layer) for layer in layers for kind in plan.kinds]
+    sites = [Site(kind, layer) for layer in layers for kind in _site_kinds(plan)]
     harvest_key = {"tokens": plan.tokens, "dtype": plan.dtype}
     harvested = state.get("harvest", harvest_key) or []
     trained = {layer: _trained(state, layer) for layer in layers}
@@ -347,6 +362,12 @@ def _run_stages(
         stage("index")
         _index(run_dir, plan, model, folders)
         state.finish("index", True, index_key)
+    replacement = _replacement_set(run_dir, folders, model) if plan.transcoders else []
+    replacement_key = {"transcoders": _rel(run_dir, replacement), "tokens": plan.eval_tokens}
+    if replacement and state.get("replacement", replacement_key) is None:
+        stage("replacement")
+        _evaluate_replacement(run_dir, plan, model, replacement, say)
+        state.finish("replacement", True, replacement_key)
     if state.get("report", _rel(run_dir, folders)) is None:
         stage("report")
         report = write_suite_report(run_dir, folders)
@@ -367,23 +388,46 @@ def _trained(state: _State, layer: int) -> dict[str, str]:
     return dict(specs) if isinstance(specs, dict) else {}
 
 
+def _site_kinds(plan: SuitePlan) -> list[str]:
+    """The site kinds a plan harvests: its SAEs' and, with transcoders, the MLP's input and output."""
+    extra = ["mlp_in", "mlp_out"] if plan.transcoders else []
+    return plan.kinds + [k for k in extra if k not in plan.kinds]
+
+
 def _layer_specs(plan: SuitePlan, layer: int) -> list[Any]:
-    """The plan's SAEs at one layer, in training order: site, then width, then sparsity."""
+    """The plan's SAEs at one layer, in training order: site, then width, then sparsity; then the
+    transcoders (kind, width, sparsity)."""
+    from gemmascope.sites import transcoder_sites
     from gemmascope.train import TrainSpec
+
+    def sparsities(site: str, width: int, **how: Any) -> list[TrainSpec]:
+        arch = plan.architecture
+        return [TrainSpec(site, width, arch, target_l0=t, **how) for t in plan.target_l0s] + [
+            TrainSpec(site, width, arch, l0_coeff=c, **how) for c in plan.l0_coeffs
+        ]
 
     specs = []
     for kind in plan.kinds:
-        site = str(Site(kind, layer))
         for width in plan.widths:
-            for target in plan.target_l0s:
-                specs.append(
-                    TrainSpec(site=site, width=width, architecture=plan.architecture, target_l0=target)
-                )
-            for coeff in plan.l0_coeffs:
-                specs.append(
-                    TrainSpec(site=site, width=width, architecture=plan.architecture, l0_coeff=coeff)
-                )
+            specs += sparsities(str(Site(kind, layer)), width)
+    mlp_in, mlp_out = (str(s) for s in transcoder_sites(layer))
+    for kind in plan.transcoders:
+        for width in plan.widths:
+            specs += sparsities(mlp_in, width, out_site=mlp_out, skip=kind == "skip")
     return specs
+
+
+def _replacement_set(run_dir: Path, folders: Sequence[Path], model: LanguageModel) -> list[Path]:
+    """One transcoder per layer for the replacement model's loss (the first of each layer's, in the
+    plan's order), or none when some layer of the model has no transcoder in the plan."""
+    from gemmascope.formats import load_sae
+
+    by_layer: dict[int, Path] = {}
+    for folder in folders:
+        sae = load_sae(folder)
+        if sae.is_transcoder:
+            by_layer.setdefault(parse_site(sae.cfg.site).layer, folder)
+    return [by_layer[layer] for layer in sorted(by_layer)] if len(by_layer) == model.n_layers else []
 
 
 def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str) -> list[Path]:
@@ -408,6 +452,27 @@ def _finetuned(model: LanguageModel, folder: Path, plan: SuitePlan, say: Callabl
     out, info = finetune_folder(model, folder, tokens=plan.finetune_tokens, corpus=plan.corpus)
     say(f"fine-tuned {folder.name} on {info['tokens']} tokens in {info['seconds']:.0f} s")
     return out
+
+
+def _evaluate_replacement(
+    run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequence[Path], say: Callable[[str], None]
+) -> None:
+    """The replacement model's loss (every layer's MLP replaced by its transcoder at once), written
+    to `report/replacement.json`, which the suite report reads."""
+    from gemmascope.evals import evaluate_replacement
+    from gemmascope.formats import load_sae
+
+    result = evaluate_replacement(
+        model, [load_sae(f) for f in folders], n_tokens=plan.eval_tokens, corpus=plan.corpus,
+        context_len=plan.context_len,
+    )  # fmt: skip
+    result["transcoders"] = _rel(run_dir, folders)
+    (run_dir / REPORT).mkdir(exist_ok=True)
+    write_atomic(run_dir / REPORT / REPLACEMENT_JSON, json.dumps(result, indent=2))
+    say(
+        f"replacement model ({len(folders)} transcoders): LM loss {result['ce_loss_without']:.3f} -> "
+        f"{result['ce_loss_with']:.3f} (ΔLM {result['delta_lm_loss']:.3f}, KL {result['kl_div']:.3f})"
+    )
 
 
 def _drop_activations(run_dir: Path, sites: Sequence[Site]) -> None:
@@ -456,6 +521,15 @@ def write_suite_report(run_dir: Path, folders: Sequence[Path]) -> Path:
 
     results = [json.loads((f / "eval.json").read_text()) for f in folders]
     report = write_report(run_dir, results)
-    (report / "summary.txt").write_text(format_table(results) + "\n")
+    lines = [format_table(results)]
+    replacement = report / REPLACEMENT_JSON
+    if replacement.exists():
+        r = json.loads(replacement.read_text())
+        lines.append(
+            f"replacement model (the MLPs of layers {r['layers'][0]}-{r['layers'][-1]} replaced by transcoders "
+            f"at once): LM loss {r['ce_loss_without']:.4f} -> {r['ce_loss_with']:.4f}, ΔLM {r['delta_lm_loss']:.4f}, "
+            f"KL {r['kl_div']:.4f} ({r['n_predictions']} predictions)"
+        )
+    (report / "summary.txt").write_text("\n".join(lines) + "\n")
     plot_heatmap(results, report / "heatmap.png")
     return report

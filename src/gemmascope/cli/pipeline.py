@@ -199,7 +199,19 @@ def args_suite(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("run_dir", help="run folder (created, or resumed if it exists)")
     add_model(p)
-    p.add_argument("--sites", default=",".join(SUITE_KINDS), help="site kinds, comma-separated")
+    p.add_argument(
+        "--sites",
+        default=None,
+        help=f"SAE site kinds, comma-separated (default {','.join(SUITE_KINDS)}; with --transcoders: none)",
+    )
+    p.add_argument(
+        "--transcoders",
+        nargs="?",
+        const="skip",
+        default="",
+        help="also (or, without --sites, only) train transcoders MLP input -> output per layer: 'skip' "
+        "(with the affine skip connection; the default of a bare --transcoders), 'plain' or 'plain,skip'",
+    )
     p.add_argument("--layers", default="all", help="'all', '6', '2,6,10' or '0-17'")
     p.add_argument("--widths", default="4096", help="SAE widths, comma-separated")
     p.add_argument("--l0", default="medium", help="target L0s: small,medium,big or numbers")
@@ -234,12 +246,15 @@ def args_suite(p: argparse.ArgumentParser) -> None:
 
 def run_suite(args: argparse.Namespace) -> int:
     from gemmascope.evals import format_table
-    from gemmascope.suite import SuitePlan, parse_l0s, parse_layers, run_suite
+    from gemmascope.suite import SUITE_KINDS, SuitePlan, parse_l0s, parse_layers, run_suite
 
     coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", float)
+    transcoders = parse_list(args.transcoders, "--transcoders") if args.transcoders else []
+    sites = args.sites if args.sites is not None else ("" if transcoders else ",".join(SUITE_KINDS))
     plan = SuitePlan(
         model=args.model,
-        kinds=parse_list(args.sites, "--sites"),
+        kinds=parse_list(sites, "--sites") if sites else [],
+        transcoders=transcoders,
         layers=parse_layers(args.layers),
         widths=parse_list(args.widths, "--widths", int),
         target_l0s=[] if coeffs else parse_l0s(args.l0),
