@@ -41,7 +41,9 @@ def run_dir(mlp_store: Path, tmp_path: Path) -> Path:
 
 def random_transcoder(skip: bool, arch: str = "jumprelu") -> JumpReLUSAE:
     g = torch.Generator().manual_seed(3)
-    cfg = SAEConfig(arch, d_in=8, d_sae=16, k=3 if arch == "topk" else None, site=IN, out_site=OUT, affine_skip=skip)
+    cfg = SAEConfig(
+        arch, d_in=8, d_sae=16, k=3 if arch == "topk" else None, site=IN, out_site=OUT, affine_skip=skip
+    )
     sae = build_sae(cfg)
     with torch.no_grad():
         for _, p in sae.named_parameters():
@@ -84,7 +86,10 @@ def test_saelens_config_names_the_transcoder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool) -> None:
-    specs = [TrainSpec(IN, 64, target_l0=8, out_site=OUT, skip=skip), TrainSpec("resid_post.1", 32, target_l0=6)]
+    specs = [
+        TrainSpec(IN, 64, target_l0=8, out_site=OUT, skip=skip),
+        TrainSpec("resid_post.1", 32, target_l0=6),
+    ]
     cfg = TrainConfig(batch_size=128, checkpoint_every=20, log_every=10)
     outputs = train_saes(run_dir, specs, 8192, cfg, progress=False)
     tc, sae = (load_sae(p) for p in outputs)
@@ -145,14 +150,20 @@ def test_transcoder_evals_measure_the_mlp_they_replace(tiny_model: LanguageModel
     """A transcoder predicting 0 is the MLP output zero-ablated: CE recovered 0, FVU 1 (its
     prediction is no better than... nothing: FVU = E‖y‖² / E‖y − ȳ‖² ≥ 1); with every layer's
     such transcoder, the replacement model's loss is that of the model with every MLP output zeroed."""
-    result = evaluate(tiny_model, {"tc": zero_transcoder(1)}, n_tokens=1200, context_len=64, min_tokens=100)[0]
+    result = evaluate(tiny_model, {"tc": zero_transcoder(1)}, n_tokens=1200, context_len=64, min_tokens=100)[
+        0
+    ]
     m = result["eval_result_metrics"]
     assert result["sae_cfg"]["out_site"] == OUT
     perf = m["model_performance_preservation"]
     assert perf["ce_loss_with_sae"] == pytest.approx(perf["ce_loss_with_ablation"], rel=1e-5)
     assert m["gemmascope"]["fvu"] >= 1.0
     replacement = evaluate_replacement(
-        tiny_model, [zero_transcoder(layer) for layer in range(4)], n_tokens=1200, context_len=64, min_tokens=100
+        tiny_model,
+        [zero_transcoder(layer) for layer in range(4)],
+        n_tokens=1200,
+        context_len=64,
+        min_tokens=100,
     )
     ids = eval_token_ids(tiny_model, 1200, context_len=64)
     keep = ~special_mask(ids, tiny_model.special_token_ids)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gemmascope.cli.options import add_model, add_sae_choice, add_serving
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.runs import FEATURES_DB, find_index, resolve_sae, run_of, sae_id
@@ -385,4 +387,130 @@ def run_contrast(args: argparse.Namespace) -> int:
         print("  none")
     if out["hidden_dense"]:
         print(f"({out['hidden_dense']} latents denser than {args.dense:g} hidden; --show-dense shows them)")
+    return 0
+
+
+def args_attribute(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "run_dir", help="run folder holding a transcoder per layer (gemmascope suite RUN --transcoders)"
+    )
+    p.add_argument("prompt", help="the text whose next token to explain")
+    p.add_argument(
+        "--slug", default=None, help="graph name (default: from the prompt); files RUN/graphs/SLUG.json, .png"
+    )
+    p.add_argument(
+        "--transcoders", default=None, metavar="SUBSTRING", help="pick the set when a layer has several"
+    )
+    p.add_argument(
+        "--node-threshold", type=float, default=0.8, help="pruning: share of influence kept in nodes"
+    )
+    p.add_argument(
+        "--edge-threshold", type=float, default=0.98, help="pruning: share of influence kept in edges"
+    )
+    p.add_argument(
+        "--max-feature-nodes", type=int, default=None, help="cap the feature nodes (most influential)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="longest prompt accepted (default 64)")
+    p.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        metavar="LAYER/POS/LATENT",
+        help="switch these feature nodes off (repeat); prints predicted vs measured logit changes",
+    )
+    p.add_argument(
+        "--value", type=float, default=0.0, help="with --ablate: set the nodes to this instead of 0"
+    )
+    add_model(p, None, "model to run (default: the model named in the transcoders' metadata)")
+    p.set_defaults(run=run_attribute)
+
+
+def _node(spec: str) -> tuple[int, int, int]:
+    try:
+        layer, pos, latent = (int(v) for v in spec.replace(",", "/").split("/"))
+    except ValueError:
+        raise ConfigError(f"--ablate {spec!r}: expected LAYER/POSITION/LATENT, e.g. 12/5/1033") from None
+    return layer, pos, latent
+
+
+def run_attribute(args: argparse.Namespace) -> int:
+    import re
+
+    from gemmascope.attribution import MAX_PROMPT_TOKENS, attribute, prune, transcoder_set
+    from gemmascope.attribution.files import graph_json, plot_graph, transcoder_digest, write_graph
+    from gemmascope.attribution.intervene import measure, predict
+    from gemmascope.features import FeatureIndex
+    from gemmascope.models import load_model
+    from gemmascope.runs import GRAPHS
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "saes").is_dir():
+        raise ConfigError(f"{str(run_dir)!r} is not a run folder with SAEs (expected {run_dir}/saes/)")
+    nodes = [_node(s) for s in args.ablate]
+    first = next(iter(sorted((run_dir / "saes" / "mlp_in").glob("layer_*/*/*transcoder*/cfg.json"))), None)
+    model_name = args.model
+    if model_name is None and first is not None:
+        model_name = json.loads(first.read_text())["metadata"].get("model_name")
+    model = load_model(model_name or "gemma-3-270m")
+    transcoders = transcoder_set(run_dir, model.n_layers, args.transcoders)
+    graph = attribute(
+        model, transcoders, args.prompt, max_feature_nodes=args.max_feature_nodes,
+        max_tokens=args.max_tokens or MAX_PROMPT_TOKENS,
+    )  # fmt: skip
+    pruned = prune(graph, args.node_threshold, args.edge_threshold)
+    db = run_dir / FEATURES_DB
+    index = FeatureIndex(db) if db.is_file() else None
+    indexed = {s["sae_id"] for s in index.saes()} if index is not None else set()
+    explanations: dict[tuple[int, int], str] = {}
+    for j in torch.nonzero(pruned.nodes[: graph.n_features]).squeeze(1).tolist():
+        layer, _, latent = (int(v) for v in graph.features[j])
+        key = graph.transcoders[layer]
+        if index is not None and key in indexed and (layer, latent) not in explanations:
+            found = index.explanations(key, latent)
+            explanations[(layer, latent)] = found[0]["text"] if found else ""
+    slug = args.slug or re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:48] or "graph"
+    digest = transcoder_digest(transcoders)
+    data = graph_json(graph, slug, pruned, run=str(run_dir), digest=digest, explanations=explanations)
+    out = write_graph(run_dir / GRAPHS / f"{slug}.json", data)
+    png = plot_graph(data, out.with_suffix(".png"))
+    ours = data["metadata"]["gemmascope"]
+    print(
+        f"{args.prompt!r} -> "
+        + ", ".join(
+            f"{t!r} {p:.2f}"
+            for t, p in list(zip(graph.logit_tokens, graph.logit_probs.tolist(), strict=True))[:5]
+        )
+    )
+    print(
+        f"{graph.n_features} active features, {ours['n_pruned_nodes']} nodes and {ours['n_links']} edges after pruning; "
+        f"replacement score {ours['replacement_score']:.3f}, completeness {ours['completeness_score']:.3f}; "
+        f"{graph.seconds:.1f} s"
+    )
+    ranked = sorted(
+        (j for j in range(graph.n_features) if pruned.nodes[j]), key=lambda j: float(pruned.cumulative[j])
+    )
+    print("most influential features (layer/position/latent, token, activation, explanation):")
+    for j in ranked[:12]:
+        layer, pos, latent = (int(v) for v in graph.features[j])
+        print(
+            f"  {layer:>2}/{pos}/{latent:<6} {graph.tokens[pos]!r:<14} {float(graph.activations[j]):>7.2f}  "
+            f"{explanations.get((layer, latent), '')}"
+        )
+    print(f"graph: {out} (circuit-tracer / Neuronpedia JSON), {png}")
+    if nodes:
+        predicted = predict(graph, nodes, args.value)
+        measured = measure(model, transcoders, graph, nodes, args.value)
+        print(
+            f"set {len(nodes)} node(s) to {args.value:g}: change of each output's logit (minus the mean logit)"
+        )
+        print(
+            f"  {'token':<14} {'predicted':>9} {'(direct)':>9} {'measured':>9} {'p before':>9} {'p after':>8}"
+        )
+        for k, token in enumerate(graph.logit_tokens):
+            print(
+                f"  {token!r:<14} {float(predicted['total'][k]):>9.3f} {float(predicted['direct'][k]):>9.3f} "
+                f"{float(measured['delta'][k]):>9.3f} {float(measured['clean_probs'][k]):>9.3f} "
+                f"{float(measured['changed_probs'][k]):>8.3f}"
+            )
+        print(f"  the model now says {measured['top_token']!r} (p={measured['top_prob']:.2f})")
     return 0

@@ -1,0 +1,273 @@
+"""The files of an attribution graph: the JSON that circuit-tracer writes and Neuronpedia's graph
+viewer reads (`metadata`, `qParams`, `nodes`, `links`; circuit-tracer 0.5's node ids and fields),
+with our own block in `metadata.gemmascope` (the run, the transcoders and a digest of them, the
+scores, the whole adjacency's shape); reading it back checked against a run; and the PNG of the
+pruned graph (token positions across, layers up, nodes sized by influence, edges by weight, the
+logits on top).
+
+Knows nothing of computing graphs (`graph.py`) or of the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmascope.attribution.graph import EDGE_THRESHOLD, NODE_THRESHOLD, Graph, Pruned, prune, scores
+from gemmascope.errors import FormatError, StoreError
+from gemmascope.runs import write_atomic
+from gemmascope.sae import SAE
+
+SCHEMA_VERSION = 1  # circuit-tracer's frontend schema
+
+
+def transcoder_digest(transcoders: list[SAE]) -> str:
+    """A short digest of a transcoder set's weights' identity (train ids, else sizes and sites), so
+    a graph file can say which set it was drawn from."""
+    parts = [
+        f"{tc.cfg.site}>{tc.cfg.out_site}:{tc.d_sae}:{tc.cfg.extra.get('train_id') or float(tc.W_dec.detach().abs().sum()):}"
+        for tc in transcoders
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _cantor(a: int, b: int) -> int:
+    return (a + b) * (a + b + 1) // 2 + b
+
+
+def graph_json(
+    graph: Graph,
+    slug: str,
+    pruned: Pruned | None = None,
+    run: str = "",
+    digest: str = "",
+    explanations: dict[tuple[int, int], str] | None = None,
+) -> dict[str, Any]:
+    """The graph as circuit-tracer's frontend JSON: the pruned nodes (features `LAYER_LATENT_POS`,
+    errors `0_LAYER_POS`, tokens `E_TOKENID_POS`, logits `L+1_TOKENID_POS`) and the kept links
+    with their signed weights. `explanations[(layer, latent)]` become the nodes' `clerp`."""
+    pruned = pruned or prune(graph)
+    replacement, completeness = scores(graph)
+    explanations = explanations or {}
+    nodes: list[dict[str, Any]] = []
+    ids: dict[int, str] = {}
+    last = graph.n_pos - 1
+    for index in torch.nonzero(pruned.nodes).squeeze(1).tolist():
+        info = graph.node(index)
+        base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": ""}
+        if info["kind"] == "feature":
+            layer, pos, latent = info["layer"], info["pos"], info["latent"]
+            node = {
+                **base,
+                "node_id": f"{layer}_{latent}_{pos}",
+                "feature": _cantor(layer, latent),
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": "cross layer transcoder",
+                "jsNodeId": f"{layer}_{latent}-0",
+                "clerp": explanations.get((layer, latent), ""),
+                "influence": float(pruned.cumulative[index]),
+                "activation": info["activation"],
+            }
+        elif info["kind"] == "error":
+            layer, pos = info["layer"], info["pos"]
+            node = {
+                **base,
+                "node_id": f"0_{layer}_{pos}",
+                "feature": -1,
+                "layer": str(layer),
+                "ctx_idx": pos,
+                "feature_type": "mlp reconstruction error",
+                "jsNodeId": f"{layer}_{pos}-0",
+                "influence": float(pruned.cumulative[index]),
+                "activation": None,
+            }
+        elif info["kind"] == "token":
+            pos, token_id = info["pos"], int(graph.ids[info["pos"]])
+            node = {
+                **base,
+                "node_id": f"E_{token_id}_{pos}",
+                "feature": pos,
+                "layer": "E",
+                "ctx_idx": pos,
+                "feature_type": "embedding",
+                "jsNodeId": f"E_{token_id}-{pos}",
+                "influence": float(pruned.cumulative[index]),
+                "activation": None,
+            }
+        else:
+            k = index - graph.logit_start
+            token_id = int(graph.logit_ids[k])
+            node = {
+                **base,
+                "node_id": f"{graph.n_layers + 1}_{token_id}_{last}",
+                "feature": token_id,
+                "layer": str(graph.n_layers + 1),
+                "ctx_idx": last,
+                "feature_type": "logit",
+                "token_prob": info["prob"],
+                "is_target_logit": k == 0,
+                "jsNodeId": f"L_{token_id}-{last}",
+                "clerp": f'Output "{info["token"]}" (p={info["prob"]:.3f})',
+                "activation": None,
+            }
+        ids[index] = node["node_id"]
+        nodes.append(node)
+    links = []
+    for target, source in torch.nonzero(pruned.edges).tolist():
+        if target in ids and source in ids:
+            links.append(
+                {
+                    "source": ids[source],
+                    "target": ids[target],
+                    "weight": float(graph.adjacency[target, source]),
+                }
+            )
+    linked = {link["source"] for link in links} | {link["target"] for link in links}
+    nodes = [n for n in nodes if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
+    return {
+        "metadata": {
+            "slug": slug,
+            "scan": f"gemmascope-{digest}" if digest else "gemmascope",
+            "transcoder_list": graph.transcoders,
+            "prompt_tokens": graph.tokens,
+            "prompt": graph.prompt,
+            "node_threshold": NODE_THRESHOLD,
+            "schema_version": SCHEMA_VERSION,
+            "gemmascope": {
+                "run": run,
+                "transcoder_digest": digest,
+                "model": graph.model_name,
+                "replacement_score": replacement,
+                "completeness_score": completeness,
+                "n_features": graph.n_features,
+                "n_nodes": int(graph.adjacency.shape[0]),
+                "n_pruned_nodes": len(nodes),
+                "n_links": len(links),
+                "edge_threshold": EDGE_THRESHOLD,
+                "seconds": graph.seconds,
+            },
+        },
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": nodes,
+        "links": links,
+    }
+
+
+def write_graph(path: Path | str, data: dict[str, Any]) -> Path:
+    """Write a graph JSON atomically."""
+    return write_atomic(Path(path), json.dumps(data))
+
+
+def read_graph(path: Path | str, digest: str | None = None) -> dict[str, Any]:
+    """A graph JSON written by `write_graph`; with `digest`, one drawn from that very transcoder set
+    (else a StoreError: a graph file of another run or set)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FormatError(f"cannot read graph {str(path)!r}: {err}") from err
+    if not isinstance(data, dict) or not {"metadata", "nodes", "links"} <= set(data):
+        raise FormatError(f"{str(path)!r} is not an attribution graph: expected metadata, nodes and links")
+    ours = data["metadata"].get("gemmascope") or {}
+    if digest is not None and ours.get("transcoder_digest") != digest:
+        raise StoreError(
+            f"graph {str(path)!r} was drawn from another transcoder set (run {ours.get('run') or '?'!r}, digest "
+            f"{ours.get('transcoder_digest') or 'none'}), not this run's ({digest}): draw it again here"
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The picture
+
+
+def plot_graph(data: dict[str, Any], path: Path | str, title: str | None = None) -> Path:
+    """The pruned graph as a PNG: columns are token positions, rows the embedding, the layers and
+    the logits; feature nodes are circles sized by their activation and shaded by influence, error
+    nodes squares; edges are lines, blue excitatory and red inhibitory, as wide as their weight.
+    The most influential features are labelled `L{layer}/{latent}` and their explanation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = data["metadata"]
+    tokens = meta["prompt_tokens"]
+    n_layers = max((int(n["layer"]) for n in data["nodes"] if n["feature_type"] == "logit"), default=1) - 1
+    pos_xy: dict[str, tuple[float, float]] = {}
+    by_cell: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for n in data["nodes"]:
+        by_cell.setdefault((n["ctx_idx"], n["layer"]), []).append(n)
+    for (ctx, layer), cell in by_cell.items():
+        y = -1.0 if layer == "E" else float(layer)
+        cell.sort(key=lambda n: n.get("influence") or 0)
+        for k, n in enumerate(cell):
+            spread = 0.8 / max(len(cell), 1)
+            pos_xy[n["node_id"]] = (ctx + (k - (len(cell) - 1) / 2) * spread, y)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tokens)), 9))
+    weights = [abs(link["weight"]) for link in data["links"]] or [1.0]
+    top = max(weights)
+    for link in sorted(data["links"], key=lambda link: abs(link["weight"])):
+        (x0, y0), (x1, y1) = pos_xy[link["source"]], pos_xy[link["target"]]
+        w = abs(link["weight"]) / top
+        color = "#2b6cb0" if link["weight"] > 0 else "#c53030"
+        ax.plot([x0, x1], [y0, y1], color=color, alpha=0.15 + 0.6 * w, linewidth=0.3 + 3 * w, zorder=1)
+    labelled = sorted(
+        (n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"),
+        key=lambda n: n.get("influence") or 1,
+    )[:12]
+    for n in data["nodes"]:
+        x, y = pos_xy[n["node_id"]]
+        kind = n["feature_type"]
+        if kind == "embedding":
+            ax.scatter([x], [y], s=120, marker="s", color="#4a5568", zorder=3)
+        elif kind == "logit":
+            ax.scatter([x], [y], s=60 + 600 * n["token_prob"], marker="D", color="#2f855a", zorder=3)
+            ax.annotate(
+                n["clerp"].removeprefix("Output "), (x, y), (4, 6), textcoords="offset points", fontsize=8
+            )
+        elif kind == "mlp reconstruction error":
+            ax.scatter([x], [y], s=50, marker="s", color="#a0aec0", edgecolor="#4a5568", zorder=3)
+        else:
+            shade = 1 - min(1.0, n.get("influence") or 1.0)
+            ax.scatter(
+                [x],
+                [y],
+                s=40 + 40 * min(n["activation"] or 0, 10),
+                color=plt.cm.Oranges(0.3 + 0.7 * shade),
+                edgecolor="#7b341e",
+                zorder=3,
+            )
+    for n in labelled:
+        x, y = pos_xy[n["node_id"]]
+        label = f"L{n['layer']}/{n['node_id'].split('_')[1]}"
+        if n.get("clerp"):
+            label += f" {n['clerp'][:28]}"
+        ax.annotate(label, (x, y), (5, -10), textcoords="offset points", fontsize=7, color="#7b341e")
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=30, ha="right", fontsize=9)
+    ax.set_yticks([-1, *range(n_layers), n_layers + 1])
+    ax.set_yticklabels(["emb", *[f"L{i}" for i in range(n_layers)], "logit"], fontsize=8)
+    ax.set_ylim(-1.8, n_layers + 2)
+    ours = meta.get("gemmascope", {})
+    ax.set_title(
+        title
+        or f"{meta['prompt']!r}: replacement {ours.get('replacement_score', float('nan')):.2f}, completeness "
+        f"{ours.get('completeness_score', float('nan')):.2f}, {len(data['nodes'])} nodes, {len(data['links'])} edges",
+        fontsize=10,
+    )
+    ax.grid(axis="y", alpha=0.2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, fine
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

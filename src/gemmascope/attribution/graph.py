@@ -1,0 +1,430 @@
+"""Attribution graphs: which features, at which positions, made the model say this next token, and
+through which others. Owns `attribute()` (the direct-effect edges of the replacement model between
+token embeddings, active transcoder features, error nodes and the top output logits), the `Graph`
+it returns (circuit-tracer's node order and meaning, so the two can be compared entry by entry),
+pruning by node and edge influence, the replacement and completeness scores, and finding a run's
+transcoder set.
+
+Conventions (those of circuit-tracer 0.5, the field's reference): rows of the adjacency matrix are
+targets, columns sources; nodes are the active features (sorted by layer, position, latent), then one
+error node per (layer, position), then one token node per position, then the logits. An edge is
+`read_t · J · write_s` in the frozen linear model: a feature target reads with its encoder column
+(its pre-activation without b_enc), a logit target with its demeaned unembedding row (logit minus
+the mean logit, after the frozen final norm); a source writes its activation times its decoder row,
+its error vector or its (scaled) token embedding. Features and errors at the first position (BOS)
+are left out. One difference, on purpose: circuit-tracer's nnsight backend writes the token
+embedding without Gemma's √d_model scale, so its token edges are √d_model times too small
+(BENCHMARKS.md, "Attribution graphs"); here they are the embedding's real effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt
+from gemmascope.errors import ConfigError, StoreError
+from gemmascope.models import LanguageModel
+from gemmascope.sae import SAE
+
+MAX_PROMPT_TOKENS = 64  # beyond this a graph outgrows a CPU budget (nodes grow with positions x L0)
+MAX_N_LOGITS = 10  # circuit-tracer's defaults for the output nodes
+DESIRED_LOGIT_PROB = 0.95
+NODE_THRESHOLD = 0.8  # pruning: keep the nodes holding this share of the influence on the logits
+EDGE_THRESHOLD = 0.98  # and the edges holding this share of it
+
+
+@dataclass
+class Graph:
+    """An attribution graph of one prompt. `adjacency [N, N]` (rows targets, columns sources) over
+    N = n_features + n_layers·n_pos + n_pos + n_logits nodes, in that order; `features [n_features,
+    3]` (layer, position, latent) and `activations [n_features]` of the feature nodes; `logit_ids`
+    and `logit_probs [n_logits]` of the output nodes. `transcoders` names the set (for the files)."""
+
+    prompt: str
+    ids: Tensor  # [n_pos] token ids, BOS first
+    tokens: list[str]  # [n_pos] their text
+    features: Tensor  # [n_features, 3] int64: layer, position, latent
+    activations: Tensor  # [n_features]
+    adjacency: Tensor  # [N, N] float32
+    logit_ids: Tensor  # [n_logits]
+    logit_probs: Tensor  # [n_logits]
+    logit_tokens: list[str]
+    n_layers: int
+    model_name: str = ""
+    transcoders: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def token_start(self) -> int:
+        return self.n_features + self.n_layers * self.n_pos
+
+    @property
+    def logit_start(self) -> int:
+        return self.token_start + self.n_pos
+
+    def node(self, index: int) -> dict[str, Any]:
+        """What node `index` is: `{"kind": "feature", "layer", "pos", "latent", "activation"}`, an
+        error (`layer`, `pos`), a token (`pos`, `token`) or a logit (`token`, `prob`)."""
+        if index < self.error_start:
+            layer, pos, latent = (int(v) for v in self.features[index])
+            act = float(self.activations[index])
+            return {"kind": "feature", "layer": layer, "pos": pos, "latent": latent, "activation": act}
+        if index < self.token_start:
+            layer, pos = divmod(index - self.error_start, self.n_pos)
+            return {"kind": "error", "layer": layer, "pos": pos}
+        if index < self.logit_start:
+            pos = index - self.token_start
+            return {"kind": "token", "pos": pos, "token": self.tokens[pos]}
+        k = index - self.logit_start
+        return {"kind": "logit", "token": self.logit_tokens[k], "prob": float(self.logit_probs[k])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a graph
+
+
+def attribute(
+    model: LanguageModel,
+    transcoders: list[SAE],
+    prompt: str,
+    *,
+    max_n_logits: int = MAX_N_LOGITS,
+    desired_logit_prob: float = DESIRED_LOGIT_PROB,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+    max_tokens: int = MAX_PROMPT_TOKENS,
+    first_position: int = 1,
+    progress: bool = True,
+) -> Graph:
+    """The attribution graph of `prompt`'s next token over `transcoders` (one per layer, in order):
+    every active feature's direct effect on every other node it can reach and on the top logits
+    (the fewest whose probabilities sum to `desired_logit_prob`, at most `max_n_logits`). With
+    `max_feature_nodes`, only that many features become nodes, chosen as circuit-tracer does (the
+    most influential on the logits so far, re-ranked as rows are computed). Features and errors at
+    positions before `first_position` (BOS) are left out. Prompts over `max_tokens` tokens are
+    refused (a ConfigError saying so)."""
+    import time
+
+    started = time.monotonic()
+    ids = prompt_ids(model, prompt, max_tokens)
+    captured = capture_prompt(model, ids)
+    rm = ReplacementModel(model, transcoders, captured)
+    active, acts, errors = _components(transcoders, captured, first_position)
+    logit_ids, logit_probs = _logit_targets(captured.logits, max_n_logits, desired_logit_prob)
+    unembed = model.hf.lm_head.weight.detach().float().cpu()  # [vocab, d]
+    logit_vectors = unembed[logit_ids] - unembed.mean(0)  # [n_logits, d] demeaned
+
+    n_layers, n_pos = len(transcoders), captured.ids.shape[0]
+    n_active = active.shape[0]
+    n_sources = n_active + n_layers * n_pos + n_pos
+    decoders = [tc.W_dec.detach().float().cpu() for tc in transcoders]
+    encoders = [tc.W_enc.detach().float().cpu() for tc in transcoders]
+    layer_rows = [torch.nonzero(active[:, 0] == layer).squeeze(1) for layer in range(n_layers)]
+
+    def rows_for(read_layers: Tensor, read_pos: Tensor, vectors: Tensor) -> Tensor:
+        """`[B, n_sources]`: the edges into a batch of reads from every source."""
+        g_embed, g_out = rm.backward(read_layers, read_pos, vectors)
+        out = torch.zeros(read_layers.shape[0], n_sources)
+        for layer in range(n_layers):
+            idx = layer_rows[layer]
+            if idx.numel():
+                pos, latent = active[idx, 1], active[idx, 2]
+                proj = torch.einsum("bnd,fd->bnf", g_out[layer], decoders[layer][latent])  # [B, n, f]
+                out[:, idx] = proj[:, pos, torch.arange(idx.numel())] * acts[idx]
+            start = n_active + layer * n_pos
+            out[:, start : start + n_pos] = (g_out[layer] * errors[layer]).sum(-1)
+        out[:, n_active + n_layers * n_pos :] = (g_embed * captured.embeds).sum(-1)
+        return out
+
+    n_logits = logit_ids.shape[0]
+    logit_rows = rows_for(
+        torch.full((n_logits,), n_layers), torch.full((n_logits,), n_pos - 1), logit_vectors
+    )
+    limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    feature_rows = torch.zeros(n_active, n_sources)
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    bar = tqdm(total=limit, desc="attribution", unit="feature", disable=not progress)
+    with bar:
+        while int(visited.sum()) < limit:
+            if limit == n_active:
+                order = torch.nonzero(~visited).squeeze(1)
+            else:  # circuit-tracer's order: the most influential on the logits so far
+                influence = _partial_influence(feature_rows, visited, logit_rows, logit_probs, n_active)
+                influence[visited] = -1
+                order = influence.argsort(descending=True)[: int((~visited).sum())]
+            order = order[: min(4 * batch_size, limit - int(visited.sum()))]
+            for chunk in order.split(batch_size):
+                layers_, pos_ = active[chunk, 0], active[chunk, 1]
+                vectors = encoders[0].new_empty(chunk.numel(), captured.embeds.shape[1])
+                for j, (layer, latent) in enumerate(
+                    zip(layers_.tolist(), active[chunk, 2].tolist(), strict=True)
+                ):
+                    vectors[j] = encoders[layer][:, latent]
+                feature_rows[chunk] = rows_for(layers_, pos_, vectors)
+                visited[chunk] = True
+                bar.update(chunk.numel())
+    selected = torch.nonzero(visited).squeeze(1)  # sorted: the graph's feature order
+    adjacency = _assemble(feature_rows, logit_rows, selected, n_active, n_layers, n_pos)
+    tokenizer = model.tokenizer
+    return Graph(
+        prompt=prompt,
+        ids=captured.ids,
+        tokens=[tokenizer.decode([int(t)]) for t in captured.ids],
+        features=active[selected],
+        activations=acts[selected],
+        adjacency=adjacency,
+        logit_ids=logit_ids,
+        logit_probs=logit_probs,
+        logit_tokens=[tokenizer.decode([int(t)]) for t in logit_ids],
+        n_layers=n_layers,
+        model_name=model.name,
+        transcoders=[str(tc.cfg.extra.get("folder", "")) for tc in transcoders],
+        seconds=time.monotonic() - started,
+    )
+
+
+def prompt_ids(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
+    """`[n]` token ids of `prompt` with BOS first; a ConfigError for an empty prompt or one longer
+    than `max_tokens` (the CPU budget of a graph)."""
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: give the text whose next token to explain")
+    ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    bos = model.tokenizer.bos_token_id
+    if bos is not None and (ids.numel() == 0 or int(ids[0]) != bos):
+        ids = torch.cat([torch.tensor([bos]), ids])
+    if ids.numel() > max_tokens:
+        raise ConfigError(
+            f"the prompt is {ids.numel()} tokens long; attribution graphs take at most {max_tokens} here "
+            "(nodes grow with positions x L0 x layers, and so does the time on a CPU): shorten it"
+        )
+    return ids
+
+
+def _components(
+    transcoders: list[SAE], prompt: Prompt, first_position: int
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The active features `[n_active, 3]` (layer, position, latent; sorted), their activations
+    `[n_active]`, and each layer's error vectors `[n, d]` (the MLP output minus the transcoder's
+    prediction, skip connection and b_dec included), zero before `first_position`."""
+    active, values, errors = [], [], []
+    with torch.no_grad():
+        for layer, tc in enumerate(transcoders):
+            x = prompt.mlp_in[layer].to(tc.W_enc.dtype)
+            f = tc.encode(x).float().cpu()  # [n, d_sae]
+            f[:first_position] = 0
+            pos, latent = torch.nonzero(f, as_tuple=True)
+            active.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1))
+            values.append(f[pos, latent])
+            error = prompt.mlp_out[layer] - tc(x).float().cpu()
+            error[:first_position] = 0
+            errors.append(error)
+    return torch.cat(active), torch.cat(values), errors
+
+
+def _logit_targets(logits: Tensor, max_n: int, desired: float) -> tuple[Tensor, Tensor]:
+    """The fewest top tokens whose probabilities reach `desired`, at most `max_n`: `(ids, probs)`."""
+    probs = torch.softmax(logits.float(), -1)
+    top_p, top_i = probs.topk(max_n)
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired))) + 1
+    return top_i[:cutoff], top_p[:cutoff]
+
+
+def _partial_influence(
+    feature_rows: Tensor, visited: Tensor, logit_rows: Tensor, logit_probs: Tensor, n_active: int
+) -> Tensor:
+    """`[n_active]`: each feature's influence on the logits through the rows computed so far."""
+    rows = torch.cat([feature_rows[visited], logit_rows])
+    normed = rows.abs() / rows.abs().sum(1, keepdim=True).clamp_min(1e-10)
+    row_of = torch.nonzero(visited).squeeze(1)
+    weights = torch.cat([torch.zeros(row_of.numel()), logit_probs])
+    total = torch.zeros(n_active)
+    for _ in range(1000):
+        spread = weights @ normed  # [n_sources]
+        if not spread.any():
+            break
+        total += spread[:n_active]
+        weights = torch.cat([spread[row_of], torch.zeros(logit_probs.numel())])
+    return total
+
+
+def _assemble(
+    feature_rows: Tensor, logit_rows: Tensor, selected: Tensor, n_active: int, n_layers: int, n_pos: int
+) -> Tensor:
+    """The graph's `[N, N]` adjacency in circuit-tracer's node order, over the selected features."""
+    n_feat, n_logits = selected.numel(), logit_rows.shape[0]
+    n = n_feat + (n_layers + 1) * n_pos + n_logits
+    columns = torch.cat([selected, torch.arange(n_active, n_active + (n_layers + 1) * n_pos)])
+    adjacency = torch.zeros(n, n)
+    adjacency[:n_feat, : columns.numel()] = feature_rows[selected][:, columns]
+    adjacency[n - n_logits :, : columns.numel()] = logit_rows[:, columns]
+    return adjacency
+
+
+# ---------------------------------------------------------------------------------------------
+# Influence, pruning, scores (circuit-tracer's definitions)
+
+
+def normalized(adjacency: Tensor) -> Tensor:
+    """`|A|` with each row summing to 1 (rows with no edges stay 0)."""
+    a = adjacency.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+
+
+def influence(normed: Tensor, weights: Tensor) -> Tensor:
+    """`[N]`: `w A + w A² + …` (the graph has no cycles, so the series ends)."""
+    current = weights @ normed
+    total = current.clone()
+    for _ in range(10_000):
+        if not current.any():
+            break
+        current = current @ normed
+        total += current
+    return total
+
+
+def logit_weights(graph: Graph) -> Tensor:
+    """`[N]`: the logit nodes' probabilities, 0 elsewhere (what influence is measured against)."""
+    weights = torch.zeros(graph.adjacency.shape[0])
+    weights[graph.logit_start :] = graph.logit_probs
+    return weights
+
+
+def _threshold(scores: Tensor, share: float) -> float:
+    """The score above which the top scores hold `share` of the total."""
+    ordered = scores.flatten().sort(descending=True).values
+    cumulative = ordered.cumsum(0) / ordered.sum()
+    index = int(torch.searchsorted(cumulative, torch.tensor(share)).clamp(max=ordered.numel() - 1))
+    return float(ordered[index])
+
+
+@dataclass
+class Pruned:
+    """Which nodes and edges of a graph to show: `nodes [N]` and `edges [N, N]` (bool), and each
+    node's `cumulative [N]` share of the influence held by nodes at least as influential."""
+
+    nodes: Tensor
+    edges: Tensor
+    cumulative: Tensor
+
+
+def prune(
+    graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD
+) -> Pruned:
+    """circuit-tracer's pruning: keep the nodes holding `node_threshold` of the influence on the
+    logits (tokens and logits always), then the edges holding `edge_threshold` of it, then drop
+    feature and error nodes left without a kept edge out (features also without one in), repeatedly."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} {value!r} must be between 0 and 1 (a share of the influence)")
+    weights = logit_weights(graph)
+    tail = graph.token_start  # tokens and logits from here on
+    node_influence = influence(normalized(graph.adjacency), weights)
+    nodes = node_influence >= _threshold(node_influence, node_threshold)
+    nodes[tail:] = True
+    kept = graph.adjacency.clone()
+    kept[~nodes] = 0
+    kept[:, ~nodes] = 0
+    normed = normalized(kept)
+    edge_scores = normed * (influence(normed, weights) + weights)[:, None]
+    edges = edge_scores >= _threshold(edge_scores, edge_threshold)
+    n_feat = graph.n_features
+    before = nodes.clone()
+    nodes[:tail] &= edges[:, :tail].any(0)  # features and errors need a kept edge out
+    nodes[:n_feat] &= edges[:n_feat].any(1)  # features one in
+    while not torch.equal(nodes, before):
+        before = nodes.clone()
+        edges[~nodes] = False
+        edges[:, ~nodes] = False
+        nodes[:tail] &= edges[:, :tail].any(0)
+        nodes[:n_feat] &= edges[:n_feat].any(1)
+    order = node_influence.argsort(descending=True)
+    cumulative = torch.zeros_like(node_influence)
+    cumulative[order] = node_influence[order].cumsum(0) / node_influence.sum().clamp_min(1e-30)
+    return Pruned(nodes, edges, cumulative)
+
+
+def scores(graph: Graph) -> tuple[float, float]:
+    """`(replacement, completeness)`: the share of the logits' influence that ends in tokens rather
+    than error nodes, and the influence-weighted share of every node's input that is not error."""
+    normed = normalized(graph.adjacency)
+    weights = logit_weights(graph)
+    infl = influence(normed, weights)
+    errors = slice(graph.error_start, graph.token_start)
+    tokens = slice(graph.token_start, graph.logit_start)
+    token_part, error_part = float(infl[tokens].sum()), float(infl[errors].sum())
+    replacement = token_part / max(token_part + error_part, 1e-30)
+    non_error = 1 - normed[:, errors].sum(1)
+    weight = infl + weights
+    completeness = float((non_error * weight).sum() / weight.sum().clamp_min(1e-30))
+    return replacement, completeness
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's transcoders
+
+
+def transcoder_set(run_dir: Path | str, n_layers: int, choose: str | None = None) -> list[SAE]:
+    """One transcoder per layer from a run folder's SAEs, in layer order. With several per layer,
+    `choose` (a substring of their folder, e.g. `skip_transcoder` or `width_4096`) picks one;
+    a StoreError names the missing layers or the layers with more than one to choose from."""
+    from gemmascope.formats import load_sae
+    from gemmascope.runs import find_saes, sae_id
+
+    by_layer: dict[int, list[Path]] = {}
+    for folder in find_saes(run_dir):
+        name = sae_id(folder)
+        if "transcoder" not in folder.name or (choose and choose not in name):
+            continue
+        layer = int(folder.parent.parent.name.removeprefix("layer_"))
+        by_layer.setdefault(layer, []).append(folder)
+    missing = [layer for layer in range(n_layers) if layer not in by_layer]
+    if missing:
+        have = sorted(by_layer)
+        raise StoreError(
+            f"run folder {str(run_dir)!r} has no transcoder{' matching ' + repr(choose) if choose else ''} for "
+            f"layers {_ranges(missing)} (it has {'layers ' + _ranges(have) if have else 'none'}); an attribution "
+            f"graph needs one per layer: gemmascope suite {run_dir} --transcoders --layers all"
+        )
+    several = {layer: folders for layer, folders in by_layer.items() if len(folders) > 1}
+    if several:
+        layer, folders = next(iter(sorted(several.items())))
+        raise StoreError(
+            f"run folder {str(run_dir)!r} has {len(folders)} transcoders at layer {layer} "
+            f"({', '.join(f.name for f in folders)}): choose one with --transcoders SUBSTRING of their folder names"
+        )
+    out = []
+    for layer in range(n_layers):
+        folder = by_layer[layer][0]
+        tc = load_sae(folder)
+        tc.cfg.extra["folder"] = sae_id(folder)
+        out.append(tc)
+    return out
+
+
+def _ranges(layers: list[int]) -> str:
+    """`[0, 1, 2, 5]` as `0-2, 5`."""
+    parts: list[str] = []
+    for layer in layers:
+        if parts and parts[-1].split("-")[-1] == str(layer - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{layer}"
+        else:
+            parts.append(str(layer))
+    return ", ".join(parts)

@@ -1,0 +1,212 @@
+"""The local replacement model of one prompt (circuit-tracer's, Ameisen et al. 2025): the model with
+every layer's MLP replaced by its transcoder, an error term for what the transcoder misses, and
+attention patterns and every RMSNorm's denominator frozen at their values on the prompt. With those
+frozen, the residual stream is a linear function of what is written into it (token embeddings,
+feature decoder vectors times activations, error terms, biases), so the effect of any of those on
+any later read (a feature's encoder, a logit) is one backward pass.
+
+Owns capturing what is frozen (`capture_prompt`, one ordinary forward pass) and the linear backward
+(`ReplacementModel.backward`), written for Gemma 3 layers (pre/post norms around attention and MLP,
+grouped-query attention, scaled embeddings) from the model's own weights. Knows nothing of graphs,
+pruning or files (`graph.py`, `files.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gemmascope.errors import ConfigError, SiteError
+from gemmascope.models import LanguageModel
+from gemmascope.sae import SAE
+
+
+@dataclass
+class Prompt:
+    """One prompt's pass through the real model, with what the replacement model freezes. `n` is the
+    number of positions (BOS included), `d` d_model, `L` the number of layers."""
+
+    ids: Tensor  # [n] token ids, BOS first
+    embeds: Tensor  # [n, d] the scaled token embeddings entering layer 0
+    scales: dict[str, list[Tensor]]  # norm name -> per layer [n, 1] frozen 1/RMS ("final": one entry)
+    patterns: list[Tensor]  # per layer [heads, n, n] attention probabilities
+    mlp_in: list[Tensor]  # per layer [n, d]: the transcoders' input (after pre_feedforward_layernorm)
+    mlp_out: list[Tensor]  # per layer [n, d]: what the MLP adds to the residual stream
+    logits: Tensor  # [vocab] at the last position
+
+
+_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
+
+
+def _rms_scale(norm: nn.Module, x: Tensor) -> Tensor:
+    """`[..., 1]`: the 1 / RMS factor an RMSNorm applies to `x` (frozen in the replacement model)."""
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def capture_prompt(model: LanguageModel, ids: Tensor) -> Prompt:
+    """Run `ids [n]` (BOS first) through the model once, in eager attention, recording the scaled
+    embeddings, every norm's 1/RMS, every attention pattern, every MLP's input and output and the
+    last position's logits."""
+    hf: Any = model.hf
+    layers = model.layers
+    record: dict[str, Any] = {
+        "scales": {k: [None] * len(layers) for k in _NORMS},
+        "patterns": [None] * len(layers),
+    }
+    record["mlp_in"], record["mlp_out"] = [None] * len(layers), [None] * len(layers)
+    handles = []
+
+    def keep(key: str, index: int, value: Tensor) -> None:
+        record[key][index] = value[0].detach().float()
+
+    handles.append(
+        hf.model.embed_tokens.register_forward_hook(lambda _m, _a, out: record.update(embeds=out[0].float()))
+    )
+    for i, block in enumerate(layers):
+        layer: Any = block
+        for name in _NORMS:
+            norm = getattr(layer, name)
+            handles.append(
+                norm.register_forward_pre_hook(
+                    lambda m, args, name=name, i=i: record["scales"][name].__setitem__(
+                        i, _rms_scale(m, args[0])[0]
+                    )
+                )
+            )
+        handles.append(
+            layer.pre_feedforward_layernorm.register_forward_hook(
+                lambda _m, _a, out, i=i: keep("mlp_in", i, out)
+            )
+        )
+        handles.append(
+            layer.post_feedforward_layernorm.register_forward_hook(
+                lambda _m, _a, out, i=i: keep("mlp_out", i, out)
+            )
+        )
+        handles.append(
+            layer.self_attn.register_forward_hook(lambda _m, _a, out, i=i: keep("patterns", i, out[1]))
+        )
+    final_norm = hf.model.norm
+    handles.append(
+        final_norm.register_forward_pre_hook(lambda m, args: record.update(final=_rms_scale(m, args[0])[0]))
+    )
+    before = hf.config._attn_implementation
+    try:
+        hf.set_attn_implementation("eager")  # the attention probabilities come back only in eager attention
+        with torch.no_grad():
+            logits = hf(input_ids=ids[None].to(model.device), use_cache=False).logits[0, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+        hf.set_attn_implementation(before)
+    if any(p is None for p in record["patterns"]):
+        raise ConfigError(f"model {model.name!r} returned no attention probabilities; attribution needs them")
+    scales = {**record["scales"], "final": [record["final"]]}
+    return Prompt(
+        ids=ids.cpu(),
+        embeds=record["embeds"][0].detach().cpu() if record["embeds"].ndim == 3 else record["embeds"].cpu(),
+        scales={k: [s.cpu() for s in v] for k, v in scales.items()},
+        patterns=[p.cpu() for p in record["patterns"]],
+        mlp_in=[x.cpu() for x in record["mlp_in"]],
+        mlp_out=[x.cpu() for x in record["mlp_out"]],
+        logits=logits.cpu(),
+    )
+
+
+class ReplacementModel:
+    """The frozen, linear replacement model of one prompt over a transcoder per layer. `backward`
+    gives, for a batch of reads (a vector dotted with the residual stream at one layer's MLP input
+    or after the final norm, at one position), their gradients at every write point: the token
+    embeddings and each layer's MLP output. Everything runs in float32 on the CPU."""
+
+    def __init__(self, model: LanguageModel, transcoders: list[SAE], prompt: Prompt) -> None:
+        if len(transcoders) != model.n_layers:
+            raise ConfigError(
+                f"the replacement model needs one transcoder per layer ({model.n_layers}), got {len(transcoders)}"
+            )
+        for layer, tc in enumerate(transcoders):
+            if (
+                not tc.is_transcoder
+                or tc.cfg.site != f"mlp_in.{layer}"
+                or tc.cfg.out_site != f"mlp_out.{layer}"
+            ):
+                raise SiteError(
+                    f"transcoder {layer} reads {tc.cfg.site or '?'} and writes {tc.cfg.out_site or '?'}; expected "
+                    f"mlp_in.{layer} -> mlp_out.{layer} (one transcoder per layer, in order)"
+                )
+            if tc.d_in != model.d_model:
+                raise SiteError(
+                    f"transcoder {layer} has d_in {tc.d_in}, the model's d_model is {model.d_model}"
+                )
+        self.model, self.transcoders, self.prompt = model, transcoders, prompt
+        cfg = model.config
+        self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.gains = {
+            name: [(1.0 + getattr(layer, name).weight.detach().float()).cpu() for layer in model.layers]
+            for name in _NORMS
+        }
+        self.final_gain = (1.0 + model.hf.model.norm.weight.detach().float()).cpu()
+
+    def _attention(self, layer: int, x: Tensor) -> Tensor:
+        """`[B, n, d] -> [B, n, d]`: layer `layer`'s attention with its pattern and norms frozen."""
+        block: Any = self.model.layers[layer]
+        p = self.prompt
+        a = x * p.scales["input_layernorm"][layer] * self.gains["input_layernorm"][layer]
+        attn = block.self_attn
+        v = nn.functional.linear(
+            a, attn.v_proj.weight.float(), None if attn.v_proj.bias is None else attn.v_proj.bias.float()
+        )
+        batch, n = x.shape[:2]
+        v = v.view(batch, n, self.kv_heads, self.head_dim).repeat_interleave(
+            self.heads // self.kv_heads, dim=2
+        )
+        z = torch.einsum("hqk,bkhd->bqhd", p.patterns[layer], v).reshape(batch, n, self.heads * self.head_dim)
+        out = nn.functional.linear(
+            z, attn.o_proj.weight.float(), None if attn.o_proj.bias is None else attn.o_proj.bias.float()
+        )
+        return (
+            out * p.scales["post_attention_layernorm"][layer] * self.gains["post_attention_layernorm"][layer]
+        )
+
+    def backward(self, layers: Tensor, positions: Tensor, vectors: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Gradients of `Σ_b vectors[b] · r_b` at every write point, for a batch of B reads: read b
+        is at `positions[b]` of the MLP input of layer `layers[b]` (a feature's encoder), or after the
+        final norm when `layers[b]` is the number of layers (a logit). Returns `(g_embed [B, n, d],
+        [g_out_L [B, n, d] for each layer])`: row b holds read b's gradient alone (rows never mix)."""
+        p = self.prompt
+        n_layers = len(self.transcoders)
+        batch, (n, d) = layers.shape[0], p.embeds.shape
+        embed = p.embeds.expand(batch, n, d).clone().requires_grad_(True)
+        writes = [torch.zeros(batch, n, d, requires_grad=True) for _ in range(n_layers)]
+        rows = torch.arange(batch)
+        total = torch.zeros(())
+        x = embed
+        for layer in range(n_layers):
+            x = x + self._attention(layer, x)
+            mlp_in = (
+                x
+                * p.scales["pre_feedforward_layernorm"][layer]
+                * self.gains["pre_feedforward_layernorm"][layer]
+            )
+            here = layers == layer
+            if here.any():
+                total = total + (mlp_in[rows[here], positions[here]] * vectors[here]).sum()
+            out = writes[layer]
+            skip = self.transcoders[layer].W_skip
+            if skip is not None:  # the skip connection is part of the linear path, not a node
+                out = out + mlp_in @ skip.detach().float()
+            x = x + out
+        final = x * p.scales["final"][0] * self.final_gain
+        here = layers == n_layers
+        if here.any():
+            total = total + (final[rows[here], positions[here]] * vectors[here]).sum()
+        grads = torch.autograd.grad(total, [embed, *writes], allow_unused=True)
+        zeros = torch.zeros(batch, n, d)
+        return (grads[0] if grads[0] is not None else zeros), [
+            g if g is not None else zeros for g in grads[1:]
+        ]

@@ -1,0 +1,197 @@
+"""Attribution graphs on the tiny Gemma 3 with random transcoders: the replacement model's edges add
+up exactly to what each node reads (features: their pre-activation; logits: the demeaned logit),
+the influence-ordered feature cap, pruning, the JSON and PNG files, interventions (predicted against
+measured), the `attribute` command, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmascope.attribution import attribute, capture_prompt, prune, scores, transcoder_set
+from gemmascope.attribution.files import graph_json, plot_graph, read_graph, transcoder_digest, write_graph
+from gemmascope.attribution.intervene import measure, predict
+from gemmascope.cli import main
+from gemmascope.errors import ConfigError, SiteError, StoreError
+from gemmascope.formats import save_sae
+from gemmascope.models import LanguageModel
+from gemmascope.sae import JumpReLUSAE, SAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "The cat sat on the mat and"
+
+
+def random_transcoders(model: LanguageModel, skip: bool = True, seed: int = 0) -> list[JumpReLUSAE]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in range(model.n_layers):
+        cfg = SAEConfig(
+            "jumprelu", model.d_model, 64, model_name=model.name, site=f"mlp_in.{layer}",
+            out_site=f"mlp_out.{layer}", affine_skip=skip,
+        )  # fmt: skip
+        tc = JumpReLUSAE(cfg)
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(tc.W_enc.shape, generator=g) * 0.3)
+            tc.W_dec.copy_(torch.randn(tc.W_dec.shape, generator=g) * 0.1)
+            if tc.W_skip is not None:
+                tc.W_skip.copy_(torch.randn(tc.W_skip.shape, generator=g) * 0.05)
+            tc.threshold.fill_(0.5)
+        out.append(tc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def transcoders(tiny_model: LanguageModel) -> list[JumpReLUSAE]:
+    return random_transcoders(tiny_model)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_edges_add_up_to_what_each_node_reads(tiny_model: LanguageModel, skip: bool) -> None:
+    """With b_dec = 0 and the first position kept, every write into the residual stream is a node,
+    so a feature's incoming edges sum to its pre-activation (without b_enc) and a logit's to the
+    demeaned logit, exactly: the frozen linear model reproduces the real forward pass."""
+    tcs = random_transcoders(tiny_model, skip)
+    graph = attribute(tiny_model, tcs, PROMPT, first_position=0, progress=False)
+    assert graph.n_features > 50 and graph.adjacency.shape[0] == graph.logit_start + len(graph.logit_ids)
+    captured = capture_prompt(tiny_model, graph.ids)
+    for j in range(0, graph.n_features, 17):
+        layer, pos, latent = graph.features[j].tolist()
+        read = float(captured.mlp_in[layer][pos] @ tcs[layer].W_enc[:, latent].detach())
+        assert float(graph.adjacency[j].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
+        later = graph.features[:, 0] >= layer
+        assert not graph.adjacency[j, : graph.n_features][later].any()  # only earlier layers feed it
+    with torch.no_grad():
+        hidden = tiny_model.hf(input_ids=graph.ids[None], output_hidden_states=True).hidden_states[-1][0, -1]
+    unembed = tiny_model.hf.lm_head.weight.detach()
+    for k, token in enumerate(graph.logit_ids.tolist()):
+        read = float(hidden @ (unembed[token] - unembed.mean(0)))
+        assert float(graph.adjacency[graph.logit_start + k].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
+    assert graph.logit_probs.sum() <= 1 and len(graph.logit_ids) <= 10
+
+
+def test_bos_is_left_out_and_a_feature_cap_keeps_rows_exact(
+    tiny_model: LanguageModel, transcoders: list[JumpReLUSAE]
+) -> None:
+    full = attribute(tiny_model, transcoders, PROMPT, progress=False)
+    assert (full.features[:, 1] > 0).all()  # no feature node at BOS
+    errors_at_bos = full.adjacency[:, full.error_start : full.token_start].view(
+        -1, full.n_layers, full.n_pos
+    )[..., 0]
+    assert not errors_at_bos.any()
+    capped = attribute(tiny_model, transcoders, PROMPT, max_feature_nodes=40, batch_size=8, progress=False)
+    assert capped.n_features == 40
+    rows = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    pick = torch.tensor([rows[tuple(f)] for f in capped.features.tolist()])
+    assert torch.allclose(capped.adjacency[:40, :40], full.adjacency[pick][:, pick], atol=1e-5)
+    tail = full.error_start
+    assert torch.allclose(capped.adjacency[:40, 40:], full.adjacency[pick][:, tail:], atol=1e-5)
+    # the cap keeps the features most influential on the logits, not the first ones
+    assert capped.features[:, 0].max() >= 2
+
+
+def test_pruning_and_scores(tiny_model: LanguageModel, transcoders: list[JumpReLUSAE]) -> None:
+    graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
+    pruned = prune(graph)
+    assert pruned.nodes[graph.token_start :].all()  # tokens and logits are always kept
+    kept = torch.nonzero(pruned.nodes[: graph.n_features]).squeeze(1)
+    assert 0 < kept.numel() < graph.n_features
+    assert pruned.edges[kept].any(1).all() and pruned.edges[:, kept].any(0).all()
+    assert not pruned.edges[~pruned.nodes].any() and not pruned.edges[:, ~pruned.nodes].any()
+    replacement, completeness = scores(graph)
+    assert 0 < replacement < 1 and 0 < completeness < 1
+    looser = prune(graph, 0.95, 0.99)
+    assert looser.nodes.sum() > pruned.nodes.sum()
+    with pytest.raises(ConfigError, match="node_threshold 1.5"):
+        prune(graph, 1.5)
+
+
+def test_graph_files(tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], tmp_path: Path) -> None:
+    graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
+    digest = transcoder_digest(transcoders)
+    data = graph_json(graph, "cat", run="r", digest=digest, explanations={})
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"cross layer transcoder", "embedding", "logit"} <= kinds
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert sum(n["is_target_logit"] for n in logits) == 1 and logits[0]["layer"] == str(
+        tiny_model.n_layers + 1
+    )
+    feature = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, latent, pos = (int(v) for v in feature["node_id"].split("_"))
+    assert feature["layer"] == str(layer) and feature["ctx_idx"] == pos
+    path = write_graph(tmp_path / "cat.json", data)
+    assert read_graph(path, digest)["metadata"]["prompt"] == PROMPT
+    with pytest.raises(StoreError, match="another transcoder set"):
+        read_graph(path, transcoder_digest(random_transcoders(tiny_model, seed=1)))
+    assert plot_graph(data, tmp_path / "cat.png").stat().st_size > 20_000
+
+
+def test_interventions_predicted_and_measured(
+    tiny_model: LanguageModel, transcoders: list[JumpReLUSAE]
+) -> None:
+    graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
+    last_layer = graph.n_layers - 1
+    at_end = [
+        i for i, f in enumerate(graph.features.tolist()) if f[0] == last_layer and f[1] == graph.n_pos - 1
+    ]
+    node = tuple(graph.features[at_end[0]].tolist())
+    # setting a node to its own activation changes nothing
+    same = predict(graph, [node], float(graph.activations[at_end[0]]))
+    assert torch.allclose(same["total"], torch.zeros_like(same["total"]))
+    # a last-layer feature at the last position reaches the logits only through the final norm:
+    # the graph's prediction (norm frozen) is close to the real change
+    predicted = predict(graph, [node])
+    assert torch.allclose(predicted["direct"], predicted["total"])
+    assert torch.allclose(predicted["direct"], -graph.adjacency[graph.logit_start :, at_end[0]], atol=1e-6)
+    measured = measure(tiny_model, transcoders, graph, [node])
+    assert torch.allclose(measured["delta"], predicted["total"], rtol=0.2, atol=0.02)
+    # an earlier node: its total effect goes through downstream features too
+    early = next(i for i, f in enumerate(graph.features.tolist()) if f[0] == 0)
+    deep = predict(graph, [tuple(graph.features[early].tolist())])
+    assert not torch.allclose(deep["direct"], deep["total"])
+    with pytest.raises(ConfigError, match="not active features"):
+        predict(graph, [(0, 0, 0)])
+
+
+def test_bad_input(tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at most 64"):
+        attribute(tiny_model, transcoders, "word " * 100, progress=False)
+    with pytest.raises(ConfigError, match="empty"):
+        attribute(tiny_model, transcoders, "  ", progress=False)
+    with pytest.raises(SiteError, match="expected mlp_in.0 -> mlp_out.0"):
+        attribute(tiny_model, transcoders[1:] + transcoders[:1], PROMPT, progress=False)
+    run = tmp_path / "run"
+    for layer in (0, 1, 3):
+        save_sae(
+            transcoders[layer],
+            run / "saes" / "mlp_in" / f"layer_{layer}" / "width_64" / "l0_5_skip_transcoder",
+        )
+    with pytest.raises(StoreError, match=r"no transcoder for layers 2 \(it has layers 0-1, 3\)"):
+        transcoder_set(run, tiny_model.n_layers)
+
+
+def test_attribute_command(
+    tiny_model: LanguageModel,
+    transcoders: list[JumpReLUSAE],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    for layer, tc in enumerate(transcoders):
+        save_sae(tc, run / "saes" / "mlp_in" / f"layer_{layer}" / "width_64" / "l0_5_skip_transcoder")
+    graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
+    node = "/".join(str(v) for v in graph.features[-1].tolist())
+    code = main(["attribute", str(run), PROMPT, "--slug", "cat", "--ablate", node, "--model", "tiny-gemma3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "replacement score" in out and "predicted" in out and "the model now says" in out
+    data = json.loads((run / "graphs" / "cat.json").read_text())
+    assert data["metadata"]["gemmascope"]["transcoder_digest"] == transcoder_digest(transcoders)
+    assert (run / "graphs" / "cat.png").stat().st_size > 20_000
+    assert main(["attribute", str(run), PROMPT, "--ablate", "1/x/2", "--model", "tiny-gemma3"]) == 2
+    assert "expected LAYER/POSITION/LATENT" in capsys.readouterr().err
