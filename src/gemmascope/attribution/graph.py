@@ -29,10 +29,12 @@ from tqdm import tqdm
 
 from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.models import LanguageModel
+from gemmascope.models import LanguageModel, prompt_tokens
 from gemmascope.sae import SAE
 
-MAX_PROMPT_TOKENS = 64  # beyond this a graph outgrows a CPU budget (nodes grow with positions x L0)
+MAX_PROMPT_TOKENS = (
+    64  # tokens after BOS; beyond this a graph outgrows a CPU budget (nodes grow with positions x L0)
+)
 MAX_N_LOGITS = 10  # circuit-tracer's defaults for the output nodes
 DESIRED_LOGIT_PROB = 0.95
 NODE_THRESHOLD = 0.8  # pruning: keep the nodes holding this share of the influence on the logits
@@ -202,20 +204,17 @@ def attribute(
 
 
 def prompt_ids(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
-    """`[n]` token ids of `prompt` with BOS first; a ConfigError for an empty prompt or one longer
-    than `max_tokens` (the CPU budget of a graph)."""
-    if not prompt.strip():
-        raise ConfigError("the prompt is empty: give the text whose next token to explain")
-    ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    bos = model.tokenizer.bos_token_id
-    if bos is not None and (ids.numel() == 0 or int(ids[0]) != bos):
-        ids = torch.cat([torch.tensor([bos]), ids])
-    if ids.numel() > max_tokens:
+    """`[n]` token ids of `prompt` with BOS first (`models.prompt_tokens`); a ConfigError for an empty
+    prompt or one of more than `max_tokens` tokens after BOS (the CPU budget of a graph)."""
+    try:
+        return prompt_tokens(model, prompt, max_tokens)[0].cpu()
+    except ConfigError as err:
+        if "empty" in str(err):
+            raise ConfigError("the prompt is empty: give the text whose next token to explain") from None
         raise ConfigError(
-            f"the prompt is {ids.numel()} tokens long; attribution graphs take at most {max_tokens} here "
-            "(nodes grow with positions x L0 x layers, and so does the time on a CPU): shorten it"
-        )
-    return ids
+            f"{err}: attribution graphs take at most {max_tokens} tokens here (nodes grow with positions x "
+            "L0 x layers, and so do time and memory on a CPU): shorten it"
+        ) from None
 
 
 def _components(

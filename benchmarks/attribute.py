@@ -1,0 +1,229 @@
+"""Attribution-graph benchmark (issue "Transcoders and attribution graphs"): seconds and peak memory
+per graph on this machine against prompt length, the replacement and completeness scores, and the
+equality of our graph with circuit-tracer's (the field's reference implementation) on the same
+prompt and transcoders.
+
+    python benchmarks/attribute.py RUN                       # RUN: a run with a transcoder per layer
+    python benchmarks/attribute.py RUN --ct-python /work/ctenv/bin/python   # + the circuit-tracer check
+
+circuit-tracer 0.5 caps transformers at 4.57.3 (we run 5.x), so it cannot share our environment; it
+runs in its own, made once with
+    python3 -m venv /work/ctenv && /work/ctenv/bin/pip install torch==2.13.0 \\
+        circuit-tracer==0.5.0 nnsight==0.6.3 transformers==4.57.3
+and is driven through a subprocess on the same converted model folder and the run's transcoders
+exported in Gemma Scope 2's layout (params.safetensors with affine_skip_connection). The check
+compares the two adjacency matrices entry by entry (same node order: features by layer, position,
+latent; errors; tokens; logits). circuit-tracer's nnsight backend writes token embeddings without
+Gemma's √d_model scale (its token edges are √d_model too small; ours are the embedding's real
+effect), so token columns are compared after multiplying circuit-tracer's by √d_model, and the
+factor found is printed.
+
+Each graph of the timing table runs in a fresh process so that its peak RSS is its own. Writes
+benchmarks/results/attribute.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "The capital of France is",
+    "The opposite of hot is",
+    "One cat, two",
+    "Is 9 bigger than 7? Answer: yes. Is 3 bigger than 8? Answer:",
+]
+LENGTH_PROMPT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+    "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889 as the "
+    "centrepiece of the 1889 World's Fair, and it is now one of the most visited monuments in the world"
+)
+
+_ONE_GRAPH = r"""
+import json, resource, sys, time
+import torch
+from gemmascope.attribution import attribute, prune, scores, transcoder_set
+from gemmascope.models import load_model
+run, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(2)
+model = load_model("gemma-3-270m")
+tcs = transcoder_set(run, model.n_layers)
+ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"][:n]
+text = model.tokenizer.decode(ids)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.monotonic()
+g = attribute(model, tcs, text, progress=False)
+seconds = time.monotonic() - t
+p = prune(g)
+r, c = scores(g)
+print(json.dumps({"tokens": int(g.n_pos), "features": g.n_features, "nodes": int(g.adjacency.shape[0]),
+    "pruned_nodes": int(p.nodes.sum()), "seconds": seconds, "replacement": r, "completeness": c,
+    "rss_before_mb": before / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "top": g.logit_tokens[0], "p_top": float(g.logit_probs[0])}))
+"""
+
+_CIRCUIT_TRACER = r"""
+import os, sys, json, time
+os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["TRANSFORMERS_OFFLINE"] = "1"
+import torch
+torch.set_num_threads(2)
+from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.graph import compute_graph_scores
+from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+model_dir, tc_dir, prompt, out, n_layers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+dev = torch.device("cpu")
+paths = {l: f"{tc_dir}/layer_{l}/params.safetensors" for l in range(n_layers)}
+tcs = load_transcoder_set(paths, scan="gemmascope-bench", feature_input_hook="mlp.hook_in",
+    feature_output_hook="hook_mlp_out", device=dev, dtype=torch.float32, special_load_fn="gemma-scope-2",
+    lazy_encoder=False, lazy_decoder=False)
+model = ReplacementModel.from_pretrained_and_transcoders(model_dir, tcs, backend="nnsight", device=dev,
+    dtype=torch.float32)
+t = time.monotonic()
+g = attribute(prompt, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=64, max_feature_nodes=None)
+seconds = time.monotonic() - t
+r, c = compute_graph_scores(g)
+torch.save({"adjacency": g.adjacency_matrix, "features": g.active_features[g.selected_features],
+    "activations": g.activation_values[g.selected_features], "tokens": g.input_tokens,
+    "logits": torch.tensor([t.vocab_idx for t in g.logit_targets]), "probs": g.logit_probabilities,
+    "seconds": seconds, "replacement": r, "completeness": c}, out)
+"""
+
+
+def timing(run: str, lengths: list[int]) -> list[dict[str, object]]:
+    rows = []
+    for n in lengths:
+        out = subprocess.run(
+            [sys.executable, "-c", _ONE_GRAPH, run, LENGTH_PROMPT, str(n)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"graph of {n} tokens failed:\n{out.stderr[-2000:]}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(
+            f"{row['tokens']:>4} tokens  {row['features']:>6} features  {row['seconds']:>7.1f} s  peak RSS "
+            f"{row['peak_rss_mb']:>6.0f} MB  replacement {row['replacement']:.3f}  completeness {row['completeness']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[str, object]:
+    import torch
+
+    from gemmascope.attribution import attribute, scores, transcoder_set
+    from gemmascope.formats import save_params_safetensors
+    from gemmascope.models import bundled_gemma_path, load_model
+
+    model = load_model("gemma-3-270m")
+    tcs = transcoder_set(run, model.n_layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        for layer, tc in enumerate(tcs):
+            save_params_safetensors(tc, Path(tmp) / f"layer_{layer}")
+        out = Path(tmp) / "ct.pt"
+        t = time.monotonic()
+        done = subprocess.run(
+            [
+                ct_python,
+                "-c",
+                _CIRCUIT_TRACER,
+                str(bundled_gemma_path()),
+                tmp,
+                prompt,
+                str(out),
+                str(model.n_layers),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"circuit-tracer failed:\n{done.stderr[-3000:]}")
+        ct = torch.load(out)
+        ct_wall = time.monotonic() - t
+    ours = attribute(model, tcs, prompt, batch_size=64, progress=False)
+    same_tokens = torch.equal(ours.ids, ct["tokens"].cpu())
+    same_features = torch.equal(ours.features, ct["features"].long())
+    same_logits = torch.equal(ours.logit_ids, ct["logits"].long())
+    a, b = ours.adjacency, ct["adjacency"].float()
+    result: dict[str, object] = {
+        "prompt": prompt,
+        "same_tokens": same_tokens,
+        "same_features": same_features,
+        "same_logits": same_logits,
+        "n_nodes": int(a.shape[0]),
+        "n_features": ours.n_features,
+    }
+    if a.shape == b.shape:
+        tokens = slice(ours.token_start, ours.logit_start)
+        scale = math.sqrt(model.d_model)
+        fixed = b.clone()
+        fixed[:, tokens] *= scale
+        nonzero = fixed[:, tokens] != 0
+        ratio = (a[:, tokens][nonzero] / b[:, tokens][nonzero]).median() if nonzero.any() else float("nan")
+        err = (a - fixed).abs()
+        result.update(
+            {
+                "max_abs_diff": float(err.max()),
+                "max_abs_entry": float(a.abs().max()),
+                "max_rel_diff": float(err.max() / a.abs().max()),
+                "allclose_1e-3": bool(torch.allclose(a, fixed, rtol=1e-3, atol=1e-4 * float(a.abs().max()))),
+                "token_edge_ratio_ours_over_ct": float(ratio),
+                "sqrt_d_model": scale,
+                "non_token_max_abs_diff": float(
+                    torch.cat([err[:, : ours.token_start], err[:, ours.logit_start :]], 1).max()
+                ),
+            }
+        )
+    ours_scores = scores(ours)
+    result.update(
+        {
+            "ours_seconds": ours.seconds,
+            "ct_seconds": float(ct["seconds"]),
+            "ct_wall_with_loading": ct_wall,
+            "ours_replacement": ours_scores[0],
+            "ours_completeness": ours_scores[1],
+            "ct_replacement": float(ct["replacement"]),
+            "ct_completeness": float(ct["completeness"]),
+        }
+    )
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", help="run folder with a transcoder per layer")
+    parser.add_argument("--lengths", default="8,16,32,64", help="prompt lengths (tokens) of the timing table")
+    parser.add_argument("--ct-python", default=None, help="python of a circuit-tracer environment")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attribute.json"))
+    args = parser.parse_args()
+    results: dict[str, object] = {"command": " ".join(sys.argv), "machine_cpus": 2}
+    print("seconds and peak memory per graph against prompt length (each graph in a fresh process):")
+    results["timing"] = timing(args.run, [int(v) for v in args.lengths.split(",")])
+    if args.ct_python:
+        results["circuit_tracer"] = [
+            compare_with_circuit_tracer(args.run, args.ct_python, p) for p in PROMPTS[:2]
+        ]
+    else:
+        print("circuit-tracer check not run: pass --ct-python PATH (see the module docstring)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(
+        f"wrote {args.out}; peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
