@@ -208,3 +208,48 @@ def test_saes_page(page: Any, base_url: str) -> None:
 def test_unknown_feature_page(page: Any, base_url: str) -> None:
     resp = page.goto(base_url + "/feature/resid_post.1.w256.l0_1/99999")
     assert resp.status == 404 and "out of range" in page.inner_text(".error")
+
+
+@pytest.fixture(scope="module")
+def graph_url(tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel) -> Iterator[str]:
+    from test_server_graphs import graph_run_dir
+
+    run_dir = graph_run_dir(tmp_path_factory, tiny_model)
+    with serving(create_app(run_dir, model=tiny_model)) as url:
+        yield url
+
+
+def test_graph_page_from_the_microscope_hover_select_and_intervene(browser: Any, graph_url: str) -> None:
+    """The microscope's "Why this next token?" draws the prompt's graph; hovering a feature node says
+    what it is, shift+click selects it, and an intervention shows predicted beside measured."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(graph_url + "/")
+    page.wait_for_selector("#why:not([hidden])")
+    page.fill("#prompt", "The cat sat on the mat and")
+    page.click("#why")
+    page.wait_for_url("**/graph/the-cat-sat-on-the-mat-and")
+    page.wait_for_selector("svg#graph .node")
+    assert "replacement score" in page.inner_text("#graph-stats")
+    assert page.locator("svg#graph line.edge").count() > 0
+    nodes = page.locator("svg#graph circle.node")
+    picked = None
+    for i in range(nodes.count()):
+        node_id = nodes.nth(i).get_attribute("data-id") or ""
+        if node_id.count("_") == 2 and not node_id.startswith("5_"):  # a feature node, not a logit
+            picked = nodes.nth(i)
+            break
+    assert picked is not None
+    picked.hover()
+    page.wait_for_selector("#tip:not([hidden])")
+    assert "latent" in page.inner_text("#tip")
+    picked.click(modifiers=["Shift"])
+    assert "1 node(s)" in page.inner_text("#selected")
+    page.click("#intervene")
+    page.wait_for_selector("#result-table tr:nth-child(2)")
+    assert "measured" in page.inner_text("#result-table") and "now says" in page.inner_text("#now-says")
+    assert not errors, errors
+    context.close()

@@ -1,6 +1,6 @@
 """The web app. Owns building the FastAPI app of the local UI (UI.md) over one run folder: loading the
 run, the model queue every model request waits in (`MAX_WAITING`), the routers (pages and static
-files, what the run holds, the microscope, search, steering; the JSON API under `/v1/` is named after
+files, what the run holds, the microscope, search, steering, attribution graphs; the JSON API under `/v1/` is named after
 Neuronpedia's inference server) and the error handlers; and serving it with uvicorn.
 
 Knows nothing of training or of how features are indexed: the routers call `features` and `steer`
@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel
-from gemmascope.server import activations, pages, saes, search, steering
+from gemmascope.server import activations, graphs, pages, saes, search, steering
 from gemmascope.server.errors import install_error_handlers
 from gemmascope.server.model_queue import ModelQueue
 from gemmascope.server.pages import STATIC
@@ -51,7 +51,7 @@ def create_app(run_dir: str | Path, model: LanguageModel | None = None) -> FastA
     install_error_handlers(app)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    for router in (saes.router, activations.router, search.router, steering.router):
+    for router in (saes.router, activations.router, search.router, steering.router, graphs.router):
         app.include_router(router)
     return app
 

@@ -1,4 +1,4 @@
-"""The five pages of the web UI (UI.md): feature page, microscope, steer, search and SAEs. Owns their
+"""The pages of the web UI (UI.md): feature page, microscope, steer, search, SAEs and graph. Owns their
 routes and `STATIC`, the folder their HTML, JavaScript and CSS ship in; a feature page for a feature
 the run does not have is an HTML 404 page. The pages fetch everything they show from the JSON API.
 
@@ -52,6 +52,20 @@ def search_page() -> FileResponse:
 @router.get("/saes")
 def saes_page() -> FileResponse:
     return _page("saes.html")
+
+
+@router.get("/graph")
+def graphs_page() -> FileResponse:
+    return _page("graph.html")
+
+
+@router.get("/graph/{slug}")
+def graph_page(run: RunDep, slug: str) -> Response:
+    from gemmascope.runs import GRAPHS
+
+    if not (run.run_dir / GRAPHS / f"{slug}.json").is_file():
+        return _error_page(404, f"no graph {slug!r} in this run: draw one on the graph page")
+    return _page("graph.html")
 
 
 @router.get("/favicon.ico")

@@ -95,7 +95,7 @@ GS.renderTokens = function (tokens, values, opts) {
 
 // The page header with navigation; `here` names the current page.
 GS.header = function (here) {
-  const links = [["/", "Microscope", "microscope"], ["/steer", "Steer", "steer"], ["/search", "Search", "search"], ["/saes", "SAEs", "saes"]];
+  const links = [["/", "Microscope", "microscope"], ["/steer", "Steer", "steer"], ["/search", "Search", "search"], ["/saes", "SAEs", "saes"], ["/graph", "Graph", "graph"]];
   const model = GS.el("span", {class: "model", id: "model-name"});
   const head = GS.el("header", {class: "top"},
     GS.el("a", {class: "brand", href: "/"}, "gemma", GS.el("span", {}, "scope")),

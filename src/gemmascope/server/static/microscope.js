@@ -86,11 +86,21 @@ async function run() {
   render();
 }
 
+// "Why this next token?": draw the prompt's attribution graph and open it.
+async function why() {
+  $("status").textContent = "drawing the attribution graph (seconds to a minute on a CPU)…";
+  const out = await GS.busy($("why"), $("error"), () => GS.api("/v1/graph/generate", {prompt: $("prompt").value}));
+  $("status").textContent = "";
+  if (out) window.location.href = `/graph/${out.slug}`;
+}
+
 (async function init() {
   const q = GS.query();
   try { await GS.fillSaeSelect($("sae"), q.get("sae_id")); }
   catch (e) { $("error").textContent = e.message; return; }
   if (q.get("prompt")) { $("prompt").value = q.get("prompt"); run(); }
   $("run").addEventListener("click", run);
+  $("why").addEventListener("click", why);
+  GS.api("/v1/graph/list").then((info) => { $("why").hidden = !info.available; }).catch(() => {});
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
 })();

@@ -1,0 +1,228 @@
+"""Attribution graphs over HTTP (UI.md, Graph page): `GET /v1/graph/list` (the run's graphs and
+whether it can draw new ones: a transcoder per layer), `POST /v1/graph/generate` (draw the graph of a
+prompt, written to `RUN/graphs/SLUG.json` in circuit-tracer's schema), `GET /v1/graph/{slug}` (that
+JSON, refused when drawn from another transcoder set) and `POST /v1/graph/{slug}/intervene` (set
+feature nodes to a value: the graph's predicted change of each output logit beside the measured
+one). Graph work waits in the model queue; the last few graphs stay in memory for interventions.
+
+Knows nothing of how graphs are computed: it calls `attribution`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from fastapi import APIRouter
+from pydantic import Field
+
+from gemmascope.attribution import Graph, attribute, prune, transcoder_set
+from gemmascope.attribution.files import graph_json, read_graph, transcoder_digest, write_graph
+from gemmascope.attribution.intervene import measure, predict
+from gemmascope.errors import GemmaScopeError
+from gemmascope.runs import GRAPHS
+from gemmascope.sae import SAE
+from gemmascope.server.errors import ApiError
+from gemmascope.server.lookup import Body, QueueDep, RunDep
+from gemmascope.server.run import MAX_PROMPT_CHARS, Run
+
+MAX_GRAPH_TOKENS = 32  # prompt tokens after BOS one graph request may take (time grows with them)
+MAX_INTERVENE_NODES = 64
+_KEPT_GRAPHS = 4
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+router = APIRouter()
+
+
+class _Graphs:
+    """The run's transcoder set (loaded on first use) and the last graphs drawn, by slug."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.transcoders: list[SAE] | None = None
+        self.problem: str | None = None
+        self.digest = ""
+        self.graphs: OrderedDict[str, Graph] = OrderedDict()
+
+    def load(self, run: Run) -> list[SAE] | None:
+        with self.lock:
+            if self.transcoders is None and self.problem is None:
+                try:
+                    self.transcoders = transcoder_set(run.run_dir, run.model.n_layers)
+                    self.digest = transcoder_digest(self.transcoders)
+                except GemmaScopeError as err:
+                    self.problem = str(err)
+            return self.transcoders
+
+    def keep(self, slug: str, graph: Graph) -> None:
+        with self.lock:
+            self.graphs[slug] = graph
+            self.graphs.move_to_end(slug)
+            while len(self.graphs) > _KEPT_GRAPHS:
+                self.graphs.popitem(last=False)
+
+
+def _state(run: Run) -> _Graphs:
+    state = getattr(run, "_graph_state", None)
+    if state is None:
+        state = _Graphs()
+        run._graph_state = state  # type: ignore[attr-defined]
+    return state
+
+
+def _transcoders_or_409(run: Run) -> tuple[_Graphs, list[SAE]]:
+    state = _state(run)
+    transcoders = state.load(run)
+    if transcoders is None:
+        raise ApiError(409, f"this run cannot draw attribution graphs: {state.problem}")
+    return state, transcoders
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
+
+
+@router.get("/v1/graph/list")
+def graph_list(run: RunDep) -> dict[str, Any]:
+    state = _state(run)
+    state.load(run)
+    graphs = []
+    for path in sorted((run.run_dir / GRAPHS).glob("*.json")):
+        try:
+            meta = read_graph(path)["metadata"]
+        except GemmaScopeError:
+            continue
+        graphs.append({"slug": path.stem, "prompt": meta.get("prompt"), "scores": meta.get("gemmascope", {})})
+    return {"available": state.transcoders is not None, "why_not": state.problem, "graphs": graphs}
+
+
+class GraphRequest(Body):
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    slug: str | None = None
+    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
+    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    max_feature_nodes: int | None = Field(None, ge=1, le=20_000)
+
+
+@router.post("/v1/graph/generate")
+async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    run.check_text(body.prompt)
+    state, transcoders = _transcoders_or_409(run)
+    slug = body.slug or _slug(body.prompt)
+    if not _SLUG.match(slug):
+        raise ApiError(400, f"graph name {slug!r} is not valid: expected lower-case letters, digits and '-'")
+
+    def work() -> dict[str, Any]:
+        run.prompt_ids(body.prompt, MAX_GRAPH_TOKENS)  # 400 beyond the request bound
+        graph = attribute(
+            run.model, transcoders, body.prompt, max_feature_nodes=body.max_feature_nodes,
+            max_tokens=MAX_GRAPH_TOKENS, progress=False,
+        )  # fmt: skip
+        pruned = prune(graph, body.node_threshold, body.edge_threshold)
+        data = graph_json(
+            graph,
+            slug,
+            pruned,
+            run=str(run.run_dir),
+            digest=state.digest,
+            explanations=_explain(run, graph, pruned),
+        )
+        write_graph(run.run_dir / GRAPHS / f"{slug}.json", data)
+        state.keep(slug, graph)
+        return data
+
+    data = await queue.run(work)
+    return {"slug": slug, "metadata": data["metadata"]}
+
+
+def _explain(run: Run, graph: Graph, pruned: Any) -> dict[tuple[int, int], str]:
+    """The explanations of the pruned graph's features, from the run's feature index."""
+    out: dict[tuple[int, int], str] = {}
+    wanted: dict[str, list[int]] = {}
+    for j in torch.nonzero(pruned.nodes[: graph.n_features]).squeeze(1).tolist():
+        layer, _, latent = (int(v) for v in graph.features[j])
+        wanted.setdefault(graph.transcoders[layer], []).append(latent)
+    for layer, sae_id in enumerate(graph.transcoders):
+        if sae_id in wanted and sae_id in run.saes:
+            for latent, text in run.explanations(run.saes[sae_id], wanted[sae_id]).items():
+                out[(layer, latent)] = text
+    return out
+
+
+@router.get("/v1/graph/{slug}")
+def graph_get(slug: str, run: RunDep) -> dict[str, Any]:
+    path = _path_or_404(run, slug)
+    state = _state(run)
+    state.load(run)
+    try:
+        return read_graph(path, state.digest if state.transcoders is not None else None)
+    except GemmaScopeError as err:
+        raise ApiError(409, str(err)) from None
+
+
+def _path_or_404(run: Run, slug: str) -> Any:
+    path = run.run_dir / GRAPHS / f"{slug}.json"
+    if not _SLUG.match(slug) or not path.is_file():
+        raise ApiError(404, f"no graph {slug!r} in this run: draw it with POST /v1/graph/generate")
+    return path
+
+
+class InterveneRequest(Body):
+    nodes: list[str] = Field(
+        min_length=1, max_length=MAX_INTERVENE_NODES
+    )  # feature node ids LAYER_LATENT_POS
+    value: float = Field(0.0, allow_inf_nan=False, ge=-1e4, le=1e4)
+
+
+@router.post("/v1/graph/{slug}/intervene")
+async def graph_intervene(slug: str, body: InterveneRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    path = _path_or_404(run, slug)
+    state, transcoders = _transcoders_or_409(run)
+    try:
+        meta = read_graph(path, state.digest)["metadata"]
+    except GemmaScopeError as err:
+        raise ApiError(409, str(err)) from None
+    nodes = []
+    for node_id in body.nodes:
+        parts = node_id.split("_")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ApiError(
+                400, f"node {node_id!r} is not a feature node: expected LAYER_LATENT_POSITION, e.g. 12_1033_5"
+            )
+        layer, latent, pos = (int(p) for p in parts)
+        nodes.append((layer, pos, latent))
+
+    def work() -> dict[str, Any]:
+        graph = state.graphs.get(slug)
+        if graph is None or graph.prompt != meta["prompt"]:
+            graph = attribute(
+                run.model, transcoders, meta["prompt"], max_tokens=MAX_GRAPH_TOKENS, progress=False
+            )
+            state.keep(slug, graph)
+        try:
+            predicted = predict(graph, nodes, body.value)
+        except GemmaScopeError as err:
+            raise ApiError(400, str(err)) from None
+        measured = measure(run.model, transcoders, graph, nodes, body.value)
+        return {
+            "nodes": body.nodes,
+            "value": body.value,
+            "logits": [
+                {
+                    "token": token,
+                    "predicted": float(predicted["total"][k]),
+                    "predicted_direct": float(predicted["direct"][k]),
+                    "measured": float(measured["delta"][k]),
+                    "prob_before": float(measured["clean_probs"][k]),
+                    "prob_after": float(measured["changed_probs"][k]),
+                }
+                for k, token in enumerate(graph.logit_tokens)
+            ],
+            "top_token": measured["top_token"],
+            "top_prob": measured["top_prob"],
+        }
+
+    return await queue.run(work)

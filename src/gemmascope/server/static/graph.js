@@ -1,0 +1,257 @@
+// gemmascope graph page: draw an attribution graph (/v1/graph/generate), show it as SVG (token
+// positions across, layers up, output logits at the right), hover a node for what it is, click to
+// open its feature page, select feature nodes and intervene (/v1/graph/{slug}/intervene).
+"use strict";
+
+GS.header("graph");
+const SVGNS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+const state = {slug: null, data: null, selected: new Set(), featureCache: new Map()};
+
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  return node;
+}
+
+function slugFromPath() {
+  const m = window.location.pathname.match(/^\/graph\/([a-z0-9-]+)$/);
+  return m ? m[1] : null;
+}
+
+async function listGraphs() {
+  const info = await GS.api("/v1/graph/list");
+  const box = $("graphs");
+  box.innerHTML = "";
+  if (!info.available) {
+    box.append(GS.el("div", {class: "error"}, info.why_not || "this run has no transcoder set"));
+    $("draw").disabled = true;
+  }
+  if (info.graphs.length) {
+    box.append(GS.el("div", {class: "muted"}, "Graphs of this run: "),
+      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px"}, g.prompt)));
+  }
+  return info;
+}
+
+async function draw() {
+  const prompt = $("prompt").value;
+  $("status").textContent = "drawing the graph (seconds to a minute on a CPU)…";
+  const out = await GS.busy($("draw"), $("error"), () => GS.api("/v1/graph/generate", {prompt}));
+  $("status").textContent = "";
+  if (out) window.location.href = `/graph/${out.slug}`;
+}
+
+function layout(data) {
+  const meta = data.metadata;
+  const tokens = meta.prompt_tokens;
+  const logits = data.nodes.filter((n) => n.feature_type === "logit");
+  const nLayers = logits.length ? Number(logits[0].layer) - 1 : 1;
+  const colW = 92, rowH = 34, left = 56, top = 24;
+  const width = left + colW * (tokens.length + 1.6);
+  const height = top + rowH * (nLayers + 2) + 70;
+  const yOf = (layer) => layer === "E" ? top + rowH * (nLayers + 1) : top + rowH * (nLayers - Number(layer));
+  const cells = new Map();
+  for (const n of data.nodes) {
+    if (n.feature_type === "logit") continue;
+    const key = `${n.ctx_idx}|${n.layer}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(n);
+  }
+  const pos = new Map();
+  for (const [key, list] of cells) {
+    const [ctx] = key.split("|");
+    list.sort((a, b) => (a.influence || 0) - (b.influence || 0));
+    const spread = Math.min(18, (colW - 14) / Math.max(list.length, 1));
+    list.forEach((n, k) => {
+      pos.set(n.node_id, [left + colW * (Number(ctx) + 0.5) + (k - (list.length - 1) / 2) * spread, yOf(n.layer)]);
+    });
+  }
+  logits.sort((a, b) => b.token_prob - a.token_prob);
+  logits.forEach((n, k) => pos.set(n.node_id, [left + colW * (tokens.length + 0.7), top + 10 + k * 26]));
+  return {tokens, nLayers, width, height, pos, colW, rowH, left, top, yOf};
+}
+
+function radius(n) {
+  if (n.feature_type === "logit") return 5 + 14 * Math.sqrt(n.token_prob);
+  const importance = 1 - Math.min(1, n.influence === undefined || n.influence === null ? 1 : n.influence);
+  return 3.5 + 9 * importance;
+}
+
+function render(data) {
+  const box = $("graph");
+  box.innerHTML = "";
+  const L = layout(data);
+  box.setAttribute("width", L.width);
+  box.setAttribute("height", L.height);
+  for (let layer = 0; layer < L.nLayers; layer++) {
+    const y = L.yOf(String(layer));
+    box.append(svg("line", {x1: L.left, x2: L.left + L.colW * L.tokens.length, y1: y, y2: y, class: "faint"}));
+    const label = svg("text", {x: 8, y: y + 4, class: "axis"});
+    label.textContent = `L${layer}`;
+    box.append(label);
+  }
+  const emb = svg("text", {x: 8, y: L.yOf("E") + 4, class: "axis"});
+  emb.textContent = "emb";
+  box.append(emb);
+  L.tokens.forEach((t, i) => {
+    const text = svg("text", {x: L.left + L.colW * (i + 0.5), y: L.height - 30, class: "axis", "text-anchor": "middle"});
+    text.textContent = GS.tokenText(t, true).slice(0, 12);
+    box.append(text);
+  });
+  const maxW = Math.max(1e-9, ...data.links.map((l) => Math.abs(l.weight)));
+  const edges = svg("g", {});
+  for (const link of [...data.links].sort((a, b) => Math.abs(a.weight) - Math.abs(b.weight))) {
+    const a = L.pos.get(link.source), b = L.pos.get(link.target);
+    if (!a || !b) continue;
+    const w = Math.abs(link.weight) / maxW;
+    edges.append(svg("line", {
+      x1: a[0], y1: a[1], x2: b[0], y2: b[1], class: "edge",
+      stroke: link.weight > 0 ? "#2b6cb0" : "#c53030", "stroke-opacity": (0.12 + 0.6 * w).toFixed(3),
+      "stroke-width": (0.4 + 4 * w).toFixed(2), "data-source": link.source, "data-target": link.target,
+    }));
+  }
+  box.append(edges);
+  for (const n of data.nodes) {
+    const [x, y] = L.pos.get(n.node_id);
+    const r = radius(n);
+    let shape;
+    if (n.feature_type === "mlp reconstruction error" || n.feature_type === "embedding") {
+      shape = svg("rect", {x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: 2,
+        fill: n.feature_type === "embedding" ? "#4a5568" : "#cbd5e0", stroke: "#4a5568"});
+    } else if (n.feature_type === "logit") {
+      shape = svg("circle", {cx: x, cy: y, r, fill: "#2f855a"});
+      const label = svg("text", {x: x + r + 6, y: y + 4, class: "axis"});
+      label.textContent = `${GS.tokenText(n.clerp.replace(/^Output "/, "").replace(/" \(p=.*$/, ""), true)} ${GS.fmt(n.token_prob, 2)}`;
+      box.append(label);
+    } else {
+      shape = svg("circle", {cx: x, cy: y, r, fill: "#f6ad55", stroke: "#9c4221"});
+    }
+    shape.classList.add("node");
+    shape.dataset.id = n.node_id;
+    shape.addEventListener("mouseenter", (ev) => showTip(n, ev));
+    shape.addEventListener("mouseleave", hideTip);
+    shape.addEventListener("click", (ev) => clickNode(n, ev, shape));
+    box.append(shape);
+  }
+}
+
+function saeOf(n) {
+  return state.data.metadata.transcoder_list[Number(n.layer)];
+}
+
+async function showTip(n, ev) {
+  const tip = $("tip");
+  const wrap = tip.parentElement.getBoundingClientRect();
+  tip.style.left = `${Math.min(ev.clientX - wrap.left + 14, wrap.width - 370)}px`;
+  tip.style.top = `${ev.clientY - wrap.top + 14}px`;
+  tip.hidden = false;
+  tip.innerHTML = "";
+  const tokens = state.data.metadata.prompt_tokens;
+  if (n.feature_type === "cross layer transcoder") {
+    const latent = n.node_id.split("_")[1];
+    tip.append(GS.el("div", {}, GS.el("b", {}, `layer ${n.layer}, latent ${latent}`), ` at ${JSON.stringify(tokens[n.ctx_idx])}, activation ${GS.fmt(n.activation, 2)}`));
+    if (n.clerp) tip.append(GS.el("div", {class: "muted"}, n.clerp));
+    const toLogits = state.data.links.filter((l) => l.source === n.node_id && l.target.endsWith(`_${tokens.length - 1}`) && l.target.startsWith(`${Number(state.data.nodes.find((x) => x.feature_type === "logit").layer)}_`));
+    if (toLogits.length) {
+      tip.append(GS.el("div", {class: "small"}, "direct effect on outputs: " + toLogits.map((l) => {
+        const out = state.data.nodes.find((x) => x.node_id === l.target);
+        return `${out.clerp.replace(/^Output /, "").replace(/ \(p=.*$/, "")} ${l.weight > 0 ? "+" : ""}${GS.fmt(l.weight, 2)}`;
+      }).join(", ")));
+    }
+    const key = `${saeOf(n)}/${latent}`;
+    if (!state.featureCache.has(key)) {
+      state.featureCache.set(key, GS.api(`/v1/feature/${encodeURIComponent(saeOf(n))}/${latent}`).catch(() => null));
+    }
+    const f = await state.featureCache.get(key);
+    if (f && !tip.hidden) {
+      for (const ex of (f.top_examples || []).slice(0, 3)) {
+        const text = ex.tokens.map((t, i) => (i === ex.focus ? `[${t}]` : t)).join("");
+        tip.append(GS.el("div", {class: "ex"}, `${GS.fmt(ex.value, 1)}  ${GS.tokenText(text, true).slice(0, 70)}`));
+      }
+      const promoted = (f.logit_lens && f.logit_lens.promoted || []).slice(0, 5).map((p) => JSON.stringify(p.token)).join(" ");
+      if (promoted) tip.append(GS.el("div", {class: "small muted"}, `promotes ${promoted}`));
+    }
+  } else if (n.feature_type === "mlp reconstruction error") {
+    tip.append(GS.el("div", {}, `error of layer ${n.layer}'s transcoder at ${JSON.stringify(tokens[n.ctx_idx])}: what it misses of the MLP`));
+  } else if (n.feature_type === "embedding") {
+    tip.append(GS.el("div", {}, `token ${JSON.stringify(tokens[n.ctx_idx])} (position ${n.ctx_idx})`));
+  } else {
+    tip.append(GS.el("div", {}, n.clerp));
+  }
+}
+
+function hideTip() { $("tip").hidden = true; }
+
+function clickNode(n, ev, shape) {
+  if (n.feature_type !== "cross layer transcoder") return;
+  if (ev.shiftKey || $("select-mode").checked) {
+    if (state.selected.has(n.node_id)) state.selected.delete(n.node_id);
+    else state.selected.add(n.node_id);
+    shape.classList.toggle("selected", state.selected.has(n.node_id));
+    showSelected();
+    return;
+  }
+  window.open(GS.featureUrl(saeOf(n), n.node_id.split("_")[1]), "_blank");
+}
+
+function showSelected() {
+  const box = $("selected");
+  box.innerHTML = "";
+  const tokens = state.data.metadata.prompt_tokens;
+  if (!state.selected.size) {
+    box.textContent = "No node selected: select feature nodes in the graph.";
+  } else {
+    box.append(`${state.selected.size} node(s): `, ...[...state.selected].map((id) => {
+      const [layer, latent, pos] = id.split("_");
+      return GS.el("span", {class: "tag mono"}, `L${layer}/${latent} at ${JSON.stringify(tokens[Number(pos)])}`);
+    }));
+  }
+  $("intervene").disabled = !state.selected.size;
+}
+
+async function intervene() {
+  $("istatus").textContent = "running the model…";
+  const body = {nodes: [...state.selected], value: Number($("value").value)};
+  const out = await GS.busy($("intervene"), $("ierror"), () => GS.api(`/v1/graph/${state.slug}/intervene`, body));
+  $("istatus").textContent = "";
+  if (!out) return;
+  const rows = out.logits.map((r) => GS.el("tr", {},
+    GS.el("td", {class: "mono"}, JSON.stringify(r.token)),
+    GS.el("td", {class: "num"}, GS.fmt(r.predicted, 3)),
+    GS.el("td", {class: "num"}, GS.fmt(r.predicted_direct, 3)),
+    GS.el("td", {class: "num"}, GS.fmt(r.measured, 3)),
+    GS.el("td", {class: "num"}, GS.fmt(r.prob_before, 3)),
+    GS.el("td", {class: "num"}, GS.fmt(r.prob_after, 3))));
+  $("result").innerHTML = "";
+  $("result").append(
+    GS.el("table", {id: "result-table"},
+      GS.el("tr", {}, GS.el("th", {}, "output"), GS.el("th", {class: "num"}, "predicted Δlogit"),
+        GS.el("th", {class: "num"}, "(direct edges)"), GS.el("th", {class: "num"}, "measured Δlogit"),
+        GS.el("th", {class: "num"}, "p before"), GS.el("th", {class: "num"}, "p after")),
+      rows),
+    GS.el("div", {class: "small", id: "now-says"}, `The model now says ${JSON.stringify(out.top_token)} (p = ${GS.fmt(out.top_prob, 2)}). Logits are minus the mean logit; predicted: through the graph with attention and norms frozen.`));
+}
+
+async function main() {
+  $("draw").addEventListener("click", draw);
+  $("intervene").addEventListener("click", intervene);
+  const info = await listGraphs().catch((e) => { $("error").textContent = e.message; return null; });
+  state.slug = slugFromPath();
+  if (!state.slug) return;
+  try {
+    state.data = await GS.api(`/v1/graph/${state.slug}`);
+  } catch (e) {
+    $("error").textContent = e.message;
+    return;
+  }
+  const meta = state.data.metadata, ours = meta.gemmascope || {};
+  $("prompt").value = meta.prompt;
+  $("graph-title").textContent = `${JSON.stringify(meta.prompt)} → ${state.data.nodes.filter((n) => n.feature_type === "logit").sort((a, b) => b.token_prob - a.token_prob).map((n) => n.clerp.replace(/^Output /, "")).slice(0, 3).join(", ")}`;
+  $("graph-stats").textContent = `${ours.n_features} active features; ${ours.n_pruned_nodes} nodes and ${ours.n_links} edges after pruning; replacement score ${GS.fmt(ours.replacement_score, 3)}, completeness ${GS.fmt(ours.completeness_score, 3)}. Circles: transcoder features (larger = more influence on the output); grey squares: errors; dark squares: tokens; blue edges excite, red inhibit.`;
+  $("graph-card").hidden = false;
+  $("intervene-card").hidden = !info || !info.available;
+  render(state.data);
+}
+
+main();

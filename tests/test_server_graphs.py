@@ -1,0 +1,139 @@
+"""The graph API (server/graphs.py) on a tiny run with a transcoder per layer: list, draw, read,
+intervene; bad input gets a JSON 4xx and the server keeps serving; a run without transcoders says
+why it cannot draw graphs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from test_attribution import random_transcoders
+from test_server import tiny_run_dir
+
+from gemmascope.features import build_index
+from gemmascope.formats import save_sae
+from gemmascope.models import LanguageModel
+from gemmascope.runs import sae_id
+from gemmascope.server import create_app
+
+PROMPT = "The cat sat on the mat and"
+_RUNS: dict[str, Path] = {}
+
+
+def graph_run_dir(tmp_path_factory: pytest.TempPathFactory, model: LanguageModel) -> Path:
+    """A run folder on the tiny model with a (random) transcoder per layer, indexed (shared with
+    test_browser)."""
+    if "graph" not in _RUNS:
+        run = tmp_path_factory.mktemp("graph_run")
+        (run / "run.json").write_text(json.dumps({"model": model.name}))
+        saes = {}
+        for layer, tc in enumerate(random_transcoders(model)):
+            folder = save_sae(
+                tc, run / "saes" / "mlp_in" / f"layer_{layer}" / "width_64" / "l0_5_skip_transcoder"
+            )
+            saes[sae_id(folder)] = tc
+        build_index(model, saes, run / "features.sqlite", n_tokens=2048, progress=False)
+        _RUNS["graph"] = run
+    return _RUNS["graph"]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel) -> Iterator[TestClient]:
+    run = graph_run_dir(tmp_path_factory, tiny_model)
+    with TestClient(create_app(run, model=tiny_model)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def drawn(client: TestClient) -> dict[str, Any]:
+    out = client.post("/v1/graph/generate", json={"prompt": PROMPT})
+    assert out.status_code == 200, out.text
+    return dict(out.json())
+
+
+def test_draw_list_read_and_page(client: TestClient, drawn: dict[str, Any]) -> None:
+    assert drawn["slug"] == "the-cat-sat-on-the-mat-and"
+    listed = client.get("/v1/graph/list").json()
+    assert listed["available"] and [g["slug"] for g in listed["graphs"]] == [drawn["slug"]]
+    data = client.get(f"/v1/graph/{drawn['slug']}").json()
+    assert data["metadata"]["prompt"] == PROMPT and data["links"]
+    features = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and all(n["layer"] in "0123" for n in features)
+    assert data["metadata"]["transcoder_list"][0] == "mlp_in.0.w64.l0_5_skip_transcoder"
+    page = client.get(f"/graph/{drawn['slug']}")
+    assert page.status_code == 200 and "graph.js" in page.text
+    assert client.get("/graph/nope").status_code == 404
+
+
+def test_intervene_gives_predicted_and_measured(client: TestClient, drawn: dict[str, Any]) -> None:
+    data = client.get(f"/v1/graph/{drawn['slug']}").json()
+    node = next(n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    out = client.post(f"/v1/graph/{drawn['slug']}/intervene", json={"nodes": [node]})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    assert len(body["logits"]) == len([n for n in data["nodes"] if n["feature_type"] == "logit"])
+    row = body["logits"][0]
+    assert set(row) == {"token", "predicted", "predicted_direct", "measured", "prob_before", "prob_after"}
+    assert row["predicted"] != 0 or row["measured"] != 0
+    assert isinstance(body["top_token"], str)
+
+
+@pytest.mark.parametrize(
+    "path,body,status,fragment",
+    [
+        ("/v1/graph/generate", {"prompt": ""}, 400, "empty"),
+        ("/v1/graph/generate", {"prompt": "word " * 60}, 400, "at most 32"),
+        ("/v1/graph/generate", {"prompt": "hi", "slug": "Bad Name"}, 400, "not valid"),
+        ("/v1/graph/generate", {"prompt": "hi", "node_threshold": 2}, 422, "node_threshold"),
+        ("/v1/graph/nope/intervene", {"nodes": ["1_2_3"]}, 404, "no graph 'nope'"),
+    ],
+)
+def test_bad_requests(client: TestClient, path: str, body: Any, status: int, fragment: str) -> None:
+    out = client.post(path, json=body)
+    assert out.status_code == status, out.text
+    assert fragment in json.dumps(out.json())
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_bad_interventions(client: TestClient, drawn: dict[str, Any]) -> None:
+    url = f"/v1/graph/{drawn['slug']}/intervene"
+    assert "not a feature node" in client.post(url, json={"nodes": ["E_2_0"]}).json()["error"]
+    out = client.post(url, json={"nodes": ["3_63_1"]})
+    assert out.status_code == 400 and "not active features" in out.json()["error"]
+    assert client.post(url, json={"nodes": []}).status_code == 422
+
+
+def test_a_graph_of_another_transcoder_set_is_refused(
+    client: TestClient,
+    drawn: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: LanguageModel,
+) -> None:
+    run = graph_run_dir(tmp_path_factory, tiny_model)
+    source = run / "graphs" / f"{drawn['slug']}.json"
+    other = run / "graphs" / "other.json"
+    data = json.loads(source.read_text())
+    data["metadata"]["gemmascope"]["transcoder_digest"] = "0123456789abcdef"
+    other.write_text(json.dumps(data))
+    try:
+        out = client.get("/v1/graph/other")
+        assert out.status_code == 409 and "another transcoder set" in out.json()["error"]
+    finally:
+        other.unlink()
+
+
+def test_a_run_without_transcoders_says_why(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel
+) -> None:
+    run = tiny_run_dir(tmp_path_factory, tiny_model)
+    with TestClient(create_app(run, model=tiny_model)) as c:
+        listed = c.get("/v1/graph/list").json()
+        assert not listed["available"] and "no transcoder for layers 0-3" in listed["why_not"]
+        out = c.post("/v1/graph/generate", json={"prompt": PROMPT})
+        assert out.status_code == 409 and "suite" in out.json()["error"]
+    shutil.rmtree(run / "graphs", ignore_errors=True)
