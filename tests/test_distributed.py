@@ -5,6 +5,7 @@ process ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,3 +156,51 @@ def test_unknown_parallel_mode_is_a_clear_error(store_dir: Path, tmp_path: Path)
             256,
             TrainConfig(batch_size=128, device="cuda"),
         )
+
+
+def torchrun_harvest(run_dir: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [
+        "-m",
+        "gemmascope.cli",
+        "harvest",
+        str(run_dir),
+        "--model",
+        "tiny-gemma3",
+        "--sites",
+        ",".join(SITES),
+    ]
+    command += ["--tokens", "4096", "--context-len", "64", "--shard-rows", "8", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_harvest_under_torchrun_writes_the_single_process_store_and_resumes_per_rank(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    """Two gloo ranks harvest alternate shards into one store; rank 0 merges their lists: the
+    manifests and every shard's bytes equal one process's. A store missing some shards (a killed
+    rank) is finished by running the same command again, again byte for byte."""
+    run = tmp_path / "two"
+    done = torchrun_harvest(run)
+    assert sum(line.startswith(tuple(SITES)) for line in done.stdout.splitlines()) == len(
+        SITES
+    )  # rank 0 reports
+    one, two = ActivationStore(store_dir), ActivationStore(run)
+    for site in one.sites:
+        a, b = one.manifest(site), two.manifest(site)
+        assert a["shards"] == b["shards"] and a["scale"] == b["scale"] and b["complete"]
+        assert not list((run / "activations" / site.folder).glob("manifest.rank*.json"))
+    # a rank killed after its first shard: the manifest lists no shard yet, its list one
+    folder = run / "activations" / one.sites[0].folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entries = manifest["shards"]
+    manifest["shards"] = []
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.rank1.json").write_text(json.dumps([{**entries[1], "index": 1}]))
+    for entry in entries[2:]:
+        (folder / entry["file"]).unlink()
+    torchrun_harvest(run)
+    assert ActivationStore(run).manifest(one.sites[0])["shards"] == one.manifest(one.sites[0])["shards"]

@@ -1,6 +1,10 @@
 """Harvesting model sites into the activation store: the checks of a harvest request, the forward
 passes (one per batch feeds every site), the shard writer with its manifest, and resuming a killed or
-extending a finished harvest so that it writes the same bytes as one uninterrupted run.
+extending a finished harvest so that it writes the same bytes as one uninterrupted run. Under
+torchrun each rank harvests its own shards (shard i belongs to rank i mod world) into the one store,
+listing them in its own `manifest.rankR.json`; rank 0 merges those into the manifest once every rank
+is done, so the store is byte for byte the one a single process writes. A killed rank resumes from
+its own list.
 
 Knows nothing of how the shards are read back or batched (`store.py`) nor of what trains on them.
 """
@@ -72,11 +76,51 @@ def harvest(
     if shard_rows is not None and shard_rows < 1:
         raise ConfigError(f"shard_rows {shard_rows} must be at least 1")
 
-    with lock(run_dir, "harvest"):
-        return _harvest(
-            model, sites, Path(run_dir), n_tokens, corpus, context_len, dtype, shard_rows, batch_rows,
-            split, progress,
-        )  # fmt: skip
+    ranks = _Ranks.start()
+    try:
+        with lock(run_dir, "harvest"):
+            return _harvest(
+                model, sites, Path(run_dir), n_tokens, corpus, context_len, dtype, shard_rows, batch_rows,
+                split, progress and ranks.rank == 0, ranks,
+            )  # fmt: skip
+    finally:
+        ranks.finish()
+
+
+class _Ranks:
+    """This process's part of a torchrun harvest: `rank` of `world` (0 of 1 without torchrun), and
+    the barrier the ranks meet at (gloo: only barriers cross processes)."""
+
+    def __init__(self, rank: int, world: int, owns_group: bool) -> None:
+        self.rank, self.world, self.owns_group = rank, world, owns_group
+
+    @classmethod
+    def start(cls) -> _Ranks:
+        import os
+
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), False)
+        if world <= 1:
+            return cls(0, 1, False)
+        dist.init_process_group("gloo")
+        return cls(dist.get_rank(), world, True)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def finish(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.barrier()  # leave together (a rank leaving early can abort the others at exit)
+            dist.destroy_process_group()
+            self.owns_group = False
 
 
 def check_request(
@@ -109,6 +153,7 @@ def _harvest(
     batch_rows: int | None,
     split: str,
     progress: bool,
+    ranks: _Ranks,
 ) -> ActivationStore:
     """The harvest proper, under the run folder's lock (see `harvest`)."""
     root = run_dir / ACTIVATIONS
@@ -171,9 +216,20 @@ def _harvest(
         }
         writers[site] = _SiteWriter(root / site.folder, manifest, shard_ranges)
         writers[site].keep_verified(existing.get(site), rows)
-    for writer in writers.values():  # only once every site has passed its checks
-        writer.start()
-    _harvest_shards(model, rows, is_special, writers, shard_ranges, batch_rows, DTYPES[dtype], progress)
+    if ranks.rank == 0:
+        for writer in writers.values():  # only once every site has passed its checks
+            writer.start()
+    ranks.barrier()  # no rank writes a shard before rank 0 has cleared what a killed harvest left
+    mine = [i for i in range(len(shard_ranges)) if i % ranks.world == ranks.rank]
+    if ranks.world > 1:
+        for writer in writers.values():
+            writer.adopt_rank_lists(ranks.rank, mine, rows)
+    _harvest_shards(model, rows, is_special, writers, shard_ranges, mine, batch_rows, DTYPES[dtype], progress)
+    ranks.barrier()
+    if ranks.world > 1 and ranks.rank == 0:
+        for writer in writers.values():
+            writer.merge_rank_lists()
+    ranks.barrier()
     return ActivationStore(run_dir)
 
 
@@ -183,20 +239,19 @@ def _harvest_shards(
     is_special: Tensor,
     writers: dict[Site, _SiteWriter],
     shard_ranges: list[tuple[int, int]],
+    mine: list[int],
     batch_rows: int,
     dtype: torch.dtype,
     progress: bool,
 ) -> None:
-    """Compute and write every shard not yet complete for some site: `rows [n_rows, ctx]` in forward
-    passes of `batch_rows` rows, each capturing all the sites that still need that shard."""
+    """Compute and write every shard of `mine` not yet complete for some site: `rows [n_rows, ctx]`
+    in forward passes of `batch_rows` rows, each capturing all the sites that still need that shard."""
     context_len = rows.shape[1]
-    done = {site: writer.n_done for site, writer in writers.items()}
-    first = min(done.values())
+    todo_shards = [i for i in mine if any(not w.has(i) for w in writers.values())]
+    size = {i: (shard_ranges[i][1] - shard_ranges[i][0]) * context_len for i in mine}
     bar = tqdm(
-        total=shard_ranges[-1][1] * context_len,
-        initial=shard_ranges[first][0] * context_len
-        if first < len(shard_ranges)
-        else shard_ranges[-1][1] * context_len,
+        total=sum(size.values()),
+        initial=sum(size.values()) - sum(size[i] for i in todo_shards),
         unit="tok",
         unit_scale=True,
         desc=f"harvest {', '.join(map(str, writers))}",
@@ -206,8 +261,8 @@ def _harvest_shards(
     # waiting for shard i-1's writes before queueing shard i bounds memory to two shards per site.
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         pending: list[Future[None]] = []
-        for index in range(first, len(shard_ranges)):
-            todo = [site for site in writers if done[site] <= index]
+        for index in todo_shards:
+            todo = [site for site in writers if not writers[site].has(index)]
             start, stop = shard_ranges[index]
             acts = {  # (rows, ctx, d_in) per site
                 site: torch.empty((stop - start, context_len, writers[site].manifest["d_in"]), dtype=dtype)
@@ -275,10 +330,64 @@ class _SiteWriter:
         self.folder = folder
         self.manifest = manifest
         self.shard_ranges = shard_ranges
+        self.rank: int | None = None  # under torchrun: shards go to this rank's list, not the manifest
+        self.rank_entries: dict[int, dict[str, Any]] = {}
 
     @property
     def n_done(self) -> int:
         return len(self.manifest["shards"])
+
+    def has(self, index: int) -> bool:
+        """Whether shard `index` is complete (in the manifest or, under torchrun, this rank's list)."""
+        return index < self.n_done or index in self.rank_entries
+
+    def _rank_list(self, rank: int) -> Path:
+        return self.folder / f"manifest.rank{rank}.json"
+
+    def adopt_rank_lists(self, rank: int, mine: list[int], rows: Tensor) -> None:
+        """Under torchrun: list this rank's shards here from now on, starting with those of `mine`
+        that a killed harvest's rank lists (of any world size) hold, verified."""
+        self.rank = rank
+        for path in sorted(self.folder.glob("manifest.rank*.json")):
+            try:
+                entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a list being replaced by a killed rank: its shards are recomputed
+            for entry in entries:
+                index = int(entry["index"])
+                if index in mine and not self.has(index) and self._verified(index, entry, rows):
+                    self.rank_entries[index] = entry
+        write_atomic(
+            self._rank_list(rank), json.dumps(sorted(self.rank_entries.values(), key=lambda e: e["index"]))
+        )
+
+    def _verified(self, index: int, entry: dict[str, Any], rows: Tensor) -> bool:
+        if index >= len(self.shard_ranges) or tuple(entry["rows"]) != self.shard_ranges[index]:
+            return False
+        if not (self.folder / entry["file"]).exists():
+            return False
+        verify_shard(self.folder / entry["file"], entry, full=True)  # damaged: an error naming it
+        start, stop = self.shard_ranges[index]
+        return bool(entry["token_ids_sha256"] == tensor_sha256(rows[start:stop].to(torch.int32)))
+
+    def merge_rank_lists(self) -> None:
+        """Rank 0, once every rank is done: the manifest lists every shard of every rank's list, in
+        order, and the rank lists go."""
+        found = {i: e for i, e in enumerate(self.manifest["shards"])}
+        lists = sorted(self.folder.glob("manifest.rank*.json"))
+        for path in lists:
+            for entry in json.loads(path.read_text()):
+                found.setdefault(int(entry["index"]), entry)
+        missing = [i for i in range(len(self.shard_ranges)) if i not in found]
+        if missing:
+            raise StoreError(
+                f"{self.manifest['site']}: shards {missing[:8]} of {str(self.folder)!r} were not written by any "
+                "rank; run the same harvest again to finish them"
+            )
+        self.manifest["shards"] = [{k: v for k, v in found[i].items() if k != "index"} for i in sorted(found)]
+        self._write_manifest()
+        for path in lists:
+            path.unlink()
 
     def keep_verified(self, old: dict[str, Any] | None, rows: Tensor) -> None:
         """Keep the old manifest's shards that match this harvest's plan, after verifying them against
@@ -314,23 +423,28 @@ class _SiteWriter:
         self._write_manifest()
 
     def write_shard(self, index: int, acts: Tensor, token_ids: Tensor, sum_sq: float, n_real: int) -> None:
-        """Write shard `index` (`acts [rows, ctx, d_in]`, `token_ids [rows, ctx]`) and list it."""
-        assert index == self.n_done, "shards are written in order"
+        """Write shard `index` (`acts [rows, ctx, d_in]`, `token_ids [rows, ctx]`) and list it: in the
+        manifest (in order), or under torchrun in this rank's list."""
         name = f"shard-{index:05d}.safetensors"
         ids32 = token_ids.to(torch.int32).contiguous()
         data = save_safetensors({"acts": acts.contiguous(), "token_ids": ids32})
         write_atomic(self.folder / name, data)
-        self.manifest["shards"].append(
-            {
-                "file": name,
-                "rows": list(self.shard_ranges[index]),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "token_ids_sha256": tensor_sha256(ids32),
-                "sum_sq": sum_sq,
-                "n_non_special": n_real,
-            }
-        )
+        entry = {
+            "file": name,
+            "rows": list(self.shard_ranges[index]),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "token_ids_sha256": tensor_sha256(ids32),
+            "sum_sq": sum_sq,
+            "n_non_special": n_real,
+        }
+        if self.rank is not None:
+            self.rank_entries[index] = {**entry, "index": index}
+            entries = sorted(self.rank_entries.values(), key=lambda e: e["index"])
+            write_atomic(self._rank_list(self.rank), json.dumps(entries))
+            return
+        assert index == self.n_done, "shards are written in order"
+        self.manifest["shards"].append(entry)
         self._write_manifest()
 
     def _write_manifest(self) -> None:

@@ -23,6 +23,9 @@ def args_harvest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, required=True, help="tokens to harvest (rounded up to whole rows)")
     add_corpus(p, split="train")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument(
+        "--shard-rows", type=int, default=None, help="rows per shard (default: 32,768 tokens' worth)"
+    )
     p.set_defaults(run=run_harvest)
 
 
@@ -36,8 +39,10 @@ def run_harvest(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         store = harvest(
             model, sites, args.run_dir, args.tokens, corpus=args.corpus, context_len=args.context_len,
-            dtype=args.dtype, split=args.split,
+            dtype=args.dtype, split=args.split, shard_rows=args.shard_rows,
         )  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports for all
     for site in store.sites:
         m = store.manifest(site)
         print(f"{site}: {m['n_tokens']} tokens, d_in {m['d_in']}, {m['dtype']}, scale C {m['scale']:.4g}")
