@@ -63,11 +63,10 @@ def test_edges_add_up_to_what_each_node_reads(tiny_model: LanguageModel, skip: b
         assert float(graph.adjacency[j].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
         later = graph.features[:, 0] >= layer
         assert not graph.adjacency[j, : graph.n_features][later].any()  # only earlier layers feed it
-    with torch.no_grad():
-        hidden = tiny_model.hf(input_ids=graph.ids[None], output_hidden_states=True).hidden_states[-1][0, -1]
-    unembed = tiny_model.hf.lm_head.weight.detach()
+    with torch.no_grad():  # no softcapping here: logit - mean logit = final hidden · (W_U[t] - mean W_U)
+        logits = tiny_model.hf(input_ids=graph.ids[None], use_cache=False).logits[0, -1]
     for k, token in enumerate(graph.logit_ids.tolist()):
-        read = float(hidden @ (unembed[token] - unembed.mean(0)))
+        read = float(logits[token] - logits.mean())
         assert float(graph.adjacency[graph.logit_start + k].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
     assert graph.logit_probs.sum() <= 1 and len(graph.logit_ids) <= 10
 

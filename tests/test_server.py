@@ -697,3 +697,22 @@ def test_errors_show_no_absolute_server_path(
     assert f"gemmascope index {tmp_path.name}" in resp.json()["error"]
     message = public_message(f"cannot read '{tmp_path}/run.json' or '/srv/x/y.sqlite'", tmp_path)
     assert message == f"cannot read '{tmp_path.name}/run.json' or 'y.sqlite'"
+
+
+def test_steer_at_chosen_positions(client: TestClient, ids: list[str]) -> None:
+    """`positions` edits those token positions only: past the prompt and the generation it changes
+    nothing; a negative one is a 400."""
+    body = {
+        "prompt": "The capital of France is",
+        "features": [{"sae_id": ids[1], "index": 3, "strength": 40.0, "positions": [500]}],
+        "max_new_tokens": 6,
+        "temperature": 0.0,
+        "freq_penalty": 0.0,
+    }
+    data = client.post("/v1/steer/completion", json=body).json()
+    assert data["steered"] == data["default"] and data["features"][0]["positions"] == [500]
+    body["features"][0]["positions"] = [1, 2, 3, 4, 5, 6]
+    assert client.post("/v1/steer/completion", json=body).json()["steered"] != data["default"]
+    body["features"][0]["positions"] = [-1]
+    out = client.post("/v1/steer/completion", json=body)
+    assert out.status_code == 400 and "positions" in out.json()["error"]

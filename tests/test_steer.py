@@ -516,3 +516,19 @@ def test_cli_steer_default_strength_from_the_feature_index(run_with_sae, cli_mod
     assert main([*argv, "--max-new-tokens", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["interventions"] == [f"add resid_post.2#3 by {max_act:g}", "add resid_post.2#4 by 2"]
+
+
+def test_cli_steer_at_positions(run_with_sae, cli_model, capsys):
+    from gemmascope.cli import main
+
+    folder = run_with_sae / "saes/resid_post/layer_2/width_128/l0_10"
+    common = ["--max-new-tokens", "6", "--seed", "1", "--top-k", "0", "--json"]
+    argv = ["steer", PROMPT, "--sae", str(folder), "--feature", "3", "--strength", "80", *common]
+    assert main([*argv, "--positions", "900"]) == 0
+    far = json.loads(capsys.readouterr().out)
+    assert far["default"] == far["steered"]  # no position of the prompt or the generation is edited
+    assert main([*argv, "--positions", "1,2,3"]) == 0
+    near = json.loads(capsys.readouterr().out)
+    assert near["default"] != near["steered"]
+    assert main([*argv, "--positions", "1,x"]) == 2
+    assert "--positions" in capsys.readouterr().err

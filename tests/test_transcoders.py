@@ -202,3 +202,26 @@ def test_gemma_scope_2_layout_round_trip(tmp_path: Path) -> None:
     shutil.copy(path, bare)
     with pytest.raises(FormatError, match="names no layer"):
         load_sae(bare)
+
+
+def test_steering_a_transcoder_latent_edits_the_mlp_output(tiny_model: LanguageModel) -> None:
+    """A transcoder's latent is read at the MLP input and its change written into the MLP output,
+    at the chosen positions only."""
+    from gemmascope.steer import Intervention, steering
+
+    tc = build_sae(SAEConfig("jumprelu", d_in=64, d_sae=16, site=IN, out_site=OUT))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for _, p in tc.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        tc.threshold.fill_(0.0)
+    ids = torch.randint(3, 200, (1, 10))
+    sites = [parse_site(IN), parse_site(OUT)]
+    clean = capture(tiny_model, ids, sites)
+    f = tc.encode(clean[parse_site(IN)])[0, 4, 2]
+    with steering(tiny_model, [Intervention(tc, 2, "clamp", 7.0, positions=(4,))]):
+        edited = capture(tiny_model, ids, sites)
+    change = edited[parse_site(OUT)] - clean[parse_site(OUT)]
+    assert torch.allclose(change[0, 4], (7.0 - f) * tc.W_dec[2].detach(), atol=1e-5)
+    assert torch.equal(change[0, :4], torch.zeros_like(change[0, :4]))  # earlier positions untouched
+    assert torch.equal(edited[parse_site(IN)][0, :5], clean[parse_site(IN)][0, :5])  # input read, not edited

@@ -24,7 +24,7 @@ from torch import Tensor
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel, prompt_tokens
 from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import Site, capture, edit_site
+from gemmascope.sites import Site, capture, edit_site, parse_site
 
 MODES = ("add", "clamp", "ablate")
 MAX_NEW_TOKENS = 512
@@ -120,8 +120,12 @@ def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
     return sae_site(model, iv.sae)
 
 
-def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Tensor], Tensor]:
+def _site_edit(
+    sae: SAE, interventions: Sequence[Intervention], held: dict[str, Tensor] | None = None
+) -> Callable[[Tensor], Tensor]:
     """The function of the activation `[batch, pos, d_in]` that applies one SAE's interventions.
+    A transcoder's edit applies to its output site, its latents encoded from its input site's
+    activation of the same pass (`held["x"]`, recorded by a hook there).
 
     Clamp/ablate: with latents `f = encode(x)` and edited latents `f'`, the spliced activation is
     `decode(f') + (x - decode(f))`. We compute it as `x + (f' - f)[:, :, idx] @ W_dec[idx]` over the
@@ -163,7 +167,8 @@ def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Ten
                 target[where(iv, start, length), column[iv.latent]] = value
             with torch.no_grad():
                 # every position is edited (BOS too): the splice is exact, so no mask (encode_inputs) here
-                f_old = sae.encode(act.to(W_dec.dtype))[..., idx_t]  # [batch, pos, n_edit]
+                source = act if held is None else held["x"]
+                f_old = sae.encode(source.to(W_dec.dtype))[..., idx_t]  # [batch, pos, n_edit]
                 change = torch.where(target.isnan(), torch.zeros_like(f_old), target - f_old)
                 out = out + (change @ W_dec[idx_t]).to(act.dtype)
         if adds:
@@ -184,14 +189,25 @@ def steering(model: LanguageModel, interventions: Sequence[Intervention]) -> Ite
     """Within the block, every forward pass of `model` (prompt and generated tokens alike) runs with
     the interventions applied at their SAEs' sites. Several latents and several SAEs may be given;
     one hook per SAE, stacked in the order the SAEs first appear. All are validated before any hook
-    is placed, and every hook is removed on exit, also when the body raises."""
+    is placed, and every hook is removed on exit, also when the body raises. A transcoder's latents
+    are read at its input site and edited where it writes (its layer's MLP output)."""
     groups: dict[int, tuple[SAE, Site, list[Intervention]]] = {}
     for iv in interventions:
         site = check_intervention(model, iv)
         groups.setdefault(id(iv.sae), (iv.sae, site, []))[2].append(iv)
     with ExitStack() as stack:
         for sae, site, ivs in groups.values():
-            stack.enter_context(edit_site(model, site, _site_edit(sae, ivs)))
+            if not sae.is_transcoder:
+                stack.enter_context(edit_site(model, site, _site_edit(sae, ivs)))
+                continue
+            held: dict[str, Tensor] = {}
+
+            def hold(act: Tensor, held: dict[str, Tensor] = held) -> None:
+                held["x"] = act
+
+            stack.enter_context(edit_site(model, site, hold))
+            out_site = parse_site(sae.cfg.out_site, model.n_layers)
+            stack.enter_context(edit_site(model, out_site, _site_edit(sae, ivs, held)))
         yield
 
 

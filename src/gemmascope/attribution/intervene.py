@@ -2,8 +2,9 @@
 position) to a value, 0 to switch them off, and compare what the graph predicts for the output
 logits with what the model then does. Owns the prediction (`predict`: through the graph's edges,
 every feature downstream following linearly, attention and norms frozen, as the replacement model
-has them) and the measurement (`measure`: the real model, in which each chosen latent's
-contribution to its layer's MLP output is replaced at its position, everything else free).
+has them) and the measurement (`measure`: the real model with each chosen latent clamped at its
+position, `steer.Intervention`; a transcoder's latent is read from its layer's MLP input and its
+change written into the MLP's output; everything else free).
 
 Logit changes are of the demeaned logit (logit minus the mean logit), what the graph's edges are in;
 the measurement also gives each output token's probability before and after.
@@ -11,8 +12,7 @@ the measurement also gives each output token's probability before and after.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from gemmascope.attribution.graph import Graph
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE
-from gemmascope.sites import Site, edit_site
+from gemmascope.steer import Intervention, steering
 
 Node = tuple[int, int, int]  # (layer, position, latent)
 
@@ -63,46 +63,6 @@ def predict(graph: Graph, nodes: Sequence[Node], value: float = 0.0) -> dict[str
     return {"direct": direct, "total": unit[graph.logit_start :] @ delta}
 
 
-@contextmanager
-def set_features(
-    model: LanguageModel, transcoders: Sequence[SAE], nodes: Sequence[Node], value: float
-) -> Iterator[None]:
-    """Within the block, each `(layer, position, latent)` of `nodes` has its contribution to its
-    layer's MLP output replaced: the MLP output gets `(value − f) · W_dec[latent]` added at that
-    position, `f` the latent's activation on the MLP input of this same pass."""
-    by_layer: dict[int, list[tuple[int, int]]] = {}
-    for layer, pos, latent in nodes:
-        by_layer.setdefault(layer, []).append((pos, latent))
-    with ExitStack() as stack:
-        for layer, chosen in by_layer.items():
-            tc = transcoders[layer]
-            held: dict[str, Tensor] = {}
-
-            def hold(act: Tensor, held: dict[str, Tensor] = held) -> None:
-                held["x"] = act
-
-            def edit(
-                act: Tensor,
-                held: dict[str, Tensor] = held,
-                tc: SAE = tc,
-                chosen: list[tuple[int, int]] = chosen,
-            ) -> Tensor:
-                out = act.clone()
-                with torch.no_grad():
-                    for pos, latent in chosen:
-                        if pos >= act.shape[1]:
-                            continue  # a shorter pass (generation step): the position is not in it
-                        x = held["x"][:, pos].to(tc.W_enc.dtype)
-                        f = tc.encode(x)[:, latent]  # [B]
-                        change = (value - f)[:, None] * tc.W_dec[latent]
-                        out[:, pos] = out[:, pos] + change.to(act.dtype)
-                return out
-
-            stack.enter_context(edit_site(model, Site("mlp_in", layer), hold))
-            stack.enter_context(edit_site(model, Site("mlp_out", layer), edit))
-        yield
-
-
 def measure(
     model: LanguageModel, transcoders: Sequence[SAE], graph: Graph, nodes: Sequence[Node], value: float = 0.0
 ) -> dict[str, Any]:
@@ -118,7 +78,11 @@ def measure(
         return out
 
     clean = last_logits()
-    with set_features(model, transcoders, nodes, value):
+    clamps = [
+        Intervention(transcoders[layer], latent, "clamp", value, positions=(pos,))
+        for layer, pos, latent in nodes
+    ]
+    with steering(model, clamps):
         changed = last_logits()
     k = graph.logit_ids
 

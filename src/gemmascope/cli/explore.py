@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gemmascope.cli.options import add_model, add_sae_choice, add_serving
+from gemmascope.cli.options import add_model, add_sae_choice, add_serving, parse_list
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.runs import FEATURES_DB, find_index, resolve_sae, run_of, sae_id
 
@@ -189,6 +189,12 @@ def args_steer(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--normalize", action="store_true", help="add the unit-norm decoder direction")
     p.add_argument(
+        "--positions",
+        default=None,
+        help="edit at these token positions only (comma-separated, 0 = BOS; generated tokens count on "
+        "from the prompt's length); default every position",
+    )
+    p.add_argument(
         "--run", dest="run_dir", metavar="RUN_DIR", help="run folder holding the SAEs and features.sqlite"
     )
     p.add_argument("--index", help="feature index (features.sqlite) for default strengths")
@@ -237,8 +243,11 @@ def run_steer(args: argparse.Namespace) -> int:
     folders = {spec: resolve_sae(spec, run_dir)[1] for spec in dict.fromkeys(w["sae"] for w in wanted)}
     saes = {spec: load_sae(folder) for spec, folder in folders.items()}
     ids = {id(saes[spec]): sae_id(folder) for spec, folder in folders.items()}
+    positions = tuple(parse_list(args.positions, "--positions", int)) if args.positions else None
     interventions = [
-        Intervention(saes[w["sae"]], w["latent"], args.mode, w["value"], normalize=args.normalize)
+        Intervention(
+            saes[w["sae"]], w["latent"], args.mode, w["value"], normalize=args.normalize, positions=positions
+        )
         for w in wanted
     ]
     for iv in interventions:  # before the model loads

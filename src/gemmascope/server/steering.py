@@ -17,7 +17,7 @@ from pydantic import Field
 
 from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
-from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, Run
+from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_REQUEST_TOKENS, Run
 from gemmascope.steer import (
     DEFAULT_FREQ_PENALTY,
     DEFAULT_MAX_NEW_TOKENS,
@@ -42,6 +42,8 @@ class SteerFeature(Body):
     index: int
     strength: float | None = Field(None, allow_inf_nan=False)  # default: the feature's max activation
     mode: Literal["add", "clamp", "ablate"] = "add"
+    # token positions to edit (0 = BOS; generated tokens count on); None: every position
+    positions: list[int] | None = Field(None, min_length=1, max_length=MAX_REQUEST_TOKENS + MAX_NEW_TOKENS)
 
 
 class SteerRequest(Body):
@@ -77,7 +79,13 @@ async def steer_completion(body: SteerRequest, run: RunDep, queue: QueueDep) -> 
     return {
         "prompt": body.prompt,
         "features": [
-            {"sae_id": feat.sae_id, "index": iv.latent, "mode": iv.mode, "strength": iv.value}
+            {
+                "sae_id": feat.sae_id,
+                "index": iv.latent,
+                "mode": iv.mode,
+                "strength": iv.value,
+                "positions": feat.positions,
+            }
             for feat, iv in zip(body.features, interventions, strict=True)
         ],
         "settings": body.model_dump(
@@ -99,7 +107,12 @@ def _intervention(run: Run, feat: SteerFeature, normalize: bool) -> Intervention
     i = feature_or_4xx(entry, feat.index)
     max_acts = run.column(entry, "max_act")
     max_act = float(max_acts[i]) if max_acts is not None else None
-    asked = Intervention(entry.sae, i, feat.mode, feat.strength, normalize)
+    positions = None if feat.positions is None else tuple(feat.positions)
+    if positions is not None and any(p < 0 for p in positions):
+        raise ApiError(
+            400, f"positions {feat.positions} of {entry.id}#{i}: expected token indices >= 0 (0 is BOS)"
+        )
+    asked = Intervention(entry.sae, i, feat.mode, feat.strength, normalize, positions)
     [iv] = fill_strengths([asked], lambda _: max_act or None)
     if iv.value is None and iv.mode != "ablate":
         raise ApiError(
