@@ -385,6 +385,21 @@ def test_search_text_ranks_latents_by_their_max_on_the_text_or_token(
         top_features(tiny_model, sae, "   ")
 
 
+def test_baseline_explanation_names_only_lens_tokens_the_corpus_uses() -> None:
+    from gemmascope.features import baseline_explanation
+
+    feature = {
+        "top_examples": [{"tokens": [" the", " sea"], "acts": [0.0, 3.0], "focus": 1}],
+        "logit_lens": {"promoted": [{"token": "मंत्रियों", "value": 2.0}, {"token": " waves", "value": 1.0}]},
+    }
+    assert baseline_explanation(feature) == 'fires on "sea"; after "the"; promotes "मंत्रियों", "waves"'
+    assert (
+        baseline_explanation(feature, {" the", " sea", " waves"})
+        == 'fires on "sea"; after "the"; promotes "waves"'
+    )
+    assert baseline_explanation(feature, {" the"}) == 'fires on "sea"; after "the"'
+
+
 def test_baseline_explanations_are_stored_and_searchable(built: Path) -> None:
     import re
 

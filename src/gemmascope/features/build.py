@@ -285,11 +285,14 @@ def _write_pages(
     }
     weights_s = time.perf_counter() - t0
     pass1, pass2 = passes.pass1[sid], passes.pass2[sid]
+    known = set(decode.values())  # the index corpus's tokens: the explanation's lens tokens come from them
     for start in range(0, sae.d_sae, PAGE_CHUNK):  # a chunk of pages at a time: bounded memory
         stop = min(sae.d_sae, start + PAGE_CHUNK)
         chunk = list(feature_pages(pass1, pass2, n_valid, rows, decode, lens, model, start, stop))
         job.index.write_features(sid, chunk)
-        job.index.set_explanations(sid, ((r[0], baseline_explanation(r[4]), None) for r in chunk), BASELINE)
+        job.index.set_explanations(
+            sid, ((r[0], baseline_explanation(r[4], known), None) for r in chunk), BASELINE
+        )
     null_latents = passes.null_latents[sid]
     job.index.write_null_windows(
         sid,

@@ -16,7 +16,7 @@ import re
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +33,12 @@ def _quote(token: str) -> str:
     return json.dumps(token.strip() or token, ensure_ascii=False)
 
 
-def baseline_explanation(feature: Mapping[str, Any]) -> str:
+def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> str:
     """A one-line description of a latent from its feature-page data alone: the tokens it fires on
     most (weighted by activation over its top examples), the token that most often precedes them
-    when one does in at least half of the examples, and the tokens its logit lens promotes."""
+    when one does in at least half of the examples, and the tokens its logit lens promotes, of those
+    in `known_tokens` when given (the index corpus's: a lens token the text never uses, such as
+    "मंत्रियों" in English Wikipedia, says nothing a reader can check)."""
     examples = feature.get("top_examples") or []
     if not examples:
         return "never fires on the index corpus"
@@ -57,6 +59,8 @@ def baseline_explanation(feature: Mapping[str, Any]) -> str:
         if count >= len(examples) / 2:
             parts.append(f"after {_quote(prev)}")
     promoted = (feature.get("logit_lens") or {}).get("promoted") or []
+    if known_tokens is not None:
+        promoted = [p for p in promoted if p["token"] in known_tokens]
     if promoted:
         parts.append("promotes " + ", ".join(_quote(p["token"]) for p in promoted[:3]))
     return "; ".join(parts)
