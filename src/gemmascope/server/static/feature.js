@@ -53,6 +53,8 @@ function exampleRow(ex, max) {
     GS.renderTokens(ex.tokens, ex.acts, {max, hot: ex.focus, inline: true}));
 }
 
+const FEW_EXAMPLES = 10; // fewer indexed activations than this and a feature page says so
+
 function render(f) {
   document.title = `gemmascope · ${f.sae_id} #${f.index}`;
   $("title").textContent = `${f.sae_id} · feature #${f.index}`;
@@ -63,6 +65,10 @@ function render(f) {
     const by = f.explanations && f.explanations[0];
     if (by) exp.append(GS.el("span", {class: "small muted"}, `  (${by.explainer}${by.score !== null && by.score !== undefined ? `, detection score ${GS.fmt(by.score, 2)}` : ""})`));
   } else { exp.textContent = "No explanation yet."; exp.className = "explanation none"; }
+  if (f.n_fired > 0 && f.n_fired < FEW_EXAMPLES) {
+    exp.append(GS.el("div", {class: "small warn", id: "few-examples"},
+      `Only ${f.n_fired} indexed example${f.n_fired === 1 ? "" : "s"}: the explanation, density and histogram rest on few tokens (index more text for a firmer picture).`));
+  }
   const st = $("stats");
   st.innerHTML = "";
   st.append(stat("site", f.sae.site), stat("layer", String(f.sae.layer)), stat("width", String(f.sae.width)),

@@ -34,6 +34,11 @@ async function search() {
       showAct ? GS.el("td", {class: "mono small"}, r.token === undefined ? "" : JSON.stringify(r.token)) : null));
   }
   $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
+  if (!data.results.length && data.mode === "text" && !$("show-dense").checked) {
+    table.append(GS.el("tr", {}, GS.el("td", {colspan: 5, class: "small", id: "dense-hint"},
+      "No feature left after hiding dense ones (firing on more than 1% of tokens). ",
+      GS.el("button", {class: "plain", type: "button", onclick: () => { $("show-dense").checked = true; search(); }}, "show dense features too"))));
+  }
   $("results-card").hidden = false;
 }
 
