@@ -163,6 +163,33 @@ def test_fast_flag_uses_sparse_step_or_says_it_cannot(run_dir: Path) -> None:
     assert torch.allclose(ref[0], fast[0], rtol=1e-5) and torch.equal(ref[1], fast[1])
 
 
+def test_a_fast_run_steps_every_sae_with_the_sparse_step(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default settings (massive activations left out) every step of a fast run of SAEs
+    goes through the sparse step, none through the reference; a transcoder takes the reference."""
+    import gemmascope.sparse_step as sparse_step
+    import gemmascope.train.loop as loop
+
+    calls = {"fast": 0, "reference": 0}
+    real_fast, real_ref = sparse_step.jumprelu_terms_sparse, loop.jumprelu_terms
+
+    def fast(*args: object) -> object:
+        calls["fast"] += 1
+        return real_fast(*args)  # type: ignore[arg-type]
+
+    def reference(*args: object) -> object:
+        calls["reference"] += 1
+        return real_ref(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sparse_step, "jumprelu_terms_sparse", fast)
+    monkeypatch.setattr(loop, "jumprelu_terms", reference)
+    cfg = small_config(fast=True)
+    assert cfg.max_norm is not None
+    train_saes(run_dir, [TrainSpec(SITE, 32, target_l0=4)], 1024, cfg, progress=False)
+    assert calls == {"fast": 1024 // 128, "reference": 0}
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipe pieces
 

@@ -225,3 +225,22 @@ def test_steering_a_transcoder_latent_edits_the_mlp_output(tiny_model: LanguageM
     assert torch.allclose(change[0, 4], (7.0 - f) * tc.W_dec[2].detach(), atol=1e-5)
     assert torch.equal(change[0, :4], torch.zeros_like(change[0, :4]))  # earlier positions untouched
     assert torch.equal(edited[parse_site(IN)][0, :5], clean[parse_site(IN)][0, :5])  # input read, not edited
+
+
+def test_saelens_skip_layout_is_d_out_by_d_in(tmp_path: Path) -> None:
+    """SAELens applies its `W_skip [d_out, d_in]` as `x @ W_skip.T`: ours is saved transposed, so a
+    SAELens reader computes what we do (a square matrix would load either way, silently wrong)."""
+    from safetensors.torch import load_file
+
+    tc = random_transcoder(True)
+    folder = save_sae(fold_scaling(tc, 1.0), tmp_path / "tc")
+    stored = load_file(str(folder / "sae_weights.safetensors"))["W_skip"]
+    x = torch.randn(5, 8)
+    assert tc.W_skip is not None
+    assert torch.allclose(x @ stored.T, x @ tc.W_skip.detach(), atol=1e-6)
+    assert not torch.allclose(stored, tc.W_skip.detach())
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for arch, name in [("jumprelu", "jumprelu_skip_transcoder"), ("relu", "skip_transcoder")]:
+        cfg["architecture"] = name
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        assert load_sae(folder).cfg.architecture == arch

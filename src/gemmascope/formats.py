@@ -72,6 +72,8 @@ def save_sae(
         sae = sae.to_jumprelu()
     _check_replaceable(folder, overwrite)
     weights = _state(sae)
+    if "W_skip" in weights:  # SAELens's layout: [d_out, d_in], applied as x @ W_skip.T
+        weights["W_skip"] = weights["W_skip"].T.contiguous()
     _check_finite(weights, f"SAE for {str(folder)!r}")
     density = None
     if log10_density is not None:
@@ -219,19 +221,32 @@ def _gemma_scope_params(sae: SAE, fmt: str) -> dict[str, Tensor]:
 
 
 def _state(sae: SAE) -> dict[str, Tensor]:
+    """The weights as saved, fp32 on the CPU (a transcoder's `W_skip [d_in, d_out]` as we apply it)."""
     names = [n for n in PARAM_NAMES if n != "threshold" or isinstance(sae, JumpReLUSAE)]
     if sae.W_skip is not None:
         names.append("W_skip")
     return {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous().clone() for n in names}
 
 
+# SAELens's transcoder architectures, by (our architecture, affine skip); SAELens stores the skip
+# connection as `W_skip [d_out, d_in]` applied as `x @ W_skip.T` (ours: `x @ W_skip`).
+_SAELENS_TRANSCODERS = {
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+    ("relu", False): "transcoder",
+    ("relu", True): "skip_transcoder",
+}
+_FROM_SAELENS_TRANSCODERS = {name: key for key, name in _SAELENS_TRANSCODERS.items()}
+
+
 def _saelens_architecture(c: SAEConfig) -> str:
-    """SAELens's name of the architecture: `jumprelu`, `topk`, `standard`; a transcoder's with
-    `_transcoder` (`_skip_transcoder` with the affine skip connection) appended."""
-    name = _TO_SAELENS[c.architecture]
-    if c.is_transcoder:
-        name += "_skip_transcoder" if c.affine_skip else "_transcoder"
-    return name
+    """SAELens's name of the architecture: `jumprelu`, `topk`, `standard`; a transcoder's
+    `jumprelu_transcoder`, `jumprelu_skip_transcoder`, ... (a TopK transcoder, which SAELens has no
+    name for, `topk_transcoder` / `topk_skip_transcoder`, read back by us only)."""
+    if not c.is_transcoder:
+        return _TO_SAELENS[c.architecture]
+    key = (c.architecture, c.affine_skip)
+    return _SAELENS_TRANSCODERS.get(key, f"{c.architecture}{'_skip' if c.affine_skip else ''}_transcoder")
 
 
 def _saelens_cfg(sae: SAE) -> dict[str, Any]:
@@ -340,9 +355,11 @@ def _load_saelens(folder: Path) -> SAE:
     flat = {**raw, **meta}  # SAELens < 6 keeps metadata at the top level
     ours = meta.get("gemmascope") or {}
     arch_name = str(flat.get("architecture", "standard"))
-    transcoder = re.fullmatch(r"(\w+?)(_skip)?_transcoder", arch_name)
-    if transcoder:
-        arch_name = transcoder.group(1)
+    transcoder = _FROM_SAELENS_TRANSCODERS.get(arch_name)
+    if transcoder is None and (m := re.fullmatch(r"(topk)(_skip)?_transcoder", arch_name)):
+        transcoder = (m.group(1), bool(m.group(2)))
+    if transcoder is not None:
+        arch_name = {"relu": "standard"}.get(transcoder[0], transcoder[0])
     activation = str(flat.get("activation_fn", flat.get("activation_fn_str", "relu")))
     k = flat.get("k") or (flat.get("activation_fn_kwargs") or {}).get("k")
     if arch_name == "standard" and activation == "topk":
@@ -383,13 +400,15 @@ def _load_saelens(folder: Path) -> SAE:
         out_site=(ours.get("out_site") or _site_from_hook(str(flat.get("hook_name_out") or "")))
         if transcoder
         else "",
-        affine_skip=bool(transcoder and transcoder.group(2)),
+        affine_skip=bool(transcoder and transcoder[1]),
     )
     if transcoder and not cfg.out_site:
         raise FormatError(
             f"{str(folder / CFG_FILE)!r} holds a transcoder but names no output site: expected "
             "metadata.hook_name_out (e.g. 'blocks.6.hook_mlp_out')"
         )
+    if "W_skip" in weights:
+        weights["W_skip"] = weights["W_skip"].T  # SAELens's [d_out, d_in], applied as x @ W_skip.T
     sae = _build(cfg, weights, folder / WEIGHTS_FILE)
     if flat.get("apply_b_dec_to_input"):
         # SAELens subtracts b_dec before encoding; fold that into b_enc so the SAE takes raw x.

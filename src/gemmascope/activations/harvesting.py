@@ -79,12 +79,17 @@ def harvest(
     ranks = _Ranks.start()
     try:
         with lock(run_dir, "harvest"):
-            return _harvest(
+            store = _harvest(
                 model, sites, Path(run_dir), n_tokens, corpus, context_len, dtype, shard_rows, batch_rows,
                 split, progress and ranks.rank == 0, ranks,
             )  # fmt: skip
-    finally:
-        ranks.finish()
+    except BaseException:
+        # No barrier on the way out: the others must not take this rank's failure for its arrival.
+        # They stay at their next barrier until torchrun, seeing this rank fail, stops them all.
+        ranks.abandon()
+        raise
+    ranks.finish()
+    return store
 
 
 class _Ranks:
@@ -113,6 +118,14 @@ class _Ranks:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def abandon(self) -> None:
+        """Leave the group at once, meeting no one (this rank failed)."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
 
     def finish(self) -> None:
         if self.owns_group:
@@ -226,9 +239,9 @@ def _harvest(
             writer.adopt_rank_lists(ranks.rank, mine, rows)
     _harvest_shards(model, rows, is_special, writers, shard_ranges, mine, batch_rows, DTYPES[dtype], progress)
     ranks.barrier()
-    if ranks.world > 1 and ranks.rank == 0:
+    if ranks.rank == 0:
         for writer in writers.values():
-            writer.merge_rank_lists()
+            writer.merge_rank_lists()  # one process: only drops the lists a killed torchrun left
     ranks.barrier()
     return ActivationStore(run_dir)
 
@@ -371,13 +384,20 @@ class _SiteWriter:
         return bool(entry["token_ids_sha256"] == tensor_sha256(rows[start:stop].to(torch.int32)))
 
     def merge_rank_lists(self) -> None:
-        """Rank 0, once every rank is done: the manifest lists every shard of every rank's list, in
-        order, and the rank lists go."""
+        """Rank 0, once every rank is done: the manifest lists every shard of every rank's list (of
+        this plan's shards), in order, and the rank lists go."""
         found = {i: e for i, e in enumerate(self.manifest["shards"])}
         lists = sorted(self.folder.glob("manifest.rank*.json"))
-        for path in lists:
-            for entry in json.loads(path.read_text()):
-                found.setdefault(int(entry["index"]), entry)
+        for path in lists if self.rank is not None else []:  # one process lists its shards itself
+            try:
+                entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for entry in entries:
+                index = int(entry["index"])
+                # a list of another plan (a killed run of other shard sizes) names other rows: skip it
+                if index < len(self.shard_ranges) and tuple(entry["rows"]) == self.shard_ranges[index]:
+                    found.setdefault(index, entry)
         missing = [i for i in range(len(self.shard_ranges)) if i not in found]
         if missing:
             raise StoreError(

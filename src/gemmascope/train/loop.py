@@ -78,7 +78,7 @@ from gemmascope.train.trainee import (
 def _loss(
     t: Trainee,
     x: Tensor,
-    y: Tensor,
+    target: Tensor | None,
     coeff_scale: float,
     cfg: TrainConfig,
     terms: TermsFn,
@@ -86,17 +86,18 @@ def _loss(
     share: Callable[[Tensor], Tensor] | None = None,
     recon_scale: float = 1.0,
 ) -> dict[str, Tensor]:
-    """The loss of one SAE on a batch `x [batch, d_in]` (already / C) with target `y` (`x` itself,
-    or a transcoder's output-site activations), and what the log reports;
+    """The loss of one SAE on a batch `x [batch, d_in]` (already / C) with `target` (None: `x`
+    itself; a transcoder's output-site activations), and what the log reports;
     `share` makes a data-parallel rank's batch means the whole batch's where the loss is not linear.
     The reconstruction term enters the loss times `recon_scale` (the sign optimiser: 1 / the batch's
     mean ‖x − mean(x)‖², so that it is the batch FVU, as the penalties' coefficients assume)."""
     spec, sae = t.spec, t.sae
+    y = x if target is None else target
     dead = t.since_fired >= dead_window  # [d_sae]
     sparsity: Tensor | float
     extra: Tensor | float = 0.0
     if isinstance(sae, JumpReLUSAE):
-        recon, l0, fired = terms(sae, x, cfg.bandwidth, None if y is x else y)
+        recon, l0, fired = terms(sae, x, cfg.bandwidth, target)
         if spec.target_l0 is not None:  # Gemma Scope 2: quadratic penalty around L0*
             sparsity = cfg.target_l0_coeff * (l0 / spec.target_l0 - 1).pow(2)
         else:
@@ -200,7 +201,7 @@ def train_saes(
         torch.set_rng_state(resumed["torch_rng"])
     log_path = run_dir / REPORT / f"{cfg.name}{par.suffix}_log.jsonl"
     log = TrainingLog(log_path, resume_after=start, write=par.writes)
-    sites = sorted({s for t in trainees for s in (t.site, t.out_site) if s is not None})
+    sites = sorted({s for t in trainees for s in t.sites})
     batches = par.batches(store, sites, cfg, plan["epochs"], plan["steps"])
     if start == 0:
         first = next(batches)
@@ -266,9 +267,8 @@ def _train_steps(
                 continue  # consumed before the checkpoint; the reader is deterministic for the seed
             row: dict[str, Any] = {"step": step_index + 1, "tokens": (step_index + 1) * cfg.batch_size}
             for t in trainees:
-                for site in (t.site, t.out_site):
-                    if site is not None:
-                        _check_batch(batch[site], site, t, step_index, run.store)
+                for site in t.sites:
+                    _check_batch(batch[site], site, t, step_index, run.store)
                 row[t.spec.name] = _train_step(run, t, batch, step_index)
             if (step_index + 1) % cfg.log_every == 0 or step_index + 1 == n_steps:
                 log.write(row)
@@ -292,13 +292,13 @@ def _train_step(run: _Run, t: Trainee, batch: dict[Site, Tensor], step_index: in
     back to its last checkpoint with half the learning rate."""
     cfg, plan, par = run.cfg, run.plan, run.par
     final = step_index >= plan["steps"] - plan["final_steps"]  # in the part the saved SAE is measured on
-    x, y = training_pair(t, batch, par.device, cfg.max_norm)  # [batch', d_in] each
+    x, target = training_pair(t, batch, par.device, cfg.max_norm)  # [batch', d_in] each
     lr = lr_at(step_index, t.lr, plan["lr_warmup_steps"], plan["lr_decay_steps"], plan["steps"])
     coeff_scale = sparsity_coeff_at(step_index, 1.0, plan["l0_warmup_steps"])
-    sq_dev = par.sq_dev(y)
+    sq_dev = par.sq_dev(x if target is None else target)
     recon_scale = par.tokens(x.shape[0]) / max(sq_dev, 1e-12) if cfg.optimizer == "signum" else 1.0
     out = _loss(
-        t, x, y, coeff_scale, cfg, run.terms, plan["dead_window_tokens"], par.shared_mean, recon_scale
+        t, x, target, coeff_scale, cfg, run.terms, plan["dead_window_tokens"], par.shared_mean, recon_scale
     )
     out = par.share_out(out)
     fvu = float(out["recon"]) * par.tokens(x.shape[0]) / sq_dev
@@ -347,10 +347,10 @@ def _init_from_data(
     the start is the single-process one."""
     for t in trainees:
         whole = {s: par.gather(v.to(par.device)) for s, v in batch.items()}  # [batch, d_in], already / C
-        x, y = training_pair(t, whole, par.device, cfg.max_norm)
+        x, target = training_pair(t, whole, par.device, cfg.max_norm)
         # λ sets no L0: start where Gemma Scope's "medium" SAEs end, or at 5% of a narrow width
         init_l0 = t.spec.target_l0 or t.spec.k or min(INIT_L0, INIT_DENSITY * t.spec.width)
-        init_from_data(t.sae, x, cfg, float(init_l0), None if y is x else y)
+        init_from_data(t.sae, x, cfg, float(init_l0), target)
 
 
 def _check_batch(x: Tensor, site: Site, t: Trainee, step_index: int, store: ActivationStore) -> None:

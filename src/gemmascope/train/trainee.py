@@ -56,6 +56,11 @@ class Trainee:
     recoveries: int = 0  # spikes recovered from (each halves lr)
     good: dict[str, Any] | None = None  # the state at the last checkpoint, to recover a spike from
 
+    @property
+    def sites(self) -> list[Site]:
+        """The sites this SAE reads: its own, and a transcoder's output site."""
+        return [self.site] if self.out_site is None else [self.site, self.out_site]
+
     def state(self) -> dict[str, Any]:
         return {
             "sae": self.sae.state_dict(),
@@ -205,7 +210,7 @@ def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfi
     """L0, FVU and per-latent density of a trained SAE on up to HELDOUT_TOKENS held-out tokens of its
     site (scaled by the training C, massive activations left out as in training), or None when the
     run has no held-out activations of that site. A transcoder's FVU is of its output site."""
-    sites = [t.site] if t.out_site is None else [t.site, t.out_site]
+    sites = t.sites
     if heldout is None or any(s not in heldout.sites for s in sites):
         return None
     sq_err = sq_dev = l0 = 0.0
@@ -214,7 +219,8 @@ def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfi
     with torch.no_grad():
         available = min(int(heldout.manifest(s)["n_tokens_non_special"]) for s in sites)
         for batch in heldout.batches(sites, max(1, min(HELDOUT_BATCH, available)), seed=0):
-            x, y = training_pair(t, batch, t.sae.W_enc.device, cfg.max_norm)
+            x, target = training_pair(t, batch, t.sae.W_enc.device, cfg.max_norm)
+            y = x if target is None else target
             f = t.sae.activation(t.sae.pre_acts(t.sae.centered(x)))  # [batch, d_sae]
             sq_err += float((y - t.sae.decode(f) - t.sae.skip(x)).pow(2).sum())
             sq_dev += float((y - y.mean(0)).pow(2).sum())
@@ -230,15 +236,17 @@ def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfi
 
 def training_pair(
     t: Trainee, batch: dict[Site, Tensor], device: torch.device | str, max_norm: float | None
-) -> tuple[Tensor, Tensor]:
-    """`(x, target)`, each `[batch', d_in]` (already / C) on `device`: the SAE's input and what it
-    learns to output (`x` itself for an SAE, the output site's activations for a transcoder), with
-    the tokens where either is massive (scaled norm over `max_norm`) left out."""
+) -> tuple[Tensor, Tensor | None]:
+    """`(x, target)` (already / C) on `device`: the SAE's input `[batch', d_in]` and, for a
+    transcoder, what it learns to output (its output site's activations, `[batch', d_in]`; None for
+    an SAE, which reconstructs `x`), with the tokens where either is massive (scaled norm over
+    `max_norm`) left out."""
     x = batch[t.site].to(device)
-    y = x if t.out_site is None else batch[t.out_site].to(device)
+    target = None if t.out_site is None else batch[t.out_site].to(device)
     if max_norm is not None:
         keep = x.norm(dim=-1) <= max_norm
-        if t.out_site is not None:
-            keep &= y.norm(dim=-1) <= max_norm
-        x, y = x[keep], (x[keep] if t.out_site is None else y[keep])
-    return x, y
+        if target is not None:
+            keep &= target.norm(dim=-1) <= max_norm
+            target = target[keep]
+        x = x[keep]
+    return x, target
