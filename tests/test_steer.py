@@ -155,9 +155,9 @@ def test_positions_count_on_over_generated_tokens(sae2):
     edit = _site_edit(sae2, [Intervention(sae2, 3, "add", 1.0, positions=(1, 5))])
     prompt, step = torch.zeros(1, 4, 64), torch.zeros(1, 1, 64)
     changed = lambda out: [bool(v) for v in (out.abs().sum(-1) > 0)[0]]  # noqa: E731
-    assert changed(edit(prompt)) == [False, True, False, False]  # positions 0..3
-    assert [changed(edit(step))[0] for _ in range(3)] == [False, True, False]  # generated 4, 5, 6
-    assert changed(edit(prompt)) == [False, True, False, False]  # a new prompt counts from 0 again
+    assert changed(edit(prompt, prompt)) == [False, True, False, False]  # positions 0..3
+    assert [changed(edit(step, step))[0] for _ in range(3)] == [False, True, False]  # generated 4, 5, 6
+    assert changed(edit(prompt, prompt)) == [False, True, False, False]  # a new prompt counts from 0 again
 
 
 @pytest.mark.parametrize("positions", [(), (-1,), (1.5,), (True,)])

@@ -279,3 +279,19 @@ def edit_site(model: LanguageModel, site: Site, fn: SiteFn) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def edit_from(
+    model: LanguageModel, read: Site, write: Site, fn: Callable[[Tensor, Tensor], Tensor]
+) -> Iterator[None]:
+    """Within the block, replace the activation at `write` by `fn(read_act, write_act)`, `read_act`
+    the activation at `read` earlier in the same forward pass (left as it is): what a transcoder
+    does, reading its layer's MLP input and writing its MLP output."""
+    held: dict[str, Tensor] = {}
+
+    def hold(act: Tensor) -> None:
+        held["x"] = act
+
+    with edit_site(model, read, hold), edit_site(model, write, lambda act: fn(held["x"], act)):
+        yield

@@ -24,7 +24,7 @@ from torch import Tensor
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel, prompt_tokens
 from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import Site, capture, edit_site, parse_site
+from gemmascope.sites import Site, capture, edit_from, edit_site, parse_site
 
 MODES = ("add", "clamp", "ablate")
 MAX_NEW_TOKENS = 512
@@ -120,12 +120,10 @@ def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
     return sae_site(model, iv.sae)
 
 
-def _site_edit(
-    sae: SAE, interventions: Sequence[Intervention], held: dict[str, Tensor] | None = None
-) -> Callable[[Tensor], Tensor]:
-    """The function of the activation `[batch, pos, d_in]` that applies one SAE's interventions.
-    A transcoder's edit applies to its output site, its latents encoded from its input site's
-    activation of the same pass (`held["x"]`, recorded by a hook there).
+def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The function `edit(source, act)` of the SAE's input `source` and the activation `act`
+    `[batch, pos, d_in]` it edits (the same tensor for an SAE; for a transcoder its input site's and
+    its output site's of one pass) that applies one SAE's interventions.
 
     Clamp/ablate: with latents `f = encode(x)` and edited latents `f'`, the spliced activation is
     `decode(f') + (x - decode(f))`. We compute it as `x + (f' - f)[:, :, idx] @ W_dec[idx]` over the
@@ -152,7 +150,7 @@ def _site_edit(
             0, at.to(W_dec.device), True
         )
 
-    def edit(act: Tensor) -> Tensor:
+    def edit(source: Tensor, act: Tensor) -> Tensor:
         length = act.shape[1]
         if length > 1:
             offset[0] = 0
@@ -167,7 +165,6 @@ def _site_edit(
                 target[where(iv, start, length), column[iv.latent]] = value
             with torch.no_grad():
                 # every position is edited (BOS too): the splice is exact, so no mask (encode_inputs) here
-                source = act if held is None else held["x"]
                 f_old = sae.encode(source.to(W_dec.dtype))[..., idx_t]  # [batch, pos, n_edit]
                 change = torch.where(target.isnan(), torch.zeros_like(f_old), target - f_old)
                 out = out + (change @ W_dec[idx_t]).to(act.dtype)
@@ -184,6 +181,11 @@ def _site_edit(
     return edit
 
 
+def _on_itself(edit: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """An SAE's edit reads the activation it edits."""
+    return lambda act: edit(act, act)
+
+
 @contextmanager
 def steering(model: LanguageModel, interventions: Sequence[Intervention]) -> Iterator[None]:
     """Within the block, every forward pass of `model` (prompt and generated tokens alike) runs with
@@ -197,17 +199,12 @@ def steering(model: LanguageModel, interventions: Sequence[Intervention]) -> Ite
         groups.setdefault(id(iv.sae), (iv.sae, site, []))[2].append(iv)
     with ExitStack() as stack:
         for sae, site, ivs in groups.values():
-            if not sae.is_transcoder:
-                stack.enter_context(edit_site(model, site, _site_edit(sae, ivs)))
-                continue
-            held: dict[str, Tensor] = {}
-
-            def hold(act: Tensor, held: dict[str, Tensor] = held) -> None:
-                held["x"] = act
-
-            stack.enter_context(edit_site(model, site, hold))
-            out_site = parse_site(sae.cfg.out_site, model.n_layers)
-            stack.enter_context(edit_site(model, out_site, _site_edit(sae, ivs, held)))
+            edit = _site_edit(sae, ivs)
+            if sae.is_transcoder:
+                out_site = parse_site(sae.cfg.out_site, model.n_layers)
+                stack.enter_context(edit_from(model, site, out_site, edit))
+            else:
+                stack.enter_context(edit_site(model, site, _on_itself(edit)))
         yield
 
 

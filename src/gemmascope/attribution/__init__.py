@@ -5,6 +5,7 @@ PNG (`files`)."""
 
 from gemmascope.attribution.graph import (
     EDGE_THRESHOLD,
+    MAX_FEATURE_NODES,
     MAX_PROMPT_TOKENS,
     NODE_THRESHOLD,
     Graph,
@@ -21,6 +22,7 @@ from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture
 
 __all__ = [
     "EDGE_THRESHOLD",
+    "MAX_FEATURE_NODES",
     "MAX_PROMPT_TOKENS",
     "NODE_THRESHOLD",
     "Graph",

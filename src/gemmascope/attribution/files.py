@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemmascope.attribution.graph import EDGE_THRESHOLD, NODE_THRESHOLD, Graph, Pruned, prune, scores
-from gemmascope.errors import FormatError, StoreError
+from gemmascope.attribution.graph import Graph, Pruned, prune, scores
+from gemmascope.errors import ConfigError, FormatError, StoreError
 from gemmascope.runs import write_atomic
 from gemmascope.sae import SAE
 
@@ -49,8 +51,10 @@ def graph_json(
     explanations: dict[tuple[int, int], str] | None = None,
 ) -> dict[str, Any]:
     """The graph as circuit-tracer's frontend JSON: the pruned nodes (features `LAYER_LATENT_POS`,
-    errors `0_LAYER_POS`, tokens `E_TOKENID_POS`, logits `L+1_TOKENID_POS`) and the kept links
-    with their signed weights. `explanations[(layer, latent)]` become the nodes' `clerp`."""
+    errors `err_LAYER_POS`, tokens `E_TOKENID_POS`, logits `L+1_TOKENID_POS`) and the kept links
+    with their signed weights. `explanations[(layer, latent)]` become the nodes' `clerp`.
+    circuit-tracer names error nodes `0_LAYER_POS`, which collides with a layer-0 feature whose
+    latent is LAYER (`0_LATENT_POS`); node types come from `feature_type`, so `err_` loses nothing."""
     pruned = pruned or prune(graph)
     replacement, completeness = scores(graph)
     explanations = explanations or {}
@@ -78,7 +82,7 @@ def graph_json(
             layer, pos = info["layer"], info["pos"]
             node = {
                 **base,
-                "node_id": f"0_{layer}_{pos}",
+                "node_id": f"err_{layer}_{pos}",
                 "feature": -1,
                 "layer": str(layer),
                 "ctx_idx": pos,
@@ -137,7 +141,7 @@ def graph_json(
             "transcoder_list": graph.transcoders,
             "prompt_tokens": graph.tokens,
             "prompt": graph.prompt,
-            "node_threshold": NODE_THRESHOLD,
+            "node_threshold": pruned.node_threshold,
             "schema_version": SCHEMA_VERSION,
             "gemmascope": {
                 "run": run,
@@ -149,7 +153,8 @@ def graph_json(
                 "n_nodes": int(graph.adjacency.shape[0]),
                 "n_pruned_nodes": len(nodes),
                 "n_links": len(links),
-                "edge_threshold": EDGE_THRESHOLD,
+                "edge_threshold": pruned.edge_threshold,
+                "max_feature_nodes": graph.max_feature_nodes,
                 "seconds": graph.seconds,
             },
         },
@@ -157,6 +162,44 @@ def graph_json(
         "nodes": nodes,
         "links": links,
     }
+
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def graph_slug(prompt: str) -> str:
+    """A file name for a prompt's graph: its words in lower case joined by '-' (at most 48
+    characters), with a short hash when that leaves little of the prompt (other scripts, symbols)."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    base = words[:48].strip("-")
+    if len(base) < 8 or len(words) > 48:
+        base = f"{base[:40].strip('-')}-{hashlib.sha256(prompt.encode()).hexdigest()[:6]}".strip("-")
+    return base
+
+
+def check_slug(slug: str) -> str:
+    """`slug` when it is a valid graph name (lower-case letters, digits, '-'), else a ConfigError."""
+    if not _SLUG.match(slug):
+        raise ConfigError(
+            f"graph name {slug!r} is not valid: expected lower-case letters, digits and '-' (at most 64)"
+        )
+    return slug
+
+
+def pruned_explanations(
+    graph: Graph, pruned: Pruned, lookup: Callable[[str, list[int]], dict[int, str]]
+) -> dict[tuple[int, int], str]:
+    """The explanations of the pruned graph's feature nodes, `(layer, latent) -> text`, from
+    `lookup(sae_id, latents) -> {latent: text}` (the run's feature index)."""
+    wanted: dict[int, set[int]] = {}
+    for j in torch.nonzero(pruned.nodes[: graph.n_features]).squeeze(1).tolist():
+        layer, _, latent = (int(v) for v in graph.features[j])
+        wanted.setdefault(layer, set()).add(latent)
+    out: dict[tuple[int, int], str] = {}
+    for layer, latents in wanted.items():
+        for latent, text in lookup(graph.transcoders[layer], sorted(latents)).items():
+            out[(layer, latent)] = text
+    return out
 
 
 def write_graph(path: Path | str, data: dict[str, Any]) -> Path:

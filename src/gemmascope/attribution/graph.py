@@ -32,9 +32,12 @@ from gemmascope.errors import ConfigError, StoreError
 from gemmascope.models import LanguageModel, prompt_tokens
 from gemmascope.sae import SAE
 
-MAX_PROMPT_TOKENS = (
-    64  # tokens after BOS; beyond this a graph outgrows a CPU budget (nodes grow with positions x L0)
-)
+# Tokens after BOS a prompt may have: time grows with positions x L0 x layers.
+MAX_PROMPT_TOKENS = 64
+# Feature nodes a graph keeps by default (the most influential): its N x N float32 adjacency is then
+# at most ~0.3 GB and pruning holds a few of them. All active features of a 64-token prompt at L0 45
+# over 18 layers would be ~52k nodes, ~11 GB each.
+MAX_FEATURE_NODES = 8192
 MAX_N_LOGITS = 10  # circuit-tracer's defaults for the output nodes
 DESIRED_LOGIT_PROB = 0.95
 NODE_THRESHOLD = 0.8  # pruning: keep the nodes holding this share of the influence on the logits
@@ -61,6 +64,7 @@ class Graph:
     model_name: str = ""
     transcoders: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    max_feature_nodes: int | None = None  # the cap it was drawn with
 
     @property
     def n_pos(self) -> int:
@@ -110,7 +114,7 @@ def attribute(
     *,
     max_n_logits: int = MAX_N_LOGITS,
     desired_logit_prob: float = DESIRED_LOGIT_PROB,
-    max_feature_nodes: int | None = None,
+    max_feature_nodes: int | None = MAX_FEATURE_NODES,
     batch_size: int = 64,
     max_tokens: int = MAX_PROMPT_TOKENS,
     first_position: int = 1,
@@ -118,14 +122,18 @@ def attribute(
 ) -> Graph:
     """The attribution graph of `prompt`'s next token over `transcoders` (one per layer, in order):
     every active feature's direct effect on every other node it can reach and on the top logits
-    (the fewest whose probabilities sum to `desired_logit_prob`, at most `max_n_logits`). With
-    `max_feature_nodes`, only that many features become nodes, chosen as circuit-tracer does (the
-    most influential on the logits so far, re-ranked as rows are computed). Features and errors at
+    (the fewest whose probabilities sum to `desired_logit_prob`, at most `max_n_logits`). At most
+    `max_feature_nodes` features become nodes (None: every active feature), chosen as circuit-tracer
+    does (the most influential on the logits so far, re-ranked as rows are computed). Features and errors at
     positions before `first_position` (BOS) are left out. Prompts over `max_tokens` tokens are
     refused (a ConfigError saying so)."""
     import time
 
     started = time.monotonic()
+    if max_feature_nodes is not None and max_feature_nodes < 1:
+        raise ConfigError(
+            f"max_feature_nodes {max_feature_nodes} must be at least 1 (or None: every feature)"
+        )
     ids = prompt_ids(model, prompt, max_tokens)
     captured = capture_prompt(model, ids)
     rm = ReplacementModel(model, transcoders, captured)
@@ -200,6 +208,7 @@ def attribute(
         model_name=model.name,
         transcoders=[str(tc.cfg.extra.get("folder", "")) for tc in transcoders],
         seconds=time.monotonic() - started,
+        max_feature_nodes=max_feature_nodes,
     )
 
 
@@ -322,6 +331,8 @@ class Pruned:
     nodes: Tensor
     edges: Tensor
     cumulative: Tensor
+    node_threshold: float = NODE_THRESHOLD
+    edge_threshold: float = EDGE_THRESHOLD
 
 
 def prune(
@@ -357,7 +368,7 @@ def prune(
     order = node_influence.argsort(descending=True)
     cumulative = torch.zeros_like(node_influence)
     cumulative[order] = node_influence[order].cumsum(0) / node_influence.sum().clamp_min(1e-30)
-    return Pruned(nodes, edges, cumulative)
+    return Pruned(nodes, edges, cumulative, node_threshold, edge_threshold)
 
 
 def scores(graph: Graph) -> tuple[float, float]:
@@ -381,19 +392,24 @@ def scores(graph: Graph) -> tuple[float, float]:
 
 
 def transcoder_set(run_dir: Path | str, n_layers: int, choose: str | None = None) -> list[SAE]:
-    """One transcoder per layer from a run folder's SAEs, in layer order. With several per layer,
-    `choose` (a substring of their folder, e.g. `skip_transcoder` or `width_4096`) picks one;
-    a StoreError names the missing layers or the layers with more than one to choose from."""
+    """One transcoder per layer from a run folder's SAEs (those with an output site, by the layer
+    of the site they read), in layer order. With several per layer, `choose` (a substring of their
+    ids, e.g. `skip_transcoder`, `w4096` or `l0_45`) picks one; a StoreError names the missing layers
+    or the layers with more than one to choose from."""
     from gemmascope.formats import load_sae
     from gemmascope.runs import find_saes, sae_id
+    from gemmascope.sites import parse_site
 
-    by_layer: dict[int, list[Path]] = {}
+    by_layer: dict[int, list[tuple[str, SAE]]] = {}
     for folder in find_saes(run_dir):
-        name = sae_id(folder)
-        if "transcoder" not in folder.name or (choose and choose not in name):
+        key = sae_id(folder)
+        if "transcoder" not in folder.name or (choose and choose not in key):
             continue
-        layer = int(folder.parent.parent.name.removeprefix("layer_"))
-        by_layer.setdefault(layer, []).append(folder)
+        sae = load_sae(folder)
+        if not sae.is_transcoder:
+            continue
+        sae.cfg.extra["folder"] = key
+        by_layer.setdefault(parse_site(sae.cfg.site).layer, []).append((key, sae))
     missing = [layer for layer in range(n_layers) if layer not in by_layer]
     if missing:
         have = sorted(by_layer)
@@ -402,20 +418,14 @@ def transcoder_set(run_dir: Path | str, n_layers: int, choose: str | None = None
             f"layers {_ranges(missing)} (it has {'layers ' + _ranges(have) if have else 'none'}); an attribution "
             f"graph needs one per layer: gemmascope suite {run_dir} --transcoders --layers all"
         )
-    several = {layer: folders for layer, folders in by_layer.items() if len(folders) > 1}
+    several = {layer: found for layer, found in by_layer.items() if len(found) > 1}
     if several:
-        layer, folders = next(iter(sorted(several.items())))
+        layer, found = next(iter(sorted(several.items())))
         raise StoreError(
-            f"run folder {str(run_dir)!r} has {len(folders)} transcoders at layer {layer} "
-            f"({', '.join(f.name for f in folders)}): choose one with --transcoders SUBSTRING of their folder names"
+            f"run folder {str(run_dir)!r} has {len(found)} transcoders at layer {layer} "
+            f"({', '.join(key for key, _ in found)}): choose one set with --transcoders SUBSTRING of their ids"
         )
-    out = []
-    for layer in range(n_layers):
-        folder = by_layer[layer][0]
-        tc = load_sae(folder)
-        tc.cfg.extra["folder"] = sae_id(folder)
-        out.append(tc)
-    return out
+    return [by_layer[layer][0][1] for layer in range(n_layers)]
 
 
 def _ranges(layers: list[int]) -> str:

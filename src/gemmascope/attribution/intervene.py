@@ -46,7 +46,9 @@ def predict(graph: Graph, nodes: Sequence[Node], value: float = 0.0) -> dict[str
     """The change of every output node's demeaned logit when the feature `nodes` are set to `value`:
     `direct` (their direct edges only) and `total` (through the graph: each downstream feature's
     pre-activation moves by its incoming edges, and it moves its own targets in proportion to its
-    activation, in layer order). Returns `[n_logits]` tensors."""
+    activation, in layer order; one pushed below 0 switches off). Returns `[n_logits]` tensors.
+    Features that are not active on the prompt stay off, and attention and norms stay frozen: where
+    those matter, the measured change differs."""
     index = feature_index(graph, nodes)
     n_feat = graph.n_features
     acts = graph.activations.clamp_min(1e-12)
@@ -59,7 +61,8 @@ def predict(graph: Graph, nodes: Sequence[Node], value: float = 0.0) -> dict[str
     for layer in range(graph.n_layers):
         here = (graph.features[:, 0] == layer) & ~clamped
         if here.any():
-            delta[here] = unit[:n_feat][here] @ delta
+            # a feature pushed below 0 switches off (JumpReLU): it can lose at most its activation
+            delta[here] = torch.maximum(unit[:n_feat][here] @ delta, -graph.activations[here])
     return {"direct": direct, "total": unit[graph.logit_start :] @ delta}
 
 

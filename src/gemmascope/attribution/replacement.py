@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gemmascope.errors import ConfigError, SiteError
+from gemmascope.errors import ConfigError, ModelError, SiteError
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE
 
@@ -41,6 +41,16 @@ class Prompt:
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
 
 
+def _cpu(weight: Tensor) -> Tensor:
+    """A weight as the linear backward uses it: detached float32 on the CPU (the model may be on a GPU)."""
+    return weight.detach().float().cpu()
+
+
+def _linear(module: Any) -> tuple[Tensor, Tensor | None]:
+    """A linear layer's weight and bias, as `_cpu` gives them."""
+    return _cpu(module.weight), None if module.bias is None else _cpu(module.bias)
+
+
 def _rms_scale(norm: nn.Module, x: Tensor) -> Tensor:
     """`[..., 1]`: the 1 / RMS factor an RMSNorm applies to `x` (frozen in the replacement model)."""
     eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
@@ -52,6 +62,7 @@ def capture_prompt(model: LanguageModel, ids: Tensor) -> Prompt:
     embeddings, every norm's 1/RMS, every attention pattern, every MLP's input and output and the
     last position's logits."""
     hf: Any = model.hf
+    check_gemma3(model)
     layers = model.layers
     record: dict[str, Any] = {
         "scales": {k: [None] * len(layers) for k in _NORMS},
@@ -108,13 +119,32 @@ def capture_prompt(model: LanguageModel, ids: Tensor) -> Prompt:
     scales = {**record["scales"], "final": [record["final"]]}
     return Prompt(
         ids=ids.cpu(),
-        embeds=record["embeds"][0].detach().cpu() if record["embeds"].ndim == 3 else record["embeds"].cpu(),
+        embeds=record["embeds"].detach().cpu(),
         scales={k: [s.cpu() for s in v] for k, v in scales.items()},
         patterns=[p.cpu() for p in record["patterns"]],
         mlp_in=[x.cpu() for x in record["mlp_in"]],
         mlp_out=[x.cpu() for x in record["mlp_out"]],
         logits=logits.cpu(),
     )
+
+
+_NEEDED = ("self_attn", *_NORMS, "post_feedforward_layernorm")
+
+
+def check_gemma3(model: LanguageModel) -> None:
+    """A ModelError unless the model is laid out as Gemma 3 text models are (the replacement model is
+    written for their layers: norms around attention and MLP, scaled embeddings, a final norm)."""
+    hf: Any = model.hf
+    inner = getattr(hf, "model", None)
+    missing = [name for name in ("embed_tokens", "norm") if not hasattr(inner, name)]
+    missing += [
+        f"layers[i].{name}" for name in _NEEDED if not all(hasattr(layer, name) for layer in model.layers)
+    ]
+    if missing or not hasattr(hf, "set_attn_implementation"):
+        raise ModelError(
+            f"attribution graphs are written for Gemma 3 text models (Gemma3ForCausalLM); model {model.name!r} "
+            f"({type(hf).__name__}) lacks {', '.join(missing) or 'set_attn_implementation'}"
+        )
 
 
 class ReplacementModel:
@@ -147,28 +177,25 @@ class ReplacementModel:
         self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.gains = {
-            name: [(1.0 + getattr(layer, name).weight.detach().float()).cpu() for layer in model.layers]
-            for name in _NORMS
+            name: [1.0 + _cpu(getattr(layer, name).weight) for layer in model.layers] for name in _NORMS
         }
-        self.final_gain = (1.0 + model.hf.model.norm.weight.detach().float()).cpu()
+        self.final_gain = 1.0 + _cpu(model.hf.model.norm.weight)
+        blocks: list[Any] = list(model.layers)
+        self.v_proj = [_linear(block.self_attn.v_proj) for block in blocks]
+        self.o_proj = [_linear(block.self_attn.o_proj) for block in blocks]
+        self.skips = [None if tc.W_skip is None else _cpu(tc.W_skip) for tc in transcoders]
 
     def _attention(self, layer: int, x: Tensor) -> Tensor:
         """`[B, n, d] -> [B, n, d]`: layer `layer`'s attention with its pattern and norms frozen."""
-        block: Any = self.model.layers[layer]
         p = self.prompt
         a = x * p.scales["input_layernorm"][layer] * self.gains["input_layernorm"][layer]
-        attn = block.self_attn
-        v = nn.functional.linear(
-            a, attn.v_proj.weight.float(), None if attn.v_proj.bias is None else attn.v_proj.bias.float()
-        )
+        v = nn.functional.linear(a, *self.v_proj[layer])
         batch, n = x.shape[:2]
         v = v.view(batch, n, self.kv_heads, self.head_dim).repeat_interleave(
             self.heads // self.kv_heads, dim=2
         )
         z = torch.einsum("hqk,bkhd->bqhd", p.patterns[layer], v).reshape(batch, n, self.heads * self.head_dim)
-        out = nn.functional.linear(
-            z, attn.o_proj.weight.float(), None if attn.o_proj.bias is None else attn.o_proj.bias.float()
-        )
+        out = nn.functional.linear(z, *self.o_proj[layer])
         return (
             out * p.scales["post_attention_layernorm"][layer] * self.gains["post_attention_layernorm"][layer]
         )
@@ -197,9 +224,9 @@ class ReplacementModel:
             if here.any():
                 total = total + (mlp_in[rows[here], positions[here]] * vectors[here]).sum()
             out = writes[layer]
-            skip = self.transcoders[layer].W_skip
+            skip = self.skips[layer]
             if skip is not None:  # the skip connection is part of the linear path, not a node
-                out = out + mlp_in @ skip.detach().float()
+                out = out + mlp_in @ skip
             x = x + out
         final = x * p.scales["final"][0] * self.final_gain
         here = layers == n_layers

@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gemmascope.cli.options import add_model, add_sae_choice, add_serving, parse_list
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.runs import FEATURES_DB, find_index, resolve_sae, run_of, sae_id
@@ -443,41 +441,58 @@ def _node(spec: str) -> tuple[int, int, int]:
 
 
 def run_attribute(args: argparse.Namespace) -> int:
-    import re
-
-    from gemmascope.attribution import MAX_PROMPT_TOKENS, attribute, prune, transcoder_set
-    from gemmascope.attribution.files import graph_json, plot_graph, transcoder_digest, write_graph
+    from gemmascope.attribution import MAX_FEATURE_NODES, MAX_PROMPT_TOKENS, attribute, prune, transcoder_set
+    from gemmascope.attribution.files import (
+        check_slug,
+        graph_json,
+        graph_slug,
+        plot_graph,
+        pruned_explanations,
+        transcoder_digest,
+        write_graph,
+    )
     from gemmascope.attribution.intervene import measure, predict
     from gemmascope.features import FeatureIndex
     from gemmascope.models import load_model
-    from gemmascope.runs import GRAPHS
+    from gemmascope.runs import GRAPHS, RUN_JSON
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "saes").is_dir():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder with SAEs (expected {run_dir}/saes/)")
     nodes = [_node(s) for s in args.ablate]
-    first = next(iter(sorted((run_dir / "saes" / "mlp_in").glob("layer_*/*/*transcoder*/cfg.json"))), None)
+    if args.value != 0.0 and not nodes:
+        raise ConfigError("--value sets the --ablate nodes: give at least one --ablate LAYER/POS/LATENT")
+    for name in ("node_threshold", "edge_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 0 and 1")
+    cap = MAX_FEATURE_NODES if args.max_feature_nodes is None else args.max_feature_nodes
+    if cap < 1:
+        raise ConfigError(f"--max-feature-nodes {cap} must be at least 1")
+    slug = check_slug(args.slug or graph_slug(args.prompt))
     model_name = args.model
-    if model_name is None and first is not None:
-        model_name = json.loads(first.read_text())["metadata"].get("model_name")
+    if model_name is None and (run_dir / RUN_JSON).is_file():
+        model_name = json.loads((run_dir / RUN_JSON).read_text()).get("model")
     model = load_model(model_name or "gemma-3-270m")
     transcoders = transcoder_set(run_dir, model.n_layers, args.transcoders)
     graph = attribute(
-        model, transcoders, args.prompt, max_feature_nodes=args.max_feature_nodes,
+        model,
+        transcoders,
+        args.prompt,
+        max_feature_nodes=cap,
         max_tokens=args.max_tokens or MAX_PROMPT_TOKENS,
-    )  # fmt: skip
+    )
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
     db = run_dir / FEATURES_DB
     index = FeatureIndex(db) if db.is_file() else None
     indexed = {s["sae_id"] for s in index.saes()} if index is not None else set()
-    explanations: dict[tuple[int, int], str] = {}
-    for j in torch.nonzero(pruned.nodes[: graph.n_features]).squeeze(1).tolist():
-        layer, _, latent = (int(v) for v in graph.features[j])
-        key = graph.transcoders[layer]
-        if index is not None and key in indexed and (layer, latent) not in explanations:
-            found = index.explanations(key, latent)
-            explanations[(layer, latent)] = found[0]["text"] if found else ""
-    slug = args.slug or re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:48] or "graph"
+
+    def lookup(key: str, latents: list[int]) -> dict[int, str]:
+        if index is None or key not in indexed:
+            return {}
+        found = {latent: index.explanations(key, latent) for latent in latents}
+        return {latent: texts[0]["text"] for latent, texts in found.items() if texts}
+
+    explanations = pruned_explanations(graph, pruned, lookup)
     digest = transcoder_digest(transcoders)
     data = graph_json(graph, slug, pruned, run=str(run_dir), digest=digest, explanations=explanations)
     out = write_graph(run_dir / GRAPHS / f"{slug}.json", data)

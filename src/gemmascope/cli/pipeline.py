@@ -35,8 +35,14 @@ def run_harvest(args: argparse.Namespace) -> int:
 
     sites = parse_list(args.sites, "--sites")
     check_request(sites, args.tokens, args.dtype, args.split, args.context_len)  # before the model loads
+    device = args.device
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # under torchrun: one GPU per rank
     with lock(args.run_dir, "harvest"):
-        model = load_model(args.model)
+        try:
+            model = load_model(args.model, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise ConfigError(f"--device {args.device!r} cannot run the model here: {err}") from None
         store = harvest(
             model, sites, args.run_dir, args.tokens, corpus=args.corpus, context_len=args.context_len,
             dtype=args.dtype, split=args.split, shard_rows=args.shard_rows,

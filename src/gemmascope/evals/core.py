@@ -35,7 +35,7 @@ from gemmascope.evals.metrics import (
 )
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE, encode_inputs, massive_mask, sae_site
-from gemmascope.sites import CapturedBatch, Site, capture_batches, edit_site, parse_site
+from gemmascope.sites import CapturedBatch, Site, capture_batches, edit_from, edit_site, parse_site
 
 MIN_EVAL_TOKENS = 1024  # fewer non-special tokens than this and dead/dense/CE numbers mean little
 SAEs = Mapping[str, SAE] | Sequence[SAE]
@@ -390,16 +390,11 @@ def splice_transcoders(model: LanguageModel, transcoders: Sequence[SAE], keep: T
     and norms as they are)."""
     with ExitStack() as stack:
         for tc in transcoders:
-            held: dict[str, Tensor] = {}
 
-            def hold(act: Tensor, held: dict[str, Tensor] = held) -> None:
-                held["x"] = act
+            def predict(x: Tensor, act: Tensor, tc: SAE = tc) -> Tensor:
+                return torch.where(keep[..., None], tc(x.to(_dtype(tc))).to(act.dtype), act)
 
-            def predict(act: Tensor, held: dict[str, Tensor] = held, tc: SAE = tc) -> Tensor:
-                return tc(held["x"].to(_dtype(tc))).to(act.dtype)
-
-            stack.enter_context(edit_site(model, sae_site(model, tc), hold))
-            stack.enter_context(replaced_at(model, written_site(model, tc), predict, keep))
+            stack.enter_context(edit_from(model, sae_site(model, tc), written_site(model, tc), predict))
         yield
 
 

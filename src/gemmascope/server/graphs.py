@@ -10,17 +10,31 @@ Knows nothing of how graphs are computed: it calls `attribution`.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import APIRouter
 from pydantic import Field
 
-from gemmascope.attribution import Graph, attribute, prune, transcoder_set
-from gemmascope.attribution.files import graph_json, read_graph, transcoder_digest, write_graph
+from gemmascope.attribution import (
+    MAX_FEATURE_NODES,
+    MAX_PROMPT_TOKENS,
+    Graph,
+    attribute,
+    prune,
+    transcoder_set,
+)
+from gemmascope.attribution.files import (
+    check_slug,
+    graph_json,
+    graph_slug,
+    pruned_explanations,
+    read_graph,
+    transcoder_digest,
+    write_graph,
+)
 from gemmascope.attribution.intervene import measure, predict
 from gemmascope.errors import GemmaScopeError
 from gemmascope.runs import GRAPHS
@@ -31,8 +45,7 @@ from gemmascope.server.run import MAX_PROMPT_CHARS, Run
 
 MAX_GRAPH_TOKENS = 32  # prompt tokens after BOS one graph request may take (time grows with them)
 MAX_INTERVENE_NODES = 64
-_KEPT_GRAPHS = 4
-_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_KEPT_GRAPHS = 2  # graphs kept in memory for interventions (each up to ~0.3 GB at the node cap)
 
 router = APIRouter()
 
@@ -81,10 +94,6 @@ def _transcoders_or_409(run: Run) -> tuple[_Graphs, list[SAE]]:
     return state, transcoders
 
 
-def _slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "graph"
-
-
 @router.get("/v1/graph/list")
 def graph_list(run: RunDep) -> dict[str, Any]:
     state = _state(run)
@@ -104,16 +113,14 @@ class GraphRequest(Body):
     slug: str | None = None
     node_threshold: float = Field(0.8, ge=0.0, le=1.0)
     edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
-    max_feature_nodes: int | None = Field(None, ge=1, le=20_000)
+    max_feature_nodes: int = Field(MAX_FEATURE_NODES, ge=1, le=MAX_FEATURE_NODES)
 
 
 @router.post("/v1/graph/generate")
 async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
     run.check_text(body.prompt)
     state, transcoders = _transcoders_or_409(run)
-    slug = body.slug or _slug(body.prompt)
-    if not _SLUG.match(slug):
-        raise ApiError(400, f"graph name {slug!r} is not valid: expected lower-case letters, digits and '-'")
+    slug = check_slug(body.slug or graph_slug(body.prompt))
 
     def work() -> dict[str, Any]:
         run.prompt_ids(body.prompt, MAX_GRAPH_TOKENS)  # 400 beyond the request bound
@@ -122,13 +129,11 @@ async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> di
             max_tokens=MAX_GRAPH_TOKENS, progress=False,
         )  # fmt: skip
         pruned = prune(graph, body.node_threshold, body.edge_threshold)
+        explanations = pruned_explanations(
+            graph, pruned, lambda key, latents: _explanations(run, key, latents)
+        )
         data = graph_json(
-            graph,
-            slug,
-            pruned,
-            run=str(run.run_dir),
-            digest=state.digest,
-            explanations=_explain(run, graph, pruned),
+            graph, slug, pruned, run=str(run.run_dir), digest=state.digest, explanations=explanations
         )
         write_graph(run.run_dir / GRAPHS / f"{slug}.json", data)
         state.keep(slug, graph)
@@ -138,18 +143,9 @@ async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> di
     return {"slug": slug, "metadata": data["metadata"]}
 
 
-def _explain(run: Run, graph: Graph, pruned: Any) -> dict[tuple[int, int], str]:
-    """The explanations of the pruned graph's features, from the run's feature index."""
-    out: dict[tuple[int, int], str] = {}
-    wanted: dict[str, list[int]] = {}
-    for j in torch.nonzero(pruned.nodes[: graph.n_features]).squeeze(1).tolist():
-        layer, _, latent = (int(v) for v in graph.features[j])
-        wanted.setdefault(graph.transcoders[layer], []).append(latent)
-    for layer, sae_id in enumerate(graph.transcoders):
-        if sae_id in wanted and sae_id in run.saes:
-            for latent, text in run.explanations(run.saes[sae_id], wanted[sae_id]).items():
-                out[(layer, latent)] = text
-    return out
+def _explanations(run: Run, sae_id: str, latents: list[int]) -> dict[int, str]:
+    entry = run.saes.get(sae_id)
+    return {} if entry is None else run.explanations(entry, latents)
 
 
 @router.get("/v1/graph/{slug}")
@@ -163,9 +159,13 @@ def graph_get(slug: str, run: RunDep) -> dict[str, Any]:
         raise ApiError(409, str(err)) from None
 
 
-def _path_or_404(run: Run, slug: str) -> Any:
+def _path_or_404(run: Run, slug: str) -> Path:
     path = run.run_dir / GRAPHS / f"{slug}.json"
-    if not _SLUG.match(slug) or not path.is_file():
+    try:
+        check_slug(slug)
+    except GemmaScopeError:
+        path = run.run_dir / GRAPHS / "-"  # never a file: 404 below
+    if not path.is_file():
         raise ApiError(404, f"no graph {slug!r} in this run: draw it with POST /v1/graph/generate")
     return path
 
@@ -197,10 +197,12 @@ async def graph_intervene(slug: str, body: InterveneRequest, run: RunDep, queue:
 
     def work() -> dict[str, Any]:
         graph = state.graphs.get(slug)
-        if graph is None or graph.prompt != meta["prompt"]:
+        if graph is None or graph.prompt != meta["prompt"]:  # drawn before a restart, or by the CLI
+            cap = (meta.get("gemmascope") or {}).get("max_feature_nodes")
             graph = attribute(
-                run.model, transcoders, meta["prompt"], max_tokens=MAX_GRAPH_TOKENS, progress=False
-            )
+                run.model, transcoders, meta["prompt"], max_feature_nodes=cap, max_tokens=MAX_PROMPT_TOKENS,
+                progress=False,
+            )  # fmt: skip
             state.keep(slug, graph)
         try:
             predicted = predict(graph, nodes, body.value)

@@ -37,9 +37,18 @@ def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
         for s in sorted({n for t in specs for n in t.sites})
     }
     return json.dumps(
-        {"specs": [asdict(s) for s in specs], "tokens": tokens, "config": settings, "data": data},
+        {"specs": [_spec_key(s) for s in specs], "tokens": tokens, "config": settings, "data": data},
         sort_keys=True,
     )
+
+
+def _spec_key(spec: TrainSpec) -> dict[str, object]:
+    """A spec as its run key has it: an SAE's leaves out the transcoder fields (None, False), so
+    checkpoints written before transcoders existed still resume."""
+    key = asdict(spec)
+    if spec.out_site is None and not spec.skip:
+        del key["out_site"], key["skip"]
+    return key
 
 
 class Checkpoint:
