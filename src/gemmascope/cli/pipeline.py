@@ -26,6 +26,11 @@ def args_harvest(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shard-rows", type=int, default=None, help="rows per shard (default: 32,768 tokens' worth)"
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu, cuda (under torchrun: this rank's GPU), cuda:N",
+    )
     p.set_defaults(run=run_harvest)
 
 
