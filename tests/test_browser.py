@@ -253,3 +253,40 @@ def test_graph_page_from_the_microscope_hover_select_and_intervene(browser: Any,
     assert "measured" in page.inner_text("#result-table") and "now says" in page.inner_text("#now-says")
     assert not errors, errors
     context.close()
+
+
+def test_a_feature_with_few_examples_says_so_and_an_empty_search_offers_dense_features(
+    page: Any, base_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel
+) -> None:
+    import json
+
+    from gemmascope.features import FeatureIndex
+
+    index = FeatureIndex(tiny_run_dir(tmp_path_factory, tiny_model) / "features.sqlite")
+    sae_id = index.saes()[0]["sae_id"]
+    fired = index.column(sae_id, "n_fired").tolist()
+    few = next(i for i, n in enumerate(fired) if 0 < n < 10)
+    many = next(i for i, n in enumerate(fired) if n >= 10)
+    page.goto(f"{base_url}/feature/{sae_id}/{few}")
+    page.wait_for_selector("#few-examples")
+    assert f"Only {int(fired[few])} indexed example" in page.inner_text("#few-examples")
+    page.goto(f"{base_url}/feature/{sae_id}/{many}")
+    page.wait_for_selector("#stats div")
+    assert page.locator("#few-examples").count() == 0
+
+    asked: list[dict[str, Any]] = []
+
+    def answer(route: Any) -> None:  # the server's answer, stubbed: first nothing, then one feature
+        body = json.loads(route.request.post_data)
+        asked.append(body)
+        results = (
+            [] if body["hide_dense"] < 1 else [{"sae_id": sae_id, "index": many, "value": 3.0, "token": " a"}]
+        )
+        route.fulfill(json={"mode": "text", "sae_id": sae_id, "results": results})
+
+    page.route("**/v1/search/text", answer)
+    page.goto(f"{base_url}/search?mode=text&q=hello")
+    page.wait_for_selector("#dense-hint button")
+    page.click("#dense-hint button")
+    page.wait_for_selector("tr.result")
+    assert [b["hide_dense"] for b in asked] == [0.01, 1.0] and page.is_checked("#show-dense")
