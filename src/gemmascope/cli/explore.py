@@ -205,6 +205,26 @@ def args_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--top-k", type=int, default=10, help="tokens to show whose log-prob rose / fell (0: none)"
     )
+    p.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="a next token to watch (repeat; mind the leading space: ' he'): its probability after each "
+        "prompt without and with the intervention, the tokens that gained and lost most probability, "
+        "and the cost on held-out text",
+    )
+    p.add_argument("--prompts-file", help="with --watch: more prompts to measure on, one per line")
+    p.add_argument(
+        "--side-effects",
+        type=int,
+        default=2048,
+        metavar="TOKENS",
+        help="with --watch: held-out tokens for the cost (ΔLM loss, KL); 0 skips it (default 2048)",
+    )
+    p.add_argument(
+        "--sweep", default=None, metavar="S1,S2,...", help="with --watch: measure at each of these strengths"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_steer, steps=[])
 
@@ -274,6 +294,7 @@ def run_steer(args: argparse.Namespace) -> int:
             return float(max_act)
 
         interventions = fill_strengths(interventions, max_activation)
+    measuring = _measure_request(args)
     model_name = args.model or next(
         (s.cfg.model_name for s in saes.values() if s.cfg.model_name), BUNDLED_MODEL
     )
@@ -283,8 +304,13 @@ def run_steer(args: argparse.Namespace) -> int:
         seed=args.seed, freq_penalty=args.freq_penalty, top_p=args.top_p,
     )  # fmt: skip
     shift = logprob_shift(model, args.prompt, interventions, k=args.top_k) if args.top_k else None
+    measured = _measured(model, interventions, measuring) if measuring else None
     if args.json:
-        print(json.dumps({"model": model_name, **pair.to_dict(), "logprob_shift": shift}, indent=2))
+        print(
+            json.dumps(
+                {"model": model_name, **pair.to_dict(), "logprob_shift": shift, **(measured or {})}, indent=2
+            )
+        )
         return 0
     s = pair.settings
     print(f"model {model_name}; SAEs {', '.join(sorted(set(ids.values())))}")
@@ -308,7 +334,78 @@ def run_steer(args: argparse.Namespace) -> int:
         )
         print(f"  rose: {fmt(shift['rose'])}")
         print(f"  fell: {fmt(shift['fell'])}")
+    if measured is not None:
+        _print_measured(measured)
     return 0
+
+
+def _measure_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """What --watch, --prompts-file, --side-effects and --sweep ask for, checked before the model loads."""
+    if not args.watch:
+        if args.prompts_file or args.sweep:
+            raise ConfigError(
+                "--prompts-file and --sweep measure watched tokens: give at least one --watch TOKEN"
+            )
+        return None
+    if args.side_effects < 0:
+        raise ConfigError(f"--side-effects {args.side_effects} must be >= 0 (0 skips the cost)")
+    prompts = [args.prompt] + _prompt_set([], args.prompts_file, "--prompts-file")
+    strengths = parse_list(args.sweep, "--sweep", float) if args.sweep else None
+    if args.sweep is not None and not strengths:
+        raise ConfigError("--sweep needs strengths, e.g. --sweep 0,50,100,200")
+    if strengths and args.mode == "ablate":
+        raise ConfigError("--sweep varies the strength of --mode add or clamp; an ablation has none")
+    return {
+        "prompts": prompts,
+        "watch": args.watch,
+        "strengths": strengths,
+        "side_effects": args.side_effects or None,
+    }
+
+
+def _measured(model: Any, interventions: list[Any], req: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from gemmascope.effects import measure, sweep
+
+    out: dict[str, Any] = {
+        "measured": measure(
+            model, interventions, req["prompts"], req["watch"], side_effect_tokens=req["side_effects"]
+        )
+    }
+    if req["strengths"]:
+        out["sweep"] = sweep(
+            model, lambda s: [replace(iv, value=s) for iv in interventions],
+            req["strengths"], req["prompts"], req["watch"], side_effect_tokens=req["side_effects"] or 2048,
+        )  # fmt: skip
+    return out
+
+
+def _print_measured(measured: dict[str, Any]) -> None:
+    m = measured["measured"]
+    print(f"\nwatched next tokens over {m['n_prompts']} prompt(s): p without -> with the intervention")
+    for w in m["watch"]:
+        print(f"  {w['token']!r:<12} {w['p_clean']:.4f} -> {w['p_intervened']:.4f}")
+        if m["n_prompts"] > 1:
+            for row in w["per_prompt"]:
+                print(f"      {row['p_clean']:.4f} -> {row['p_intervened']:.4f}  {row['prompt'][:60]!r}")
+    print(
+        "  gained most probability: " + ", ".join(f"{r['token']!r} {r['delta']:+.4f}" for r in m["rose"][:6])
+    )
+    print(
+        "  lost most probability:   " + ", ".join(f"{r['token']!r} {r['delta']:+.4f}" for r in m["fell"][:6])
+    )
+    cost = m.get("side_effects")
+    if cost:
+        print(
+            f"  cost on {cost['n_predictions']} held-out predictions: LM loss {cost['lm_loss']:.3f} -> "
+            f"{cost['lm_loss_intervened']:.3f} (ΔLM {cost['delta_lm_loss']:+.3f}), KL {cost['kl']:.3f}"
+        )
+    for row in measured.get("sweep", []):
+        watched = ", ".join(f"{t!r} {p:.3f}" for t, p in row["watch"].items())
+        print(
+            f"  strength {row['strength']:>8g}: {watched}; ΔLM {row['delta_lm_loss']:+.3f}, KL {row['kl']:.3f}; {row['completion'][:60]!r}"
+        )
 
 
 def args_serve(p: argparse.ArgumentParser) -> None:

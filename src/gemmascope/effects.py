@@ -1,0 +1,196 @@
+"""Measured interventions (the articles' experiments): what a steer, clamp or ablation does to
+chosen next tokens over a set of prompts, which tokens gain and lose probability mass, what it
+costs on held-out text (ΔLM loss and KL of the intervened model), and all of that along a sweep
+of strengths. Owns `watch_ids` (watched strings as single tokens, or a clear error saying how they
+tokenise), `measure` and `sweep`.
+
+Knows nothing of HTTP or files; the interventions are `steer.Intervention`s applied with
+`steer.steering`, the held-out rows and the loss arithmetic are `evals`'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmascope.corpus import special_mask
+from gemmascope.errors import ConfigError
+from gemmascope.evals import CleanDistribution, NextTokenStats, eval_token_ids
+from gemmascope.models import LanguageModel, prompt_tokens, token_texts
+from gemmascope.steer import Intervention, check_intervention, generate_pair, steering
+
+MAX_PROMPTS = 64
+MAX_WATCH = 16
+DEFAULT_SIDE_EFFECT_TOKENS = 2048  # held-out tokens the cost is measured on
+MIN_SIDE_EFFECT_TOKENS = 128
+
+
+def watch_ids(model: LanguageModel, watch: Sequence[str]) -> list[int]:
+    """The token id of each watched string; a ConfigError for one that is not a single token,
+    saying how it tokenises (`" hello world" -> [" hello", " world"]`), or for none at all."""
+    if not watch or len(watch) > MAX_WATCH:
+        raise ConfigError(f"watch 1..{MAX_WATCH} tokens, e.g. ' he', ' she'; got {len(watch)}")
+    out = []
+    for text in watch:
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = token_texts(model.tokenizer, ids)
+            raise ConfigError(
+                f"watched string {text!r} is {len(ids)} tokens {pieces!r}, not one: watch a single token "
+                "(mind the leading space: ' he' and 'he' are different tokens)"
+            )
+        out.append(int(ids[0]))
+    return out
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise ConfigError(f"give 1..{MAX_PROMPTS} prompts to measure on, got {len(prompts)}")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ConfigError(f"prompt {empty[0] + 1} of the set is empty: expected text")
+
+
+@torch.no_grad()
+def _next_probs(
+    model: LanguageModel, prompts: Sequence[str], interventions: Sequence[Intervention]
+) -> Tensor:
+    """`[n_prompts, vocab]` next-token probabilities after each prompt, with the interventions."""
+    rows = []
+    with steering(model, interventions):
+        for prompt in prompts:
+            ids = prompt_tokens(model, prompt).to(model.device)
+            rows.append(
+                torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].float(), -1).cpu()
+            )
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def side_effects(
+    model: LanguageModel, interventions: Sequence[Intervention], n_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    context_len: int = 128,
+) -> dict[str, float]:  # fmt: skip
+    """The cost of the interventions on about `n_tokens` held-out tokens: LM loss without and with
+    them, their difference (ΔLM loss) and KL(clean ‖ intervened), per predicted token."""
+    if n_tokens < MIN_SIDE_EFFECT_TOKENS:
+        raise ConfigError(
+            f"side effects need at least {MIN_SIDE_EFFECT_TOKENS} held-out tokens, got {n_tokens}"
+        )
+    token_ids = eval_token_ids(model, n_tokens, context_len=context_len)
+    special = special_mask(token_ids, model.special_token_ids)
+    clean_stats, steered_stats = NextTokenStats(), NextTokenStats()
+    for start in range(0, token_ids.shape[0], 4):
+        ids = token_ids[start : start + 4].to(model.device)
+        keep = ~special[start : start + 4].to(model.device)
+        predict = keep[:, :-1] & keep[:, 1:]
+        targets = ids[:, 1:][predict]
+        clean = CleanDistribution(model.hf(input_ids=ids, use_cache=False).logits[:, :-1][predict])
+        clean_stats.update(*clean.compare(clean.logits, targets))
+        with steering(model, interventions):
+            steered = model.hf(input_ids=ids, use_cache=False).logits[:, :-1][predict]
+        steered_stats.update(*clean.compare(steered, targets))
+    return {
+        "lm_loss": clean_stats.ce,
+        "lm_loss_intervened": steered_stats.ce,
+        "delta_lm_loss": steered_stats.ce - clean_stats.ce,
+        "kl": steered_stats.kl,
+        "n_predictions": clean_stats.n,
+    }
+
+
+def measure(
+    model: LanguageModel,
+    interventions: Sequence[Intervention],
+    prompts: Sequence[str],
+    watch: Sequence[str],
+    *,
+    top: int = 10,
+    side_effect_tokens: int | None = DEFAULT_SIDE_EFFECT_TOKENS,
+) -> dict[str, Any]:
+    """What the interventions do: per prompt and on average, the next-token probability of each
+    watched token without and with them; the `top` tokens whose probability rose and fell most
+    (by mass, averaged over the prompts, so rare junk tokens with large log-prob changes do not
+    lead); and, unless `side_effect_tokens` is None, the cost on held-out text (`side_effects`)."""
+    _check_prompts(prompts)
+    ids = watch_ids(model, watch)
+    for iv in interventions:
+        check_intervention(model, iv)
+    clean = _next_probs(model, prompts, [])
+    steered = _next_probs(model, prompts, interventions)
+    shift = (steered - clean).mean(0)  # [vocab] mean change of probability mass
+
+    def tokens(order: Tensor) -> list[dict[str, Any]]:
+        return [
+            {
+                "token": model.tokenizer.decode([int(i)]),
+                "p_clean": float(clean[:, i].mean()),
+                "p_intervened": float(steered[:, i].mean()),
+                "delta": float(shift[i]),
+            }
+            for i in order
+        ]
+
+    out: dict[str, Any] = {
+        "interventions": [iv.describe() for iv in interventions],
+        "watch": [
+            {
+                "token": text,
+                "p_clean": float(clean[:, i].mean()),
+                "p_intervened": float(steered[:, i].mean()),
+                "per_prompt": [
+                    {"prompt": p, "p_clean": float(clean[k, i]), "p_intervened": float(steered[k, i])}
+                    for k, p in enumerate(prompts)
+                ],
+            }
+            for text, i in zip(watch, ids, strict=True)
+        ],
+        "rose": tokens(shift.topk(top).indices),
+        "fell": tokens((-shift).topk(top).indices),
+        "n_prompts": len(prompts),
+    }
+    if side_effect_tokens is not None:
+        out["side_effects"] = side_effects(model, interventions, side_effect_tokens)
+    return out
+
+
+def sweep(
+    model: LanguageModel,
+    at_strength: Callable[[float], Sequence[Intervention]],
+    strengths: Sequence[float],
+    prompts: Sequence[str],
+    watch: Sequence[str],
+    *,
+    side_effect_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    completion_prompt: str | None = None,
+    max_new_tokens: int = 24,
+) -> list[dict[str, Any]]:
+    """`measure` at each strength (`at_strength(s)` gives the interventions), with a greedy
+    completion of `completion_prompt` (default the first prompt) per strength: one row per
+    strength with the watched tokens' mean probabilities, ΔLM loss, KL and the completion."""
+    if not strengths or len(strengths) > 16:
+        raise ConfigError(f"a sweep takes 1..16 strengths, got {len(strengths)}")
+    rows = []
+    for s in strengths:
+        interventions = at_strength(float(s))
+        got = measure(model, interventions, prompts, watch, top=5, side_effect_tokens=side_effect_tokens)
+        pair = generate_pair(
+            model,
+            completion_prompt or prompts[0],
+            interventions,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        )
+        rows.append(
+            {
+                "strength": float(s),
+                "watch": {w["token"]: w["p_intervened"] for w in got["watch"]},
+                "delta_lm_loss": got["side_effects"]["delta_lm_loss"],
+                "kl": got["side_effects"]["kl"],
+                "completion": pair.steered,
+            }
+        )
+    return rows

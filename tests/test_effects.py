@@ -1,0 +1,90 @@
+"""Measured interventions (effects.py) on the tiny model with the steering tests' SAEs: watched
+tokens, probability-mass shifts, the side-effect cost on held-out text, sweeps; bad input; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_steer import PROMPT, cli_model, run_with_sae, sae1, sae2  # noqa: F401  (fixtures)
+
+from gemmascope.effects import measure, side_effects, sweep, watch_ids
+from gemmascope.errors import ConfigError
+from gemmascope.steer import Intervention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_watch_ids_are_single_tokens_or_a_clear_error(tiny_model) -> None:
+    [he] = watch_ids(tiny_model, [" he"])
+    assert tiny_model.tokenizer.decode([he]) == " he"
+    with pytest.raises(ConfigError, match=r"' unbelievably sideways' is \d+ tokens \["):
+        watch_ids(tiny_model, [" unbelievably sideways"])
+    with pytest.raises(ConfigError, match="watch 1"):
+        watch_ids(tiny_model, [])
+
+
+def test_measure_reports_watched_probabilities_mass_shifts_and_cost(tiny_model, sae2) -> None:  # noqa: F811
+    prompts = [PROMPT, "The cat sat on the"]
+    none = measure(tiny_model, [], prompts, [" the", " a"], side_effect_tokens=256)
+    for w in none["watch"]:  # no intervention: nothing moves and nothing costs
+        assert w["p_clean"] == w["p_intervened"] and len(w["per_prompt"]) == 2
+    assert none["side_effects"]["delta_lm_loss"] == 0 and none["side_effects"]["kl"] == pytest.approx(
+        0, abs=1e-6
+    )
+    push = [Intervention(sae2, 3, "add", 40.0)]
+    got = measure(tiny_model, push, prompts, [" the", " a"], side_effect_tokens=256)
+    assert any(w["p_clean"] != w["p_intervened"] for w in got["watch"])
+    rose = [r["delta"] for r in got["rose"]]
+    assert rose == sorted(rose, reverse=True) and rose[0] > 0 and got["fell"][0]["delta"] < 0
+    # by mass: the mean probability change, and the listed p's agree with it
+    top = got["rose"][0]
+    assert top["p_intervened"] - top["p_clean"] == pytest.approx(top["delta"], abs=1e-6)
+    cost = got["side_effects"]
+    assert cost["kl"] > 0 and cost["n_predictions"] > 100
+    assert cost["delta_lm_loss"] == pytest.approx(cost["lm_loss_intervened"] - cost["lm_loss"])
+    with pytest.raises(ConfigError, match="empty"):
+        measure(tiny_model, push, [PROMPT, " "], [" the"])
+    with pytest.raises(ConfigError, match="at least 128"):
+        side_effects(tiny_model, push, 10)
+
+
+def test_a_sweep_gives_a_curve_and_a_completion_per_strength(tiny_model, sae2) -> None:  # noqa: F811
+    rows = sweep(
+        tiny_model, lambda s: [Intervention(sae2, 3, "add", s)], [0.0, 20.0, 60.0], [PROMPT], [" the"],
+        side_effect_tokens=256, max_new_tokens=4,
+    )  # fmt: skip
+    assert [r["strength"] for r in rows] == [0.0, 20.0, 60.0]
+    assert rows[0]["kl"] == pytest.approx(0, abs=1e-6) and rows[2]["kl"] > rows[1]["kl"] > 0
+    assert all(isinstance(r["completion"], str) for r in rows)
+    with pytest.raises(ConfigError, match="1..16 strengths"):
+        sweep(tiny_model, lambda s: [], [], [PROMPT], [" the"])
+
+
+def test_cli_steer_watch_and_sweep(run_with_sae, cli_model, capsys) -> None:  # noqa: F811
+    from gemmascope.cli import main
+
+    folder = run_with_sae / "saes/resid_post/layer_2/width_128/l0_10"
+    base = [
+        "steer",
+        PROMPT,
+        "--sae",
+        str(folder),
+        "--feature",
+        "3",
+        "--strength",
+        "40",
+        "--max-new-tokens",
+        "3",
+    ]
+    assert main([*base, "--watch", " the", "--watch", " a", "--side-effects", "256", "--sweep", "0,40"]) == 0
+    out = capsys.readouterr().out
+    assert "watched next tokens over 1 prompt(s)" in out and "gained most probability" in out
+    assert "held-out predictions" in out and "strength       40:" in out
+    assert main([*base, "--watch", " the", "--side-effects", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "side_effects" not in data["measured"] and data["measured"]["watch"][0]["token"] == " the"
+    assert main([*base, "--watch", " two words"]) == 2
+    assert "not one" in capsys.readouterr().err
+    assert main([*base, "--sweep", "1,2"]) == 2
+    assert "--watch" in capsys.readouterr().err
