@@ -290,3 +290,25 @@ def test_a_feature_with_few_examples_says_so_and_an_empty_search_offers_dense_fe
     page.click("#dense-hint button")
     page.wait_for_selector("tr.result")
     assert [b["hide_dense"] for b in asked] == [0.01, 1.0] and page.is_checked("#show-dense")
+
+
+def test_steer_page_measures_watched_tokens_cost_and_a_sweep(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/steer")
+    page.wait_for_selector(".feature-row .sae option", state="attached")
+    page.fill("#prompt", "The capital of France is")
+    page.fill(".feature-row .index", "3")
+    page.fill(".feature-row .strength", "40")
+    page.fill("#m-watch", '" the"\n" a"')
+    page.fill("#m-prompts", "My favourite city is")
+    page.fill("#m-cost", "256")
+    page.fill("#m-sweep", "0,20,40")
+    page.click("#measure")
+    page.wait_for_selector("#m-sweep-table tr:nth-child(4)")
+    watched = page.inner_text("#m-watch-table")
+    assert '" the"' in watched and '" a"' in watched
+    assert "ΔLM" in page.inner_text("#m-cost-line")
+    assert page.locator("#m-sweep-chart polyline").count() == 3  # two watched tokens and ΔLM loss
+    page.fill("#m-watch", '" two words"')
+    page.click("#measure")
+    page.wait_for_function("document.querySelector('#m-error').textContent.includes('not one')")
+    no_js_errors(page, allowed=("400",))

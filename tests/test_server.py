@@ -716,3 +716,43 @@ def test_steer_at_chosen_positions(client: TestClient, ids: list[str]) -> None:
     body["features"][0]["positions"] = [-1]
     out = client.post("/v1/steer/completion", json=body)
     assert out.status_code == 400 and "positions" in out.json()["error"]
+
+
+def test_measure_watched_tokens_cost_and_sweep(client: TestClient, ids: list[str]) -> None:
+    body = {
+        "prompts": ["The capital of France is", "My favourite city is"],
+        "features": [{"sae_id": ids[1], "index": 3, "strength": 40.0}],
+        "watch": [" the", " a"],
+        "side_effect_tokens": 256,
+        "strengths": [0.0, 40.0],
+    }
+    out = client.post("/v1/steer/measure", json=body)
+    assert out.status_code == 200, out.text
+    data = out.json()
+    assert [w["token"] for w in data["watch"]] == [" the", " a"] and len(data["watch"][0]["per_prompt"]) == 2
+    assert data["side_effects"]["kl"] > 0 and data["rose"] and data["fell"]
+    assert [r["strength"] for r in data["sweep"]] == [0.0, 40.0] and data["sweep"][0]["kl"] == pytest.approx(
+        0, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "change,status,fragment",
+    [
+        ({"watch": [" two words"]}, 400, "not one"),
+        ({"prompts": [""]}, 400, "empty"),
+        ({"strengths": [float(i) for i in range(9)]}, 422, "strengths"),
+        ({"side_effect_tokens": 100000}, 422, "side_effect_tokens"),
+        ({"side_effect_tokens": 64}, 400, "at least 128"),
+        ({"features": [{"sae_id": "nope", "index": 3}]}, 404, "unknown SAE"),
+    ],
+)
+def test_measure_bad_input(
+    client: TestClient, ids: list[str], change: dict[str, Any], status: int, fragment: str
+) -> None:
+    body = {"prompts": ["The capital of France is"], "features": [{"sae_id": ids[1], "index": 3, "strength": 40.0}],
+            "watch": [" the"], "side_effect_tokens": 0, **change}  # fmt: skip
+    out = client.post("/v1/steer/measure", json=body)
+    assert out.status_code == status, out.text
+    assert fragment in json.dumps(out.json())
+    assert client.get("/health").status_code == 200

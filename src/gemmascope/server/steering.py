@@ -100,6 +100,62 @@ async def steer_completion(body: SteerRequest, run: RunDep, queue: QueueDep) -> 
     }
 
 
+MAX_MEASURE_PROMPTS = 16
+MAX_WATCH = 8
+MAX_SWEEP = 8
+MAX_SIDE_EFFECT_TOKENS = 4096
+
+
+class MeasureRequest(Body):
+    prompts: list[str] = Field(min_length=1, max_length=MAX_MEASURE_PROMPTS)
+    features: list[SteerFeature] = Field(min_length=1, max_length=MAX_STEER_FEATURES)
+    watch: list[str] = Field(min_length=1, max_length=MAX_WATCH)
+    side_effect_tokens: int = Field(1024, ge=0, le=MAX_SIDE_EFFECT_TOKENS)  # 0: no cost measured
+    strengths: list[float] | None = Field(None, min_length=1, max_length=MAX_SWEEP)
+    normalize: bool = False
+
+
+@router.post("/v1/steer/measure")
+async def steer_measure(body: MeasureRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    """Watched tokens' next-token probabilities without and with the features' interventions over
+    a prompt set, the tokens gaining and losing most probability, the cost on held-out text, and
+    with `strengths` a sweep (each strength applied to every add/clamp feature)."""
+    from dataclasses import replace
+
+    from gemmascope.effects import measure, sweep, watch_ids
+
+    for prompt in body.prompts:
+        run.check_text(prompt)
+    interventions = [_intervention(run, feat, body.normalize) for feat in body.features]
+    if body.strengths is not None:
+        bad = [s for s in body.strengths if not math.isfinite(s) or abs(s) > run.strength_limit(None)]
+        if bad:
+            raise ApiError(
+                400,
+                f"sweep strengths {bad} are out of range: expected numbers within ±{run.strength_limit(None):g}",
+            )
+        if all(iv.mode == "ablate" for iv in interventions):
+            raise ApiError(
+                400, "a sweep varies the strength of add or clamp features; these are all ablations"
+            )
+    side = body.side_effect_tokens or None
+
+    def work() -> dict[str, Any]:
+        for prompt in body.prompts:
+            run.prompt_ids(prompt)
+        watch_ids(run.model, body.watch)  # 400 naming a watched string that is not one token
+        out = measure(run.model, interventions, body.prompts, body.watch, side_effect_tokens=side)
+        if body.strengths is not None:
+            out["sweep"] = sweep(
+                run.model,
+                lambda s: [iv if iv.mode == "ablate" else replace(iv, value=s) for iv in interventions],
+                body.strengths, body.prompts, body.watch, side_effect_tokens=side or 512, max_new_tokens=16,
+            )  # fmt: skip
+        return out
+
+    return await queue.run(work)
+
+
 def _intervention(run: Run, feat: SteerFeature, normalize: bool) -> Intervention:
     """The intervention a requested feature asks for, its strength defaulted to the feature's max
     activation (400 when that is unknown) and bounded by `run.strength_limit` (400 beyond it)."""

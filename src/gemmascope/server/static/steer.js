@@ -43,12 +43,16 @@ function numberOr(id, fallback) {
   return v === "" ? fallback : Number(v);
 }
 
-async function steer() {
-  const features = [...document.querySelectorAll(".feature-row")].map((row) => {
+function chosenFeatures() {
+  return [...document.querySelectorAll(".feature-row")].map((row) => {
     const s = row.querySelector(".strength").value;
     return {sae_id: row.querySelector(".sae").value, index: Number(row.querySelector(".index").value),
       strength: s === "" ? null : Number(s), mode: row.querySelector(".mode").value};
   });
+}
+
+async function steer() {
+  const features = chosenFeatures();
   const body = {prompt: $("prompt").value, features, temperature: numberOr("temperature", 0.5),
     seed: numberOr("seed", 0), max_new_tokens: numberOr("max-new", 40), freq_penalty: numberOr("freq", 1)};
   $("status").textContent = "generating both completions…";
@@ -67,6 +71,74 @@ async function steer() {
   $("outputs").hidden = false;
 }
 
+// Measured interventions: watched tokens over a prompt set, mass shifts, the cost, a sweep.
+function lines(id) {
+  return $(id).value.split("\n").filter((l) => l.trim() !== "");
+}
+
+async function measureEffects() {
+  const prompts = [$("prompt").value, ...lines("m-prompts")];
+  const watch = lines("m-watch").map((w) => w.replace(/^"(.*)"$/, "$1"));
+  const strengths = $("m-sweep").value.trim() ? $("m-sweep").value.split(",").map(Number) : null;
+  const body = {prompts, watch, features: chosenFeatures(), side_effect_tokens: numberOr("m-cost", 1024), strengths};
+  $("m-status").textContent = "measuring (prompts, held-out text" + (strengths ? ", every strength" : "") + ")…";
+  const data = await GS.busy($("measure"), $("m-error"), () => GS.api("/v1/steer/measure", body));
+  $("m-status").textContent = "";
+  if (!data) return;
+  const box = $("m-result");
+  box.innerHTML = "";
+  box.append(GS.el("table", {id: "m-watch-table"},
+    GS.el("tr", {}, GS.el("th", {}, "watched token"), GS.el("th", {class: "num"}, "p without"), GS.el("th", {class: "num"}, "p with"), GS.el("th", {}, "per prompt")),
+    data.watch.map((w) => GS.el("tr", {},
+      GS.el("td", {class: "mono"}, JSON.stringify(w.token)), GS.el("td", {class: "num"}, GS.fmt(w.p_clean, 4)),
+      GS.el("td", {class: "num"}, GS.fmt(w.p_intervened, 4)),
+      GS.el("td", {class: "small muted"}, w.per_prompt.map((r) => `${GS.fmt(r.p_clean, 3)}→${GS.fmt(r.p_intervened, 3)}`).join("  "))))));
+  const fmtTokens = (rows) => rows.slice(0, 8).map((r) => `${JSON.stringify(r.token)} ${r.delta > 0 ? "+" : ""}${GS.fmt(r.delta, 4)}`).join(", ");
+  box.append(GS.el("div", {class: "small"}, GS.el("b", {}, "gained most probability: "), fmtTokens(data.rose)),
+    GS.el("div", {class: "small"}, GS.el("b", {}, "lost most probability: "), fmtTokens(data.fell)));
+  if (data.side_effects) {
+    const c = data.side_effects;
+    box.append(GS.el("div", {class: "small", id: "m-cost-line"}, GS.el("b", {}, "cost on held-out text: "),
+      `LM loss ${GS.fmt(c.lm_loss, 3)} → ${GS.fmt(c.lm_loss_intervened, 3)} (ΔLM ${GS.fmt(c.delta_lm_loss, 3)}), KL ${GS.fmt(c.kl, 3)} over ${c.n_predictions} predictions`));
+  }
+  if (data.sweep) box.append(sweepChart(data.sweep, watch), sweepTable(data.sweep, watch));
+}
+
+function sweepTable(rows, watch) {
+  return GS.el("table", {id: "m-sweep-table"},
+    GS.el("tr", {}, GS.el("th", {class: "num"}, "strength"), watch.map((w) => GS.el("th", {class: "num"}, `p ${JSON.stringify(w)}`)),
+      GS.el("th", {class: "num"}, "ΔLM"), GS.el("th", {class: "num"}, "KL"), GS.el("th", {}, "greedy completion")),
+    rows.map((r) => GS.el("tr", {}, GS.el("td", {class: "num"}, GS.fmt(r.strength, 2)),
+      watch.map((w) => GS.el("td", {class: "num"}, GS.fmt(r.watch[w], 4))),
+      GS.el("td", {class: "num"}, GS.fmt(r.delta_lm_loss, 3)), GS.el("td", {class: "num"}, GS.fmt(r.kl, 3)),
+      GS.el("td", {class: "small"}, r.completion))));
+}
+
+// The sweep as a line chart: each watched token's probability (left axis) and ΔLM loss (dashed, right axis).
+function sweepChart(rows, watch) {
+  const W = 560, H = 220, L = 46, R = 46, T = 12, B = 30;
+  const ns = "http://www.w3.org/2000/svg";
+  const el = (tag, attrs, text) => { const n = document.createElementNS(ns, tag); for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v); if (text) n.textContent = text; return n; };
+  const svg = el("svg", {width: W, height: H, id: "m-sweep-chart", class: "chart"});
+  const xs = rows.map((r) => r.strength), lo = Math.min(...xs), hi = Math.max(...xs);
+  const x = (v) => L + (hi === lo ? 0.5 : (v - lo) / (hi - lo)) * (W - L - R);
+  const pMax = Math.max(1e-6, ...rows.flatMap((r) => watch.map((w) => r.watch[w])));
+  const dMax = Math.max(1e-6, ...rows.map((r) => Math.abs(r.delta_lm_loss)));
+  const yP = (v) => H - B - (v / pMax) * (H - T - B), yD = (v) => H - B - (Math.abs(v) / dMax) * (H - T - B);
+  const colors = ["#c2410c", "#1d4ed8", "#15803d", "#7c3aed", "#b91c1c", "#0e7490", "#a16207", "#4b5563"];
+  svg.append(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "#9ca3af"}));
+  watch.forEach((w, i) => {
+    svg.append(el("polyline", {points: rows.map((r) => `${x(r.strength)},${yP(r.watch[w])}`).join(" "), fill: "none", stroke: colors[i % 8], "stroke-width": 2}));
+    svg.append(el("text", {x: L + 4, y: T + 12 + 14 * i, fill: colors[i % 8], "font-size": 12}, `p ${JSON.stringify(w)}`));
+  });
+  svg.append(el("polyline", {points: rows.map((r) => `${x(r.strength)},${yD(r.delta_lm_loss)}`).join(" "), fill: "none", stroke: "#111827", "stroke-dasharray": "4 3", "stroke-width": 1.5}));
+  svg.append(el("text", {x: W - R - 90, y: T + 12, "font-size": 12}, "ΔLM loss (dashed)"));
+  rows.forEach((r) => svg.append(el("text", {x: x(r.strength), y: H - 10, "font-size": 11, "text-anchor": "middle"}, GS.fmt(r.strength, 2))));
+  svg.append(el("text", {x: 4, y: T + 6, "font-size": 11}, GS.fmt(pMax, 3)));
+  svg.append(el("text", {x: W - R + 4, y: T + 6, "font-size": 11}, GS.fmt(dMax, 3)));
+  return svg;
+}
+
 (async function init() {
   const q = GS.query();
   try {
@@ -76,4 +148,5 @@ async function steer() {
   if (q.get("prompt")) $("prompt").value = q.get("prompt");
   $("add-feature").addEventListener("click", () => addFeature());
   $("steer").addEventListener("click", steer);
+  $("measure").addEventListener("click", measureEffects);
 })();
