@@ -125,3 +125,27 @@ def test_hub_offline_fails_at_once_with_the_way_out(monkeypatch: pytest.MonkeyPa
     with pytest.raises(FormatError, match="HF_HUB_OFFLINE is set.*GEMMASCOPE_RELEASES"):
         release_file("gemma-scope-2-270m-pt", "resid_post/layer_6_width_16k_l0_small")
     assert time.monotonic() - started < 5
+
+
+def test_a_release_transcoder_and_release_ids_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gemma Scope 2 transcoder folder (with affine_skip_connection, no config.json of ours) loads
+    as MLP input -> output; `--sae RELEASE/ID` resolves through $GEMMASCOPE_RELEASES."""
+    from gemmascope.runs import resolve_sae
+    from gemmascope.sae import SAEConfig
+
+    tc = JumpReLUSAE(SAEConfig("jumprelu", 16, 32, site="mlp_in.5", out_site="mlp_out.5", affine_skip=True))
+    with torch.no_grad():
+        for _, p in tc.named_parameters():
+            p.normal_(0, 0.1)
+    ident = "transcoder_all/layer_5_width_16k_l0_small"
+    path = save_params_safetensors(tc, tmp_path / "gemma-scope-2-270m-pt" / ident / "params.safetensors")
+    (path.parent / "config.json").unlink()  # the release's own files only
+    got = load_release("gemma-scope-2-270m-pt", ident, root=tmp_path)
+    assert (got.cfg.site, got.cfg.out_site, got.cfg.affine_skip) == ("mlp_in.5", "mlp_out.5", True)
+    x = torch.randn(3, 16)
+    assert torch.allclose(got(x), tc(x), atol=1e-6)
+    monkeypatch.setenv("GEMMASCOPE_RELEASES", str(tmp_path))
+    key, folder = resolve_sae(f"gemma-scope-2-270m-pt/{ident}", None)
+    assert key == f"gemma-scope-2-270m-pt/{ident}" and folder == path.parent

@@ -5,7 +5,8 @@ belongs to; and fetching that file from the hub or from a local folder of the sa
 - Gemma Scope (Gemma 2): release `gemma-scope-2b-pt-res` (also `9b`, `27b`, `-it-`, `-att`, `-mlp`),
   id `layer_20/width_16k/average_l0_71` -> `google/gemma-scope-2b-pt-res`, file `ID/params.npz`.
 - Gemma Scope 2 (Gemma 3): release `gemma-scope-2-270m-pt` (also `1b`, `4b`, `12b`, `27b`, `-it`),
-  id `resid_post/layer_6_width_16k_l0_small` -> `google/gemma-scope-2-270m-pt`, file `ID/params.safetensors`.
+  id `resid_post/layer_6_width_16k_l0_small` -> `google/gemma-scope-2-270m-pt`, file `ID/params.safetensors`;
+  transcoders as `transcoder/layer_6_width_16k_l0_small` (or `transcoder_all/...`): MLP input to output.
 
 Reading the files is formats.py's job; this module only resolves names. Knows nothing of training.
 """
@@ -28,7 +29,7 @@ _GS2 = re.compile(r"^gemma-scope-2-(?P<size>270m|1b|4b|12b|27b)-(?P<variant>pt|i
 _GS1_KINDS = {"res": "resid_post", "att": "attn_out", "mlp": "mlp_out"}
 _GS1_ID = re.compile(r"^layer_(?P<layer>\d+)/width_(?P<width>\w+)/average_l0_(?P<l0>\d+)$")
 _GS2_ID = re.compile(
-    r"^(?P<kind>resid_post|attn_out|mlp_out)(?:_all)?/layer_(?P<layer>\d+)_width_(?P<width>\w+)_l0_(?P<l0>\w+)$"
+    r"^(?P<kind>resid_post|attn_out|mlp_out|transcoder)(?:_all)?/layer_(?P<layer>\d+)_width_(?P<width>\w+)_l0_(?P<l0>\w+)$"
 )
 
 
@@ -66,7 +67,10 @@ def resolve(release: str, sae_id: str) -> ReleaseSAE:
         # The bundled model is Gemma 3 270M (pt): use it, so these SAEs work offline.
         pt_270m = m["size"] == "270m" and m["variant"] == "pt"
         model = BUNDLED_MODEL if pt_270m else f"google/gemma-3-{m['size']}-{m['variant']}"
-        site = f"{ident['kind']}.{ident['layer']}"
+        kind = (
+            "mlp_in" if ident["kind"] == "transcoder" else ident["kind"]
+        )  # a transcoder reads the MLP input
+        site = f"{kind}.{ident['layer']}"
         return ReleaseSAE(f"google/{release}", f"{sae_id}/params.safetensors", model, site)
     raise ConfigError(
         f"unknown release {release!r}: expected a Gemma Scope release such as 'gemma-scope-2b-pt-res' "
@@ -111,5 +115,7 @@ def load_release(release: str, sae_id: str, root: str | Path | None = None, devi
     sae.cfg.model_name = where.model_name
     sae.cfg.site = where.site
     sae.cfg.hook_name = parse_site(where.site).hook_name
+    if where.site.startswith("mlp_in."):  # a transcoder: MLP input -> MLP output of its layer
+        sae.cfg.out_site = f"mlp_out.{parse_site(where.site).layer}"
     sae.cfg.extra = {**sae.cfg.extra, "release": release, "sae_id": sae_id}
     return sae

@@ -126,10 +126,17 @@ def resolve_saes(path: Path | str, what: str = "run folder") -> tuple[Path | Non
 
 
 def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> tuple[str, Path]:
-    """`(sae_id, folder)` of an SAE given as a folder, or as an SAE id of `run_dir` (`spec` may be
-    None when the run holds one SAE)."""
+    """`(sae_id, folder)` of an SAE given as a folder, as an SAE id of `run_dir` (`spec` may be
+    None when the run holds one SAE), or as an official release's `RELEASE/ID` (e.g.
+    `gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small`: from $GEMMASCOPE_RELEASES or the
+    hub, `releases.release_file`)."""
     if spec is not None and Path(spec).is_dir():
         return sae_id(spec), Path(spec)
+    if spec is not None and spec.startswith("gemma-scope-") and "/" in spec:
+        from gemmascope.releases import release_file
+
+        release, ident = spec.split("/", 1)
+        return spec, release_file(release, ident).parent
     if run_dir is None:
         raise ConfigError(f"{flag} {spec!r} is not a folder; give an SAE folder, or --run with an SAE id")
     found = {sae_id(folder): folder for folder in find_saes(run_dir)}
