@@ -312,3 +312,19 @@ def test_steer_page_measures_watched_tokens_cost_and_a_sweep(page: Any, base_url
     page.click("#measure")
     page.wait_for_function("document.querySelector('#m-error').textContent.includes('not one')")
     no_js_errors(page, allowed=("400",))
+
+
+def test_search_page_contrast_panel(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/search")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#set-a", "The sea was calm.\nWaves hit the shore.")
+    page.fill("#set-b", "The bank raised rates.\nStocks fell.")
+    page.check("#contrast-dense")
+    page.click("#contrast")
+    page.wait_for_selector("tr.contrast-row")
+    row = page.locator("tr.contrast-row").first
+    assert "/2" in row.inner_text() and row.locator("a").get_attribute("href").startswith("/feature/")
+    page.fill("#set-a", "only one")
+    page.click("#contrast")
+    page.wait_for_function("document.querySelector('#c-error').textContent.length > 0")
+    no_js_errors(page, allowed=("422",))

@@ -756,3 +756,22 @@ def test_measure_bad_input(
     assert out.status_code == status, out.text
     assert fragment in json.dumps(out.json())
     assert client.get("/health").status_code == 200
+
+
+def test_contrast_over_every_sae(client: TestClient, ids: list[str]) -> None:
+    body = {
+        "a": ["The sea was calm.", "Waves hit the shore."],
+        "b": ["The bank raised rates.", "Stocks fell."],
+    }
+    out = client.post("/v1/search/contrast", json={**body, "hide_dense": 1.0})
+    assert out.status_code == 200, out.text
+    data = out.json()
+    assert data["n_a"] == 2 and data["results"] and {r["sae_id"] for r in data["results"]} <= set(ids)
+    effects = [r["effect"] for r in data["results"]]
+    assert effects == sorted(effects, reverse=True) and "explanation" in data["results"][0]
+    hidden = client.post("/v1/search/contrast", json=body).json()
+    assert hidden["hidden_dense"] >= 0
+    bad = client.post("/v1/search/contrast", json={"a": ["one"], "b": body["b"]})
+    assert bad.status_code == 422
+    empty = client.post("/v1/search/contrast", json={"a": ["x", " "], "b": body["b"]})
+    assert empty.status_code == 400 and "empty" in empty.json()["error"]

@@ -99,3 +99,41 @@ async def _by_text(run: Run, queue: ModelQueue, query: str, body: SearchRequest)
     explained = await anyio.to_thread.run_sync(lambda: run.explanations(entry, [r["index"] for r in rows]))
     results = [{"sae_id": entry.id, **r, "explanation": explained.get(r["index"])} for r in rows]
     return {"mode": "text", "sae_id": entry.id, "results": results}
+
+
+MAX_CONTRAST_PROMPTS = 32  # per set, in one request
+
+
+class ContrastRequest(Body):
+    a: list[str] = Field(min_length=2, max_length=MAX_CONTRAST_PROMPTS)
+    b: list[str] = Field(min_length=2, max_length=MAX_CONTRAST_PROMPTS)
+    pool: Literal["max", "mean", "last"] = "max"
+    top: int = Field(20, ge=1, le=100)
+    hide_dense: float = Field(0.01, ge=0.0, le=1.0)  # 1: hide nothing
+
+
+@router.post("/v1/search/contrast")
+async def search_contrast(body: ContrastRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    """The latents over every SAE of the run that separate prompt set A from set B (Cohen's d of
+    their pooled activations, with how many prompts of each set they fire on), densities from the
+    feature index; as `gemmascope contrast`."""
+    from gemmascope.features.contrast import contrast
+
+    for prompt in [*body.a, *body.b]:
+        run.check_text(prompt)
+    saes = {key: entry.sae for key, entry in run.saes.items()}
+    densities = {key: d for key, entry in run.saes.items() if (d := run.column(entry, "density")) is not None}
+
+    def work() -> dict[str, Any]:
+        for prompt in [*body.a, *body.b]:
+            run.prompt_ids(prompt)
+        out: dict[str, Any] = contrast(
+            run.model, saes, body.a, body.b, pool=body.pool, top=body.top, densities=densities,
+            hide_dense=body.hide_dense if body.hide_dense < 1 else None,
+        )  # fmt: skip
+        return out
+
+    out = await queue.run(work)
+    for hit in out["results"]:
+        hit["explanation"] = run.explanations(run.saes[hit["sae_id"]], [hit["index"]]).get(hit["index"])
+    return out

@@ -42,6 +42,33 @@ async function search() {
   $("results-card").hidden = false;
 }
 
+async function runContrast() {
+  const lines = (id) => $(id).value.split("\n").filter((l) => l.trim() !== "");
+  const body = {a: lines("set-a"), b: lines("set-b"), pool: $("pool").value, top: 20,
+    hide_dense: $("contrast-dense").checked ? 1.0 : 0.01};
+  $("c-status").textContent = "running the model over both sets…";
+  const data = await GS.busy($("contrast"), $("c-error"), () => GS.api("/v1/search/contrast", body));
+  $("c-status").textContent = "";
+  if (!data) return;
+  const table = $("contrast-results");
+  table.innerHTML = "";
+  table.append(GS.el("tr", {}, GS.el("th", {}, "feature"), GS.el("th", {}, "SAE"), GS.el("th", {class: "num"}, "effect"),
+    GS.el("th", {class: "num"}, "mean A"), GS.el("th", {class: "num"}, "mean B"), GS.el("th", {class: "num"}, "fired A"),
+    GS.el("th", {class: "num"}, "fired B"), GS.el("th", {class: "num"}, "density"), GS.el("th", {}, "explanation")));
+  for (const r of data.results) {
+    table.append(GS.el("tr", {class: "contrast-row"},
+      GS.el("td", {}, GS.el("a", {href: GS.featureUrl(r.sae_id, r.index), class: "mono"}, `#${r.index}`)),
+      GS.el("td", {class: "mono small"}, r.sae_id),
+      GS.el("td", {class: "num"}, GS.fmt(r.effect, 2)),
+      GS.el("td", {class: "num"}, GS.fmt(r.mean_a, 2)), GS.el("td", {class: "num"}, GS.fmt(r.mean_b, 2)),
+      GS.el("td", {class: "num"}, `${r.fired_a}/${data.n_a}`), GS.el("td", {class: "num"}, `${r.fired_b}/${data.n_b}`),
+      GS.el("td", {class: "num"}, r.density === null || r.density === undefined ? "–" : GS.pct(r.density)),
+      GS.el("td", {class: "small"}, r.explanation || "")));
+  }
+  $("contrast-note").textContent = (data.results.length ? "" : "No latent fires more on A than on B. ") +
+    (data.hidden_dense ? `${data.hidden_dense} latents denser than 1% were hidden (tick "dense latents too" to see them).` : "");
+}
+
 function onMode() {
   $("hint").textContent = HINTS[mode()];
   $("token-label").hidden = mode() !== "text";
@@ -59,6 +86,7 @@ function onMode() {
   document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", onMode));
   onMode();
   $("search").addEventListener("click", search);
+  $("contrast").addEventListener("click", runContrast);
   $("query").addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
   if (q.get("q")) { $("query").value = q.get("q"); search(); }
 })();
