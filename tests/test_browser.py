@@ -328,3 +328,21 @@ def test_search_page_contrast_panel(page: Any, base_url: str) -> None:
     page.click("#contrast")
     page.wait_for_function("document.querySelector('#c-error').textContent.length > 0")
     no_js_errors(page, allowed=("422",))
+
+
+def test_microscope_documents_mode_and_token_boundaries(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#prompt", "The sea was calm.")
+    page.click("#run")
+    page.wait_for_selector("#tokens .tok")
+    assert "tokens after BOS" in page.inner_text("#token-count")
+    page.check("#bounds")
+    assert page.locator("#tokens .tokens.bounded").count() == 1
+    page.fill("#prompt", "The sea was calm.\nStocks fell sharply.\nThe ship sailed on.")
+    page.check("#docs-mode")
+    page.click("#run")
+    page.wait_for_selector(".doc-card")
+    assert page.locator(".doc-card").count() == 3 and page.is_visible("#shared")
+    assert page.is_hidden("#result")
+    no_js_errors(page)

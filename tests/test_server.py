@@ -775,3 +775,25 @@ def test_contrast_over_every_sae(client: TestClient, ids: list[str]) -> None:
     assert bad.status_code == 422
     empty = client.post("/v1/search/contrast", json={"a": ["x", " "], "b": body["b"]})
     assert empty.status_code == 400 and "empty" in empty.json()["error"]
+
+
+def test_documents_view(client: TestClient, ids: list[str]) -> None:
+    body = {
+        "documents": ["The sea was calm.", "Stocks fell sharply.", "The ship sailed on."],
+        "sae_id": ids[0],
+        "k": 4,
+    }
+    out = client.post("/v1/activation/documents", json=body)
+    assert out.status_code == 200, out.text
+    data = out.json()
+    assert len(data["documents"]) == 3 and data["documents"][0]["max"]
+    assert (
+        all(
+            str(r["index"]) in data["explanations"] or r["index"] in data["explanations"]
+            for r in data["documents"][0]["max"][:1]
+        )
+        or data["explanations"] == {}
+    )
+    assert client.post("/v1/activation/documents", json={"documents": []}).status_code == 422
+    bad = client.post("/v1/activation/documents", json={"documents": ["x", " "]})
+    assert bad.status_code == 400 and "empty" in bad.json()["error"]

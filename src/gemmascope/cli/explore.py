@@ -28,6 +28,12 @@ def args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", action="store_true", help="list the features firing most on the text instead")
     p.add_argument("--token", help="with --search: only at this token of the text")
     p.add_argument("--find", metavar="QUERY", help="search the index's explanations instead")
+    p.add_argument(
+        "--documents",
+        metavar="FILE",
+        help="document-level analysis of FILE (one document per line): each one's top features, max- and "
+        "mean-pooled, the features they share and each one's topic features",
+    )
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.set_defaults(run=run_inspect)
@@ -60,8 +66,12 @@ def run_inspect(args: argparse.Namespace) -> int:
             score = "" if hit["score"] is None else f"  (score {hit['score']:.2f})"
             print(f"{hit['sae_id']}#{hit['index']}: {hit['explanation']}{score}")
         return 0
+    if args.documents:
+        assert folder is not None
+        _inspect_documents(args, key, folder, index)
+        return 0
     if not args.text:
-        raise ConfigError("inspect needs a text (or --find QUERY)")
+        raise ConfigError("inspect needs a text (or --find QUERY, or --documents FILE)")
     for flag, value, low in (("-k", args.k, 1), ("--limit", args.limit, 1)):
         if value < low:
             raise ConfigError(f"{flag} {value} must be at least {low}")
@@ -70,6 +80,48 @@ def run_inspect(args: argparse.Namespace) -> int:
     assert folder is not None  # resolve_sae found it: only --find goes on without
     _inspect_text(args, key, folder, index)
     return 0
+
+
+def _inspect_documents(args: argparse.Namespace, key: str, folder: Path, index: Any) -> None:
+    from gemmascope.features.documents import documents
+    from gemmascope.formats import load_sae
+    from gemmascope.models import BUNDLED_MODEL, load_model
+
+    texts = _prompt_set([], args.documents, "--documents")
+    sae = load_sae(folder)
+    densities = (
+        index.densities(key).float()
+        if index is not None and key in {s["sae_id"] for s in index.saes()}
+        else None
+    )
+    model = load_model(args.model or sae.cfg.model_name or BUNDLED_MODEL)
+    out = documents(model, sae, texts, top=args.k, densities=densities, dense=args.dense)
+    names: dict[int, str] = {}
+
+    def name(i: int) -> str:
+        if i not in names:
+            found = index.explanations(key, i) if index is not None and densities is not None else []
+            names[i] = found[0]["text"] if found else ""
+        return names[i]
+
+    def show(rows: list[dict[str, Any]]) -> str:
+        return "; ".join(
+            f"#{r['index']} {r['value']:.1f}{' (dense)' if r.get('dense') else ''} {name(r['index'])}".rstrip()
+            for r in rows
+        )
+
+    for d, doc in enumerate(out["documents"], 1):
+        print(f"document {d}: {doc['text'][:80]!r}")
+        print(f"  max-pooled:  {show(doc['max'])}")
+        print(f"  mean-pooled: {show(doc['mean'])}")
+        if doc["topic"]:
+            print(f"  its topic (strong here, weak in the others): {show(doc['topic'])}")
+    if len(out["documents"]) > 1:
+        shared = "; ".join(
+            f"#{r['index']} in {r['n_documents']}{' (dense)' if r['dense'] else ''} {name(r['index'])}".rstrip()
+            for r in out["shared"][: args.limit]
+        )
+        print(f"shared by at least half the documents: {shared or 'none'}")
 
 
 def _inspect_text(args: argparse.Namespace, key: str, folder: Path, index: Any) -> None:

@@ -80,3 +80,38 @@ async def single(body: SingleRequest, run: RunDep, queue: QueueDep) -> dict[str,
         "tokens": tokens,
         "activation": {"values": values, "max_value": values[best], "max_value_index": best},
     }
+
+
+MAX_DOCUMENTS = 16  # per request
+
+
+class DocumentsRequest(Body):
+    documents: list[str] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+    sae_id: str | None = None  # default: the run's first SAE
+    k: int = Field(8, ge=1, le=20)
+
+
+@router.post("/v1/activation/documents")
+async def documents_view(body: DocumentsRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
+    """Document-level analysis (`features.documents`): each document's top features max- and
+    mean-pooled (dense ones flagged), their shared features and each one's topic features."""
+    from gemmascope.features.documents import documents
+
+    entry = sae_or_404(run, body.sae_id) if body.sae_id else run.first_sae
+    for text in body.documents:
+        run.check_text(text)
+    densities = run.column(entry, "density")
+
+    def work() -> dict[str, Any]:
+        for text in body.documents:
+            run.prompt_ids(text)
+        out: dict[str, Any] = documents(run.model, entry.sae, body.documents, top=body.k, densities=densities)
+        return out
+
+    out = await queue.run(work)
+    seen = sorted(
+        {r["index"] for d in out["documents"] for part in ("max", "mean", "topic") for r in d[part]}
+        | {r["index"] for r in out["shared"]}
+    )
+    explanations = await anyio.to_thread.run_sync(lambda: run.explanations(entry, seen))
+    return {"sae_id": entry.id, **out, "explanations": explanations}

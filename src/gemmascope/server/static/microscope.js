@@ -66,12 +66,48 @@ function render() {
       showFeatures(state.pinned);
     },
   });
+  tokensEl.classList.toggle("bounded", $("bounds").checked);
   box.append(tokensEl);
+  $("token-count").textContent = `${state.tokens.length - 1} tokens after BOS`;
   $("result").hidden = false;
   showFeatures(null);
 }
 
+// One document per line: each one's top features (max- and mean-pooled), their shared and topic features.
+async function runDocuments() {
+  const docs = $("prompt").value.split("\n").filter((l) => l.trim() !== "");
+  $("status").textContent = "running the model over each document…";
+  const data = await GS.busy($("run"), $("error"), () => GS.api("/v1/activation/documents", {documents: docs, sae_id: $("sae").value, k: 8}));
+  $("status").textContent = "";
+  if (!data) return;
+  const name = (i) => data.explanations[i] || "";
+  const list = (rows) => GS.el("div", {class: "doc-feats"}, rows.length ? rows.map((r) =>
+    GS.el("div", {class: "feat" + (r.dense ? " dense" : "")},
+      GS.el("a", {class: "id", href: GS.featureUrl(data.sae_id, r.index)}, `#${r.index}`),
+      GS.el("span", {class: "expl"}, (r.dense ? "(dense) " : "") + name(r.index)),
+      GS.el("span", {class: "val"}, GS.fmt(r.value, 2)))) : GS.el("div", {class: "muted small"}, "none"));
+  const box = $("docs-result");
+  box.innerHTML = "";
+  data.documents.forEach((d, k) => box.append(GS.el("div", {class: "card doc-card"},
+    GS.el("h2", {}, `Document ${k + 1}: ${d.text.slice(0, 90)}`),
+    GS.el("div", {class: "grid3"},
+      GS.el("div", {}, GS.el("div", {class: "small muted"}, "max-pooled"), list(d.max)),
+      GS.el("div", {}, GS.el("div", {class: "small muted"}, "mean-pooled"), list(d.mean)),
+      GS.el("div", {}, GS.el("div", {class: "small muted"}, "its topic: strong here, weak in the others"), list(d.topic))))));
+  if (data.documents.length > 1) {
+    box.append(GS.el("div", {class: "card", id: "shared"}, GS.el("h2", {}, "Shared by at least half of the documents"),
+      data.shared.length ? data.shared.map((r) => GS.el("div", {class: "feat"},
+        GS.el("a", {class: "id", href: GS.featureUrl(data.sae_id, r.index)}, `#${r.index}`),
+        GS.el("span", {class: "expl"}, (r.dense ? "(dense) " : "") + name(r.index)),
+        GS.el("span", {class: "val"}, `${r.n_documents} documents`))) : GS.el("div", {class: "muted"}, "none")));
+  }
+  box.hidden = false;
+  $("result").hidden = true;
+}
+
 async function run() {
+  if ($("docs-mode").checked) { $("docs-result").hidden = true; return runDocuments(); }
+  $("docs-result").hidden = true;
   const saeId = $("sae").value;
   const body = {prompt: $("prompt").value, sae_id: saeId, k: 5, hide_dense: $("show-dense").checked ? 1.0 : 0.01};
   $("status").textContent = "running the model…";
@@ -101,6 +137,7 @@ async function why() {
   if (q.get("prompt")) { $("prompt").value = q.get("prompt"); run(); }
   $("run").addEventListener("click", run);
   $("why").addEventListener("click", why);
+  $("bounds").addEventListener("change", () => { if (state) render(); });
   GS.api("/v1/graph/list").then((info) => { $("why").hidden = !info.available; }).catch(() => {});
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
 })();
