@@ -43,6 +43,7 @@ from gemmascope.train.recipe import (
     INIT_DENSITY,
     INIT_L0,
     PUBLISHED,
+    SKIP_FIT_BATCHES,
     THRESHOLD_FLOOR,
     TermsFn,
     TrainConfig,
@@ -204,9 +205,11 @@ def train_saes(
     sites = sorted({s for t in trainees for s in t.sites})
     batches = par.batches(store, sites, cfg, plan["epochs"], plan["steps"])
     if start == 0:
-        first = next(batches)
+        # the first batch starts every SAE; a transcoder's skip connection is fitted on a few more
+        skips = any(t.sae.W_skip is not None for t in trainees)
+        first = list(itertools.islice(batches, SKIP_FIT_BATCHES if skips else 1))
         _init_from_data(trainees, first, cfg, par)
-        batches = itertools.chain([first], batches)
+        batches = itertools.chain(first, batches)
     for t in trainees:
         t.keep_good()
     _train_steps(_Run(store, cfg, plan, par, terms), trainees, batches, start, log, ckpt, progress)
@@ -340,13 +343,17 @@ def _terms_fn(fast: bool) -> TermsFn:
 
 
 def _init_from_data(
-    trainees: list[Trainee], batch: dict[Site, Tensor], cfg: TrainConfig, par: Parallel
+    trainees: list[Trainee], batches: list[dict[Site, Tensor]], cfg: TrainConfig, par: Parallel
 ) -> None:
-    """Start every SAE's data-scaled parameters from the run's first batch (`recipe.init_from_data`);
+    """Start every SAE's data-scaled parameters from the run's first batch (`recipe.init_from_data`;
+    a transcoder with a skip connection from the first `SKIP_FIT_BATCHES`, its skip fitted on them);
     data-parallel ranks start from the whole step's batch (their parts gathered in rank order), so
     the start is the single-process one."""
     for t in trainees:
-        whole = {s: par.gather(v.to(par.device)) for s, v in batch.items()}  # [batch, d_in], already / C
+        used = batches if t.sae.W_skip is not None else batches[:1]
+        whole = {  # [tokens, d_in], already / C
+            s: torch.cat([par.gather(b[s].to(par.device)) for b in used]) for s in used[0]
+        }
         x, target = training_pair(t, whole, par.device, cfg.max_norm)
         # λ sets no L0: start where Gemma Scope's "medium" SAEs end, or at 5% of a narrow width
         init_l0 = t.spec.target_l0 or t.spec.k or min(INIT_L0, INIT_DENSITY * t.spec.width)

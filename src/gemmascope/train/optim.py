@@ -110,12 +110,6 @@ class averaged:
             self.optimizer.swap_out_average()
 
 
-# A transcoder's skip connection W_skip [d_in, d_in] moves at this fraction of the weights' lr: every
-# one of its entries takes a sign step every step, where a latent's encoder and decoder move only
-# while it fires.
-SKIP_LR_SCALE = 0.1
-
-
 def fixed_biases(sae: SAE) -> bool:
     """Whether this SAE's biases stay where initialisation put them (b_enc = 0, b_dec = the data
     mean) under the sign optimiser. Learned at the weights' pace, b_enc turns latents into always-on
@@ -129,15 +123,15 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimiser of one SAE: "signum" (ScheduleFreeSign: W_enc and W_dec at `lr`, the JumpReLU
     thresholds at `threshold_lr` and kept over THRESHOLD_FLOOR, biases fixed where `fixed_biases`
-    says: they stop requiring gradients) or "adam" (every parameter at `lr`, as published)."""
+    says and a transcoder's skip connection fixed where init fitted it: they stop requiring gradients) or "adam" (every parameter at `lr`, as published)."""
     if kind == "adam":
         return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
     groups: list[dict[str, Any]] = [
         {"params": [sae.W_enc], "lr": lr},
         {"params": [sae.W_dec], "lr": lr, "unit_rows": True},
     ]
-    if sae.W_skip is not None:  # a transcoder's dense skip map: a slower pace (SKIP_LR_SCALE)
-        groups.append({"params": [sae.W_skip], "lr": lr * SKIP_LR_SCALE, "lr_scale": SKIP_LR_SCALE})
+    if sae.W_skip is not None:  # fitted by ridge regression at init (recipe.fit_skip), then fixed
+        sae.W_skip.requires_grad_(False)
     if fixed_biases(sae):
         for bias in (sae.b_enc, sae.b_dec):
             bias.requires_grad_(False)  # no gradient computed, and none all-reduced across ranks

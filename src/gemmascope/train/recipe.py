@@ -278,11 +278,34 @@ def init_sae(sae: SAE, generator: torch.Generator, threshold_init: float = THRES
     return sae
 
 
+# A transcoder's affine skip connection starts as the ridge regression of the output site on the
+# input site over the first batches (SKIP_FIT_BATCHES of them), SKIP_RIDGE x the mean eigenvalue of the
+# input covariance as the ridge. Measured on Gemma 3 270M (held-out FVU of the skip alone; 4,096
+# tokens): layer 6 0.28, layer 12 0.54, where the skip learned by sign descent from 0 over 200k tokens
+# left whole transcoders at 0.60 and 0.64. With the optimiser it then stays fixed (`optim`): the
+# latents learn what the linear map misses.
+SKIP_FIT_BATCHES = 4
+SKIP_RIDGE = 0.1
+
+
+def fit_skip(x: Tensor, target: Tensor, ridge: float = SKIP_RIDGE) -> tuple[Tensor, Tensor]:
+    """`(W [d_in, d_out], b [d_out])` of the ridge regression `target ≈ x @ W + b` on `x [n, d_in]`,
+    `target [n, d_out]`, the ridge `ridge` x the mean eigenvalue of the centred input covariance."""
+    mx, my = x.mean(0), target.mean(0)
+    xc = (x - mx).double()
+    gram = xc.T @ xc
+    reg = ridge * gram.trace() / gram.shape[0]
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    w = torch.linalg.solve(gram + reg * eye, xc.T @ (target - my).double()).to(x.dtype)
+    return w, my - mx @ w
+
+
 def init_from_data(
     sae: SAE, x: Tensor, cfg: TrainConfig, init_l0: float, target: Tensor | None = None
 ) -> SAE:
     """Start what the data sets the scale of from a first batch `x [batch, d_in]` (already / C; a
-    transcoder's output-site batch is `target`: `b_dec` starts at its mean, `b_in` at `x`'s).
+    transcoder's output-site batch is `target`: `b_dec` starts at its mean, `b_in` at `x`'s, and an
+    affine skip connection at the ridge regression of `target` on `x`, `fit_skip`).
 
     With the sign optimiser, W_enc's columns are scaled to SIGNUM_ENC_INIT_NORM. `b_dec` at the data
     mean (as sparsify does): at resid_post.6 of Gemma 3 270M the mean holds ~90%
@@ -297,6 +320,12 @@ def init_from_data(
             sae.b_in.copy_(x.mean(0))
         if cfg.b_dec_init == "mean":
             sae.b_dec.copy_((x if target is None else target).mean(0))
+        if (
+            sae.W_skip is not None and target is not None
+        ):  # the skip as the linear regression, b_dec its offset
+            w, b = fit_skip(x, target)
+            sae.W_skip.copy_(w)
+            sae.b_dec.copy_(b)
         if isinstance(sae, JumpReLUSAE) and cfg.threshold_init is None:
             pre_acts = sae.pre_acts(sae.centered(x))  # [batch, d_sae]
             k = min(x.shape[0] - 1, max(1, round(init_l0 / sae.d_sae * x.shape[0])))
