@@ -244,3 +244,16 @@ def test_saelens_skip_layout_is_d_out_by_d_in(tmp_path: Path) -> None:
         cfg["architecture"] = name
         (folder / "cfg.json").write_text(json.dumps(cfg))
         assert load_sae(folder).cfg.architecture == arch
+
+
+def test_the_skip_connection_starts_as_the_ridge_regression() -> None:
+    """`fit_skip` recovers an exact linear map (up to the ridge's slight shrinkage) and its offset."""
+    from gemmascope.train.recipe import fit_skip
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 8, generator=g) + 3.0
+    w_true, b_true = torch.randn(8, 8, generator=g), torch.randn(8, generator=g)
+    w, b = fit_skip(x, x @ w_true + b_true, ridge=1e-6)
+    assert torch.allclose(w, w_true, atol=1e-3) and torch.allclose(b, b_true, atol=1e-2)
+    shrunk, _ = fit_skip(x, x @ w_true + b_true, ridge=1.0)
+    assert shrunk.norm() < w_true.norm()
