@@ -169,15 +169,20 @@ def attribute(
         torch.full((n_logits,), n_layers), torch.full((n_logits,), n_pos - 1), logit_vectors
     )
     limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    feature_rows = torch.zeros(n_active, n_sources)
+    feature_rows = torch.zeros(limit, n_sources)  # one row per feature node, in the order computed
+    row_of = torch.full((n_active,), -1, dtype=torch.long)  # feature -> its row, -1: not computed
     visited = torch.zeros(n_active, dtype=torch.bool)
+    filled = 0
     bar = tqdm(total=limit, desc="attribution", unit="feature", disable=not progress)
     with bar:
         while int(visited.sum()) < limit:
             if limit == n_active:
                 order = torch.nonzero(~visited).squeeze(1)
             else:  # circuit-tracer's order: the most influential on the logits so far
-                influence = _partial_influence(feature_rows, visited, logit_rows, logit_probs, n_active)
+                computed = torch.nonzero(visited).squeeze(1)
+                influence = _partial_influence(
+                    feature_rows[row_of[computed]], computed, logit_rows, logit_probs, n_active
+                )
                 influence[visited] = -1
                 order = influence.argsort(descending=True)[: int((~visited).sum())]
             order = order[: min(4 * batch_size, limit - int(visited.sum()))]
@@ -188,11 +193,13 @@ def attribute(
                     zip(layers_.tolist(), active[chunk, 2].tolist(), strict=True)
                 ):
                     vectors[j] = encoders[layer][:, latent]
-                feature_rows[chunk] = rows_for(layers_, pos_, vectors)
+                feature_rows[filled : filled + chunk.numel()] = rows_for(layers_, pos_, vectors)
+                row_of[chunk] = torch.arange(filled, filled + chunk.numel())
+                filled += chunk.numel()
                 visited[chunk] = True
                 bar.update(chunk.numel())
     selected = torch.nonzero(visited).squeeze(1)  # sorted: the graph's feature order
-    adjacency = _assemble(feature_rows, logit_rows, selected, n_active, n_layers, n_pos)
+    adjacency = _assemble(feature_rows[row_of[selected]], logit_rows, selected, n_active, n_layers, n_pos)
     tokenizer = model.tokenizer
     return Graph(
         prompt=prompt,
@@ -256,12 +263,12 @@ def _logit_targets(logits: Tensor, max_n: int, desired: float) -> tuple[Tensor, 
 
 
 def _partial_influence(
-    feature_rows: Tensor, visited: Tensor, logit_rows: Tensor, logit_probs: Tensor, n_active: int
+    feature_rows: Tensor, row_of: Tensor, logit_rows: Tensor, logit_probs: Tensor, n_active: int
 ) -> Tensor:
-    """`[n_active]`: each feature's influence on the logits through the rows computed so far."""
-    rows = torch.cat([feature_rows[visited], logit_rows])
-    normed = rows.abs() / rows.abs().sum(1, keepdim=True).clamp_min(1e-10)
-    row_of = torch.nonzero(visited).squeeze(1)
+    """`[n_active]`: each feature's influence on the logits through the rows computed so far
+    (`feature_rows [k, n_sources]` of the features `row_of [k]`)."""
+    normed = torch.cat([feature_rows, logit_rows]).abs_()
+    normed /= normed.sum(1, keepdim=True).clamp_min(1e-10)
     weights = torch.cat([torch.zeros(row_of.numel()), logit_probs])
     total = torch.zeros(n_active)
     for _ in range(1000):
@@ -276,12 +283,13 @@ def _partial_influence(
 def _assemble(
     feature_rows: Tensor, logit_rows: Tensor, selected: Tensor, n_active: int, n_layers: int, n_pos: int
 ) -> Tensor:
-    """The graph's `[N, N]` adjacency in circuit-tracer's node order, over the selected features."""
+    """The graph's `[N, N]` adjacency in circuit-tracer's node order, over the `selected` features
+    (sorted; `feature_rows` are their rows, in that order)."""
     n_feat, n_logits = selected.numel(), logit_rows.shape[0]
     n = n_feat + (n_layers + 1) * n_pos + n_logits
     columns = torch.cat([selected, torch.arange(n_active, n_active + (n_layers + 1) * n_pos)])
     adjacency = torch.zeros(n, n)
-    adjacency[:n_feat, : columns.numel()] = feature_rows[selected][:, columns]
+    adjacency[:n_feat, : columns.numel()] = feature_rows[:, columns]
     adjacency[n - n_logits :, : columns.numel()] = logit_rows[:, columns]
     return adjacency
 
