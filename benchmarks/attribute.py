@@ -150,7 +150,7 @@ def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[s
             raise SystemExit(f"circuit-tracer failed:\n{done.stderr[-3000:]}")
         ct = torch.load(out)
         ct_wall = time.monotonic() - t
-    ours = attribute(model, tcs, prompt, batch_size=64, progress=False)
+    ours = attribute(model, tcs, prompt, batch_size=64, max_feature_nodes=None, progress=False)
     same_tokens = torch.equal(ours.ids, ct["tokens"].cpu())
     same_features = torch.equal(ours.features, ct["features"].long())
     same_logits = torch.equal(ours.logit_ids, ct["logits"].long())

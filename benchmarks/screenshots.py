@@ -45,6 +45,7 @@ def main() -> None:
     )
     parser.add_argument("--sae", default=None, help="SAE id to show (default: the run's first)")
     parser.add_argument("--focus-token", default="Paris", help="token whose top feature gets its page shown")
+    parser.add_argument("--graph", default=None, help="graph slug to show (default: the first in RUN/graphs)")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -113,6 +114,19 @@ def main() -> None:
         page.wait_for_selector("#saes tr.sae")
         page.wait_for_load_state("networkidle")
         shot("saes")
+
+        # Graph: a drawn attribution graph, when the run has one (a transcoder run); a node hovered.
+        graphs = sorted((Path(args.run_dir) / "graphs").glob("*.json"))
+        if graphs:
+            page.set_viewport_size({"width": 1500, "height": 1000})
+            page.goto(url + f"/graph/{(args.graph or graphs[0].stem)}")
+            page.wait_for_selector("svg#graph circle.node")
+            node = page.locator("svg#graph circle.node").nth(
+                page.locator("svg#graph circle.node").count() // 2
+            )
+            node.hover()
+            page.wait_for_timeout(800)
+            shot("graph")
         browser.close()
 
     results = Path(__file__).parent / "results"

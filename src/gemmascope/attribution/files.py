@@ -230,16 +230,37 @@ def read_graph(path: Path | str, digest: str | None = None) -> dict[str, Any]:
 # The picture
 
 
-def plot_graph(data: dict[str, Any], path: Path | str, title: str | None = None) -> Path:
+def _for_display(data: dict[str, Any], max_nodes: int, max_edges: int) -> dict[str, Any]:
+    """The graph JSON cut to its `max_nodes` most influential inner nodes (features, errors; tokens
+    and logits always) and the `max_edges` strongest links among what is left."""
+    inner = [n for n in data["nodes"] if n["feature_type"] not in ("embedding", "logit")]
+    inner.sort(key=lambda n: n.get("influence") if n.get("influence") is not None else 1.0)
+    keep = {n["node_id"] for n in inner[:max_nodes]}
+    keep |= {n["node_id"] for n in data["nodes"] if n["feature_type"] in ("embedding", "logit")}
+    links = [link for link in data["links"] if link["source"] in keep and link["target"] in keep]
+    links = sorted(links, key=lambda link: -abs(link["weight"]))[:max_edges]
+    return {**data, "nodes": [n for n in data["nodes"] if n["node_id"] in keep], "links": links}
+
+
+def plot_graph(
+    data: dict[str, Any],
+    path: Path | str,
+    title: str | None = None,
+    max_nodes: int = 48,
+    max_edges: int = 240,
+) -> Path:
     """The pruned graph as a PNG: columns are token positions, rows the embedding, the layers and
     the logits; feature nodes are circles sized by their activation and shaded by influence, error
     nodes squares; edges are lines, blue excitatory and red inhibitory, as wide as their weight.
-    The most influential features are labelled `L{layer}/{latent}` and their explanation."""
+    For a readable picture it shows the `max_nodes` most influential feature and error nodes (every
+    token and logit) and the `max_edges` strongest edges among them; the JSON keeps them all. The
+    most influential features are labelled `L{layer}/{latent}` and their explanation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    data = _for_display(data, max_nodes, max_edges)
     meta = data["metadata"]
     tokens = meta["prompt_tokens"]
     n_layers = max((int(n["layer"]) for n in data["nodes"] if n["feature_type"] == "logit"), default=1) - 1
@@ -272,9 +293,14 @@ def plot_graph(data: dict[str, Any], path: Path | str, title: str | None = None)
             ax.scatter([x], [y], s=120, marker="s", color="#4a5568", zorder=3)
         elif kind == "logit":
             ax.scatter([x], [y], s=60 + 600 * n["token_prob"], marker="D", color="#2f855a", zorder=3)
-            ax.annotate(
-                n["clerp"].removeprefix("Output "), (x, y), (4, 6), textcoords="offset points", fontsize=8
-            )
+            if n["is_target_logit"]:  # the top output is named here, the next ones in the title
+                ax.annotate(
+                    n["clerp"].removeprefix("Output "),
+                    (x, y),
+                    (-30, 12),
+                    textcoords="offset points",
+                    fontsize=9,
+                )
         elif kind == "mlp reconstruction error":
             ax.scatter([x], [y], s=50, marker="s", color="#a0aec0", edgecolor="#4a5568", zorder=3)
         else:
@@ -299,10 +325,15 @@ def plot_graph(data: dict[str, Any], path: Path | str, title: str | None = None)
     ax.set_yticklabels(["emb", *[f"L{i}" for i in range(n_layers)], "logit"], fontsize=8)
     ax.set_ylim(-1.8, n_layers + 2)
     ours = meta.get("gemmascope", {})
+    outputs = sorted(
+        (n for n in data["nodes"] if n["feature_type"] == "logit"), key=lambda n: -n["token_prob"]
+    )
+    said = ", ".join(n["clerp"].removeprefix("Output ") for n in outputs[:3])
     ax.set_title(
         title
-        or f"{meta['prompt']!r}: replacement {ours.get('replacement_score', float('nan')):.2f}, completeness "
-        f"{ours.get('completeness_score', float('nan')):.2f}, {len(data['nodes'])} nodes, {len(data['links'])} edges",
+        or f"{meta['prompt']!r} -> {said}\nreplacement {ours.get('replacement_score', float('nan')):.2f}, completeness "
+        f"{ours.get('completeness_score', float('nan')):.2f}; shown: the {len(data['nodes'])} most influential "
+        f"of {ours.get('n_pruned_nodes', '?')} nodes, the {len(data['links'])} strongest edges",
         fontsize=10,
     )
     ax.grid(axis="y", alpha=0.2)
