@@ -218,7 +218,9 @@ def measure_heldout(t: Trainee, heldout: ActivationStore | None, cfg: TrainConfi
     n = 0
     with torch.no_grad():
         available = min(int(heldout.manifest(s)["n_tokens_non_special"]) for s in sites)
-        for batch in heldout.batches(sites, max(1, min(HELDOUT_BATCH, available)), seed=0):
+        scales = {t.site: t.scale, **({t.out_site: t.out_scale} if t.out_site is not None else {})}
+        for raw in heldout.batches(sites, max(1, min(HELDOUT_BATCH, available)), seed=0):
+            batch = {s: raw[s] / scales[s] for s in sites}  # by the training run's C, as in training
             x, target = training_pair(t, batch, t.sae.W_enc.device, cfg.max_norm)
             y = x if target is None else target
             f = t.sae.activation(t.sae.pre_acts(t.sae.centered(x)))  # [batch, d_sae]

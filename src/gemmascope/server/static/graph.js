@@ -5,6 +5,7 @@
 
 GS.header("graph");
 const SVGNS = "http://www.w3.org/2000/svg";
+const MAX_EDGES = 1500;
 const $ = (id) => document.getElementById(id);
 const state = {slug: null, data: null, selected: new Set(), featureCache: new Map()};
 
@@ -99,9 +100,11 @@ function render(data) {
     text.textContent = GS.tokenText(t, true).slice(0, 12);
     box.append(text);
   });
-  const maxW = Math.max(1e-9, ...data.links.map((l) => Math.abs(l.weight)));
+  // The strongest MAX_EDGES edges are drawn (a weak transcoder set leaves hundreds of thousands).
+  const shown = [...data.links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES).reverse();
+  const maxW = Math.max(1e-9, ...shown.map((l) => Math.abs(l.weight)));
   const edges = svg("g", {});
-  for (const link of [...data.links].sort((a, b) => Math.abs(a.weight) - Math.abs(b.weight))) {
+  for (const link of shown) {
     const a = L.pos.get(link.source), b = L.pos.get(link.target);
     if (!a || !b) continue;
     const w = Math.abs(link.weight) / maxW;
@@ -248,7 +251,7 @@ async function main() {
   const meta = state.data.metadata, ours = meta.gemmascope || {};
   $("prompt").value = meta.prompt;
   $("graph-title").textContent = `${JSON.stringify(meta.prompt)} → ${state.data.nodes.filter((n) => n.feature_type === "logit").sort((a, b) => b.token_prob - a.token_prob).map((n) => n.clerp.replace(/^Output /, "")).slice(0, 3).join(", ")}`;
-  $("graph-stats").textContent = `${ours.n_features} active features; ${ours.n_pruned_nodes} nodes and ${ours.n_links} edges after pruning; replacement score ${GS.fmt(ours.replacement_score, 3)}, completeness ${GS.fmt(ours.completeness_score, 3)}. Circles: transcoder features (larger = more influence on the output); grey squares: errors; dark squares: tokens; blue edges excite, red inhibit.`;
+  $("graph-stats").textContent = `${ours.n_features} active features; ${ours.n_pruned_nodes} nodes and ${ours.n_links} edges after pruning (the ${MAX_EDGES} strongest drawn); replacement score ${GS.fmt(ours.replacement_score, 3)}, completeness ${GS.fmt(ours.completeness_score, 3)}. Circles: transcoder features (larger = more influence on the output); grey squares: errors; dark squares: tokens; blue edges excite, red inhibit.`;
   $("graph-card").hidden = false;
   $("intervene-card").hidden = !info || !info.available;
   render(state.data);
