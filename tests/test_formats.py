@@ -288,9 +288,7 @@ def test_missing_key_is_a_format_error(tmp_path: Path) -> None:
 
 def test_unexpected_key_is_a_format_error(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="unexpected keys"):
-        load_sae(
-            write_npz(tmp_path / "params.npz", **good_arrays(), log_feature_sparsity=np.zeros(16))
-        )
+        load_sae(write_npz(tmp_path / "params.npz", **good_arrays(), log_feature_sparsity=np.zeros(16)))
 
 
 def test_misshaped_key_is_a_format_error(tmp_path: Path) -> None:
@@ -433,5 +431,7 @@ def test_convert_to_a_file_never_overwrites_without_the_flag(
     assert (out / name).read_bytes() == b"someone else's file"
     assert main(["convert", str(src), str(out / name), "--to", to, "--overwrite"]) == 0
     assert_same_weights(load_sae(src), load_sae(out / name))
-    beside = ["config.json"] if name == "params.safetensors" else []  # Gemma Scope 2's layout: the sites beside it
+    beside = (
+        ["config.json"] if name == "params.safetensors" else []
+    )  # Gemma Scope 2's layout: the sites beside it
     assert sorted(p.name for p in out.iterdir()) == sorted([name, *beside])

@@ -509,7 +509,9 @@ def test_pages_are_served_from_the_package(client: TestClient, url: str) -> None
 
 def test_static_files_fetch_nothing_from_the_network() -> None:
     for path in sorted(app_module.STATIC.iterdir()):
-        text = path.read_text().replace("http://www.w3.org/2000/svg", "")  # SVG's namespace: a name, not a fetch
+        text = path.read_text().replace(
+            "http://www.w3.org/2000/svg", ""
+        )  # SVG's namespace: a name, not a fetch
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, path.name
 
 
