@@ -115,16 +115,12 @@ def main() -> None:
         page.wait_for_load_state("networkidle")
         shot("saes")
 
-        # Graph: a drawn attribution graph, when the run has one (a transcoder run); a node hovered.
+        # Graph: a drawn attribution graph, when the run has one (a transcoder run).
         graphs = sorted((Path(args.run_dir) / "graphs").glob("*.json"))
         if graphs:
             page.set_viewport_size({"width": 1500, "height": 1000})
             page.goto(url + f"/graph/{(args.graph or graphs[0].stem)}")
             page.wait_for_selector("svg#graph circle.node")
-            node = page.locator("svg#graph circle.node").nth(
-                page.locator("svg#graph circle.node").count() // 2
-            )
-            node.hover()
             page.wait_for_timeout(800)
             shot("graph")
         browser.close()
