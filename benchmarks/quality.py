@@ -150,7 +150,7 @@ def main() -> None:
     sites, budgets = args.sites.split(","), ints(args.budgets)
     model = load_model("gemma-3-270m")
     started = time.monotonic()
-    harvest(model, sites, run_dir, n_tokens=args.harvest_tokens or min(max(budgets), 940_000))
+    harvest(model, sites, run_dir, n_tokens=args.harvest_tokens or min(max(budgets), 930_000))
     harvest(model, sites, run_dir / HELDOUT, n_tokens=args.eval_tokens, split="heldout")
     harvest_s = time.monotonic() - started
     store = ActivationStore(run_dir)

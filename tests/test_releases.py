@@ -132,7 +132,7 @@ def test_a_release_transcoder_and_release_ids_on_the_command_line(
 ) -> None:
     """A Gemma Scope 2 transcoder folder (with affine_skip_connection, no config.json of ours) loads
     as MLP input -> output; `--sae RELEASE/ID` resolves through $GEMMASCOPE_RELEASES."""
-    from gemmascope.runs import resolve_sae
+    from gemmascope.runs import open_sae, resolve_sae
     from gemmascope.sae import SAEConfig
 
     tc = JumpReLUSAE(SAEConfig("jumprelu", 16, 32, site="mlp_in.5", out_site="mlp_out.5", affine_skip=True))
@@ -149,3 +149,9 @@ def test_a_release_transcoder_and_release_ids_on_the_command_line(
     monkeypatch.setenv("GEMMASCOPE_RELEASES", str(tmp_path))
     key, folder = resolve_sae(f"gemma-scope-2-270m-pt/{ident}", None)
     assert key == f"gemma-scope-2-270m-pt/{ident}" and folder == path.parent
+    key, folder, opened = open_sae(f"gemma-scope-2-270m-pt/{ident}", None)  # what steer, inspect, serve load
+    assert (opened.cfg.site, opened.cfg.out_site, opened.cfg.model_name) == (
+        "mlp_in.5",
+        "mlp_out.5",
+        "gemma-3-270m",
+    )

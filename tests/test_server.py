@@ -642,14 +642,66 @@ def test_serve_command(
 ) -> None:
     called: dict[str, Any] = {}
     monkeypatch.setattr(
-        "gemmascope.server.serve", lambda run, host, port: called.update(run=run, host=host, port=port)
+        "gemmascope.server.serve",
+        lambda run, host, port, extra: called.update(run=run, host=host, port=port, extra=extra),
     )
     assert main(["serve", str(run_dir)]) == 0
-    assert called == {"run": str(run_dir), "host": "127.0.0.1", "port": 8000}
+    assert called == {"run": str(run_dir), "host": "127.0.0.1", "port": 8000, "extra": []}
     assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "9001"]) == 0
     assert called["host"] == "0.0.0.0" and called["port"] == 9001
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "70000" in capsys.readouterr().err
+    release = "gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small"
+    assert main(["serve", "--sae", release]) == 0
+    assert called["run"] is None and called["extra"] == [release]
+    assert main(["serve"]) == 2
+    assert "serve needs RUN_DIR, or --sae" in capsys.readouterr().err
+
+
+def test_official_saes_are_served_with_or_without_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path, tiny_model: LanguageModel
+) -> None:
+    """`serve --sae RELEASE/ID`: an official SAE (from $GEMMASCOPE_RELEASES, laid out as the hub)
+    joins the run's SAEs, or is served alone; the microscope and steering read it, the pages that
+    need an index or a run folder say so."""
+    from gemmascope.formats import save_params_safetensors
+    from gemmascope.releases import load_release
+
+    ident = "resid_post/layer_1_width_16k_l0_small"
+    release_sae = make_sae(tiny_model, 1, tiny_model.to_tokens(PROMPT), seed=7)
+    save_params_safetensors(release_sae, tmp_path / "gemma-scope-2-270m-pt" / ident / "params.safetensors")
+    monkeypatch.setenv("GEMMASCOPE_RELEASES", str(tmp_path))
+    key = "gemma-scope-2-270m-pt.resid_post.layer_1_width_16k_l0_small"
+    with TestClient(create_app(run_dir, model=tiny_model, extra=[f"gemma-scope-2-270m-pt/{ident}"])) as c:
+        listed = [s["id"] for s in c.get("/v1/saes").json()["saes"]]
+        assert listed == ["resid_post.1.w256.l0_1", "resid_post.2.w256.l0_1", key]
+    with TestClient(create_app(None, model=tiny_model, extra=[f"gemma-scope-2-270m-pt/{ident}"])) as c:
+        data = c.get("/v1/saes").json()
+        assert [s["id"] for s in data["saes"]] == [key] and data["saes"][0]["site"] == "resid_post.1"
+        micro = c.post("/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": key})
+        assert micro.status_code == 200
+        expected = load_release("gemma-scope-2-270m-pt", ident).encode(
+            capture(tiny_model, tiny_model.to_tokens(PROMPT), [parse_site("resid_post.1")])[
+                parse_site("resid_post.1")
+            ][0]
+        )
+        results = [r for r in micro.json()["results"] if r["top_features"]]
+        assert results, "some latent of the official SAE should fire on the prompt"
+        for r in results:
+            assert r["top_features"][0]["value"] == pytest.approx(
+                expected[r["position"]].max().item(), rel=1e-4
+            )
+        feature = c.get(f"/v1/feature/{key}/0")
+        assert feature.status_code == 404 and "without a run folder" in feature.json()["error"]
+        graphs = c.get("/v1/graph/list").json()
+        assert graphs["available"] is False and "run folder" in graphs["why_not"]
+        steer = c.post(
+            "/v1/steer/completion",
+            json={**STEER, "features": [{"sae_id": key, "index": 1, "strength": 5.0}]},
+        )
+        assert steer.status_code == 200
+    with pytest.raises(Exception, match="serve needs a run folder"):
+        create_app(None, model=tiny_model)
 
 
 def test_serve_refuses_a_taken_port_before_loading(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,8 +26,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gemmascope.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from gemmascope.sae import SAE
 
 RUN_JSON = "run.json"
 SUITE_JSON = "suite.json"
@@ -132,7 +136,7 @@ def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> 
     hub, `releases.release_file`)."""
     if spec is not None and Path(spec).is_dir():
         return sae_id(spec), Path(spec)
-    if spec is not None and spec.startswith("gemma-scope-") and "/" in spec:
+    if spec is not None and is_release_spec(spec):
         from gemmascope.releases import release_file
 
         release, ident = spec.split("/", 1)
@@ -147,6 +151,25 @@ def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> 
     raise StoreError(
         f"no SAE {spec!r} in {str(run_dir)!r}: expected {flag} with one of {', '.join(sorted(found)) or 'none'}"
     )
+
+
+def is_release_spec(spec: str) -> bool:
+    """Whether an SAE named on the command line is an official release's `RELEASE/ID`."""
+    return spec.startswith("gemma-scope-") and "/" in spec and not Path(spec).is_dir()
+
+
+def open_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> tuple[str, Path, SAE]:
+    """`(sae_id, folder, SAE)` of an SAE named as `resolve_sae` takes it, loaded: an official
+    release's SAE through `releases.load_release` (its model, site and, for a transcoder, output
+    site filled in: the release's own files do not say them), any other with `formats.load_sae`."""
+    from gemmascope.formats import load_sae
+    from gemmascope.releases import load_release
+
+    key, folder = resolve_sae(spec, run_dir, flag)
+    if spec is not None and is_release_spec(spec):
+        release, ident = spec.split("/", 1)
+        return key, folder, load_release(release, ident)
+    return key, folder, load_sae(folder)
 
 
 def find_index(places: list[Path]) -> Path | None:

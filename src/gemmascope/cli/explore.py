@@ -9,11 +9,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemmascope.cli.options import add_model, add_sae_choice, add_serving, parse_list
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.runs import FEATURES_DB, find_index, resolve_sae, run_of, sae_id
+from gemmascope.runs import FEATURES_DB, find_index, open_sae, run_of, sae_id
+
+if TYPE_CHECKING:
+    from gemmascope.sae import SAE
 
 
 def args_inspect(p: argparse.ArgumentParser) -> None:
@@ -47,9 +50,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(
             "inspect needs --sae SAE_FOLDER, or --run RUN_DIR (with --sae SAE_ID if it has several)"
         )
-    key, folder = "", None
+    key, folder, sae = "", None, None
     try:
-        key, folder = resolve_sae(args.sae, run_dir)
+        key, folder, sae = open_sae(args.sae, run_dir)
     except StoreError:
         if not (args.sae is None and args.find):  # --find searches every SAE when none is named
             raise
@@ -67,8 +70,8 @@ def run_inspect(args: argparse.Namespace) -> int:
             print(f"{hit['sae_id']}#{hit['index']}: {hit['explanation']}{score}")
         return 0
     if args.documents:
-        assert folder is not None
-        _inspect_documents(args, key, folder, index)
+        assert sae is not None
+        _inspect_documents(args, key, sae, index)
         return 0
     if not args.text:
         raise ConfigError("inspect needs a text (or --find QUERY, or --documents FILE)")
@@ -77,18 +80,16 @@ def run_inspect(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {value} must be at least {low}")
     if not 0 < args.dense <= 1:
         raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
-    assert folder is not None  # resolve_sae found it: only --find goes on without
-    _inspect_text(args, key, folder, index)
+    assert sae is not None  # open_sae found it: only --find goes on without
+    _inspect_text(args, key, sae, index)
     return 0
 
 
-def _inspect_documents(args: argparse.Namespace, key: str, folder: Path, index: Any) -> None:
+def _inspect_documents(args: argparse.Namespace, key: str, sae: SAE, index: Any) -> None:
     from gemmascope.features.documents import documents
-    from gemmascope.formats import load_sae
     from gemmascope.models import BUNDLED_MODEL, load_model
 
     texts = _prompt_set([], args.documents, "--documents")
-    sae = load_sae(folder)
     densities = (
         index.densities(key).float()
         if index is not None and key in {s["sae_id"] for s in index.saes()}
@@ -124,15 +125,13 @@ def _inspect_documents(args: argparse.Namespace, key: str, folder: Path, index: 
         print(f"shared by at least half the documents: {shared or 'none'}")
 
 
-def _inspect_text(args: argparse.Namespace, key: str, folder: Path, index: Any) -> None:
+def _inspect_text(args: argparse.Namespace, key: str, sae: SAE, index: Any) -> None:
     from gemmascope.features import search_text, top_features
-    from gemmascope.formats import load_sae
     from gemmascope.models import load_model
 
-    sae = load_sae(folder)
     model_name = args.model or sae.cfg.model_name
     if not model_name:
-        raise ConfigError(f"SAE folder {str(folder)!r} names no model in its metadata: pass --model NAME")
+        raise ConfigError(f"SAE {key!r} names no model in its metadata: pass --model NAME")
     indexed = index is not None and key in {s["sae_id"] for s in index.saes()}
     densities = None
     if indexed:
@@ -304,15 +303,15 @@ def _pairs(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:
 
 def run_steer(args: argparse.Namespace) -> int:
     from gemmascope.features import FeatureIndex
-    from gemmascope.formats import load_sae
     from gemmascope.models import BUNDLED_MODEL, load_model
     from gemmascope.steer import Intervention, fill_strengths, generate_pair, logprob_shift
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     wanted = _pairs(args.steps)
-    folders = {spec: resolve_sae(spec, run_dir)[1] for spec in dict.fromkeys(w["sae"] for w in wanted)}
-    saes = {spec: load_sae(folder) for spec, folder in folders.items()}
-    ids = {id(saes[spec]): sae_id(folder) for spec, folder in folders.items()}
+    opened = {spec: open_sae(spec, run_dir) for spec in dict.fromkeys(w["sae"] for w in wanted)}
+    folders = {spec: folder for spec, (_, folder, _) in opened.items()}
+    saes = {spec: sae for spec, (_, _, sae) in opened.items()}
+    ids = {id(sae): key for key, _, sae in opened.values()}
     positions = tuple(parse_list(args.positions, "--positions", int)) if args.positions else None
     interventions = [
         Intervention(
@@ -461,7 +460,18 @@ def _print_measured(measured: dict[str, Any]) -> None:
 
 
 def args_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (saes/, features.sqlite, report/)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="?", help="a run folder (saes/, features.sqlite, report/)"
+    )
+    p.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="SAE",
+        help="also serve this SAE: a folder, or an official RELEASE/ID (e.g. gemma-scope-2-270m-pt/"
+        "resid_post/layer_6_width_16k_l0_small, from $GEMMASCOPE_RELEASES or the hub); repeat for more. "
+        "Without RUN_DIR, only these",
+    )
     add_serving(p)
     p.set_defaults(run=run_serve)
 
@@ -471,7 +481,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is out of range: expected 1..65535")
-    serve(args.run_dir, host=args.host, port=args.port)
+    if args.run_dir is None and not args.sae:
+        raise ConfigError("serve needs RUN_DIR, or --sae SAE (a folder or an official RELEASE/ID)")
+    serve(args.run_dir, host=args.host, port=args.port, extra=args.sae)
     return 0
 
 

@@ -13,7 +13,7 @@ import errno
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,10 +33,14 @@ MAX_WAITING = 64  # model requests allowed to queue; more are told to retry (503
 __all__ = ["MAX_WAITING", "STATIC", "create_app", "serve", "serving"]
 
 
-def create_app(run_dir: str | Path, model: LanguageModel | None = None) -> FastAPI:
-    """The web app over one run folder. The model and SAEs load here, once; pass `model` to reuse
-    one already loaded (tests). Serve it with uvicorn (`serve`, or `serving` in a thread)."""
-    run = Run(run_dir, model=model)
+def create_app(
+    run_dir: str | Path | None, model: LanguageModel | None = None, extra: Sequence[str] = ()
+) -> FastAPI:
+    """The web app over one run folder, plus the SAEs named in `extra` (`--sae`: SAE folders or
+    official `RELEASE/ID`s; with no run folder, only those). The model and SAEs load here, once;
+    pass `model` to reuse one already loaded (tests). Serve it with uvicorn (`serve`, or `serving`
+    in a thread)."""
+    run = Run(run_dir, model=model, extra=extra)
     app = FastAPI(
         title="gemmascope",
         version="0.1.0",
@@ -56,8 +60,10 @@ def create_app(run_dir: str | Path, model: LanguageModel | None = None) -> FastA
     return app
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load a run folder and serve its web UI until interrupted (Ctrl+C)."""
+def serve(
+    run_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, extra: Sequence[str] = ()
+) -> None:
+    """Load a run folder (and/or the SAEs in `extra`) and serve its web UI until interrupted (Ctrl+C)."""
     import uvicorn
 
     with socket.socket() as sock:  # fail now, not after loading the model, if the port is taken
@@ -73,8 +79,9 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> Non
                 f"cannot listen on --host {host!r} ({err.strerror or err}): expected an address of this "
                 "machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
             ) from None
-    app = create_app(run_dir)
-    print(f"gemmascope: serving {run_dir} at http://{host}:{port}/  (Ctrl+C to stop)", flush=True)
+    app = create_app(run_dir, extra=extra)
+    what = ", ".join([str(run_dir)] * (run_dir is not None) + list(extra))
+    print(f"gemmascope: serving {what} at http://{host}:{port}/  (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -36,8 +36,7 @@ from gemmascope.attribution.files import (
     write_graph,
 )
 from gemmascope.attribution.intervene import measure, predict
-from gemmascope.errors import GemmaScopeError
-from gemmascope.runs import GRAPHS
+from gemmascope.errors import GemmaScopeError, StoreError
 from gemmascope.sae import SAE
 from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, QueueDep, RunDep
@@ -64,6 +63,8 @@ class _Graphs:
         with self.lock:
             if self.transcoders is None and self.problem is None:
                 try:
+                    if run.run_dir is None:
+                        raise StoreError("graphs need a run folder with a transcoder for every layer")
                     self.transcoders = transcoder_set(run.run_dir, run.model.n_layers)
                     self.digest = transcoder_digest(self.transcoders)
                 except GemmaScopeError as err:
@@ -99,7 +100,8 @@ def graph_list(run: RunDep) -> dict[str, Any]:
     state = _state(run)
     state.load(run)
     graphs = []
-    for path in sorted((run.run_dir / GRAPHS).glob("*.json")):
+    folder = run.graph_dir()
+    for path in sorted(folder.glob("*.json")) if folder else []:
         try:
             meta = read_graph(path)["metadata"]
         except GemmaScopeError:
@@ -135,7 +137,9 @@ async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> di
         data = graph_json(
             graph, slug, pruned, run=str(run.run_dir), digest=state.digest, explanations=explanations
         )
-        write_graph(run.run_dir / GRAPHS / f"{slug}.json", data)
+        folder = run.graph_dir()
+        assert folder is not None  # transcoders were found in the run folder
+        write_graph(folder / f"{slug}.json", data)
         state.keep(slug, graph)
         return data
 
@@ -160,12 +164,13 @@ def graph_get(slug: str, run: RunDep) -> dict[str, Any]:
 
 
 def _path_or_404(run: Run, slug: str) -> Path:
-    path = run.run_dir / GRAPHS / f"{slug}.json"
+    folder = run.graph_dir()
     try:
         check_slug(slug)
     except GemmaScopeError:
-        path = run.run_dir / GRAPHS / "-"  # never a file: 404 below
-    if not path.is_file():
+        folder = None
+    path = folder / f"{slug}.json" if folder else None
+    if path is None or not path.is_file():
         raise ApiError(404, f"no graph {slug!r} in this run: draw it with POST /v1/graph/generate")
     return path
 

@@ -61,9 +61,8 @@ def graphs_page() -> FileResponse:
 
 @router.get("/graph/{slug}")
 def graph_page(run: RunDep, slug: str) -> Response:
-    from gemmascope.runs import GRAPHS
-
-    if not (run.run_dir / GRAPHS / f"{slug}.json").is_file():
+    folder = run.graph_dir()
+    if folder is None or not (folder / f"{slug}.json").is_file():
         return _error_page(404, f"no graph {slug!r} in this run: draw one on the graph page")
     return _page("graph.html")
 

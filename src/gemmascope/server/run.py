@@ -15,6 +15,7 @@ import json
 import math
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.models import LanguageModel, load_model, prompt_tokens, token_texts
-from gemmascope.runs import EVAL_FILE, EVALS_JSON, FEATURES_DB, REPORT, RUN_JSON
+from gemmascope.formats import load_sae
+from gemmascope.models import BUNDLED_MODEL, LanguageModel, load_model, prompt_tokens, token_texts
+from gemmascope.runs import EVAL_FILE, EVALS_JSON, FEATURES_DB, GRAPHS, REPORT, RUN_JSON
 from gemmascope.sae import SAE, encode_inputs, sae_site
 from gemmascope.sites import capture, parse_site
 
@@ -74,38 +76,45 @@ class Run:
     Model work (`model_lock`) runs one request at a time: torch hooks are per model, so two
     requests editing or capturing the same model at once would see each other's hooks."""
 
-    def __init__(self, run_dir: str | Path, model: LanguageModel | None = None) -> None:
-        from gemmascope.formats import load_sae
-        from gemmascope.runs import find_saes, sae_id
+    def __init__(
+        self, run_dir: str | Path | None, model: LanguageModel | None = None, extra: Sequence[str] = ()
+    ) -> None:
+        """`extra`: SAEs named as the CLI's `--sae` takes them (an SAE folder, or an official
+        release's `RELEASE/ID`), served beside the run's own; with no run folder, only those."""
+        from gemmascope.runs import find_saes, open_sae, sae_id
 
-        self.run_dir = Path(run_dir).expanduser().resolve()
-        if not self.run_dir.is_dir():
+        if run_dir is None and not extra:
+            raise ConfigError("serve needs a run folder, or SAEs to serve: --sae RELEASE/ID or an SAE folder")
+        self.run_dir = Path(run_dir).expanduser().resolve() if run_dir is not None else None
+        if self.run_dir is not None and not self.run_dir.is_dir():
             raise StoreError(
                 f"run folder {str(run_dir)!r} does not exist: expected a folder made by gemmascope"
             )
-        self.info = _read_json(self.run_dir / RUN_JSON)
-        folders = find_saes(self.run_dir)
-        if not folders:
+        self.info = _read_json(self.run_dir / RUN_JSON) if self.run_dir else {}
+        folders = find_saes(self.run_dir) if self.run_dir else []
+        if not folders and not extra:
             raise StoreError(
                 f"run folder {str(self.run_dir)!r} holds no SAEs: expected saes/SITE/layer_L/width_W/l0_K/cfg.json"
             )
-        loaded = [(folder, load_sae(folder).eval()) for folder in folders]
-        self.model_name = str(self.info.get("model") or loaded[0][1].cfg.model_name)
+        loaded = [(sae_id(folder), folder, load_sae(folder).eval()) for folder in folders]
+        for spec in extra:
+            key, folder, sae = open_sae(spec, self.run_dir)
+            loaded.append((key.replace("/", "."), folder, sae.eval()))  # a path segment in URLs
+        self.model_name = str(self.info.get("model") or loaded[0][2].cfg.model_name or BUNDLED_MODEL)
         self.model = model if model is not None else load_model(self.model_name)
         evals = self._read_evals()
         self.saes: dict[str, LoadedSAE] = {}
-        for folder, sae in loaded:
-            key = sae_id(folder)
+        for key, folder, sae in loaded:
             site = sae_site(self.model, sae, key)  # the model has this site, of this width
             result = evals.get(key) or _eval_summary(Path(folder) / EVAL_FILE)
             self.saes[key] = LoadedSAE(key, sae, str(site), site.kind, site.layer, result)
         self.model_lock = threading.Lock()
-        self.index_path = self.run_dir / FEATURES_DB
+        self.index_path = self.run_dir / FEATURES_DB if self.run_dir else None
         self._index: Any = None  # features.FeatureIndex, opened on first use; safe across threads
         self._index_lock = threading.Lock()
         self._not_indexed: dict[str, str | None] = {}  # sae id -> why it cannot be shown, or None
         self._columns: dict[tuple[str, str], torch.Tensor] = {}
-        self.report_dir = self.run_dir / REPORT
+        self.report_dir = self.run_dir / REPORT if self.run_dir else None
 
     # -- what the run holds --------------------------------------------------------------------
 
@@ -115,20 +124,24 @@ class Run:
 
     def _read_evals(self) -> dict[str, dict[str, Any]]:
         """Headline eval numbers per SAE id from `report/evals.json` (its flat `summary` rows)."""
-        data = _read_json(self.run_dir / REPORT / EVALS_JSON)
+        data = _read_json(self.run_dir / REPORT / EVALS_JSON) if self.run_dir else {}
         rows = data.get("summary") if isinstance(data, dict) else None
         return {row["sae_id"]: row for row in rows or [] if isinstance(row, dict) and "sae_id" in row}
 
+    def graph_dir(self) -> Path | None:
+        """Where this run's attribution graphs live (`graphs/`); None when serving without a run."""
+        return self.run_dir / GRAPHS if self.run_dir else None
+
     def report_files(self) -> list[str]:
         """Names of the plots and JSON files in `report/` (only plain, safely named files)."""
-        if not self.report_dir.is_dir():
+        if self.report_dir is None or not self.report_dir.is_dir():
             return []
         return sorted(p.name for p in self.report_dir.iterdir() if p.is_file() and _REPORT_FILE.match(p.name))
 
     def report_path(self, name: str) -> Path | None:
         """The report file with exactly this name, or None: the name is matched against the
         listing, never joined to a path as given."""
-        return self.report_dir / name if name in self.report_files() else None
+        return self.report_dir / name if self.report_dir and name in self.report_files() else None
 
     # -- the feature index ---------------------------------------------------------------------
 
@@ -139,6 +152,11 @@ class Run:
             if self._index is None:
                 from gemmascope.features import FeatureIndex
 
+                if self.index_path is None:
+                    raise StoreError(
+                        "no feature index: these SAEs are served without a run folder (feature pages "
+                        "need a run indexed with 'gemmascope index')"
+                    )
                 if not self.index_path.is_file():
                     raise StoreError(
                         f"this run has no feature index ({self.index_path.name}): build it with "
@@ -157,7 +175,7 @@ class Run:
             reason = None
         except StoreError as err:
             reason = str(err)
-        if self.index_path.is_file():
+        if self.index_path is not None and self.index_path.is_file():
             self._not_indexed[entry.id] = reason
         return reason
 
