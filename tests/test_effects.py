@@ -88,3 +88,82 @@ def test_cli_steer_watch_and_sweep(run_with_sae, cli_model, capsys) -> None:  # 
     assert "not one" in capsys.readouterr().err
     assert main([*base, "--sweep", "1,2"]) == 2
     assert "--watch" in capsys.readouterr().err
+
+
+A = ["The cat sat on the mat.", "A cat chased the mouse.", "My cat sleeps all day."]
+B = ["Stocks fell on Monday.", "The bank raised rates.", "Markets rallied in May."]
+HELD_A, HELD_B = ["The kitten played with yarn."], ["The market closed lower.", "Bonds rose today."]
+
+
+def test_bias_experiment_ablates_the_contrast_picks_and_measures_the_gap(tiny_model, sae1, sae2) -> None:  # noqa: F811
+    from gemmascope.effects import bias_experiment
+    from gemmascope.features.contrast import contrast
+
+    saes = {"one": sae1, "two": sae2}
+    watch = [" the", " a"]
+    out = bias_experiment(
+        tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(1, 3), hide_dense=None, side_effect_tokens=256
+    )
+    picked = out["picked"]
+    effects = [h["effect"] for h in picked]
+    assert len(picked) == 3 and effects == sorted(effects, reverse=True)
+    best = {
+        side: contrast(tiny_model, saes, x, y, top=1, hide_dense=None)["results"][0]
+        for side, (x, y) in (("A", (A, B)), ("B", (B, A)))
+    }
+    assert max(best.values(), key=lambda h: h["effect"])["index"] == picked[0]["index"]
+    assert {h["side"] for h in picked} <= {"A", "B"}
+
+    def gap(prompts, ivs):
+        m = measure(tiny_model, ivs, prompts, watch, side_effect_tokens=None)["watch"]
+        return m[0]["p_intervened"] - m[1]["p_intervened"]
+
+    assert [r["n_latents"] for r in out["rows"]] == [0, 1, 3]
+    clean = out["rows"][0]
+    assert clean["delta_lm_loss"] == 0 and clean["bias_removed"] == 0
+    for row in out["rows"]:  # each row is the gap with the top k picks ablated, measured independently
+        ivs = [Intervention(saes[h["sae_id"]], h["index"], "ablate") for h in picked[: row["n_latents"]]]
+        assert row["gap_a"] == pytest.approx(gap(HELD_A, ivs), abs=1e-6)
+        assert row["gap_b"] == pytest.approx(gap(HELD_B, ivs), abs=1e-6)
+        assert row["bias"] == pytest.approx(row["gap_a"] - row["gap_b"])
+        assert row["bias_removed"] == pytest.approx(1 - row["bias"] / clean["bias"])
+    assert out["rows"][2]["kl"] > 0
+    with pytest.raises(ConfigError, match="watches two tokens"):
+        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, [" the"])
+    with pytest.raises(ConfigError, match="each at least 1"):
+        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(0,))
+    with pytest.raises(ConfigError, match="give 1..64 prompts"):
+        bias_experiment(tiny_model, saes, A, B, [], HELD_B, watch)
+    with pytest.raises(ConfigError, match="prompt set B has 1 prompts"):
+        bias_experiment(tiny_model, saes, A, B[:1], HELD_A, HELD_B, watch)
+
+
+def test_cli_bias_prints_the_table_and_writes_the_report(run_with_sae, cli_model, capsys, tmp_path) -> None:  # noqa: F811
+    from gemmascope.cli import main
+
+    files = {}
+    for name, lines in (("ha", HELD_A), ("hb", HELD_B)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n")
+    base = [
+        "bias",
+        str(run_with_sae),
+        *[x for a in A for x in ("--a", a)],
+        *[x for b in B for x in ("--b", b)],
+    ]
+    base += ["--heldout-a", str(files["ha"]), "--heldout-b", str(files["hb"]), "--show-dense"]
+    assert main([*base, "--watch", " the", "--watch", " a", "--ablate", "1,2", "--side-effects", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "bias = gap(A) - gap(B)" in out and "removed" in out
+    saved = json.loads((run_with_sae / "report" / "bias.json").read_text())
+    assert [r["n_latents"] for r in saved["rows"]] == [0, 1, 2]
+    assert (run_with_sae / "report" / "bias.png").stat().st_size > 1000
+    assert main([*base, "--watch", " the"]) == 2
+    assert "give two --watch tokens" in capsys.readouterr().err
+    assert main([*base, "--watch", " the", "--watch", " two words"]) == 2
+    assert "not one" in capsys.readouterr().err
+    assert (
+        main([*base[:-3], "--heldout-b", str(tmp_path / "missing.txt"), "--watch", " the", "--watch", " a"])
+        == 2
+    )
+    assert "missing.txt" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 chosen next tokens over a set of prompts, which tokens gain and lose probability mass, what it
 costs on held-out text (ΔLM loss and KL of the intervened model), and all of that along a sweep
 of strengths. Owns `watch_ids` (watched strings as single tokens, or a clear error saying how they
-tokenise), `measure` and `sweep`.
+tokenise), `measure`, `sweep` and `bias_experiment` (pick latents by contrast, ablate them, and
+measure the watched-token gap between two held-out prompt sets next to the cost).
 
 Knows nothing of HTTP or files; the interventions are `steer.Intervention`s applied with
 `steer.steering`, the held-out rows and the loss arithmetic are `evals`'.
@@ -10,7 +11,7 @@ Knows nothing of HTTP or files; the interventions are `steer.Intervention`s appl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError
 from gemmascope.evals import CleanDistribution, NextTokenStats, eval_token_ids
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
+from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, check_intervention, generate_pair, steering
 
 MAX_PROMPTS = 64
@@ -194,3 +196,81 @@ def sweep(
             }
         )
     return rows
+
+
+def _gap(
+    model: LanguageModel, prompts: Sequence[str], ids: Sequence[int], ivs: Sequence[Intervention]
+) -> float:
+    """Mean over the prompts of p(first watched token) - p(second) as the next token."""
+    probs = _next_probs(model, prompts, ivs)
+    return float((probs[:, ids[0]] - probs[:, ids[1]]).mean())
+
+
+def bias_experiment(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
+    heldout_a: Sequence[str],
+    heldout_b: Sequence[str],
+    watch: Sequence[str],
+    *,
+    ablate: Sequence[int] = (1, 2, 4, 8),
+    pool: str = "max",
+    densities: Mapping[str, Tensor] | None = None,
+    hide_dense: float | None = 0.01,
+    side_effect_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+) -> dict[str, Any]:
+    """The articles' bias experiment. The model's bias is how differently it prefers `watch[0]`
+    over `watch[1]` (e.g. " she" over " he") after prompts of kind A and of kind B: the gap
+    g = mean p(watch[0]) - p(watch[1]) over a prompt set, and the bias = g(A) - g(B). The latents
+    are picked by `features.contrast.contrast` on `prompts_a` against `prompts_b`, both directions,
+    ranked by effect size; for each k in `ablate` the top k are ablated (every position, every SAE
+    of `saes` at once) and the bias is measured on the held-out sets `heldout_a`, `heldout_b` (not
+    the ones the latents were picked on), next to the cost on held-out text (`side_effects`).
+
+    Returns `{"watch", "picked": [contrast rows, with "side" A or B], "rows": [{"n_latents",
+    "gap_a", "gap_b", "bias", "bias_removed", "delta_lm_loss", "kl"}]}`, the first row (k = 0)
+    being the model as it is."""
+    from gemmascope.features.contrast import contrast
+
+    if len(watch) != 2:
+        raise ConfigError(f"a bias experiment watches two tokens (e.g. ' she', ' he'), got {len(watch)}")
+    if not ablate or any(k < 1 for k in ablate) or len(ablate) > 16:
+        raise ConfigError(f"ablate takes 1..16 counts of latents, each at least 1; got {list(ablate)}")
+    for prompts in (heldout_a, heldout_b):
+        _check_prompts(prompts)
+    ids = watch_ids(model, watch)
+    top = max(ablate)
+    found = [
+        {**hit, "side": side}
+        for side, (x, y) in (("A", (prompts_a, prompts_b)), ("B", (prompts_b, prompts_a)))
+        for hit in contrast(
+            model, saes, x, y, pool=pool, top=top, densities=densities, hide_dense=hide_dense
+        )["results"]
+    ]
+    picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
+    if not picked:
+        raise ConfigError("no latent separates the two prompt sets: nothing to ablate")
+    rows = []
+    clean_bias = None
+    for k in (0, *sorted(set(ablate))):
+        ivs = [Intervention(saes[h["sae_id"]], h["index"], "ablate") for h in picked[:k]]
+        gap_a, gap_b = _gap(model, heldout_a, ids, ivs), _gap(model, heldout_b, ids, ivs)
+        bias = gap_a - gap_b
+        clean_bias = bias if clean_bias is None else clean_bias
+        cost = side_effects(model, ivs, side_effect_tokens) if ivs else {"delta_lm_loss": 0.0, "kl": 0.0}
+        rows.append(
+            {
+                "n_latents": min(k, len(picked)),
+                "gap_a": gap_a,
+                "gap_b": gap_b,
+                "bias": bias,
+                "bias_removed": 1 - bias / clean_bias if clean_bias else 0.0,
+                "delta_lm_loss": cost["delta_lm_loss"],
+                "kl": cost["kl"],
+            }
+        )
+        if k >= len(picked):
+            break
+    return {"watch": list(watch), "pool": pool, "picked": picked, "rows": rows}

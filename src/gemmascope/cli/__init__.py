@@ -1,8 +1,8 @@
 """The `gemmascope` command: argument parsing and printing over the public functions of the
 pipeline modules. `pipeline` holds the subcommands that write into a run folder (demo, suite,
 harvest, train, convert), `measure` those that measure SAEs and index their features (eval, index),
-`explore` those that look inside the model through them (inspect, contrast, attribute, steer,
-serve), `options`
+`explore` those that look inside the model through them (inspect, contrast, bias, attribute,
+steer, serve), `options`
 the shared option groups and the one comma-list parser. A `GemmaScopeError` is printed as
 one line (no traceback) and exits with status 2.
 
@@ -38,6 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "contrast": (
         "the latents that separate two sets of prompts, over every SAE of a run",
         explore.args_contrast,
+    ),
+    "bias": (
+        "a bias experiment: pick latents by contrast, ablate them, measure the watched-token gap and the cost",
+        explore.args_bias,
     ),
     "attribute": (
         "the attribution graph of a prompt's next token over a run's transcoders (JSON and PNG)",

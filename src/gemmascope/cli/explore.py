@@ -487,17 +487,21 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def args_contrast(p: argparse.ArgumentParser) -> None:
+def _contrast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder: every SAE under RUN/saes is searched at once")
     p.add_argument("--a", action="append", default=[], metavar="TEXT", help="a prompt of set A (repeat)")
     p.add_argument("--b", action="append", default=[], metavar="TEXT", help="a prompt of set B (repeat)")
     p.add_argument("--a-file", help="set A from a file, one prompt per line")
     p.add_argument("--b-file", help="set B from a file, one prompt per line")
     p.add_argument("--pool", choices=("max", "mean", "last"), default="max", help="over a prompt's tokens")
-    p.add_argument("--top", type=int, default=20, help="latents to list (default 20)")
     p.add_argument("--dense", type=float, default=0.01, help="hide latents firing on more than this share")
     p.add_argument("--show-dense", action="store_true", help="do not hide dense latents")
     add_model(p, None, "model to run (default: the model named in the SAEs' metadata)")
+
+
+def args_contrast(p: argparse.ArgumentParser) -> None:
+    _contrast_args(p)
+    p.add_argument("--top", type=int, default=20, help="latents to list (default 20)")
     p.set_defaults(run=run_contrast)
 
 
@@ -511,51 +515,171 @@ def _prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
     return texts + [line for line in lines if line.strip()]
 
 
+class _RunSAEs:
+    """What `contrast` and `bias` read from a run: its SAEs, the model, the index (explanations)
+    and the densities of the indexed SAEs."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from gemmascope.features import FeatureIndex
+        from gemmascope.formats import load_sae
+        from gemmascope.models import load_model
+        from gemmascope.runs import resolve_saes
+
+        if not 0 < args.dense <= 1:
+            raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
+        self.run_dir, folders = resolve_saes(args.run_dir)
+        self.saes = {sae_id(folder): load_sae(folder) for folder in folders}
+        names = {sae.cfg.model_name for sae in self.saes.values()}
+        model_name = args.model or (names.pop() if len(names) == 1 else "")
+        if not model_name:
+            raise ConfigError("the SAEs name no single model in their metadata: pass --model NAME")
+        db = (self.run_dir or Path(args.run_dir)) / FEATURES_DB
+        self.index = FeatureIndex(db) if db.is_file() else None
+        self.indexed = {s["sae_id"] for s in self.index.saes()} if self.index is not None else set()
+        self.densities = (
+            {key: self.index.densities(key).float() for key in self.saes if key in self.indexed}
+            if self.index
+            else None
+        )
+        self.hide = None if args.show_dense else args.dense
+        self.model = load_model(model_name)
+
+    def explanation(self, key: str, latent: int) -> str:
+        found = self.index.explanations(key, latent) if self.index and key in self.indexed else []
+        return str(found[0]["text"]) if found else ""
+
+
+def _latent_table(
+    rows: list[dict[str, Any]], loaded: _RunSAEs, n_a: int, n_b: int, side: bool = False
+) -> None:
+    width = max([28, *(len(h["sae_id"]) for h in rows)])
+    print(
+        f"{'sae':<{width}} {'latent':>7} {'effect':>7} {'mean A':>8} {'mean B':>8} {'fired A':>8} {'fired B':>8} "
+        f"{'density':>9}{'  side' if side else ''}"
+    )
+    for h in rows:
+        density = "-" if h["density"] is None else f"{h['density']:.2e}"
+        print(
+            f"{h['sae_id']:<{width}} {h['index']:>7} {h['effect']:>7.2f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
+            f"{h['fired_a']:>5}/{n_a:<2} {h['fired_b']:>5}/{n_b:<2} {density:>9}  "
+            f"{h['side'] + '  ' if side else ''}{loaded.explanation(h['sae_id'], h['index'])}"
+        )
+
+
 def run_contrast(args: argparse.Namespace) -> int:
-    from gemmascope.features import FeatureIndex
     from gemmascope.features.contrast import contrast
-    from gemmascope.formats import load_sae
-    from gemmascope.models import load_model
-    from gemmascope.runs import resolve_saes
 
     prompts_a = _prompt_set(args.a, args.a_file, "--a-file")
     prompts_b = _prompt_set(args.b, args.b_file, "--b-file")
-    if not 0 < args.dense <= 1:
-        raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
-    run_dir, folders = resolve_saes(args.run_dir)
-    saes = {sae_id(folder): load_sae(folder) for folder in folders}
-    names = {sae.cfg.model_name for sae in saes.values()}
-    model_name = args.model or (names.pop() if len(names) == 1 else "")
-    if not model_name:
-        raise ConfigError("the SAEs name no single model in their metadata: pass --model NAME")
-    db = (run_dir or Path(args.run_dir)) / FEATURES_DB
-    index = FeatureIndex(db) if db.is_file() else None
-    indexed = {s["sae_id"] for s in index.saes()} if index is not None else set()
-    densities = {key: index.densities(key).float() for key in saes if key in indexed} if index else None
-    hide = None if args.show_dense else args.dense
+    loaded = _RunSAEs(args)
     out = contrast(
-        load_model(model_name), saes, prompts_a, prompts_b, pool=args.pool, top=args.top,
-        densities=densities, hide_dense=hide,
+        loaded.model, loaded.saes, prompts_a, prompts_b, pool=args.pool, top=args.top,
+        densities=loaded.densities, hide_dense=loaded.hide,
     )  # fmt: skip
     print(
         f"latents firing more on A ({out['n_a']} prompts) than on B ({out['n_b']}), {args.pool} over each prompt:"
     )
-    print(
-        f"{'sae':<28} {'latent':>7} {'effect':>7} {'mean A':>8} {'mean B':>8} {'fired A':>8} {'fired B':>8} {'density':>9}"
-    )
-    for h in out["results"]:
-        found = index.explanations(h["sae_id"], h["index"]) if index and h["sae_id"] in indexed else []
-        density = "-" if h["density"] is None else f"{h['density']:.2e}"
-        print(
-            f"{h['sae_id']:<28} {h['index']:>7} {h['effect']:>7.2f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
-            f"{h['fired_a']:>5}/{out['n_a']:<2} {h['fired_b']:>5}/{out['n_b']:<2} {density:>9}  "
-            f"{found[0]['text'] if found else ''}"
-        )
+    _latent_table(out["results"], loaded, out["n_a"], out["n_b"])
     if not out["results"]:
         print("  none")
     if out["hidden_dense"]:
         print(f"({out['hidden_dense']} latents denser than {args.dense:g} hidden; --show-dense shows them)")
     return 0
+
+
+def args_bias(p: argparse.ArgumentParser) -> None:
+    _contrast_args(p)
+    p.add_argument(
+        "--heldout-a", required=True, help="held-out prompts of kind A, one per line (measured on)"
+    )
+    p.add_argument("--heldout-b", required=True, help="held-out prompts of kind B, one per line")
+    p.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="the two next tokens whose gap is the bias, e.g. --watch ' she' --watch ' he'",
+    )
+    p.add_argument(
+        "--ablate", default="1,2,4,8", help="numbers of top latents to ablate, one measurement each (1,2,4,8)"
+    )
+    p.add_argument(
+        "--side-effects",
+        type=int,
+        default=2048,
+        metavar="TOKENS",
+        help="held-out tokens the cost (ΔLM loss, KL) is measured on (default 2048)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_bias)
+
+
+def run_bias(args: argparse.Namespace) -> int:
+    from gemmascope.effects import bias_experiment
+
+    prompts_a = _prompt_set(args.a, args.a_file, "--a-file")
+    prompts_b = _prompt_set(args.b, args.b_file, "--b-file")
+    heldout_a = _prompt_set([], args.heldout_a, "--heldout-a")
+    heldout_b = _prompt_set([], args.heldout_b, "--heldout-b")
+    ablate = parse_list(args.ablate, "--ablate", int)
+    if len(args.watch) != 2:
+        raise ConfigError(f"give two --watch tokens (e.g. ' she' and ' he'), got {len(args.watch)}")
+    loaded = _RunSAEs(args)
+    out = bias_experiment(
+        loaded.model, loaded.saes, prompts_a, prompts_b, heldout_a, heldout_b, args.watch, ablate=ablate,
+        pool=args.pool, densities=loaded.densities, hide_dense=loaded.hide,
+        side_effect_tokens=args.side_effects,
+    )  # fmt: skip
+    if loaded.run_dir is not None:
+        out["files"] = _write_bias(loaded.run_dir, out)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    first, second = (repr(w) for w in args.watch)
+    print(
+        f"latents picked by contrast of A ({len(prompts_a)} prompts) and B ({len(prompts_b)}), {args.pool}-pooled:"
+    )
+    _latent_table(out["picked"], loaded, len(prompts_a), len(prompts_b), side=True)
+    print(
+        f"\nbias = gap(A) - gap(B), gap = mean p({first}) - p({second}) over the held-out prompts "
+        f"({len(heldout_a)} A, {len(heldout_b)} B); top latents ablated at every position:"
+    )
+    print(f"{'ablated':>8} {'gap A':>8} {'gap B':>8} {'bias':>8} {'removed':>8} {'ΔLM loss':>9} {'KL':>7}")
+    for r in out["rows"]:
+        print(
+            f"{r['n_latents']:>8} {r['gap_a']:>+8.4f} {r['gap_b']:>+8.4f} {r['bias']:>+8.4f} "
+            f"{r['bias_removed']:>8.0%} {r['delta_lm_loss']:>+9.4f} {r['kl']:>7.4f}"
+        )
+    for path in out.get("files", []):
+        print(f"wrote {path}")
+    return 0
+
+
+def _write_bias(run_dir: Path, out: dict[str, Any]) -> list[str]:
+    """`RUN/report/bias.json` and `bias.png` (the bias and its cost against latents ablated); the
+    SAEs page shows the plot."""
+    from matplotlib.figure import Figure
+
+    from gemmascope.runs import REPORT, save_atomic, write_atomic
+
+    folder = run_dir / REPORT
+    write_atomic(folder / "bias.json", json.dumps(out, indent=1))
+    rows = out["rows"]
+    k = [r["n_latents"] for r in rows]
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(k, [r["bias"] for r in rows], marker="o", label="bias: gap(A) - gap(B)")
+    ax.set_xlabel("top contrast latents ablated")
+    first, second = out["watch"]
+    ax.set_ylabel(f"p({first!r}) - p({second!r}), A minus B")
+    ax.axhline(0, color="grey", lw=0.5)
+    cost = ax.twinx()
+    cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
+    cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    save_atomic(folder / "bias.png", lambda tmp: fig.savefig(tmp, format="png"))
+    return [str(folder / "bias.json"), str(folder / "bias.png")]
 
 
 def args_attribute(p: argparse.ArgumentParser) -> None:
