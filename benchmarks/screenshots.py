@@ -1,6 +1,7 @@
 """Screenshots of the web UI: serve a run folder, drive headless Chromium through each page the way
 a user would (microscope with a prompt, a feature page opened from it, steering with that feature,
-search, the SAEs page) and save `docs/screenshot-*.png`.
+its measured effect (watched tokens, cost, a sweep), search, contrastive search, the microscope over
+several documents, the SAEs page) and save `docs/screenshot-*.png`.
 
     python benchmarks/screenshots.py runs/demo [--out docs] [--prompt "..."]
 
@@ -29,6 +30,12 @@ CHROMIUM_ARGS = [
 ]
 PROMPT = "The Eiffel Tower is in Paris, the capital of France. It was built in 1889 for the World's Fair."
 STEER_PROMPT = "My favourite place to visit is"
+MEASURE_PROMPTS = ["In the morning I went outside and", "Yesterday my friend told me that"]
+DOCUMENTS = [
+    "My dog barks at the mailman every morning, and the puppy chews on old shoes.",
+    "The stock market fell sharply on Monday as the bank raised interest rates.",
+    "The violin concerto was first performed in Vienna in 1878.",
+]
 
 
 def main() -> None:
@@ -46,6 +53,11 @@ def main() -> None:
     parser.add_argument("--sae", default=None, help="SAE id to show (default: the run's first)")
     parser.add_argument("--focus-token", default="Paris", help="token whose top feature gets its page shown")
     parser.add_argument("--graph", default=None, help="graph slug to show (default: the first in RUN/graphs)")
+    parser.add_argument(
+        "--watch", nargs="+", default=['" dog"', '" dogs"'], help="watched tokens (measure panel)"
+    )
+    parser.add_argument("--measure-prompts", nargs="+", default=MEASURE_PROMPTS)
+    parser.add_argument("--documents", nargs="+", default=DOCUMENTS, help="one document each (microscope)")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -101,6 +113,18 @@ def main() -> None:
         timed("steer", lambda: (page.click("#steer"), page.wait_for_selector("#outputs:not([hidden])")))
         shot("steer")
 
+        # Measure it: watched tokens over prompts, the cost on held-out text, a strength sweep.
+        page.fill("#m-watch", "\n".join(args.watch))
+        page.fill("#m-prompts", "\n".join(args.measure_prompts))
+        page.fill("#m-sweep", ",".join(f"{f * max_act:.0f}" for f in (0, 0.05, 0.1, 0.15, 0.2)))
+        page.fill("#m-cost", "512")
+        timed(
+            "measure",
+            lambda: (page.click("#measure"), page.wait_for_selector("#m-sweep-chart", timeout=600_000)),
+        )
+        page.locator("#measure-card").screenshot(path=str(out / "screenshot-measure.png"))
+        print(f"wrote {out / 'screenshot-measure.png'}")
+
         # Search: features that fire most on a word.
         page.goto(url + "/search")
         page.wait_for_selector("#sae option", state="attached")
@@ -108,6 +132,25 @@ def main() -> None:
         page.fill("#token", args.focus_token)
         timed("search", lambda: (page.click("#search"), page.wait_for_selector("#results tr.result")))
         shot("search")
+
+        # Contrastive search: the panel's own example sets (dogs against other topics).
+        timed(
+            "contrast",
+            lambda: (
+                page.click("#contrast"),
+                page.wait_for_selector("#contrast-results tr.contrast-row", timeout=120_000),
+            ),
+        )
+        page.locator("#contrast-card").screenshot(path=str(out / "screenshot-contrast.png"))
+        print(f"wrote {out / 'screenshot-contrast.png'}")
+
+        # The microscope over several documents: top features per document, shared ones.
+        page.goto(url + "/" + (f"?sae_id={args.sae}" if args.sae else ""))
+        page.wait_for_selector("#sae option", state="attached")
+        page.check("#docs-mode")
+        page.fill("#prompt", "\n".join(args.documents))
+        timed("documents", lambda: (page.click("#run"), page.wait_for_selector("#docs-result:not([hidden])")))
+        shot("documents")
 
         # SAEs: eval numbers and plots.
         page.goto(url + "/saes")

@@ -280,7 +280,9 @@ def test_a_feature_with_few_examples_says_so_and_an_empty_search_offers_dense_fe
         body = json.loads(route.request.post_data)
         asked.append(body)
         results = (
-            [] if body["hide_dense"] < 1 else [{"sae_id": sae_id, "index": many, "value": 3.0, "token": " a"}]
+            []
+            if body.get("hide_dense", 0) < 1
+            else [{"sae_id": sae_id, "index": many, "value": 3.0, "token": " a"}]
         )
         route.fulfill(json={"mode": "text", "sae_id": sae_id, "results": results})
 
@@ -289,7 +291,8 @@ def test_a_feature_with_few_examples_says_so_and_an_empty_search_offers_dense_fe
     page.wait_for_selector("#dense-hint button")
     page.click("#dense-hint button")
     page.wait_for_selector("tr.result")
-    assert [b["hide_dense"] for b in asked] == [0.01, 1.0] and page.is_checked("#show-dense")
+    # the server's default share first (not sent), then everything
+    assert [b.get("hide_dense") for b in asked] == [None, 1.0] and page.is_checked("#show-dense")
 
 
 def test_steer_page_measures_watched_tokens_cost_and_a_sweep(page: Any, base_url: str) -> None:

@@ -26,7 +26,7 @@ from gemmascope import evals
 from gemmascope.cli import main
 from gemmascope.corpus import load_corpus, pack
 from gemmascope.errors import StoreError
-from gemmascope.features import FeatureIndex, build_index
+from gemmascope.features import HIDE_DENSE, FeatureIndex, build_index
 from gemmascope.formats import sae_dir, sae_id, save_sae
 from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig
@@ -186,7 +186,7 @@ def test_topk_by_token_matches_the_sae(client: TestClient, app: Any, ids: list[s
     assert data["tokens"] == [tok.decode([t]) for t in token_ids]
     assert [r["position"] for r in data["results"]] == list(range(1, len(token_ids)))  # BOS hidden
     densities = app.state.run.column(app.state.run.saes[ids[1]], "density")
-    visible = acts * (densities <= 0.01)
+    visible = acts * (densities <= HIDE_DENSE)
     n_features = 0
     for r in data["results"]:
         values, latents = visible[r["position"]].topk(3)
@@ -260,7 +260,7 @@ def test_search_by_text_token_explanation_and_id(
     data = client.post("/v1/search/text", json={"query": PROMPT, "sae_id": ids[0], "k": 5}).json()
     _, acts = direct_acts(app, ids[0], PROMPT)
     densities = app.state.run.column(app.state.run.saes[ids[0]], "density")
-    best = (acts[1:] * (densities <= 0.01)).max(0).values  # dense features hidden by default
+    best = (acts[1:] * (densities <= HIDE_DENSE)).max(0).values  # dense features hidden by default
     assert [r["index"] for r in data["results"]] == best.topk(5).indices.tolist()
     assert [r["value"] for r in data["results"]] == pytest.approx(best.topk(5).values.tolist(), rel=1e-4)
 

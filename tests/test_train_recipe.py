@@ -131,6 +131,18 @@ def test_auxk_loss_equals_the_dense_reference() -> None:
     assert fast["W_dec"][~dead].abs().sum() == 0  # only dead latents learn from it
 
 
+def test_the_pages_hide_as_dense_what_training_pushes_down() -> None:
+    """Latents hidden as dense (microscope, search, contrast, bias, documents) are those above the
+    recipe's density limit, and the pages' labels say that share."""
+    from gemmascope.features import HIDE_DENSE
+    from gemmascope.server.pages import STATIC
+    from gemmascope.train.recipe import DENSE_DENSITY
+
+    assert HIDE_DENSE == DENSE_DENSITY
+    for page in ("index.html", "search.html", "search.js"):
+        assert f"{HIDE_DENSE:.0%}" in (Path(STATIC) / page).read_text(), page
+
+
 def test_init_from_data_starts_b_dec_at_the_mean_and_l0_at_its_target() -> None:
     sae = random_jumprelu(d_in=8, d_sae=400)
     x = torch.randn(2000, 8) + 3.0

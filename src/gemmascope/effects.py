@@ -20,6 +20,7 @@ from torch import Tensor
 from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError
 from gemmascope.evals import CleanDistribution, NextTokenStats, eval_token_ids
+from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, check_intervention, generate_pair, steering
@@ -218,7 +219,7 @@ def bias_experiment(
     ablate: Sequence[int] = (1, 2, 4, 8),
     pool: str = "max",
     densities: Mapping[str, Tensor] | None = None,
-    hide_dense: float | None = 0.01,
+    hide_dense: float | None = HIDE_DENSE,
     side_effect_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
 ) -> dict[str, Any]:
     """The articles' bias experiment. The model's bias is how differently it prefers `watch[0]`
@@ -229,7 +230,8 @@ def bias_experiment(
     of `saes` at once) and the bias is measured on the held-out sets `heldout_a`, `heldout_b` (not
     the ones the latents were picked on), next to the cost on held-out text (`side_effects`).
 
-    Returns `{"watch", "picked": [contrast rows, with "side" A or B], "rows": [{"n_latents",
+    Returns `{"watch", "picked": [contrast rows (effect size, A's and B's mean and firing count),
+    with "side": the set a latent fires more on], "rows": [{"n_latents",
     "gap_a", "gap_b", "bias", "bias_removed", "delta_lm_loss", "kl"}]}`, the first row (k = 0)
     being the model as it is."""
     from gemmascope.features.contrast import contrast
@@ -243,12 +245,21 @@ def bias_experiment(
     ids = watch_ids(model, watch)
     top = max(ablate)
     found = [
-        {**hit, "side": side}
-        for side, (x, y) in (("A", (prompts_a, prompts_b)), ("B", (prompts_b, prompts_a)))
+        {**hit, "side": "A"}
         for hit in contrast(
-            model, saes, x, y, pool=pool, top=top, densities=densities, hide_dense=hide_dense
+            model, saes, prompts_a, prompts_b, pool=pool, top=top, densities=densities, hide_dense=hide_dense
         )["results"]
     ]
+    for hit in contrast(
+        model, saes, prompts_b, prompts_a, pool=pool, top=top, densities=densities, hide_dense=hide_dense
+    )["results"]:  # firing more on B: the same columns, A's numbers under _a
+        swapped = {
+            "mean_a": hit["mean_b"],
+            "mean_b": hit["mean_a"],
+            "fired_a": hit["fired_b"],
+            "fired_b": hit["fired_a"],
+        }
+        found.append({**hit, **swapped, "side": "B"})
     picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
     if not picked:
         raise ConfigError("no latent separates the two prompt sets: nothing to ablate")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from gemmascope.cli.options import add_model, add_sae_choice, add_serving, parse_list
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.runs import FEATURES_DB, find_index, open_sae, run_of, sae_id
 
 if TYPE_CHECKING:
@@ -25,7 +26,10 @@ def args_inspect(p: argparse.ArgumentParser) -> None:
     add_model(p, None, "model to run (default: the model named in the SAE's metadata)")
     p.add_argument("-k", type=int, default=5, help="features per token (default 5)")
     p.add_argument(
-        "--dense", type=float, default=0.01, help="hide features firing on more than this share (0.01)"
+        "--dense",
+        type=float,
+        default=HIDE_DENSE,
+        help=f"hide features firing on more than this share ({HIDE_DENSE})",
     )
     p.add_argument("--show-dense", action="store_true", help="do not hide dense features")
     p.add_argument("--search", action="store_true", help="list the features firing most on the text instead")
@@ -400,7 +404,7 @@ def _measure_request(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if args.side_effects < 0:
         raise ConfigError(f"--side-effects {args.side_effects} must be >= 0 (0 skips the cost)")
-    prompts = [args.prompt] + _prompt_set([], args.prompts_file, "--prompts-file")
+    prompts = list(dict.fromkeys([args.prompt] + _prompt_set([], args.prompts_file, "--prompts-file")))
     strengths = parse_list(args.sweep, "--sweep", float) if args.sweep else None
     if args.sweep is not None and not strengths:
         raise ConfigError("--sweep needs strengths, e.g. --sweep 0,50,100,200")
@@ -494,7 +498,12 @@ def _contrast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-file", help="set A from a file, one prompt per line")
     p.add_argument("--b-file", help="set B from a file, one prompt per line")
     p.add_argument("--pool", choices=("max", "mean", "last"), default="max", help="over a prompt's tokens")
-    p.add_argument("--dense", type=float, default=0.01, help="hide latents firing on more than this share")
+    p.add_argument(
+        "--dense",
+        type=float,
+        default=HIDE_DENSE,
+        help=f"hide latents firing on more than this share ({HIDE_DENSE})",
+    )
     p.add_argument("--show-dense", action="store_true", help="do not hide dense latents")
     add_model(p, None, "model to run (default: the model named in the SAEs' metadata)")
 

@@ -15,10 +15,11 @@ from gemmascope.features.build import build_index
 from gemmascope.features.explain import ChatEndpoint, baseline_explanation, detection_score, explain_with_llm
 from gemmascope.features.export import export_neuronpedia
 from gemmascope.features.lens import decoder_neighbours, logit_lens
-from gemmascope.features.prompt import search_text, top_features
+from gemmascope.features.prompt import HIDE_DENSE, search_text, top_features
 from gemmascope.features.store import FeatureIndex, sae_fingerprint
 
 __all__ = [
+    "HIDE_DENSE",
     "ChatEndpoint",
     "FeatureIndex",
     "baseline_explanation",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
+from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel, prompt_tokens
 from gemmascope.sae import SAE, encode_inputs, sae_site
 from gemmascope.sites import capture
@@ -70,7 +71,7 @@ def contrast(
     pool: str = "max",
     top: int = 20,
     densities: Mapping[str, Tensor] | None = None,
-    hide_dense: float | None = 0.01,
+    hide_dense: float | None = HIDE_DENSE,
 ) -> dict[str, Any]:
     """The latents, over every SAE of `saes`, that fire more on `prompts_a` than on `prompts_b`,
     best first: `{"results": [{sae_id, index, effect, mean_a, mean_b, fired_a, fired_b, density}],

@@ -20,11 +20,11 @@ from torch import Tensor
 
 from gemmascope.errors import ConfigError
 from gemmascope.features.contrast import pooled_latents
+from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE
 
 MAX_DOCUMENTS = 32
-DENSE = 0.01  # a feature firing on more than this share of the corpus is flagged (and not a topic)
 
 
 def documents(
@@ -34,7 +34,7 @@ def documents(
     *,
     top: int = 10,
     densities: Tensor | None = None,
-    dense: float = DENSE,
+    dense: float = HIDE_DENSE,
 ) -> dict[str, Any]:
     """Per document its `top` features by max- and by mean-pooled activation (each `{index, value,
     dense}`, `dense` True when the feature fires on more than `dense` of the corpus per `densities

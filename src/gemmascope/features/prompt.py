@@ -16,6 +16,13 @@ from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel, prompt_tokens, t
 from gemmascope.sae import SAE, encode_inputs, sae_site
 from gemmascope.sites import capture
 
+# Latents firing on more than this share of the corpus are "dense": hidden by default wherever
+# features are listed (microscope, search, contrast, bias) and flagged in document analysis. The
+# training recipe's density limit (`train.recipe.DENSE_DENSITY`, a test keeps them equal): latents
+# above it are the ones training pushes down, so below it is where a trained SAE's sparse
+# features live.
+HIDE_DENSE = 0.05
+
 
 def encode_text(
     model: LanguageModel, sae: SAE, text: str, max_tokens: int = MAX_PROMPT_TOKENS
@@ -43,7 +50,7 @@ def top_features(
     sae: SAE,
     text: str,
     k: int = 5,
-    hide_dense: float | None = 0.01,
+    hide_dense: float | None = HIDE_DENSE,
     densities: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """For each token of `text` after BOS, the top-`k` latents by activation (only those that

@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter
 from pydantic import Field
 
-from gemmascope.features import top_features
+from gemmascope.features import HIDE_DENSE, top_features
 from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.run import MAX_PROMPT_CHARS
 
@@ -25,7 +25,7 @@ class TopkByTokenRequest(Body):
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     sae_id: str | None = None  # default: the run's first SAE
     k: int = Field(5, ge=1, le=20)
-    hide_dense: float = Field(0.01, ge=0.0, le=1.0)  # hide features firing on more than this fraction
+    hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # hide features firing on more than this fraction
 
 
 class SingleRequest(Body):

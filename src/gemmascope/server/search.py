@@ -13,7 +13,7 @@ import anyio
 from fastapi import APIRouter
 from pydantic import Field
 
-from gemmascope.features import search_text
+from gemmascope.features import HIDE_DENSE, search_text
 from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.model_queue import ModelQueue
@@ -28,7 +28,7 @@ class SearchRequest(Body):
     sae_id: str | None = None  # text: default the run's first SAE; explanation / id: default every SAE
     token: str | None = Field(None, max_length=200)  # text mode: only the positions of this token
     k: int = Field(20, ge=1, le=100)
-    hide_dense: float = Field(0.01, ge=0.0, le=1.0)  # text mode: hide features firing on more than this
+    hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # text mode: hide features firing on more than this
 
 
 @router.post("/v1/search/text")
@@ -109,7 +109,7 @@ class ContrastRequest(Body):
     b: list[str] = Field(min_length=2, max_length=MAX_CONTRAST_PROMPTS)
     pool: Literal["max", "mean", "last"] = "max"
     top: int = Field(20, ge=1, le=100)
-    hide_dense: float = Field(0.01, ge=0.0, le=1.0)  # 1: hide nothing
+    hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # 1: hide nothing
 
 
 @router.post("/v1/search/contrast")

@@ -109,7 +109,8 @@ async function run() {
   if ($("docs-mode").checked) { $("docs-result").hidden = true; return runDocuments(); }
   $("docs-result").hidden = true;
   const saeId = $("sae").value;
-  const body = {prompt: $("prompt").value, sae_id: saeId, k: 5, hide_dense: $("show-dense").checked ? 1.0 : 0.01};
+  const body = {prompt: $("prompt").value, sae_id: saeId, k: 5};
+  if ($("show-dense").checked) body.hide_dense = 1.0;  // else the server's default share
   $("status").textContent = "running the model…";
   const data = await GS.busy($("run"), $("error"), () => GS.api("/v1/activation/topk-by-token", body));
   $("status").textContent = "";

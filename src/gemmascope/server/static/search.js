@@ -15,7 +15,7 @@ const mode = () => document.querySelector("input[name=mode]:checked").value;
 async function search() {
   const body = {query: $("query").value, mode: mode(), sae_id: $("sae").value || null, k: 20};
   if (mode() === "text" && $("token").value.trim()) body.token = $("token").value;
-  if (mode() === "text") body.hide_dense = $("show-dense").checked ? 1.0 : 0.01;
+  if (mode() === "text" && $("show-dense").checked) body.hide_dense = 1.0;  // else the server's default
   $("status").textContent = body.mode === "text" ? "running the model…" : "";
   const data = await GS.busy($("search"), $("error"), () => GS.api("/v1/search/text", body));
   $("status").textContent = "";
@@ -36,7 +36,7 @@ async function search() {
   $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
   if (!data.results.length && data.mode === "text" && !$("show-dense").checked) {
     table.append(GS.el("tr", {}, GS.el("td", {colspan: 5, class: "small", id: "dense-hint"},
-      "No feature left after hiding dense ones (firing on more than 1% of tokens). ",
+      "No feature left after hiding dense ones (firing on more than 5% of tokens). ",
       GS.el("button", {class: "plain", type: "button", onclick: () => { $("show-dense").checked = true; search(); }}, "show dense features too"))));
   }
   $("results-card").hidden = false;
@@ -44,8 +44,8 @@ async function search() {
 
 async function runContrast() {
   const lines = (id) => $(id).value.split("\n").filter((l) => l.trim() !== "");
-  const body = {a: lines("set-a"), b: lines("set-b"), pool: $("pool").value, top: 20,
-    hide_dense: $("contrast-dense").checked ? 1.0 : 0.01};
+  const body = {a: lines("set-a"), b: lines("set-b"), pool: $("pool").value, top: 20};
+  if ($("contrast-dense").checked) body.hide_dense = 1.0;  // else the server's default share
   $("c-status").textContent = "running the model over both sets…";
   const data = await GS.busy($("contrast"), $("c-error"), () => GS.api("/v1/search/contrast", body));
   $("c-status").textContent = "";
@@ -66,7 +66,7 @@ async function runContrast() {
       GS.el("td", {class: "small"}, r.explanation || "")));
   }
   $("contrast-note").textContent = (data.results.length ? "" : "No latent fires more on A than on B. ") +
-    (data.hidden_dense ? `${data.hidden_dense} latents denser than 1% were hidden (tick "dense latents too" to see them).` : "");
+    (data.hidden_dense ? `${data.hidden_dense} latents denser than 5% were hidden (tick "dense latents too" to see them).` : "");
 }
 
 function onMode() {
