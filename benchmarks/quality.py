@@ -62,8 +62,13 @@ def sparsify_tokens(store: ActivationStore, site: str, tokens: int) -> torch.Ten
     return torch.cat(parts)[:tokens]
 
 
-def train_ours(run_dir: Path, site: str, budget: int, width: int, l0: int) -> dict[str, tuple[SAE, float]]:
-    """Our three architectures, each in its own pass (so each has its own wall time)."""
+ARCHS = ("jumprelu", "topk", "batchtopk")
+
+
+def train_ours(
+    run_dir: Path, site: str, budget: int, width: int, l0: int, archs: list[str]
+) -> dict[str, tuple[SAE, float]]:
+    """Our architectures (`archs`), each in its own pass (so each has its own wall time)."""
     specs = {
         "ours jumprelu": TrainSpec(site, width, target_l0=l0),
         "ours topk": TrainSpec(site, width, "topk", k=l0),
@@ -71,6 +76,8 @@ def train_ours(run_dir: Path, site: str, budget: int, width: int, l0: int) -> di
     }
     out = {}
     for label, spec in specs.items():
+        if spec.architecture not in archs:
+            continue
         started = time.monotonic()
         name = f"quality_{budget}_{site}_{spec.architecture}"
         [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name))
@@ -139,11 +146,15 @@ def main() -> None:
         default=None,
         help="distinct tokens (default: the largest budget, at most the corpus)",
     )
+    parser.add_argument("--archs", default=",".join(ARCHS), help="ours to train (sparsify always runs)")
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--l0", type=int, default=45)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="quality")
+    parser.add_argument(
+        "--keep-rows", action="store_true", help="keep the rows of RESULTS/OUT.json this run does not redo"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
@@ -158,7 +169,7 @@ def main() -> None:
     extra: dict[str, Any] = {}
     for budget in budgets:
         for site in sites:
-            trained = train_ours(run_dir, site, budget, args.width, args.l0)
+            trained = train_ours(run_dir, site, budget, args.width, args.l0, args.archs.split(","))
             theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0)
             trained["sparsify topk"] = (theirs, wall)
             extra[f"sparsify {site} {budget}"] = info
@@ -179,6 +190,12 @@ def main() -> None:
         "rows": rows,
         "sparsify": extra,
     }
+    previous = RESULTS / f"{args.out}.json"
+    if args.keep_rows and previous.exists():  # other budgets or sites measured before, kept beside
+        new = {(r["site"], r["budget"], r["sae"]) for r in rows}
+        old = json.loads(previous.read_text())
+        rows[:0] = [r for r in old["rows"] if (r["site"], r["budget"], r["sae"]) not in new]
+        out["earlier_commands"] = [*old.get("earlier_commands", []), old["command"]]
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1, default=str))
     plot(rows, RESULTS / f"{args.out}.png")
     print(table(rows))

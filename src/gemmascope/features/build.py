@@ -59,6 +59,7 @@ LOGIT_K = 10
 N_NEIGHBOURS = 10
 FLOW_K = 10
 PAGE_CHUNK = 512  # feature pages assembled and written at once (bounds the memory of that step)
+LENS_MIN_COUNT = 10  # a logit-lens token the baseline explanation names occurs this often in the index corpus
 
 
 class _SiteActivations:
@@ -265,6 +266,14 @@ def _corpus_passes(
     return _Passes(pass1, pass2, samples, centres, null_latents, source.second_pass, first_pass_s, corpus_s)
 
 
+def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> set[str]:
+    """The tokens a baseline explanation may name as promoted: those the index corpus `rows
+    [n_rows, ctx]` uses at least `min_count` times (a token seen once or twice, such as a Bengali
+    piece of a name in English Wikipedia, says nothing a reader can check)."""
+    counts = torch.bincount(rows.reshape(-1).cpu())
+    return {text for i, text in decode.items() if i < len(counts) and counts[i] >= min_count}
+
+
 def _write_pages(
     job: _Job, sid: str, passes: _Passes, decode: dict[int, str], progress: bool
 ) -> dict[str, Any]:
@@ -285,7 +294,7 @@ def _write_pages(
     }
     weights_s = time.perf_counter() - t0
     pass1, pass2 = passes.pass1[sid], passes.pass2[sid]
-    known = set(decode.values())  # the index corpus's tokens: the explanation's lens tokens come from them
+    known = lens_vocabulary(rows, decode)
     for start in range(0, sae.d_sae, PAGE_CHUNK):  # a chunk of pages at a time: bounded memory
         stop = min(sae.d_sae, start + PAGE_CHUNK)
         chunk = list(feature_pages(pass1, pass2, n_valid, rows, decode, lens, model, start, stop))
