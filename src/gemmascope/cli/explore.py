@@ -675,18 +675,20 @@ def _write_bias(run_dir: Path, out: dict[str, Any]) -> list[str]:
     write_atomic(folder / "bias.json", json.dumps(out, indent=1))
     rows = out["rows"]
     k = [r["n_latents"] for r in rows]
-    fig = Figure(figsize=(6, 3.6), dpi=110)
+    fig = Figure(figsize=(6.4, 3.8), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(k, [r["bias"] for r in rows], marker="o", label="bias: gap(A) - gap(B)")
+    ax.plot(k, [r["gap_a"] for r in rows], ls="--", color="tab:purple", label="gap(A)")
+    ax.plot(k, [r["gap_b"] for r in rows], ls=":", color="tab:green", label="gap(B)")
     ax.set_xlabel("top contrast latents ablated")
     first, second = out["watch"]
-    ax.set_ylabel(f"p({first!r}) - p({second!r}), A minus B")
+    ax.set_ylabel(f"p({first!r}) - p({second!r})")
     ax.axhline(0, color="grey", lw=0.5)
     cost = ax.twinx()
     cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
     cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
-    fig.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="upper center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     save_atomic(folder / "bias.png", lambda tmp: fig.savefig(tmp, format="png"))
     return [str(folder / "bias.json"), str(folder / "bias.png")]
 
