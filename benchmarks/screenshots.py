@@ -30,7 +30,11 @@ CHROMIUM_ARGS = [
 ]
 PROMPT = "The Eiffel Tower is in Paris, the capital of France. It was built in 1889 for the World's Fair."
 STEER_PROMPT = "My favourite place to visit is"
-MEASURE_PROMPTS = ["In the morning I went outside and", "Yesterday my friend told me that"]
+MEASURE_PROMPTS = [
+    "My favourite place to visit is",
+    "Next summer we are flying to",
+    "The city I like most is",
+]
 DOCUMENTS = [
     "My dog barks at the mailman every morning, and the puppy chews on old shoes.",
     "The stock market fell sharply on Monday as the bank raised interest rates.",
@@ -54,7 +58,10 @@ def main() -> None:
     parser.add_argument("--focus-token", default="Paris", help="token whose top feature gets its page shown")
     parser.add_argument("--graph", default=None, help="graph slug to show (default: the first in RUN/graphs)")
     parser.add_argument(
-        "--watch", nargs="+", default=['" dog"', '" dogs"'], help="watched tokens (measure panel)"
+        "--watch",
+        nargs="+",
+        default=['" Paris"', '" France"'],
+        help="watched tokens (measure panel; the defaults suit the France latent the demo finds on Paris)",
     )
     parser.add_argument("--measure-prompts", nargs="+", default=MEASURE_PROMPTS)
     parser.add_argument("--documents", nargs="+", default=DOCUMENTS, help="one document each (microscope)")

@@ -204,6 +204,41 @@ def test_gemma_scope_2_layout_round_trip(tmp_path: Path) -> None:
         load_sae(bare)
 
 
+def test_gemma_scope_2_config_json_is_the_releases(tmp_path: Path) -> None:
+    """Our config.json carries Gemma Scope 2's own keys (as google/gemma-scope-2-4b-pt writes them),
+    and a release's config.json alone (no key of ours, a path naming no layer) gives the sites."""
+    import json
+
+    from gemmascope.sites import Site, site_of_hf_hook
+
+    tc = random_transcoder(True)
+    path = save_params_safetensors(tc, tmp_path / "ours")
+    written = json.loads((path.parent / "config.json").read_text())
+    assert {k: written[k] for k in ("width", "architecture", "affine_connection", "type")} == {
+        "width": tc.d_sae, "architecture": "jump_relu", "affine_connection": True, "type": "transcoder",
+    }  # fmt: skip
+    assert written["hf_hook_point_in"] == "model.layers.1.pre_feedforward_layernorm.output"
+    assert written["hf_hook_point_out"] == "model.layers.1.post_feedforward_layernorm.output"
+    release = {  # google/gemma-scope-2-4b-pt transcoder/layer_17_width_16k_l0_big/config.json, layer 1
+        "width": tc.d_sae, "model_name": "google/gemma-3-4b-pt", "architecture": "jump_relu", "l0": 150,
+        "affine_connection": True, "type": "transcoder",
+        "hf_hook_point_in": "model.layers.1.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": "model.layers.1.post_feedforward_layernorm.output",
+    }  # fmt: skip
+    (path.parent / "config.json").write_text(json.dumps(release))
+    bare = tmp_path / "bare" / "params.safetensors"  # no layer in the path: the config says it
+    bare.parent.mkdir()
+    shutil.copy(path, bare)
+    shutil.copy(path.parent / "config.json", bare.parent / "config.json")
+    again = load_sae(bare)
+    assert (again.cfg.site, again.cfg.out_site, again.cfg.model_name) == (IN, OUT, "google/gemma-3-4b-pt")
+    for kind in ("resid_post", "attn_out", "mlp_out", "mlp_in"):
+        assert site_of_hf_hook(Site(kind, 17).hf_hook_point) == Site(kind, 17)
+    assert site_of_hf_hook("model.layers.17.output") == Site("resid_post", 17)
+    assert site_of_hf_hook("model.layers.17.self_attn.o_proj.input") == Site("attn_out", 17)
+    assert site_of_hf_hook("model.embed_tokens.output") is None
+
+
 def test_steering_a_transcoder_latent_edits_the_mlp_output(tiny_model: LanguageModel) -> None:
     """A transcoder's latent is read at the MLP input and its change written into the MLP output,
     at the chosen positions only."""

@@ -40,7 +40,7 @@ from gemmascope.runs import find_saes as find_saes  # re-exported: the run folde
 from gemmascope.runs import sae_dir as sae_dir
 from gemmascope.runs import sae_id as sae_id
 from gemmascope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae, max_norm_from_extra
-from gemmascope.sites import parse_site
+from gemmascope.sites import parse_site, site_of_hf_hook
 
 NPZ_FILE = "params.npz"  # Gemma Scope (Gemma 2)
 GS2_FILE = "params.safetensors"  # Gemma Scope 2 (Gemma 3)
@@ -183,17 +183,20 @@ def _gs2_config(sae: SAE) -> dict[str, Any]:
     c = sae.cfg
     site = parse_site(c.site) if c.site else None
     out = parse_site(c.out_site) if c.out_site else None
-    return {
-        "architecture": "jumprelu",
+    return {  # Gemma Scope 2's own keys first (a release's config.json), then ours
+        "width": c.d_sae,
         "model_name": c.model_name,
+        "architecture": "jump_relu",
+        "l0": c.extra.get("l0"),
+        "affine_connection": c.affine_skip,
+        "hf_hook_point_in": site.hf_hook_point if site else None,
+        "hf_hook_point_out": (out or site).hf_hook_point if site else None,
+        "type": "transcoder" if out else "sae",
         "d_in": c.d_in,
-        "d_sae": c.d_sae,
-        "hook_name": site.hook_name if site else c.hook_name,
-        "hook_name_out": out.hook_name if out else None,
-        "affine_skip_connection": c.affine_skip,
         "site": c.site,
         "out_site": c.out_site or None,
-        "l0": c.extra.get("l0"),
+        "hook_name": site.hook_name if site else c.hook_name,
+        "hook_name_out": out.hook_name if out else None,
         "fvu": c.extra.get("fvu"),
         "source": f"gemmascope {__version__}",
     }
@@ -477,14 +480,24 @@ def _load_gemma_scope(path: Path) -> SAE:
 
 
 def _read_gs2_config(path: Path) -> dict[str, Any]:
-    """The `config.json` beside a `params.safetensors` when it is ours (it names the site), else {}."""
+    """The `config.json` beside a `params.safetensors`, with `site` and `out_site` (a transcoder's)
+    from ours or from a release's `hf_hook_point_in/out`; {} when there is none or it names no site
+    this project reads."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise FormatError(f"cannot read {str(path)!r}: {err}") from err
-    return data if isinstance(data, dict) and data.get("site") else {}
+    if not isinstance(data, dict):
+        return {}
+    if not data.get("site") and isinstance(data.get("hf_hook_point_in"), str):
+        site = site_of_hf_hook(data["hf_hook_point_in"])
+        out = site_of_hf_hook(str(data.get("hf_hook_point_out") or ""))
+        if site is not None:
+            data["site"] = str(site)
+            data["out_site"] = str(out) if out is not None and out != site else None
+    return data if data.get("site") else {}
 
 
 def _max_norm(ours: dict[str, Any]) -> float | None:

@@ -35,6 +35,16 @@ _TL_SUFFIX = {
     "mlp_in": "hook_mlp_in",
 }
 
+# Gemma Scope 2's `hf_hook_point_in/out` in a release's config.json: the transformers module path of
+# each site kind (the same points this module hooks).
+_HF_SUFFIX = {
+    "resid_post": "output",
+    "attn_out": "self_attn.o_proj.input",
+    "mlp_out": "post_feedforward_layernorm.output",
+    "mlp_in": "pre_feedforward_layernorm.output",
+}
+_HF_HOOK = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.(.+)$")
+
 
 # ---------------------------------------------------------------------------------------------
 # Sites
@@ -54,6 +64,11 @@ class Site:
     @property
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.{_TL_SUFFIX[self.kind]}"
+
+    @property
+    def hf_hook_point(self) -> str:
+        """Gemma Scope 2's name of this point (config.json's `hf_hook_point_in/out`)."""
+        return f"model.layers.{self.layer}.{_HF_SUFFIX[self.kind]}"
 
     @property
     def folder(self) -> str:
@@ -91,6 +106,14 @@ def parse_site(spec: str | Site, n_layers: int | None = None) -> Site:
             f"layer {site.layer} of site {spec!r} is out of range: valid layers are 0..{n_layers - 1}"
         )
     return site
+
+
+def site_of_hf_hook(name: str) -> Site | None:
+    """The site of a Gemma Scope 2 `hf_hook_point_in/out` (e.g. `model.layers.5.pre_feedforward_layernorm.output`
+    -> `mlp_in.5`), or None for a point this project does not read."""
+    m = _HF_HOOK.match(name)
+    kind = next((k for k, suffix in _HF_SUFFIX.items() if m and m.group(2) == suffix), None)
+    return Site(kind, int(m.group(1))) if m and kind else None
 
 
 def transcoder_sites(layer: int) -> tuple[Site, Site]:
