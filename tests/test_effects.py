@@ -96,7 +96,7 @@ HELD_A, HELD_B = ["The kitten played with yarn."], ["The market closed lower.", 
 
 
 def test_bias_experiment_ablates_the_contrast_picks_and_measures_the_gap(tiny_model, sae1, sae2) -> None:  # noqa: F811
-    from gemmascope.effects import bias_experiment
+    from gemmascope.effects import MIN_BIAS, bias_experiment
     from gemmascope.features.contrast import contrast
 
     saes = {"one": sae1, "two": sae2}
@@ -121,19 +121,28 @@ def test_bias_experiment_ablates_the_contrast_picks_and_measures_the_gap(tiny_mo
 
     assert [r["n_latents"] for r in out["rows"]] == [0, 1, 3]
     clean = out["rows"][0]
-    assert clean["delta_lm_loss"] == 0 and clean["bias_removed"] == 0
+    assert clean["delta_lm_loss"] == 0
     for row in out["rows"]:  # each row is the gap with the top k picks ablated, measured independently
         ivs = [Intervention(saes[h["sae_id"]], h["index"], "ablate") for h in picked[: row["n_latents"]]]
         assert row["gap_a"] == pytest.approx(gap(HELD_A, ivs), abs=1e-6)
         assert row["gap_b"] == pytest.approx(gap(HELD_B, ivs), abs=1e-6)
         assert row["bias"] == pytest.approx(row["gap_a"] - row["gap_b"])
-        assert row["bias_removed"] == pytest.approx(1 - row["bias"] / clean["bias"])
+        if abs(clean["bias"]) >= MIN_BIAS:
+            assert row["bias_removed"] == pytest.approx(1 - row["bias"] / clean["bias"])
+        else:  # the random model shows next to no bias: nothing to remove, no ratio of noise
+            assert row["bias_removed"] is None
     assert out["rows"][2]["kl"] > 0
-    with pytest.raises(ConfigError, match="watches two tokens"):
+    with pytest.raises(ConfigError, match="watches two different tokens"):
         bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, [" the"])
+    with pytest.raises(ConfigError, match="watches two different tokens"):
+        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, [" the", " the"])
+    with pytest.raises(ConfigError, match="at least 128"):
+        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, side_effect_tokens=10)
+    free = bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(1,), side_effect_tokens=0)
+    assert free["rows"][1]["delta_lm_loss"] is None and free["rows"][1]["gap_a"] == out["rows"][1]["gap_a"]
     with pytest.raises(ConfigError, match="each at least 1"):
         bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(0,))
-    with pytest.raises(ConfigError, match="give 1..64 prompts"):
+    with pytest.raises(ConfigError, match="held-out set A has no prompt"):
         bias_experiment(tiny_model, saes, A, B, [], HELD_B, watch)
     with pytest.raises(ConfigError, match="prompt set B has 1 prompts"):
         bias_experiment(tiny_model, saes, A, B[:1], HELD_A, HELD_B, watch)
@@ -159,8 +168,25 @@ def test_cli_bias_prints_the_table_and_writes_the_report(run_with_sae, cli_model
     saved = json.loads((run_with_sae / "report" / "bias.json").read_text())
     assert [r["n_latents"] for r in saved["rows"]] == [0, 1, 2]
     assert (run_with_sae / "report" / "bias.png").stat().st_size > 1000
-    assert main([*base, "--watch", " the"]) == 2
-    assert "give two --watch tokens" in capsys.readouterr().err
+    cli_model.clear()
+    for bad, message in (
+        (["--watch", " the"], "give two different --watch tokens"),
+        (["--watch", " a", "--watch", " a"], "give two different --watch tokens"),
+        (["--watch", " the", "--watch", " a", "--ablate", "0,2"], "each at least 1"),
+        (["--watch", " the", "--watch", " a", "--side-effects", "50"], "0 (no cost) or at least 128"),
+    ):
+        assert main([*base, *bad]) == 2
+        assert message in capsys.readouterr().err
+    one_a = ["bias", str(run_with_sae), "--a", A[0], *[x for b in B for x in ("--b", b)], *base[-5:]]
+    assert main([*one_a, "--watch", " the", "--watch", " a"]) == 2
+    assert "--a / --a-file gives 1 prompt(s)" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert (
+        main([*base[:-3], "--heldout-b", str(empty), "--show-dense", "--watch", " the", "--watch", " a"]) == 2
+    )
+    assert "holds no prompt" in capsys.readouterr().err
+    assert cli_model == []  # every bad input refused before the model loads
     assert main([*base, "--watch", " the", "--watch", " two words"]) == 2
     assert "not one" in capsys.readouterr().err
     assert (

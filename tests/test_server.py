@@ -702,6 +702,9 @@ def test_official_saes_are_served_with_or_without_a_run(
         assert steer.status_code == 200
     with pytest.raises(Exception, match="serve needs a run folder"):
         create_app(None, model=tiny_model)
+    own = str(next((run_dir / "saes").glob("resid_post/layer_1/*/*")))
+    with pytest.raises(Exception, match="as an SAE already served"):  # never two SAEs under one id
+        create_app(run_dir, model=tiny_model, extra=[own])
 
 
 def test_serve_refuses_a_taken_port_before_loading(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

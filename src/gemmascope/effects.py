@@ -29,6 +29,7 @@ MAX_PROMPTS = 64
 MAX_WATCH = 16
 DEFAULT_SIDE_EFFECT_TOKENS = 2048  # held-out tokens the cost is measured on
 MIN_SIDE_EFFECT_TOKENS = 128
+MIN_BIAS = 0.01  # a gap difference below this (one point of probability) leaves nothing to remove
 
 
 def watch_ids(model: LanguageModel, watch: Sequence[str]) -> list[int]:
@@ -220,7 +221,7 @@ def bias_experiment(
     pool: str = "max",
     densities: Mapping[str, Tensor] | None = None,
     hide_dense: float | None = HIDE_DENSE,
-    side_effect_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    side_effect_tokens: int | None = DEFAULT_SIDE_EFFECT_TOKENS,
 ) -> dict[str, Any]:
     """The articles' bias experiment. The model's bias is how differently it prefers `watch[0]`
     over `watch[1]` (e.g. " she" over " he") after prompts of kind A and of kind B: the gap
@@ -228,7 +229,9 @@ def bias_experiment(
     are picked by `features.contrast.contrast` on `prompts_a` against `prompts_b`, both directions,
     ranked by effect size; for each k in `ablate` the top k are ablated (every position, every SAE
     of `saes` at once) and the bias is measured on the held-out sets `heldout_a`, `heldout_b` (not
-    the ones the latents were picked on), next to the cost on held-out text (`side_effects`).
+    the ones the latents were picked on), next to the cost on held-out text (`side_effects`; None
+    or 0 tokens: not measured). `bias_removed` is None when the model shows less than
+    MIN_BIAS of bias to begin with (nothing to remove).
 
     Returns `{"watch", "picked": [contrast rows (effect size, A's and B's mean and firing count),
     with "side": the set a latent fires more on], "rows": [{"n_latents",
@@ -236,12 +239,21 @@ def bias_experiment(
     being the model as it is."""
     from gemmascope.features.contrast import contrast
 
-    if len(watch) != 2:
-        raise ConfigError(f"a bias experiment watches two tokens (e.g. ' she', ' he'), got {len(watch)}")
+    if len(watch) != 2 or watch[0] == watch[1]:
+        raise ConfigError(
+            f"a bias experiment watches two different tokens (e.g. ' she', ' he'), got {list(watch)}"
+        )
     if not ablate or any(k < 1 for k in ablate) or len(ablate) > 16:
         raise ConfigError(f"ablate takes 1..16 counts of latents, each at least 1; got {list(ablate)}")
-    for prompts in (heldout_a, heldout_b):
+    for name, prompts in (("A", heldout_a), ("B", heldout_b)):
+        if not prompts:
+            raise ConfigError(f"held-out set {name} has no prompt: the bias is measured on it")
         _check_prompts(prompts)
+    if side_effect_tokens and side_effect_tokens < MIN_SIDE_EFFECT_TOKENS:
+        raise ConfigError(
+            f"side effects need at least {MIN_SIDE_EFFECT_TOKENS} held-out tokens (0: not measured), "
+            f"got {side_effect_tokens}"
+        )
     ids = watch_ids(model, watch)
     top = max(ablate)
     found = [
@@ -270,16 +282,18 @@ def bias_experiment(
         gap_a, gap_b = _gap(model, heldout_a, ids, ivs), _gap(model, heldout_b, ids, ivs)
         bias = gap_a - gap_b
         clean_bias = bias if clean_bias is None else clean_bias
-        cost = side_effects(model, ivs, side_effect_tokens) if ivs else {"delta_lm_loss": 0.0, "kl": 0.0}
+        cost: dict[str, float | None] = {"delta_lm_loss": 0.0, "kl": 0.0} if not ivs else {}
+        if ivs and side_effect_tokens:
+            cost = dict(side_effects(model, ivs, side_effect_tokens))
         rows.append(
             {
                 "n_latents": min(k, len(picked)),
                 "gap_a": gap_a,
                 "gap_b": gap_b,
                 "bias": bias,
-                "bias_removed": 1 - bias / clean_bias if clean_bias else 0.0,
-                "delta_lm_loss": cost["delta_lm_loss"],
-                "kl": cost["kl"],
+                "bias_removed": 1 - bias / clean_bias if abs(clean_bias) >= MIN_BIAS else None,
+                "delta_lm_loss": cost.get("delta_lm_loss"),
+                "kl": cost.get("kl"),
             }
         )
         if k >= len(picked):

@@ -142,7 +142,10 @@ def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> 
         release, ident = spec.split("/", 1)
         return spec, release_file(release, ident).parent
     if run_dir is None:
-        raise ConfigError(f"{flag} {spec!r} is not a folder; give an SAE folder, or --run with an SAE id")
+        raise ConfigError(
+            f"{flag} {spec!r} is not a folder: give an SAE folder, an official RELEASE/ID "
+            "(e.g. gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small) or a run folder with an SAE id"
+        )
     found = {sae_id(folder): folder for folder in find_saes(run_dir)}
     if spec is None and len(found) == 1:
         return next(iter(found.items()))

@@ -222,7 +222,8 @@ def args_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to complete")
     p.add_argument(
         "--sae", action=InOrder, required=True, metavar="SAE",
-        help="an SAE folder, or an SAE id of --run (e.g. resid_post.6.w4096.l0_52); repeatable",
+        help="an SAE folder, an SAE id of --run (e.g. resid_post.6.w4096.l0_52) or an official RELEASE/ID; "
+        "repeatable",
     )  # fmt: skip
     p.add_argument(
         "--feature",
@@ -593,6 +594,8 @@ def run_contrast(args: argparse.Namespace) -> int:
         print("  none")
     if out["hidden_dense"]:
         print(f"({out['hidden_dense']} latents denser than {args.dense:g} hidden; --show-dense shows them)")
+    if loaded.densities is None:
+        print("(no feature index: dense latents were not hidden; build one with 'gemmascope index')")
     return 0
 
 
@@ -617,22 +620,38 @@ def args_bias(p: argparse.ArgumentParser) -> None:
         type=int,
         default=2048,
         metavar="TOKENS",
-        help="held-out tokens the cost (ΔLM loss, KL) is measured on (default 2048)",
+        help="held-out tokens the cost (ΔLM loss, KL) is measured on (default 2048; 0: not measured)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_bias)
 
 
 def run_bias(args: argparse.Namespace) -> int:
-    from gemmascope.effects import bias_experiment
+    from gemmascope.effects import MIN_SIDE_EFFECT_TOKENS, bias_experiment
 
     prompts_a = _prompt_set(args.a, args.a_file, "--a-file")
     prompts_b = _prompt_set(args.b, args.b_file, "--b-file")
     heldout_a = _prompt_set([], args.heldout_a, "--heldout-a")
     heldout_b = _prompt_set([], args.heldout_b, "--heldout-b")
     ablate = parse_list(args.ablate, "--ablate", int)
-    if len(args.watch) != 2:
-        raise ConfigError(f"give two --watch tokens (e.g. ' she' and ' he'), got {len(args.watch)}")
+    if len(args.watch) != 2 or args.watch[0] == args.watch[1]:
+        raise ConfigError(f"give two different --watch tokens (e.g. ' she' and ' he'), got {args.watch}")
+    for flags, prompts in (("--a / --a-file", prompts_a), ("--b / --b-file", prompts_b)):
+        if len(prompts) < 2:
+            raise ConfigError(
+                f"{flags} gives {len(prompts)} prompt(s): the contrast needs at least 2 per set"
+            )
+    for flag, prompts in (("--heldout-a", heldout_a), ("--heldout-b", heldout_b)):
+        if not prompts:
+            raise ConfigError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))!r} holds no prompt")
+    if not ablate or any(k < 1 for k in ablate):
+        raise ConfigError(
+            f"--ablate {args.ablate!r}: expected counts of latents, each at least 1, e.g. 1,2,4,8"
+        )
+    if args.side_effects < 0 or 0 < args.side_effects < MIN_SIDE_EFFECT_TOKENS:
+        raise ConfigError(
+            f"--side-effects {args.side_effects}: expected 0 (no cost) or at least {MIN_SIDE_EFFECT_TOKENS} tokens"
+        )
     loaded = _RunSAEs(args)
     out = bias_experiment(
         loaded.model, loaded.saes, prompts_a, prompts_b, heldout_a, heldout_b, args.watch, ablate=ablate,
@@ -655,10 +674,15 @@ def run_bias(args: argparse.Namespace) -> int:
     )
     print(f"{'ablated':>8} {'gap A':>8} {'gap B':>8} {'bias':>8} {'removed':>8} {'ΔLM loss':>9} {'KL':>7}")
     for r in out["rows"]:
+        removed = "-" if r["bias_removed"] is None else f"{r['bias_removed']:.0%}"
+        dlm = "-" if r["delta_lm_loss"] is None else f"{r['delta_lm_loss']:+.4f}"
+        kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
         print(
             f"{r['n_latents']:>8} {r['gap_a']:>+8.4f} {r['gap_b']:>+8.4f} {r['bias']:>+8.4f} "
-            f"{r['bias_removed']:>8.0%} {r['delta_lm_loss']:>+9.4f} {r['kl']:>7.4f}"
+            f"{removed:>8} {dlm:>9} {kl:>7}"
         )
+    if loaded.densities is None:
+        print("(no feature index: dense latents were not hidden; build one with 'gemmascope index')")
     for path in out.get("files", []):
         print(f"wrote {path}")
     return 0
@@ -684,9 +708,10 @@ def _write_bias(run_dir: Path, out: dict[str, Any]) -> list[str]:
     first, second = out["watch"]
     ax.set_ylabel(f"p({first!r}) - p({second!r})")
     ax.axhline(0, color="grey", lw=0.5)
-    cost = ax.twinx()
-    cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
-    cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
+    if all(r["delta_lm_loss"] is not None for r in rows):
+        cost = ax.twinx()
+        cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
+        cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
     fig.legend(loc="upper center", ncol=4, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     save_atomic(folder / "bias.png", lambda tmp: fig.savefig(tmp, format="png"))

@@ -77,7 +77,11 @@ def add_corpus(p: argparse.ArgumentParser, split: str | None = None, context: bo
 
 def add_sae_choice(p: argparse.ArgumentParser) -> None:
     """--sae (a folder or an SAE id of --run), --run and --db, as inspect uses them."""
-    p.add_argument("--sae", help="an SAE folder, or an SAE id of the run given with --run")
+    p.add_argument(
+        "--sae",
+        help="an SAE folder, an SAE id of the run given with --run, or an official RELEASE/ID "
+        "(e.g. gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small)",
+    )
     p.add_argument("--run", dest="run_dir", help="a run folder (its SAEs and its features.sqlite)")
     p.add_argument("--db", help="feature index (default: the run's features.sqlite)")
 

@@ -99,7 +99,13 @@ class Run:
         loaded = [(sae_id(folder), folder, load_sae(folder).eval()) for folder in folders]
         for spec in extra:
             key, folder, sae = open_sae(spec, self.run_dir)
-            loaded.append((key.replace("/", "."), folder, sae.eval()))  # a path segment in URLs
+            key = key.replace("/", ".")  # a path segment in URLs
+            if key in {k for k, _, _ in loaded}:
+                raise ConfigError(
+                    f"--sae {spec!r} is named {key!r}, as an SAE already served: give each SAE once "
+                    "(a run's own SAEs are served without --sae)"
+                )
+            loaded.append((key, folder, sae.eval()))
         self.model_name = str(self.info.get("model") or loaded[0][2].cfg.model_name or BUNDLED_MODEL)
         self.model = model if model is not None else load_model(self.model_name)
         evals = self._read_evals()

@@ -50,7 +50,7 @@ def list_saes(run: RunDep) -> dict[str, Any]:
         reason = run.not_indexed(entry)
         saes.append({**entry.summary(), "not_indexed": reason and public_message(reason, run.run_dir)})
     return {
-        "run": run.run_dir.name if run.run_dir else "official SAEs",
+        "run": run.run_dir.name if run.run_dir else "no run folder",
         "model": run.model_name,
         "saes": saes,
         "plots": [f"/v1/report/{name}" for name in plots],
