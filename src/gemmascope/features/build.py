@@ -269,9 +269,14 @@ def _corpus_passes(
 def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> set[str]:
     """The tokens a baseline explanation may name as promoted: those the index corpus `rows
     [n_rows, ctx]` uses at least `min_count` times (a token seen once or twice, such as a Bengali
-    piece of a name in English Wikipedia, says nothing a reader can check)."""
+    piece of a name in English Wikipedia, says nothing a reader can check), and that decode to
+    text (a byte-fallback piece of a character decodes alone to U+FFFD, "�")."""
     counts = torch.bincount(rows.reshape(-1).cpu())
-    return {text for i, text in decode.items() if i < len(counts) and counts[i] >= min_count}
+    return {
+        text
+        for i, text in decode.items()
+        if i < len(counts) and counts[i] >= min_count and "\ufffd" not in text and text.strip()
+    }
 
 
 def _write_pages(
