@@ -403,8 +403,15 @@ def test_baseline_explanation_names_only_lens_tokens_the_corpus_uses() -> None:
 def test_lens_tokens_named_are_those_the_corpus_uses_often() -> None:
     from gemmascope.features.build import lens_vocabulary
 
-    rows = torch.tensor([[1, 2, 2, 3, 5], [2, 2, 3, 4, 5]])  # 1 and 4 once, 3 and 5 twice, 2 four times
-    decode = {1: " once", 2: " often", 3: " twice", 4: " rare", 5: "\ufffd"}  # 5: a byte-fallback piece
+    rows = torch.tensor([[1, 2, 2, 3, 5, 6], [2, 2, 3, 4, 5, 6]])  # 1, 4 once; 3, 5, 6 twice; 2 four times
+    decode = {
+        1: " once",
+        2: " often",
+        3: " twice",
+        4: " rare",
+        5: "\ufffd",
+        6: "\u200c",
+    }  # 5, 6: nothing to see
     assert lens_vocabulary(rows, decode, min_count=2) == {" often", " twice"}
     assert lens_vocabulary(rows, decode, min_count=4) == {" often"}
 

@@ -269,13 +269,17 @@ def _corpus_passes(
 def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> set[str]:
     """The tokens a baseline explanation may name as promoted: those the index corpus `rows
     [n_rows, ctx]` uses at least `min_count` times (a token seen once or twice, such as a Bengali
-    piece of a name in English Wikipedia, says nothing a reader can check), and that decode to
-    text (a byte-fallback piece of a character decodes alone to U+FFFD, "�")."""
+    piece of a name in English Wikipedia, says nothing a reader can check), and that a reader can
+    see (not a byte-fallback piece, which decodes alone to U+FFFD "�", nor only blanks and invisible
+    format characters such as U+200C)."""
     counts = torch.bincount(rows.reshape(-1).cpu())
     return {
         text
         for i, text in decode.items()
-        if i < len(counts) and counts[i] >= min_count and "\ufffd" not in text and text.strip()
+        if i < len(counts)
+        and counts[i] >= min_count
+        and "\ufffd" not in text
+        and any(ch.isprintable() and not ch.isspace() for ch in text)
     }
 
 
