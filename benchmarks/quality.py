@@ -5,8 +5,9 @@
 
 For each site and training budget, on identical tokens of Gemma 3 270M (the bundled Wikipedia corpus,
 train split, harvested once into `--run-dir`):
-- ours: JumpReLU with the default recipe (target L0 = `--l0`), TopK and BatchTopK (k = `--l0`) with
-  their own settings (b_dec at the data mean, AuxK on dead latents, Adam beta1 0.9);
+- ours: JumpReLU with the default recipe (target L0 = `--l0`), the same with Matryoshka prefixes,
+  TopK and BatchTopK (k = `--l0`) with their own settings (AuxK on dead latents), every one with the
+  decoder refit that ends training;
 - sparsify (PyPI `eai-sparsify`, a bench-only requirement): its own Trainer and defaults, TopK k =
   `--l0`, fed the same harvested activations in the same order (benchmarks/sparsify_baseline.py).
 Every SAE is measured by our `evaluate` on `--eval-tokens` held-out tokens: L0, FVU, ΔLM loss, CE
@@ -62,7 +63,7 @@ def sparsify_tokens(store: ActivationStore, site: str, tokens: int) -> torch.Ten
     return torch.cat(parts)[:tokens]
 
 
-ARCHS = ("jumprelu", "topk", "batchtopk")
+ARCHS = ("jumprelu", "matryoshka", "topk", "batchtopk")
 
 
 def train_ours(
@@ -70,16 +71,17 @@ def train_ours(
 ) -> dict[str, tuple[SAE, float]]:
     """Our architectures (`archs`), each in its own pass (so each has its own wall time)."""
     specs = {
-        "ours jumprelu": TrainSpec(site, width, target_l0=l0),
-        "ours topk": TrainSpec(site, width, "topk", k=l0),
-        "ours batchtopk": TrainSpec(site, width, "batchtopk", k=l0),
+        "jumprelu": ("ours jumprelu", TrainSpec(site, width, target_l0=l0)),
+        "matryoshka": ("ours jumprelu matryoshka", TrainSpec(site, width, target_l0=l0, matryoshka=True)),
+        "topk": ("ours topk", TrainSpec(site, width, "topk", k=l0)),
+        "batchtopk": ("ours batchtopk", TrainSpec(site, width, "batchtopk", k=l0)),
     }
     out = {}
-    for label, spec in specs.items():
-        if spec.architecture not in archs:
+    for arch, (label, spec) in specs.items():
+        if arch not in archs:
             continue
         started = time.monotonic()
-        name = f"quality_{budget}_{site}_{spec.architecture}"
+        name = f"quality_{budget}_{site}_{arch}"
         [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name))
         out[label] = (load_sae(folder), time.monotonic() - started)
     return out

@@ -60,13 +60,18 @@ def set_thresholds_for_l0(sae: JumpReLUSAE, x: Tensor, l0: float) -> None:
 
 
 def run(
-    fn: Callable[..., tuple[Tensor, Tensor, Tensor]], sae: JumpReLUSAE, x: Tensor, eps: float, loss: LossFn
+    fn: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    sae: JumpReLUSAE,
+    x: Tensor,
+    eps: float,
+    loss: LossFn,
+    prefixes: tuple[int, ...] | None = None,
 ):
     """Values and gradients (of every parameter, and of x if it requires one) of one step."""
     sae.zero_grad(set_to_none=True)
     if x.grad is not None:
         x.grad = None
-    recon, l0, fired = fn(sae, x, eps)
+    recon, l0, fired = fn(sae, x, eps, prefixes=prefixes)
     loss(recon, l0).backward()
     grads = {name: getattr(sae, name).grad for name in PARAMS}
     if x.requires_grad:
@@ -75,10 +80,14 @@ def run(
 
 
 def assert_same_step(
-    sae: JumpReLUSAE, x: Tensor, eps: float, loss: LossFn = LOSSES["recon + lambda l0"]
+    sae: JumpReLUSAE,
+    x: Tensor,
+    eps: float,
+    loss: LossFn = LOSSES["recon + lambda l0"],
+    prefixes: tuple[int, ...] | None = None,
 ) -> None:
-    ref = run(jumprelu_terms, sae, x, eps, loss)
-    fast = run(jumprelu_terms_sparse, sae, x, eps, loss)
+    ref = run(jumprelu_terms, sae, x, eps, loss, prefixes)
+    fast = run(jumprelu_terms_sparse, sae, x, eps, loss, prefixes)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
     assert fast[1] == ref[1], f"l0 {fast[1]} != reference {ref[1]}"
     assert torch.equal(fast[2], ref[2]), "fired differs"
@@ -116,6 +125,25 @@ def test_equal_to_the_reference_on_random_data(loss_name: str, eps: float) -> No
     if eps == 0.05:  # make sure the θ pseudo-gradient and the inactive side of the kernel are tested
         assert near > 100 and near_inactive > 50
     assert_same_step(sae, x, eps, LOSSES[loss_name])
+
+
+@pytest.mark.parametrize("loss_name", ["recon + lambda l0", "recon only"])
+def test_matryoshka_prefixes_equal_the_reference(loss_name: str) -> None:
+    """Nested reconstructions from the first 24 / 96 / 200 / all 384 latents: the bands' sparse
+    products and the cumulative gradients against the plain nested loss."""
+    sae = random_sae(32, 384, seed=6)
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(7)) / 32**0.5 * 3
+    set_thresholds_for_l0(sae, x[:100], l0=20)
+    prefixes = (24, 96, 200, 384)
+    assert_same_step(sae, x, 0.05, LOSSES[loss_name], prefixes)
+    assert_same_step(sae, x.clone().requires_grad_(True), 0.05, LOSSES[loss_name], prefixes)
+    # the value, written out: the mean of the four prefixes' reconstruction errors
+    with torch.no_grad():
+        f = sae.encode(x - sae.b_dec)  # the SAE's own encoder (b_enc included), as training sees it
+        each = [(x - f[:, :m] @ sae.W_dec[:m] - sae.b_dec).pow(2).sum(-1).mean() for m in prefixes]
+        nested = jumprelu_terms_sparse(sae, x, 0.05, prefixes)[0]
+    torch.testing.assert_close(nested, torch.stack(each).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(nested, each[-1])  # not the plain loss
 
 
 def test_gradient_to_x_when_it_requires_one() -> None:

@@ -303,6 +303,39 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
     assert [(p / "sae_weights.safetensors").stat().st_mtime_ns for p in outputs] == mtimes
 
 
+def test_matryoshka_saes_put_the_broad_latents_first(run_dir: Path) -> None:
+    """Matryoshka (Gemma Scope 2): each nested prefix of the dictionary must reconstruct on its own,
+    so it does so better than the same prefix of a plain SAE trained on the same tokens."""
+    specs = [
+        TrainSpec(SITE, 64, target_l0=6),
+        TrainSpec(SITE, 64, target_l0=6, matryoshka=True),
+        TrainSpec(SITE, 64, "topk", k=6, matryoshka=True),
+    ]
+    plain, nested, nested_topk = train_saes(run_dir, specs, 8192, small_config(), progress=False)
+    assert "matryoshka" not in plain.name
+    assert nested.name.endswith("_matryoshka") and nested_topk.name.endswith("_matryoshka_topk")
+    a, b = load_sae(plain), load_sae(nested)
+    assert a.cfg.extra["matryoshka_prefixes"] is None
+    assert b.cfg.extra["matryoshka_prefixes"] == [4, 8, 16, 32, 64]
+    x = torch.cat(
+        [acts[:, 1:].reshape(-1, acts.shape[-1]) for acts, _ in ActivationStore(run_dir).rows(SITE)]
+    )
+
+    def prefix_fvus(sae: JumpReLUSAE) -> list[float]:
+        with torch.no_grad():
+            f = sae.encode(x)
+            return [
+                float((x - f[:, :m] @ sae.W_dec[:m] - sae.b_dec).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+                for m in (4, 8, 16, 32, 64)
+            ]
+
+    plain_fvus, nested_fvus = prefix_fvus(a), prefix_fvus(b)  # type: ignore[arg-type]
+    # measured: plain 0.96 / 0.93 / 0.83 / 0.67 / 0.36, Matryoshka 0.90 / 0.82 / 0.69 / 0.54 / 0.40
+    for m, p, n in zip((8, 16, 32), plain_fvus[1:4], nested_fvus[1:4], strict=True):
+        assert n < p - 0.05, f"the first {m} latents of the Matryoshka SAE reconstruct no better"
+    assert nested_fvus[-1] < plain_fvus[-1] + 0.1  # the whole SAE pays a little for it
+
+
 def test_a_training_run_never_overwrites_a_finished_sae(run_dir: Path) -> None:
     specs = [TrainSpec(SITE, 32, l0_coeff=1e-3)]
     (first,) = train_saes(run_dir, specs, 1024, small_config(), progress=False)

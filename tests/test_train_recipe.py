@@ -140,7 +140,7 @@ def test_the_pages_hide_as_dense_what_training_pushes_down() -> None:
 
     assert HIDE_DENSE == DENSE_DENSITY
     for page in ("index.html", "search.html", "search.js"):
-        assert f"{HIDE_DENSE:.0%}" in (Path(STATIC) / page).read_text(), page
+        assert f"{HIDE_DENSE * 100:g}%" in (Path(STATIC) / page).read_text(), page
 
 
 def test_init_from_data_starts_b_dec_at_the_mean_and_l0_at_its_target() -> None:

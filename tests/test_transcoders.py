@@ -292,3 +292,18 @@ def test_the_skip_connection_starts_as_the_ridge_regression() -> None:
     assert torch.allclose(w, w_true, atol=1e-3) and torch.allclose(b, b_true, atol=1e-2)
     shrunk, _ = fit_skip(x, x @ w_true + b_true, ridge=1.0)
     assert shrunk.norm() < w_true.norm()
+
+
+def test_a_transcoder_trains_on_large_outputs_and_leaves_out_massive_inputs(run_dir: Path) -> None:
+    """Early MLPs of Gemma 3 write outputs several times the RMS norm from ordinary inputs: those
+    tokens are what the transcoder must predict; only massive inputs are left out, as in use."""
+    from gemmascope.train.trainee import new_trainee, training_pair
+
+    store = ActivationStore(run_dir)
+    t = new_trainee(0, TrainSpec(IN, 16, target_l0=4, out_site=OUT, skip=True), store, TrainConfig(lr=1e-2))
+    x, y = torch.randn(6, t.sae.d_in) * 0.1, torch.randn(6, t.sae.d_in) * 0.1
+    y[1] *= 100  # a large output from an ordinary input: kept
+    x[2] *= 100  # a massive input: left out, with its output
+    kept_x, kept_y = training_pair(t, {t.site: x, t.out_site: y}, "cpu", max_norm=3.0)  # type: ignore[dict-item]
+    assert kept_y is not None and len(kept_x) == len(kept_y) == 5
+    assert torch.equal(kept_y[1], y[1]) and torch.equal(kept_x[2], x[3])

@@ -75,7 +75,7 @@ def finetune(
     torch.manual_seed(seed)
     ids = ids[torch.randperm(ids.shape[0])]
     model.hf.requires_grad_(False)
-    row_norms = tuned.W_dec.detach().norm(dim=-1, keepdim=True)  # [d_sae, 1]: 1 for our SAEs
+    row_norms = tuned.W_dec.detach().norm(dim=-1, keepdim=True)  # [d_sae, 1]: kept as loaded
     alpha: float | None = None
     history: list[dict[str, float]] = []
     started = time.monotonic()

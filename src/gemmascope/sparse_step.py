@@ -1,5 +1,6 @@
 """The fast JumpReLU training step. Owns `jumprelu_terms_sparse`, a drop-in for the plain reference
-`train.recipe.jumprelu_terms` (same signature, same values, same gradients within fp32 rounding) that does
+`train.recipe.jumprelu_terms` (the same arguments but a transcoder's target; same values, same gradients
+within fp32 rounding) that does
 only one dense product: the encoder's. Everything else touches only the (token, latent) pairs that
 are active, or near enough to the threshold for its pseudo-gradient (RECIPE.md section 2):
 
@@ -11,6 +12,11 @@ are active, or near enough to the threshold for its pseudo-gradient (RECIPE.md s
               grad W_dec = fᵀ G, grad W_encᵀ = (∂pre)ᵀ (x - b_dec)   sparse CSR [S, B] @ dense
               grad b_enc, grad θ                        index_add over kept pairs
               grad b_dec = Σ_b G - W_enc grad b_enc
+
+With Matryoshka prefixes m₁ < … < m_J (Gemma Scope 2; Bussmann et al. 2025) the recon term is the mean
+over j of ‖x − x̂ⱼ‖², x̂ⱼ built from the first mⱼ latents only: the kept pairs fall into bands
+[mⱼ₋₁, mⱼ), x̂ⱼ adds band j's sparse product to x̂ⱼ₋₁, and a latent of band j reads Hⱼ = Σ_{j'≥j} Gⱼ'
+wherever the plain step reads G (one band: the plain step).
 
 The reference does six dense products of 2·B·d_in·d_sae FLOPs (encoder and decoder forward, and two
 each backward) and keeps several [B, d_sae] tensors; this does one and keeps none, so its limit is
@@ -36,14 +42,23 @@ from gemmascope.sae import JumpReLUSAE
 BLOCK_ELEMENTS = 2**28
 
 
-def jumprelu_terms_sparse(sae: JumpReLUSAE, x: Tensor, bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+def jumprelu_terms_sparse(
+    sae: JumpReLUSAE, x: Tensor, bandwidth: float, prefixes: tuple[int, ...] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The two terms of the JumpReLU loss on `x [batch, d_in]` (already divided by C), computed
-    sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias),
-    `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only through the rectangle-kernel
-    pseudo-derivative) and `fired [d_sae]` (bool), exactly as `train.recipe.jumprelu_terms`; backward fills
-    the gradients of W_enc, b_enc, W_dec, b_dec, threshold (and x, if it requires one)."""
+    sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias; with
+    Matryoshka `prefixes`, the mean of that over the nested reconstructions from the first m
+    latents, m in `prefixes`), `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only
+    through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (bool), exactly as
+    `train.recipe.jumprelu_terms`; backward fills the gradients of W_enc, b_enc, W_dec, b_dec,
+    threshold (and x, if it requires one)."""
+    bounds = tuple(prefixes) if prefixes else (sae.d_sae,)
+    if list(bounds) != sorted(set(bounds)) or bounds[0] < 1 or bounds[-1] != sae.d_sae:
+        raise ValueError(
+            f"Matryoshka prefixes {bounds} must increase strictly from >= 1 to d_sae {sae.d_sae}"
+        )
     recon, l0, fired = _SparseJumpReLU.apply(
-        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, float(bandwidth)
+        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, float(bandwidth), bounds
     )
     return recon, l0, fired
 
@@ -93,6 +108,7 @@ class _SparseJumpReLU(torch.autograd.Function):
         b_dec: Tensor,
         threshold: Tensor,
         bandwidth: float,
+        bounds: tuple[int, ...],
     ) -> tuple[Tensor, Tensor, Tensor]:
         batch, d_sae = x.shape[0], W_enc.shape[1]
         x_centered = x - b_dec  # [B, d_in]: the pre-encoder bias
@@ -107,39 +123,59 @@ class _SparseJumpReLU(torch.autograd.Function):
 
         # int32 indices: MKL's and cuSPARSE's 32-bit kernels are the fast ones
         index_dtype = torch.int32 if max(rows.numel(), batch, d_sae) < 2**31 - 1 else torch.int64
-        crow = _crow(rows, batch, index_dtype)
-        col = cols.to(index_dtype)
         f_values = pre_acts * active  # [nnz]: f at kept pairs (0 where only near)
-        x_hat = _csr(crow, col, f_values, (batch, d_sae)) @ W_dec + b_dec  # [B, d_in]
-        error = x_hat - x
-        recon = error.pow(2).sum(-1).mean()
+        # Matryoshka: band j holds latents [bounds[j-1], bounds[j]); the j-th nested reconstruction
+        # sums bands 0..j. Without prefixes there is one band, every latent.
+        band = torch.bucketize(cols, torch.tensor(bounds, device=cols.device), right=True)  # [nnz]
+        x_hat = b_dec.expand(batch, -1)
+        errors, recon = [], x.new_zeros(())
+        for j in range(len(bounds)):
+            pick = band == j
+            crow = _crow(rows[pick], batch, index_dtype)
+            x_hat = x_hat + _csr(crow, cols[pick].to(index_dtype), f_values[pick], (batch, d_sae)) @ W_dec
+            errors.append(x_hat - x)  # [B, d_in]
+            recon = recon + errors[-1].pow(2).sum(-1).mean()
+        recon = recon / len(bounds)
         l0 = active.sum().to(x.dtype) / batch
         fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
         fired[cols[active]] = True
 
         ctx.mark_non_differentiable(fired)
         ctx.save_for_backward(
-            x_centered, error, W_enc, W_dec, threshold, rows, cols, crow, col, f_values, active, near
+            x_centered, torch.stack(errors), W_enc, W_dec, threshold, rows, cols, band, f_values, active, near
         )
         ctx.bandwidth = bandwidth
+        ctx.index_dtype = index_dtype
         return recon, l0, fired
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_recon: Tensor, grad_l0: Tensor, _grad_fired: Any
     ) -> tuple[Tensor | None, ...]:
-        (x_centered, error, W_enc, W_dec, threshold, rows, cols, crow, col, f_values, active, near) = (
+        (x_centered, errors, W_enc, W_dec, threshold, rows, cols, band, f_values, active, near) = (
             ctx.saved_tensors
         )
         eps: float = ctx.bandwidth
+        index_dtype: torch.dtype = ctx.index_dtype
         batch, d_in = x_centered.shape
         d_sae = W_enc.shape[1]
-        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec, need_theta, _ = ctx.needs_input_grad
+        n_bands = errors.shape[0]
+        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec, need_theta, _, _ = ctx.needs_input_grad
 
-        G = error * (2.0 * grad_recon / batch)  # [B, d_in]: ∂recon/∂x̂
-        pattern = _csr(crow, col, f_values, (batch, d_sae))
-        # ∂loss/∂f at the kept pairs: G[b] · W_dec[i]
-        grad_f = torch.sparse.sampled_addmm(pattern, G, W_dec.t(), beta=0.0).values()  # [nnz]
+        # ∂recon/∂x̂ⱼ for each nested reconstruction j; a latent of band j is in reconstructions
+        # j..J-1, so its gradient reads Hⱼ = Σ_{j' >= j} Gⱼ' (one band: H₀ = G)
+        G = errors * (2.0 * grad_recon / (batch * n_bands))  # [J, B, d_in]
+        H = G.flip(0).cumsum(0).flip(0)  # [J, B, d_in]
+        grad_f = torch.zeros_like(f_values)  # ∂loss/∂f at the kept pairs: Hⱼ[b] · W_dec[i]
+        for j in range(n_bands):
+            pick = band == j
+            pattern = _csr(
+                _crow(rows[pick], batch, index_dtype),
+                cols[pick].to(index_dtype),
+                f_values[pick],
+                (batch, d_sae),
+            )
+            grad_f[pick] = torch.sparse.sampled_addmm(pattern, H[j], W_dec.t(), beta=0.0).values()
         grad_pre = grad_f * active  # ∂f/∂pre = H(pre - θ); the L0 term sends none
 
         grad_theta = None
@@ -152,21 +188,25 @@ class _SparseJumpReLU(torch.autograd.Function):
 
         grad_W_dec = grad_W_enc = None
         if need_W_dec or need_W_enc:
-            # the transposed pattern [d_sae, B]: kept pairs sorted by latent
+            # the transposed pattern [d_sae, B]: kept pairs sorted by latent (so band by band)
             order = torch.argsort(cols * batch + rows)  # by latent, then token
-            crow_t = _crow(cols[order], d_sae, crow.dtype)
-            row_t = rows[order].to(crow.dtype)
+            crow_t = _crow(cols[order], d_sae, index_dtype)
+            row_t = rows[order].to(index_dtype)
             if need_W_dec:
-                grad_W_dec = _csr(crow_t, row_t, f_values[order], (d_sae, batch)) @ G  # [d_sae, d_in]
+                for j in range(n_bands):  # rows of band j's latents from Hⱼ: [d_sae, d_in]
+                    values = f_values[order] if n_bands == 1 else f_values[order] * (band[order] == j)
+                    part = _csr(crow_t, row_t, values, (d_sae, batch)) @ H[j]
+                    grad_W_dec = part if grad_W_dec is None else grad_W_dec + part
             if need_W_enc:
                 grad_W_enc = (_csr(crow_t, row_t, grad_pre[order], (d_sae, batch)) @ x_centered).t()
 
         grad_b_dec = grad_x = None
         if need_b_dec or need_x:
             # ∂loss/∂(x - b_dec) through the encoder, summed over the batch: W_enc @ grad_b_enc
-            grad_b_dec = G.sum(0) - W_enc @ grad_b_enc
+            grad_b_dec = H[0].sum(0) - W_enc @ grad_b_enc
         if need_x:
-            grad_x = _csr(crow, col, grad_pre, (batch, d_sae)) @ W_enc.t() - G
+            crow = _crow(rows, batch, index_dtype)
+            grad_x = _csr(crow, cols.to(index_dtype), grad_pre, (batch, d_sae)) @ W_enc.t() - H[0]
         return (
             grad_x,
             grad_W_enc,
@@ -174,5 +214,6 @@ class _SparseJumpReLU(torch.autograd.Function):
             grad_W_dec,
             grad_b_dec if need_b_dec else None,
             grad_theta,
+            None,
             None,
         )

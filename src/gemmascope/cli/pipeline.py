@@ -106,9 +106,20 @@ def args_train(p: argparse.ArgumentParser) -> None:
         "--dense-density",
         type=float,
         default=None,
-        help="density over which latents are penalised (default 0.05)",
+        help="density over which latents are penalised (default 0.095)",
     )
     p.add_argument("--auxk-coeff", type=float, default=None, help="TopK AuxK coefficient (default 1/32)")
+    p.add_argument(
+        "--matryoshka",
+        action="store_true",
+        help="Matryoshka: the reconstruction loss averaged over nested prefixes (width/16 .. width)",
+    )
+    p.add_argument(
+        "--refit-tokens",
+        type=int,
+        default=None,
+        help="tokens the decoder is refit on by least squares after training (default 524288; 0: off)",
+    )
     p.add_argument(
         "--spike-factor",
         type=float,
@@ -169,7 +180,7 @@ def run_train(args: argparse.Namespace) -> int:
         store = ActivationStore(args.run_dir)
         sites = parse_list(args.sites, "--sites") or [str(s) for s in store.sites]
         specs = [
-            TrainSpec(site=site, width=width, architecture=args.arch, **h)  # type: ignore[arg-type]
+            TrainSpec(site=site, width=width, architecture=args.arch, matryoshka=args.matryoshka, **h)  # type: ignore[arg-type]
             for site in sites
             for width in widths
             for h in how
@@ -187,7 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
             "b_dec_init",
             "dead_preact_coeff",
         )
-        for flag in (*flags, "dense_coeff", "dense_density", "auxk_coeff", "spike_factor"):
+        for flag in (*flags, "dense_coeff", "dense_density", "auxk_coeff", "spike_factor", "refit_tokens"):
             if getattr(args, flag) is not None:
                 setattr(config, flag, getattr(args, flag))
         if args.adam_beta1 is not None:

@@ -21,7 +21,7 @@ from gemmascope.sites import capture
 # training recipe's density limit (`train.recipe.DENSE_DENSITY`, a test keeps them equal): latents
 # above it are the ones training pushes down, so below it is where a trained SAE's sparse
 # features live.
-HIDE_DENSE = 0.05
+HIDE_DENSE = 0.095
 
 
 def encode_text(

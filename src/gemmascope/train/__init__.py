@@ -1,6 +1,6 @@
 """Training SAEs with the Gemma Scope recipe (RECIPE.md section 2): the input scaling (activations
 divided by the store's C so that E‖x‖² = 1), the pre-encoder bias, the JumpReLU loss with its
-straight-through pseudo-derivatives, the initialisation, unit-norm decoder rows, the short-run sign
+straight-through pseudo-derivatives, the initialisation, unit-norm decoder rows in training, the short-run sign
 optimiser with schedule-free averaging (or Adam with the lr and sparsity warm-ups, as published), fixed-λ and target-L0 sparsity; training several SAEs (widths, λs, sites) from one
 pass over the activation store; checkpoints and bit-exact resume; the training log (plotted by
 `evals.report`); folding the input scaling into the saved weights; and torchrun data / SAE parallel
@@ -10,6 +10,7 @@ training.
   the loss terms, init, schedules, folding, and the run plan.
 - `loop`: `train_saes`, several SAEs from one stream.
 - `optim`: the sign optimiser with schedule-free averaging, and each SAE's parameter groups.
+- `refit`: the decoder refit that ends training (least squares with the codes fixed).
 - `trainee`: one SAE in training: its optimiser, running counts, spike guard and held-out measurement.
 - `checkpoint`: checkpoints, the run key, the training log.
 - `distributed`: torchrun, data-parallel and SAE-parallel.

@@ -44,10 +44,12 @@ def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
 
 def _spec_key(spec: TrainSpec) -> dict[str, object]:
     """A spec as its run key has it: an SAE's leaves out the transcoder fields (None, False), so
-    checkpoints written before transcoders existed still resume."""
+    checkpoints written before transcoders (and Matryoshka) existed still resume."""
     key = asdict(spec)
     if spec.out_site is None and not spec.skip:
         del key["out_site"], key["skip"]
+    if not spec.matryoshka:
+        del key["matryoshka"]
     return key
 
 

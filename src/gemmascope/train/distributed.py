@@ -145,9 +145,13 @@ class Parallel:
             return terms
 
         def shared(
-            sae: JumpReLUSAE, x: Tensor, bandwidth: float, target: Tensor | None
+            sae: JumpReLUSAE,
+            x: Tensor,
+            bandwidth: float,
+            target: Tensor | None,
+            prefixes: tuple[int, ...] | None,
         ) -> tuple[Tensor, Tensor, Tensor]:
-            recon, l0, fired = terms(sae, x, bandwidth, target)
+            recon, l0, fired = terms(sae, x, bandwidth, target, prefixes)
             return recon, self.shared_mean(l0), fired
 
         return shared

@@ -2,7 +2,8 @@
 store. Each step reads one batch of all the specs' sites at the same token positions and steps every
 SAE on it: the loss (with the recipe's terms for dead and dense latents and AuxK), backward, Adam with
 the decoder-gradient projection and unit-norm rows, and the spike guard; each SAE starts from the run's
-first batch (`recipe.init_from_data`). At the end it names each SAE by its L0 on held-out activations
+first batch (`recipe.init_from_data`). At the end it re-solves each decoder by least squares with the
+codes fixed (`refit`), names each SAE by its L0 on held-out activations
 (when the run has them), folds the input scaling in and saves it.
 
 Knows nothing of the model: it reads activations from `activations.ActivationStore` only. The
@@ -56,11 +57,14 @@ from gemmascope.train.recipe import (
     init_from_data,
     jumprelu_terms,
     lr_at,
+    matryoshka_prefixes,
+    nested_recon,
     remove_parallel_grad,
     run_plan,
     sparsity_coeff_at,
     with_run_defaults,
 )
+from gemmascope.train.refit import refit_decoder
 from gemmascope.train.trainee import (
     Trainee,
     measure_density,
@@ -95,10 +99,11 @@ def _loss(
     spec, sae = t.spec, t.sae
     y = x if target is None else target
     dead = t.since_fired >= dead_window  # [d_sae]
+    prefixes = matryoshka_prefixes(spec.width) if spec.matryoshka else None
     sparsity: Tensor | float
     extra: Tensor | float = 0.0
     if isinstance(sae, JumpReLUSAE):
-        recon, l0, fired = terms(sae, x, cfg.bandwidth, target)
+        recon, l0, fired = terms(sae, x, cfg.bandwidth, target, prefixes)
         if spec.target_l0 is not None:  # Gemma Scope 2: quadratic penalty around L0*
             sparsity = cfg.target_l0_coeff * (l0 / spec.target_l0 - 1).pow(2)
         else:
@@ -122,7 +127,7 @@ def _loss(
         else:
             f = sae.activation(pre_acts)
         x_hat = sae.decode(f) + sae.skip(x)
-        recon = (y - x_hat).pow(2).sum(-1).mean()
+        recon = nested_recon(f, sae.W_dec, y - sae.b_dec - sae.skip(x), prefixes)
         active = f > 0
         l0 = active.sum(-1).float().mean()
         fired = active.any(0)
@@ -220,6 +225,9 @@ def train_saes(
         outputs = []
         for t in trainees:
             with averaged(t.optimizer):  # the sign optimiser's average is the SAE it trained
+                if cfg.refit_tokens:
+                    n = refit_decoder(t, store, cfg, min(tokens, cfg.refit_tokens), progress)
+                    t.sae.cfg.extra["decoder_refit_tokens"] = n
                 outputs.append(
                     _save_finished(
                         t, run_dir, store, tokens, cfg, plan, key, measure_heldout(t, heldout, cfg)
@@ -333,11 +341,11 @@ def _terms_fn(fast: bool) -> TermsFn:
         ) from err
 
     def terms(
-        sae: JumpReLUSAE, x: Tensor, bandwidth: float, target: Tensor | None
+        sae: JumpReLUSAE, x: Tensor, bandwidth: float, target: Tensor | None, prefixes: tuple[int, ...] | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         if target is None:
-            return jumprelu_terms_sparse(sae, x, bandwidth)
-        return jumprelu_terms(sae, x, bandwidth, target)
+            return jumprelu_terms_sparse(sae, x, bandwidth, prefixes)
+        return jumprelu_terms(sae, x, bandwidth, target, prefixes)
 
     return terms
 
@@ -401,6 +409,10 @@ def _save_finished(
     fvu = fin["sq_err"] / max(fin["sq_dev"], 1e-12)
     density = fin["fires"].cpu() / max(fin["tokens"], 1)
     measured_on = f"the last {fin['tokens']} training tokens ({FINAL_FRACTION:.0%} of the run)"
+    if t.sae.cfg.extra.get("decoder_refit_tokens"):
+        measured_on += ", before the decoder refit"
+    if t.spec.matryoshka:
+        measured_on += " (FVU: the mean over the Matryoshka prefixes)"
     if heldout is not None:
         l0, fvu, density = heldout["l0"], heldout["fvu"], heldout["density"]
         measured_on = f"{heldout['tokens']} held-out tokens"
@@ -447,10 +459,13 @@ def _save_finished(
         "adam_eps": ADAM_EPS,
         "seed": cfg.seed,
         "fast": cfg.fast,
+        "matryoshka_prefixes": list(matryoshka_prefixes(t.spec.width)) if t.spec.matryoshka else None,
         "published": {k: list(v) if isinstance(v, tuple) else v for k, v in PUBLISHED.items()},
     }
     folded.cfg.max_norm = cfg.max_norm * t.scale if cfg.max_norm is not None else None  # raw inputs
     kind = t.spec.architecture
+    if t.spec.matryoshka:  # l0_45_matryoshka, l0_45_matryoshka_topk
+        kind = "matryoshka" + ("" if kind == "jumprelu" else f"_{kind}")
     if t.out_site is not None:  # saes/mlp_in/layer_L/width_W/l0_K_transcoder (or _skip_transcoder)
         kind = ("skip_" if t.spec.skip else "") + (
             "transcoder" if kind == "jumprelu" else f"{kind}_transcoder"

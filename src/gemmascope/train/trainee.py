@@ -241,14 +241,14 @@ def training_pair(
 ) -> tuple[Tensor, Tensor | None]:
     """`(x, target)` (already / C) on `device`: the SAE's input `[batch', d_in]` and, for a
     transcoder, what it learns to output (its output site's activations, `[batch', d_in]`; None for
-    an SAE, which reconstructs `x`), with the tokens where either is massive (scaled norm over
-    `max_norm`) left out."""
+    an SAE, which reconstructs `x`), with the tokens whose input is massive (scaled norm over
+    `max_norm`) left out, as every use of the SAE leaves them out. A transcoder's large outputs
+    stay: at layers 0-1 of Gemma 3 270M the MLP writes outputs over 3x the RMS norm on 5-6% of
+    tokens from ordinary inputs, and they carry 60-80% of its output's squared norm."""
     x = batch[t.site].to(device)
     target = None if t.out_site is None else batch[t.out_site].to(device)
     if max_norm is not None:
         keep = x.norm(dim=-1) <= max_norm
-        if target is not None:
-            keep &= target.norm(dim=-1) <= max_norm
-            target = target[keep]
         x = x[keep]
+        target = None if target is None else target[keep]
     return x, target

@@ -36,7 +36,7 @@ async function search() {
   $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
   if (!data.results.length && data.mode === "text" && !$("show-dense").checked) {
     table.append(GS.el("tr", {}, GS.el("td", {colspan: 5, class: "small", id: "dense-hint"},
-      "No feature left after hiding dense ones (firing on more than 5% of tokens). ",
+      "No feature left after hiding dense ones (firing on more than 9.5% of tokens). ",
       GS.el("button", {class: "plain", type: "button", onclick: () => { $("show-dense").checked = true; search(); }}, "show dense features too"))));
   }
   $("results-card").hidden = false;
@@ -66,7 +66,7 @@ async function runContrast() {
       GS.el("td", {class: "small"}, r.explanation || "")));
   }
   $("contrast-note").textContent = (data.results.length ? "" : "No latent fires more on A than on B. ") +
-    (data.hidden_dense ? `${data.hidden_dense} latents denser than 5% were hidden (tick "dense latents too" to see them).` : "");
+    (data.hidden_dense ? `${data.hidden_dense} latents denser than 9.5% were hidden (tick "dense latents too" to see them).` : "");
 }
 
 function onMode() {
