@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemmascope.attribution import attribute, capture_prompt, prune, scores, transcoder_set
+from gemmascope.attribution import attribute, capture_prompt, intervene, prune, scores, transcoder_set
 from gemmascope.attribution.files import graph_json, plot_graph, read_graph, transcoder_digest, write_graph
-from gemmascope.attribution.intervene import measure, predict
+from gemmascope.attribution.intervene import measure, predict, strongest
 from gemmascope.cli import main
 from gemmascope.errors import ConfigError, SiteError, StoreError
 from gemmascope.formats import save_sae
@@ -157,6 +157,37 @@ def test_interventions_predicted_and_measured(
         predict(graph, [(0, 0, 0)])
 
 
+def test_strongest_nodes_are_those_predict_ranks_first(
+    tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
+    nodes = [tuple(int(v) for v in f) for f in graph.features.tolist()]
+    monkeypatch.setattr(intervene, "STRONGEST_BATCH", 7)  # several batches, a short last one
+
+    def effect(node: tuple[int, int, int], against: int | None) -> float:
+        total = predict(graph, [node])["total"]  # the plain reference: one predict per node
+        return float(total[0] - (total[against] if against is not None else 0.0))
+
+    for against in (None, 1):
+        reference = sorted(e for e in (effect(node, against) for node in nodes) if e < 0)
+        picked = strongest(graph, 5, against)
+        assert len(picked) == 5
+        got = [effect(node, against) for node in picked]
+        assert got == pytest.approx(reference[:5], abs=1e-5)  # the five most negative, in order
+    # a candidate list limits the search; nothing predicted to help the answer is returned
+    some = list(range(0, graph.n_features, 3))
+    every = strongest(graph, 1000, None, some)
+    assert set(every) <= {nodes[i] for i in some}
+    assert every and all(effect(node, None) < 0 for node in every)
+    assert len(every) == sum(effect(nodes[i], None) < 0 for i in some)
+    with pytest.raises(ConfigError, match="at least 1"):
+        strongest(graph, 0)
+    with pytest.raises(ConfigError, match="not one of the graph's outputs"):
+        strongest(graph, 3, len(graph.logit_tokens))
+    with pytest.raises(ConfigError, match="distinct feature indices"):
+        strongest(graph, 3, None, [graph.n_features])
+
+
 def test_bad_input(tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at most 64"):
         attribute(tiny_model, transcoders, "word " * 100, progress=False)
@@ -194,3 +225,20 @@ def test_attribute_command(
     assert (run / "graphs" / "cat.png").stat().st_size > 20_000
     assert main(["attribute", str(run), PROMPT, "--ablate", "1/x/2", "--model", "tiny-gemma3"]) == 2
     assert "expected LAYER/POSITION/LATENT" in capsys.readouterr().err
+    # the nodes the graph says hold the answer's lead over the runner-up, switched off
+    rival = graph.logit_tokens[1]
+    args = ["attribute", str(run), PROMPT, "--ablate-top", "3", "--against", rival, "--model", "tiny-gemma3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    picked = strongest(graph, 3, 1, [j for j in range(graph.n_features) if prune(graph).nodes[j]])
+    assert len(picked) == 3
+    assert " ".join(f"{a}/{b}/{c}" for a, b, c in picked) in out
+    assert f"lead of {graph.logit_tokens[0]!r} over {rival!r}: predicted" in out
+    assert main(["attribute", str(run), PROMPT, "--against", rival, "--model", "tiny-gemma3"]) == 2
+    assert "give --ablate-top N too" in capsys.readouterr().err
+    args = ["attribute", str(run), PROMPT, "--ablate-top", "2", "--against", "zzz", "--model", "tiny-gemma3"]
+    assert main(args) == 2
+    assert "'zzz' is not one of the graph's other outputs" in capsys.readouterr().err
+    args = ["attribute", str(run), PROMPT, "--ablate-top", "2", "--value", "3", "--model", "tiny-gemma3"]
+    assert main(args) == 2
+    assert "--value 3 sets --ablate nodes" in capsys.readouterr().err

@@ -254,7 +254,8 @@ def plot_graph(
     nodes squares; edges are lines, blue excitatory and red inhibitory, as wide as their weight.
     For a readable picture it shows the `max_nodes` most influential feature and error nodes (every
     token and logit) and the `max_edges` strongest edges among them; the JSON keeps them all. The
-    most influential features are labelled `L{layer}/{latent}` and their explanation."""
+    12 most influential features are numbered on the plot and named in a key beside it (layer,
+    latent, position and explanation); the title gives the prompt, the top outputs and the scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +275,7 @@ def plot_graph(
         for k, n in enumerate(cell):
             spread = 0.8 / max(len(cell), 1)
             pos_xy[n["node_id"]] = (ctx + (k - (len(cell) - 1) / 2) * spread, y)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tokens)), 9))
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tokens)) + 4.5, 9))
     weights = [abs(link["weight"]) for link in data["links"]] or [1.0]
     top = max(weights)
     for link in sorted(data["links"], key=lambda link: abs(link["weight"])):
@@ -313,12 +314,26 @@ def plot_graph(
                 edgecolor="#7b341e",
                 zorder=3,
             )
-    for n in labelled:
+    key = []  # the labelled features are numbered on the plot and named in a key beside it
+    for number, n in enumerate(labelled, 1):
         x, y = pos_xy[n["node_id"]]
-        label = f"L{n['layer']}/{n['node_id'].split('_')[1]}"
-        if n.get("clerp"):
-            label += f" {n['clerp'][:28]}"
-        ax.annotate(label, (x, y), (5, -10), textcoords="offset points", fontsize=7, color="#7b341e")
+        ax.annotate(
+            str(number), (x, y), (4, 4), textcoords="offset points", fontsize=7, color="#7b341e", zorder=4
+        )
+        line = f"{number}. L{n['layer']}/{n['node_id'].split('_')[1]} at {tokens[n['ctx_idx']]!r}"
+        key.append(line + (f": {n['clerp'][:36]}" if n.get("clerp") else ""))
+    if key:
+        ax.text(
+            1.02,
+            1.0,
+            "Most influential features\n" + "\n".join(key),
+            transform=ax.transAxes,
+            fontsize=7.5,
+            va="top",
+            ha="left",
+            color="#7b341e",
+            linespacing=1.5,
+        )
     ax.set_xticks(range(len(tokens)))
     ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=30, ha="right", fontsize=9)
     ax.set_yticks([-1, *range(n_layers), n_layers + 1])
@@ -331,10 +346,11 @@ def plot_graph(
     said = ", ".join(n["clerp"].removeprefix("Output ") for n in outputs[:3])
     ax.set_title(
         title
-        or f"{meta['prompt']!r} -> {said}\nreplacement {ours.get('replacement_score', float('nan')):.2f}, completeness "
-        f"{ours.get('completeness_score', float('nan')):.2f}; shown: the {len(data['nodes'])} most influential "
-        f"of {ours.get('n_pruned_nodes', '?')} nodes, the {len(data['links'])} strongest edges",
+        or f"{meta['prompt']!r} -> {said}\nreplacement {ours.get('replacement_score', float('nan')):.2f}, "
+        f"completeness {ours.get('completeness_score', float('nan')):.2f}\nshown: the {len(data['nodes'])} "
+        f"most influential of {ours.get('n_pruned_nodes', '?')} nodes, the {len(data['links'])} strongest edges",
         fontsize=10,
+        loc="left",
     )
     ax.grid(axis="y", alpha=0.2)
     path = Path(path)

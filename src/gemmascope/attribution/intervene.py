@@ -1,6 +1,7 @@
 """Interventions on an attribution graph: set chosen feature nodes (a transcoder latent at one
 position) to a value, 0 to switch them off, and compare what the graph predicts for the output
-logits with what the model then does. Owns the prediction (`predict`: through the graph's edges,
+logits with what the model then does. Owns the choice of nodes (`strongest`: those the graph says
+hold the answer up, or its lead over another output), the prediction (`predict`: through the graph's edges,
 every feature downstream following linearly, attention and norms frozen, as the replacement model
 has them) and the measurement (`measure`: the real model with each chosen latent clamped at its
 position, `steer.Intervention`; a transcoder's latent is read from its layer's MLP input and its
@@ -25,6 +26,7 @@ from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, steering
 
 Node = tuple[int, int, int]  # (layer, position, latent)
+STRONGEST_BATCH = 256  # candidates propagated at once by `strongest` ([n_features, 256] floats)
 
 
 def feature_index(graph: Graph, nodes: Sequence[Node]) -> Tensor:
@@ -50,20 +52,71 @@ def predict(graph: Graph, nodes: Sequence[Node], value: float = 0.0) -> dict[str
     Features that are not active on the prompt stay off, and attention and norms stay frozen: where
     those matter, the measured change differs."""
     index = feature_index(graph, nodes)
+    delta = torch.zeros(graph.n_features, 1)
+    delta[index, 0] = value - graph.activations[index]
+    clamped = torch.zeros(graph.n_features, 1, dtype=torch.bool)
+    clamped[index, 0] = True
+    direct, total = _propagate(graph, _unit(graph), delta, clamped)
+    return {"direct": direct[:, 0], "total": total[:, 0]}
+
+
+def _unit(graph: Graph) -> Tensor:
+    """`[N, n_features]`: each edge from a feature per unit of that feature's activation."""
+    return graph.adjacency[:, : graph.n_features] / graph.activations.clamp_min(1e-12)
+
+
+def _propagate(graph: Graph, unit: Tensor, delta: Tensor, clamped: Tensor) -> tuple[Tensor, Tensor]:
+    """`predict` for C interventions at once: `delta [n_features, C]` the set features' changes,
+    `clamped [n_features, C]` which features each sets, `unit` from `_unit`. Returns the direct and
+    total changes of the output logits, `[n_logits, C]` each."""
     n_feat = graph.n_features
-    acts = graph.activations.clamp_min(1e-12)
-    unit = graph.adjacency[:, :n_feat] / acts  # [N, n_feat]: effect per unit of each feature's activation
-    delta = torch.zeros(n_feat)
-    delta[index] = value - graph.activations[index]
-    clamped = torch.zeros(n_feat, dtype=torch.bool)
-    clamped[index] = True
     direct = unit[graph.logit_start :] @ delta
+    delta = delta.clone()
     for layer in range(graph.n_layers):
-        here = (graph.features[:, 0] == layer) & ~clamped
+        here = graph.features[:, 0] == layer
         if here.any():
             # a feature pushed below 0 switches off (JumpReLU): it can lose at most its activation
-            delta[here] = torch.maximum(unit[:n_feat][here] @ delta, -graph.activations[here])
-    return {"direct": direct, "total": unit[graph.logit_start :] @ delta}
+            moved = torch.maximum(unit[:n_feat][here] @ delta, -graph.activations[here, None])
+            delta[here] = torch.where(clamped[here], delta[here], moved)
+    return direct, unit[graph.logit_start :] @ delta
+
+
+def strongest(
+    graph: Graph, n: int, against: int | None = None, candidates: Sequence[int] | None = None
+) -> list[Node]:
+    """The `n` feature nodes whose switching off the graph predicts to lower the answer's (output 0)
+    demeaned logit most, each on its own (`predict`'s total), or, with `against` (an output node's
+    index), the answer's margin over that output: the nodes to switch off to make the model say it
+    instead. `candidates` (feature indices, e.g. the pruned graph's) limits the search; by default
+    every feature is tried. Nodes predicted to help are never returned, so the list can be shorter
+    than `n`."""
+    if n < 1:
+        raise ConfigError(f"the number of nodes to pick, {n}, must be at least 1")
+    if against is not None and not 0 < against < len(graph.logit_tokens):
+        raise ConfigError(
+            f"output {against} to compare the answer with is not one of the graph's outputs 1.."
+            f"{len(graph.logit_tokens) - 1} ({graph.logit_tokens[1:]})"
+        )
+    pool = torch.arange(graph.n_features) if candidates is None else torch.as_tensor(list(candidates))
+    if len(pool) and (
+        int(pool.min()) < 0 or int(pool.max()) >= graph.n_features or len(set(pool.tolist())) < len(pool)
+    ):
+        raise ConfigError(
+            f"candidates must be distinct feature indices 0..{graph.n_features - 1} of the graph of {graph.prompt!r}"
+        )
+    unit = _unit(graph)
+    effects = torch.zeros(len(pool))
+    for start in range(0, len(pool), STRONGEST_BATCH):  # one column per candidate, switched off
+        chunk = pool[start : start + STRONGEST_BATCH]
+        cols = torch.arange(len(chunk))
+        delta = torch.zeros(graph.n_features, len(chunk))
+        delta[chunk, cols] = -graph.activations[chunk]
+        clamped = torch.zeros(graph.n_features, len(chunk), dtype=torch.bool)
+        clamped[chunk, cols] = True
+        total = _propagate(graph, unit, delta, clamped)[1]  # [n_logits, C]
+        effects[start : start + len(chunk)] = total[0] - (total[against] if against is not None else 0.0)
+    ranked = torch.argsort(effects)[:n]
+    return [tuple(int(v) for v in graph.features[pool[i]]) for i in ranked if effects[i] < 0]  # type: ignore[misc]
 
 
 def measure(

@@ -747,6 +747,20 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
         help="switch these feature nodes off (repeat); prints predicted vs measured logit changes",
     )
     p.add_argument(
+        "--ablate-top",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also switch off the N nodes the graph says hold the answer up most (each on its own)",
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="TOKEN",
+        help="with --ablate-top: pick the nodes holding the answer's lead over this output token, "
+        "e.g. ' Kyoto' (one of the graph's outputs)",
+    )
+    p.add_argument(
         "--value", type=float, default=0.0, help="with --ablate: set the nodes to this instead of 0"
     )
     add_model(p, None, "model to run (default: the model named in the transcoders' metadata)")
@@ -772,7 +786,7 @@ def run_attribute(args: argparse.Namespace) -> int:
         transcoder_digest,
         write_graph,
     )
-    from gemmascope.attribution.intervene import measure, predict
+    from gemmascope.attribution.intervene import measure, predict, strongest
     from gemmascope.features import FeatureIndex
     from gemmascope.models import load_model
     from gemmascope.runs import GRAPHS, RUN_JSON
@@ -781,8 +795,16 @@ def run_attribute(args: argparse.Namespace) -> int:
     if not (run_dir / "saes").is_dir():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder with SAEs (expected {run_dir}/saes/)")
     nodes = [_node(s) for s in args.ablate]
+    if args.ablate_top and args.value != 0.0:
+        raise ConfigError(
+            f"--value {args.value:g} sets --ablate nodes; --ablate-top switches its nodes off: drop one of them"
+        )
     if args.value != 0.0 and not nodes:
         raise ConfigError("--value sets the --ablate nodes: give at least one --ablate LAYER/POS/LATENT")
+    if args.ablate_top < 0:
+        raise ConfigError(f"--ablate-top {args.ablate_top}: expected a number of nodes, 1 or more")
+    if args.against is not None and not args.ablate_top:
+        raise ConfigError(f"--against {args.against!r} picks the --ablate-top nodes: give --ablate-top N too")
     for name in ("node_threshold", "edge_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 0 and 1")
@@ -842,6 +864,26 @@ def run_attribute(args: argparse.Namespace) -> int:
             f"{explanations.get((layer, latent), '')}"
         )
     print(f"graph: {out} (circuit-tracer / Neuronpedia JSON), {png}")
+    if args.ablate_top:
+        against = None
+        if args.against is not None:
+            if args.against not in graph.logit_tokens[1:]:
+                raise ConfigError(
+                    f"--against {args.against!r} is not one of the graph's other outputs: "
+                    f"{graph.logit_tokens[1:]}"
+                )
+            against = graph.logit_tokens.index(args.against, 1)
+        kept = [j for j in range(graph.n_features) if pruned.nodes[j]]
+        picked = [n for n in strongest(graph, args.ablate_top, against, kept) if n not in nodes]
+        lead = f"its lead over {args.against!r}" if args.against is not None else "its logit"
+        if picked:
+            print(
+                f"the {len(picked)} nodes (besides --ablate) the graph says hold up {graph.logit_tokens[0]!r} "
+                f"({lead}) most: " + " ".join(f"{a}/{b}/{c}" for a, b, c in picked)
+            )
+        else:
+            print(f"no node of the pruned graph holds up {graph.logit_tokens[0]!r} ({lead}) on its own")
+        nodes += picked
     if nodes:
         predicted = predict(graph, nodes, args.value)
         measured = measure(model, transcoders, graph, nodes, args.value)
@@ -856,6 +898,13 @@ def run_attribute(args: argparse.Namespace) -> int:
                 f"  {token!r:<14} {float(predicted['total'][k]):>9.3f} {float(predicted['direct'][k]):>9.3f} "
                 f"{float(measured['delta'][k]):>9.3f} {float(measured['clean_probs'][k]):>9.3f} "
                 f"{float(measured['changed_probs'][k]):>8.3f}"
+            )
+        if args.ablate_top and args.against is not None:
+            k = graph.logit_tokens.index(args.against, 1)
+            pm = float(predicted["total"][0] - predicted["total"][k])
+            mm = float(measured["delta"][0] - measured["delta"][k])
+            print(
+                f"  lead of {graph.logit_tokens[0]!r} over {args.against!r}: predicted {pm:.3f}, measured {mm:.3f}"
             )
         print(f"  the model now says {measured['top_token']!r} (p={measured['top_prob']:.2f})")
     return 0
