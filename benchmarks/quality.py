@@ -49,11 +49,11 @@ def ints(text: str) -> list[int]:
     return [int(float(part)) for part in text.split(",") if part]
 
 
-def sparsify_tokens(store: ActivationStore, site: str, tokens: int) -> torch.Tensor:
-    """`[tokens, d_in]` raw activations in the order our trainer reads them (seed 0, batch 4,096),
+def sparsify_tokens(store: ActivationStore, site: str, tokens: int, seed: int = 0) -> torch.Tensor:
+    """`[tokens, d_in]` raw activations in the order our trainer reads them (`seed`, batch 4,096),
     epochs repeated as needed: sparsify sees exactly our training tokens."""
     per_epoch = int(store.manifest(site)["n_tokens_non_special"])
-    batches = store.batches([site], 4096, seed=0, epochs=math.ceil(tokens / per_epoch) + 1)
+    batches = store.batches([site], 4096, seed=seed, epochs=math.ceil(tokens / per_epoch) + 1)
     parts, n = [], 0
     for batch in batches:
         parts.append(batch[parse_site(site)])
@@ -67,7 +67,7 @@ ARCHS = ("jumprelu", "matryoshka", "topk", "batchtopk")
 
 
 def train_ours(
-    run_dir: Path, site: str, budget: int, width: int, l0: int, archs: list[str]
+    run_dir: Path, site: str, budget: int, width: int, l0: int, archs: list[str], seed: int = 0
 ) -> dict[str, tuple[SAE, float]]:
     """Our architectures (`archs`), each in its own pass (so each has its own wall time)."""
     specs = {
@@ -81,18 +81,18 @@ def train_ours(
         if arch not in archs:
             continue
         started = time.monotonic()
-        name = f"quality_{budget}_{site}_{arch}"
-        [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name))
+        name = f"quality_{budget}_{site}_{arch}" + (f"_seed{seed}" if seed else "")
+        [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name, seed=seed))
         out[label] = (load_sae(folder), time.monotonic() - started)
     return out
 
 
 def train_theirs(
-    store: ActivationStore, site: str, budget: int, width: int, l0: int
+    store: ActivationStore, site: str, budget: int, width: int, l0: int, seed: int = 0
 ) -> tuple[SAE, float, dict]:
-    x = sparsify_tokens(store, site, budget)
+    x = sparsify_tokens(store, site, budget, seed)
     started = time.monotonic()
-    state, info = train_sparsify_topk(x, l0, width, overrides={"auxk_alpha": 1 / 32})
+    state, info = train_sparsify_topk(x, l0, width, seed=seed, overrides={"auxk_alpha": 1 / 32})
     wall = time.monotonic() - started
     sae = TopKSAE(SAEConfig("topk", x.shape[1], width, k=l0, site=site, hook_name=parse_site(site).hook_name))
     sae.load_state_dict(state)
@@ -153,6 +153,9 @@ def main() -> None:
     parser.add_argument("--l0", type=int, default=45)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="training seed of every SAE (ours and sparsify) and token order"
+    )
     parser.add_argument("--out", default="quality")
     parser.add_argument(
         "--keep-rows", action="store_true", help="keep the rows of RESULTS/OUT.json this run does not redo"
@@ -171,8 +174,8 @@ def main() -> None:
     extra: dict[str, Any] = {}
     for budget in budgets:
         for site in sites:
-            trained = train_ours(run_dir, site, budget, args.width, args.l0, args.archs.split(","))
-            theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0)
+            trained = train_ours(run_dir, site, budget, args.width, args.l0, args.archs.split(","), args.seed)
+            theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0, args.seed)
             trained["sparsify topk"] = (theirs, wall)
             extra[f"sparsify {site} {budget}"] = info
             results = evaluate(
@@ -181,7 +184,14 @@ def main() -> None:
             for label, result in zip(trained, results, strict=True):
                 s = summary(result)
                 rows.append(
-                    {"site": site, "budget": budget, "sae": label, "train_seconds": trained[label][1], **s}
+                    {
+                        "site": site,
+                        "budget": budget,
+                        "sae": label,
+                        "seed": args.seed,
+                        "train_seconds": trained[label][1],
+                        **s,
+                    }
                 )
                 print(json.dumps({k: rows[-1][k] for k in ("site", "budget", "sae", *COLUMNS)}), flush=True)
     RESULTS.mkdir(exist_ok=True)
@@ -194,9 +204,13 @@ def main() -> None:
     }
     previous = RESULTS / f"{args.out}.json"
     if args.keep_rows and previous.exists():  # other budgets or sites measured before, kept beside
-        new = {(r["site"], r["budget"], r["sae"]) for r in rows}
+
+        def key(r: dict[str, Any]) -> tuple[str, int, str, int]:
+            return r["site"], r["budget"], r["sae"], r.get("seed", 0)
+
+        new = {key(r) for r in rows}
         old = json.loads(previous.read_text())
-        rows[:0] = [r for r in old["rows"] if (r["site"], r["budget"], r["sae"]) not in new]
+        rows[:0] = [r for r in old["rows"] if key(r) not in new]
         out["earlier_commands"] = [*old.get("earlier_commands", []), old["command"]]
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1, default=str))
     plot(rows, RESULTS / f"{args.out}.png")
