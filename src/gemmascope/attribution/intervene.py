@@ -116,7 +116,8 @@ def strongest(
         total = _propagate(graph, unit, delta, clamped)[1]  # [n_logits, C]
         effects[start : start + len(chunk)] = total[0] - (total[against] if against is not None else 0.0)
     ranked = torch.argsort(effects)[:n]
-    return [tuple(int(v) for v in graph.features[pool[i]]) for i in ranked if effects[i] < 0]  # type: ignore[misc]
+    picked = graph.features[pool[ranked[effects[ranked] < 0]]].tolist()
+    return [(layer, pos, latent) for layer, pos, latent in picked]
 
 
 def measure(
