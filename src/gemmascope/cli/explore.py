@@ -864,8 +864,8 @@ def run_attribute(args: argparse.Namespace) -> int:
             f"{explanations.get((layer, latent), '')}"
         )
     print(f"graph: {out} (circuit-tracer / Neuronpedia JSON), {png}")
+    against = None  # the output index of --against
     if args.ablate_top:
-        against = None
         if args.against is not None:
             if args.against not in graph.logit_tokens[1:]:
                 raise ConfigError(
@@ -899,10 +899,9 @@ def run_attribute(args: argparse.Namespace) -> int:
                 f"{float(measured['delta'][k]):>9.3f} {float(measured['clean_probs'][k]):>9.3f} "
                 f"{float(measured['changed_probs'][k]):>8.3f}"
             )
-        if args.ablate_top and args.against is not None:
-            k = graph.logit_tokens.index(args.against, 1)
-            pm = float(predicted["total"][0] - predicted["total"][k])
-            mm = float(measured["delta"][0] - measured["delta"][k])
+        if against is not None:
+            pm = float(predicted["total"][0] - predicted["total"][against])
+            mm = float(measured["delta"][0] - measured["delta"][against])
             print(
                 f"  lead of {graph.logit_tokens[0]!r} over {args.against!r}: predicted {pm:.3f}, measured {mm:.3f}"
             )
