@@ -68,13 +68,19 @@ THRESHOLD_FLOOR = 1e-6
 # never longer than the published step counts.
 SHORT_RUN: dict[str, Any] = {
     # The optimiser (train/optim.py; measured in BENCHMARKS.md, "Training quality against sparsify"):
-    # sign descent with schedule-free averaging, W_enc and W_dec at lr 1e-2 (eai-sparsify's rate at
-    # width 4,096), thresholds at a tenth of it, b_enc and b_dec fixed at 0 and the data mean. At
-    # resid_post.6, 300k tokens: FVU 0.064, ΔLM loss 0.6x, 3% dead, no latent over 50%, where Adam
-    # (below) with learned biases gives FVU 0.080, 88% dead and 35 always-on latents.
+    # sign descent with schedule-free averaging, thresholds at a tenth of the weights' lr, b_enc and
+    # b_dec fixed at 0 and the data mean. At resid_post.6, 300k tokens: FVU 0.064, ΔLM loss 0.6x, 3%
+    # dead, no latent over 50%, where Adam (below) with learned biases gives FVU 0.080, 88% dead and
+    # 35 always-on latents. lr 3.5e-3 and the STE bandwidth 3e-3 (published: 1e-3) were chosen with
+    # the decoder refit and the density limit in place (held-out FVU, same 300k tokens, BENCHMARKS.md
+    # "lr and bandwidth"): lr 1e-2 (eai-sparsify's rate at width 4,096, the default before) 0.0728;
+    # 5e-3 0.0707; 3.5e-3 0.0702; 2.5e-3 0.0717; with bandwidth 3e-3: 5e-3 0.0703, 3.5e-3 0.0690
+    # (and 7% of L0 on latents over 10%, against 14%), 2.5e-3 0.0710; bandwidth 1e-2 and 3e-2 at lr
+    # 1e-2: 0.0723 and 0.0731, and slower (the sparse step's window holds more pre-activations).
     "optimizer": "signum",
-    "lr_signum": 1e-2,
+    "lr_signum": 3.5e-3,
     "threshold_lr_ratio": 0.1,
+    "bandwidth": 3e-3,
     # Adam ("--optimizer adam"): with b_dec started at the data mean, thresholds started at the
     # target firing rate and beta1 = 0.9, lr 2e-3 at batch 1,024 trains without spikes; runs longer
     # than `long_run_steps` take `lr_long`. (lr 1e-3: FVU 0.088; 2e-3: 0.083; 4e-3: 0.082, 300k tokens.)
@@ -229,7 +235,7 @@ class TrainConfig:
     lr_decay_steps: int | None = None  # linear decay of lr to 0 over the last steps (None: 20% of them)
     l0_warmup_steps: int | None = None
     adam_betas: tuple[float, float] = SHORT_RUN["adam_betas"]  # published: (0.0, 0.999)
-    bandwidth: float = BANDWIDTH
+    bandwidth: float = SHORT_RUN["bandwidth"]  # published: BANDWIDTH (1e-3)
     b_dec_init: str = "mean"  # "mean": the data mean of the first batch; "zero": as published
     threshold_init: float | None = None  # None: θ at each latent's target firing rate; a number: that θ
     target_l0_coeff: float = TARGET_L0_COEFF
