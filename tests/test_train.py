@@ -277,7 +277,7 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert extra["steps"] == 64 and extra["batch_size"] == 128
         # the averaged sign optimiser runs without a schedule; thresholds start at the target rate,
         # so the sparsity needs no warm-up either
-        assert extra["optimizer"] == "signum" and extra["lr"] == 1e-2
+        assert extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN["lr_signum"] == 3.5e-3
         assert (
             extra["lr_warmup_steps"] == 0 and extra["lr_decay_steps"] == 0 and extra["l0_warmup_steps"] == 0
         )
@@ -619,4 +619,5 @@ def test_real_gemma_saes_take_raw_activations(real_model: LanguageModel, tmp_pat
     with torch.no_grad():
         fvu = float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.6
-    assert fvu == pytest.approx(sae.cfg.extra["fvu"], rel=0.3)
+    # the recorded FVU is of the last training steps, before the decoder refit, which only lowers it
+    assert 0.3 * sae.cfg.extra["fvu"] < fvu < 1.3 * sae.cfg.extra["fvu"]

@@ -20,6 +20,7 @@ from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig, build_sae
 from gemmascope.sites import capture, parse_site
 from gemmascope.train import TrainConfig, TrainSpec, fold_scaling, train_saes
+from gemmascope.train.recipe import SHORT_RUN, with_spec_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IN, OUT = "mlp_in.1", "mlp_out.1"
@@ -84,6 +85,18 @@ def test_saelens_config_names_the_transcoder(tmp_path: Path) -> None:
     assert again.cfg.out_site == OUT and again.cfg.affine_skip and again.W_skip is not None
 
 
+def test_transcoder_lr_default_yields_to_the_run_and_the_spec() -> None:
+    tc, sae = TrainSpec(IN, 64, target_l0=8, out_site=OUT), TrainSpec("resid_post.1", 32, target_l0=6)
+    assert [s.lr for s in with_spec_defaults([tc, sae], TrainConfig())] == [
+        SHORT_RUN["lr_signum_transcoder"],
+        None,
+    ]
+    assert [s.lr for s in with_spec_defaults([tc, sae], TrainConfig(lr=1e-3))] == [None, None]  # the run's lr
+    own = TrainSpec(IN, 64, target_l0=8, out_site=OUT, lr=2e-3)
+    assert with_spec_defaults([own], TrainConfig())[0].lr == 2e-3
+    assert with_spec_defaults([tc], TrainConfig(optimizer="adam"))[0].lr is None  # Adam: SHORT_RUN's lr
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool) -> None:
     specs = [
@@ -97,6 +110,13 @@ def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool)
     assert outputs[0].parent.parent.parent.name == "mlp_in"
     assert tc.cfg.out_site == OUT and tc.cfg.site == IN and not sae.is_transcoder
     assert tc.cfg.extra["out_scale"] == pytest.approx(ActivationStore(run_dir).scale(OUT))
+    # a transcoder takes its own default lr under the sign optimiser, an SAE of the same run the SAEs'
+    assert (
+        tc.cfg.extra["lr"]
+        == SHORT_RUN["lr_signum_transcoder"]
+        != SHORT_RUN["lr_signum"]
+        == sae.cfg.extra["lr"]
+    )
     # on raw activations the saved transcoder predicts the MLP output: FVU well under 1
     store = ActivationStore(run_dir)
     batch = next(iter(store.batches([IN, OUT], 2048, seed=1)))

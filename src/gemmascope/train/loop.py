@@ -63,6 +63,7 @@ from gemmascope.train.recipe import (
     run_plan,
     sparsity_coeff_at,
     with_run_defaults,
+    with_spec_defaults,
 )
 from gemmascope.train.refit import refit_decoder
 from gemmascope.train.trainee import (
@@ -186,7 +187,7 @@ def train_saes(
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
     store = ActivationStore(run_dir)
-    specs = [checked_spec(spec, store) for spec in specs]
+    specs = with_spec_defaults([checked_spec(spec, store) for spec in specs], cfg)
     plan = run_plan(store, specs, tokens, cfg)
     cfg = with_run_defaults(cfg, plan["steps"])
     par = Parallel.start(cfg, specs, store)  # one process unless torchrun started several

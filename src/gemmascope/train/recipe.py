@@ -79,6 +79,9 @@ SHORT_RUN: dict[str, Any] = {
     # 1e-2: 0.0723 and 0.0731, and slower (the sparse step's window holds more pre-activations).
     "optimizer": "signum",
     "lr_signum": 3.5e-3,
+    # A transcoder keeps 1e-2: at mlp_in.6 -> mlp_out.6 (skip, 200k tokens, held-out FVU of the MLP
+    # output) lr 1e-2 gives 0.168 at L0 40 where 3.5e-3 gives 0.197 at L0 42 (bandwidth 3e-3 both).
+    "lr_signum_transcoder": 1e-2,
     "threshold_lr_ratio": 0.1,
     "bandwidth": 3e-3,
     # Adam ("--optimizer adam"): with b_dec started at the data mean, thresholds started at the
@@ -634,6 +637,19 @@ def run_plan(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: T
         "dead_window_tokens": dead_window,
         "final_steps": max(1, round(FINAL_FRACTION * steps)),
     }
+
+
+def with_spec_defaults(specs: list[TrainSpec], cfg: TrainConfig) -> list[TrainSpec]:
+    """The specs with what depends on their kind set, unless the spec or the run gives it: a
+    transcoder's learning rate under the sign optimiser (`lr_signum_transcoder`, not `lr_signum`)."""
+    if cfg.optimizer != "signum" or cfg.lr is not None:
+        return specs
+    return [
+        dataclasses.replace(spec, lr=SHORT_RUN["lr_signum_transcoder"])
+        if spec.out_site is not None and spec.lr is None
+        else spec
+        for spec in specs
+    ]
 
 
 def with_run_defaults(cfg: TrainConfig, steps: int) -> TrainConfig:
