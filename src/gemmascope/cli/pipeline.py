@@ -80,7 +80,10 @@ def args_train(p: argparse.ArgumentParser) -> None:
         help="signum (default: sign descent, schedule-free averaging, biases fixed) or adam (published)",
     )
     p.add_argument(
-        "--lr", type=float, default=None, help="default: 3.5e-3 (signum), 2e-3 (adam; published 7e-5)"
+        "--lr",
+        type=float,
+        default=None,
+        help="default: 3.5e-3 (signum; transcoders 1e-2), 2e-3 (adam; published 7e-5)",
     )
     p.add_argument(
         "--lr-warmup-steps", type=int, default=None, help="default: none (signum), 5%% of the steps (adam)"
