@@ -242,7 +242,18 @@ def test_a_topk_suite_takes_its_target_l0_as_k_through_the_command_line(
     is k; an architecture that takes no target L0 (relu) is refused before anything is written."""
     run_dir = tmp_path / "run"
     argv = ["suite", str(run_dir), "--model", "tiny-gemma3", "--sites", "resid_post", "--layers", "1"]
-    argv += ["--widths", "32", "--l0", "6", "--tokens", "2048", "--eval-tokens", "1200", "--index-tokens", "1024"]
+    argv += [
+        "--widths",
+        "32",
+        "--l0",
+        "6",
+        "--tokens",
+        "2048",
+        "--eval-tokens",
+        "1200",
+        "--index-tokens",
+        "1024",
+    ]
     assert main([*argv, "--arch", "topk"]) == 0
     [folder] = [p for p in (run_dir / "saes").glob("**/l0_*") if p.is_dir()]
     sae = load_sae(folder)
