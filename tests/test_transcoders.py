@@ -20,7 +20,8 @@ from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig, build_sae
 from gemmascope.sites import capture, parse_site
 from gemmascope.train import TrainConfig, TrainSpec, fold_scaling, train_saes
-from gemmascope.train.recipe import SHORT_RUN, with_spec_defaults
+from gemmascope.train.config import resolve
+from gemmascope.train.recipe import SHORT_RUN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IN, OUT = "mlp_in.1", "mlp_out.1"
@@ -85,16 +86,17 @@ def test_saelens_config_names_the_transcoder(tmp_path: Path) -> None:
     assert again.cfg.out_site == OUT and again.cfg.affine_skip and again.W_skip is not None
 
 
-def test_transcoder_lr_default_yields_to_the_run_and_the_spec() -> None:
+def test_transcoder_lr_default_yields_to_the_run_and_the_spec(run_dir: Path) -> None:
+    store = ActivationStore(run_dir)
     tc, sae = TrainSpec(IN, 64, target_l0=8, out_site=OUT), TrainSpec("resid_post.1", 32, target_l0=6)
-    assert [s.lr for s in with_spec_defaults([tc, sae], TrainConfig())] == [
-        SHORT_RUN["lr_signum_transcoder"],
-        None,
-    ]
-    assert [s.lr for s in with_spec_defaults([tc, sae], TrainConfig(lr=1e-3))] == [None, None]  # the run's lr
-    own = TrainSpec(IN, 64, target_l0=8, out_site=OUT, lr=2e-3)
-    assert with_spec_defaults([own], TrainConfig())[0].lr == 2e-3
-    assert with_spec_defaults([tc], TrainConfig(optimizer="adam"))[0].lr is None  # Adam: SHORT_RUN's lr
+
+    def lrs(specs: list[TrainSpec], cfg: TrainConfig) -> list[float | None]:
+        return [s.lr for s in resolve(store, specs, 1024, cfg).specs]
+
+    assert lrs([tc, sae], TrainConfig()) == [SHORT_RUN.lr_signum_transcoder, SHORT_RUN.lr_signum]
+    assert lrs([tc, sae], TrainConfig(lr=1e-3)) == [1e-3, 1e-3]  # the run's lr
+    assert lrs([TrainSpec(IN, 64, target_l0=8, out_site=OUT, lr=2e-3)], TrainConfig()) == [2e-3]
+    assert lrs([tc], TrainConfig(optimizer="adam")) == [SHORT_RUN.lr]  # Adam: the run's lr
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -111,12 +113,7 @@ def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool)
     assert tc.cfg.out_site == OUT and tc.cfg.site == IN and not sae.is_transcoder
     assert tc.cfg.extra["out_scale"] == pytest.approx(ActivationStore(run_dir).scale(OUT))
     # a transcoder takes its own default lr under the sign optimiser, an SAE of the same run the SAEs'
-    assert (
-        tc.cfg.extra["lr"]
-        == SHORT_RUN["lr_signum_transcoder"]
-        != SHORT_RUN["lr_signum"]
-        == sae.cfg.extra["lr"]
-    )
+    assert tc.cfg.extra["lr"] == SHORT_RUN.lr_signum_transcoder != SHORT_RUN.lr_signum == sae.cfg.extra["lr"]
     # on raw activations the saved transcoder predicts the MLP output: FVU well under 1
     store = ActivationStore(run_dir)
     batch = next(iter(store.batches([IN, OUT], 2048, seed=1)))
@@ -303,7 +300,7 @@ def test_saelens_skip_layout_is_d_out_by_d_in(tmp_path: Path) -> None:
 
 def test_the_skip_connection_starts_as_the_ridge_regression() -> None:
     """`fit_skip` recovers an exact linear map (up to the ridge's slight shrinkage) and its offset."""
-    from gemmascope.train.recipe import fit_skip
+    from gemmascope.train.init import fit_skip
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 8, generator=g) + 3.0

@@ -69,14 +69,15 @@ def check_name(name: str, what: str = "--name") -> str:
     return name
 
 
-def sae_dir(run_dir: Path | str, site: object, width: int, l0: float, architecture: str = "jumprelu") -> Path:
-    """`run_dir/saes/KIND/layer_L/width_W/l0_K`, K the measured L0 rounded, as Gemma Scope names its
-    SAEs; baselines get their architecture as a suffix (`l0_52_topk`) so they never share a folder."""
+def sae_dir(run_dir: Path | str, site: object, width: int, l0: float, kind: str = "") -> Path:
+    """`run_dir/saes/SITE_KIND/layer_L/width_W/l0_K`, K the measured L0 rounded, as Gemma Scope names
+    its SAEs; `kind` (`train.TrainSpec.folder_kind`: the architecture's tag, Matryoshka, transcoder)
+    follows as a suffix (`l0_52_topk`, `l0_52_skip_transcoder`) so such SAEs never share a folder."""
     from gemmascope.sites import parse_site
 
     parsed = parse_site(site)  # type: ignore[arg-type]
-    name = f"l0_{round(l0)}" + ("" if architecture == "jumprelu" else f"_{architecture}")
-    return Path(run_dir) / SAES / parsed.folder / f"width_{width}" / check_name(name, "architecture")
+    name = f"l0_{round(l0)}" + (f"_{kind}" if kind else "")
+    return Path(run_dir) / SAES / parsed.folder / f"width_{width}" / check_name(name, "SAE kind")
 
 
 def sae_id(folder: Path | str) -> str:

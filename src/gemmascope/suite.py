@@ -34,6 +34,7 @@ from gemmascope.runs import (
     lock,
     write_atomic,
 )
+from gemmascope.sae import architecture
 from gemmascope.sites import SITE_KINDS, Site, parse_site
 
 # Gemma Scope 2 names its SAEs by L0 band: small 10-20, medium 30-60, big 90-150 (RECIPE 2,
@@ -101,6 +102,7 @@ class SuitePlan:
                 raise ConfigError(f"{name} {value} must be at least 1")
         if self.finetune_tokens < 0:
             raise ConfigError(f"finetune_tokens {self.finetune_tokens} must be >= 0 (0: no fine-tune)")
+        _layer_specs(self, 0)  # its architecture exists and takes these sparsities
 
 
 def parse_l0s(spec: str) -> list[float]:
@@ -400,11 +402,13 @@ def _layer_specs(plan: SuitePlan, layer: int) -> list[Any]:
     from gemmascope.sites import transcoder_sites
     from gemmascope.train import TrainSpec
 
+    arch = architecture(plan.architecture)  # a target L0 is TopK's k (`Architecture.sparsity`)
+    knobs = [arch.sparsity(target_l0=t) for t in plan.target_l0s] + [
+        arch.sparsity(l0_coeff=c) for c in plan.l0_coeffs
+    ]
+
     def sparsities(site: str, width: int, **how: Any) -> list[TrainSpec]:
-        arch = plan.architecture
-        return [TrainSpec(site, width, arch, target_l0=t, **how) for t in plan.target_l0s] + [
-            TrainSpec(site, width, arch, l0_coeff=c, **how) for c in plan.l0_coeffs
-        ]
+        return [TrainSpec(site, width, plan.architecture, **knob, **how) for knob in knobs]
 
     specs = []
     for kind in plan.kinds:
@@ -433,7 +437,9 @@ def _replacement_set(run_dir: Path, folders: Sequence[Path], model: LanguageMode
 def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str) -> list[Path]:
     from gemmascope.train import TrainConfig, train_saes
 
-    config = TrainConfig(name=name, seed=plan.seed, fast=plan.fast and plan.architecture == "jumprelu")
+    config = TrainConfig(
+        name=name, seed=plan.seed, fast=plan.fast and architecture(plan.architecture).fast_step
+    )
     if plan.batch_size is not None:
         config.batch_size = plan.batch_size
     # restart: an unfinished checkpoint of this layer under another spec list (killed, then --extend)

@@ -21,7 +21,7 @@ import torch
 from gemmascope.activations import ActivationStore
 from gemmascope.errors import StoreError
 from gemmascope.runs import CFG_FILE, save_atomic, write_atomic
-from gemmascope.train.recipe import TrainConfig, TrainSpec
+from gemmascope.train.config import TrainConfig, TrainSpec
 
 
 def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: TrainConfig) -> str:
