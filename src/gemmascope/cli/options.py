@@ -1,11 +1,12 @@
 """Option groups shared by the `gemmascope` subcommands (run folder, model, corpus and tokens, SAE
-selection) and the one parser of comma lists. Parsing only: every check of a value's meaning lives
+selection, dense latents), the one parser of comma lists and the one reader of prompt files. Parsing only: every check of a value's meaning lives
 in the pipeline module that uses it."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from gemmascope.corpus import DEFAULT_CORPUS
@@ -89,3 +90,27 @@ def add_sae_choice(p: argparse.ArgumentParser) -> None:
 def add_serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+
+
+def add_dense(p: argparse.ArgumentParser, what: str = "features") -> None:
+    """--dense SHARE and --show-dense: which latents are hidden as dense (`features.HIDE_DENSE`)."""
+    from gemmascope.features.encode import HIDE_DENSE
+
+    p.add_argument(
+        "--dense",
+        type=float,
+        default=HIDE_DENSE,
+        help=f"hide {what} firing on more than this share ({HIDE_DENSE})",
+    )
+    p.add_argument("--show-dense", action="store_true", help=f"do not hide dense {what}")
+
+
+def prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
+    """`texts` and the non-empty lines of the UTF-8 file at `path` (named by `flag` in errors)."""
+    if path is None:
+        return texts
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text: {err.__class__.__name__}") from err
+    return texts + [line for line in lines if line.strip()]
