@@ -215,7 +215,8 @@ def test_attribute_command(
     for layer, tc in enumerate(transcoders):
         save_sae(tc, run / "saes" / "mlp_in" / f"layer_{layer}" / "width_64" / "l0_5_skip_transcoder")
     graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
-    node = "/".join(str(v) for v in graph.features[-1].tolist())
+    layer, pos, latent = graph.features[-1].tolist()
+    node = f"{layer}_{latent}_{pos}"  # as the graph JSON names it, the one node id
     code = main(["attribute", str(run), PROMPT, "--slug", "cat", "--ablate", node, "--model", "tiny-gemma3"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -223,8 +224,8 @@ def test_attribute_command(
     data = json.loads((run / "graphs" / "cat.json").read_text())
     assert data["metadata"]["gemmascope"]["transcoder_digest"] == transcoder_digest(transcoders)
     assert (run / "graphs" / "cat.png").stat().st_size > 20_000
-    assert main(["attribute", str(run), PROMPT, "--ablate", "1/x/2", "--model", "tiny-gemma3"]) == 2
-    assert "expected LAYER/POSITION/LATENT" in capsys.readouterr().err
+    assert main(["attribute", str(run), PROMPT, "--ablate", "1_x_2", "--model", "tiny-gemma3"]) == 2
+    assert "expected LAYER_LATENT_POSITION" in capsys.readouterr().err
     # the nodes the graph says hold the answer's lead over the runner-up, switched off
     rival = graph.logit_tokens[1]
     args = ["attribute", str(run), PROMPT, "--ablate-top", "3", "--against", rival, "--model", "tiny-gemma3"]
@@ -232,7 +233,7 @@ def test_attribute_command(
     out = capsys.readouterr().out
     picked = strongest(graph, 3, 1, [j for j in range(graph.n_features) if prune(graph).nodes[j]])
     assert len(picked) == 3
-    assert " ".join(f"{a}/{b}/{c}" for a, b, c in picked) in out
+    assert " ".join(f"{layer}_{latent}_{pos}" for layer, pos, latent in picked) in out
     assert f"lead of {graph.logit_tokens[0]!r} over {rival!r}: predicted" in out
     assert main(["attribute", str(run), PROMPT, "--against", rival, "--model", "tiny-gemma3"]) == 2
     assert "give --ablate-top N too" in capsys.readouterr().err

@@ -69,14 +69,18 @@ def random_jumprelu(d_in: int = 8, d_sae: int = 16, seed: int = 0) -> JumpReLUSA
 
 def test_the_pages_hide_as_dense_what_training_pushes_down() -> None:
     """Latents hidden as dense (microscope, search, contrast, bias, documents) are those above the
-    recipe's density limit, and the pages' labels say that share."""
+    recipe's density limit, and the pages' labels say that share: read from the API (`GET /v1/saes`
+    `limits.dense`), never typed into the pages."""
     from gemmascope.features import HIDE_DENSE
     from gemmascope.server.pages import STATIC
+    from gemmascope.server.saes import limits
     from gemmascope.train.recipe import DENSE_DENSITY
 
-    assert HIDE_DENSE == DENSE_DENSITY
-    for page in ("index.html", "search.html", "search.js"):
-        assert f"{HIDE_DENSE * 100:g}%" in (Path(STATIC) / page).read_text(), page
+    assert HIDE_DENSE == DENSE_DENSITY == limits()["dense"]
+    for page in ("index.html", "search.html"):
+        assert 'data-limit="dense"' in (Path(STATIC) / page).read_text(), page
+    for page in ("index.html", "search.html", "search.js", "microscope.js", "common.js"):
+        assert f"{HIDE_DENSE * 100:g}%" not in (Path(STATIC) / page).read_text(), page
 
 
 def test_init_from_data_starts_b_dec_at_the_mean_and_l0_at_its_target() -> None:

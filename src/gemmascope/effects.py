@@ -21,14 +21,12 @@ from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError
 from gemmascope.evals import CleanDistribution, NextTokenStats, eval_token_ids
 from gemmascope.features.prompt import HIDE_DENSE
+from gemmascope.limits import MAX_MEASURE_PROMPTS, MAX_SWEEP, MAX_WATCH, MIN_SIDE_EFFECT_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, check_intervention, generate_pair, steering
 
-MAX_PROMPTS = 64
-MAX_WATCH = 16
 DEFAULT_SIDE_EFFECT_TOKENS = 2048  # held-out tokens the cost is measured on
-MIN_SIDE_EFFECT_TOKENS = 128
 MIN_BIAS = 0.01  # a gap difference below this (one point of probability) leaves nothing to remove
 
 
@@ -51,8 +49,8 @@ def watch_ids(model: LanguageModel, watch: Sequence[str]) -> list[int]:
 
 
 def _check_prompts(prompts: Sequence[str]) -> None:
-    if not prompts or len(prompts) > MAX_PROMPTS:
-        raise ConfigError(f"give 1..{MAX_PROMPTS} prompts to measure on, got {len(prompts)}")
+    if not prompts or len(prompts) > MAX_MEASURE_PROMPTS:
+        raise ConfigError(f"give 1..{MAX_MEASURE_PROMPTS} prompts to measure on, got {len(prompts)}")
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise ConfigError(f"prompt {empty[0] + 1} of the set is empty: expected text")
@@ -175,8 +173,8 @@ def sweep(
     """`measure` at each strength (`at_strength(s)` gives the interventions), with a greedy
     completion of `completion_prompt` (default the first prompt) per strength: one row per
     strength with the watched tokens' mean probabilities, ΔLM loss, KL and the completion."""
-    if not strengths or len(strengths) > 16:
-        raise ConfigError(f"a sweep takes 1..16 strengths, got {len(strengths)}")
+    if not strengths or len(strengths) > MAX_SWEEP:
+        raise ConfigError(f"a sweep takes 1..{MAX_SWEEP} strengths, got {len(strengths)}")
     rows = []
     for s in strengths:
         interventions = at_strength(float(s))
@@ -299,3 +297,32 @@ def bias_experiment(
         if k >= len(picked):
             break
     return {"watch": list(watch), "pool": pool, "picked": picked, "rows": rows}
+
+
+def measure_and_sweep(
+    model: LanguageModel,
+    interventions: Sequence[Intervention],
+    prompts: Sequence[str],
+    watch: Sequence[str],
+    *,
+    strengths: Sequence[float] | None = None,
+    side_effect_tokens: int | None = DEFAULT_SIDE_EFFECT_TOKENS,
+    sweep_side_effect_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    max_new_tokens: int = 24,
+) -> dict[str, Any]:
+    """`measure`, and with `strengths` a `sweep` of them under "sweep" (each strength given to every
+    add or clamp intervention; ablations stay as they are): what `gemmascope steer --watch … --sweep`
+    and `POST /v1/steer/measure` run. A sweep always reports its cost: on `side_effect_tokens`
+    held-out tokens, or `sweep_side_effect_tokens` when the cost is not measured otherwise (None)."""
+    from dataclasses import replace
+
+    if strengths is not None and all(iv.mode == "ablate" for iv in interventions):
+        raise ConfigError("a sweep varies the strength of add or clamp features; these are all ablations")
+    out = measure(model, interventions, prompts, watch, side_effect_tokens=side_effect_tokens)
+    if strengths is not None:
+        out["sweep"] = sweep(
+            model, lambda s: [iv if iv.mode == "ablate" else replace(iv, value=s) for iv in interventions],
+            strengths, prompts, watch, side_effect_tokens=side_effect_tokens or sweep_side_effect_tokens,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    return out

@@ -1,8 +1,8 @@
 """Option groups shared by the `gemmascope` subcommands (run folder, model, corpus and tokens, SAE
-selection), the one parser of comma lists, and flags generated from a settings dataclass's fields
-(`add_fields`: name, type, choices, default and help from the field, as sparsify's config classes
-double as its CLI). Parsing only: every check of a value's meaning lives in the pipeline module that
-uses it."""
+selection, dense latents), the one parser of comma lists, the one reader of prompt files, and flags
+generated from a settings dataclass's fields (`add_fields`: name, type, choices, default and help from
+the field, as sparsify's config classes double as its CLI). Parsing only: every check of a value's
+meaning lives in the pipeline module that uses it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import types
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
 from gemmascope.corpus import DEFAULT_CORPUS
@@ -183,3 +184,27 @@ def _parser(kind: Any) -> Callable[[str], Any]:
     if kind in (int, float, str):
         return kind  # type: ignore[no-any-return]
     raise TypeError(f"no command-line type for a field of type {kind!r}")
+
+
+def add_dense(p: argparse.ArgumentParser, what: str = "features") -> None:
+    """--dense SHARE and --show-dense: which latents are hidden as dense (`features.HIDE_DENSE`)."""
+    from gemmascope.features.encode import HIDE_DENSE
+
+    p.add_argument(
+        "--dense",
+        type=float,
+        default=HIDE_DENSE,
+        help=f"hide {what} firing on more than this share ({HIDE_DENSE})",
+    )
+    p.add_argument("--show-dense", action="store_true", help=f"do not hide dense {what}")
+
+
+def prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
+    """`texts` and the non-empty lines of the UTF-8 file at `path` (named by `flag` in errors)."""
+    if path is None:
+        return texts
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text: {err.__class__.__name__}") from err
+    return texts + [line for line in lines if line.strip()]
