@@ -141,6 +141,21 @@ def test_finetune_folder_writes_beside_and_never_replaces(tiny_model: LanguageMo
         ft.finetune_folder(tiny_model, folder, tokens=256, context_len=32, progress=False)
 
 
+def test_a_checkpoint_resumes_only_the_same_fine_tune(tiny_model: LanguageModel, tmp_path: Path) -> None:
+    from gemmascope.errors import StoreError
+
+    sae, where = _sae(tiny_model), tmp_path / "checkpoints"
+    job = {"tokens": 4 * 15, "context_len": 16, "batch_rows": 2, "checkpoint_every": 1, "progress": False}
+    first, info = ft.finetune(tiny_model, sae, checkpoints=where, lr=3e-3, **job)  # type: ignore[arg-type]
+    assert info["steps"] == 2 and (where / "state.pt").exists()  # not finished: finetune_folder does that
+    again, info = ft.finetune(tiny_model, sae, checkpoints=where, lr=3e-3, **job)  # type: ignore[arg-type]
+    assert info["steps"] == 2 and torch.equal(again.W_enc, first.W_enc)  # resumed after its last step
+    with pytest.raises(StoreError, match=r"lr: 0.003 -> 0.001"):
+        ft.finetune(tiny_model, sae, checkpoints=where, lr=1e-3, **job)  # type: ignore[arg-type]
+    other, _ = ft.finetune(tiny_model, sae, checkpoints=where, lr=1e-3, restart=True, **job)  # type: ignore[arg-type]
+    assert not torch.equal(other.W_enc, first.W_enc)
+
+
 # A fine-tune run by a subprocess we kill and, resumed and uninterrupted, in this process.
 JOB = {"tokens": 24 * 2 * 15, "context_len": 16, "batch_rows": 2, "lr": 3e-3, "checkpoint_every": 3}
 FINETUNE_SCRIPT = """

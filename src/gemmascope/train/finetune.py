@@ -240,7 +240,7 @@ def run_key(model: LanguageModel, sae: SAE, s: FinetuneSettings) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     settings = {k: v for k, v in s.__dict__.items() if k != "checkpoint_every"}
-    return json.dumps({"model": model.name, "sae": digest.hexdigest(), "settings": settings}, sort_keys=True)
+    return json.dumps({"model": model.name, "sae": digest.hexdigest(), "config": settings}, sort_keys=True)
 
 
 def finetune_folder(
