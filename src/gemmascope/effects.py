@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError
-from gemmascope.evals import CleanDistribution, NextTokenStats, eval_token_ids
+from gemmascope.evals import NextTokenStats, edited_batches, eval_token_ids
 from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.limits import MAX_MEASURE_PROMPTS, MAX_SWEEP, MAX_WATCH, MIN_SIDE_EFFECT_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
@@ -73,34 +72,31 @@ def _next_probs(
 
 @torch.no_grad()
 def side_effects(
-    model: LanguageModel, interventions: Sequence[Intervention], n_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    model: LanguageModel,
+    interventions: Sequence[Intervention],
+    n_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
     context_len: int = 128,
-) -> dict[str, float]:  # fmt: skip
-    """The cost of the interventions on about `n_tokens` held-out tokens: LM loss without and with
-    them, their difference (ΔLM loss) and KL(clean ‖ intervened), per predicted token."""
+    batch_rows: int = 4,
+) -> dict[str, float]:
+    """The cost of the interventions on about `n_tokens` held-out tokens (`evals.edited_batches`,
+    `batch_rows` rows a pass): LM loss without and with them, their difference (ΔLM loss) and
+    KL(clean ‖ intervened), per predicted token. Every prediction between text tokens counts: a
+    steer edits every position, massive ones too (`steer.steering`), so none is left out for it."""
     if n_tokens < MIN_SIDE_EFFECT_TOKENS:
         raise ConfigError(
             f"side effects need at least {MIN_SIDE_EFFECT_TOKENS} held-out tokens, got {n_tokens}"
         )
     token_ids = eval_token_ids(model, n_tokens, context_len=context_len)
-    special = special_mask(token_ids, model.special_token_ids)
-    clean_stats, steered_stats = NextTokenStats(), NextTokenStats()
-    for start in range(0, token_ids.shape[0], 4):
-        ids = token_ids[start : start + 4].to(model.device)
-        keep = ~special[start : start + 4].to(model.device)
-        predict = keep[:, :-1] & keep[:, 1:]
-        targets = ids[:, 1:][predict]
-        clean = CleanDistribution(model.hf(input_ids=ids, use_cache=False).logits[:, :-1][predict])
-        clean_stats.update(*clean.compare(clean.logits, targets))
-        with steering(model, interventions):
-            steered = model.hf(input_ids=ids, use_cache=False).logits[:, :-1][predict]
-        steered_stats.update(*clean.compare(steered, targets))
+    clean, steered = NextTokenStats(), NextTokenStats()
+    for batch in edited_batches(model, token_ids, (), batch_rows, min_tokens=1):
+        clean.update(*batch.unedited)
+        steered.update(*batch.under(steering(model, interventions)))
     return {
-        "lm_loss": clean_stats.ce,
-        "lm_loss_intervened": steered_stats.ce,
-        "delta_lm_loss": steered_stats.ce - clean_stats.ce,
-        "kl": steered_stats.kl,
-        "n_predictions": clean_stats.n,
+        "lm_loss": clean.ce,
+        "lm_loss_intervened": steered.ce,
+        "delta_lm_loss": steered.ce - clean.ce,
+        "kl": steered.kl,
+        "n_predictions": clean.n,
     }
 
 
@@ -206,6 +202,40 @@ def _gap(
     return float((probs[:, ids[0]] - probs[:, ids[1]]).mean())
 
 
+def _separating_latents(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
+    top: int,
+    pool: str,
+    densities: Mapping[str, Tensor] | None,
+    hide_dense: float | None,
+) -> list[dict[str, Any]]:
+    """The `top` latents of `features.contrast.contrast` that separate A from B in either direction,
+    by effect size, each with "side" (the set it fires more on) and A's numbers under `_a`; a
+    ConfigError when none does."""
+    from gemmascope.features.contrast import contrast
+
+    def hits(a: Sequence[str], b: Sequence[str]) -> list[dict[str, Any]]:
+        found = contrast(model, saes, a, b, pool=pool, top=top, densities=densities, hide_dense=hide_dense)
+        return list(found["results"])
+
+    found = [{**hit, "side": "A"} for hit in hits(prompts_a, prompts_b)]
+    for hit in hits(prompts_b, prompts_a):  # firing more on B: the same columns, A's numbers under _a
+        swapped = {
+            "mean_a": hit["mean_b"],
+            "mean_b": hit["mean_a"],
+            "fired_a": hit["fired_b"],
+            "fired_b": hit["fired_a"],
+        }
+        found.append({**hit, **swapped, "side": "B"})
+    picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
+    if not picked:
+        raise ConfigError("no latent separates the two prompt sets: nothing to ablate")
+    return picked
+
+
 def bias_experiment(
     model: LanguageModel,
     saes: Mapping[str, SAE],
@@ -235,8 +265,6 @@ def bias_experiment(
     with "side": the set a latent fires more on], "rows": [{"n_latents",
     "gap_a", "gap_b", "bias", "bias_removed", "delta_lm_loss", "kl"}]}`, the first row (k = 0)
     being the model as it is."""
-    from gemmascope.features.contrast import contrast
-
     if len(watch) != 2 or watch[0] == watch[1]:
         raise ConfigError(
             f"a bias experiment watches two different tokens (e.g. ' she', ' he'), got {list(watch)}"
@@ -254,25 +282,7 @@ def bias_experiment(
         )
     ids = watch_ids(model, watch)
     top = max(ablate)
-    found = [
-        {**hit, "side": "A"}
-        for hit in contrast(
-            model, saes, prompts_a, prompts_b, pool=pool, top=top, densities=densities, hide_dense=hide_dense
-        )["results"]
-    ]
-    for hit in contrast(
-        model, saes, prompts_b, prompts_a, pool=pool, top=top, densities=densities, hide_dense=hide_dense
-    )["results"]:  # firing more on B: the same columns, A's numbers under _a
-        swapped = {
-            "mean_a": hit["mean_b"],
-            "mean_b": hit["mean_a"],
-            "fired_a": hit["fired_b"],
-            "fired_b": hit["fired_a"],
-        }
-        found.append({**hit, **swapped, "side": "B"})
-    picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
-    if not picked:
-        raise ConfigError("no latent separates the two prompt sets: nothing to ablate")
+    picked = _separating_latents(model, saes, prompts_a, prompts_b, top, pool, densities, hide_dense)
     rows = []
     clean_bias = None
     for k in (0, *sorted(set(ablate))):

@@ -67,7 +67,7 @@ class SuitePlan:
     transcoders: list[str] = field(default_factory=list)  # some of TRANSCODER_KINDS
     tokens: int = 200_000
     train_tokens: int | None = None  # None: `tokens`
-    finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (finetune.py)
+    finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (train/)
     eval_tokens: int = 8_192
     index_tokens: int = 16_384
     context_len: int = 128
@@ -448,14 +448,14 @@ def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str
 
 
 def _finetuned(model: LanguageModel, folder: Path, plan: SuitePlan, say: Callable[[str], None]) -> Path:
-    """The SAE of `folder` fine-tuned end to end (`finetune.finetune_folder`), beside it; one a killed
-    run already wrote (saved atomically, so complete) is reused."""
-    from gemmascope.finetune import FINETUNED_SUFFIX, finetune_folder
+    """The SAE or transcoder of `folder` fine-tuned end to end (`train.finetune.finetune_folder`) beside
+    it; one a killed run already wrote (saved atomically) is reused, a killed fine-tune resumes."""
+    from gemmascope.train.finetune import FINETUNED_SUFFIX, finetune_folder
 
     done = folder.with_name(folder.name + FINETUNED_SUFFIX)
     if done.exists():
         return done
-    out, info = finetune_folder(model, folder, tokens=plan.finetune_tokens, corpus=plan.corpus)
+    out, info = finetune_folder(model, folder, tokens=plan.finetune_tokens, corpus=plan.corpus, restart=True)
     say(f"fine-tuned {folder.name} on {info['tokens']} tokens in {info['seconds']:.0f} s")
     return out
 

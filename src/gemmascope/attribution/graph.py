@@ -12,9 +12,13 @@ error node per (layer, position), then one token node per position, then the log
 (its pre-activation without b_enc), a logit target with its demeaned unembedding row (logit minus
 the mean logit, after the frozen final norm); a source writes its activation times its decoder row,
 its error vector or its (scaled) token embedding. Features and errors at the first position (BOS)
-are left out. One difference, on purpose: circuit-tracer's nnsight backend writes the token
-embedding without Gemma's √d_model scale, so its token edges are √d_model times too small
-(BENCHMARKS.md, "Attribution graphs"); here they are the embedding's real effect.
+are left out. Two differences, on purpose. A transcoder has no feature where its input is massive
+(Gemma 3's massive activations, `replacement.massive_positions`, the rule evals and the index
+follow); its error node there is the MLP's whole output, left exact (circuit-tracer has no such
+rule: `benchmarks/attribute.py` compares the two on transcoders without a norm limit). And
+circuit-tracer's nnsight backend writes the token embedding without Gemma's √d_model scale, so its
+token edges are √d_model times too small (BENCHMARKS.md, "Attribution graphs"); here they are the
+embedding's real effect.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt
+from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt, massive_positions
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.limits import MAX_GRAPH_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens
-from gemmascope.sae import SAE
+from gemmascope.sae import SAE, encode_inputs
 
 # Feature nodes a graph keeps by default (the most influential): its N x N float32 adjacency is then
 # at most ~0.3 GB and pruning holds a few of them. All active features of a 64-token prompt at L0 45
@@ -273,17 +277,21 @@ def _components(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The active features `[n_active, 3]` (layer, position, latent; sorted), their activations
     `[n_active]`, and each layer's error vectors `[n, d]` (the MLP output minus the transcoder's
-    prediction, skip connection and b_dec included), zero before `first_position`."""
+    prediction, skip connection and b_dec included), zero before `first_position`. At a position
+    where a transcoder's input is massive (`replacement.massive_positions`) it has no active feature
+    (`sae.encode_inputs`) and its error is the whole MLP output (the model's own, left exact)."""
     active, values, errors = [], [], []
+    massive = massive_positions(transcoders, prompt)
     with torch.no_grad():
         for layer, tc in enumerate(transcoders):
-            x = prompt.mlp_in[layer].to(tc.W_enc.dtype)
-            f = tc.encode(x).float().cpu()  # [n, d_sae]
+            x = prompt.mlp_in[layer]
+            f = encode_inputs(tc, x).float().cpu()  # [n, d_sae], zero at massive inputs
             f[:first_position] = 0
             pos, latent = torch.nonzero(f, as_tuple=True)
             active.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1))
             values.append(f[pos, latent])
-            error = prompt.mlp_out[layer] - tc(x).float().cpu()
+            error = prompt.mlp_out[layer] - tc(x.to(tc.W_enc.dtype)).float().cpu()
+            error[massive[layer]] = prompt.mlp_out[layer][massive[layer]]
             error[:first_position] = 0
             errors.append(error)
     return torch.cat(active), torch.cat(values), errors

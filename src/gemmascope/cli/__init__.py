@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "harvest": ("capture activations at sites into a run folder", pipeline.args_harvest),
     "train": ("train SAEs on a run folder's activations with the Gemma Scope recipe", pipeline.args_train),
     "finetune": (
-        "fine-tune a trained SAE end to end with the model (Gemma Scope 2's MSE + KL loss)",
+        "fine-tune a trained SAE or transcoder end to end with the model (Gemma Scope 2's MSE + KL loss), resumably",
         pipeline.args_finetune,
     ),
     "eval": ("measure SAEs: L0, FVU, delta LM loss, CE recovered, KL, density, probing", measure.args_eval),

@@ -333,35 +333,48 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def args_finetune(p: argparse.ArgumentParser) -> None:
-    from gemmascope.finetune import BETA, LR
+    from gemmascope.train.finetune import BETA, LR, TOKENS
 
-    p.add_argument("sae_dir", help="a trained SAE folder")
+    p.add_argument("sae_dir", help="a trained SAE or transcoder folder")
     add_model(p, None, "model to fine-tune with (default: the one the SAE's cfg names)")
-    p.add_argument("--tokens", type=int, default=16_384, help="training tokens (default 16384)")
+    p.add_argument("--tokens", type=int, default=TOKENS, help=f"training tokens (default {TOKENS})")
     p.add_argument("--lr", type=float, default=LR, help=f"Adam lr of the weights (default {LR:g})")
     p.add_argument("--beta", type=float, default=BETA, help=f"weight of the KL term (default {BETA:g})")
     p.add_argument(
         "--eval-tokens", type=int, default=4096, help="held-out tokens to measure before/after (0: skip)"
     )
     p.add_argument("--out", default=None, help="folder to write (default: SAE_DIR_finetuned beside it)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an unfinished fine-tune of this SAE with other settings (a killed one of the "
+        "same settings resumes without it)",
+    )
     p.set_defaults(run=run_finetune)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from gemmascope.evals import evaluate, summary
-    from gemmascope.finetune import finetune_folder
+    from gemmascope.evals import MIN_EVAL_TOKENS, evaluate, summary
     from gemmascope.formats import load_sae
     from gemmascope.models import load_model
+    from gemmascope.train.finetune import check_settings, finetune_folder, finetuned_path
 
+    # every argument checked before anything is loaded
     folder = Path(args.sae_dir)
     if not folder.is_dir():
         raise ConfigError(f"SAE_DIR {args.sae_dir!r} is not a folder: give a trained SAE folder")
-    if args.eval_tokens < 0:
-        raise ConfigError(f"--eval-tokens {args.eval_tokens} must be >= 0")
+    if args.eval_tokens != 0 and args.eval_tokens < MIN_EVAL_TOKENS:
+        raise ConfigError(f"--eval-tokens {args.eval_tokens} must be 0 (skip) or at least {MIN_EVAL_TOKENS}")
+    settings = {"tokens": args.tokens, "lr": args.lr, "beta": args.beta}
+    try:
+        check_settings(**settings)
+    except ConfigError as err:
+        raise ConfigError(f"--{err}") from None
+    finetuned_path(folder, args.out)
     sae = load_sae(folder)
     model = load_model(args.model or sae.cfg.model_name)
     with lock(run_of(folder) or folder.parent, "finetune"):
-        out, info = finetune_folder(model, folder, args.out, tokens=args.tokens, lr=args.lr, beta=args.beta)
+        out, info = finetune_folder(model, folder, args.out, restart=args.restart, **settings)
     print(f"fine-tuned {info['steps']} steps on {info['tokens']} tokens in {info['seconds']:.0f} s: {out}")
     if args.eval_tokens:
         results = evaluate(model, {"before": sae, "after": load_sae(out)}, n_tokens=args.eval_tokens)
