@@ -1,0 +1,99 @@
+"""The house rules the code keeps (STYLE.md): no module over 500 lines, no function over 80, and no cycle
+among the imports a module makes when it is loaded (imports inside a function are the way to defer one)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gemmascope"
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, ast.Module]:
+    """Every module of the package by dotted name (a package by its own name)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        out[name] = ast.parse(path.read_text(), filename=str(path))
+    return out
+
+
+def _load_time_imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The package modules `name` imports while it loads: its top-level statements, not function bodies,
+    and not imports under `if TYPE_CHECKING:`."""
+    deps: set[str] = set()
+    package = (
+        name
+        if (PACKAGE.parent / Path(*name.split(".")) / "__init__.py").exists()
+        else name.rpartition(".")[0]
+    )
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    deps.add(sub if sub in known else base)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, block, []) or [])
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return {d for d in deps if d in known and d != name}
+
+
+def test_no_module_over_500_lines_and_no_function_over_80() -> None:
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(PACKAGE)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, "over the house limits:\n" + "\n".join(too_long)
+
+
+def test_no_import_cycle_at_load_time() -> None:
+    trees = _modules()
+    known = set(trees)
+    graph = {name: _load_time_imports(name, tree, known) for name, tree in trees.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                walk(dep)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name)
+    assert not cycles, "import cycles at load time:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_module_says_what_it_owns() -> None:
+    missing = [name for name, tree in _modules().items() if not ast.get_docstring(tree)]
+    assert not missing, f"modules without a docstring at the top: {missing}"
