@@ -31,6 +31,8 @@ from gemmascope.runs import (
     EVAL_FILE,
     SPARSITY_FILE,
     WEIGHTS_FILE,
+    disk_errors,
+    held_by_writer,
     is_sae_folder,
     save_atomic,
     tmp_path,
@@ -82,15 +84,12 @@ def save_sae(
             raise FormatError(f"log10_density has shape {tuple(density.shape)}, expected ({sae.d_sae},)")
     tmp = tmp_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with held_by_writer(folder), disk_errors(folder, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         tmp.mkdir(parents=True)
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CFG_FILE).write_text(json.dumps(_saelens_cfg(sae), indent=2) + "\n")
         if density is not None:
             save_file({"sparsity": density}, str(tmp / SPARSITY_FILE), metadata={"format": "pt"})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if folder.exists():  # overwrite: move the old one aside so the new one appears in one rename
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -139,14 +138,54 @@ def convert(
     Nothing existing is replaced without `overwrite`, never a folder that is not an SAE, never `src`."""
     if to not in CONVERT_FORMATS:
         raise FormatError(f"unknown format {to!r}: expected one of {', '.join(CONVERT_FORMATS)}")
-    if Path(src).resolve() == Path(dest).resolve():
-        raise FormatError(f"destination {str(dest)!r} is the source itself; choose another destination")
+    _check_apart(Path(src), Path(dest), to)
     sae = load_sae(src)
     if to == "native":
         density = load_log10_density(src) if Path(src).is_dir() else None
         return sae, save_sae(sae, dest, log10_density=density, overwrite=overwrite)
     save = save_params_npz if to == "npz" else save_params_safetensors
     return sae, save(sae, dest, overwrite=overwrite)
+
+
+def _check_apart(src: Path, dest: Path, to: str) -> None:
+    """Refuse a destination whose files would be, hold or lie inside the source's (its folder, or its
+    file and the config.json beside it): converting never replaces any part of the source."""
+    outputs = {"native": [dest], "npz": [_file_path(dest, NPZ_FILE)]}.get(to)
+    if outputs is None:
+        outputs = [_file_path(dest, GS2_FILE), _file_path(dest, GS2_FILE).with_name(GS2_CONFIG)]
+    sources = [src] if src.is_dir() else [src, src.with_name(GS2_CONFIG)]
+    for out in (o.resolve() for o in outputs):
+        for part in (s.resolve() for s in sources):
+            if out == part:
+                raise FormatError(
+                    f"destination {str(dest)!r} is the source itself; choose another destination"
+                )
+            if out.is_relative_to(part) or part.is_relative_to(out):
+                raise FormatError(
+                    f"destination {str(dest)!r} would write {str(out)!r}, part of the source {str(src)!r}; "
+                    "choose a destination outside the source"
+                )
+
+
+def _check_config_beside(path: Path, overwrite: bool) -> None:
+    """The `config.json` an export writes beside its file: a new one, or with `overwrite` one an SAE
+    export wrote (never another file of that name, such as a model folder's)."""
+    config = path.with_name(GS2_CONFIG)
+    if not config.exists():
+        return
+    if not overwrite:
+        raise FormatError(
+            f"{str(config)!r} already exists beside it; refusing to overwrite it (pass --overwrite)"
+        )
+    try:
+        ours = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        ours = None
+    if not (isinstance(ours, dict) and {"width", "hf_hook_point_in"} <= set(ours)):
+        raise FormatError(
+            f"{str(config)!r} beside it is not an SAE's config.json (a model's?); refusing to replace it: "
+            "export into a new folder"
+        )
 
 
 def save_params_npz(sae: SAE, path: Path | str, *, overwrite: bool = False) -> Path:
@@ -170,6 +209,7 @@ def save_params_safetensors(sae: SAE, path: Path | str, *, overwrite: bool = Fal
     params = _gemma_scope_params(sae, "params.safetensors")
     path = _file_path(path, GS2_FILE)
     _check_new_file(path, overwrite)
+    _check_config_beside(path, overwrite)
     names = {"W_skip": GS2_SKIP}
     tensors = {names.get(k, k.lower()): v for k, v in params.items()}
     save_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
@@ -207,8 +247,7 @@ def _file_path(path: Path | str, default_name: str) -> Path:
     path = Path(path)
     if path.is_dir() or path.suffix != Path(default_name).suffix:
         path = path / default_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return path  # its folder is made by the atomic write
 
 
 def _gemma_scope_params(sae: SAE, fmt: str) -> dict[str, Tensor]:
