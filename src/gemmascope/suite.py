@@ -12,9 +12,10 @@ Calls only the public functions of the pipeline modules; knows nothing of their 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,16 @@ from gemmascope.runs import (
     FEATURES_DB,
     HELDOUT,
     MANIFEST,
+    REPLACEMENT_JSON,
     REPORT,
     RUN_JSON,
     SUITE_JSON,
     lock,
+    read_json,
     write_atomic,
 )
 from gemmascope.sites import SITE_KINDS, Site, parse_site
+from gemmascope.values import check_fields
 
 # Gemma Scope 2 names its SAEs by L0 band: small 10-20, medium 30-60, big 90-150 (RECIPE 2,
 # "L0 control"). A name asks for the middle of its band as the target L0.
@@ -43,7 +47,6 @@ SUITE_KINDS = tuple(k for k in SITE_KINDS if k != "mlp_in")  # a suite's default
 # Gemma Scope 2's transcoders (mlp_in.L -> mlp_out.L): without ("plain") and with ("skip") the affine
 # skip connection.
 TRANSCODER_KINDS = ("plain", "skip")
-REPLACEMENT_JSON = "replacement.json"  # in report/: the replacement model's loss
 
 
 @dataclass
@@ -78,8 +81,12 @@ class SuitePlan:
     keep_activations: bool = True
 
     def check(self) -> None:
+        """Every value of the plan of its type and in range (numbers finite), before anything is
+        written or run; the model-dependent checks follow in `run_suite`."""
         from gemmascope.activations import dtype_name
+        from gemmascope.evals.core import MIN_EVAL_TOKENS
 
+        check_fields(self, "suite plan")
         bad = [k for k in self.kinds if k not in SITE_KINDS]
         if bad or not (self.kinds or self.transcoders):
             raise ConfigError(
@@ -96,11 +103,16 @@ class SuitePlan:
             raise ConfigError(f"widths {self.widths} must be positive integers")
         if not self.target_l0s and not self.l0_coeffs:
             raise ConfigError("give target L0s (e.g. small,medium,big or numbers) or lambdas (--l0-coeffs)")
-        for name, value in (("tokens", self.tokens), ("eval_tokens", self.eval_tokens)):
-            if value < 1:
-                raise ConfigError(f"{name} {value} must be at least 1")
-        if self.finetune_tokens < 0:
-            raise ConfigError(f"finetune_tokens {self.finetune_tokens} must be >= 0 (0: no fine-tune)")
+        if any(t <= 0 for t in self.target_l0s) or any(c < 0 for c in self.l0_coeffs):
+            raise ConfigError(f"target L0s {self.target_l0s} must be > 0 and lambdas {self.l0_coeffs} >= 0")
+        least = {"tokens": 1, "train_tokens": 1, "finetune_tokens": 0, "eval_tokens": MIN_EVAL_TOKENS,
+                 "index_tokens": 1, "context_len": 2, "seed": 0, "batch_size": 1}  # fmt: skip
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} {value} must be at least {low}")
+        if any(layer < 0 for layer in self.layers or []):
+            raise ConfigError(f"layers {self.layers} must be >= 0")
 
 
 def parse_l0s(spec: str) -> list[float]:
@@ -117,8 +129,8 @@ def parse_l0s(spec: str) -> list[float]:
                 raise ConfigError(
                     f"unknown L0 target {part!r}: expected {', '.join(L0_BANDS)} or a number"
                 ) from None
-            if value <= 0:
-                raise ConfigError(f"L0 target {part!r} must be positive")
+            if not 0 < value < math.inf:
+                raise ConfigError(f"L0 target {part!r} must be a positive number")
             out.append(value)
     return out
 
@@ -148,21 +160,6 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int] | None:
 # State of a run folder
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object file of the run folder; a StoreError naming it when it is damaged."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise StoreError(
-            f"{what} {str(path)!r} is unreadable or damaged ({err}); restore or delete it"
-        ) from None
-    if not isinstance(data, dict):
-        raise StoreError(
-            f"{what} {str(path)!r} is damaged: expected a JSON object, found {type(data).__name__}"
-        )
-    return data
-
-
 class _State:
     """`suite.json`: the finished stages and what each covered (sites, SAEs, settings), written
     atomically after each. A stage is done only for the work it recorded, never by name alone."""
@@ -170,17 +167,27 @@ class _State:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / SUITE_JSON
         self.data: dict[str, Any] = (
-            _read_json(self.path, "suite state") if self.path.exists() else {"done": {}}
+            read_json(self.path, "suite state") if self.path.exists() else {"done": {}}
         )
         if not isinstance(self.data.get("done"), dict):
             raise StoreError(f"suite state {str(self.path)!r} is damaged: it lacks its 'done' object")
 
-    def get(self, stage: str, key: Any = None) -> Any:
-        """What a finished stage recorded, when it was finished with this `key`; None otherwise."""
+    def get(self, stage: str, key: Any = None, kind: type = object) -> Any:
+        """What a finished stage recorded, when it was finished with this `key`; None otherwise. A
+        value not of `kind` (a list: of names) is a damaged file, named, never a crash later."""
         entry = self.data["done"].get(stage)
         if not isinstance(entry, dict) or "value" not in entry or entry.get("key") != key:
             return None
-        return entry["value"]
+        value = entry["value"]
+        if not isinstance(value, kind) or (
+            isinstance(value, list) and kind is list and not all(isinstance(v, str) for v in value)
+        ):
+            raise StoreError(
+                f"suite state {str(self.path)!r} is damaged: stage {stage!r} records {str(value)[:60]!r}, "
+                f"expected a {kind.__name__}{' of names' if kind is list else ''}; restore or delete it "
+                "(its stages then run again, reusing finished work)"
+            )
+        return value
 
     def finish(self, stage: str, value: Any, key: Any = None) -> None:
         self.data["done"][stage] = {"key": key, "value": value}
@@ -203,7 +210,7 @@ def reconcile_plan(run_dir: Path | str, plan: SuitePlan, extend: bool = False) -
     path = run_dir / RUN_JSON
     if not path.exists():
         return plan
-    old = _read_json(path, "run description")
+    old = _recorded_plan(path)
     asked = asdict(plan)
     for key in _IDENTITY:
         if old.get(key) != asked[key]:
@@ -232,6 +239,36 @@ def reconcile_plan(run_dir: Path | str, plan: SuitePlan, extend: bool = False) -
         else:
             merged[key] = old[key] + [v for v in asked[key] if v not in old[key]]
     return SuitePlan(**merged)
+
+
+def _recorded_plan(path: Path) -> dict[str, Any]:
+    """The plan run.json records, checked as a new one is: a value no plan can have (NaN, a wrong
+    type, a width of 0) is a damaged file, named, never "another plan" the folder is stuck with."""
+    old = read_json(path, "run description")
+    names = {f.name for f in fields(SuitePlan)}
+    try:
+        SuitePlan(**{k: v for k, v in old.items() if k in names}).check()
+    except (ConfigError, TypeError) as err:
+        raise StoreError(
+            f"run description {str(path)!r} is damaged ({err}); delete it and re-run to record this "
+            "command's plan (finished stages are kept)"
+        ) from None
+    return old
+
+
+def _check_eval_set(model: LanguageModel, plan: SuitePlan) -> None:
+    """Enough held-out tokens to evaluate on, found before anything is harvested (the evaluation
+    itself would only find out after training)."""
+    from gemmascope.corpus import special_mask
+    from gemmascope.evals.core import MIN_EVAL_TOKENS, eval_token_ids
+
+    rows = eval_token_ids(model, plan.eval_tokens, plan.corpus, context_len=plan.context_len)
+    n_eval = int((~special_mask(rows, model.special_token_ids)).sum())
+    if n_eval < MIN_EVAL_TOKENS:
+        raise ConfigError(
+            f"eval_tokens {plan.eval_tokens} gives {n_eval} held-out tokens besides BOS/EOS; the evaluation "
+            f"needs at least {MIN_EVAL_TOKENS}: ask for more (--eval-tokens)"
+        )
 
 
 def _write_run_json(run_dir: Path, plan: SuitePlan) -> None:
@@ -265,13 +302,14 @@ def run_suite(
     run_dir = Path(run_dir)
     plan.check()
     with lock(run_dir, "suite"):
-        plan = reconcile_plan(run_dir, plan, extend)
+        asked, plan = plan, reconcile_plan(run_dir, plan, extend)
         state = _State(run_dir)
         model = model or load_model(plan.model)
         layers = plan.layers if plan.layers is not None else list(range(model.n_layers))
-        for layer in layers:
+        for layer in [*(asked.layers or []), *layers]:  # the asked ones too: --extend would absorb them
             if not 0 <= layer < model.n_layers:
                 raise ConfigError(f"layer {layer} is out of range: valid layers are 0..{model.n_layers - 1}")
+        _check_eval_set(model, plan)
         _write_run_json(run_dir, plan)  # only a plan that passed every check is recorded
         try:
             folders = _run_stages(run_dir, plan, model, layers, state, max_minutes, say)
@@ -281,8 +319,8 @@ def run_suite(
                 "re-run the same command to continue"
             )
             return {"complete": False, "stopped_before": str(stop)}
-        results = [_read_json(f / EVAL_FILE, "eval result") for f in folders]
-        report = state.get("report", _rel(run_dir, folders))
+        results = [read_json(f / EVAL_FILE, "eval result") for f in folders]
+        report = state.get("report", _rel(run_dir, folders), str)
         return {"complete": True, "saes": folders, "results": results, "report": run_dir / report}
 
 
@@ -314,7 +352,7 @@ def _run_stages(
 
     sites = [Site(kind, layer) for layer in layers for kind in _site_kinds(plan)]
     harvest_key = {"tokens": plan.tokens, "dtype": plan.dtype}
-    harvested = state.get("harvest", harvest_key) or []
+    harvested = state.get("harvest", harvest_key, list) or []
     trained = {layer: _trained(state, layer) for layer in layers}
     todo = {layer: [s for s in _layer_specs(plan, layer) if s.name not in trained[layer]] for layer in layers}
     missing = [
@@ -348,7 +386,7 @@ def _run_stages(
             if not plan.keep_activations:
                 _drop_activations(run_dir, [s for s in sites if s.layer == layer])
         layer_folders = [run_dir / trained[layer][s.name] for s in _layer_specs(plan, layer)]
-        evaluated = state.get(f"eval/layer_{layer}") or []
+        evaluated = state.get(f"eval/layer_{layer}", kind=list) or []
         unevaluated = [f for f in layer_folders if str(f.relative_to(run_dir)) not in evaluated]
         if unevaluated:
             stage(f"eval/layer_{layer}")
@@ -356,7 +394,7 @@ def _run_stages(
             state.finish(f"eval/layer_{layer}", sorted(set(evaluated) | set(_rel(run_dir, unevaluated))))
         folders += layer_folders
     for f in folders:
-        _read_json(f / EVAL_FILE, "eval result")  # a damaged one is named before any stage reads it
+        read_json(f / EVAL_FILE, "eval result")  # a damaged one is named before any stage reads it
     index_key = {"saes": _rel(run_dir, folders), "tokens": plan.index_tokens}
     if state.get("index", index_key) is None:
         stage("index")
@@ -368,7 +406,7 @@ def _run_stages(
         stage("replacement")
         _evaluate_replacement(run_dir, plan, model, replacement, say)
         state.finish("replacement", True, replacement_key)
-    if state.get("report", _rel(run_dir, folders)) is None:
+    if state.get("report", _rel(run_dir, folders), str) is None:
         stage("report")
         report = write_suite_report(run_dir, folders)
         state.finish("report", str(report.relative_to(run_dir)), _rel(run_dir, folders))
@@ -383,9 +421,12 @@ def _digest(names: list[str]) -> str:
 
 def _trained(state: _State, layer: int) -> dict[str, str]:
     """The SAEs a layer's training stages produced: spec name -> folder relative to the run."""
-    value = state.get(f"train/layer_{layer}")
-    specs = value.get("specs") if isinstance(value, dict) else None
-    return dict(specs) if isinstance(specs, dict) else {}
+    specs = (state.get(f"train/layer_{layer}", kind=dict) or {}).get("specs", {})
+    if not isinstance(specs, dict) or not all(isinstance(v, str) for v in specs.values()):
+        raise StoreError(
+            f"suite state {str(state.path)!r} is damaged: train/layer_{layer} lists no SAE folders"
+        )
+    return dict(specs)
 
 
 def _site_kinds(plan: SuitePlan) -> list[str]:
@@ -467,7 +508,6 @@ def _evaluate_replacement(
         context_len=plan.context_len,
     )  # fmt: skip
     result["transcoders"] = _rel(run_dir, folders)
-    (run_dir / REPORT).mkdir(exist_ok=True)
     write_atomic(run_dir / REPORT / REPLACEMENT_JSON, json.dumps(result, indent=2))
     say(
         f"replacement model ({len(folders)} transcoders): LM loss {result['ce_loss_without']:.3f} -> "
@@ -515,21 +555,8 @@ def _index(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequen
 
 
 def write_suite_report(run_dir: Path, folders: Sequence[Path]) -> Path:
-    """Write `report/evals.json` and the frontier plots (evals.write_report), plus the suite's
-    `summary.txt` table and `heatmap.png` (layers x sites of L0, FVU and delta LM loss)."""
-    from gemmascope.evals import format_table, plot_heatmap, write_report
+    """Write the run's report from the eval results of `folders` (`evals.write_report`: evals.json,
+    the frontier plots, `summary.txt` with the replacement model's loss, `heatmap.png`)."""
+    from gemmascope.evals import write_report
 
-    results = [json.loads((f / "eval.json").read_text()) for f in folders]
-    report = write_report(run_dir, results)
-    lines = [format_table(results)]
-    replacement = report / REPLACEMENT_JSON
-    if replacement.exists():
-        r = json.loads(replacement.read_text())
-        lines.append(
-            f"replacement model (the MLPs of layers {r['layers'][0]}-{r['layers'][-1]} replaced by transcoders "
-            f"at once): LM loss {r['ce_loss_without']:.4f} -> {r['ce_loss_with']:.4f}, ΔLM {r['delta_lm_loss']:.4f}, "
-            f"KL {r['kl_div']:.4f} ({r['n_predictions']} predictions)"
-        )
-    (report / "summary.txt").write_text("\n".join(lines) + "\n")
-    plot_heatmap(results, report / "heatmap.png")
-    return report
+    return write_report(run_dir, [read_json(f / EVAL_FILE, "eval result") for f in folders])
