@@ -25,6 +25,7 @@ from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel, prompt_tokens
 from gemmascope.sae import SAE, encode_inputs, sae_site
 from gemmascope.sites import Site, capture, edit_from, edit_site, parse_site
+from gemmascope.values import finite32
 
 MODES = ("add", "clamp", "ablate")
 MAX_NEW_TOKENS = 512
@@ -113,10 +114,7 @@ def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
                 f"no {'strength' if iv.mode == 'add' else 'value'} for latent {iv.latent} at "
                 f"{iv.sae.cfg.site or '?'}: give one (or a feature index, whose max activation is the default)"
             )
-        if not math.isfinite(iv.value):
-            raise ConfigError(
-                f"steering value {iv.value!r} for latent {iv.latent} is not finite: expected a real number"
-            )
+        finite32(iv.value, f"steering value for latent {iv.latent}")  # 1e39 is inf in a tensor
     return sae_site(model, iv.sae)
 
 

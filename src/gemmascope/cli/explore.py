@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gemmascope.cli.options import add_model, add_sae_choice, add_serving, parse_list
+from gemmascope.cli.options import add_model, add_sae_choice, add_serving, number, parse_list, read_lines
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.features.prompt import HIDE_DENSE
-from gemmascope.runs import FEATURES_DB, find_index, open_sae, run_of, sae_id
+from gemmascope.runs import FEATURES_DB, find_index, locked_run, open_sae, run_of, sae_id
 
 if TYPE_CHECKING:
     from gemmascope.sae import SAE
@@ -27,7 +27,7 @@ def args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=5, help="features per token (default 5)")
     p.add_argument(
         "--dense",
-        type=float,
+        type=number,
         default=HIDE_DENSE,
         help=f"hide features firing on more than this share ({HIDE_DENSE})",
     )
@@ -54,6 +54,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(
             "inspect needs --sae SAE_FOLDER, or --run RUN_DIR (with --sae SAE_ID if it has several)"
         )
+    for flag, value in (("-k", args.k), ("--limit", args.limit)):  # every mode's, before anything loads
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be at least 1")
+    if not 0 < args.dense <= 1:
+        raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
     key, folder, sae = "", None, None
     try:
         key, folder, sae = open_sae(args.sae, run_dir)
@@ -79,11 +84,6 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 0
     if not args.text:
         raise ConfigError("inspect needs a text (or --find QUERY, or --documents FILE)")
-    for flag, value, low in (("-k", args.k, 1), ("--limit", args.limit, 1)):
-        if value < low:
-            raise ConfigError(f"{flag} {value} must be at least {low}")
-    if not 0 < args.dense <= 1:
-        raise ConfigError(f"--dense {args.dense} is out of range: expected a share in (0, 1]")
     assert sae is not None  # open_sae found it: only --find goes on without
     _inspect_text(args, key, sae, index)
     return 0
@@ -234,7 +234,7 @@ def args_steer(p: argparse.ArgumentParser) -> None:
         help="latent index to steer; repeatable",
     )
     p.add_argument(
-        "--strength", action=InOrder, type=float, metavar="S",
+        "--strength", action=InOrder, type=number, metavar="S",
         help="steering strength (add) or value (clamp) for the --feature before it",
     )  # fmt: skip
     p.add_argument(
@@ -254,9 +254,9 @@ def args_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", help="feature index (features.sqlite) for default strengths")
     add_model(p, None, "model name or path (default: the SAE's model, else gemma-3-270m)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    p.add_argument("--freq-penalty", type=float, default=DEFAULT_FREQ_PENALTY)
+    p.add_argument("--temperature", type=number, default=DEFAULT_TEMPERATURE, help="0 = greedy")
+    p.add_argument("--top-p", type=number, default=DEFAULT_TOP_P)
+    p.add_argument("--freq-penalty", type=number, default=DEFAULT_FREQ_PENALTY)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument(
         "--top-k", type=int, default=10, help="tokens to show whose log-prob rose / fell (0: none)"
@@ -406,7 +406,7 @@ def _measure_request(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.side_effects < 0:
         raise ConfigError(f"--side-effects {args.side_effects} must be >= 0 (0 skips the cost)")
     prompts = list(dict.fromkeys([args.prompt] + _prompt_set([], args.prompts_file, "--prompts-file")))
-    strengths = parse_list(args.sweep, "--sweep", float) if args.sweep else None
+    strengths = parse_list(args.sweep, "--sweep", number) if args.sweep else None
     if args.sweep is not None and not strengths:
         raise ConfigError("--sweep needs strengths, e.g. --sweep 0,50,100,200")
     if strengths and args.mode == "ablate":
@@ -501,7 +501,7 @@ def _contrast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", choices=("max", "mean", "last"), default="max", help="over a prompt's tokens")
     p.add_argument(
         "--dense",
-        type=float,
+        type=number,
         default=HIDE_DENSE,
         help=f"hide latents firing on more than this share ({HIDE_DENSE})",
     )
@@ -516,13 +516,7 @@ def args_contrast(p: argparse.ArgumentParser) -> None:
 
 
 def _prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
-    if path is None:
-        return texts
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text: {err.__class__.__name__}") from err
-    return texts + [line for line in lines if line.strip()]
+    return texts if path is None else texts + read_lines(path, flag)
 
 
 class _RunSAEs:
@@ -652,14 +646,15 @@ def run_bias(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--side-effects {args.side_effects}: expected 0 (no cost) or at least {MIN_SIDE_EFFECT_TOKENS} tokens"
         )
-    loaded = _RunSAEs(args)
-    out = bias_experiment(
-        loaded.model, loaded.saes, prompts_a, prompts_b, heldout_a, heldout_b, args.watch, ablate=ablate,
-        pool=args.pool, densities=loaded.densities, hide_dense=loaded.hide,
-        side_effect_tokens=args.side_effects,
-    )  # fmt: skip
-    if loaded.run_dir is not None:
-        out["files"] = _write_bias(loaded.run_dir, out)
+    with locked_run(args.run_dir, "bias"):  # it writes RUN/report/bias.json
+        loaded = _RunSAEs(args)
+        out = bias_experiment(
+            loaded.model, loaded.saes, prompts_a, prompts_b, heldout_a, heldout_b, args.watch, ablate=ablate,
+            pool=args.pool, densities=loaded.densities, hide_dense=loaded.hide,
+            side_effect_tokens=args.side_effects,
+        )  # fmt: skip
+        if loaded.run_dir is not None:
+            out["files"] = _write_bias(loaded.run_dir, out)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -730,10 +725,10 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
         "--transcoders", default=None, metavar="SUBSTRING", help="pick the set when a layer has several"
     )
     p.add_argument(
-        "--node-threshold", type=float, default=0.8, help="pruning: share of influence kept in nodes"
+        "--node-threshold", type=number, default=0.8, help="pruning: share of influence kept in nodes"
     )
     p.add_argument(
-        "--edge-threshold", type=float, default=0.98, help="pruning: share of influence kept in edges"
+        "--edge-threshold", type=number, default=0.98, help="pruning: share of influence kept in edges"
     )
     p.add_argument(
         "--max-feature-nodes", type=int, default=None, help="cap the feature nodes (most influential)"
@@ -761,7 +756,7 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
         "e.g. ' Kyoto' (one of the graph's outputs)",
     )
     p.add_argument(
-        "--value", type=float, default=0.0, help="with --ablate: set the nodes to this instead of 0"
+        "--value", type=number, default=0.0, help="with --ablate: set the nodes to this instead of 0"
     )
     add_model(p, None, "model to run (default: the model named in the transcoders' metadata)")
     p.set_defaults(run=run_attribute)
@@ -776,6 +771,15 @@ def _node(spec: str) -> tuple[int, int, int]:
 
 
 def run_attribute(args: argparse.Namespace) -> int:
+    from gemmascope.runs import lock
+
+    if not (Path(args.run_dir) / "saes").is_dir():
+        raise ConfigError(f"{args.run_dir!r} is not a run folder with SAEs (expected {args.run_dir}/saes/)")
+    with lock(args.run_dir, "attribute"):  # it writes RUN/graphs/SLUG.json and .png
+        return _attribute(args)
+
+
+def _attribute(args: argparse.Namespace) -> int:
     from gemmascope.attribution import MAX_FEATURE_NODES, MAX_PROMPT_TOKENS, attribute, prune, transcoder_set
     from gemmascope.attribution.files import (
         check_slug,
@@ -788,8 +792,9 @@ def run_attribute(args: argparse.Namespace) -> int:
     )
     from gemmascope.attribution.intervene import measure, predict, strongest
     from gemmascope.features import FeatureIndex
+    from gemmascope.models import MAX_PROMPT_TOKENS as MAX_INPUT_TOKENS
     from gemmascope.models import load_model
-    from gemmascope.runs import GRAPHS, RUN_JSON
+    from gemmascope.runs import GRAPHS, RUN_JSON, read_json
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "saes").is_dir():
@@ -812,9 +817,15 @@ def run_attribute(args: argparse.Namespace) -> int:
     if cap < 1:
         raise ConfigError(f"--max-feature-nodes {cap} must be at least 1")
     slug = check_slug(args.slug or graph_slug(args.prompt))
+    if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_INPUT_TOKENS:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: expected 1..{MAX_INPUT_TOKENS} prompt tokens")
     model_name = args.model
     if model_name is None and (run_dir / RUN_JSON).is_file():
-        model_name = json.loads((run_dir / RUN_JSON).read_text()).get("model")
+        model_name = read_json(run_dir / RUN_JSON, "run description").get("model")
+        if not isinstance(model_name, str | None):
+            raise StoreError(
+                f"run description {str(run_dir / RUN_JSON)!r} is damaged: its model {model_name!r}"
+            )
     model = load_model(model_name or "gemma-3-270m")
     transcoders = transcoder_set(run_dir, model.n_layers, args.transcoders)
     graph = attribute(

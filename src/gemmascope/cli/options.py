@@ -1,19 +1,63 @@
 """Option groups shared by the `gemmascope` subcommands (run folder, model, corpus and tokens, SAE
-selection) and the one parser of comma lists. Parsing only: every check of a value's meaning lives
-in the pipeline module that uses it."""
+selection), the one parser of comma lists, the one argument type of real numbers (finite, within
+float32) and the one reader of a text file the user names (bounded in size and lines). Parsing only:
+every check of a value's meaning lives in the pipeline module that uses it."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from gemmascope.corpus import DEFAULT_CORPUS
 from gemmascope.errors import ConfigError
 from gemmascope.models import BUNDLED_MODEL
+from gemmascope.values import FINITE32, finite32
 
 T = TypeVar("T")
-_KIND_NAMES = {int: "integers", float: "numbers", str: "names"}
+# A text file named on the command line (prompt sets, documents) is read whole only up to these.
+MAX_TEXT_FILE_BYTES = 8 << 20
+MAX_TEXT_FILE_LINES = 100_000
+
+
+def number(text: str) -> float:
+    """The argparse type (and `parse_list` kind) of every real-valued option: a finite number within
+    float32, the type of every tensor it reaches (1e39 would be inf there)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return finite32(value, "value")
+    except ConfigError:
+        why = "is out of range" if math.isfinite(value) else "is not finite"
+        raise argparse.ArgumentTypeError(f"{text!r} {why}: expected {FINITE32}") from None
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file named by `flag`, read only up to
+    MAX_TEXT_FILE_BYTES and MAX_TEXT_FILE_LINES (a device such as /dev/zero, or a huge file, is
+    refused at the bound instead of read to the end); a ConfigError naming the flag otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path!r} cannot be read: {err.strerror or err}") from None
+    if len(data) > MAX_TEXT_FILE_BYTES:
+        raise ConfigError(
+            f"{flag} {path!r} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB: expected a text file of prompts"
+        )
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text") from None
+    if len(lines) > MAX_TEXT_FILE_LINES:
+        raise ConfigError(f"{flag} {path!r} has {len(lines)} lines: expected at most {MAX_TEXT_FILE_LINES}")
+    return [line for line in lines if line.strip()]
+
+
+_KIND_NAMES = {int: "integers", float: "numbers", number: "numbers", str: "names"}
 
 
 @overload
@@ -30,7 +74,7 @@ def parse_list(spec: str | None, flag: str, kind: Callable[[str], Any] = str) ->
             continue
         try:
             out.append(kind(part))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
             what = _KIND_NAMES.get(kind, getattr(kind, "__name__", "values"))  # type: ignore[call-overload]
             raise ConfigError(
                 f"{flag} {spec!r}: item {part!r} is not valid: expected comma-separated {what}"

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from gemmascope.cli.options import add_corpus, add_model, add_serving, parse_list
+from gemmascope.cli.options import add_corpus, add_model, add_serving, number, parse_list
 from gemmascope.errors import ConfigError
 from gemmascope.runs import REPORT, check_name, lock, run_of
 
@@ -81,7 +81,7 @@ def args_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--lr",
-        type=float,
+        type=number,
         default=None,
         help="default: 3.5e-3 (signum; transcoders 1e-2), 2e-3 (adam; published 7e-5)",
     )
@@ -92,26 +92,26 @@ def args_train(p: argparse.ArgumentParser) -> None:
         "--l0-warmup-steps", type=int, default=None, help="default: none (θ starts at the target rate)"
     )
     p.add_argument("--b-dec-init", default=None, help="mean (default: the data mean) or zero (published)")
-    p.add_argument("--adam-beta1", type=float, default=None, help="Adam beta1 (default 0.9; published: 0)")
+    p.add_argument("--adam-beta1", type=number, default=None, help="Adam beta1 (default 0.9; published: 0)")
     p.add_argument(
         "--dead-preact-coeff",
-        type=float,
+        type=number,
         default=None,
         help="pre-activation loss on dead JumpReLU latents (default 1e-3; 0: off)",
     )
     p.add_argument(
         "--dense-coeff",
-        type=float,
+        type=number,
         default=None,
         help="penalty on JumpReLU latents over --dense-density (default 1; 0: off)",
     )
     p.add_argument(
         "--dense-density",
-        type=float,
+        type=number,
         default=None,
         help="density over which latents are penalised (default 0.095)",
     )
-    p.add_argument("--auxk-coeff", type=float, default=None, help="TopK AuxK coefficient (default 1/32)")
+    p.add_argument("--auxk-coeff", type=number, default=None, help="TopK AuxK coefficient (default 1/32)")
     p.add_argument(
         "--matryoshka",
         action="store_true",
@@ -125,7 +125,7 @@ def args_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--spike-factor",
-        type=float,
+        type=number,
         default=None,
         help="batch FVU over this x its running value is a spike (0: off)",
     )
@@ -163,8 +163,8 @@ def _sparsities(args: argparse.Namespace) -> list[dict[str, float | int]]:
     if args.k is not None:
         raise ConfigError(f"--k is for topk / batchtopk, not {args.arch}")
     if args.target_l0 is not None:
-        return [{"target_l0": t} for t in parse_list(args.target_l0, "--target-l0", float)]
-    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", float)
+        return [{"target_l0": t} for t in parse_list(args.target_l0, "--target-l0", number)]
+    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", number)
     if not coeffs:
         raise ConfigError("give the sparsity: --l0-coeffs, --target-l0 (jumprelu) or --k (topk)")
     return [{"l0_coeff": c} for c in coeffs]
@@ -260,7 +260,7 @@ def args_suite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-tokens", type=int, default=16384)
     p.add_argument("--dtype", default="float32", help="activation store dtype: float32, float16, bfloat16")
     add_corpus(p)
-    p.add_argument("--max-minutes", type=float, default=None, help="start no new stage after this long")
+    p.add_argument("--max-minutes", type=number, default=None, help="start no new stage after this long")
     p.add_argument(
         "--drop-activations", action="store_true", help="delete a layer's activations once trained"
     )
@@ -278,7 +278,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from gemmascope.evals import format_table
     from gemmascope.suite import SUITE_KINDS, SuitePlan, parse_l0s, parse_layers, run_suite
 
-    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", float)
+    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", number)
     transcoders = parse_list(args.transcoders, "--transcoders") if args.transcoders else []
     sites = args.sites if args.sites is not None else ("" if transcoders else ",".join(SUITE_KINDS))
     plan = SuitePlan(
@@ -392,8 +392,8 @@ def args_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae_dir", help="a trained SAE folder")
     add_model(p, None, "model to fine-tune with (default: the one the SAE's cfg names)")
     p.add_argument("--tokens", type=int, default=16_384, help="training tokens (default 16384)")
-    p.add_argument("--lr", type=float, default=LR, help=f"Adam lr of the weights (default {LR:g})")
-    p.add_argument("--beta", type=float, default=BETA, help=f"weight of the KL term (default {BETA:g})")
+    p.add_argument("--lr", type=number, default=LR, help=f"Adam lr of the weights (default {LR:g})")
+    p.add_argument("--beta", type=number, default=BETA, help=f"weight of the KL term (default {BETA:g})")
     p.add_argument(
         "--eval-tokens", type=int, default=4096, help="held-out tokens to measure before/after (0: skip)"
     )
