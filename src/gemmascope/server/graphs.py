@@ -10,6 +10,7 @@ Knows nothing of how graphs are computed: it calls `attribution`.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -39,11 +40,14 @@ from gemmascope.attribution.intervene import measure, predict
 from gemmascope.errors import GemmaScopeError, StoreError
 from gemmascope.sae import SAE
 from gemmascope.server.errors import ApiError
-from gemmascope.server.lookup import Body, QueueDep, RunDep
+from gemmascope.server.lookup import Body, Number, QueueDep, RunDep
 from gemmascope.server.run import MAX_PROMPT_CHARS, Run
 
 MAX_GRAPH_TOKENS = 32  # prompt tokens after BOS one graph request may take (time grows with them)
 MAX_INTERVENE_NODES = 64
+# A feature node id, LAYER_LATENT_POSITION: ASCII digits only ('²'.isdigit() is True, int('²') fails)
+# and at most 9 of them (int() of thousands of digits is slow, then refused).
+_NODE_ID = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})")
 _KEPT_GRAPHS = 2  # graphs kept in memory for interventions (each up to ~0.3 GB at the node cap)
 
 router = APIRouter()
@@ -99,14 +103,15 @@ def _transcoders_or_409(run: Run) -> tuple[_Graphs, list[SAE]]:
 def graph_list(run: RunDep) -> dict[str, Any]:
     state = _state(run)
     state.load(run)
-    graphs = []
+    graphs: list[dict[str, Any]] = []
     folder = run.graph_dir()
     for path in sorted(folder.glob("*.json")) if folder else []:
         try:
             meta = read_graph(path)["metadata"]
-        except GemmaScopeError:
+        except GemmaScopeError as err:  # listed as damaged: one bad file hides no other graph
+            graphs.append({"slug": path.stem, "prompt": None, "scores": {}, "damaged": str(err)})
             continue
-        graphs.append({"slug": path.stem, "prompt": meta.get("prompt"), "scores": meta.get("gemmascope", {})})
+        graphs.append({"slug": path.stem, "prompt": meta["prompt"], "scores": meta.get("gemmascope") or {}})
     return {"available": state.transcoders is not None, "why_not": state.problem, "graphs": graphs}
 
 
@@ -179,7 +184,7 @@ class InterveneRequest(Body):
     nodes: list[str] = Field(
         min_length=1, max_length=MAX_INTERVENE_NODES
     )  # feature node ids LAYER_LATENT_POS
-    value: float = Field(0.0, allow_inf_nan=False, ge=-1e4, le=1e4)
+    value: Number = Field(0.0, ge=-1e4, le=1e4)
 
 
 @router.post("/v1/graph/{slug}/intervene")
@@ -192,12 +197,13 @@ async def graph_intervene(slug: str, body: InterveneRequest, run: RunDep, queue:
         raise ApiError(409, str(err)) from None
     nodes = []
     for node_id in body.nodes:
-        parts = node_id.split("_")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        found = _NODE_ID.fullmatch(node_id)
+        if found is None:
             raise ApiError(
-                400, f"node {node_id!r} is not a feature node: expected LAYER_LATENT_POSITION, e.g. 12_1033_5"
+                400,
+                f"node {node_id[:40]!r} is not a feature node: expected LAYER_LATENT_POSITION, e.g. 12_1033_5",
             )
-        layer, latent, pos = (int(p) for p in parts)
+        layer, latent, pos = (int(p) for p in found.groups())
         nodes.append((layer, pos, latent))
 
     def work() -> dict[str, Any]:

@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from gemmascope.server.errors import ApiError
-from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
+from gemmascope.server.lookup import Body, Number, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_REQUEST_TOKENS, Run
 from gemmascope.steer import (
     DEFAULT_FREQ_PENALTY,
@@ -40,7 +40,7 @@ router = APIRouter()
 class SteerFeature(Body):
     sae_id: str
     index: int
-    strength: float | None = Field(None, allow_inf_nan=False)  # default: the feature's max activation
+    strength: Number | None = None  # default: the feature's max activation
     mode: Literal["add", "clamp", "ablate"] = "add"
     # token positions to edit (0 = BOS; generated tokens count on); None: every position
     positions: list[int] | None = Field(None, min_length=1, max_length=MAX_REQUEST_TOKENS + MAX_NEW_TOKENS)
@@ -111,7 +111,7 @@ class MeasureRequest(Body):
     features: list[SteerFeature] = Field(min_length=1, max_length=MAX_STEER_FEATURES)
     watch: list[str] = Field(min_length=1, max_length=MAX_WATCH)
     side_effect_tokens: int = Field(1024, ge=0, le=MAX_SIDE_EFFECT_TOKENS)  # 0: no cost measured
-    strengths: list[float] | None = Field(None, min_length=1, max_length=MAX_SWEEP)
+    strengths: list[Number] | None = Field(None, min_length=1, max_length=MAX_SWEEP)
     normalize: bool = False
 
 
