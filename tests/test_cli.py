@@ -336,9 +336,12 @@ def _mount_tmpfs(where: Path, size: int) -> bool:
     import subprocess
 
     where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
-    )
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        )
+    except OSError:  # no mount command here
+        return False
     return done.returncode == 0
 
 

@@ -106,7 +106,7 @@ class SuitePlan:
         if any(t <= 0 for t in self.target_l0s) or any(c < 0 for c in self.l0_coeffs):
             raise ConfigError(f"target L0s {self.target_l0s} must be > 0 and lambdas {self.l0_coeffs} >= 0")
         least = {"tokens": 1, "train_tokens": 1, "finetune_tokens": 0, "eval_tokens": MIN_EVAL_TOKENS,
-                 "index_tokens": 1, "context_len": 2, "seed": 0, "batch_size": 1}  # fmt: skip
+                 "index_tokens": 1, "context_len": 2, "batch_size": 1}  # fmt: skip
         for name, low in least.items():
             value = getattr(self, name)
             if value is not None and value < low:

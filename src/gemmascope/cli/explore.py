@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from gemmascope.cli.options import add_model, add_sae_choice, add_serving, number, parse_list, read_lines
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.features.prompt import HIDE_DENSE
-from gemmascope.runs import FEATURES_DB, find_index, locked_run, open_sae, run_of, sae_id
+from gemmascope.runs import FEATURES_DB, find_index, lock, locked_run, open_sae, run_of, sae_id
 
 if TYPE_CHECKING:
     from gemmascope.sae import SAE
@@ -771,8 +771,6 @@ def _node(spec: str) -> tuple[int, int, int]:
 
 
 def run_attribute(args: argparse.Namespace) -> int:
-    from gemmascope.runs import lock
-
     if not (Path(args.run_dir) / "saes").is_dir():
         raise ConfigError(f"{args.run_dir!r} is not a run folder with SAEs (expected {args.run_dir}/saes/)")
     with lock(args.run_dir, "attribute"):  # it writes RUN/graphs/SLUG.json and .png
@@ -797,8 +795,6 @@ def _attribute(args: argparse.Namespace) -> int:
     from gemmascope.runs import GRAPHS, RUN_JSON, read_json
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "saes").is_dir():
-        raise ConfigError(f"{str(run_dir)!r} is not a run folder with SAEs (expected {run_dir}/saes/)")
     nodes = [_node(s) for s in args.ablate]
     if args.ablate_top and args.value != 0.0:
         raise ConfigError(
