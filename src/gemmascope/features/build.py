@@ -195,17 +195,7 @@ def build_index(
     if n_valid == 0:
         raise CorpusError(f"the {split!r} split of corpus {corpus!r} gives no tokens besides BOS/EOS/pad")
     db_path = Path(db_path)
-    new_file = not db_path.exists()  # removed again if the build fails; an earlier index is kept as it was
-
-    def remove_new() -> None:
-        for path in (
-            db_path,
-            *(db_path.with_name(db_path.name + end) for end in ("-wal", "-shm", "-journal")),
-        ):
-            if new_file:
-                path.unlink(missing_ok=True)
-
-    with held_by_writer(db_path), disk_errors(db_path, cleanup=remove_new):
+    with held_by_writer(db_path), disk_errors(db_path):  # a failed build is never served (complete=0)
         with FeatureIndex(db_path, create=True) as index:
             job = _Job(model, dict(saes), sites, rows, keep, index, corpus, split, batch_rows, seed, started)
             _begin(job, folders or {})
