@@ -277,14 +277,22 @@ def test_a_number_beyond_float32_is_refused_where_it_is_parsed(
     capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
     """1e39 is inf in a float32 tensor (a clamp to it crashed, an add to it gave NaN): every
-    real-valued option takes only finite float32 numbers, refused by the parser in its usage line."""
-    with pytest.raises(SystemExit) as done:
-        main(argv)
+    real-valued option takes only finite float32 numbers, refused by the parser in one line."""
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert done.value.code == 2 and re.search(
-        r"is (out of range|not finite): expected a finite number within", err
+    assert re.search(r"is (out of range|not finite): expected a finite number within", err)
+    assert (
+        "Traceback" not in err and err.count("\n") == 1 and err.startswith(f"gemmascope {argv[0]}: error: ")
     )
-    assert "Traceback" not in err
+
+
+def test_a_command_line_argparse_refuses_is_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["harvest", "R", "--tokens", "10"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "gemmascope harvest: error: the following arguments are required: --sites (see gemmascope harvest --help)\n"
+    )
 
 
 def test_serve_on_an_address_that_is_not_this_machines_says_so(

@@ -3,8 +3,8 @@ pipeline modules. `pipeline` holds the subcommands that write into a run folder 
 harvest, train, convert), `measure` those that measure SAEs and index their features (eval, index),
 `explore` those that look inside the model through them (inspect, contrast, bias, attribute,
 steer, serve), `options`
-the shared option groups and the one comma-list parser. A `GemmaScopeError` is printed as
-one line (no traceback) and exits with status 2.
+the shared option groups and the one comma-list parser. A `GemmaScopeError`, or a command line
+argparse refuses, is printed as one line (no traceback, no usage dump) and exits with status 2.
 
 Knows nothing of internals beyond those public functions.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from gemmascope.cli import explore, measure, pipeline
 from gemmascope.errors import GemmaScopeError
@@ -56,10 +57,26 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
 }
 
 
+class UsageError(Exception):
+    """A command line argparse refuses (a missing argument, a number that is not finite float32):
+    printed in one line like a GemmaScopeError, exit status 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors raised as UsageError instead of a usage dump and an exit (--help and
+    --version still exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gemmascope import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gemmascope",
         description="An open, trainable, local Gemma Scope: train, measure, explore and steer SAEs.",
     )
@@ -72,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gemmascope` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     try:
         return int(args.run(args) or 0)
     except GemmaScopeError as err:
