@@ -16,7 +16,10 @@ compares the two adjacency matrices entry by entry (same node order: features by
 latent; errors; tokens; logits). circuit-tracer's nnsight backend writes token embeddings without
 Gemma's √d_model scale (its token edges are √d_model too small; ours are the embedding's real
 effect), so token columns are compared after multiplying circuit-tracer's by √d_model, and the
-factor found is printed.
+factor found is printed. circuit-tracer has no massive-activation rule (ours: a transcoder has no
+feature where its input is over its norm limit, and the MLP output there is all error), so the check
+runs on the same transcoders with the norm limit removed (`max_norm` None): the same rule on both
+sides; the positions the limit would leave out are counted in `massive_positions`.
 
 Each graph of the timing table runs in a fresh process so that its peak RSS is its own. Writes
 benchmarks/results/attribute.json.
@@ -121,11 +124,18 @@ def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[s
     import torch
 
     from gemmascope.attribution import attribute, scores, transcoder_set
+    from gemmascope.attribution.graph import prompt_ids
+    from gemmascope.attribution.replacement import capture_prompt, massive_positions
     from gemmascope.formats import save_params_safetensors
     from gemmascope.models import bundled_gemma_path, load_model
 
     model = load_model("gemma-3-270m")
     tcs = transcoder_set(run, model.n_layers)
+    massive = massive_positions(tcs, capture_prompt(model, prompt_ids(model, prompt)))
+    n_massive = [int(m[1:].sum()) for m in massive]  # after BOS, which both leave out
+    for tc in tcs:  # circuit-tracer has no norm limit: compare on the same rule
+        tc.cfg.max_norm = None
+        tc.cfg.extra.pop("max_scaled_norm", None)
     with tempfile.TemporaryDirectory() as tmp:
         for layer, tc in enumerate(tcs):
             save_params_safetensors(tc, Path(tmp) / f"layer_{layer}")
@@ -162,6 +172,7 @@ def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[s
         "same_logits": same_logits,
         "n_nodes": int(a.shape[0]),
         "n_features": ours.n_features,
+        "massive_positions": n_massive,  # per layer: left out by our rule, kept in this comparison
     }
     if a.shape == b.shape:
         tokens = slice(ours.token_start, ours.logit_start)

@@ -206,7 +206,7 @@ def main() -> None:
             "bandwidth": config.bandwidth,
             "threshold_init": config.threshold_init,
             "fast_step": config.fast,
-            "published": {k: list(v) if isinstance(v, tuple) else v for k, v in PUBLISHED.items()},
+            "published": PUBLISHED.to_json(),
         },
         "jumprelu": jumprelu,
         "topk": topk,

@@ -6,6 +6,8 @@ measured), the `attribute` command, and bad input."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,25 @@ def random_transcoders(model: LanguageModel, skip: bool = True, seed: int = 0) -
     return out
 
 
+@contextmanager
+def uneven_mlp_inputs(model: LanguageModel) -> Iterator[None]:
+    """Within the block, the tiny model's MLP-input norms have random gains, so the MLP inputs'
+    norms differ from position to position (with unit gains every one is exactly √d_model), and a
+    norm limit can leave some out as massive; the gains are put back on exit."""
+    norms = [layer.pre_feedforward_layernorm.weight for layer in model.layers]  # type: ignore[union-attr]
+    saved = [w.detach().clone() for w in norms]
+    g = torch.Generator().manual_seed(5)
+    try:
+        with torch.no_grad():
+            for w in norms:
+                w.copy_(torch.randn(w.shape, generator=g))
+        yield
+    finally:
+        with torch.no_grad():
+            for w, old in zip(norms, saved, strict=True):
+                w.copy_(old)
+
+
 @pytest.fixture(scope="module")
 def transcoders(tiny_model: LanguageModel) -> list[JumpReLUSAE]:
     return random_transcoders(tiny_model)
@@ -69,6 +90,39 @@ def test_edges_add_up_to_what_each_node_reads(tiny_model: LanguageModel, skip: b
         read = float(logits[token] - logits.mean())
         assert float(graph.adjacency[graph.logit_start + k].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
     assert graph.logit_probs.sum() <= 1 and len(graph.logit_ids) <= 10
+
+
+def test_a_massive_input_has_no_feature_and_its_mlp_output_is_all_error(tiny_model: LanguageModel) -> None:
+    """The per-SAE rule in the graph: where a transcoder's input is over its norm limit it has no
+    feature node, writes no skip connection, and its error node carries the MLP's whole output; the
+    edges still add up exactly to what each node reads."""
+    from gemmascope.attribution.graph import _components
+    from gemmascope.attribution.replacement import massive_positions
+
+    tcs = random_transcoders(tiny_model, skip=True)
+    with uneven_mlp_inputs(tiny_model):
+        ids = attribute(tiny_model, tcs, PROMPT, first_position=0, progress=False).ids
+        captured = capture_prompt(tiny_model, ids)
+        for layer, tc in enumerate(tcs):  # about a third of the positions over the limit at each layer
+            tc.cfg.max_norm = float(captured.mlp_in[layer].norm(dim=-1).quantile(0.66))
+        massive = massive_positions(tcs, captured)
+        assert all(0 < int(m.sum()) < len(ids) for m in massive)
+        graph = attribute(tiny_model, tcs, PROMPT, first_position=0, progress=False)
+        with torch.no_grad():
+            logits = tiny_model.hf(input_ids=graph.ids[None], use_cache=False).logits[0, -1]
+    for layer, pos in zip(*torch.nonzero(torch.stack(massive), as_tuple=True), strict=True):
+        at = (graph.features[:, 0] == layer) & (graph.features[:, 1] == pos)
+        assert not at.any(), (int(layer), int(pos))
+    _, _, errors = _components(tcs, captured, 0)
+    for layer in range(len(tcs)):
+        assert torch.equal(errors[layer][massive[layer]], captured.mlp_out[layer][massive[layer]])
+    for j in range(0, graph.n_features, 7):
+        layer, pos, latent = graph.features[j].tolist()
+        read = float(captured.mlp_in[layer][pos] @ tcs[layer].W_enc[:, latent].detach())
+        assert float(graph.adjacency[j].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
+    for k, token in enumerate(graph.logit_ids.tolist()):
+        read = float(logits[token] - logits.mean())
+        assert float(graph.adjacency[graph.logit_start + k].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
 
 
 def test_bos_is_left_out_and_a_feature_cap_keeps_rows_exact(
@@ -218,7 +272,8 @@ def test_attribute_command(
     for layer, tc in enumerate(transcoders):
         save_sae(tc, run / "saes" / "mlp_in" / f"layer_{layer}" / "width_64" / "l0_5_skip_transcoder")
     graph = attribute(tiny_model, transcoders, PROMPT, progress=False)
-    node = "/".join(str(v) for v in graph.features[-1].tolist())
+    layer, pos, latent = graph.features[-1].tolist()
+    node = f"{layer}_{latent}_{pos}"  # as the graph JSON names it, the one node id
     code = main(["attribute", str(run), PROMPT, "--slug", "cat", "--ablate", node, "--model", "tiny-gemma3"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -226,8 +281,8 @@ def test_attribute_command(
     data = json.loads((run / "graphs" / "cat.json").read_text())
     assert data["metadata"]["gemmascope"]["transcoder_digest"] == transcoder_digest(transcoders)
     assert (run / "graphs" / "cat.png").stat().st_size > 20_000
-    assert main(["attribute", str(run), PROMPT, "--ablate", "1/x/2", "--model", "tiny-gemma3"]) == 2
-    assert "expected LAYER/POSITION/LATENT" in capsys.readouterr().err
+    assert main(["attribute", str(run), PROMPT, "--ablate", "1_x_2", "--model", "tiny-gemma3"]) == 2
+    assert "expected LAYER_LATENT_POSITION" in capsys.readouterr().err
     # the nodes the graph says hold the answer's lead over the runner-up, switched off
     rival = graph.logit_tokens[1]
     args = ["attribute", str(run), PROMPT, "--ablate-top", "3", "--against", rival, "--model", "tiny-gemma3"]
@@ -235,7 +290,7 @@ def test_attribute_command(
     out = capsys.readouterr().out
     picked = strongest(graph, 3, 1, [j for j in range(graph.n_features) if prune(graph).nodes[j]])
     assert len(picked) == 3
-    assert " ".join(f"{a}/{b}/{c}" for a, b, c in picked) in out
+    assert " ".join(f"{layer}_{latent}_{pos}" for layer, pos, latent in picked) in out
     assert f"lead of {graph.logit_tokens[0]!r} over {rival!r}: predicted" in out
     assert main(["attribute", str(run), PROMPT, "--against", rival, "--model", "tiny-gemma3"]) == 2
     assert "give --ablate-top N too" in capsys.readouterr().err

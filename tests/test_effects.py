@@ -49,6 +49,35 @@ def test_measure_reports_watched_probabilities_mass_shifts_and_cost(tiny_model, 
         side_effects(tiny_model, push, 10)
 
 
+def test_side_effects_are_a_plain_computation_whatever_the_batch(tiny_model, sae2) -> None:  # noqa: F811
+    """The cost over every prediction between text tokens (a steer edits every position, so none is
+    left out), the same in batches of 1, 3 or 4 rows, and equal to a direct computation."""
+    import torch
+
+    from gemmascope.corpus import special_mask
+    from gemmascope.evals import eval_token_ids
+    from gemmascope.steer import steering
+
+    push = [Intervention(sae2, 3, "add", 40.0)]
+    costs = [side_effects(tiny_model, push, 256, context_len=32, batch_rows=rows) for rows in (1, 3, 4)]
+    for cost in costs[1:]:
+        assert cost["n_predictions"] == costs[0]["n_predictions"]
+        assert cost == pytest.approx(costs[0], rel=1e-5, abs=1e-6)
+    ids = eval_token_ids(tiny_model, 256, context_len=32)
+    keep = ~special_mask(ids, tiny_model.special_token_ids)
+    predict = keep[:, :-1] & keep[:, 1:]
+    with torch.no_grad():
+        clean = tiny_model.hf(input_ids=ids).logits[:, :-1][predict].log_softmax(-1)
+        with steering(tiny_model, push):
+            steered = tiny_model.hf(input_ids=ids).logits[:, :-1][predict].log_softmax(-1)
+    targets = ids[:, 1:][predict]
+    ce = float(-steered.gather(-1, targets[:, None]).mean())
+    kl = float((clean.exp() * (clean - steered)).sum(-1).mean())
+    assert costs[0]["n_predictions"] == int(predict.sum())
+    assert costs[0]["lm_loss_intervened"] == pytest.approx(ce, rel=1e-4)
+    assert costs[0]["kl"] == pytest.approx(kl, rel=1e-3)
+
+
 def test_a_sweep_gives_a_curve_and_a_completion_per_strength(tiny_model, sae2) -> None:  # noqa: F811
     rows = sweep(
         tiny_model, lambda s: [Intervention(sae2, 3, "add", s)], [0.0, 20.0, 60.0], [PROMPT], [" the"],

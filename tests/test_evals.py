@@ -221,10 +221,10 @@ def test_splicing_an_exact_sae_leaves_the_forward_pass_unchanged(tiny_model: Lan
     with torch.no_grad():
         clean = tiny_model.hf(input_ids=ids).logits
         for site in ("resid_post.1", "attn_out.2", "mlp_out.0"):
-            with evals.splice_sae(tiny_model, identity_sae(site, 64), keep):
+            with evals.splice(tiny_model, [identity_sae(site, 64)], keep):
                 spliced = tiny_model.hf(input_ids=ids).logits
             torch.testing.assert_close(spliced, clean, rtol=0, atol=1e-5)
-        with evals.splice_sae(tiny_model, zero_sae("resid_post.1", 64), keep):
+        with evals.splice(tiny_model, [zero_sae("resid_post.1", 64)], keep):
             zeroed = tiny_model.hf(input_ids=ids).logits
         with evals.zero_ablate(tiny_model, Site("resid_post", 1), keep):
             ablated = tiny_model.hf(input_ids=ids).logits

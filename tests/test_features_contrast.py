@@ -1,16 +1,20 @@
-"""Contrastive feature search (features/contrast.py): the separation against hand-computed values,
-pooling against a direct encode, ranking over several SAEs, dense latents hidden and counted, bad input."""
+"""Contrastive feature search (features/contrast.py) and the one text -> latents function it pools
+through (features/encode.py): the separation against hand-computed values, pooling against a direct
+encode on the one mask (mean divided by the positions kept), ranking over several SAEs, dense latents
+hidden and counted, bad input."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError
-from gemmascope.features.contrast import contrast, pooled_latents, separation
-from gemmascope.features.prompt import encode_text
+from gemmascope.features.contrast import contrast, separation
+from gemmascope.features.encode import dense_latents, encode
 from gemmascope.models import LanguageModel
-from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sae import JumpReLUSAE, SAEConfig, encode_inputs
+from gemmascope.sites import capture, parse_site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,15 +41,53 @@ def test_separation_is_cohens_d_with_a_floor() -> None:
     assert float(d[2]) == 0.0
 
 
+def _direct(model: LanguageModel, sae: JumpReLUSAE, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents `[T, d_sae]` and the kept positions `[T]` of one text, computed without `encode`."""
+    site = parse_site(sae.cfg.site)
+    ids = model.to_tokens(text)
+    x = capture(model, ids, [site])[site][0]
+    keep = ~special_mask(ids, model.special_token_ids)[0]
+    if sae.cfg.max_norm is not None:
+        keep &= x.norm(dim=-1) <= sae.cfg.max_norm
+    return encode_inputs(sae, x, keep).float(), keep
+
+
 def test_pooling_equals_a_direct_encode(tiny_model: LanguageModel) -> None:
     sae = _sae("resid_post.1")
-    pooled = {p: pooled_latents(tiny_model, {"s": sae}, A[:2], p)["s"] for p in ("max", "mean", "last")}
+    pooled = encode(tiny_model, {"s": sae}, A[:2], pool=("max", "mean", "last")).pooled
     for row, text in enumerate(A[:2]):
-        _, acts = encode_text(tiny_model, sae, text)
+        acts, keep = _direct(tiny_model, sae, text)
         acts = acts[1:]  # BOS left out
-        torch.testing.assert_close(pooled["max"][row], acts.max(0).values)
-        torch.testing.assert_close(pooled["mean"][row], acts.mean(0))
-        torch.testing.assert_close(pooled["last"][row], acts[-1])
+        torch.testing.assert_close(pooled["max"]["s"][row], acts.max(0).values)
+        torch.testing.assert_close(pooled["mean"]["s"][row], acts.mean(0))
+        torch.testing.assert_close(pooled["last"]["s"][row], acts[-1])
+    per_token = encode(tiny_model, {"s": sae}, A[:1])
+    acts, keep = _direct(tiny_model, sae, A[0])
+    torch.testing.assert_close(per_token.latents["s"][0], acts)
+    assert per_token.keep["s"][0].tolist() == keep.tolist() and not keep[0]  # BOS never kept
+
+
+def test_mean_pooling_divides_by_the_positions_kept(tiny_model: LanguageModel) -> None:
+    """Massive positions (inputs over the SAE's norm limit) are left out of the mean, not counted as
+    zeros; `last` is the last position kept."""
+    sae = _sae("resid_post.1")
+    ids = tiny_model.to_tokens(A[0])
+    x = capture(tiny_model, ids, [parse_site("resid_post.1")])[parse_site("resid_post.1")][0]
+    norms = x.norm(dim=-1)
+    sae.cfg.max_norm = float(norms[1:].sort().values[-2])  # the largest non-BOS input is massive
+    acts, keep = _direct(tiny_model, sae, A[0])
+    assert int(keep.sum()) == ids.shape[1] - 2
+    out = encode(tiny_model, {"s": sae}, A[:1], pool=("mean", "last")).pooled
+    torch.testing.assert_close(out["mean"]["s"][0], acts[keep].sum(0) / int(keep.sum()))
+    assert not torch.allclose(out["mean"]["s"][0], acts[1:].mean(0))  # not over every position
+    torch.testing.assert_close(out["last"]["s"][0], acts[keep][-1])
+
+
+def test_one_dense_rule() -> None:
+    densities = torch.tensor([0.0, 0.05, 0.095, 0.0951, 0.5, 1.0], dtype=torch.float64)
+    assert dense_latents(densities).tolist() == [False, False, False, True, True, True]
+    assert dense_latents(densities, 1.0).tolist() == [False] * 6  # 1: hide nothing
+    assert dense_latents(None) is None and dense_latents(densities, None) is None
 
 
 def test_contrast_ranks_over_every_sae_and_hides_dense_latents(tiny_model: LanguageModel) -> None:

@@ -10,8 +10,8 @@ import torch
 from test_features_contrast import _sae
 
 from gemmascope.errors import ConfigError
-from gemmascope.features.contrast import pooled_latents
 from gemmascope.features.documents import documents
+from gemmascope.features.encode import encode
 from gemmascope.models import LanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +25,7 @@ DOCS = [
 def test_documents_pool_share_and_find_topics(tiny_model: LanguageModel) -> None:
     sae = _sae("resid_post.2")
     out = documents(tiny_model, sae, DOCS, top=5)
-    pooled = pooled_latents(tiny_model, {"s": sae}, DOCS, "max")["s"]
+    pooled = encode(tiny_model, {"s": sae}, DOCS, pool="max").pooled["max"]["s"]
     for d, doc in enumerate(out["documents"]):
         assert [r["index"] for r in doc["max"]] == pooled[d].topk(5).indices.tolist()
         assert all(r["dense"] is None for r in doc["max"])  # no densities given

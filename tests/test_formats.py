@@ -1,4 +1,4 @@
-"""Tests of formats.py: exact round trips through every format, Gemma Scope files encoding exactly as
+"""Tests of formats/: exact round trips through every format, Gemma Scope files encoding exactly as
 the tutorial's reference JumpReLUSAE, SAELens folders, the run-folder layout, and bad files."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from gemmascope.architectures import BatchTopKSAE, JumpReLUSAE
 from gemmascope.cli import main
 from gemmascope.errors import FormatError
 from gemmascope.formats import (
@@ -23,7 +24,7 @@ from gemmascope.formats import (
     save_params_safetensors,
     save_sae,
 )
-from gemmascope.sae import SAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, build_sae
+from gemmascope.sae import SAE, SAEConfig, build_sae
 
 PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
@@ -358,7 +359,7 @@ def test_sae_dir_id_and_find(tmp_path: Path) -> None:
     folder = sae_dir(tmp_path, "resid_post.6", 4096, 51.6)
     assert folder == tmp_path / "saes" / "resid_post" / "layer_6" / "width_4096" / "l0_52"
     assert sae_id(folder) == "resid_post.6.w4096.l0_52"
-    topk = sae_dir(tmp_path, "blocks.6.hook_resid_post", 4096, 52, architecture="topk")
+    topk = sae_dir(tmp_path, "blocks.6.hook_resid_post", 4096, 52, kind="topk")
     assert topk.name == "l0_52_topk" and sae_id(topk) == "resid_post.6.w4096.l0_52_topk"
     save_sae(random_sae(), folder)
     save_sae(random_sae("topk", k=4), topk)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from gemmascope.architectures import JumpReLUSAE
 from gemmascope.errors import ConfigError, FormatError
 from gemmascope.formats import save_params_npz, save_params_safetensors
 from gemmascope.releases import load_release, release_file, resolve
-from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sae import SAEConfig
 
 
 def _random_jumprelu(d_in: int = 16, d_sae: int = 32) -> JumpReLUSAE:

@@ -28,11 +28,13 @@ from gemmascope.corpus import load_corpus, pack
 from gemmascope.errors import StoreError
 from gemmascope.features import HIDE_DENSE, FeatureIndex, build_index
 from gemmascope.formats import sae_dir, sae_id, save_sae
+from gemmascope.limits import REQUEST_NEW_TOKENS as MAX_NEW_TOKENS
+from gemmascope.limits import REQUEST_PROMPT_CHARS as MAX_PROMPT_CHARS
+from gemmascope.limits import REQUEST_PROMPT_TOKENS as MAX_REQUEST_TOKENS
 from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig
 from gemmascope.server import app as app_module
 from gemmascope.server import create_app, serving
-from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_REQUEST_TOKENS
 from gemmascope.sites import capture, parse_site
 from gemmascope.steer import generate_pair
 
@@ -143,11 +145,23 @@ def test_health_and_saes_list_the_run(client: TestClient, run_dir: Path) -> None
     assert (
         data["plots"][0] == "/v1/report/frontier_l0_delta_lm_loss.png"
     )  # UI.md's L0 vs delta LM loss plot first
-    assert data["limits"] == {
-        "max_prompt_tokens": MAX_REQUEST_TOKENS,
-        "max_prompt_chars": MAX_PROMPT_CHARS,
-        "max_new_tokens": MAX_NEW_TOKENS,
+    from gemmascope import limits, steer
+
+    assert data["limits"] == {**limits.served(), "dense": HIDE_DENSE}
+    assert (data["limits"]["max_prompt_tokens"], data["limits"]["max_prompt_chars"]) == (
+        MAX_REQUEST_TOKENS,
+        MAX_PROMPT_CHARS,
+    )
+    assert data["limits"]["max_new_tokens"] == MAX_NEW_TOKENS and data["limits"]["dense"] == 0.095
+    sampling = data["defaults"]["sampling"]  # the steer page's inputs start at steer's defaults
+    assert sampling == {
+        "max_new_tokens": steer.DEFAULT_MAX_NEW_TOKENS,
+        "temperature": steer.DEFAULT_TEMPERATURE,
+        "top_p": steer.DEFAULT_TOP_P,
+        "freq_penalty": steer.DEFAULT_FREQ_PENALTY,
+        "seed": steer.DEFAULT_SEED,
     }
+    assert data["defaults"]["hide_dense"] == HIDE_DENSE
 
 
 def test_report_plots_are_served(client: TestClient, run_dir: Path) -> None:
@@ -655,10 +669,14 @@ def test_serve_command(
     called: dict[str, Any] = {}
     monkeypatch.setattr(
         "gemmascope.server.serve",
-        lambda run, host, port, extra: called.update(run=run, host=host, port=port, extra=extra),
+        lambda run, host, port, extra, model: called.update(
+            run=run, host=host, port=port, extra=extra, model=model
+        ),
     )
     assert main(["serve", str(run_dir)]) == 0
-    assert called == {"run": str(run_dir), "host": "127.0.0.1", "port": 8000, "extra": []}
+    assert called == {"run": str(run_dir), "host": "127.0.0.1", "port": 8000, "extra": [], "model": None}
+    assert main(["serve", str(run_dir), "--model", "tiny-gemma3"]) == 0
+    assert called["model"] == "tiny-gemma3"
     assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "9001"]) == 0
     assert called["host"] == "0.0.0.0" and called["port"] == 9001
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2

@@ -1,7 +1,7 @@
-"""The fast JumpReLU step (sparse_step.py) against the plain reference `train.recipe.jumprelu_terms`: the
-same recon, l0 and fired, and the same gradient for every parameter, within fp32 tolerance, on random
-data and on real activations; and a short training run with `fast=True` ending where the reference
-run ends."""
+"""The fast JumpReLU step (sparse_step.py) against the plain reference (`jumprelu_terms`, in
+architectures/jumprelu.py): the same recon, l0 and fired, and the same gradient for every
+parameter, within fp32 tolerance, on random data and on real activations; and a short training
+run with `fast=True` ending where the reference run ends."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from torch import Tensor
 
 from gemmascope import sparse_step
 from gemmascope.activations import harvest
+from gemmascope.architectures import JumpReLUSAE
 from gemmascope.formats import load_sae
 from gemmascope.models import LanguageModel
-from gemmascope.sae import JumpReLUSAE, SAEConfig
+from gemmascope.sae import SAEConfig
 from gemmascope.sites import Site, capture
 from gemmascope.sparse_step import jumprelu_terms_sparse, kept_pairs
 from gemmascope.train import TrainConfig, TrainSpec, init_sae, jumprelu_terms, train_saes

@@ -366,7 +366,9 @@ def test_latent_shift_downstream(tiny_model, sae1, sae2):
     latent = int(f[1:].sum(0).argmax())
     # same site: adding 10 x W_dec[latent] raises its pre-activation by 10 * (W_enc[:, i] . W_dec[i]) = 5
     up = latent_shift(tiny_model, PROMPT, [Intervention(sae2, latent, "add", 10.0)], sae2, latent)
-    assert up["clean"] == pytest.approx(f[:, latent].double().tolist())
+    f[0] = 0  # BOS is left out, as everywhere latents are read from text (features.encode)
+    assert up["clean"] == pytest.approx(f[:, latent].double().tolist()) and up["clean"][0] == 0.0
+    assert up["mean_clean"] == pytest.approx(float(f[1:, latent].double().mean()))
     assert len(up["tokens"]) == ids.shape[1] and up["site"] == "resid_post.2"
     active = [i for i, v in enumerate(up["clean"]) if v > 0]
     assert active and [up["steered"][i] for i in active] == pytest.approx(

@@ -321,3 +321,33 @@ def test_a_suite_json_value_of_the_wrong_type_is_named_as_damaged(
     assert main(["suite", str(run_dir), *ONE_SAE]) == 2
     err = capsys.readouterr().err
     assert "suite.json" in err and "is damaged" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_topk_suite_takes_its_target_l0_as_k_through_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`suite --arch topk` (and batchtopk) builds its specs through the architecture: the target L0
+    is k; an architecture that takes no target L0 (relu) is refused before anything is written."""
+    run_dir = tmp_path / "run"
+    argv = ["suite", str(run_dir), "--model", "tiny-gemma3", "--sites", "resid_post", "--layers", "1"]
+    argv += [
+        "--widths",
+        "32",
+        "--l0",
+        "6",
+        "--tokens",
+        "2048",
+        "--eval-tokens",
+        "1200",
+        "--index-tokens",
+        "1024",
+    ]
+    assert main([*argv, "--arch", "topk"]) == 0
+    [folder] = [p for p in (run_dir / "saes").glob("**/l0_*") if p.is_dir()]
+    sae = load_sae(folder)
+    assert folder.name.endswith("_topk") and sae.cfg.architecture == "topk" and sae.cfg.k == 6
+    assert json.loads((run_dir / "run.json").read_text())["architecture"] == "topk"
+    capsys.readouterr()
+    assert main(["suite", str(tmp_path / "relu"), "--model", "tiny-gemma3", "--arch", "relu"]) == 2
+    assert "relu SAE takes no target L0" in capsys.readouterr().err
+    assert not (tmp_path / "relu").exists()

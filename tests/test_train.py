@@ -4,6 +4,7 @@ with SIGKILL and bit-exact resume, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,14 +22,16 @@ from safetensors.torch import load_file
 
 import gemmascope.train as train_module
 import gemmascope.train.checkpoint as train_checkpoint
+import gemmascope.train.config as train_config
 import gemmascope.train.loop as train_loop
 import gemmascope.train.recipe as recipe
 from gemmascope.activations import ActivationStore, harvest
+from gemmascope.architectures import BatchTopKSAE, JumpReLUSAE, TopKSAE
 from gemmascope.cli import main
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.formats import load_sae, save_sae
 from gemmascope.models import LanguageModel
-from gemmascope.sae import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, build_sae, norm_limit
+from gemmascope.sae import SAEConfig, build_sae, norm_limit
 from gemmascope.train import (
     PUBLISHED,
     TrainConfig,
@@ -86,65 +89,7 @@ def random_jumprelu(d_in: int = 8, d_sae: int = 16, seed: int = 0) -> JumpReLUSA
 
 
 # ---------------------------------------------------------------------------------------------
-# The loss terms and their gradients
-
-
-def test_jumprelu_terms_values() -> None:
-    sae = random_jumprelu()
-    x = torch.randn(32, 8)
-    recon, l0, fired = jumprelu_terms(sae, x, EPS)
-    with torch.no_grad():
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # the pre-encoder bias
-        active = pre > sae.threshold
-        x_hat = (pre * active) @ sae.W_dec + sae.b_dec
-    assert recon.item() == pytest.approx(float((x - x_hat).pow(2).sum(-1).mean()), rel=1e-6)
-    assert l0.item() == pytest.approx(float(active.sum(-1).float().mean()))
-    assert torch.equal(fired, active.any(0))
-
-
-def test_jumprelu_terms_gradients_equal_the_formulas() -> None:
-    """Weights get the ordinary gradient through active latents only; θ gets the rectangle-kernel
-    pseudo-derivatives of both terms, computed here by hand."""
-    sae = random_jumprelu(seed=1)
-    x = torch.randn(64, 8)
-    lam = 0.3
-    # put some pre-activations within half a bandwidth of θ so the kernel is exercised
-    with torch.no_grad():
-        pre0 = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        sae.threshold.copy_(pre0[0] + 0.0003)  # token 0 sits just below every θ (u = -0.3)
-    recon, l0, _ = jumprelu_terms(sae, x, EPS)
-    (recon + lam * l0).backward()
-
-    with torch.no_grad():
-        theta = sae.threshold.detach()
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        mask = (pre > theta).float()
-        f = pre * mask
-        x_hat = f @ sae.W_dec + sae.b_dec
-        batch = x.shape[0]
-        grad_xhat = -2 * (x - x_hat) / batch  # d recon / d x_hat
-        grad_f = grad_xhat @ sae.W_dec.T
-        kernel = ((pre - theta).abs() / EPS < 0.5).float()
-        grad_theta = (grad_f * -(theta / EPS) * kernel).sum(0) + lam * (-(1 / EPS) * kernel).sum(0) / batch
-        grad_pre = grad_f * mask
-        grad_w_dec = f.T @ grad_xhat
-        grad_w_enc = (x - sae.b_dec).T @ grad_pre
-        grad_b_enc = grad_pre.sum(0)
-        grad_b_dec = grad_xhat.sum(0) - grad_pre.sum(0) @ sae.W_enc.T
-    assert kernel[0].sum() == 16 and kernel.sum() >= 16
-    assert torch.allclose(sae.threshold.grad, grad_theta, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(sae.W_dec.grad, grad_w_dec, atol=1e-6)
-    assert torch.allclose(sae.W_enc.grad, grad_w_enc, atol=1e-6)
-    assert torch.allclose(sae.b_enc.grad, grad_b_enc, atol=1e-6)
-    assert torch.allclose(sae.b_dec.grad, grad_b_dec, atol=1e-5)
-
-
-def test_the_l0_term_sends_no_gradient_to_the_weights() -> None:
-    sae = random_jumprelu(seed=2)
-    _, l0, _ = jumprelu_terms(sae, torch.randn(16, 8), EPS)
-    l0.backward()
-    for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-        assert p.grad is None or not p.grad.any()
+# The fast step
 
 
 def test_fast_flag_uses_sparse_step_or_says_it_cannot(run_dir: Path) -> None:
@@ -168,11 +113,11 @@ def test_a_fast_run_steps_every_sae_with_the_sparse_step(
 ) -> None:
     """With the default settings (massive activations left out) every step of a fast run of SAEs
     goes through the sparse step, none through the reference; a transcoder takes the reference."""
+    import gemmascope.architectures.jumprelu as jumprelu_file
     import gemmascope.sparse_step as sparse_step
-    import gemmascope.train.loop as loop
 
     calls = {"fast": 0, "reference": 0}
-    real_fast, real_ref = sparse_step.jumprelu_terms_sparse, loop.jumprelu_terms
+    real_fast, real_ref = sparse_step.jumprelu_terms_sparse, jumprelu_file.jumprelu_terms
 
     def fast(*args: object) -> object:
         calls["fast"] += 1
@@ -183,7 +128,7 @@ def test_a_fast_run_steps_every_sae_with_the_sparse_step(
         return real_ref(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sparse_step, "jumprelu_terms_sparse", fast)
-    monkeypatch.setattr(loop, "jumprelu_terms", reference)
+    monkeypatch.setattr(jumprelu_file, "jumprelu_terms", reference)
     cfg = small_config(fast=True)
     assert cfg.max_norm is not None
     train_saes(run_dir, [TrainSpec(SITE, 32, target_l0=4)], 1024, cfg, progress=False)
@@ -277,12 +222,12 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert extra["steps"] == 64 and extra["batch_size"] == 128
         # the averaged sign optimiser runs without a schedule; thresholds start at the target rate,
         # so the sparsity needs no warm-up either
-        assert extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN["lr_signum"] == 3.5e-3
+        assert extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN.lr_signum == 3.5e-3
         assert (
             extra["lr_warmup_steps"] == 0 and extra["lr_decay_steps"] == 0 and extra["l0_warmup_steps"] == 0
         )
         assert extra["fixed_biases"] == (spec.architecture != "relu")
-        assert extra["published"]["lr"] == PUBLISHED["lr"] == 7e-5
+        assert extra["published"]["lr"] == PUBLISHED.lr == 7e-5
         assert 0 <= extra["fvu"] < 1.5 and 0 <= extra["dead_fraction"] <= 1
         assert (path / "sparsity.safetensors").exists()
     assert isinstance(saes[3], TopKSAE) and saes[3].cfg.k == 4 and round(saes[3].cfg.extra["l0"]) <= 4
@@ -504,16 +449,16 @@ def test_default_learning_rate_follows_the_optimiser_and_run_length(
     spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
     [signum] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
     extra = load_sae(signum).cfg.extra
-    assert extra["lr"] == train_module.SHORT_RUN["lr_signum"]
+    assert extra["lr"] == train_module.SHORT_RUN.lr_signum
     assert extra["dead_preact_coeff"] == recipe.DEAD_PREACT_COEFF > 0
     assert extra["dense_coeff"] == recipe.DENSE_COEFF > 0
     [short] = train_saes(run_dir, [spec], 1024, small_config(optimizer="adam", name="a"), progress=False)
-    assert load_sae(short).cfg.extra["lr"] == train_module.SHORT_RUN["lr"]
+    assert load_sae(short).cfg.extra["lr"] == train_module.SHORT_RUN.lr
     assert load_sae(short).cfg.extra["dead_preact_coeff"] == load_sae(short).cfg.extra["dense_coeff"] == 0
-    monkeypatch.setitem(train_module.SHORT_RUN, "long_run_steps", 4)
+    monkeypatch.setattr(train_config, "SHORT_RUN", dataclasses.replace(recipe.SHORT_RUN, long_run_steps=4))
     adam = small_config(optimizer="adam", name="b")
     [long] = train_saes(run_dir, [TrainSpec(SITE, 48, l0_coeff=1e-3)], 1024, adam, progress=False)
-    assert load_sae(long).cfg.extra["lr"] == train_module.SHORT_RUN["lr_long"]
+    assert load_sae(long).cfg.extra["lr"] == train_module.SHORT_RUN.lr_long
     assert load_sae(long).cfg.extra["lr_warmup_steps"] == 0  # 5% of 8 steps, rounded
     with pytest.raises(ConfigError, match="optimizer 'sgd' must be one of"):
         train_saes(run_dir, [spec], 1024, small_config(optimizer="sgd", name="c"), progress=False)

@@ -12,11 +12,11 @@ import torch
 
 import gemmascope.train.refit as refit
 from gemmascope.activations import ActivationStore, harvest
+from gemmascope.architectures import JumpReLUSAE
 from gemmascope.errors import ConfigError
 from gemmascope.formats import load_sae
 from gemmascope.models import LanguageModel
 from gemmascope.runs import HELDOUT
-from gemmascope.sae import JumpReLUSAE
 from gemmascope.train import TrainConfig, TrainSpec, train_saes
 from gemmascope.train.refit import refit_decoder, solve_decoder
 from gemmascope.train.trainee import Trainee, new_trainee, training_pair

@@ -14,13 +14,14 @@ import torch
 from gemmascope.activations import ActivationStore, harvest
 from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError, FormatError
-from gemmascope.evals import eval_token_ids, evaluate, evaluate_replacement, splice_transcoders, zero_ablate
+from gemmascope.evals import eval_token_ids, evaluate, evaluate_replacement, splice, zero_ablate
 from gemmascope.formats import load_sae, save_params_safetensors, save_sae
 from gemmascope.models import LanguageModel
 from gemmascope.sae import JumpReLUSAE, SAEConfig, build_sae
 from gemmascope.sites import capture, parse_site
 from gemmascope.train import TrainConfig, TrainSpec, fold_scaling, train_saes
-from gemmascope.train.recipe import SHORT_RUN, with_spec_defaults
+from gemmascope.train.config import resolve
+from gemmascope.train.recipe import SHORT_RUN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IN, OUT = "mlp_in.1", "mlp_out.1"
@@ -85,16 +86,17 @@ def test_saelens_config_names_the_transcoder(tmp_path: Path) -> None:
     assert again.cfg.out_site == OUT and again.cfg.affine_skip and again.W_skip is not None
 
 
-def test_transcoder_lr_default_yields_to_the_run_and_the_spec() -> None:
+def test_transcoder_lr_default_yields_to_the_run_and_the_spec(run_dir: Path) -> None:
+    store = ActivationStore(run_dir)
     tc, sae = TrainSpec(IN, 64, target_l0=8, out_site=OUT), TrainSpec("resid_post.1", 32, target_l0=6)
-    assert [s.lr for s in with_spec_defaults([tc, sae], TrainConfig())] == [
-        SHORT_RUN["lr_signum_transcoder"],
-        None,
-    ]
-    assert [s.lr for s in with_spec_defaults([tc, sae], TrainConfig(lr=1e-3))] == [None, None]  # the run's lr
-    own = TrainSpec(IN, 64, target_l0=8, out_site=OUT, lr=2e-3)
-    assert with_spec_defaults([own], TrainConfig())[0].lr == 2e-3
-    assert with_spec_defaults([tc], TrainConfig(optimizer="adam"))[0].lr is None  # Adam: SHORT_RUN's lr
+
+    def lrs(specs: list[TrainSpec], cfg: TrainConfig) -> list[float | None]:
+        return [s.lr for s in resolve(store, specs, 1024, cfg).specs]
+
+    assert lrs([tc, sae], TrainConfig()) == [SHORT_RUN.lr_signum_transcoder, SHORT_RUN.lr_signum]
+    assert lrs([tc, sae], TrainConfig(lr=1e-3)) == [1e-3, 1e-3]  # the run's lr
+    assert lrs([TrainSpec(IN, 64, target_l0=8, out_site=OUT, lr=2e-3)], TrainConfig()) == [2e-3]
+    assert lrs([tc], TrainConfig(optimizer="adam")) == [SHORT_RUN.lr]  # Adam: the run's lr
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -111,12 +113,7 @@ def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool)
     assert tc.cfg.out_site == OUT and tc.cfg.site == IN and not sae.is_transcoder
     assert tc.cfg.extra["out_scale"] == pytest.approx(ActivationStore(run_dir).scale(OUT))
     # a transcoder takes its own default lr under the sign optimiser, an SAE of the same run the SAEs'
-    assert (
-        tc.cfg.extra["lr"]
-        == SHORT_RUN["lr_signum_transcoder"]
-        != SHORT_RUN["lr_signum"]
-        == sae.cfg.extra["lr"]
-    )
+    assert tc.cfg.extra["lr"] == SHORT_RUN.lr_signum_transcoder != SHORT_RUN.lr_signum == sae.cfg.extra["lr"]
     # on raw activations the saved transcoder predicts the MLP output: FVU well under 1
     store = ActivationStore(run_dir)
     batch = next(iter(store.batches([IN, OUT], 2048, seed=1)))
@@ -157,7 +154,7 @@ def test_splice_puts_the_prediction_from_the_same_pass_in_place_of_the_mlp_outpu
     ids = torch.randint(3, 200, (2, 12))
     keep = torch.ones(2, 12, dtype=torch.bool)
     keep[:, 0] = False
-    with splice_transcoders(tiny_model, [tc], keep):
+    with splice(tiny_model, [tc], keep):
         acts = capture(tiny_model, ids, [parse_site(IN), parse_site(OUT)])
     expected = tc(acts[parse_site(IN)])
     got = acts[parse_site(OUT)]
@@ -198,6 +195,39 @@ def test_transcoder_evals_measure_the_mlp_they_replace(tiny_model: LanguageModel
     assert replacement["layers"] == [0, 1, 2, 3] and replacement["delta_lm_loss"] > 0
     with pytest.raises(ConfigError, match="one transcoder per layer"):
         evaluate_replacement(tiny_model, [zero_transcoder(1), zero_transcoder(1)], n_tokens=1200)
+
+
+def test_the_replacement_model_leaves_massive_inputs_to_the_model(tiny_model: LanguageModel) -> None:
+    """The per-SAE rule in the replacement model: where some transcoder's input is over its norm
+    limit (Gemma 3's massive activations), every MLP output is left as the model computes it, like
+    BOS, and the prediction from there is not counted (before, the MLP outputs were replaced there
+    too and counted)."""
+    from test_attribution import uneven_mlp_inputs
+
+    ids = eval_token_ids(tiny_model, 1200, context_len=64)
+    ins = [parse_site(f"mlp_in.{layer}") for layer in range(4)]
+    keep = ~special_mask(ids, tiny_model.special_token_ids)
+    with uneven_mlp_inputs(tiny_model), ExitStack() as stack:
+        acts = capture(tiny_model, ids, ins)
+        tcs = []
+        for layer, site in enumerate(ins):
+            tc = zero_transcoder(layer)
+            tc.cfg.max_norm = float(acts[site].norm(dim=-1)[keep].quantile(0.97))  # 3% of inputs "massive"
+            tcs.append(tc)
+        massive = torch.zeros_like(keep)
+        for tc, site in zip(tcs, ins, strict=True):
+            massive |= acts[site].norm(dim=-1) > tc.cfg.max_norm
+        kept = keep & ~massive
+        got = evaluate_replacement(tiny_model, tcs, n_tokens=1200, context_len=64, min_tokens=100)
+        for layer in range(4):
+            stack.enter_context(zero_ablate(tiny_model, parse_site(f"mlp_out.{layer}"), kept))
+        with torch.no_grad():
+            logits = tiny_model.hf(input_ids=ids).logits[:, :-1]
+    predict = kept[:, :-1] & kept[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[predict].float(), ids[:, 1:][predict])
+    assert got["n_massive_tokens_excluded"] == int((keep & massive).sum()) > 0
+    assert got["n_predictions"] == int(predict.sum())
+    assert got["ce_loss_with"] == pytest.approx(float(ce), rel=1e-4)
 
 
 def test_gemma_scope_2_layout_round_trip(tmp_path: Path) -> None:
@@ -303,7 +333,7 @@ def test_saelens_skip_layout_is_d_out_by_d_in(tmp_path: Path) -> None:
 
 def test_the_skip_connection_starts_as_the_ridge_regression() -> None:
     """`fit_skip` recovers an exact linear map (up to the ridge's slight shrinkage) and its offset."""
-    from gemmascope.train.recipe import fit_skip
+    from gemmascope.train.init import fit_skip
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 8, generator=g) + 3.0

@@ -17,18 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError
-from gemmascope.evals import CleanDistribution, NextTokenStats, eval_token_ids
+from gemmascope.evals import NextTokenStats, edited_batches, eval_token_ids
 from gemmascope.features.prompt import HIDE_DENSE
+from gemmascope.limits import MAX_MEASURE_PROMPTS, MAX_SWEEP, MAX_WATCH, MIN_SIDE_EFFECT_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, check_intervention, generate_pair, steering
 
-MAX_PROMPTS = 64
-MAX_WATCH = 16
 DEFAULT_SIDE_EFFECT_TOKENS = 2048  # held-out tokens the cost is measured on
-MIN_SIDE_EFFECT_TOKENS = 128
 MIN_BIAS = 0.01  # a gap difference below this (one point of probability) leaves nothing to remove
 
 
@@ -51,8 +48,8 @@ def watch_ids(model: LanguageModel, watch: Sequence[str]) -> list[int]:
 
 
 def _check_prompts(prompts: Sequence[str]) -> None:
-    if not prompts or len(prompts) > MAX_PROMPTS:
-        raise ConfigError(f"give 1..{MAX_PROMPTS} prompts to measure on, got {len(prompts)}")
+    if not prompts or len(prompts) > MAX_MEASURE_PROMPTS:
+        raise ConfigError(f"give 1..{MAX_MEASURE_PROMPTS} prompts to measure on, got {len(prompts)}")
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise ConfigError(f"prompt {empty[0] + 1} of the set is empty: expected text")
@@ -75,34 +72,31 @@ def _next_probs(
 
 @torch.no_grad()
 def side_effects(
-    model: LanguageModel, interventions: Sequence[Intervention], n_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    model: LanguageModel,
+    interventions: Sequence[Intervention],
+    n_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
     context_len: int = 128,
-) -> dict[str, float]:  # fmt: skip
-    """The cost of the interventions on about `n_tokens` held-out tokens: LM loss without and with
-    them, their difference (ΔLM loss) and KL(clean ‖ intervened), per predicted token."""
+    batch_rows: int = 4,
+) -> dict[str, float]:
+    """The cost of the interventions on about `n_tokens` held-out tokens (`evals.edited_batches`,
+    `batch_rows` rows a pass): LM loss without and with them, their difference (ΔLM loss) and
+    KL(clean ‖ intervened), per predicted token. Every prediction between text tokens counts: a
+    steer edits every position, massive ones too (`steer.steering`), so none is left out for it."""
     if n_tokens < MIN_SIDE_EFFECT_TOKENS:
         raise ConfigError(
             f"side effects need at least {MIN_SIDE_EFFECT_TOKENS} held-out tokens, got {n_tokens}"
         )
     token_ids = eval_token_ids(model, n_tokens, context_len=context_len)
-    special = special_mask(token_ids, model.special_token_ids)
-    clean_stats, steered_stats = NextTokenStats(), NextTokenStats()
-    for start in range(0, token_ids.shape[0], 4):
-        ids = token_ids[start : start + 4].to(model.device)
-        keep = ~special[start : start + 4].to(model.device)
-        predict = keep[:, :-1] & keep[:, 1:]
-        targets = ids[:, 1:][predict]
-        clean = CleanDistribution(model.hf(input_ids=ids, use_cache=False).logits[:, :-1][predict])
-        clean_stats.update(*clean.compare(clean.logits, targets))
-        with steering(model, interventions):
-            steered = model.hf(input_ids=ids, use_cache=False).logits[:, :-1][predict]
-        steered_stats.update(*clean.compare(steered, targets))
+    clean, steered = NextTokenStats(), NextTokenStats()
+    for batch in edited_batches(model, token_ids, (), batch_rows, min_tokens=1):
+        clean.update(*batch.unedited)
+        steered.update(*batch.under(steering(model, interventions)))
     return {
-        "lm_loss": clean_stats.ce,
-        "lm_loss_intervened": steered_stats.ce,
-        "delta_lm_loss": steered_stats.ce - clean_stats.ce,
-        "kl": steered_stats.kl,
-        "n_predictions": clean_stats.n,
+        "lm_loss": clean.ce,
+        "lm_loss_intervened": steered.ce,
+        "delta_lm_loss": steered.ce - clean.ce,
+        "kl": steered.kl,
+        "n_predictions": clean.n,
     }
 
 
@@ -175,8 +169,8 @@ def sweep(
     """`measure` at each strength (`at_strength(s)` gives the interventions), with a greedy
     completion of `completion_prompt` (default the first prompt) per strength: one row per
     strength with the watched tokens' mean probabilities, ΔLM loss, KL and the completion."""
-    if not strengths or len(strengths) > 16:
-        raise ConfigError(f"a sweep takes 1..16 strengths, got {len(strengths)}")
+    if not strengths or len(strengths) > MAX_SWEEP:
+        raise ConfigError(f"a sweep takes 1..{MAX_SWEEP} strengths, got {len(strengths)}")
     rows = []
     for s in strengths:
         interventions = at_strength(float(s))
@@ -208,6 +202,40 @@ def _gap(
     return float((probs[:, ids[0]] - probs[:, ids[1]]).mean())
 
 
+def _separating_latents(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
+    top: int,
+    pool: str,
+    densities: Mapping[str, Tensor] | None,
+    hide_dense: float | None,
+) -> list[dict[str, Any]]:
+    """The `top` latents of `features.contrast.contrast` that separate A from B in either direction,
+    by effect size, each with "side" (the set it fires more on) and A's numbers under `_a`; a
+    ConfigError when none does."""
+    from gemmascope.features.contrast import contrast
+
+    def hits(a: Sequence[str], b: Sequence[str]) -> list[dict[str, Any]]:
+        found = contrast(model, saes, a, b, pool=pool, top=top, densities=densities, hide_dense=hide_dense)
+        return list(found["results"])
+
+    found = [{**hit, "side": "A"} for hit in hits(prompts_a, prompts_b)]
+    for hit in hits(prompts_b, prompts_a):  # firing more on B: the same columns, A's numbers under _a
+        swapped = {
+            "mean_a": hit["mean_b"],
+            "mean_b": hit["mean_a"],
+            "fired_a": hit["fired_b"],
+            "fired_b": hit["fired_a"],
+        }
+        found.append({**hit, **swapped, "side": "B"})
+    picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
+    if not picked:
+        raise ConfigError("no latent separates the two prompt sets: nothing to ablate")
+    return picked
+
+
 def bias_experiment(
     model: LanguageModel,
     saes: Mapping[str, SAE],
@@ -237,8 +265,6 @@ def bias_experiment(
     with "side": the set a latent fires more on], "rows": [{"n_latents",
     "gap_a", "gap_b", "bias", "bias_removed", "delta_lm_loss", "kl"}]}`, the first row (k = 0)
     being the model as it is."""
-    from gemmascope.features.contrast import contrast
-
     if len(watch) != 2 or watch[0] == watch[1]:
         raise ConfigError(
             f"a bias experiment watches two different tokens (e.g. ' she', ' he'), got {list(watch)}"
@@ -256,25 +282,7 @@ def bias_experiment(
         )
     ids = watch_ids(model, watch)
     top = max(ablate)
-    found = [
-        {**hit, "side": "A"}
-        for hit in contrast(
-            model, saes, prompts_a, prompts_b, pool=pool, top=top, densities=densities, hide_dense=hide_dense
-        )["results"]
-    ]
-    for hit in contrast(
-        model, saes, prompts_b, prompts_a, pool=pool, top=top, densities=densities, hide_dense=hide_dense
-    )["results"]:  # firing more on B: the same columns, A's numbers under _a
-        swapped = {
-            "mean_a": hit["mean_b"],
-            "mean_b": hit["mean_a"],
-            "fired_a": hit["fired_b"],
-            "fired_b": hit["fired_a"],
-        }
-        found.append({**hit, **swapped, "side": "B"})
-    picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
-    if not picked:
-        raise ConfigError("no latent separates the two prompt sets: nothing to ablate")
+    picked = _separating_latents(model, saes, prompts_a, prompts_b, top, pool, densities, hide_dense)
     rows = []
     clean_bias = None
     for k in (0, *sorted(set(ablate))):
@@ -299,3 +307,32 @@ def bias_experiment(
         if k >= len(picked):
             break
     return {"watch": list(watch), "pool": pool, "picked": picked, "rows": rows}
+
+
+def measure_and_sweep(
+    model: LanguageModel,
+    interventions: Sequence[Intervention],
+    prompts: Sequence[str],
+    watch: Sequence[str],
+    *,
+    strengths: Sequence[float] | None = None,
+    side_effect_tokens: int | None = DEFAULT_SIDE_EFFECT_TOKENS,
+    sweep_side_effect_tokens: int = DEFAULT_SIDE_EFFECT_TOKENS,
+    max_new_tokens: int = 24,
+) -> dict[str, Any]:
+    """`measure`, and with `strengths` a `sweep` of them under "sweep" (each strength given to every
+    add or clamp intervention; ablations stay as they are): what `gemmascope steer --watch … --sweep`
+    and `POST /v1/steer/measure` run. A sweep always reports its cost: on `side_effect_tokens`
+    held-out tokens, or `sweep_side_effect_tokens` when the cost is not measured otherwise (None)."""
+    from dataclasses import replace
+
+    if strengths is not None and all(iv.mode == "ablate" for iv in interventions):
+        raise ConfigError("a sweep varies the strength of add or clamp features; these are all ablations")
+    out = measure(model, interventions, prompts, watch, side_effect_tokens=side_effect_tokens)
+    if strengths is not None:
+        out["sweep"] = sweep(
+            model, lambda s: [iv if iv.mode == "ablate" else replace(iv, value=s) for iv in interventions],
+            strengths, prompts, watch, side_effect_tokens=side_effect_tokens or sweep_side_effect_tokens,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+    return out

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from gemmascope.errors import ConfigError, ModelError
+from gemmascope.limits import MAX_PROMPT_TOKENS  # prompt tokens after BOS one call may run
 
 BUNDLED_MODEL = "gemma-3-270m"
 TINY_MODEL = "tiny-gemma3"
-MAX_PROMPT_TOKENS = 512  # prompt tokens after BOS one call may run (microscope, search, steering)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,18 +1,28 @@
-"""Sparse autoencoder modules. Owns the JumpReLU SAE of Gemma Scope (RECIPE.md section 1) and the
-baselines it is compared with (TopK, BatchTopK, ReLU with an L1 penalty): parameters, encode,
-decode, forward, and the straight-through functions whose pseudo-derivatives train the JumpReLU
-threshold. A transcoder (Gemma Scope 2) is the same module reading one site and writing another
-(`cfg.out_site`: MLP input to MLP output), with an optional affine skip connection `W_skip`.
+"""Sparse autoencoder modules: the base `SAE` and `SAEConfig` every architecture shares, the registry
+of architectures, and the one path from model activations to latents (`encode_inputs`, with the
+special and massive-token mask). A transcoder (Gemma Scope 2) is the same module reading one site and
+writing another (`cfg.out_site`: MLP input to MLP output), with an optional affine skip connection
+`W_skip`.
 
-Knows nothing of files (see formats.py) or of training loops (see train/). Every SAE here takes
-raw activations at inference: no input normalisation and no b_dec subtraction.
+An architecture (JumpReLU, TopK, BatchTopK, ReLU, ...) is ONE file under `architectures/` holding its
+module class (the activation) and an `Architecture` object: its training terms and after-step update,
+its optimiser groups, its spec checks, its saved form and its folder suffix. `register_architecture`
+adds it; `architecture(name)` is the one lookup every other module goes through (the training loop,
+the optimiser, the file formats, the suite and the CLI never test for an architecture by name). The
+package `gemmascope` imports `gemmascope.architectures` first, so the built-in ones are always there.
+
+Knows nothing of files (see formats/) or of training loops (see train/): `Architecture` says what an
+architecture adds to a training step, given the step's batch and settings, not how steps are run.
+Every SAE here takes raw activations at inference: no input normalisation and no b_dec subtraction.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +30,6 @@ from torch import Tensor, nn
 from gemmascope.errors import ConfigError, SiteError
 from gemmascope.models import LanguageModel
 from gemmascope.sites import Site, parse_site, site_d_in
-
-ARCHITECTURES = ("jumprelu", "topk", "batchtopk", "relu")
 
 
 @dataclass
@@ -31,7 +39,7 @@ class SAEConfig:
     architecture: str
     d_in: int
     d_sae: int
-    k: int | None = None  # active latents per token for topk / batchtopk
+    k: int | None = None  # active latents per token, for an architecture that takes k (topk)
     model_name: str = ""
     site: str = ""  # e.g. "resid_post.6" (sites.Site string form)
     hook_name: str = ""  # TransformerLens name, e.g. "blocks.6.hook_resid_post"
@@ -53,13 +61,10 @@ class SAEConfig:
         return bool(self.out_site)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown SAE architecture {self.architecture!r}: expected one of {ARCHITECTURES}"
-            )
+        arch = architecture(self.architecture)  # ConfigError naming the registered ones
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ConfigError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.architecture in ("topk", "batchtopk") and (self.k is None or not 0 < self.k <= self.d_sae):
+        if arch.uses_k and (self.k is None or not 0 < self.k <= self.d_sae):
             raise ConfigError(f"{self.architecture} needs 0 < k <= d_sae={self.d_sae}, got k={self.k}")
         if self.affine_skip and not self.out_site:
             raise ConfigError("affine_skip is a transcoder's: it needs out_site (the site it writes)")
@@ -139,140 +144,251 @@ class SAE(nn.Module):
         return self.decode(self.encode(x)) + self.skip(x)
 
 
-class JumpReLUSAE(SAE):
-    """Gemma Scope's JumpReLU SAE: `f = pre_acts * H(pre_acts - threshold)`, one learned threshold
-    per latent (RECIPE 1). Written exactly as the Gemma Scope tutorial's reference `JumpReLUSAE`
-    (mask = pre > threshold; acts = mask * relu(pre)) so loaded Gemma Scope files encode
-    bit-for-bit as the reference does; equal to `pre * H(pre - threshold)` whenever threshold >= 0."""
-
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
-
-    def activation(self, pre_acts: Tensor) -> Tensor:
-        mask = pre_acts > self.threshold
-        return mask * torch.nn.functional.relu(pre_acts)
+# ---------------------------------------------------------------------------------------------
+# What an architecture adds to training and saving
 
 
-class TopKSAE(SAE):
-    """TopK SAE (Gao et al. 2024): keep the `k` largest pre-activations of each token, ReLU'd."""
+class SpecLike(Protocol):
+    """What an architecture reads of one SAE to train (`train.recipe.TrainSpec`): its width and the
+    sparsity knobs (`l0_coeff` λ, `target_l0`, `k`)."""
 
-    def activation(self, pre_acts: Tensor) -> Tensor:
-        k = int(self.cfg.k or 0)
-        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
-        return torch.zeros_like(pre_acts).scatter(-1, indices, torch.nn.functional.relu(values))
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def l0_coeff(self) -> float | None: ...
+    @property
+    def target_l0(self) -> float | None: ...
+    @property
+    def k(self) -> int | None: ...
 
 
-class BatchTopKSAE(SAE):
-    """BatchTopK SAE (Bussmann et al. 2024). In training, `batch_activation` keeps the `k * batch`
-    largest ReLU'd pre-activations of the whole batch; at inference it is a JumpReLU SAE with one
-    global `threshold` (a 0-dim buffer the trainer estimates), and it is saved as one
-    (`to_jumprelu`)."""
+class SettingsLike(Protocol):
+    """What an architecture reads of a run's resolved settings (`train.recipe.TrainConfig`)."""
 
-    threshold: Tensor
+    @property
+    def bandwidth(self) -> float: ...
+    @property
+    def fast(self) -> bool: ...
+    @property
+    def target_l0_coeff(self) -> float: ...
+    @property
+    def dead_preact_coeff(self) -> float | None: ...
+    @property
+    def dense_coeff(self) -> float | None: ...
+    @property
+    def dense_density(self) -> float: ...
+    @property
+    def auxk_coeff(self) -> float: ...
+    @property
+    def threshold_init(self) -> float | None: ...
 
-    def __init__(self, cfg: SAEConfig) -> None:
-        super().__init__(cfg)
-        self.register_buffer("threshold", torch.zeros(()))
 
-    def batch_activation(self, pre_acts: Tensor) -> Tensor:
-        """`[batch, d_sae] -> [batch, d_sae]`: the training-time activation, `k` per token on average."""
-        relu = torch.nn.functional.relu(pre_acts)
-        flat = relu.flatten()
-        n_keep = min(int(self.cfg.k or 0) * pre_acts.shape[0], flat.numel())
-        values, indices = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+@dataclass
+class TrainBatch:
+    """One SAE's part of one training step, as its architecture's loss reads it."""
 
-    def activation(self, pre_acts: Tensor) -> Tensor:
-        mask = pre_acts > self.threshold
-        return mask * torch.nn.functional.relu(pre_acts)
+    x: Tensor  # [batch, d_in] inputs, already / C, massive tokens left out
+    target: Tensor | None  # [batch, d_in] a transcoder's output-site activations; None: x itself
+    dead: Tensor  # [d_sae] bool: silent for the run's dead window
+    density: Tensor  # [d_sae] running firing rate (-1: not measured yet)
+    prefixes: tuple[int, ...] | None = None  # Matryoshka's nested dictionary sizes
+    # data-parallel ranks: a value's mean over the ranks with this rank's gradient (None: one process)
+    share: Callable[[Tensor], Tensor] | None = None
 
-    def to_jumprelu(self) -> JumpReLUSAE:
-        """The inference-time JumpReLU SAE: same weights, `threshold` filled with the global value."""
-        extra = {**self.cfg.extra, "trained_as": "batchtopk", "k": self.cfg.k}
-        cfg = SAEConfig(**{**self.cfg.to_dict(), "architecture": "jumprelu", "k": None, "extra": extra})
-        sae = JumpReLUSAE(cfg)
-        with torch.no_grad():
-            for name, value in self.state_dict().items():
-                if name != "threshold":  # a 0-dim global value here, one per latent there
-                    getattr(sae, name).copy_(value)
-            sae.threshold.fill_(float(self.threshold))
+    @property
+    def y(self) -> Tensor:
+        """`[batch, d_in]`: what the SAE must give (`x`, or a transcoder's target)."""
+        return self.x if self.target is None else self.target
+
+
+@dataclass
+class Terms:
+    """An architecture's loss terms on one batch. The loop's loss is `recon_scale * recon +
+    warm-up * sparsity + extra`; `acts` is what the after-step update reads."""
+
+    recon: Tensor  # mean over the batch of ‖y − ŷ‖² (Matryoshka: over the nested reconstructions)
+    l0: Tensor  # mean active latents per token
+    fired: Tensor  # [d_sae] bool: active on some token of the batch
+    sparsity: Tensor | float  # the penalty the warm-up scales (λ·L0, the target-L0 penalty, L1)
+    extra: Tensor | float = 0.0  # the auxiliary terms (dead and dense latents, AuxK)
+    acts: Tensor | None = None  # [batch, d_sae] training-time latents, when the loss has them
+
+
+def nested_recon(f: Tensor, W_dec: Tensor, residual: Tensor, prefixes: tuple[int, ...] | None) -> Tensor:
+    """The reconstruction term of latents `f [batch, d_sae]` for `residual [batch, d_in]` (what the
+    latents must give: the target less b_dec and any skip): the mean over the batch of
+    ‖residual − f W_dec‖²; with Matryoshka `prefixes` m₁ < … < m_J = d_sae (Gemma Scope 2, Bussmann et
+    al. 2025), the mean over j of that term for the reconstruction from the first mⱼ latents alone,
+    so the first latents must reconstruct on their own (broad features first, the rest refining)."""
+    bounds = prefixes or (f.shape[1],)
+    partial: Tensor | float = 0.0
+    total: Tensor | float = 0.0
+    low = 0
+    for high in bounds:
+        partial = partial + f[:, low:high] @ W_dec[low:high]
+        total = total + (residual - partial).pow(2).sum(-1).mean()
+        low = high
+    assert isinstance(total, Tensor)
+    return total / len(bounds)
+
+
+# The knobs a spec can set its sparsity with, and the words its errors use for them.
+KNOBS = ("l0_coeff", "target_l0", "k")
+
+
+class Architecture:
+    """How one SAE architecture encodes, trains and is saved. Subclass it beside the module class
+    (one file under `architectures/`), set the class attributes, override the hooks whose default
+    does not fit, and register one instance with `register_architecture`.
+
+    The defaults are a plain activation SAE: the training latents are `module.activation` of the
+    pre-activations (`train_activation`), the loss is the reconstruction plus `penalty` plus
+    `aux_loss` (both 0), nothing happens after a step, no parameter beyond the four base ones."""
+
+    name: str = ""  # cfg.architecture, e.g. "jumprelu"
+    module: type[SAE] = SAE  # the nn.Module of its SAEs
+    knobs: tuple[str, ...] = ()  # the spec fields that set its sparsity, some of KNOBS
+    saelens_name: str = ""  # SAELens's name of it in cfg.json ("standard" is its ReLU SAE)
+    saved_as: str = ""  # the architecture its SAEs are saved as ("": itself); see `as_saved`
+    folder_tag: str = ""  # its folders' suffix, `l0_52_topk` ("": none)
+    extra_tensors: tuple[str, ...] = ()  # per-latent [d_sae] tensors saved beside W_enc, W_dec, b_enc, b_dec
+    input_scaled: tuple[str, ...] = ()  # tensors in the pre-activations' units, times C when folding
+    fixed_biases: bool = True  # the sign optimiser keeps b_enc at 0 and b_dec at the data mean
+    tracks_density: bool = False  # its loss reads every latent's running firing rate (`TrainBatch.density`)
+    data_parallel: bool = True  # a step may be split over data-parallel ranks
+    fast_step: bool = False  # `TrainConfig.fast` (a sparse step) changes how it trains
+
+    @property
+    def uses_k(self) -> bool:
+        """Whether its modules read `SAEConfig.k` (active latents per token)."""
+        return "k" in self.knobs
+
+    # -- specs ------------------------------------------------------------------------------
+
+    def check_spec(self, spec: SpecLike) -> None:
+        """A ConfigError naming what makes no sense in the spec's sparsity knobs."""
+        raise NotImplementedError
+
+    def sparsity(self, *, target_l0: float | None = None, l0_coeff: float | None = None) -> dict[str, Any]:
+        """The spec fields of one sparsity a suite asks for, a target L0 or a λ: the target L0 as
+        such, or as `k` for an architecture that takes k; a ConfigError if it takes neither."""
+        if target_l0 is not None:
+            if "target_l0" in self.knobs:
+                return {"target_l0": target_l0}
+            if "k" in self.knobs:
+                return {"k": max(1, round(target_l0))}
+            raise ConfigError(f"a {self.name} SAE takes no target L0: give it λs (l0_coeffs) instead")
+        if "l0_coeff" not in self.knobs:
+            raise ConfigError(f"a {self.name} SAE takes no λ (l0_coeffs): give it target L0s instead")
+        return {"l0_coeff": l0_coeff}
+
+    @staticmethod
+    def check_positive(spec: SpecLike, knob: str, value: float | None, allow_zero: bool = False) -> None:
+        """A ConfigError unless `value` is a finite number > 0 (>= 0 with `allow_zero`)."""
+        ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(
+                f"{knob} {value!r} of a {spec.architecture} SAE must be a finite number {bound}"
+            )
+
+    # -- training -----------------------------------------------------------------------------
+
+    def init(self, sae: SAE, threshold_init: float) -> None:
+        """Its own parameters at the recipe's initialisation (after W_enc, W_dec, b_enc, b_dec)."""
+
+    def init_from_data(self, sae: SAE, x: Tensor, init_l0: float, settings: SettingsLike) -> None:
+        """Its own parameters from a first batch `x [batch, d_in]` (already / C, the recipe's data
+        init done): `init_l0` is the L0 to start at."""
+
+    def param_groups(self, sae: SAE, lr: float, threshold_lr: float) -> list[dict[str, Any]]:
+        """The sign optimiser's groups for its own parameters (beside W_enc, W_dec and the biases)."""
+        return []
+
+    def train_activation(self, sae: SAE, pre_acts: Tensor) -> Tensor:
+        """`[batch, d_sae]`: the training-time latents of a batch's pre-activations."""
+        return sae.activation(pre_acts)
+
+    def terms(self, sae: SAE, batch: TrainBatch, spec: SpecLike, settings: SettingsLike) -> Terms:
+        """The loss terms of one batch: the reconstruction of `batch.y` (nested with Matryoshka
+        prefixes), the L0 and the latents that fired, `penalty` and `aux_loss`."""
+        x = batch.x
+        f = self.train_activation(sae, sae.pre_acts(sae.centered(x)))  # [batch, d_sae]
+        x_hat = sae.decode(f) + sae.skip(x)
+        recon = nested_recon(f, sae.W_dec, batch.y - sae.b_dec - sae.skip(x), batch.prefixes)
+        active = f > 0
+        l0 = active.sum(-1).float().mean()
+        sparsity = self.penalty(f, spec)
+        extra = self.aux_loss(sae, batch, x_hat, settings)
+        return Terms(recon, l0, active.any(0), sparsity, extra, acts=f)
+
+    def penalty(self, f: Tensor, spec: SpecLike) -> Tensor | float:
+        """The sparsity penalty of training latents `f [batch, d_sae]` (0: none; `k` sets sparsity)."""
+        return 0.0
+
+    def aux_loss(self, sae: SAE, batch: TrainBatch, x_hat: Tensor, settings: SettingsLike) -> Tensor | float:
+        """Auxiliary loss terms (0: none), given the reconstruction `x_hat [batch, d_in]`."""
+        return 0.0
+
+    def after_step(self, sae: SAE, terms: Terms) -> None:
+        """What follows each optimiser step (constraints, running estimates), given the step's terms."""
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def as_saved(self, sae: SAE) -> SAE:
+        """The module as it is saved and used at inference (BatchTopK: a JumpReLU SAE)."""
         return sae
 
 
-class ReLUSAE(SAE):
-    """ReLU SAE (Bricken et al. 2023), trained with an L1 penalty on `f` (see train/loop.py)."""
+_REGISTRY: dict[str, Architecture] = {}
 
-    def activation(self, pre_acts: Tensor) -> Tensor:
-        return torch.nn.functional.relu(pre_acts)
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Add an architecture to the registry under `arch.name` (a ValueError if the name is taken by
+    another); from then on SAEConfig, build_sae, training, the formats and the CLI know it."""
+    if not arch.name or not arch.name.isidentifier():
+        raise ValueError(f"an architecture needs a plain name, got {arch.name!r}")
+    held = _REGISTRY.get(arch.name)
+    if held is not None and type(held) is not type(arch):
+        raise ValueError(f"architecture {arch.name!r} is already registered ({type(held).__name__})")
+    _REGISTRY[arch.name] = arch
+    return arch
+
+
+def architecture(name: str) -> Architecture:
+    """The registered architecture called `name`, or a ConfigError naming the registered ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown architecture {name!r}: expected one of {architecture_names()}") from None
+
+
+def architecture_names() -> tuple[str, ...]:
+    """The names of the registered architectures, in the order they were registered."""
+    return tuple(_REGISTRY)
 
 
 def build_sae(cfg: SAEConfig) -> SAE:
     """An SAE module of the configured architecture with zero parameters (load or init them next)."""
-    classes: dict[str, type[SAE]] = {
-        "jumprelu": JumpReLUSAE,
-        "topk": TopKSAE,
-        "batchtopk": BatchTopKSAE,
-        "relu": ReLUSAE,
-    }
-    return classes[cfg.architecture](cfg)
+    return architecture(cfg.architecture).module(cfg)
+
+
+def __getattr__(name: str) -> Any:
+    """Old imports: `ARCHITECTURES` (now `architecture_names()`) and the module classes that moved to
+    `gemmascope.architectures` (`from gemmascope.sae import JumpReLUSAE`); new code imports them from
+    there."""
+    if name == "ARCHITECTURES":
+        return architecture_names()
+    for arch in _REGISTRY.values():
+        if arch.module.__name__ == name:
+            return arch.module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Straight-through functions for training the JumpReLU threshold (JumpReLU paper, arXiv 2407.14435,
-# section 4; RECIPE 2). The forward passes are exact; the backward passes use the rectangle kernel
-# K(u) = 1 if |u| < 1/2 else 0 with bandwidth eps for the derivatives with respect to theta.
-
-
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth = bandwidth
-        return pre_acts * (pre_acts > threshold)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = (pre_acts > threshold) * grad_out  # ordinary gradient where active
-        # d f / d theta = -(theta / eps) K((pre - theta) / eps)
-        grad_theta = -(threshold / eps) * _rectangle((pre_acts - threshold) / eps) * grad_out
-        return grad_pre, grad_theta.sum_to_size(threshold.shape), None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        # d H / d theta = -(1 / eps) K((pre - theta) / eps); no gradient to pre (RECIPE 2)
-        grad_theta = -(1.0 / eps) * _rectangle((pre_acts - threshold) / eps) * grad_out
-        return torch.zeros_like(pre_acts), grad_theta.sum_to_size(threshold.shape), None
-
-
-def jumprelu(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """`[..., d_sae]`: `pre_acts * H(pre_acts - threshold)` whose gradient with respect to the
-    threshold `[d_sae]` is the rectangle-kernel pseudo-derivative with bandwidth `bandwidth`."""
-    out: Tensor = _JumpReLU.apply(pre_acts, threshold, bandwidth)
-    return out
-
-
-def step(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """`[..., d_sae]`: the Heaviside step `H(pre_acts - threshold)` as floats, whose gradient goes to
-    the threshold only (rectangle-kernel pseudo-derivative); summed over latents it is the L0."""
-    out: Tensor = _Step.apply(pre_acts, threshold, bandwidth)
-    return out
+# From model activations to latents: the one path
 
 
 def norm_limit(sae: SAE) -> float | None:
@@ -291,10 +407,6 @@ def max_norm_from_extra(extra: dict[str, Any]) -> float | None:
     if extra.get("max_scaled_norm") is None or extra.get("scale") is None:
         return None
     return float(extra["max_scaled_norm"]) * float(extra["scale"])
-
-
-# ---------------------------------------------------------------------------------------------
-# From model activations to latents: the one path
 
 
 def sae_site(model: LanguageModel, sae: SAE, name: str | None = None) -> Site:

@@ -1,5 +1,5 @@
 """The fast JumpReLU training step. Owns `jumprelu_terms_sparse`, a drop-in for the plain reference
-`train.recipe.jumprelu_terms` (the same arguments but a transcoder's target; same values, same gradients
+`architectures.jumprelu.jumprelu_terms` (the same arguments but a transcoder's target; same values, same gradients
 within fp32 rounding) that does
 only one dense product: the encoder's. Everything else touches only the (token, latent) pairs that
 are active, or near enough to the threshold for its pseudo-gradient (RECIPE.md section 2):
@@ -23,8 +23,9 @@ each backward) and keeps several [B, d_sae] tensors; this does one and keeps non
 the dense matmul rate / (2·d_in·d_sae) tokens per second (see benchmarks/train_step.py).
 The same code runs on CPU (MKL sparse kernels) and on CUDA (cuSPARSE through torch.sparse).
 
-Knows nothing of the training loop, the optimiser or files; `train.loop` picks this or the reference
-with `TrainConfig.fast`.
+Knows nothing of the training loop, the optimiser or files; the JumpReLU architecture
+(`architectures/jumprelu.py`) picks this or the reference with `TrainConfig.fast`. Takes any SAE with
+a per-latent `threshold` (a JumpReLU SAE).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmascope.sae import JumpReLUSAE
+from gemmascope.sae import SAE
 
 # The encoder product is done in row blocks of at most this many [rows, d_sae] elements (1 GiB of
 # fp32), so a wide SAE never holds a whole [batch, d_sae] matrix.
@@ -43,14 +44,14 @@ BLOCK_ELEMENTS = 2**28
 
 
 def jumprelu_terms_sparse(
-    sae: JumpReLUSAE, x: Tensor, bandwidth: float, prefixes: tuple[int, ...] | None = None
+    sae: SAE, x: Tensor, bandwidth: float, prefixes: tuple[int, ...] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The two terms of the JumpReLU loss on `x [batch, d_in]` (already divided by C), computed
     sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias; with
     Matryoshka `prefixes`, the mean of that over the nested reconstructions from the first m
     latents, m in `prefixes`), `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only
     through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (bool), exactly as
-    `train.recipe.jumprelu_terms`; backward fills the gradients of W_enc, b_enc, W_dec, b_dec,
+    `architectures.jumprelu.jumprelu_terms`; backward fills the gradients of W_enc, b_enc, W_dec, b_dec,
     threshold (and x, if it requires one)."""
     bounds = tuple(prefixes) if prefixes else (sae.d_sae,)
     if list(bounds) != sorted(set(bounds)) or bounds[0] < 1 or bounds[-1] != sae.d_sae:

@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
+from gemmascope.features.encode import encode, pool_latents
+from gemmascope.limits import MAX_FREQ_PENALTY, MAX_NEW_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens
-from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import Site, capture, edit_from, edit_site, parse_site
+from gemmascope.sae import SAE, sae_site
+from gemmascope.sites import Site, edit_from, edit_site, parse_site
 from gemmascope.values import finite32
 
 MODES = ("add", "clamp", "ablate")
-MAX_NEW_TOKENS = 512
-MAX_FREQ_PENALTY = 2.0  # OpenAI's and Neuronpedia's range is [-2, 2]
 # Sampling defaults, the one place for them (the CLI and the server take theirs from here): a little
 # randomness, a mild frequency penalty against loops (Neuronpedia's steer page defaults to
 # temperature 0.5, penalty 2), no nucleus cut.
@@ -409,29 +409,29 @@ def latent_shift(
     model: LanguageModel, prompt: str, interventions: Sequence[Intervention], sae: SAE, latent: int
 ) -> dict[str, Any]:
     """How the interventions change latent `latent` of `sae` (usually one at a later site) on each
-    token of `prompt`: clean and steered activations per token `[T]` (BOS included; zero where the
-    input is massive, see `sae.encode_inputs`) and their means over the prompt's tokens (BOS excluded)."""
+    token of `prompt`: clean and steered activations per token `[T]` (read as `features.encode`
+    reads them: zero at BOS and where the input is massive) and their means over the positions kept."""
     site = check_intervention(model, Intervention(sae, latent, "ablate"))
     for iv in interventions:
         check_intervention(model, iv)
-    ids = prompt_tokens(model, prompt)
 
-    def acts() -> Tensor:
-        x = capture(model, ids, [site])[site][0]  # [T, d_in]
-        return encode_inputs(sae, x)[:, latent].double()  # [T]
+    def acts() -> tuple[list[int], Tensor, Tensor]:
+        enc = encode(model, {"sae": sae}, [prompt])
+        return enc.ids[0], enc.latents["sae"][0][:, latent : latent + 1].double(), enc.keep["sae"][0]
 
-    clean = acts()
+    ids, clean, keep = acts()
     with steering(model, interventions):
-        steered = acts()
+        _, steered, _ = acts()
+    mean_clean, mean_steered = (float(pool_latents(f, keep, "mean")[0]) for f in (clean, steered))
     return {
         "prompt": prompt,
         "site": str(site),
         "latent": latent,
         "interventions": [iv.describe() for iv in interventions],
-        "tokens": [model.tokenizer.decode([int(t)]) for t in ids[0]],
-        "clean": clean.tolist(),
-        "steered": steered.tolist(),
-        "mean_clean": float(clean[1:].mean()),
-        "mean_steered": float(steered[1:].mean()),
-        "delta_mean": float((steered[1:] - clean[1:]).mean()),
+        "tokens": [model.tokenizer.decode([t]) for t in ids],
+        "clean": clean[:, 0].tolist(),
+        "steered": steered[:, 0].tolist(),
+        "mean_clean": mean_clean,
+        "mean_steered": mean_steered,
+        "delta_mean": mean_steered - mean_clean,
     }

@@ -37,6 +37,7 @@ from gemmascope.runs import (
     read_json,
     write_atomic,
 )
+from gemmascope.sae import architecture
 from gemmascope.sites import SITE_KINDS, Site, parse_site
 from gemmascope.values import check_fields
 
@@ -69,7 +70,7 @@ class SuitePlan:
     transcoders: list[str] = field(default_factory=list)  # some of TRANSCODER_KINDS
     tokens: int = 200_000
     train_tokens: int | None = None  # None: `tokens`
-    finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (finetune.py)
+    finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (train/)
     eval_tokens: int = 8_192
     index_tokens: int = 16_384
     context_len: int = 128
@@ -113,6 +114,7 @@ class SuitePlan:
                 raise ConfigError(f"{name} {value} must be at least {low}")
         if any(layer < 0 for layer in self.layers or []):
             raise ConfigError(f"layers {self.layers} must be >= 0")
+        _layer_specs(self, 0)  # its architecture exists and takes these sparsities
 
 
 def parse_l0s(spec: str) -> list[float]:
@@ -441,11 +443,13 @@ def _layer_specs(plan: SuitePlan, layer: int) -> list[Any]:
     from gemmascope.sites import transcoder_sites
     from gemmascope.train import TrainSpec
 
+    arch = architecture(plan.architecture)  # a target L0 is TopK's k (`Architecture.sparsity`)
+    knobs = [arch.sparsity(target_l0=t) for t in plan.target_l0s] + [
+        arch.sparsity(l0_coeff=c) for c in plan.l0_coeffs
+    ]
+
     def sparsities(site: str, width: int, **how: Any) -> list[TrainSpec]:
-        arch = plan.architecture
-        return [TrainSpec(site, width, arch, target_l0=t, **how) for t in plan.target_l0s] + [
-            TrainSpec(site, width, arch, l0_coeff=c, **how) for c in plan.l0_coeffs
-        ]
+        return [TrainSpec(site, width, plan.architecture, **knob, **how) for knob in knobs]
 
     specs = []
     for kind in plan.kinds:
@@ -474,7 +478,9 @@ def _replacement_set(run_dir: Path, folders: Sequence[Path], model: LanguageMode
 def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str) -> list[Path]:
     from gemmascope.train import TrainConfig, train_saes
 
-    config = TrainConfig(name=name, seed=plan.seed, fast=plan.fast and plan.architecture == "jumprelu")
+    config = TrainConfig(
+        name=name, seed=plan.seed, fast=plan.fast and architecture(plan.architecture).fast_step
+    )
     if plan.batch_size is not None:
         config.batch_size = plan.batch_size
     # restart: an unfinished checkpoint of this layer under another spec list (killed, then --extend)
@@ -483,14 +489,14 @@ def _train_layer(run_dir: Path, plan: SuitePlan, specs: Sequence[Any], name: str
 
 
 def _finetuned(model: LanguageModel, folder: Path, plan: SuitePlan, say: Callable[[str], None]) -> Path:
-    """The SAE of `folder` fine-tuned end to end (`finetune.finetune_folder`), beside it; one a killed
-    run already wrote (saved atomically, so complete) is reused."""
-    from gemmascope.finetune import FINETUNED_SUFFIX, finetune_folder
+    """The SAE or transcoder of `folder` fine-tuned end to end (`train.finetune.finetune_folder`) beside
+    it; one a killed run already wrote (saved atomically) is reused, a killed fine-tune resumes."""
+    from gemmascope.train.finetune import FINETUNED_SUFFIX, finetune_folder
 
     done = folder.with_name(folder.name + FINETUNED_SUFFIX)
     if done.exists():
         return done
-    out, info = finetune_folder(model, folder, tokens=plan.finetune_tokens, corpus=plan.corpus)
+    out, info = finetune_folder(model, folder, tokens=plan.finetune_tokens, corpus=plan.corpus, restart=True)
     say(f"fine-tuned {folder.name} on {info['tokens']} tokens in {info['seconds']:.0f} s")
     return out
 

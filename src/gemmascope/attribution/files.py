@@ -42,6 +42,72 @@ def _cantor(a: int, b: int) -> int:
     return (a + b) * (a + b + 1) // 2 + b
 
 
+NODE_ID_FORMAT = "LAYER_LATENT_POSITION"  # a feature node's id, as circuit-tracer's JSON names it
+_FEATURE_NODE = re.compile(r"([0-9]{1,4})_([0-9]{1,9})_([0-9]{1,6})")
+
+
+def feature_node_id(layer: int, latent: int, pos: int) -> str:
+    """The id of a feature node in the graph JSON, `LAYER_LATENT_POSITION` (circuit-tracer's): the
+    one node id of the graph files, the graph page, `gemmascope attribute --ablate` and the
+    intervene API."""
+    return f"{layer}_{latent}_{pos}"
+
+
+def parse_node(node_id: str) -> tuple[int, int, int]:
+    """`(layer, position, latent)` of a feature node id `LAYER_LATENT_POSITION` (`feature_node_id`);
+    a ConfigError for anything else (an error, token or logit node, digits beyond ASCII, a huge
+    number)."""
+    m = _FEATURE_NODE.fullmatch(node_id)
+    if m is None:
+        raise ConfigError(
+            f"node {node_id[:40]!r} is not a feature node: expected {NODE_ID_FORMAT} as the graph names "
+            "its nodes, e.g. 12_1033_5"
+        )
+    layer, latent, pos = (int(v) for v in m.groups())
+    return layer, pos, latent
+
+
+_BASE = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": ""}
+
+
+def _node(
+    graph: Graph, pruned: Pruned, index: int, explanations: dict[tuple[int, int], str]
+) -> dict[str, Any]:
+    """Node `index` of the graph as circuit-tracer's frontend JSON has it."""
+    info = graph.node(index)
+    influence = float(pruned.cumulative[index])
+    if info["kind"] == "feature":
+        layer, pos, latent = info["layer"], info["pos"], info["latent"]
+        return {
+            **_BASE, "node_id": feature_node_id(layer, latent, pos), "feature": _cantor(layer, latent),
+            "layer": str(layer), "ctx_idx": pos, "feature_type": "cross layer transcoder",
+            "jsNodeId": f"{layer}_{latent}-0", "clerp": explanations.get((layer, latent), ""),
+            "influence": influence, "activation": info["activation"],
+        }  # fmt: skip
+    if info["kind"] == "error":
+        layer, pos = info["layer"], info["pos"]
+        return {
+            **_BASE, "node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer), "ctx_idx": pos,
+            "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_{pos}-0",
+            "influence": influence, "activation": None,
+        }  # fmt: skip
+    if info["kind"] == "token":
+        pos, token_id = info["pos"], int(graph.ids[info["pos"]])
+        return {
+            **_BASE, "node_id": f"E_{token_id}_{pos}", "feature": pos, "layer": "E", "ctx_idx": pos,
+            "feature_type": "embedding", "jsNodeId": f"E_{token_id}-{pos}", "influence": influence,
+            "activation": None,
+        }  # fmt: skip
+    k, last = index - graph.logit_start, graph.n_pos - 1
+    token_id = int(graph.logit_ids[k])
+    return {
+        **_BASE, "node_id": f"{graph.n_layers + 1}_{token_id}_{last}", "feature": token_id,
+        "layer": str(graph.n_layers + 1), "ctx_idx": last, "feature_type": "logit", "token_prob": info["prob"],
+        "is_target_logit": k == 0, "jsNodeId": f"L_{token_id}-{last}",
+        "clerp": f'Output "{info["token"]}" (p={info["prob"]:.3f})', "activation": None,
+    }  # fmt: skip
+
+
 def graph_json(
     graph: Graph,
     slug: str,
@@ -57,81 +123,14 @@ def graph_json(
     latent is LAYER (`0_LATENT_POS`); node types come from `feature_type`, so `err_` loses nothing."""
     pruned = pruned or prune(graph)
     replacement, completeness = scores(graph)
-    explanations = explanations or {}
-    nodes: list[dict[str, Any]] = []
-    ids: dict[int, str] = {}
-    last = graph.n_pos - 1
-    for index in torch.nonzero(pruned.nodes).squeeze(1).tolist():
-        info = graph.node(index)
-        base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "clerp": ""}
-        if info["kind"] == "feature":
-            layer, pos, latent = info["layer"], info["pos"], info["latent"]
-            node = {
-                **base,
-                "node_id": f"{layer}_{latent}_{pos}",
-                "feature": _cantor(layer, latent),
-                "layer": str(layer),
-                "ctx_idx": pos,
-                "feature_type": "cross layer transcoder",
-                "jsNodeId": f"{layer}_{latent}-0",
-                "clerp": explanations.get((layer, latent), ""),
-                "influence": float(pruned.cumulative[index]),
-                "activation": info["activation"],
-            }
-        elif info["kind"] == "error":
-            layer, pos = info["layer"], info["pos"]
-            node = {
-                **base,
-                "node_id": f"err_{layer}_{pos}",
-                "feature": -1,
-                "layer": str(layer),
-                "ctx_idx": pos,
-                "feature_type": "mlp reconstruction error",
-                "jsNodeId": f"{layer}_{pos}-0",
-                "influence": float(pruned.cumulative[index]),
-                "activation": None,
-            }
-        elif info["kind"] == "token":
-            pos, token_id = info["pos"], int(graph.ids[info["pos"]])
-            node = {
-                **base,
-                "node_id": f"E_{token_id}_{pos}",
-                "feature": pos,
-                "layer": "E",
-                "ctx_idx": pos,
-                "feature_type": "embedding",
-                "jsNodeId": f"E_{token_id}-{pos}",
-                "influence": float(pruned.cumulative[index]),
-                "activation": None,
-            }
-        else:
-            k = index - graph.logit_start
-            token_id = int(graph.logit_ids[k])
-            node = {
-                **base,
-                "node_id": f"{graph.n_layers + 1}_{token_id}_{last}",
-                "feature": token_id,
-                "layer": str(graph.n_layers + 1),
-                "ctx_idx": last,
-                "feature_type": "logit",
-                "token_prob": info["prob"],
-                "is_target_logit": k == 0,
-                "jsNodeId": f"L_{token_id}-{last}",
-                "clerp": f'Output "{info["token"]}" (p={info["prob"]:.3f})',
-                "activation": None,
-            }
-        ids[index] = node["node_id"]
-        nodes.append(node)
-    links = []
-    for target, source in torch.nonzero(pruned.edges).tolist():
-        if target in ids and source in ids:
-            links.append(
-                {
-                    "source": ids[source],
-                    "target": ids[target],
-                    "weight": float(graph.adjacency[target, source]),
-                }
-            )
+    kept = torch.nonzero(pruned.nodes).squeeze(1).tolist()
+    nodes = [_node(graph, pruned, index, explanations or {}) for index in kept]
+    ids = {index: node["node_id"] for index, node in zip(kept, nodes, strict=True)}
+    links = [
+        {"source": ids[source], "target": ids[target], "weight": float(graph.adjacency[target, source])}
+        for target, source in torch.nonzero(pruned.edges).tolist()
+        if target in ids and source in ids
+    ]
     linked = {link["source"] for link in links} | {link["target"] for link in links}
     nodes = [n for n in nodes if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
     return {
@@ -268,68 +267,92 @@ def plot_graph(
     For a readable picture it shows the `max_nodes` most influential feature and error nodes (every
     token and logit) and the `max_edges` strongest edges among them; the JSON keeps them all. The
     12 most influential features are numbered on the plot and named in a key beside it (layer,
-    latent, position and explanation); the title gives the prompt, the top outputs and the scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    latent, position and explanation); the title gives the prompt, the top outputs and the scores.
+    Drawn on a bare matplotlib `Figure` (no pyplot: safe on the server's worker thread)."""
+    from matplotlib.figure import Figure
 
     data = _for_display(data, max_nodes, max_edges)
-    meta = data["metadata"]
-    tokens = meta["prompt_tokens"]
+    tokens = data["metadata"]["prompt_tokens"]
     n_layers = max((int(n["layer"]) for n in data["nodes"] if n["feature_type"] == "logit"), default=1) - 1
-    pos_xy: dict[str, tuple[float, float]] = {}
+    xy = _layout(data["nodes"])
+    fig = Figure(figsize=(max(8, 1.4 * len(tokens)) + 4.5, 9))
+    ax = fig.add_subplot(1, 1, 1)
+    _draw_edges(ax, data["links"], xy)
+    _draw_nodes(ax, data["nodes"], xy)
+    _draw_key(ax, data["nodes"], xy, tokens)
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=30, ha="right", fontsize=9)
+    ax.set_yticks([-1, *range(n_layers), n_layers + 1])
+    ax.set_yticklabels(["emb", *[f"L{i}" for i in range(n_layers)], "logit"], fontsize=8)
+    ax.set_ylim(-1.8, n_layers + 2)
+    ax.set_title(title or _title(data), fontsize=10, loc="left")
+    ax.grid(axis="y", alpha=0.2)
+    path = Path(path)
+    with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, fine
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return path
+
+
+def _layout(nodes: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Each node's (x, y): its position across, its layer up (the embedding at -1), nodes sharing a
+    cell spread side by side, the most influential in the middle-left."""
+    xy: dict[str, tuple[float, float]] = {}
     by_cell: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    for n in data["nodes"]:
+    for n in nodes:
         by_cell.setdefault((n["ctx_idx"], n["layer"]), []).append(n)
     for (ctx, layer), cell in by_cell.items():
         y = -1.0 if layer == "E" else float(layer)
         cell.sort(key=lambda n: n.get("influence") or 0)
+        spread = 0.8 / max(len(cell), 1)
         for k, n in enumerate(cell):
-            spread = 0.8 / max(len(cell), 1)
-            pos_xy[n["node_id"]] = (ctx + (k - (len(cell) - 1) / 2) * spread, y)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(tokens)) + 4.5, 9))
-    weights = [abs(link["weight"]) for link in data["links"]] or [1.0]
-    top = max(weights)
-    for link in sorted(data["links"], key=lambda link: abs(link["weight"])):
-        (x0, y0), (x1, y1) = pos_xy[link["source"]], pos_xy[link["target"]]
+            xy[n["node_id"]] = (ctx + (k - (len(cell) - 1) / 2) * spread, y)
+    return xy
+
+
+def _draw_edges(ax: Any, links: list[dict[str, Any]], xy: dict[str, tuple[float, float]]) -> None:
+    top = max([abs(link["weight"]) for link in links] or [1.0])
+    for link in sorted(links, key=lambda link: abs(link["weight"])):
+        (x0, y0), (x1, y1) = xy[link["source"]], xy[link["target"]]
         w = abs(link["weight"]) / top
         color = "#2b6cb0" if link["weight"] > 0 else "#c53030"
         ax.plot([x0, x1], [y0, y1], color=color, alpha=0.15 + 0.6 * w, linewidth=0.3 + 3 * w, zorder=1)
-    labelled = sorted(
-        (n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"),
-        key=lambda n: n.get("influence") or 1,
-    )[:12]
-    for n in data["nodes"]:
-        x, y = pos_xy[n["node_id"]]
+
+
+def _draw_nodes(ax: Any, nodes: list[dict[str, Any]], xy: dict[str, tuple[float, float]]) -> None:
+    import matplotlib
+
+    oranges = matplotlib.colormaps["Oranges"]
+    for n in nodes:
+        x, y = xy[n["node_id"]]
         kind = n["feature_type"]
         if kind == "embedding":
             ax.scatter([x], [y], s=120, marker="s", color="#4a5568", zorder=3)
         elif kind == "logit":
             ax.scatter([x], [y], s=60 + 600 * n["token_prob"], marker="D", color="#2f855a", zorder=3)
             if n["is_target_logit"]:  # the top output is named here, the next ones in the title
-                ax.annotate(
-                    n["clerp"].removeprefix("Output "),
-                    (x, y),
-                    (-30, 12),
-                    textcoords="offset points",
-                    fontsize=9,
-                )
+                label = n["clerp"].removeprefix("Output ")
+                ax.annotate(label, (x, y), (-30, 12), textcoords="offset points", fontsize=9)
         elif kind == "mlp reconstruction error":
             ax.scatter([x], [y], s=50, marker="s", color="#a0aec0", edgecolor="#4a5568", zorder=3)
         else:
             shade = 1 - min(1.0, n.get("influence") or 1.0)
-            ax.scatter(
-                [x],
-                [y],
-                s=40 + 40 * min(n["activation"] or 0, 10),
-                color=plt.cm.Oranges(0.3 + 0.7 * shade),
-                edgecolor="#7b341e",
-                zorder=3,
-            )
-    key = []  # the labelled features are numbered on the plot and named in a key beside it
+            size = 40 + 40 * min(n["activation"] or 0, 10)
+            ax.scatter([x], [y], s=size, color=oranges(0.3 + 0.7 * shade), edgecolor="#7b341e", zorder=3)
+
+
+def _draw_key(
+    ax: Any, nodes: list[dict[str, Any]], xy: dict[str, tuple[float, float]], tokens: list[str]
+) -> None:
+    """Number the 12 most influential features on the plot and name them in a key beside it."""
+    labelled = sorted(
+        (n for n in nodes if n["feature_type"] == "cross layer transcoder"),
+        key=lambda n: n.get("influence") or 1,
+    )[:12]
+    key = []
     for number, n in enumerate(labelled, 1):
-        x, y = pos_xy[n["node_id"]]
+        x, y = xy[n["node_id"]]
         ax.annotate(
             str(number), (x, y), (4, 4), textcoords="offset points", fontsize=7, color="#7b341e", zorder=4
         )
@@ -337,39 +360,21 @@ def plot_graph(
         key.append(line + (f": {n['clerp'][:36]}" if n.get("clerp") else ""))
     if key:
         ax.text(
-            1.02,
-            1.0,
-            "Most influential features\n" + "\n".join(key),
-            transform=ax.transAxes,
-            fontsize=7.5,
-            va="top",
-            ha="left",
-            color="#7b341e",
-            linespacing=1.5,
-        )
-    ax.set_xticks(range(len(tokens)))
-    ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=30, ha="right", fontsize=9)
-    ax.set_yticks([-1, *range(n_layers), n_layers + 1])
-    ax.set_yticklabels(["emb", *[f"L{i}" for i in range(n_layers)], "logit"], fontsize=8)
-    ax.set_ylim(-1.8, n_layers + 2)
+            1.02, 1.0, "Most influential features\n" + "\n".join(key), transform=ax.transAxes, fontsize=7.5,
+            va="top", ha="left", color="#7b341e", linespacing=1.5,
+        )  # fmt: skip
+
+
+def _title(data: dict[str, Any]) -> str:
+    """The prompt, the top outputs, the scores and how much of the graph is shown."""
+    meta = data["metadata"]
     ours = meta.get("gemmascope", {})
     outputs = sorted(
         (n for n in data["nodes"] if n["feature_type"] == "logit"), key=lambda n: -n["token_prob"]
     )
     said = ", ".join(n["clerp"].removeprefix("Output ") for n in outputs[:3])
-    ax.set_title(
-        title
-        or f"{meta['prompt']!r} -> {said}\nreplacement {ours.get('replacement_score', float('nan')):.2f}, "
+    return (
+        f"{meta['prompt']!r} -> {said}\nreplacement {ours.get('replacement_score', float('nan')):.2f}, "
         f"completeness {ours.get('completeness_score', float('nan')):.2f}\nshown: the {len(data['nodes'])} "
-        f"most influential of {ours.get('n_pruned_nodes', '?')} nodes, the {len(data['links'])} strongest edges",
-        fontsize=10,
-        loc="left",
+        f"most influential of {ours.get('n_pruned_nodes', '?')} nodes, the {len(data['links'])} strongest edges"
     )
-    ax.grid(axis="y", alpha=0.2)
-    path = Path(path)
-    with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, fine
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
-        save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path

@@ -12,13 +12,19 @@ error node per (layer, position), then one token node per position, then the log
 (its pre-activation without b_enc), a logit target with its demeaned unembedding row (logit minus
 the mean logit, after the frozen final norm); a source writes its activation times its decoder row,
 its error vector or its (scaled) token embedding. Features and errors at the first position (BOS)
-are left out. One difference, on purpose: circuit-tracer's nnsight backend writes the token
-embedding without Gemma's √d_model scale, so its token edges are √d_model times too small
-(BENCHMARKS.md, "Attribution graphs"); here they are the embedding's real effect.
+are left out. Two differences, on purpose. A transcoder has no feature where its input is massive
+(Gemma 3's massive activations, `replacement.massive_positions`, the rule evals and the index
+follow); its error node there is the MLP's whole output, left exact (circuit-tracer has no such
+rule: `benchmarks/attribute.py` compares the two on transcoders without a norm limit). And
+circuit-tracer's nnsight backend writes the token embedding without Gemma's √d_model scale, so its
+token edges are √d_model times too small (BENCHMARKS.md, "Attribution graphs"); here they are the
+embedding's real effect.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +33,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt
+from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt, massive_positions
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.limits import MAX_GRAPH_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens
-from gemmascope.sae import SAE
+from gemmascope.sae import SAE, encode_inputs
 
-# Tokens after BOS a prompt may have: time grows with positions x L0 x layers.
-MAX_PROMPT_TOKENS = 64
 # Feature nodes a graph keeps by default (the most influential): its N x N float32 adjacency is then
 # at most ~0.3 GB and pruning holds a few of them. All active features of a 64-token prompt at L0 45
 # over 18 layers would be ~52k nodes, ~11 GB each.
@@ -116,7 +121,7 @@ def attribute(
     desired_logit_prob: float = DESIRED_LOGIT_PROB,
     max_feature_nodes: int | None = MAX_FEATURE_NODES,
     batch_size: int = 64,
-    max_tokens: int = MAX_PROMPT_TOKENS,
+    max_tokens: int = MAX_GRAPH_TOKENS,
     first_position: int = 1,
     progress: bool = True,
 ) -> Graph:
@@ -127,8 +132,6 @@ def attribute(
     does (the most influential on the logits so far, re-ranked as rows are computed). Features and errors at
     positions before `first_position` (BOS) are left out. Prompts over `max_tokens` tokens are
     refused (a ConfigError saying so)."""
-    import time
-
     started = time.monotonic()
     if max_feature_nodes is not None and max_feature_nodes < 1:
         raise ConfigError(
@@ -136,70 +139,20 @@ def attribute(
         )
     ids = prompt_ids(model, prompt, max_tokens)
     captured = capture_prompt(model, ids)
-    rm = ReplacementModel(model, transcoders, captured)
+    rm = ReplacementModel(model, transcoders, captured)  # checks the set: one transcoder per layer
     active, acts, errors = _components(transcoders, captured, first_position)
+    edges = _Edges(rm, transcoders, captured, active, acts, errors)
     logit_ids, logit_probs = _logit_targets(captured.logits, max_n_logits, desired_logit_prob)
     unembed = model.hf.lm_head.weight.detach().float().cpu()  # [vocab, d]
     logit_vectors = unembed[logit_ids] - unembed.mean(0)  # [n_logits, d] demeaned
-
-    n_layers, n_pos = len(transcoders), captured.ids.shape[0]
-    n_active = active.shape[0]
-    n_sources = n_active + n_layers * n_pos + n_pos
-    decoders = [tc.W_dec.detach().float().cpu() for tc in transcoders]
-    encoders = [tc.W_enc.detach().float().cpu() for tc in transcoders]
-    layer_rows = [torch.nonzero(active[:, 0] == layer).squeeze(1) for layer in range(n_layers)]
-
-    def rows_for(read_layers: Tensor, read_pos: Tensor, vectors: Tensor) -> Tensor:
-        """`[B, n_sources]`: the edges into a batch of reads from every source."""
-        g_embed, g_out = rm.backward(read_layers, read_pos, vectors)
-        out = torch.zeros(read_layers.shape[0], n_sources)
-        for layer in range(n_layers):
-            idx = layer_rows[layer]
-            if idx.numel():
-                pos, latent = active[idx, 1], active[idx, 2]
-                proj = torch.einsum("bnd,fd->bnf", g_out[layer], decoders[layer][latent])  # [B, n, f]
-                out[:, idx] = proj[:, pos, torch.arange(idx.numel())] * acts[idx]
-            start = n_active + layer * n_pos
-            out[:, start : start + n_pos] = (g_out[layer] * errors[layer]).sum(-1)
-        out[:, n_active + n_layers * n_pos :] = (g_embed * captured.embeds).sum(-1)
-        return out
-
-    n_logits = logit_ids.shape[0]
-    logit_rows = rows_for(
+    n_layers, n_pos, n_logits = len(transcoders), captured.ids.shape[0], logit_ids.shape[0]
+    logit_rows = edges.rows(
         torch.full((n_logits,), n_layers), torch.full((n_logits,), n_pos - 1), logit_vectors
     )
-    limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-    feature_rows = torch.zeros(limit, n_sources)  # one row per feature node, in the order computed
-    row_of = torch.full((n_active,), -1, dtype=torch.long)  # feature -> its row, -1: not computed
-    visited = torch.zeros(n_active, dtype=torch.bool)
-    filled = 0
-    bar = tqdm(total=limit, desc="attribution", unit="feature", disable=not progress)
-    with bar:
-        while int(visited.sum()) < limit:
-            if limit == n_active:
-                order = torch.nonzero(~visited).squeeze(1)
-            else:  # circuit-tracer's order: the most influential on the logits so far
-                computed = torch.nonzero(visited).squeeze(1)
-                influence = _partial_influence(
-                    feature_rows[row_of[computed]], computed, logit_rows, logit_probs, n_active
-                )
-                influence[visited] = -1
-                order = influence.argsort(descending=True)[: int((~visited).sum())]
-            order = order[: min(4 * batch_size, limit - int(visited.sum()))]
-            for chunk in order.split(batch_size):
-                layers_, pos_ = active[chunk, 0], active[chunk, 1]
-                vectors = encoders[0].new_empty(chunk.numel(), captured.embeds.shape[1])
-                for j, (layer, latent) in enumerate(
-                    zip(layers_.tolist(), active[chunk, 2].tolist(), strict=True)
-                ):
-                    vectors[j] = encoders[layer][:, latent]
-                feature_rows[filled : filled + chunk.numel()] = rows_for(layers_, pos_, vectors)
-                row_of[chunk] = torch.arange(filled, filled + chunk.numel())
-                filled += chunk.numel()
-                visited[chunk] = True
-                bar.update(chunk.numel())
-    selected = torch.nonzero(visited).squeeze(1)  # sorted: the graph's feature order
-    adjacency = _assemble(feature_rows[row_of[selected]], logit_rows, selected, n_active, n_layers, n_pos)
+    selected, feature_rows = _feature_rows(
+        edges, logit_rows, logit_probs, max_feature_nodes, batch_size, progress
+    )
+    adjacency = _assemble(feature_rows, logit_rows, selected, active.shape[0], n_layers, n_pos)
     tokenizer = model.tokenizer
     return Graph(
         prompt=prompt,
@@ -219,7 +172,93 @@ def attribute(
     )
 
 
-def prompt_ids(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
+class _Edges:
+    """The edges into a batch of reads (feature encoders or logit directions at a layer and
+    position) from every source: the active features, the error nodes and the token embeddings."""
+
+    def __init__(
+        self,
+        rm: ReplacementModel,
+        transcoders: list[SAE],
+        captured: Prompt,
+        active: Tensor,
+        acts: Tensor,
+        errors: list[Tensor],
+    ) -> None:
+        self.rm, self.captured, self.active, self.acts, self.errors = rm, captured, active, acts, errors
+        self.n_layers, self.n_pos, self.n_active = len(transcoders), captured.ids.shape[0], active.shape[0]
+        self.n_sources = self.n_active + self.n_layers * self.n_pos + self.n_pos
+        self.decoders = [tc.W_dec.detach().float().cpu() for tc in transcoders]
+        self.encoders = [tc.W_enc.detach().float().cpu() for tc in transcoders]
+        self.layer_rows = [torch.nonzero(active[:, 0] == layer).squeeze(1) for layer in range(self.n_layers)]
+
+    def rows(self, read_layers: Tensor, read_pos: Tensor, vectors: Tensor) -> Tensor:
+        """`[B, n_sources]`: the edges into a batch of reads from every source."""
+        g_embed, g_out = self.rm.backward(read_layers, read_pos, vectors)
+        out = torch.zeros(read_layers.shape[0], self.n_sources)
+        n_active, n_pos = self.n_active, self.n_pos
+        for layer in range(self.n_layers):
+            idx = self.layer_rows[layer]
+            if idx.numel():
+                pos, latent = self.active[idx, 1], self.active[idx, 2]
+                proj = torch.einsum("bnd,fd->bnf", g_out[layer], self.decoders[layer][latent])  # [B, n, f]
+                out[:, idx] = proj[:, pos, torch.arange(idx.numel())] * self.acts[idx]
+            start = n_active + layer * n_pos
+            out[:, start : start + n_pos] = (g_out[layer] * self.errors[layer]).sum(-1)
+        out[:, n_active + self.n_layers * n_pos :] = (g_embed * self.captured.embeds).sum(-1)
+        return out
+
+    def feature_reads(self, chunk: Tensor) -> Tensor:
+        """`[len(chunk), n_sources]`: the edges into the features `chunk` (their encoder columns)."""
+        layers_, pos_ = self.active[chunk, 0], self.active[chunk, 1]
+        vectors = self.encoders[0].new_empty(chunk.numel(), self.captured.embeds.shape[1])
+        for j, (layer, latent) in enumerate(
+            zip(layers_.tolist(), self.active[chunk, 2].tolist(), strict=True)
+        ):
+            vectors[j] = self.encoders[layer][:, latent]
+        return self.rows(layers_, pos_, vectors)
+
+
+def _feature_rows(
+    edges: _Edges,
+    logit_rows: Tensor,
+    logit_probs: Tensor,
+    max_feature_nodes: int | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """The feature nodes kept (`[k]` indices of the active features, sorted) and their rows `[k,
+    n_sources]`: every active feature, or the `max_feature_nodes` most influential on the logits,
+    found as circuit-tracer does (re-ranked as rows are computed)."""
+    n_active = edges.n_active
+    limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    feature_rows = torch.zeros(limit, edges.n_sources)  # one row per feature node, in the order computed
+    row_of = torch.full((n_active,), -1, dtype=torch.long)  # feature -> its row, -1: not computed
+    visited = torch.zeros(n_active, dtype=torch.bool)
+    filled = 0
+    with tqdm(total=limit, desc="attribution", unit="feature", disable=not progress) as bar:
+        while int(visited.sum()) < limit:
+            if limit == n_active:
+                order = torch.nonzero(~visited).squeeze(1)
+            else:  # circuit-tracer's order: the most influential on the logits so far
+                computed = torch.nonzero(visited).squeeze(1)
+                influence = _partial_influence(
+                    feature_rows[row_of[computed]], computed, logit_rows, logit_probs, n_active
+                )
+                influence[visited] = -1
+                order = influence.argsort(descending=True)[: int((~visited).sum())]
+            order = order[: min(4 * batch_size, limit - int(visited.sum()))]
+            for chunk in order.split(batch_size):
+                feature_rows[filled : filled + chunk.numel()] = edges.feature_reads(chunk)
+                row_of[chunk] = torch.arange(filled, filled + chunk.numel())
+                filled += chunk.numel()
+                visited[chunk] = True
+                bar.update(chunk.numel())
+    selected = torch.nonzero(visited).squeeze(1)  # sorted: the graph's feature order
+    return selected, feature_rows[row_of[selected]]
+
+
+def prompt_ids(model: LanguageModel, prompt: str, max_tokens: int = MAX_GRAPH_TOKENS) -> Tensor:
     """`[n]` token ids of `prompt` with BOS first (`models.prompt_tokens`); a ConfigError for an empty
     prompt or one of more than `max_tokens` tokens after BOS (the CPU budget of a graph)."""
     try:
@@ -238,17 +277,21 @@ def _components(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The active features `[n_active, 3]` (layer, position, latent; sorted), their activations
     `[n_active]`, and each layer's error vectors `[n, d]` (the MLP output minus the transcoder's
-    prediction, skip connection and b_dec included), zero before `first_position`."""
+    prediction, skip connection and b_dec included), zero before `first_position`. At a position
+    where a transcoder's input is massive (`replacement.massive_positions`) it has no active feature
+    (`sae.encode_inputs`) and its error is the whole MLP output (the model's own, left exact)."""
     active, values, errors = [], [], []
+    massive = massive_positions(transcoders, prompt)
     with torch.no_grad():
         for layer, tc in enumerate(transcoders):
-            x = prompt.mlp_in[layer].to(tc.W_enc.dtype)
-            f = tc.encode(x).float().cpu()  # [n, d_sae]
+            x = prompt.mlp_in[layer]
+            f = encode_inputs(tc, x).float().cpu()  # [n, d_sae], zero at massive inputs
             f[:first_position] = 0
             pos, latent = torch.nonzero(f, as_tuple=True)
             active.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1))
             values.append(f[pos, latent])
-            error = prompt.mlp_out[layer] - tc(x).float().cpu()
+            error = prompt.mlp_out[layer] - tc(x.to(tc.W_enc.dtype)).float().cpu()
+            error[massive[layer]] = prompt.mlp_out[layer][massive[layer]]
             error[:first_position] = 0
             errors.append(error)
     return torch.cat(active), torch.cat(values), errors
@@ -399,21 +442,24 @@ def scores(graph: Graph) -> tuple[float, float]:
 # A run's transcoders
 
 
-def transcoder_set(run_dir: Path | str, n_layers: int, choose: str | None = None) -> list[SAE]:
+def transcoder_set(
+    run_dir: Path | str, n_layers: int, choose: str | None = None, saes: Mapping[str, SAE] | None = None
+) -> list[SAE]:
     """One transcoder per layer from a run folder's SAEs (those with an output site, by the layer
     of the site they read), in layer order. With several per layer, `choose` (a substring of their
     ids, e.g. `skip_transcoder`, `w4096` or `l0_45`) picks one; a StoreError names the missing layers
-    or the layers with more than one to choose from."""
+    or the layers with more than one to choose from. `saes`: the run's SAEs already loaded, by id
+    (`runs.open_run`), else they are loaded from the run folder."""
     from gemmascope.formats import load_sae
     from gemmascope.runs import find_saes, sae_id
     from gemmascope.sites import parse_site
 
+    folders = {} if saes is not None else {sae_id(f): f for f in find_saes(run_dir)}
     by_layer: dict[int, list[tuple[str, SAE]]] = {}
-    for folder in find_saes(run_dir):
-        key = sae_id(folder)
-        if "transcoder" not in folder.name or (choose and choose not in key):
+    for key in saes if saes is not None else folders:
+        if "transcoder" not in key or (choose and choose not in key):
             continue
-        sae = load_sae(folder)
+        sae = saes[key] if saes is not None else load_sae(folders[key])
         if not sae.is_transcoder:
             continue
         sae.cfg.extra["folder"] = key

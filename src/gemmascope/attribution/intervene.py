@@ -8,7 +8,8 @@ position, `steer.Intervention`; a transcoder's latent is read from its layer's M
 change written into the MLP's output; everything else free).
 
 Logit changes are of the demeaned logit (logit minus the mean logit), what the graph's edges are in;
-the measurement also gives each output token's probability before and after.
+the measurement also gives each output token's probability before and after (`intervene_nodes`: both side
+by side). Nodes are named as the graph JSON names them (`files.parse_node`).
 """
 
 from __future__ import annotations
@@ -157,4 +158,30 @@ def measure(
         "changed_probs": torch.softmax(changed, -1)[k],
         "top_token": model.tokenizer.decode([top]),
         "top_prob": float(torch.softmax(changed, -1)[top]),
+    }
+
+
+def intervene_nodes(
+    model: LanguageModel, transcoders: Sequence[SAE], graph: Graph, nodes: Sequence[Node], value: float = 0.0
+) -> dict[str, Any]:
+    """`predict` beside `measure` for the graph's outputs, as `gemmascope attribute --ablate` prints
+    them and `POST /v1/graph/SLUG/intervene` answers: `{"logits": [{token, predicted,
+    predicted_direct, measured, prob_before, prob_after}], "top_token", "top_prob"}` (demeaned
+    logit changes; probabilities before and after)."""
+    predicted = predict(graph, nodes, value)
+    measured = measure(model, transcoders, graph, nodes, value)
+    return {
+        "logits": [
+            {
+                "token": token,
+                "predicted": float(predicted["total"][k]),
+                "predicted_direct": float(predicted["direct"][k]),
+                "measured": float(measured["delta"][k]),
+                "prob_before": float(measured["clean_probs"][k]),
+                "prob_after": float(measured["changed_probs"][k]),
+            }
+            for k, token in enumerate(graph.logit_tokens)
+        ],
+        "top_token": measured["top_token"],
+        "top_prob": measured["top_prob"],
     }

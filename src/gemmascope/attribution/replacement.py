@@ -5,8 +5,13 @@ frozen, the residual stream is a linear function of what is written into it (tok
 feature decoder vectors times activations, error terms, biases), so the effect of any of those on
 any later read (a feature's encoder, a logit) is one backward pass.
 
-Owns capturing what is frozen (`capture_prompt`, one ordinary forward pass) and the linear backward
-(`ReplacementModel.backward`), written for Gemma 3 layers (pre/post norms around attention and MLP,
+A transcoder leaves out the positions where its input is massive (`sae.massive_mask`, Gemma 3's
+massive activations, as everywhere else: evals, the index): there it has no active feature, adds no
+skip connection, and the MLP's output is left exact, carried wholly by its error node
+(`massive_positions`).
+
+Owns capturing what is frozen (`capture_prompt`, one ordinary forward pass), the massive rule and the
+linear backward (`ReplacementModel.backward`), written for Gemma 3 layers (pre/post norms around attention and MLP,
 grouped-query attention, scaled embeddings) from the model's own weights. Knows nothing of graphs,
 pruning or files (`graph.py`, `files.py`).
 """
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 
 from gemmascope.errors import ConfigError, ModelError, SiteError
 from gemmascope.models import LanguageModel
-from gemmascope.sae import SAE
+from gemmascope.sae import SAE, massive_mask
 
 
 @dataclass
@@ -128,6 +133,13 @@ def capture_prompt(model: LanguageModel, ids: Tensor) -> Prompt:
     )
 
 
+def massive_positions(transcoders: list[SAE], prompt: Prompt) -> list[Tensor]:
+    """Per layer, `[n]` bool: the positions where that layer's transcoder's input (the MLP input on
+    the prompt) is massive (`sae.massive_mask`). There the transcoder stands aside: no feature is
+    active, no skip connection is written, and the MLP's output is all error."""
+    return [massive_mask(tc, prompt.mlp_in[layer]) for layer, tc in enumerate(transcoders)]
+
+
 _NEEDED = ("self_attn", *_NORMS, "post_feedforward_layernorm")
 
 
@@ -184,6 +196,9 @@ class ReplacementModel:
         self.v_proj = [_linear(block.self_attn.v_proj) for block in blocks]
         self.o_proj = [_linear(block.self_attn.o_proj) for block in blocks]
         self.skips = [None if tc.W_skip is None else _cpu(tc.W_skip) for tc in transcoders]
+        self.massive = massive_positions(transcoders, prompt)
+        # [n, 1] 1.0 where the skip connection is written, 0.0 at massive inputs (None: written everywhere)
+        self.skip_where = [m.logical_not().float()[:, None] if m.any() else None for m in self.massive]
 
     def _attention(self, layer: int, x: Tensor) -> Tensor:
         """`[B, n, d] -> [B, n, d]`: layer `layer`'s attention with its pattern and norms frozen."""
@@ -226,7 +241,9 @@ class ReplacementModel:
             out = writes[layer]
             skip = self.skips[layer]
             if skip is not None:  # the skip connection is part of the linear path, not a node
-                out = out + mlp_in @ skip
+                linear = mlp_in @ skip
+                where = self.skip_where[layer]
+                out = out + (linear if where is None else linear * where)  # none from a massive input
             x = x + out
         final = x * p.scales["final"][0] * self.final_gain
         here = layers == n_layers

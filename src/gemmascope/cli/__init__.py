@@ -1,10 +1,11 @@
 """The `gemmascope` command: argument parsing and printing over the public functions of the
-pipeline modules. `pipeline` holds the subcommands that write into a run folder (demo, suite,
-harvest, train, convert), `measure` those that measure SAEs and index their features (eval, index),
-`explore` those that look inside the model through them (inspect, contrast, bias, attribute,
-steer, serve), `options`
-the shared option groups and the one comma-list parser. A `GemmaScopeError`, or a command line
-argparse refuses, is printed as one line (no traceback, no usage dump) and exits with status 2.
+pipeline modules; no pipeline lives here. `pipeline` holds the subcommands that write into a run
+folder (demo, suite, harvest, train, convert), `measure` those that measure SAEs and index their
+features (eval, index); those that look inside the model through them have one module each:
+`inspect`, `contrast` (contrast, bias), `attribute`, `steer`, `serve`. `options` holds the shared
+option groups, the one comma-list parser, the one number type and the one bounded reader of the
+text files a user names. A `GemmaScopeError`, or a command line argparse refuses, is printed as one
+line (no traceback, no usage dump) and exits with status 2.
 
 Knows nothing of internals beyond those public functions.
 """
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from gemmascope.cli import explore, measure, pipeline
+from gemmascope.cli import attribute, contrast, inspect, measure, pipeline, serve, steer
 from gemmascope.errors import GemmaScopeError
 
 # Each subcommand is a pair of functions: `args_NAME(parser)` adds its arguments and sets
@@ -30,26 +31,26 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "harvest": ("capture activations at sites into a run folder", pipeline.args_harvest),
     "train": ("train SAEs on a run folder's activations with the Gemma Scope recipe", pipeline.args_train),
     "finetune": (
-        "fine-tune a trained SAE end to end with the model (Gemma Scope 2's MSE + KL loss)",
+        "fine-tune a trained SAE or transcoder end to end with the model (Gemma Scope 2's MSE + KL loss), resumably",
         pipeline.args_finetune,
     ),
     "eval": ("measure SAEs: L0, FVU, delta LM loss, CE recovered, KL, density, probing", measure.args_eval),
     "index": ("build the feature index (features.sqlite) of SAEs", measure.args_index),
-    "inspect": ("print the top features of each token of a text", explore.args_inspect),
+    "inspect": ("print the top features of each token of a text", inspect.args_inspect),
     "contrast": (
         "the latents that separate two sets of prompts, over every SAE of a run",
-        explore.args_contrast,
+        contrast.args_contrast,
     ),
     "bias": (
         "a bias experiment: pick latents by contrast, ablate them, measure the watched-token gap and the cost",
-        explore.args_bias,
+        contrast.args_bias,
     ),
     "attribute": (
         "the attribution graph of a prompt's next token over a run's transcoders (JSON and PNG)",
-        explore.args_attribute,
+        attribute.args_attribute,
     ),
-    "steer": ("generate with and without steering, side by side", explore.args_steer),
-    "serve": ("serve the local web UI over a run folder", explore.args_serve),
+    "steer": ("generate with and without steering, side by side", steer.args_steer),
+    "serve": ("serve the local web UI over a run folder", serve.args_serve),
     "convert": (
         "convert SAEs between formats (native, Gemma Scope npz / safetensors)",
         pipeline.args_convert,

@@ -12,7 +12,18 @@ from typing import Any
 
 from gemmascope.cli.options import add_corpus, add_model, parse_list, parse_ranges
 from gemmascope.errors import ConfigError
-from gemmascope.runs import FEATURES_DB, SAES, lock, resolve_saes, run_of, sae_id, stored_path
+from gemmascope.runs import (
+    FEATURES_DB,
+    SAES,
+    OpenRun,
+    lock,
+    model_for,
+    open_run,
+    resolve_saes,
+    run_of,
+    sae_id,
+    stored_path,
+)
 
 
 def args_eval(p: argparse.ArgumentParser) -> None:
@@ -75,9 +86,7 @@ def _evaluate_groups(
     groups: dict[str, dict[str, tuple[Path, SAE]]] = {}
     for folder in folders:
         sae = load_sae(folder, device=args.device).eval()
-        model_name = args.model or sae.cfg.model_name
-        if not model_name:
-            raise ConfigError(f"SAE {str(folder)!r} does not name its model; pass --model")
+        model_name = model_for([sae], run_of(folder), args.model, what=f"SAE {str(folder)!r} and its run")
         key = sae_id(folder)
         if any(key in g for g in groups.values()):
             key = str(folder)
@@ -172,42 +181,31 @@ def args_index(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from gemmascope.formats import load_sae
-
     path = Path(args.path)
-    run_dir, folders = resolve_saes(path)
-    db = Path(args.db) if args.db else (run_dir or path) / FEATURES_DB
     if args.llm_url and not args.llm_model:
         raise ConfigError("--llm-url needs --llm-model, the model name the endpoint serves")
     latents = parse_ranges(args.llm_latents, "--llm-latents") if args.llm_latents else None
-    saes = {sae_id(folder): load_sae(folder) for folder in folders}
+    opened = open_run(path, model=args.model)  # the model: --model, the run's, or the one the SAEs name
+    run_dir = opened.run_dir
+    db = Path(args.db) if args.db else (run_dir or path) / FEATURES_DB
     if args.site:
-        for sae in saes.values():
+        for sae in opened.saes.values():
             sae.cfg.site = args.site
     with lock(run_dir, "index") if run_dir is not None else nullcontext():
         if not args.no_build:
-            _build(args, saes, folders, db, path)
-        _report_index(args, saes, db, latents)
+            _build(args, opened, db)
+        _report_index(args, opened.saes, db, latents)
     print(f"feature index: {db}")
     return 0
 
 
-def _build(args: argparse.Namespace, saes: dict[str, Any], folders: list[Path], db: Path, path: Path) -> None:
+def _build(args: argparse.Namespace, opened: OpenRun, db: Path) -> None:
     from gemmascope.features import build_index
-    from gemmascope.models import load_model
 
-    names = {sae.cfg.model_name for sae in saes.values()}
-    model_name = args.model or (names.pop() if len(names) == 1 else None)
-    if not model_name:
-        where = str(folders[0]) if len(folders) == 1 else str(path)
-        raise ConfigError(
-            f"the SAEs at {where!r} name no single model in their metadata (cfg.json 'metadata.model_name'"
-            f"{': found ' + ', '.join(sorted(n or repr(n) for n in names)) if names else ''}): pass --model NAME"
-        )
     build_index(
-        load_model(model_name), saes, db, n_tokens=args.tokens, corpus=args.corpus, split=args.split,
+        opened.model, opened.saes, db, n_tokens=args.tokens, corpus=args.corpus, split=args.split,
         context_len=args.context_len, batch_rows=args.batch_rows,
-        folders={key: stored_path(db.parent, f) for key, f in zip(saes, folders, strict=True)}, progress=not args.quiet,
+        folders={key: stored_path(db.parent, f) for key, f in opened.folders.items()}, progress=not args.quiet,
     )  # fmt: skip
 
 

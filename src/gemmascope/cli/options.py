@@ -1,14 +1,19 @@
 """Option groups shared by the `gemmascope` subcommands (run folder, model, corpus and tokens, SAE
-selection), the one parser of comma lists, the one argument type of real numbers (finite, within
-float32) and the one reader of a text file the user names (bounded in size and lines). Parsing only:
-every check of a value's meaning lives in the pipeline module that uses it."""
+selection, dense latents), the one parser of comma lists, the one argument type of real numbers
+(`number`: finite, within float32), the one reader of a text file the user names (`read_lines`:
+bounded in size and lines; `prompt_set` reads prompt files through it), and flags generated from a
+settings dataclass's fields (`add_fields`: name, type, choices, default and help from the field, as
+sparsify's config classes double as its CLI; a float field takes `number`). Parsing only: every
+check of a value's meaning lives in the pipeline module that uses it."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar, overload
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
 from gemmascope.corpus import DEFAULT_CORPUS
 from gemmascope.errors import ConfigError
@@ -133,3 +138,114 @@ def add_sae_choice(p: argparse.ArgumentParser) -> None:
 def add_serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+
+
+def add_fields(
+    p: argparse.ArgumentParser,
+    cls: type,
+    names: Sequence[str] | None = None,
+    *,
+    helps: Mapping[str, str] | None = None,
+    flags: Mapping[str, str] | None = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """A flag for each field of the dataclass `cls` that has a help text (the field's metadata
+    `help`, or `helps[name]`; only `names` when given): `--field-name` (or `flags[name]`), its type
+    from the annotation (`X | None` also takes "none"; a tuple takes "a,b"; a bool gives `--x` and
+    `--no-x`), its choices (metadata `choices` or `choices[name]`) and a help ending in the field's
+    default and, from metadata `published`, the published value. A flag left out is not in the
+    namespace, so the dataclass's own default applies (`given`). Returns the field names added."""
+    hints = get_type_hints(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        text = (helps or {}).get(f.name, f.metadata.get("help"))
+        if text is None or (names is not None and f.name not in names):
+            continue
+        kind = hints[f.name]
+        default = _default(f)
+        notes = [] if default is None else [f"default {_shown(default)}"]
+        if f.metadata.get("published") is not None:
+            notes.append(f"published {_shown(f.metadata['published'])}")
+        help_text = (text + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        allowed = (choices or {}).get(f.name, f.metadata.get("choices"))
+        if allowed is not None:
+            kwargs["choices"] = tuple(allowed)
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _parser(kind)
+        p.add_argument((flags or {}).get(f.name, "--" + f.name.replace("_", "-")), **kwargs)
+        added.append(f.name)
+    return added
+
+
+def given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The values of the `add_fields` flags the command line gave, by field name."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return ",".join(_shown(v) for v in value)
+    return str(value)
+
+
+def _parser(kind: Any) -> Callable[[str], Any]:
+    """The argparse `type` of a field annotation: int, float, str, `X | None`, `tuple[X, ...]`."""
+    args = get_args(kind)
+    if get_origin(kind) in (Union, types.UnionType) and type(None) in args:
+        inner = _parser(next(a for a in args if a is not type(None)))
+
+        def optional(text: str) -> Any:
+            return None if text.strip().lower() == "none" else inner(text)
+
+        optional.__name__ = getattr(inner, "__name__", "value")
+        return optional
+    if get_origin(kind) is tuple:
+        item = _parser(args[0])
+
+        def several(text: str) -> tuple[Any, ...]:
+            values = tuple(item(part) for part in text.split(","))
+            if len(values) != len(args):
+                raise ValueError(f"expected {len(args)} comma-separated values")
+            return values
+
+        several.__name__ = f"{len(args)} comma-separated {getattr(item, '__name__', 'value')}s"
+        return several
+    if kind is float:
+        return number  # finite float32, as every real-valued option
+    if kind in (int, str):
+        return kind  # type: ignore[no-any-return]
+    raise TypeError(f"no command-line type for a field of type {kind!r}")
+
+
+def add_dense(p: argparse.ArgumentParser, what: str = "features") -> None:
+    """--dense SHARE and --show-dense: which latents are hidden as dense (`features.HIDE_DENSE`)."""
+    from gemmascope.features.encode import HIDE_DENSE
+
+    p.add_argument(
+        "--dense",
+        type=number,
+        default=HIDE_DENSE,
+        help=f"hide {what} firing on more than this share ({HIDE_DENSE})",
+    )
+    p.add_argument("--show-dense", action="store_true", help=f"do not hide dense {what}")
+
+
+def prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
+    """`texts` and the non-blank lines of the UTF-8 file at `path` (named by `flag` in errors), read
+    through the bounded `read_lines`."""
+    return texts if path is None else texts + read_lines(path, flag)

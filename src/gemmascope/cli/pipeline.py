@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from gemmascope.cli.options import add_corpus, add_model, add_serving, number, parse_list
+from gemmascope.cli.options import add_corpus, add_fields, add_model, add_serving, given, number, parse_list
 from gemmascope.errors import ConfigError
 from gemmascope.runs import REPORT, check_name, lock, run_of
 
@@ -61,151 +63,79 @@ def run_harvest(args: argparse.Namespace) -> int:
 
 
 def args_train(p: argparse.ArgumentParser) -> None:
+    from gemmascope.sae import architecture_names
+    from gemmascope.train import TrainConfig, TrainSpec
+
     p.add_argument("run_dir", help="run folder holding harvested activations (see `gemmascope harvest`)")
     p.add_argument("--sites", default=None, help="sites, comma-separated (default: every site of the store)")
     p.add_argument("--widths", default="4096", help="SAE widths, comma-separated")
-    p.add_argument(
-        "--arch", default="jumprelu", help="jumprelu (default), topk, batchtopk or relu (ReLU + L1)"
+    spec_fields = add_fields(
+        p,
+        TrainSpec,
+        ["architecture", "matryoshka"],
+        helps=_SPEC_HELP,
+        flags={"architecture": "--arch"},
+        choices={"architecture": architecture_names()},
     )
     sparsity = p.add_mutually_exclusive_group()
-    sparsity.add_argument("--l0-coeffs", default=None, help="fixed lambdas (L0 penalty; L1 for relu)")
-    sparsity.add_argument("--target-l0", default=None, help="target L0s (Gemma Scope 2 quadratic penalty)")
-    sparsity.add_argument("--k", default=None, help="active latents per token for topk / batchtopk")
+    for knob, (flag, _, _, what) in _KNOB_FLAGS.items():
+        sparsity.add_argument(flag, dest=f"{knob}s", default=None, help=what)
     p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default: one epoch)")
-    p.add_argument("--batch-size", type=int, default=None, help="activations per step")
-    p.add_argument(
-        "--optimizer",
-        choices=("signum", "adam"),
-        default=None,
-        help="signum (default: sign descent, schedule-free averaging, biases fixed) or adam (published)",
-    )
-    p.add_argument(
-        "--lr",
-        type=number,
-        default=None,
-        help="default: 3.5e-3 (signum; transcoders 1e-2), 2e-3 (adam; published 7e-5)",
-    )
-    p.add_argument(
-        "--lr-warmup-steps", type=int, default=None, help="default: none (signum), 5%% of the steps (adam)"
-    )
-    p.add_argument(
-        "--l0-warmup-steps", type=int, default=None, help="default: none (θ starts at the target rate)"
-    )
-    p.add_argument("--b-dec-init", default=None, help="mean (default: the data mean) or zero (published)")
-    p.add_argument("--adam-beta1", type=number, default=None, help="Adam beta1 (default 0.9; published: 0)")
-    p.add_argument(
-        "--dead-preact-coeff",
-        type=number,
-        default=None,
-        help="pre-activation loss on dead JumpReLU latents (default 1e-3; 0: off)",
-    )
-    p.add_argument(
-        "--dense-coeff",
-        type=number,
-        default=None,
-        help="penalty on JumpReLU latents over --dense-density (default 1; 0: off)",
-    )
-    p.add_argument(
-        "--dense-density",
-        type=number,
-        default=None,
-        help="density over which latents are penalised (default 0.095)",
-    )
-    p.add_argument("--auxk-coeff", type=number, default=None, help="TopK AuxK coefficient (default 1/32)")
-    p.add_argument(
-        "--matryoshka",
-        action="store_true",
-        help="Matryoshka: the reconstruction loss averaged over nested prefixes (width/16 .. width)",
-    )
-    p.add_argument(
-        "--refit-tokens",
-        type=int,
-        default=None,
-        help="tokens the decoder is refit on by least squares after training (default 524288; 0: off)",
-    )
-    p.add_argument(
-        "--spike-factor",
-        type=number,
-        default=None,
-        help="batch FVU over this x its running value is a spike (0: off)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="train", help="name of this training run's checkpoint and log")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument(
         "--restart", action="store_true", help="discard an unfinished checkpoint of another config"
     )
-    step = p.add_mutually_exclusive_group()
-    step.add_argument("--fast", action="store_true", help="sparse JumpReLU step (the default)")
-    step.add_argument(
-        "--reference", action="store_true", help="the plain JumpReLU step instead of the sparse one"
-    )
-    p.add_argument(
-        "--parallel",
-        choices=("data", "sae"),
-        default="data",
-        help="under torchrun: data (each process reads its slice of the store, gradients averaged; "
-        "the batch size is the global one) or sae (the SAEs are spread over the processes)",
-    )
-    p.add_argument(
-        "--device", default="cpu", help="cpu (default) or cuda (under torchrun: one GPU a process)"
-    )
-    p.set_defaults(run=run_train)
+    p.set_defaults(run=run_train, spec_fields=spec_fields, config_fields=add_fields(p, TrainConfig))
 
 
-def _sparsities(args: argparse.Namespace) -> list[dict[str, float | int]]:
-    """The sparsity settings the flags ask for, one dict of TrainSpec fields each."""
-    if args.arch in ("topk", "batchtopk"):
-        ks = parse_list(args.k, "--k", int)
-        if not ks:
-            raise ConfigError(f"--arch {args.arch} needs --k, e.g. --k 32")
-        return [{"k": k} for k in ks]
-    if args.k is not None:
-        raise ConfigError(f"--k is for topk / batchtopk, not {args.arch}")
-    if args.target_l0 is not None:
-        return [{"target_l0": t} for t in parse_list(args.target_l0, "--target-l0", number)]
-    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", number)
-    if not coeffs:
-        raise ConfigError("give the sparsity: --l0-coeffs, --target-l0 (jumprelu) or --k (topk)")
-    return [{"l0_coeff": c} for c in coeffs]
+_SPEC_HELP = {
+    "architecture": "the SAEs' architecture (ReLU: ReLU + L1)",
+    "matryoshka": "Matryoshka: the reconstruction loss averaged over nested prefixes (width/16 .. width)",
+}
+# The sparsity flags, by the spec field each sets (an architecture's `knobs`): flag, type, example, help.
+_KNOB_FLAGS: dict[str, tuple[str, Callable[[str], Any], str, str]] = {
+    "l0_coeff": ("--l0-coeffs", number, "1e-3", "fixed lambdas (L0 penalty; L1 for relu)"),
+    "target_l0": ("--target-l0", number, "45", "target L0s (Gemma Scope 2 quadratic penalty)"),
+    "k": ("--k", int, "32", "active latents per token for topk / batchtopk"),
+}
+
+
+def _sparsities(args: argparse.Namespace, arch_name: str) -> list[dict[str, float | int]]:
+    """The sparsity settings the flags ask for, one dict of TrainSpec fields each: the knob given,
+    which the architecture must take (`Architecture.knobs`)."""
+    from gemmascope.sae import architecture, architecture_names
+
+    arch = architecture(arch_name)
+    for knob, (flag, kind, _, _) in _KNOB_FLAGS.items():
+        spec = getattr(args, f"{knob}s")
+        if spec is None:
+            continue
+        if knob not in arch.knobs:
+            takers = [n for n in architecture_names() if knob in architecture(n).knobs]
+            raise ConfigError(f"{flag} is for {' / '.join(takers)}, not {arch_name}")
+        values = parse_list(spec, flag, kind)
+        if values:
+            return [{knob: v} for v in values]
+    needs = " or ".join(_KNOB_FLAGS[k][0] for k in arch.knobs)
+    flag, _, example, _ = _KNOB_FLAGS[arch.knobs[0]]
+    raise ConfigError(f"--arch {arch_name} needs {needs} (its sparsity), e.g. {flag} {example}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from gemmascope.activations import ActivationStore
     from gemmascope.formats import load_sae
     from gemmascope.train import TrainConfig, TrainSpec, train_saes
+    from gemmascope.train.config import checked_config
 
-    check_name(args.name)
-    if args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
-    widths, how = parse_list(args.widths, "--widths", int), _sparsities(args)
+    config = TrainConfig(**given(args, args.config_fields))
+    check_name(config.name)  # named by its flag; then every other setting, before the lock and the store
+    checked_config(config)
+    kind = given(args, args.spec_fields)
+    widths = parse_list(args.widths, "--widths", int)
+    how: list[dict[str, Any]] = _sparsities(args, TrainSpec("", 1, **kind).architecture)
     with lock(args.run_dir, "train"):
         store = ActivationStore(args.run_dir)
         sites = parse_list(args.sites, "--sites") or [str(s) for s in store.sites]
-        specs = [
-            TrainSpec(site=site, width=width, architecture=args.arch, matryoshka=args.matryoshka, **h)  # type: ignore[arg-type]
-            for site in sites
-            for width in widths
-            for h in how
-        ]
-        config = TrainConfig(
-            seed=args.seed, name=args.name, fast=not args.reference, checkpoint_every=args.checkpoint_every
-        )
-        config.parallel, config.device = args.parallel, args.device
-        flags = (
-            "optimizer",
-            "batch_size",
-            "lr",
-            "lr_warmup_steps",
-            "l0_warmup_steps",
-            "b_dec_init",
-            "dead_preact_coeff",
-        )
-        for flag in (*flags, "dense_coeff", "dense_density", "auxk_coeff", "spike_factor", "refit_tokens"):
-            if getattr(args, flag) is not None:
-                setattr(config, flag, getattr(args, flag))
-        if args.adam_beta1 is not None:
-            config.adam_betas = (args.adam_beta1, config.adam_betas[1])
+        specs = [TrainSpec(site, width, **kind, **h) for site in sites for width in widths for h in how]
         tokens = args.tokens
         if tokens is None:
             tokens = min(int(store.manifest(spec.site)["n_tokens_non_special"]) for spec in specs)
@@ -220,13 +150,17 @@ def run_train(args: argparse.Namespace) -> int:
             f"{spec.site:<14} {spec.width:>6} {spec.architecture:<9} {how_text:<14} {extra['l0']:>7.1f} "
             f"{extra['fvu']:>7.4f} {extra['dead_fraction']:>6.1%}  {folder}"
         )
-    print(f"log: {Path(args.run_dir) / REPORT / (args.name + '_log.jsonl')} (plot: {args.name}_curves.png)")
+    print(
+        f"log: {Path(args.run_dir) / REPORT / (config.name + '_log.jsonl')} (plot: {config.name}_curves.png)"
+    )
     return 0
 
 
 def args_suite(p: argparse.ArgumentParser) -> None:
-    from gemmascope.suite import SUITE_KINDS
+    from gemmascope.sae import architecture_names
+    from gemmascope.suite import SUITE_KINDS, SuitePlan
 
+    default = SuitePlan()
     p.add_argument("run_dir", help="run folder (created, or resumed if it exists)")
     add_model(p)
     p.add_argument(
@@ -243,62 +177,75 @@ def args_suite(p: argparse.ArgumentParser) -> None:
         "(with the affine skip connection; the default of a bare --transcoders), 'plain' or 'plain,skip'",
     )
     p.add_argument("--layers", default="all", help="'all', '6', '2,6,10' or '0-17'")
-    p.add_argument("--widths", default="4096", help="SAE widths, comma-separated")
-    p.add_argument("--l0", default="medium", help="target L0s: small,medium,big or numbers")
+    p.add_argument(
+        "--widths",
+        default=None,
+        help=f"SAE widths, comma-separated (default {','.join(map(str, default.widths))})",
+    )
+    p.add_argument(
+        "--l0",
+        default=None,
+        help=f"target L0s: small,medium,big or numbers (default {','.join(f'{t:g}' for t in default.target_l0s)})",
+    )
     p.add_argument("--l0-coeffs", default="", help="fixed lambdas instead of target L0s, comma-separated")
-    p.add_argument("--tokens", type=int, default=200_000, help="activations harvested per site")
-    p.add_argument(
-        "--train-tokens", type=int, default=None, help="training tokens per SAE (default: --tokens)"
+    fields = add_fields(
+        p,
+        SuitePlan,
+        list(_SUITE_HELP),
+        helps=_SUITE_HELP,
+        flags={"architecture": "--arch"},
+        choices={"architecture": architecture_names()},
     )
-    p.add_argument(
-        "--finetune-tokens",
-        type=int,
-        default=0,
-        help="end-to-end fine-tune of each SAE on this many tokens (0: none)",
-    )
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--index-tokens", type=int, default=16384)
-    p.add_argument("--dtype", default="float32", help="activation store dtype: float32, float16, bfloat16")
     add_corpus(p)
     p.add_argument("--max-minutes", type=number, default=None, help="start no new stage after this long")
     p.add_argument(
         "--drop-activations", action="store_true", help="delete a layer's activations once trained"
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--extend",
         action="store_true",
         help="add this command's sites, layers, widths and L0s to the run folder's plan (otherwise a "
         "plan other than the recorded one is refused)",
     )
-    p.set_defaults(run=run_suite)
+    p.set_defaults(run=run_suite, plan_fields=fields)
+
+
+# The suite's flags generated from SuitePlan's fields (their defaults are the plan's): help texts.
+_SUITE_HELP = {
+    "architecture": "the SAEs' architecture (a target L0 is TopK's and BatchTopK's k)",
+    "tokens": "activations harvested per site",
+    "train_tokens": "training tokens per SAE (default: --tokens)",
+    "finetune_tokens": "end-to-end fine-tune of each SAE on this many tokens (0: none)",
+    "eval_tokens": "held-out tokens each SAE is evaluated on",
+    "index_tokens": "held-out tokens the feature index reads",
+    "dtype": "activation store dtype: float32, float16, bfloat16",
+    "seed": "seed of the training (and of the index's samples)",
+}
 
 
 def run_suite(args: argparse.Namespace) -> int:
     from gemmascope.evals import format_table
-    from gemmascope.suite import SUITE_KINDS, SuitePlan, parse_l0s, parse_layers, run_suite
+    from gemmascope.suite import SuitePlan, parse_l0s, parse_layers, run_suite
 
+    plan_args = given(args, args.plan_fields)
     coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", number)
+    if coeffs:
+        plan_args.update(target_l0s=[], l0_coeffs=coeffs)
+    elif args.l0 is not None:
+        plan_args["target_l0s"] = parse_l0s(args.l0)
+    if args.widths is not None:
+        plan_args["widths"] = parse_list(args.widths, "--widths", int)
     transcoders = parse_list(args.transcoders, "--transcoders") if args.transcoders else []
-    sites = args.sites if args.sites is not None else ("" if transcoders else ",".join(SUITE_KINDS))
+    if args.sites is not None or transcoders:
+        plan_args["kinds"] = parse_list(args.sites, "--sites")
     plan = SuitePlan(
         model=args.model,
-        kinds=parse_list(sites, "--sites") if sites else [],
         transcoders=transcoders,
         layers=parse_layers(args.layers),
-        widths=parse_list(args.widths, "--widths", int),
-        target_l0s=[] if coeffs else parse_l0s(args.l0),
-        l0_coeffs=coeffs,
-        tokens=args.tokens,
-        train_tokens=args.train_tokens,
-        finetune_tokens=args.finetune_tokens,
-        eval_tokens=args.eval_tokens,
-        index_tokens=args.index_tokens,
         context_len=args.context_len,
         corpus=args.corpus,
-        dtype=args.dtype,
-        seed=args.seed,
         keep_activations=not args.drop_activations,
+        **plan_args,
     )
     out = run_suite(args.run_dir, plan, max_minutes=args.max_minutes, extend=args.extend)
     if not out["complete"]:
@@ -387,35 +334,48 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def args_finetune(p: argparse.ArgumentParser) -> None:
-    from gemmascope.finetune import BETA, LR
+    from gemmascope.train.finetune import BETA, LR, TOKENS
 
-    p.add_argument("sae_dir", help="a trained SAE folder")
+    p.add_argument("sae_dir", help="a trained SAE or transcoder folder")
     add_model(p, None, "model to fine-tune with (default: the one the SAE's cfg names)")
-    p.add_argument("--tokens", type=int, default=16_384, help="training tokens (default 16384)")
+    p.add_argument("--tokens", type=int, default=TOKENS, help=f"training tokens (default {TOKENS})")
     p.add_argument("--lr", type=number, default=LR, help=f"Adam lr of the weights (default {LR:g})")
     p.add_argument("--beta", type=number, default=BETA, help=f"weight of the KL term (default {BETA:g})")
     p.add_argument(
         "--eval-tokens", type=int, default=4096, help="held-out tokens to measure before/after (0: skip)"
     )
     p.add_argument("--out", default=None, help="folder to write (default: SAE_DIR_finetuned beside it)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an unfinished fine-tune of this SAE with other settings (a killed one of the "
+        "same settings resumes without it)",
+    )
     p.set_defaults(run=run_finetune)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from gemmascope.evals import evaluate, summary
-    from gemmascope.finetune import finetune_folder
+    from gemmascope.evals import MIN_EVAL_TOKENS, evaluate, summary
     from gemmascope.formats import load_sae
     from gemmascope.models import load_model
+    from gemmascope.train.finetune import check_settings, finetune_folder, finetuned_path
 
+    # every argument checked before anything is loaded
     folder = Path(args.sae_dir)
     if not folder.is_dir():
         raise ConfigError(f"SAE_DIR {args.sae_dir!r} is not a folder: give a trained SAE folder")
-    if args.eval_tokens < 0:
-        raise ConfigError(f"--eval-tokens {args.eval_tokens} must be >= 0")
+    if args.eval_tokens != 0 and args.eval_tokens < MIN_EVAL_TOKENS:
+        raise ConfigError(f"--eval-tokens {args.eval_tokens} must be 0 (skip) or at least {MIN_EVAL_TOKENS}")
+    settings = {"tokens": args.tokens, "lr": args.lr, "beta": args.beta}
+    try:
+        check_settings(**settings)
+    except ConfigError as err:
+        raise ConfigError(f"--{err}") from None
+    finetuned_path(folder, args.out)
     sae = load_sae(folder)
     model = load_model(args.model or sae.cfg.model_name)
     with lock(run_of(folder) or folder.parent, "finetune"):
-        out, info = finetune_folder(model, folder, args.out, tokens=args.tokens, lr=args.lr, beta=args.beta)
+        out, info = finetune_folder(model, folder, args.out, restart=args.restart, **settings)
     print(f"fine-tuned {info['steps']} steps on {info['tokens']} tokens in {info['seconds']:.0f} s: {out}")
     if args.eval_tokens:
         results = evaluate(model, {"before": sae, "after": load_sae(out)}, n_tokens=args.eval_tokens)

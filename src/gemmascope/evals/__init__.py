@@ -1,7 +1,7 @@
-"""Evaluations of SAEs (RECIPE.md section 4): `core` (the evaluation passes and the splice of a
-reconstruction into the forward pass), `metrics` (the arithmetic of L0, FVU, CE, KL, dead/dense and
-the health block, from tensors alone), `probing` (SAEBench-style sparse probing)
-and `report` (every table and plot of the project, and the `eval.json` / `report/evals.json` files).
+"""Evaluations of SAEs (RECIPE.md section 4): `core` (the one way to measure the model under an
+edit, `edited_batches`, the one `splice`, the core evaluation and the replacement model's loss),
+`metrics` (the arithmetic of L0, FVU, CE, KL, dead/dense and the health block, from tensors alone),
+`probing` (SAEBench-style sparse probing) and `report` (every table and plot of the project, and the `eval.json` / `report/evals.json` files).
 
 This package re-exports the public names so `from gemmascope.evals import evaluate` and
 `evals.format_table(...)` work. It knows nothing of the server or of training.
@@ -9,14 +9,15 @@ This package re-exports the public names so `from gemmascope.evals import evalua
 
 from gemmascope.evals.core import (
     MIN_EVAL_TOKENS,
+    EditBatch,
     SAEs,
+    edited_batches,
     eval_token_ids,
     evaluate,
     evaluate_replacement,
     evaluate_tokens,
     replaced_at,
-    splice_sae,
-    splice_transcoders,
+    splice,
     written_site,
     zero_ablate,
 )
@@ -29,6 +30,7 @@ from gemmascope.evals.metrics import (
     ReconstructionStats,
     ce_loss_score,
     density_histogram,
+    fvu,
     health,
     health_warning,
     kl_div_score,
@@ -59,8 +61,10 @@ from gemmascope.sae import norm_limit, sae_site  # the site check and the massiv
 
 __all__ = [
     "evaluate_replacement",
-    "splice_transcoders",
     "written_site",
+    "EditBatch",
+    "edited_batches",
+    "fvu",
     "ALWAYS_ON_DENSITY",
     "DENSE_DENSITY",
     "DENSITY_BIN_EDGES",
@@ -93,7 +97,7 @@ __all__ = [
     "replaced_at",
     "sae_site",
     "sparse_probing",
-    "splice_sae",
+    "splice",
     "summary",
     "to_json",
     "top_k_by_mean_difference",

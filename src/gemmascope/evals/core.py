@@ -9,8 +9,15 @@ Every metric is taken over non-special tokens only (BOS, EOS and pad excluded), 
 The clean forward pass and the activations at every SAE's site come from one pass; the zero-ablation
 pass is one per site and the spliced pass one per SAE (they differ by construction).
 
+`edited_batches` is the one way to measure the model under an edit (a splice, an ablation, a steer,
+a fine-tune's splice with gradients): held-out rows in batches, one clean pass each (logits and
+sites, `sites.capture_batches`), the one mask of positions an edit may touch (not BOS/EOS/pad, not
+a massive input of any SAE measured), the counted predictions and the clean distribution to
+compare an edited pass with. `splice` is the one splice of SAEs and transcoders. The core
+evaluation, the replacement model, `effects.side_effects` and `train.finetune` use both.
+
 Knows nothing of tables, plots or files (report.py), of probing (probing.py), of the server, of
-training, or of how SAE files are laid out (formats.py does that).
+training, or of how SAE files are laid out (formats/ does that).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from gemmascope.evals.metrics import (
 )
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE, encode_inputs, massive_mask, sae_site
-from gemmascope.sites import CapturedBatch, Site, capture_batches, edit_from, edit_site, parse_site
+from gemmascope.sites import Site, capture_batches, edit_from, edit_site, parse_site
 
 MIN_EVAL_TOKENS = 1024  # fewer non-special tokens than this and dead/dense/CE numbers mean little
 SAEs = Mapping[str, SAE] | Sequence[SAE]
@@ -101,35 +108,116 @@ def evaluate_replacement(
     min_tokens: int = MIN_EVAL_TOKENS,
 ) -> dict[str, Any]:
     """The replacement model's loss: every transcoder of `transcoders` (one per layer, at most)
-    replaces its layer's MLP output at once (`splice_transcoders`), on about `n_tokens` held-out
-    tokens. Returns `layers`, `ce_loss_without`, `ce_loss_with`, `delta_lm_loss`, `kl_div` and
-    `n_predictions` (predictions whose input and target are non-special)."""
+    replaces its layer's MLP output at once (`splice`), on about `n_tokens` held-out tokens, under
+    the per-SAE rule: positions where some transcoder's input is massive are left as the model
+    computes them, like BOS, and their predictions are not counted. Returns `layers`,
+    `ce_loss_without`, `ce_loss_with`, `delta_lm_loss`, `kl_div`, `n_predictions` (predictions
+    whose input and target are kept) and `n_massive_tokens_excluded`."""
     layers = [written_site(model, tc).layer for tc in transcoders]
     if not transcoders or not all(tc.is_transcoder for tc in transcoders):
         raise ConfigError("the replacement model needs transcoders (SAEs with an output site), one per layer")
     if len(set(layers)) != len(layers):
         raise ConfigError(f"the replacement model takes one transcoder per layer; layers given: {layers}")
     token_ids = eval_token_ids(model, n_tokens, corpus, "heldout", context_len)
-    special = _special_positions(model, token_ids, min_tokens)
-    clean_stats, replaced_stats = NextTokenStats(), NextTokenStats()
+    clean, replaced, n_massive = NextTokenStats(), NextTokenStats(), 0
+    batches = edited_batches(
+        model, token_ids, transcoders, batch_size, min_tokens=min_tokens, desc="replacement model"
+    )
     with torch.no_grad():
-        for start in range(0, token_ids.shape[0], batch_size):
-            ids = token_ids[start : start + batch_size].to(model.device)
-            keep = ~special[start : start + batch_size].to(model.device)
-            predict = keep[:, :-1] & keep[:, 1:]
-            targets = ids[:, 1:][predict]
-            clean = CleanDistribution(_logits(model, ids, predict))
-            clean_stats.update(*clean.compare(clean.logits, targets))
-            with splice_transcoders(model, transcoders, keep):
-                replaced_stats.update(*clean.compare(_logits(model, ids, predict), targets))
+        for batch in batches:
+            clean.update(*batch.unedited)
+            replaced.update(*batch.under(splice(model, transcoders, batch.keep)))
+            n_massive += batch.n_massive
     return {
         "layers": sorted(layers),
-        "ce_loss_without": clean_stats.ce,
-        "ce_loss_with": replaced_stats.ce,
-        "delta_lm_loss": replaced_stats.ce - clean_stats.ce,
-        "kl_div": replaced_stats.kl,
-        "n_predictions": clean_stats.n,
+        "ce_loss_without": clean.ce,
+        "ce_loss_with": replaced.ce,
+        "delta_lm_loss": replaced.ce - clean.ce,
+        "kl_div": replaced.kl,
+        "n_predictions": clean.n,
+        "n_massive_tokens_excluded": n_massive,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The one way to measure the model under an edit
+
+
+@dataclass
+class EditBatch:
+    """One batch of `edited_batches`: rows `start:stop` of the token rows, their `ids [B, T]`, the
+    clean pass's activations `acts` at the sites asked for (`[B, T, d]` each), `keep [B, T]` the
+    positions an edit may touch (not special, no massive input), `predict [B, T-1]` the predictions
+    that count (input and target kept), their `targets [N]`, the clean next-token distribution
+    there, `unedited` (the clean pass's own cross-entropy and KL, `[N]` each) and `n_massive`
+    (non-special positions left out for a massive input)."""
+
+    model: LanguageModel
+    start: int
+    stop: int
+    ids: Tensor
+    acts: dict[Site, Tensor]
+    keep: Tensor
+    predict: Tensor
+    targets: Tensor
+    clean: CleanDistribution
+    unedited: tuple[Tensor, Tensor]
+    n_massive: int
+
+    def logits(self) -> Tensor:
+        """`[N, vocab]`: the model's logits on this batch at the counted predictions, under whatever
+        edit is in place (differentiable in an SAE spliced in when gradients are on)."""
+        return _logits(self.model, self.ids, self.predict)
+
+    def under(self, edit: AbstractContextManager[Any]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy and KL(clean ‖ edited), `[N]` each, of the pass with `edit` in place."""
+        with edit:
+            logits = self.logits()
+        return self.clean.compare(logits, self.targets)
+
+
+def edited_batches(
+    model: LanguageModel,
+    token_ids: Tensor,
+    saes: Sequence[SAE] = (),
+    batch_rows: int = 4,
+    *,
+    sites: Sequence[Site] = (),
+    start: int = 0,
+    min_tokens: int = MIN_EVAL_TOKENS,
+    desc: str | None = None,
+    progress: bool = False,
+) -> Iterator[EditBatch]:
+    """The one way to measure the model under an edit: `token_ids [rows, T]` (BOS first in each
+    row) from row `start` on, `batch_rows` rows per clean pass (`sites.capture_batches` with the
+    logits, at every SAE's input site and at `sites`), each batch an `EditBatch` whose `keep` is the
+    one mask: not BOS/EOS/pad and, for every SAE of `saes`, not a massive input
+    (`sae.massive_mask`). A CorpusError when the rows hold fewer than `min_tokens` non-special
+    tokens. Each pass holds `batch_rows x T x vocab` logits (262k vocab for Gemma 3): keep it small."""
+    special = _special_positions(model, token_ids, min_tokens)
+    reads = [sae_site(model, sae) for sae in saes]
+    capture_sites = sorted(set(reads) | set(sites))
+    batches = capture_batches(
+        model, token_ids, capture_sites, batch_rows, start=start, logits=True, desc=desc, progress=progress
+    )
+    for batch in batches:
+        ids, acts, clean_logits = batch.ids, batch.acts, batch.logits
+        batch.acts, batch.logits = {}, None  # the logits are B x T x vocab: freed once used below
+        assert clean_logits is not None
+        keep = ~special[batch.start : batch.stop].to(ids.device)  # [B, T] non-special positions
+        massive = torch.zeros_like(keep)  # [B, T] left out as BOS is (see sae.massive_mask)
+        for sae, site in zip(saes, reads, strict=True):
+            massive |= massive_mask(sae, acts[site])
+        n_massive = int((keep & massive).sum())
+        keep = keep & ~massive
+        predict = keep[:, :-1] & keep[:, 1:]  # [B, T-1] predictions that count
+        targets = ids[:, 1:][predict]
+        clean = CleanDistribution(clean_logits[:, :-1][predict])
+        del clean_logits
+        unedited = clean.compare(clean.logits, targets)
+        yield EditBatch(
+            model, batch.start, batch.stop, ids, acts, keep, predict, targets, clean, unedited, n_massive
+        )
 
 
 @dataclass
@@ -153,11 +241,12 @@ def evaluate_tokens(
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs of one model on `token_ids [rows, pos]` (BOS first in each row).
 
-    Per batch: one clean pass records the logits and every SAE's site; one pass per site with the
-    activation zero-ablated; one pass per SAE with its reconstruction spliced in. Splices and
-    ablations touch non-special positions only. Next-token metrics count a prediction when both
-    the input token and its target are non-special. `batch_size` rows at a time: each pass holds
-    `batch_size x pos x vocab` logits (vocab 262k for Gemma 3), so keep it small on CPU.
+    Per batch (`edited_batches`): one clean pass records the logits and every SAE's site; one pass
+    per site with the activation zero-ablated; one pass per SAE with its reconstruction spliced in.
+    Splices and ablations touch the kept positions only (not special, no SAE's input massive), and
+    next-token metrics count a prediction when both the input token and its target are kept.
+    `batch_size` rows at a time: each pass holds `batch_size x pos x vocab` logits (vocab 262k for
+    Gemma 3), so keep it small on CPU.
 
     Returns, per SAE, a dict with `sae_id`, `eval_type_id` "core", `eval_config`, `sae_cfg`,
     `eval_result_metrics` (SAEBench's groups and names plus a `gemmascope` group with `fvu`,
@@ -170,8 +259,6 @@ def evaluate_tokens(
     named = _named(saes)
     sites = {sae_id: sae_site(model, sae) for sae_id, sae in named.items()}
     writes = {sae_id: written_site(model, sae) for sae_id, sae in named.items()}
-    unique_sites = sorted(set(sites.values()) | set(writes.values()))
-    special = _special_positions(model, token_ids, min_tokens)
     rows, context_len = token_ids.shape
     acc = _Accumulators(
         recon={sae_id: ReconstructionStats(sae.d_sae, context_len) for sae_id, sae in named.items()},
@@ -179,13 +266,13 @@ def evaluate_tokens(
         ablation={site: NextTokenStats() for site in sorted(set(writes.values()))},
         spliced={sae_id: NextTokenStats() for sae_id in named},
     )
-    batches = capture_batches(
-        model, token_ids, unique_sites, batch_size, logits=True, desc="evaluating SAEs", progress=True
-    )
+    batches = edited_batches(
+        model, token_ids, list(named.values()), batch_size, sites=list(writes.values()),
+        min_tokens=min_tokens, desc="evaluating SAEs", progress=True,
+    )  # fmt: skip
     with torch.no_grad():
-        for batch in batches:  # the clean pass: logits and every site
-            keep = ~special[batch.start : batch.stop].to(model.device)  # [B, T] non-special positions
-            _evaluate_batch(model, named, sites, writes, batch, keep, acc)
+        for batch in batches:
+            _evaluate_batch(model, named, sites, writes, batch, acc)
 
     config = {
         "model_name": model.name,
@@ -197,7 +284,7 @@ def evaluate_tokens(
         "forward_passes_per_batch": 1 + len(acc.ablation) + len(named),
         **(eval_config or {}),
     }
-    n_tokens = int((~special).sum()) - acc.n_massive
+    n_tokens = int((~special_mask(token_ids, model.special_token_ids)).sum()) - acc.n_massive
     return [
         _core_result(sae_id, sae, sites[sae_id], writes[sae_id], acc, n_tokens, config)
         for sae_id, sae in named.items()
@@ -239,41 +326,28 @@ def _evaluate_batch(
     named: Mapping[str, SAE],
     sites: Mapping[str, Site],
     writes: Mapping[str, Site],
-    batch: CapturedBatch,
-    keep: Tensor,
+    batch: EditBatch,
     acc: _Accumulators,
 ) -> None:
-    """Add one batch to `acc`: its clean pass (logits and every site, captured), every SAE's
-    reconstruction, one zero-ablated pass per site and one spliced pass per SAE. `keep [B, T]` marks
-    the non-special positions; massive-activation positions are dropped from it here."""
-    ids, acts, clean_logits = batch.ids, batch.acts, batch.logits
-    batch.acts, batch.logits = {}, None  # the logits are B x T x vocab: freed once used below
-    assert clean_logits is not None
-    massive = _massive(acts, named, sites)  # [B, T] left out as BOS is (see sae.massive_mask)
-    acc.n_massive += int((keep & massive).sum())
-    keep = keep & ~massive  # [B, T] positions SAEs touch
-    predict = keep[:, :-1] & keep[:, 1:]  # [B, T-1] predictions that count
-    targets = ids[:, 1:][predict]
-    clean = CleanDistribution(clean_logits[:, :-1][predict])
-    del clean_logits
-    acc.clean.update(*clean.compare(clean.logits, targets))
-
+    """Add one batch to `acc`: its clean pass, every SAE's reconstruction at the kept positions,
+    one zero-ablated pass per site and one spliced pass per SAE."""
+    keep, acts = batch.keep, batch.acts
+    acc.n_massive += batch.n_massive
+    acc.clean.update(*batch.unedited)
+    ids = batch.ids
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[keep]
     for sae_id, sae in named.items():
         x = acts[sites[sae_id]][keep]
         f = encode_inputs(sae, x)  # none of these positions is massive: keep excludes them
         target = acts[writes[sae_id]][keep].to(f.dtype)  # x itself, or a transcoder's MLP output
         acc.recon[sae_id].update(target, sae.decode(f) + sae.skip(x.to(f.dtype)), f, positions)
+    batch.acts = {}
     del acts
 
     for site, stats in acc.ablation.items():
-        with zero_ablate(model, site, keep):
-            logits = _logits(model, ids, predict)
-        stats.update(*clean.compare(logits, targets))
+        stats.update(*batch.under(zero_ablate(model, site, keep)))
     for sae_id, sae in named.items():
-        with splice_sae(model, sae, keep):
-            logits = _logits(model, ids, predict)
-        acc.spliced[sae_id].update(*clean.compare(logits, targets))
+        acc.spliced[sae_id].update(*batch.under(splice(model, [sae], keep)))
 
 
 def _core_result(
@@ -341,15 +415,6 @@ def _core_result(
     }
 
 
-def _massive(acts: Mapping[Site, Tensor], named: Mapping[str, SAE], sites: Mapping[str, Site]) -> Tensor:
-    """`[B, T]` bool: positions where some SAE's input is massive (`sae.massive_mask`)."""
-    first = next(iter(acts.values()))
-    out = torch.zeros(first.shape[:2], dtype=torch.bool, device=first.device)
-    for sae_id, sae in named.items():
-        out |= massive_mask(sae, acts[sites[sae_id]])
-    return out
-
-
 def _dtype(sae: SAE) -> torch.dtype:
     return sae.W_enc.dtype
 
@@ -369,32 +434,39 @@ def replaced_at(
         yield
 
 
-def splice_sae(model: LanguageModel, sae: SAE, keep: Tensor) -> AbstractContextManager[None]:
-    """Within the block, the activation at the SAE's site is replaced by the SAE's reconstruction
-    `x_hat` at the `keep [B, T]` positions (RECIPE 4: every non-special position); a transcoder's
-    output site by its prediction (`splice_transcoders`)."""
-    if sae.is_transcoder:
-        return splice_transcoders(model, [sae], keep)
-
-    def reconstruct(act: Tensor) -> Tensor:
-        return sae(act.to(_dtype(sae))).to(act.dtype)
-
-    return replaced_at(model, sae_site(model, sae), reconstruct, keep)
+Record = Callable[[SAE, Tensor, Tensor], None]
 
 
 @contextmanager
-def splice_transcoders(model: LanguageModel, transcoders: Sequence[SAE], keep: Tensor) -> Iterator[None]:
-    """Within the block, every transcoder's output site (its layer's MLP output) is replaced by its
-    prediction from its input site in the same pass, at the `keep [B, T]` positions: with one
-    transcoder per layer, the replacement model of attribution graphs (MLPs replaced, attention
-    and norms as they are)."""
+def splice(
+    model: LanguageModel, saes: Sequence[SAE], keep: Tensor, record: Record | None = None
+) -> Iterator[None]:
+    """The one splice. Within the block, at the `keep [B, T]` positions (RECIPE 4: every position
+    `edited_batches` keeps), each SAE's reconstruction replaces the activation at its site, and
+    each transcoder's prediction from its input site, in the same pass, replaces the activation at
+    its output site (its layer's MLP output; with one transcoder per layer, the replacement model
+    of attribution graphs: MLPs replaced, attention and norms as they are). Elsewhere the model's
+    own activation stays. With `record`, every pass calls `record(sae, target [N, d], prediction
+    [N, d])` at the kept positions, in the SAE's dtype (the activation it replaces and what
+    replaces it; differentiable in the SAE's weights when gradients are on)."""
     with ExitStack() as stack:
-        for tc in transcoders:
+        for sae in saes:
 
-            def predict(x: Tensor, act: Tensor, tc: SAE = tc) -> Tensor:
-                return torch.where(keep[..., None], tc(x.to(_dtype(tc))).to(act.dtype), act)
+            def predict(x: Tensor, act: Tensor, sae: SAE = sae) -> Tensor:
+                out = sae(x.to(_dtype(sae)))
+                if record is not None:
+                    record(sae, act.to(out.dtype)[keep], out[keep])
+                return torch.where(keep[..., None], out.to(act.dtype), act)
 
-            stack.enter_context(edit_from(model, sae_site(model, tc), written_site(model, tc), predict))
+            read, write = sae_site(model, sae), written_site(model, sae)
+            if sae.is_transcoder:
+                stack.enter_context(edit_from(model, read, write, predict))
+            else:
+
+                def reconstruct(act: Tensor, predict: Callable[[Tensor, Tensor], Tensor] = predict) -> Tensor:
+                    return predict(act, act)  # an SAE reads the activation it replaces
+
+                stack.enter_context(edit_site(model, read, reconstruct))
         yield
 
 
@@ -407,7 +479,3 @@ def _logits(model: LanguageModel, ids: Tensor, predict: Tensor) -> Tensor:
     """Logits `[N, vocab]` of `ids [B, T]` at the counted prediction positions `predict [B, T-1]`."""
     logits: Tensor = model.hf(input_ids=ids, use_cache=False).logits
     return logits[:, :-1][predict]
-
-
-# ---------------------------------------------------------------------------------------------
-# Summaries, files and plots

@@ -100,6 +100,14 @@ def health_warning(h: Mapping[str, Any]) -> str | None:
     return "SAE looks degenerate: " + "; ".join(reasons) if reasons else None
 
 
+def fvu(target: Tensor, prediction: Tensor) -> Tensor:
+    """The fraction of variance unexplained of `prediction [N, d]` against `target [N, d]`:
+    `Σ‖target − prediction‖² / Σ‖target − mean(target)‖²` over the N tokens (a 0-dim tensor,
+    differentiable: the fine-tune's reconstruction term; `ReconstructionStats` sums the same)."""
+    centred = target - target.mean(0)
+    return (target - prediction).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
+
+
 @dataclass
 class ReconstructionStats:
     """Running sums for the reconstruction and sparsity metrics of one SAE. Feed it batches of

@@ -1,6 +1,6 @@
 """Every table and plot of the project, in one style: the CLI eval table, the probing table, the
 per-SAE `eval.json`, the run-level `report/evals.json`, the frontier, density, position-error and
-suite heatmap plots. Plots are drawn on a bare matplotlib `Figure` (no pyplot, no global state).
+suite heatmap plots, and a bias experiment's `report/bias.json` and plot. Plots are drawn on a bare matplotlib `Figure` (no pyplot, no global state).
 
 Knows nothing of how the numbers are computed (core.py, probing.py), of models, of the server or
 of training.
@@ -403,3 +403,36 @@ def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     return _save(fig, png_path)
+
+
+def write_bias(run_dir: str | Path, out: Mapping[str, Any]) -> list[Path]:
+    """`run_dir/report/bias.json` (a bias experiment, `effects.bias_experiment`) and `bias.png`
+    (`plot_bias`), which the SAEs page shows."""
+    folder = Path(run_dir) / REPORT
+    return [
+        write_atomic(folder / "bias.json", json.dumps(out, indent=1)),
+        plot_bias(out, folder / "bias.png"),
+    ]
+
+
+def plot_bias(out: Mapping[str, Any], path: str | Path) -> Path:
+    """The bias experiment's bias and gaps against the number of latents ablated, with its cost
+    (ΔLM loss, right axis) when measured."""
+    rows = out["rows"]
+    k = [r["n_latents"] for r in rows]
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(k, [r["bias"] for r in rows], marker="o", label="bias: gap(A) - gap(B)")
+    ax.plot(k, [r["gap_a"] for r in rows], ls="--", color="tab:purple", label="gap(A)")
+    ax.plot(k, [r["gap_b"] for r in rows], ls=":", color="tab:green", label="gap(B)")
+    ax.set_xlabel("top contrast latents ablated")
+    first, second = out["watch"]
+    ax.set_ylabel(f"p({first!r}) - p({second!r})")
+    ax.axhline(0, color="grey", lw=0.5)
+    if all(r["delta_lm_loss"] is not None for r in rows):
+        cost = ax.twinx()
+        cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
+        cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
+    fig.legend(loc="upper center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return save_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -7,27 +7,34 @@ per-token top features, search, the SQLite file they live in, and export to Neur
 Knows nothing of HTTP (the server reads the index through `FeatureIndex`).
 
 Modules: `stream` (bounded-memory accumulators), `lens` (weight-only views), `build` (the pass over
-the corpus), `pages` (accumulators to feature pages), `store` (SQLite), `prompt` (live per-text
-views), `explain`, `export`.
+the corpus), `pages` (accumulators to feature pages), `store` (SQLite), `encode` (the one way from
+text to latents, with pooling, and the one dense rule), `prompt` (live per-text views), `contrast`,
+`documents`, `explain`, `export`.
 """
 
 from gemmascope.features.build import build_index
+from gemmascope.features.encode import HIDE_DENSE, POOLS, Encoded, dense_latents, encode
 from gemmascope.features.explain import ChatEndpoint, baseline_explanation, detection_score, explain_with_llm
 from gemmascope.features.export import export_neuronpedia
 from gemmascope.features.lens import decoder_neighbours, logit_lens
-from gemmascope.features.prompt import HIDE_DENSE, search_text, top_features
+from gemmascope.features.prompt import latent_values, search_text, top_features
 from gemmascope.features.store import FeatureIndex, sae_fingerprint
 
 __all__ = [
     "HIDE_DENSE",
+    "POOLS",
     "ChatEndpoint",
+    "Encoded",
     "FeatureIndex",
     "baseline_explanation",
     "build_index",
     "decoder_neighbours",
+    "dense_latents",
     "detection_score",
+    "encode",
     "explain_with_llm",
     "export_neuronpedia",
+    "latent_values",
     "logit_lens",
     "sae_fingerprint",
     "search_text",

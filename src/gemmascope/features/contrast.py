@@ -1,14 +1,14 @@
 """Contrastive feature search: given two sets of prompts (A and B), the latents that separate them
 most, over every SAE given at once (Neuronpedia's "search via inference" over all layers).
 
-Each prompt runs through the model once, to the deepest site asked for; each SAE encodes its site
-(`sae.encode_inputs`: massive-activation positions get no latents), BOS is left out, and each
-latent's activations are pooled over the prompt (`max`, `mean`, or the `last` token). A latent's
+Each prompt runs through the model once, every SAE reading its site from that pass (`encode.encode`:
+BOS, EOS, pad and massive-activation positions left out), and each latent's activations are pooled over the
+positions kept (`max`, `mean`: divided by the positions kept, or the `last` one kept). A latent's
 separation is Cohen's d of the pooled values between the two sets, (mean_A − mean_B) / pooled
 standard deviation, the deviation floored at 1% of the latent's largest pooled value so that a latent
 firing on every A prompt and no B prompt ranks high rather than dividing by zero. Each result also
 counts the prompts of each set it fires on. Latents denser than `hide_dense` on the corpus (from the
-feature index's densities, when given) are left out and counted.
+feature index's densities, when given; `encode.dense_latents`) are left out and counted.
 
 Knows the model and the SAEs; knows nothing of the index file beyond the densities passed in.
 """
@@ -22,34 +22,12 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
-from gemmascope.features.prompt import HIDE_DENSE
-from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel, prompt_tokens
-from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import capture
+from gemmascope.features.encode import HIDE_DENSE, POOLS, dense_latents, encode
+from gemmascope.limits import MAX_CONTRAST_PROMPTS, MAX_PROMPT_TOKENS, MIN_CONTRAST_PROMPTS
+from gemmascope.models import LanguageModel
+from gemmascope.sae import SAE
 
-POOLS = ("max", "mean", "last")
-MIN_PROMPTS = 2  # per set: a standard deviation needs two
-MAX_PROMPTS = 200  # per set, to bound the work of one request
 SD_FLOOR = 0.01  # of the latent's largest pooled value
-
-
-def pooled_latents(
-    model: LanguageModel, saes: Mapping[str, SAE], prompts: Sequence[str], pool: str = "max"
-) -> dict[str, Tensor]:
-    """`{sae_id: [n_prompts, d_sae]}`: each prompt's latents pooled over its tokens after BOS."""
-    if pool not in POOLS:
-        raise ConfigError(f"pool {pool!r}: expected one of {', '.join(POOLS)}")
-    sites = {key: sae_site(model, sae) for key, sae in saes.items()}
-    rows: dict[str, list[Tensor]] = {key: [] for key in saes}
-    for text in prompts:
-        ids = prompt_tokens(model, text, MAX_PROMPT_TOKENS)
-        if ids.shape[1] < 2:
-            raise ConfigError(f"prompt {text!r} has no token after BOS")
-        acts = capture(model, ids, sorted(set(sites.values())))
-        for key, sae in saes.items():
-            f = encode_inputs(sae, acts[sites[key]][0]).float().cpu()[1:]  # [T-1, d_sae], BOS left out
-            rows[key].append({"max": f.max(0).values, "mean": f.mean(0), "last": f[-1]}[pool])
-    return {key: torch.stack(r) for key, r in rows.items()}
 
 
 def separation(a: Tensor, b: Tensor) -> Tensor:
@@ -72,31 +50,38 @@ def contrast(
     top: int = 20,
     densities: Mapping[str, Tensor] | None = None,
     hide_dense: float | None = HIDE_DENSE,
+    max_tokens: int = MAX_PROMPT_TOKENS,
 ) -> dict[str, Any]:
     """The latents, over every SAE of `saes`, that fire more on `prompts_a` than on `prompts_b`,
     best first: `{"results": [{sae_id, index, effect, mean_a, mean_b, fired_a, fired_b, density}],
     "n_a", "n_b", "pool", "hidden_dense"}` (the number of latents left out for being denser than
     `hide_dense`). Swap the sets for the other direction."""
     for name, prompts in (("A", prompts_a), ("B", prompts_b)):
-        if isinstance(prompts, str) or not MIN_PROMPTS <= len(prompts) <= MAX_PROMPTS:
+        if isinstance(prompts, str) or not MIN_CONTRAST_PROMPTS <= len(prompts) <= MAX_CONTRAST_PROMPTS:
             got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise ConfigError(f"prompt set {name} has {got}: expected {MIN_PROMPTS} to {MAX_PROMPTS} prompts")
+            raise ConfigError(
+                f"prompt set {name} has {got}: expected {MIN_CONTRAST_PROMPTS} to {MAX_CONTRAST_PROMPTS} prompts"
+            )
         if any(not p.strip() for p in prompts):
             raise ConfigError(f"prompt set {name} has an empty prompt")
     if not saes:
         raise ConfigError("no SAE to search: give at least one")
     if top < 1:
         raise ConfigError(f"top {top} must be at least 1")
-    pooled_a = pooled_latents(model, saes, prompts_a, pool)
-    pooled_b = pooled_latents(model, saes, prompts_b, pool)
+    if pool not in POOLS:
+        raise ConfigError(f"pool {pool!r}: expected one of {', '.join(POOLS)}")
+    pooled_a = encode(model, saes, prompts_a, pool=pool, max_tokens=max_tokens).pooled[
+        pool
+    ]  # {id: [n_a, d_sae]}
+    pooled_b = encode(model, saes, prompts_b, pool=pool, max_tokens=max_tokens).pooled[pool]
     hits: list[dict[str, Any]] = []
     hidden = 0
     for key in saes:
         a, b = pooled_a[key], pooled_b[key]
         effect = separation(a, b)
         density = None if densities is None else densities.get(key)
-        if density is not None and hide_dense is not None:
-            dense = density > hide_dense
+        dense = dense_latents(density, hide_dense)
+        if dense is not None:
             hidden += int((dense & (effect > 0)).sum())
             effect = effect.masked_fill(dense, float("-inf"))
         values, latents = effect.topk(min(top, effect.numel()))

@@ -2,7 +2,8 @@
 top features of each (max- and mean-pooled over its tokens, dense ones flagged), the features they
 share, and each document's own topic features (strong in it, weak in the others).
 
-Pooling is `contrast.pooled_latents`' (BOS left out, massive-activation positions get no latents).
+Each document runs through the model once (`encode.encode`, max- and mean-pooled from that one pass
+over the positions kept: BOS, EOS, pad and massive-activation positions left out).
 A feature is shared when it is among the `top` max-pooled features of at least half the documents
 (at least two); a document's topic features are those whose max-pooled activation there most
 exceeds their largest in any other document, among features not denser than `dense` on the corpus.
@@ -19,12 +20,10 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
-from gemmascope.features.contrast import pooled_latents
-from gemmascope.features.prompt import HIDE_DENSE
+from gemmascope.features.encode import HIDE_DENSE, dense_latents, encode
+from gemmascope.limits import MAX_DOCUMENTS, MAX_PROMPT_TOKENS, MAX_TOP
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE
-
-MAX_DOCUMENTS = 32
 
 
 def documents(
@@ -35,6 +34,7 @@ def documents(
     top: int = 10,
     densities: Tensor | None = None,
     dense: float = HIDE_DENSE,
+    max_tokens: int = MAX_PROMPT_TOKENS,
 ) -> dict[str, Any]:
     """Per document its `top` features by max- and by mean-pooled activation (each `{index, value,
     dense}`, `dense` True when the feature fires on more than `dense` of the corpus per `densities
@@ -47,11 +47,11 @@ def documents(
     empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise ConfigError(f"document {empty[0]} is empty: expected text")
-    if not 1 <= top <= 100:
-        raise ConfigError(f"top {top} is out of range: expected 1..100")
-    pooled_max = pooled_latents(model, {"sae": sae}, texts, "max")["sae"]  # [n_docs, d_sae]
-    pooled_mean = pooled_latents(model, {"sae": sae}, texts, "mean")["sae"]
-    is_dense = None if densities is None else densities.float().cpu() > dense
+    if not 1 <= top <= MAX_TOP:
+        raise ConfigError(f"top {top} is out of range: expected 1..{MAX_TOP}")
+    pooled = encode(model, {"sae": sae}, texts, pool=("max", "mean"), max_tokens=max_tokens).pooled
+    pooled_max, pooled_mean = pooled["max"]["sae"], pooled["mean"]["sae"]  # [n_docs, d_sae] each
+    is_dense = dense_latents(densities, dense)
 
     def ranked(values: Tensor, k: int) -> list[dict[str, Any]]:
         k = min(k, int((values > 0).sum()))

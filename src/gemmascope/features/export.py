@@ -65,22 +65,12 @@ def export_neuronpedia(
     for sub in ("features", "activations", "explanations"):
         (tmp / sub).mkdir(parents=True)
     stats = info["stats"]
-    (tmp / "source.jsonl").write_text(
-        json.dumps(
-            {
-                "id": source_id,
-                "modelId": model_id,
-                "setName": source_set,
-                "visibility": "PUBLIC",
-                "dataset": stats.get("corpus"),
-                "num_prompts": stats.get("n_rows"),
-                "num_tokens_in_prompt": stats.get("context_len"),
-                "hookName": hook_name,
-                "creatorId": creator_id,
-            }
-        )
-        + "\n"
-    )
+    source = {
+        "id": source_id, "modelId": model_id, "setName": source_set, "visibility": "PUBLIC",
+        "dataset": stats.get("corpus"), "num_prompts": stats.get("n_rows"),
+        "num_tokens_in_prompt": stats.get("context_len"), "hookName": hook_name, "creatorId": creator_id,
+    }  # fmt: skip
+    (tmp / "source.jsonl").write_text(json.dumps(source) + "\n")
     width = int(info["width"])
     for batch, start in enumerate(range(0, width, batch_size)):
         features, activations, explanations = [], [], []
@@ -88,47 +78,63 @@ def export_neuronpedia(
             f = fi.feature(sae_id, i)
             common = {"modelId": model_id, "layer": source_id, "index": str(i)}
             features.append(_feature_record(f, common, hook_name, creator_id, created))
-            examples = [(ex, None) for ex in f["top_examples"]]
-            examples += [(ex, iv) for iv in f["intervals"] for ex in iv["examples"]]
-            for n, (ex, iv) in enumerate(examples):
-                activations.append(
-                    {
-                        "id": f"{source_id}-{i}-{n}",
-                        **common,
-                        "tokens": ex["tokens"],
-                        "values": ex["acts"],
-                        "maxValue": max(ex["acts"]),
-                        "maxValueTokenIndex": ex["acts"].index(max(ex["acts"])),
-                        "minValue": min(ex["acts"]),
-                        "creatorId": creator_id,
-                        "dataSource": stats.get("corpus"),
-                        "dataIndex": None,
-                        "createdAt": created,
-                        "binMin": None if iv is None else iv["lo"],
-                        "binMax": None if iv is None else iv["hi"],
-                        "binContains": None if iv is None else iv["share"],
-                        "qualifyingTokenIndex": ex["focus"],
-                    }
-                )
-            for n, e in enumerate(f["explanations"]):
-                explanations.append(
-                    {
-                        "id": f"{source_id}-{i}-x{n}",
-                        **common,
-                        "description": e["text"],
-                        "authorId": creator_id,
-                        "typeName": e["explainer"],
-                        "explanationModelName": e["model"],
-                        "notes": None if e["score"] is None else f"detection score {e['score']:.3f}",
-                        "createdAt": created,
-                    }
-                )
+            activations += _activation_records(f, common, stats.get("corpus"), creator_id, created)
+            explanations += _explanation_records(f, common, creator_id, created)
         _write_gz(tmp / "features" / f"batch-{batch}.jsonl.gz", features)
         _write_gz(tmp / "activations" / f"batch-{batch}.jsonl.gz", activations)
         _write_gz(tmp / "explanations" / f"batch-{batch}.jsonl.gz", explanations)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def _activation_records(
+    f: dict[str, Any], common: dict[str, str], corpus: Any, creator_id: str, created: str
+) -> list[dict[str, Any]]:
+    """A latent's top and interval windows as Neuronpedia's Activation rows."""
+    source_id, i = common["layer"], common["index"]
+    examples = [(ex, None) for ex in f["top_examples"]]
+    examples += [(ex, iv) for iv in f["intervals"] for ex in iv["examples"]]
+    return [
+        {
+            "id": f"{source_id}-{i}-{n}",
+            **common,
+            "tokens": ex["tokens"],
+            "values": ex["acts"],
+            "maxValue": max(ex["acts"]),
+            "maxValueTokenIndex": ex["acts"].index(max(ex["acts"])),
+            "minValue": min(ex["acts"]),
+            "creatorId": creator_id,
+            "dataSource": corpus,
+            "dataIndex": None,
+            "createdAt": created,
+            "binMin": None if iv is None else iv["lo"],
+            "binMax": None if iv is None else iv["hi"],
+            "binContains": None if iv is None else iv["share"],
+            "qualifyingTokenIndex": ex["focus"],
+        }
+        for n, (ex, iv) in enumerate(examples)
+    ]
+
+
+def _explanation_records(
+    f: dict[str, Any], common: dict[str, str], creator_id: str, created: str
+) -> list[dict[str, Any]]:
+    """A latent's explanations as Neuronpedia's Explanation rows."""
+    source_id, i = common["layer"], common["index"]
+    return [
+        {
+            "id": f"{source_id}-{i}-x{n}",
+            **common,
+            "description": e["text"],
+            "authorId": creator_id,
+            "typeName": e["explainer"],
+            "explanationModelName": e["model"],
+            "notes": None if e["score"] is None else f"detection score {e['score']:.3f}",
+            "createdAt": created,
+        }
+        for n, e in enumerate(f["explanations"])
+    ]
 
 
 def _feature_record(

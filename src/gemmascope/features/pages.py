@@ -140,7 +140,6 @@ def feature_pages(
         model.tokenizer,
     )
     lo, hi = p2.lo[start:stop].cpu().tolist(), p2.hi[start:stop].cpu().tolist()
-    per = N_BINS // N_INTERVALS
 
     def tok(i: int) -> str:
         if i not in decode:  # logit-lens tokens need not occur in the corpus
@@ -150,40 +149,57 @@ def feature_pages(
     for li in range(stop - start):
         i = start + li
         fired = int(n_fired[li])
-        c = counts[li].tolist()
-        if fired:
-            edges = [lo[li] + (hi[li] - lo[li]) * b / N_BINS for b in range(N_BINS + 1)]
-            histogram = {"edges": edges, "counts": c}
-            intervals = [
-                {
-                    "lo": edges[j * per],
-                    "hi": edges[(j + 1) * per],
-                    "count": sum(c[j * per : (j + 1) * per]),
-                    "share": sum(c[j * per : (j + 1) * per]) / fired,
-                    "examples": samples[li * N_INTERVALS + j],
-                }
-                for j in range(N_INTERVALS)
-            ]
-        else:
-            histogram, intervals = {"edges": [], "counts": []}, []
+        histogram, intervals = _histogram(
+            fired, counts[li].tolist(), lo[li], hi[li], samples[li * N_INTERVALS : (li + 1) * N_INTERVALS]
+        )
         data = {
             "min_act": lo[li] if fired else 0.0,
             "histogram": histogram,
             "top_examples": top[li],
             "intervals": intervals,
-            "logit_lens": {
-                "promoted": [
-                    {"token": tok(t), "value": round(v, 4)}
-                    for t, v in zip(lens["up_ids"][i], lens["up_vals"][i], strict=True)
-                ],
-                "suppressed": [
-                    {"token": tok(t), "value": round(v, 4)}
-                    for t, v in zip(lens["down_ids"][i], lens["down_vals"][i], strict=True)
-                ],
-            },
-            "neighbours": [
-                {"index": j, "cosine": round(c_, 4)}
-                for j, c_ in zip(lens["nb_idx"][i], lens["nb_cos"][i], strict=True)
-            ],
+            **_lens_entries(lens, i, tok),
         }
         yield i, fired / n_tokens, fired, float(max_act[li]), data
+
+
+def _histogram(
+    fired: int, c: list[int], lo: float, hi: float, samples: list[list[dict[str, Any]]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A latent's histogram `{edges, counts}` (N_BINS equal-width bins over [lo, hi]) and its
+    N_INTERVALS intervals with their sampled windows (`samples`, one list per interval); both
+    empty for a latent that never fired."""
+    if not fired:
+        return {"edges": [], "counts": []}, []
+    per = N_BINS // N_INTERVALS
+    edges = [lo + (hi - lo) * b / N_BINS for b in range(N_BINS + 1)]
+    intervals = [
+        {
+            "lo": edges[j * per],
+            "hi": edges[(j + 1) * per],
+            "count": sum(c[j * per : (j + 1) * per]),
+            "share": sum(c[j * per : (j + 1) * per]) / fired,
+            "examples": samples[j],
+        }
+        for j in range(N_INTERVALS)
+    ]
+    return {"edges": edges, "counts": c}, intervals
+
+
+def _lens_entries(lens: dict[str, list[list[Any]]], i: int, tok: Any) -> dict[str, Any]:
+    """Latent `i`'s logit lens (promoted and suppressed tokens) and decoder neighbours."""
+    return {
+        "logit_lens": {
+            "promoted": [
+                {"token": tok(t), "value": round(v, 4)}
+                for t, v in zip(lens["up_ids"][i], lens["up_vals"][i], strict=True)
+            ],
+            "suppressed": [
+                {"token": tok(t), "value": round(v, 4)}
+                for t, v in zip(lens["down_ids"][i], lens["down_vals"][i], strict=True)
+            ],
+        },
+        "neighbours": [
+            {"index": j, "cosine": round(c_, 4)}
+            for j, c_ in zip(lens["nb_idx"][i], lens["nb_cos"][i], strict=True)
+        ],
+    }

@@ -1,5 +1,8 @@
-"""Latents on one piece of text, computed live: per token the top-k latents (the microscope), and
-the latents that fire most on a text or on one of its tokens (search by text).
+"""Latents on one piece of text, computed live: per token the top-k latents (the microscope), the
+latents that fire most on a text or on one of its tokens (search by text), and one latent's
+activation on each token (a feature page's "try your own text"). Every one reads latents through
+`encode.encode` (BOS, EOS, pad and massive positions get none) and hides dense latents by
+`encode.dense_latents`.
 
 Knows the model and the SAE; knows nothing of the index file except the per-latent densities a
 caller may pass in to hide dense latents.
@@ -12,37 +15,37 @@ from typing import Any
 from torch import Tensor
 
 from gemmascope.errors import ConfigError
-from gemmascope.models import MAX_PROMPT_TOKENS, LanguageModel, prompt_tokens, token_texts
-from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import capture
+from gemmascope.features.encode import HIDE_DENSE, dense_latents, encode
+from gemmascope.limits import MAX_PROMPT_TOKENS
+from gemmascope.models import LanguageModel, token_texts
+from gemmascope.sae import SAE
 
-# Latents firing on more than this share of the corpus are "dense": hidden by default wherever
-# features are listed (microscope, search, contrast, bias) and flagged in document analysis. The
-# training recipe's density limit (`train.recipe.DENSE_DENSITY`, a test keeps them equal): latents
-# above it are the ones training pushes down, so below it is where a trained SAE's sparse
-# features live.
-HIDE_DENSE = 0.095
+__all__ = ["HIDE_DENSE", "latent_values", "search_text", "top_features"]
 
 
-def encode_text(
-    model: LanguageModel, sae: SAE, text: str, max_tokens: int = MAX_PROMPT_TOKENS
-) -> tuple[list[int], Tensor]:
-    """Tokenise `text` (BOS first), run the model to the SAE's site and encode (`sae.encode_inputs`,
-    so massive-activation positions get no latents): token ids `[T]` and latent activations
-    `[T, d_sae]` on the CPU (the BOS row included; callers hide it)."""
-    site = sae_site(model, sae)
-    ids = prompt_tokens(model, text, max_tokens)
-    x = capture(model, ids, [site])[site][0]  # [T, d_in]
-    return ids[0].tolist(), encode_inputs(sae, x).float().cpu()
+def _latents(model: LanguageModel, sae: SAE, text: str, max_tokens: int) -> tuple[list[int], Tensor]:
+    """Token ids `[T]` (BOS first) and latents `[T, d_sae]` of one text (`encode.encode`)."""
+    enc = encode(model, {"sae": sae}, [text], max_tokens=max_tokens)
+    return enc.ids[0], enc.latents["sae"][0]
 
 
 def _visible(acts: Tensor, densities: Tensor | None, hide_dense: float | None) -> Tensor:
     """`acts [T, d_sae]` with latents denser than `hide_dense` zeroed when densities are given."""
-    if densities is None or hide_dense is None:
-        return acts
-    if densities.shape != (acts.shape[1],):
+    if densities is not None and densities.shape != (acts.shape[1],):
         raise ConfigError(f"densities have shape {tuple(densities.shape)}, expected ({acts.shape[1]},)")
-    return acts * (densities.to(acts.device) <= hide_dense)
+    dense = dense_latents(densities, hide_dense)
+    return acts if dense is None else acts * ~dense
+
+
+def latent_values(
+    model: LanguageModel, sae: SAE, text: str, latent: int, max_tokens: int = MAX_PROMPT_TOKENS
+) -> tuple[list[int], list[float]]:
+    """Token ids `[T]` of `text` (BOS first) and latent `latent`'s activation on each `[T]` (zero at
+    BOS and wherever the mask leaves a position out)."""
+    if not 0 <= latent < sae.d_sae:
+        raise ConfigError(f"latent {latent} is out of range: expected 0..{sae.d_sae - 1}")
+    ids, acts = _latents(model, sae, text, max_tokens)
+    return ids, acts[:, latent].tolist()
 
 
 def top_features(
@@ -52,6 +55,7 @@ def top_features(
     k: int = 5,
     hide_dense: float | None = HIDE_DENSE,
     densities: Tensor | None = None,
+    max_tokens: int = MAX_PROMPT_TOKENS,
 ) -> list[dict[str, Any]]:
     """For each token of `text` after BOS, the top-`k` latents by activation (only those that
     fire): `[{position, token, token_id, features: [{index, value}]}]`, position counted with BOS
@@ -59,7 +63,7 @@ def top_features(
     `hide_dense` of tokens are hidden."""
     if k < 1:
         raise ConfigError(f"k={k} must be at least 1")
-    ids, acts = encode_text(model, sae, text)
+    ids, acts = _latents(model, sae, text, max_tokens)
     acts = _visible(acts, densities, hide_dense)
     values, latents = acts.topk(min(k, acts.shape[1]), dim=1)
     texts = token_texts(model.tokenizer, ids)
@@ -89,15 +93,17 @@ def search_text(
     limit: int = 20,
     densities: Tensor | None = None,
     hide_dense: float | None = None,
+    max_tokens: int = MAX_PROMPT_TOKENS,
 ) -> list[dict[str, Any]]:
     """The latents that fire most on `text` (BOS excluded), or only on the positions of one of its
     tokens (`token`: the token's text, compared without surrounding spaces, or its id), by their
     max activation there: `[{index, value, position, token, mean}]` with `position`/`token` where
-    the max is and `mean` the mean activation over the positions searched."""
+    the max is and `mean` the mean activation over the positions searched that the mask keeps."""
     if limit < 1:
         raise ConfigError(f"search limit {limit} must be at least 1")
-    ids, acts = encode_text(model, sae, text)
-    acts = _visible(acts, densities, hide_dense)
+    enc = encode(model, {"sae": sae}, [text], max_tokens=max_tokens)
+    ids, keep = enc.ids[0], enc.keep["sae"][0]
+    acts = _visible(enc.latents["sae"][0], densities, hide_dense)
     strings = token_texts(model.tokenizer, ids)
     positions = list(range(1, len(ids)))
     if token is not None:
@@ -110,7 +116,7 @@ def search_text(
             raise ConfigError(f"token {token!r} does not occur in the text; its tokens are {shown}")
     sub = acts[positions]  # [P, d_sae]
     best, where = sub.max(0)
-    mean = sub.mean(0)
+    mean = sub.sum(0) / max(1, int(keep[positions].sum()))  # over the positions kept
     order = best.argsort(descending=True)[:limit]
     out = []
     for i in order.tolist():

@@ -57,6 +57,13 @@ BASELINE = "baseline"  # the explainer that needs no other model (explain.py)
 _STAGING = "\t(re-build)"  # suffix of the id a re-build writes under until it completes
 
 
+def _best_first(explanation: dict[str, Any]) -> tuple[bool, float]:
+    """Sort key of a latent's explanations, best first: model-written before the baseline, then by
+    detection score (unscored last)."""
+    score = explanation["score"]
+    return explanation["explainer"] == BASELINE, -(score if score is not None else -1)
+
+
 def _staging(sae_id: str) -> str:
     return sae_id + _STAGING
 
@@ -254,8 +261,27 @@ class FeatureIndex:
             (sae_id, index),
         )
         out = [{"explainer": r[0], "text": r[1], "score": r[2], "model": r[3]} for r in rows]
-        out.sort(key=lambda e: (e["explainer"] == BASELINE, -(e["score"] if e["score"] is not None else -1)))
+        out.sort(key=_best_first)
         return out
+
+    def best_explanations(self, sae_id: str, indices: Iterable[int]) -> dict[int, str]:
+        """The best explanation (as `explanations` ranks them) of each of these latents that has
+        one: `{index: text}`, one query. The one lookup of "the explanation" of a latent (feature
+        pages, the microscope, search, contrast, graphs, the CLI)."""
+        wanted = sorted({int(i) for i in indices})
+        best: dict[int, tuple[tuple[bool, float], str]] = {}
+        for start in range(0, len(wanted), 500):  # SQLite's bound on parameters
+            chunk = wanted[start : start + 500]
+            rows = self._query(
+                f"SELECT idx, explainer, text, score FROM explanations WHERE sae_id = ? "
+                f"AND idx IN ({', '.join('?' * len(chunk))})",
+                [sae_id, *chunk],
+            )
+            for idx, explainer, text, score in rows:
+                rank = _best_first({"explainer": explainer, "score": score})
+                if idx not in best or rank < best[idx][0]:
+                    best[idx] = (rank, text)
+        return {idx: text for idx, (_, text) in sorted(best.items())}
 
     def flow(self, sae_id: str, index: int) -> list[dict[str, Any]]:
         """The latents of the other layers' SAEs whose activations correlate most with this one over

@@ -3,7 +3,8 @@ their explanations) and `POST /v1/activation/single` (one feature's activation o
 their request bodies. The model work waits in the model queue; explanations are read afterwards on
 a worker thread, so the model is free for the next request meanwhile.
 
-Knows nothing of how features are computed: it calls `features.top_features` and `Run.feature_acts`.
+Knows nothing of how features are computed: it calls `features.top_features`,
+`features.latent_values` and `features.documents`.
 """
 
 from __future__ import annotations
@@ -14,22 +15,31 @@ import anyio
 from fastapi import APIRouter
 from pydantic import Field
 
-from gemmascope.features import HIDE_DENSE, top_features
+from gemmascope.features import HIDE_DENSE, latent_values, top_features
+from gemmascope.limits import (
+    MAX_DOCUMENTS,
+    MAX_TOP,
+    MAX_TOP_PER_TOKEN,
+    REQUEST_PROMPT_CHARS,
+    REQUEST_PROMPT_TOKENS,
+)
 from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
-from gemmascope.server.run import MAX_PROMPT_CHARS
+
+TOPK_PER_TOKEN = 5  # features per token the microscope lists by default
+TOPK_PER_DOCUMENT = 8  # features per document and pooling
 
 router = APIRouter()
 
 
 class TopkByTokenRequest(Body):
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(max_length=REQUEST_PROMPT_CHARS)
     sae_id: str | None = None  # default: the run's first SAE
-    k: int = Field(5, ge=1, le=20)
+    k: int = Field(TOPK_PER_TOKEN, ge=1, le=MAX_TOP_PER_TOKEN)
     hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # hide features firing on more than this fraction
 
 
 class SingleRequest(Body):
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(max_length=REQUEST_PROMPT_CHARS)
     sae_id: str
     index: int
 
@@ -41,10 +51,11 @@ async def topk_by_token(body: TopkByTokenRequest, run: RunDep, queue: QueueDep) 
     densities = run.column(entry, "density")
 
     def work() -> tuple[list[str], list[dict[str, Any]]]:
-        ids = run.prompt_ids(body.prompt)
+        ids = run.prompt_ids(body.prompt)  # tokens only: the model runs once, in top_features
         rows = top_features(
-            run.model, entry.sae, body.prompt, k=body.k, hide_dense=body.hide_dense, densities=densities
-        )
+            run.model, entry.sae, body.prompt, k=body.k, hide_dense=body.hide_dense, densities=densities,
+            max_tokens=REQUEST_PROMPT_TOKENS,
+        )  # fmt: skip
         return run.token_strings(ids), rows
 
     tokens, rows = await queue.run(work)
@@ -69,8 +80,8 @@ async def single(body: SingleRequest, run: RunDep, queue: QueueDep) -> dict[str,
     run.check_text(body.prompt)
 
     def work() -> tuple[list[str], list[float]]:
-        ids = run.prompt_ids(body.prompt)
-        return run.token_strings(ids), run.feature_acts(entry, i, ids)
+        ids, values = latent_values(run.model, entry.sae, body.prompt, i, max_tokens=REQUEST_PROMPT_TOKENS)
+        return run.token_strings(ids), values
 
     tokens, values = await queue.run(work)
     best = max(range(1, len(values)), key=lambda t: values[t])  # BOS excluded
@@ -82,13 +93,10 @@ async def single(body: SingleRequest, run: RunDep, queue: QueueDep) -> dict[str,
     }
 
 
-MAX_DOCUMENTS = 16  # per request
-
-
 class DocumentsRequest(Body):
     documents: list[str] = Field(min_length=1, max_length=MAX_DOCUMENTS)
     sae_id: str | None = None  # default: the run's first SAE
-    k: int = Field(8, ge=1, le=20)
+    k: int = Field(TOPK_PER_DOCUMENT, ge=1, le=MAX_TOP)
 
 
 @router.post("/v1/activation/documents")
@@ -103,9 +111,14 @@ async def documents_view(body: DocumentsRequest, run: RunDep, queue: QueueDep) -
     densities = run.column(entry, "density")
 
     def work() -> dict[str, Any]:
-        for text in body.documents:
-            run.prompt_ids(text)
-        out: dict[str, Any] = documents(run.model, entry.sae, body.documents, top=body.k, densities=densities)
+        out: dict[str, Any] = documents(
+            run.model,
+            entry.sae,
+            body.documents,
+            top=body.k,
+            densities=densities,
+            max_tokens=REQUEST_PROMPT_TOKENS,
+        )
         return out
 
     out = await queue.run(work)

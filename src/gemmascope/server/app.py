@@ -34,12 +34,12 @@ __all__ = ["MAX_WAITING", "STATIC", "create_app", "serve", "serving"]
 
 
 def create_app(
-    run_dir: str | Path | None, model: LanguageModel | None = None, extra: Sequence[str] = ()
+    run_dir: str | Path | None, model: LanguageModel | str | None = None, extra: Sequence[str] = ()
 ) -> FastAPI:
     """The web app over one run folder, plus the SAEs named in `extra` (`--sae`: SAE folders or
-    official `RELEASE/ID`s; with no run folder, only those). The model and SAEs load here, once;
-    pass `model` to reuse one already loaded (tests). Serve it with uvicorn (`serve`, or `serving`
-    in a thread)."""
+    official `RELEASE/ID`s; with no run folder, only those). The model and SAEs load here, once
+    (`runs.open_run`); `model` names the model (None: the run's, `runs.model_for`) or is one already
+    loaded (tests). Serve it with uvicorn (`serve`, or `serving` in a thread)."""
     run = Run(run_dir, model=model, extra=extra)
     app = FastAPI(
         title="gemmascope",
@@ -61,7 +61,11 @@ def create_app(
 
 
 def serve(
-    run_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, extra: Sequence[str] = ()
+    run_dir: str | Path | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    extra: Sequence[str] = (),
+    model: str | None = None,
 ) -> None:
     """Load a run folder (and/or the SAEs in `extra`) and serve its web UI until interrupted (Ctrl+C)."""
     import uvicorn
@@ -79,7 +83,7 @@ def serve(
                 f"cannot listen on --host {host!r} ({err.strerror or err}): expected an address of this "
                 "machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
             ) from None
-    app = create_app(run_dir, extra=extra)
+    app = create_app(run_dir, model=model, extra=extra)
     what = ", ".join([str(run_dir)] * (run_dir is not None) + list(extra))
     print(f"gemmascope: serving {what} at http://{host}:{port}/  (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -3,14 +3,15 @@ whether it can draw new ones: a transcoder per layer), `POST /v1/graph/generate`
 prompt, written to `RUN/graphs/SLUG.json` in circuit-tracer's schema), `GET /v1/graph/{slug}` (that
 JSON, refused when drawn from another transcoder set) and `POST /v1/graph/{slug}/intervene` (set
 feature nodes to a value: the graph's predicted change of each output logit beside the measured
-one). Graph work waits in the model queue; the last few graphs stay in memory for interventions.
+one; nodes named `LAYER_LATENT_POSITION` as the graph JSON names them, `attribution.parse_node`).
+Graph work waits in the model queue; the last few graphs stay in memory for interventions.
 
-Knows nothing of how graphs are computed: it calls `attribution`.
+Knows nothing of how graphs are computed: it calls `attribution.draw_graph` and
+`attribution.intervene_nodes`, as `gemmascope attribute` does.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -20,34 +21,32 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from gemmascope.attribution import (
+    EDGE_THRESHOLD,
     MAX_FEATURE_NODES,
-    MAX_PROMPT_TOKENS,
+    NODE_THRESHOLD,
     Graph,
     attribute,
-    prune,
-    transcoder_set,
-)
-from gemmascope.attribution.files import (
     check_slug,
-    graph_json,
+    draw_graph,
     graph_slug,
-    pruned_explanations,
+    intervene_nodes,
+    parse_node,
     read_graph,
     transcoder_digest,
-    write_graph,
+    transcoder_set,
 )
-from gemmascope.attribution.intervene import measure, predict
 from gemmascope.errors import GemmaScopeError, StoreError
+from gemmascope.limits import (
+    MAX_GRAPH_TOKENS,
+    MAX_INTERVENE_NODES,
+    REQUEST_GRAPH_TOKENS,
+    REQUEST_PROMPT_CHARS,
+)
 from gemmascope.sae import SAE
 from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, Number, QueueDep, RunDep
-from gemmascope.server.run import MAX_PROMPT_CHARS, Run
+from gemmascope.server.run import Run
 
-MAX_GRAPH_TOKENS = 32  # prompt tokens after BOS one graph request may take (time grows with them)
-MAX_INTERVENE_NODES = 64
-# A feature node id, LAYER_LATENT_POSITION: ASCII digits only ('²'.isdigit() is True, int('²') fails)
-# and at most 9 of them (int() of thousands of digits is slow, then refused).
-_NODE_ID = re.compile(r"([0-9]{1,9})_([0-9]{1,9})_([0-9]{1,9})")
 _KEPT_GRAPHS = 2  # graphs kept in memory for interventions (each up to ~0.3 GB at the node cap)
 
 router = APIRouter()
@@ -69,7 +68,7 @@ class _Graphs:
                 try:
                     if run.run_dir is None:
                         raise StoreError("graphs need a run folder with a transcoder for every layer")
-                    self.transcoders = transcoder_set(run.run_dir, run.model.n_layers)
+                    self.transcoders = transcoder_set(run.run_dir, run.model.n_layers, saes=run.opened.saes)
                     self.digest = transcoder_digest(self.transcoders)
                 except GemmaScopeError as err:
                     self.problem = str(err)
@@ -116,10 +115,10 @@ def graph_list(run: RunDep) -> dict[str, Any]:
 
 
 class GraphRequest(Body):
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(max_length=REQUEST_PROMPT_CHARS)
     slug: str | None = None
-    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
-    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    node_threshold: float = Field(NODE_THRESHOLD, ge=0.0, le=1.0)
+    edge_threshold: float = Field(EDGE_THRESHOLD, ge=0.0, le=1.0)
     max_feature_nodes: int = Field(MAX_FEATURE_NODES, ge=1, le=MAX_FEATURE_NODES)
 
 
@@ -128,33 +127,21 @@ async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> di
     run.check_text(body.prompt)
     state, transcoders = _transcoders_or_409(run)
     slug = check_slug(body.slug or graph_slug(body.prompt))
+    folder = run.graph_dir()
+    assert folder is not None  # transcoders were found in the run folder
 
     def work() -> dict[str, Any]:
-        run.prompt_ids(body.prompt, MAX_GRAPH_TOKENS)  # 400 beyond the request bound
-        graph = attribute(
-            run.model, transcoders, body.prompt, max_feature_nodes=body.max_feature_nodes,
-            max_tokens=MAX_GRAPH_TOKENS, progress=False,
+        drawn = draw_graph(
+            run.model, transcoders, body.prompt, folder, slug=slug, node_threshold=body.node_threshold,
+            edge_threshold=body.edge_threshold, max_feature_nodes=body.max_feature_nodes,
+            max_tokens=REQUEST_GRAPH_TOKENS, explain=run.opened.explanations, run=str(run.run_dir),
+            digest=state.digest, progress=False,
         )  # fmt: skip
-        pruned = prune(graph, body.node_threshold, body.edge_threshold)
-        explanations = pruned_explanations(
-            graph, pruned, lambda key, latents: _explanations(run, key, latents)
-        )
-        data = graph_json(
-            graph, slug, pruned, run=str(run.run_dir), digest=state.digest, explanations=explanations
-        )
-        folder = run.graph_dir()
-        assert folder is not None  # transcoders were found in the run folder
-        write_graph(folder / f"{slug}.json", data)
-        state.keep(slug, graph)
-        return data
+        state.keep(slug, drawn.graph)
+        return drawn.data
 
     data = await queue.run(work)
     return {"slug": slug, "metadata": data["metadata"]}
-
-
-def _explanations(run: Run, sae_id: str, latents: list[int]) -> dict[int, str]:
-    entry = run.saes.get(sae_id)
-    return {} if entry is None else run.explanations(entry, latents)
 
 
 @router.get("/v1/graph/{slug}")
@@ -181,9 +168,7 @@ def _path_or_404(run: Run, slug: str) -> Path:
 
 
 class InterveneRequest(Body):
-    nodes: list[str] = Field(
-        min_length=1, max_length=MAX_INTERVENE_NODES
-    )  # feature node ids LAYER_LATENT_POS
+    nodes: list[str] = Field(min_length=1, max_length=MAX_INTERVENE_NODES)  # LAYER_LATENT_POSITION
     value: Number = Field(0.0, ge=-1e4, le=1e4)
 
 
@@ -195,47 +180,21 @@ async def graph_intervene(slug: str, body: InterveneRequest, run: RunDep, queue:
         meta = read_graph(path, state.digest)["metadata"]
     except GemmaScopeError as err:
         raise ApiError(409, str(err)) from None
-    nodes = []
-    for node_id in body.nodes:
-        found = _NODE_ID.fullmatch(node_id)
-        if found is None:
-            raise ApiError(
-                400,
-                f"node {node_id[:40]!r} is not a feature node: expected LAYER_LATENT_POSITION, e.g. 12_1033_5",
-            )
-        layer, latent, pos = (int(p) for p in found.groups())
-        nodes.append((layer, pos, latent))
+    nodes = [parse_node(node_id) for node_id in body.nodes]  # 400 for anything but a feature node
 
     def work() -> dict[str, Any]:
         graph = state.graphs.get(slug)
         if graph is None or graph.prompt != meta["prompt"]:  # drawn before a restart, or by the CLI
             cap = (meta.get("gemmascope") or {}).get("max_feature_nodes")
             graph = attribute(
-                run.model, transcoders, meta["prompt"], max_feature_nodes=cap, max_tokens=MAX_PROMPT_TOKENS,
+                run.model, transcoders, meta["prompt"], max_feature_nodes=cap, max_tokens=MAX_GRAPH_TOKENS,
                 progress=False,
             )  # fmt: skip
             state.keep(slug, graph)
-        try:
-            predicted = predict(graph, nodes, body.value)
-        except GemmaScopeError as err:
-            raise ApiError(400, str(err)) from None
-        measured = measure(run.model, transcoders, graph, nodes, body.value)
         return {
             "nodes": body.nodes,
             "value": body.value,
-            "logits": [
-                {
-                    "token": token,
-                    "predicted": float(predicted["total"][k]),
-                    "predicted_direct": float(predicted["direct"][k]),
-                    "measured": float(measured["delta"][k]),
-                    "prob_before": float(measured["clean_probs"][k]),
-                    "prob_after": float(measured["changed_probs"][k]),
-                }
-                for k, token in enumerate(graph.logit_tokens)
-            ],
-            "top_token": measured["top_token"],
-            "top_prob": measured["top_prob"],
+            **intervene_nodes(run.model, transcoders, graph, nodes, body.value),
         }
 
     return await queue.run(work)

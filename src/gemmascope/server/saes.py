@@ -1,5 +1,5 @@
 """What the run holds, over HTTP: `GET /health`, `GET /v1/saes` (the SAEs with their eval numbers,
-the report's plots and the request limits), `GET /v1/report/{name}` and `GET /v1/feature/{sae_id}/
+the report's plots, the request limits and the defaults the pages show), `GET /v1/report/{name}` and `GET /v1/feature/{sae_id}/
 {index}` (a feature page's data from the feature index). None of these runs the model, so they are
 answered while model requests wait.
 
@@ -16,7 +16,6 @@ from fastapi.responses import FileResponse
 from gemmascope.errors import GemmaScopeError
 from gemmascope.server.errors import ApiError, public_message
 from gemmascope.server.lookup import RunDep, feature_or_4xx, sae_or_404
-from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_REQUEST_TOKENS
 
 router = APIRouter()
 
@@ -54,11 +53,43 @@ def list_saes(run: RunDep) -> dict[str, Any]:
         "model": run.model_name,
         "saes": saes,
         "plots": [f"/v1/report/{name}" for name in plots],
-        "limits": {
-            "max_prompt_tokens": MAX_REQUEST_TOKENS,
-            "max_prompt_chars": MAX_PROMPT_CHARS,
-            "max_new_tokens": MAX_NEW_TOKENS,
-        },
+        "limits": limits(),
+        "defaults": defaults(),
+    }
+
+
+def limits() -> dict[str, float | int]:
+    """What one request may ask (`limits.served`) and the share above which a latent is dense and
+    hidden by default (`features.HIDE_DENSE`): the pages read these instead of restating them."""
+    from gemmascope import limits as bounds
+    from gemmascope.features import HIDE_DENSE
+
+    return {**bounds.served(), "dense": HIDE_DENSE}
+
+
+def defaults() -> dict[str, Any]:
+    """What a request gets for what it leaves out: the sampling settings (`steer.SamplingSettings`),
+    the cost's held-out tokens, how many features each view lists, the dense share hidden, the
+    graph's pruning thresholds; the pages show these in their inputs."""
+    from dataclasses import asdict
+
+    from gemmascope.attribution import EDGE_THRESHOLD, NODE_THRESHOLD
+    from gemmascope.features import HIDE_DENSE
+    from gemmascope.server.activations import TOPK_PER_DOCUMENT, TOPK_PER_TOKEN
+    from gemmascope.server.search import SEARCH_TOP
+    from gemmascope.server.steering import SIDE_EFFECT_TOKENS
+    from gemmascope.steer import SamplingSettings
+
+    return {
+        "sampling": asdict(SamplingSettings()),
+        "side_effect_tokens": SIDE_EFFECT_TOKENS,
+        "hide_dense": HIDE_DENSE,
+        "k": TOPK_PER_TOKEN,
+        "documents_k": TOPK_PER_DOCUMENT,
+        "top": SEARCH_TOP,
+        "pool": "max",
+        "node_threshold": NODE_THRESHOLD,
+        "edge_threshold": EDGE_THRESHOLD,
     }
 
 

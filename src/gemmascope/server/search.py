@@ -14,20 +14,29 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from gemmascope.features import HIDE_DENSE, search_text
+from gemmascope.limits import (
+    MAX_TOP,
+    MIN_CONTRAST_PROMPTS,
+    REQUEST_CONTRAST_PROMPTS,
+    REQUEST_PROMPT_CHARS,
+    REQUEST_PROMPT_TOKENS,
+)
 from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.model_queue import ModelQueue
-from gemmascope.server.run import MAX_PROMPT_CHARS, Run
+from gemmascope.server.run import Run
+
+SEARCH_TOP = 20  # results a search or a contrast lists by default
 
 router = APIRouter()
 
 
 class SearchRequest(Body):
-    query: str = Field(max_length=MAX_PROMPT_CHARS)
+    query: str = Field(max_length=REQUEST_PROMPT_CHARS)
     mode: Literal["text", "explanation", "id"] = "text"
     sae_id: str | None = None  # text: default the run's first SAE; explanation / id: default every SAE
     token: str | None = Field(None, max_length=200)  # text mode: only the positions of this token
-    k: int = Field(20, ge=1, le=100)
+    k: int = Field(SEARCH_TOP, ge=1, le=MAX_TOP)
     hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # text mode: hide features firing on more than this
 
 
@@ -84,16 +93,10 @@ async def _by_text(run: Run, queue: ModelQueue, query: str, body: SearchRequest)
     densities = run.column(entry, "density")
 
     def work() -> list[dict[str, Any]]:
-        run.prompt_ids(query)
         return search_text(  # type: ignore[no-any-return]
-            run.model,
-            entry.sae,
-            query,
-            token=body.token,
-            limit=body.k,
-            densities=densities,
-            hide_dense=body.hide_dense,
-        )
+            run.model, entry.sae, query, token=body.token, limit=body.k, densities=densities,
+            hide_dense=body.hide_dense, max_tokens=REQUEST_PROMPT_TOKENS,
+        )  # fmt: skip
 
     rows = await queue.run(work)
     explained = await anyio.to_thread.run_sync(lambda: run.explanations(entry, [r["index"] for r in rows]))
@@ -101,14 +104,11 @@ async def _by_text(run: Run, queue: ModelQueue, query: str, body: SearchRequest)
     return {"mode": "text", "sae_id": entry.id, "results": results}
 
 
-MAX_CONTRAST_PROMPTS = 32  # per set, in one request
-
-
 class ContrastRequest(Body):
-    a: list[str] = Field(min_length=2, max_length=MAX_CONTRAST_PROMPTS)
-    b: list[str] = Field(min_length=2, max_length=MAX_CONTRAST_PROMPTS)
-    pool: Literal["max", "mean", "last"] = "max"
-    top: int = Field(20, ge=1, le=100)
+    a: list[str] = Field(min_length=MIN_CONTRAST_PROMPTS, max_length=REQUEST_CONTRAST_PROMPTS)
+    b: list[str] = Field(min_length=MIN_CONTRAST_PROMPTS, max_length=REQUEST_CONTRAST_PROMPTS)
+    pool: Literal["max", "mean", "last"] = "max"  # features.POOLS
+    top: int = Field(SEARCH_TOP, ge=1, le=MAX_TOP)
     hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # 1: hide nothing
 
 
@@ -125,11 +125,9 @@ async def search_contrast(body: ContrastRequest, run: RunDep, queue: QueueDep) -
     densities = {key: d for key, entry in run.saes.items() if (d := run.column(entry, "density")) is not None}
 
     def work() -> dict[str, Any]:
-        for prompt in [*body.a, *body.b]:
-            run.prompt_ids(prompt)
         out: dict[str, Any] = contrast(
             run.model, saes, body.a, body.b, pool=body.pool, top=body.top, densities=densities,
-            hide_dense=body.hide_dense if body.hide_dense < 1 else None,
+            hide_dense=body.hide_dense, max_tokens=REQUEST_PROMPT_TOKENS,
         )  # fmt: skip
         return out
 

@@ -1,10 +1,11 @@
-"""Steering over HTTP: `POST /v1/steer/completion` with its request body: a default and a steered
-completion of one prompt, same seed and sampling settings, with up to `MAX_STEER_FEATURES`
-interventions. A feature's strength defaults to its max activation in the feature index and is
-bounded by `Run.strength_limit`; the sampling defaults are `steer`'s. The generation waits in the
-model queue.
+"""Steering over HTTP: `POST /v1/steer/completion` (a default and a steered completion of one prompt,
+same seed and sampling settings, with up to `limits.MAX_STEER_FEATURES` interventions) and `POST
+/v1/steer/measure` (watched tokens, the cost, a sweep), with their request bodies. A feature's
+strength defaults to its max activation in the feature index and is bounded by `Run.strength_limit`;
+the sampling defaults are `steer`'s, the bounds `limits`'. The model work waits in the model queue.
 
-Knows nothing of how steering works: it calls `steer.fill_strengths` and `steer.generate_pair`.
+Knows nothing of how steering works: it calls `steer.fill_strengths`, `steer.generate_pair` and
+`effects.measure_and_sweep`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,36 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import Field
 
+from gemmascope.limits import (
+    MAX_FREQ_PENALTY,
+    MAX_STEER_FEATURES,
+    MAX_TEMPERATURE,
+    MAX_WATCH,
+    REQUEST_MEASURE_PROMPTS,
+    REQUEST_NEW_TOKENS,
+    REQUEST_PROMPT_CHARS,
+    REQUEST_PROMPT_TOKENS,
+    REQUEST_SIDE_EFFECT_TOKENS,
+    REQUEST_SWEEP,
+)
 from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, Number, QueueDep, RunDep, feature_or_4xx, sae_or_404
-from gemmascope.server.run import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_REQUEST_TOKENS, Run
+from gemmascope.server.run import Run
 from gemmascope.steer import (
     DEFAULT_FREQ_PENALTY,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SEED,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
-    MAX_FREQ_PENALTY,
     Intervention,
     SteeredPair,
     fill_strengths,
     generate_pair,
 )
 
-MAX_STEER_FEATURES = 8
-MAX_TEMPERATURE = 2.0
+SIDE_EFFECT_TOKENS = 1024  # held-out tokens a measure request's cost is taken on by default
+SWEEP_SIDE_EFFECT_TOKENS = 512  # ... and a sweep's, when the request asks for no cost
+SWEEP_NEW_TOKENS = 16  # the greedy completion of each strength of a sweep
 
 router = APIRouter()
 
@@ -43,13 +56,15 @@ class SteerFeature(Body):
     strength: Number | None = None  # default: the feature's max activation
     mode: Literal["add", "clamp", "ablate"] = "add"
     # token positions to edit (0 = BOS; generated tokens count on); None: every position
-    positions: list[int] | None = Field(None, min_length=1, max_length=MAX_REQUEST_TOKENS + MAX_NEW_TOKENS)
+    positions: list[int] | None = Field(
+        None, min_length=1, max_length=REQUEST_PROMPT_TOKENS + REQUEST_NEW_TOKENS
+    )
 
 
 class SteerRequest(Body):
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(max_length=REQUEST_PROMPT_CHARS)
     features: list[SteerFeature] = Field(min_length=1, max_length=MAX_STEER_FEATURES)
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=REQUEST_NEW_TOKENS)
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
     seed: int = Field(DEFAULT_SEED, ge=0, le=2**31 - 1)
@@ -100,18 +115,12 @@ async def steer_completion(body: SteerRequest, run: RunDep, queue: QueueDep) -> 
     }
 
 
-MAX_MEASURE_PROMPTS = 16
-MAX_WATCH = 8
-MAX_SWEEP = 8
-MAX_SIDE_EFFECT_TOKENS = 4096
-
-
 class MeasureRequest(Body):
-    prompts: list[str] = Field(min_length=1, max_length=MAX_MEASURE_PROMPTS)
+    prompts: list[str] = Field(min_length=1, max_length=REQUEST_MEASURE_PROMPTS)
     features: list[SteerFeature] = Field(min_length=1, max_length=MAX_STEER_FEATURES)
     watch: list[str] = Field(min_length=1, max_length=MAX_WATCH)
-    side_effect_tokens: int = Field(1024, ge=0, le=MAX_SIDE_EFFECT_TOKENS)  # 0: no cost measured
-    strengths: list[Number] | None = Field(None, min_length=1, max_length=MAX_SWEEP)
+    side_effect_tokens: int = Field(SIDE_EFFECT_TOKENS, ge=0, le=REQUEST_SIDE_EFFECT_TOKENS)  # 0: no cost
+    strengths: list[Number] | None = Field(None, min_length=1, max_length=REQUEST_SWEEP)
     normalize: bool = False
 
 
@@ -119,10 +128,9 @@ class MeasureRequest(Body):
 async def steer_measure(body: MeasureRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
     """Watched tokens' next-token probabilities without and with the features' interventions over
     a prompt set, the tokens gaining and losing most probability, the cost on held-out text, and
-    with `strengths` a sweep (each strength applied to every add/clamp feature)."""
-    from dataclasses import replace
-
-    from gemmascope.effects import measure, sweep, watch_ids
+    with `strengths` a sweep (each strength applied to every add/clamp feature):
+    `effects.measure_and_sweep`, as `gemmascope steer --watch`."""
+    from gemmascope.effects import measure_and_sweep, watch_ids
 
     for prompt in body.prompts:
         run.check_text(prompt)
@@ -134,24 +142,16 @@ async def steer_measure(body: MeasureRequest, run: RunDep, queue: QueueDep) -> d
                 400,
                 f"sweep strengths {bad} are out of range: expected numbers within ±{run.strength_limit(None):g}",
             )
-        if all(iv.mode == "ablate" for iv in interventions):
-            raise ApiError(
-                400, "a sweep varies the strength of add or clamp features; these are all ablations"
-            )
-    side = body.side_effect_tokens or None
 
     def work() -> dict[str, Any]:
         for prompt in body.prompts:
             run.prompt_ids(prompt)
         watch_ids(run.model, body.watch)  # 400 naming a watched string that is not one token
-        out = measure(run.model, interventions, body.prompts, body.watch, side_effect_tokens=side)
-        if body.strengths is not None:
-            out["sweep"] = sweep(
-                run.model,
-                lambda s: [iv if iv.mode == "ablate" else replace(iv, value=s) for iv in interventions],
-                body.strengths, body.prompts, body.watch, side_effect_tokens=side or 512, max_new_tokens=16,
-            )  # fmt: skip
-        return out
+        return measure_and_sweep(
+            run.model, interventions, body.prompts, body.watch, strengths=body.strengths,
+            side_effect_tokens=body.side_effect_tokens or None, sweep_side_effect_tokens=SWEEP_SIDE_EFFECT_TOKENS,
+            max_new_tokens=SWEEP_NEW_TOKENS,
+        )  # fmt: skip
 
     return await queue.run(work)
 

@@ -21,7 +21,7 @@ import torch
 from gemmascope.activations import ActivationStore
 from gemmascope.errors import StoreError
 from gemmascope.runs import CFG_FILE, disk_errors, run_path, save_atomic, stored_path, write_atomic
-from gemmascope.train.recipe import TrainConfig, TrainSpec
+from gemmascope.train.config import TrainConfig, TrainSpec
 
 
 def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: TrainConfig) -> str:

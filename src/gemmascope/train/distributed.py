@@ -1,7 +1,8 @@
 """Training in several processes that `torchrun` started (ARCHITECTURE.md, Scale): joining the process
 group, this rank's device and share of the run, and the collectives that make a data-parallel step
 equal to the single-process step. Two modes (`PARALLEL_MODES`): `data` (the ranks split each batch)
-and `sae` (the ranks split the SAEs, balanced by d_in x width).
+and `sae` (the ranks split the SAEs, balanced by d_in x width). An architecture whose step needs the
+whole batch (`Architecture.data_parallel` False: BatchTopK) cannot be split by data.
 
 Knows nothing of the recipe's numbers, of checkpoints or of files beyond the store's manifests; in
 one process every method is a pass-through.
@@ -21,11 +22,9 @@ from torch import Tensor
 
 from gemmascope.activations import ActivationStore
 from gemmascope.errors import ConfigError
-from gemmascope.sae import SAE, JumpReLUSAE
+from gemmascope.sae import SAE, architecture
 from gemmascope.sites import Site, parse_site
-from gemmascope.train.recipe import TermsFn, TrainConfig, TrainSpec
-
-PARALLEL_MODES = ("data", "sae")
+from gemmascope.train.config import PARALLEL_MODES, TrainConfig, TrainSpec
 
 
 class Parallel:
@@ -75,11 +74,11 @@ class Parallel:
                     f"data-parallel training splits each batch over {world} processes: batch size "
                     f"{cfg.batch_size} must be a multiple of {world}"
                 )
-            batchtopk = [s.name for s in specs if s.architecture == "batchtopk"]
-            if batchtopk:
+            whole = [s for s in specs if not architecture(s.architecture).data_parallel]
+            if whole:
                 raise ConfigError(
-                    f"BatchTopK ranks the whole batch, which data-parallel training splits ({batchtopk[0]}); "
-                    "train it with parallel='sae' or in one process"
+                    f"{whole[0].architecture} ranks the whole batch, which data-parallel training splits "
+                    f"({whole[0].name}); train it with parallel='sae' or in one process"
                 )
         parts = _spread(specs, store, world) if par.spread else [list(range(len(specs)))]
         if any(not part for part in parts):
@@ -138,23 +137,6 @@ class Parallel:
             return value
         mean = self._all_reduce(value.detach().clone()) / self.world
         return value + (mean - value).detach()
-
-    def share_terms(self, terms: TermsFn) -> TermsFn:
-        """JumpReLU terms whose L0 is the whole batch's (the target-L0 penalty is not linear in it)."""
-        if not self.data:
-            return terms
-
-        def shared(
-            sae: JumpReLUSAE,
-            x: Tensor,
-            bandwidth: float,
-            target: Tensor | None,
-            prefixes: tuple[int, ...] | None,
-        ) -> tuple[Tensor, Tensor, Tensor]:
-            recon, l0, fired = terms(sae, x, bandwidth, target, prefixes)
-            return recon, self.shared_mean(l0), fired
-
-        return shared
 
     def share_out(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
         """A step's loss (value of the whole batch, gradient of this rank's part), recon, l0 and

@@ -17,7 +17,8 @@ as a common one; eai-sparsify trains its TopK SAEs this way. Rows of a group wit
 decoder) are put back on the unit sphere after each step, and a group's `floor` (the thresholds') is
 kept, in `z`, `x` and `y` alike.
 
-Knows nothing of SAEs beyond their parameter names, of the loss or of the loop.
+Knows nothing of SAEs beyond their parameter names and what their architecture says (its fixed
+biases, its own groups: `sae.Architecture`), of the loss or of the loop.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmascope.sae import SAE, JumpReLUSAE, ReLUSAE
-from gemmascope.train.recipe import THRESHOLD_FLOOR
+from gemmascope.sae import SAE, architecture
 
 
 class ScheduleFreeSign(torch.optim.Optimizer):
@@ -114,36 +114,30 @@ def fixed_biases(sae: SAE) -> bool:
     """Whether this SAE's biases stay where initialisation put them (b_enc = 0, b_dec = the data
     mean) under the sign optimiser. Learned at the weights' pace, b_enc turns latents into always-on
     stand-ins for the dominant directions (measured, BENCHMARKS.md); JumpReLU's thresholds and
-    TopK's k set sparsity without it. A ReLU SAE needs its b_enc for sparsity, so it learns both."""
-    return not isinstance(sae, ReLUSAE)
+    TopK's k set sparsity without it. A ReLU SAE needs its b_enc for sparsity, so it learns both
+    (`Architecture.fixed_biases`)."""
+    return architecture(sae.cfg.architecture).fixed_biases
 
 
 def make_optimizer(
     sae: SAE, kind: str, lr: float, threshold_lr: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.Optimizer:
-    """The optimiser of one SAE: "signum" (ScheduleFreeSign: W_enc and W_dec at `lr`, the JumpReLU
-    thresholds at `threshold_lr` and kept over THRESHOLD_FLOOR, biases fixed where `fixed_biases`
-    says and a transcoder's skip connection fixed where init fitted it: they stop requiring gradients) or "adam" (every parameter at `lr`, as published)."""
+    """The optimiser of one SAE: "signum" (ScheduleFreeSign: W_enc and W_dec at `lr`, biases fixed
+    where `fixed_biases` says and a transcoder's skip connection fixed where init fitted it (they stop
+    requiring gradients), then the architecture's own groups: the JumpReLU thresholds at
+    `threshold_lr`, kept over their floor) or "adam" (every parameter at `lr`, as published)."""
     if kind == "adam":
         return torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
     groups: list[dict[str, Any]] = [
         {"params": [sae.W_enc], "lr": lr},
         {"params": [sae.W_dec], "lr": lr, "unit_rows": True},
     ]
-    if sae.W_skip is not None:  # fitted by ridge regression at init (recipe.fit_skip), then fixed
+    if sae.W_skip is not None:  # fitted by ridge regression at init (init.fit_skip), then fixed
         sae.W_skip.requires_grad_(False)
     if fixed_biases(sae):
         for bias in (sae.b_enc, sae.b_dec):
             bias.requires_grad_(False)  # no gradient computed, and none all-reduced across ranks
     else:
         groups.append({"params": [sae.b_enc, sae.b_dec], "lr": lr})
-    if isinstance(sae, JumpReLUSAE):
-        groups.append(
-            {
-                "params": [sae.threshold],
-                "lr": threshold_lr,
-                "lr_scale": threshold_lr / lr,
-                "floor": THRESHOLD_FLOOR,
-            }
-        )
+    groups += architecture(sae.cfg.architecture).param_groups(sae, lr, threshold_lr)
     return ScheduleFreeSign(groups, lr=lr)

@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from gemmascope.activations import ActivationStore
 from gemmascope.errors import TrainingError
-from gemmascope.sae import SAE, SAEConfig, build_sae
+from gemmascope.sae import SAE, Architecture, SAEConfig, architecture, build_sae
 from gemmascope.sites import Site, parse_site
+from gemmascope.train.config import TrainConfig, TrainSpec
 from gemmascope.train.distributed import Parallel
+from gemmascope.train.init import init_sae
 from gemmascope.train.optim import make_optimizer
 from gemmascope.train.recipe import (
     ADAM_EPS,
@@ -31,9 +33,6 @@ from gemmascope.train.recipe import (
     HELDOUT_TOKENS,
     MAX_RECOVERIES,
     THRESHOLD_INIT,
-    TrainConfig,
-    TrainSpec,
-    init_sae,
 )
 
 
@@ -55,6 +54,11 @@ class Trainee:
     fvu: float | None = None  # running batch FVU, what the spike guard compares with
     recoveries: int = 0  # spikes recovered from (each halves lr)
     good: dict[str, Any] | None = None  # the state at the last checkpoint, to recover a spike from
+
+    @property
+    def arch(self) -> Architecture:
+        """Its architecture: its loss terms, after-step update and saved form."""
+        return architecture(self.spec.architecture)
 
     @property
     def sites(self) -> list[Site]:
@@ -91,6 +95,8 @@ class Trainee:
 def new_trainee(
     index: int, spec: TrainSpec, store: ActivationStore, cfg: TrainConfig, device: torch.device | None = None
 ) -> Trainee:
+    """A new SAE to train for `spec` (its `lr` resolved, `config.resolve`) on the store's site, at
+    the recipe's initialisation, with its optimiser."""
     site = parse_site(spec.site)
     out_site = None if spec.out_site is None else parse_site(spec.out_site)
     manifest = store.manifest(site)
@@ -112,7 +118,7 @@ def new_trainee(
     threshold = cfg.threshold_init if cfg.threshold_init is not None else THRESHOLD_INIT
     sae = init_sae(build_sae(sae_cfg), generator, threshold).to(device or "cpu")
     lr = spec.lr if spec.lr is not None else cfg.lr
-    assert lr is not None, "train_saes resolves the run's learning rate first"
+    assert lr is not None, "config.resolve gives every spec its learning rate"
     optimizer = make_optimizer(sae, cfg.optimizer, lr, lr * cfg.threshold_lr_ratio, cfg.adam_betas, ADAM_EPS)
     return Trainee(
         spec=spec,

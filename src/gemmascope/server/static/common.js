@@ -112,6 +112,29 @@ GS.run = function () {
   return runPromise;
 };
 
+// The limits and defaults the server serves (GET /v1/saes `limits`, `defaults`), never restated here:
+// every element with data-limit="NAME" shows that limit (data-format="pct": as a percentage), and
+// an input with data-default="NAME" (a dotted path into `defaults`) starts at that default, unless
+// the user already typed something; data-max-limit / data-min-limit set its bounds.
+GS.showLimits = async function () {
+  const run = await GS.run();
+  const pick = (obj, path) => path.split(".").reduce((o, k) => (o === undefined || o === null ? o : o[k]), obj);
+  document.querySelectorAll("[data-limit]").forEach((el) => {
+    const v = run.limits[el.dataset.limit];
+    el.textContent = el.dataset.format === "pct" ? GS.pct(v) : String(v);
+  });
+  document.querySelectorAll("[data-default]").forEach((el) => {
+    const v = pick(run.defaults, el.dataset.default);
+    if (el.value === "" && v !== undefined && v !== null) el.value = v;
+  });
+  document.querySelectorAll("[data-max-limit]").forEach((el) => { el.max = run.limits[el.dataset.maxLimit]; });
+  document.querySelectorAll("[data-min-limit]").forEach((el) => {
+    const name = el.dataset.minLimit;
+    el.min = name.startsWith("-") ? -run.limits[name.slice(1)] : run.limits[name];
+  });
+  return run;
+};
+
 // Fill a <select> with the run's SAEs; `all` adds an "every SAE" choice.
 GS.fillSaeSelect = async function (select, selected, all) {
   const run = await GS.run();

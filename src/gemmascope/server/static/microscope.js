@@ -77,7 +77,7 @@ function render() {
 async function runDocuments() {
   const docs = $("prompt").value.split("\n").filter((l) => l.trim() !== "");
   $("status").textContent = "running the model over each document…";
-  const data = await GS.busy($("run"), $("error"), () => GS.api("/v1/activation/documents", {documents: docs, sae_id: $("sae").value, k: 8}));
+  const data = await GS.busy($("run"), $("error"), () => GS.api("/v1/activation/documents", {documents: docs, sae_id: $("sae").value}));
   $("status").textContent = "";
   if (!data) return;
   const name = (i) => data.explanations[i] || "";
@@ -109,7 +109,7 @@ async function run() {
   if ($("docs-mode").checked) { $("docs-result").hidden = true; return runDocuments(); }
   $("docs-result").hidden = true;
   const saeId = $("sae").value;
-  const body = {prompt: $("prompt").value, sae_id: saeId, k: 5};
+  const body = {prompt: $("prompt").value, sae_id: saeId};  // k: the server's default
   if ($("show-dense").checked) body.hide_dense = 1.0;  // else the server's default share
   $("status").textContent = "running the model…";
   const data = await GS.busy($("run"), $("error"), () => GS.api("/v1/activation/topk-by-token", body));
@@ -133,7 +133,7 @@ async function why() {
 
 (async function init() {
   const q = GS.query();
-  try { await GS.fillSaeSelect($("sae"), q.get("sae_id")); }
+  try { await GS.fillSaeSelect($("sae"), q.get("sae_id")); await GS.showLimits(); }
   catch (e) { $("error").textContent = e.message; return; }
   if (q.get("prompt")) { $("prompt").value = q.get("prompt"); run(); }
   $("run").addEventListener("click", run);

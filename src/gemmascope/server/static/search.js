@@ -13,7 +13,7 @@ const HINTS = {
 const mode = () => document.querySelector("input[name=mode]:checked").value;
 
 async function search() {
-  const body = {query: $("query").value, mode: mode(), sae_id: $("sae").value || null, k: 20};
+  const body = {query: $("query").value, mode: mode(), sae_id: $("sae").value || null};  // k: the server's default
   if (mode() === "text" && $("token").value.trim()) body.token = $("token").value;
   if (mode() === "text" && $("show-dense").checked) body.hide_dense = 1.0;  // else the server's default
   $("status").textContent = body.mode === "text" ? "running the model…" : "";
@@ -36,7 +36,7 @@ async function search() {
   $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
   if (!data.results.length && data.mode === "text" && !$("show-dense").checked) {
     table.append(GS.el("tr", {}, GS.el("td", {colspan: 5, class: "small", id: "dense-hint"},
-      "No feature left after hiding dense ones (firing on more than 9.5% of tokens). ",
+      `No feature left after hiding dense ones (firing on more than ${GS.pct((await GS.run()).limits.dense)} of tokens). `,
       GS.el("button", {class: "plain", type: "button", onclick: () => { $("show-dense").checked = true; search(); }}, "show dense features too"))));
   }
   $("results-card").hidden = false;
@@ -44,7 +44,7 @@ async function search() {
 
 async function runContrast() {
   const lines = (id) => $(id).value.split("\n").filter((l) => l.trim() !== "");
-  const body = {a: lines("set-a"), b: lines("set-b"), pool: $("pool").value, top: 20};
+  const body = {a: lines("set-a"), b: lines("set-b"), pool: $("pool").value};  // top: the server's default
   if ($("contrast-dense").checked) body.hide_dense = 1.0;  // else the server's default share
   $("c-status").textContent = "running the model over both sets…";
   const data = await GS.busy($("contrast"), $("c-error"), () => GS.api("/v1/search/contrast", body));
@@ -65,8 +65,9 @@ async function runContrast() {
       GS.el("td", {class: "num"}, r.density === null || r.density === undefined ? "–" : GS.pct(r.density)),
       GS.el("td", {class: "small"}, r.explanation || "")));
   }
+  const dense = GS.pct((await GS.run()).limits.dense);
   $("contrast-note").textContent = (data.results.length ? "" : "No latent fires more on A than on B. ") +
-    (data.hidden_dense ? `${data.hidden_dense} latents denser than 9.5% were hidden (tick "dense latents too" to see them).` : "");
+    (data.hidden_dense ? `${data.hidden_dense} latents denser than ${dense} were hidden (tick "dense latents too" to see them).` : "");
 }
 
 function onMode() {
@@ -80,7 +81,7 @@ function onMode() {
 
 (async function init() {
   const q = GS.query();
-  try { await GS.fillSaeSelect($("sae"), q.get("sae_id"), true); }
+  try { await GS.fillSaeSelect($("sae"), q.get("sae_id"), true); await GS.showLimits(); }
   catch (e) { $("error").textContent = e.message; return; }
   if (q.get("mode")) document.querySelector(`input[name=mode][value=${CSS.escape(q.get("mode"))}]`).checked = true;
   document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", onMode));

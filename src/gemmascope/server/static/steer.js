@@ -38,9 +38,10 @@ async function addFeature(saeId, index, strength) {
   $("features").append(row);
 }
 
-function numberOr(id, fallback) {
+// An input's number, or undefined when left empty (the field is then left out: the server's default).
+function numberOf(id) {
   const v = $(id).value;
-  return v === "" ? fallback : Number(v);
+  return v === "" ? undefined : Number(v);
 }
 
 function chosenFeatures() {
@@ -53,8 +54,8 @@ function chosenFeatures() {
 
 async function steer() {
   const features = chosenFeatures();
-  const body = {prompt: $("prompt").value, features, temperature: numberOr("temperature", 0.5),
-    seed: numberOr("seed", 0), max_new_tokens: numberOr("max-new", 40), freq_penalty: numberOr("freq", 1)};
+  const body = {prompt: $("prompt").value, features, temperature: numberOf("temperature"),
+    seed: numberOf("seed"), max_new_tokens: numberOf("max-new"), freq_penalty: numberOf("freq")};
   $("status").textContent = "generating both completions…";
   const data = await GS.busy($("steer"), $("error"), () => GS.api("/v1/steer/completion", body));
   $("status").textContent = "";
@@ -80,7 +81,7 @@ async function measureEffects() {
   const prompts = [$("prompt").value, ...lines("m-prompts")];
   const watch = lines("m-watch").map((w) => w.replace(/^"(.*)"$/, "$1"));
   const strengths = $("m-sweep").value.trim() ? $("m-sweep").value.split(",").map(Number) : null;
-  const body = {prompts, watch, features: chosenFeatures(), side_effect_tokens: numberOr("m-cost", 1024), strengths};
+  const body = {prompts, watch, features: chosenFeatures(), side_effect_tokens: numberOf("m-cost"), strengths};
   $("m-status").textContent = "measuring (prompts, held-out text" + (strengths ? ", every strength" : "") + ")…";
   const data = await GS.busy($("measure"), $("m-error"), () => GS.api("/v1/steer/measure", body));
   $("m-status").textContent = "";
@@ -142,7 +143,7 @@ function sweepChart(rows, watch) {
 (async function init() {
   const q = GS.query();
   try {
-    const run = await GS.run();
+    const run = await GS.showLimits();  // the sampling inputs start at the server's defaults
     await addFeature(q.get("sae_id") || run.saes[0].id, q.get("index") || 0, q.get("strength"));
   } catch (e) { $("error").textContent = e.message; }
   if (q.get("prompt")) $("prompt").value = q.get("prompt");

@@ -1,0 +1,76 @@
+"""The limits on what one call may ask of the model, named once: the library and the command line
+check against the `MAX_*` values; the web server, which runs requests for whoever asks, bounds what
+costs model time tighter with the `REQUEST_*` values, and serves every value here to the pages
+(`GET /v1/saes`, `limits`), which read them instead of restating them.
+
+Where a request costs the server no more than the others it takes, the value is the same for the
+library, the CLI and a request (documents: 32 of at most 256 tokens, as much as a contrast of two
+sets of 32 prompts; watched tokens cost nothing); where a length multiplies model time (prompt and
+generated tokens, prompts of a set, strengths of a sweep), the library's value and a request's
+stand side by side here.
+
+Knows nothing: plain numbers, imported by models, features, steer, effects, attribution, server, cli.
+"""
+
+from __future__ import annotations
+
+# Prompt length, in tokens after BOS
+MAX_PROMPT_TOKENS = 512  # one prompt run by the library or the CLI (microscope, search, steering)
+REQUEST_PROMPT_TOKENS = 256  # one prompt of an HTTP request
+REQUEST_PROMPT_CHARS = 4000  # an HTTP request's prompt, refused before tokenising
+MAX_GRAPH_TOKENS = 64  # an attribution graph's prompt (time grows with positions x L0 x layers)
+REQUEST_GRAPH_TOKENS = 32  # an attribution graph drawn for an HTTP request
+
+# Generation
+MAX_NEW_TOKENS = 512  # tokens one steered generation may add
+REQUEST_NEW_TOKENS = 64  # the same for an HTTP request
+MAX_TEMPERATURE = 2.0  # an HTTP request's sampling temperature (the library takes any finite >= 0)
+MAX_FREQ_PENALTY = 2.0  # OpenAI's and Neuronpedia's range is [-2, 2]
+
+# Sets of texts and of things to measure (the same for the library, the CLI and a request)
+MAX_DOCUMENTS = 32  # documents of one document-level analysis
+MIN_CONTRAST_PROMPTS = 2  # per set of a contrast: a standard deviation needs two
+MAX_CONTRAST_PROMPTS = 200  # per set of a contrast run by the library or the CLI
+REQUEST_CONTRAST_PROMPTS = 32  # per set of a contrast asked over HTTP
+MAX_MEASURE_PROMPTS = 64  # prompts a measured intervention runs over
+REQUEST_MEASURE_PROMPTS = 16  # the same for an HTTP request
+MAX_WATCH = 16  # watched next tokens
+MAX_SWEEP = 16  # strengths of one sweep (each: the prompts, the cost and a completion)
+REQUEST_SWEEP = 8  # the same for an HTTP request
+MIN_SIDE_EFFECT_TOKENS = 128  # held-out tokens the side-effect cost needs at least
+REQUEST_SIDE_EFFECT_TOKENS = 4096  # held-out tokens of the cost, at most, in an HTTP request
+MAX_STEER_FEATURES = 8  # interventions of one HTTP steering request
+MAX_INTERVENE_NODES = 64  # graph nodes one HTTP intervention sets
+
+# How many results one call lists
+MAX_TOP = 100  # features of a search, a contrast, a document
+MAX_TOP_PER_TOKEN = 20  # features per token in the microscope
+
+# Steering strengths an HTTP request may ask for
+STRENGTH_FACTOR = 100.0  # |strength| <= this x the feature's max activation
+STRENGTH_LIMIT = 10_000.0  # |strength| bound when the feature's max activation is unknown
+
+
+def served() -> dict[str, float | int]:
+    """The limits the web pages need, as `GET /v1/saes` serves them under `limits` (the request
+    bounds where a request has its own)."""
+    return {
+        "max_prompt_tokens": REQUEST_PROMPT_TOKENS,
+        "max_prompt_chars": REQUEST_PROMPT_CHARS,
+        "max_graph_tokens": REQUEST_GRAPH_TOKENS,
+        "max_new_tokens": REQUEST_NEW_TOKENS,
+        "max_temperature": MAX_TEMPERATURE,
+        "max_freq_penalty": MAX_FREQ_PENALTY,
+        "max_documents": MAX_DOCUMENTS,
+        "min_contrast_prompts": MIN_CONTRAST_PROMPTS,
+        "max_contrast_prompts": REQUEST_CONTRAST_PROMPTS,
+        "max_measure_prompts": REQUEST_MEASURE_PROMPTS,
+        "max_watch": MAX_WATCH,
+        "max_sweep": REQUEST_SWEEP,
+        "min_side_effect_tokens": MIN_SIDE_EFFECT_TOKENS,
+        "max_side_effect_tokens": REQUEST_SIDE_EFFECT_TOKENS,
+        "max_steer_features": MAX_STEER_FEATURES,
+        "max_intervene_nodes": MAX_INTERVENE_NODES,
+        "max_top": MAX_TOP,
+        "max_top_per_token": MAX_TOP_PER_TOKEN,
+    }
