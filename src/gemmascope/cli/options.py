@@ -17,13 +17,11 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, ov
 
 from gemmascope.corpus import DEFAULT_CORPUS
 from gemmascope.errors import ConfigError
+from gemmascope.limits import MAX_TEXT_FILE_BYTES, MAX_TEXT_FILE_LINES
 from gemmascope.models import BUNDLED_MODEL
 from gemmascope.values import FINITE32, finite32
 
 T = TypeVar("T")
-# A text file named on the command line (prompt sets, documents) is read whole only up to these.
-MAX_TEXT_FILE_BYTES = 8 << 20
-MAX_TEXT_FILE_LINES = 100_000
 
 
 def number(text: str) -> float:
@@ -42,7 +40,7 @@ def number(text: str) -> float:
 
 def read_lines(path: str, flag: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file named by `flag`, read only up to
-    MAX_TEXT_FILE_BYTES and MAX_TEXT_FILE_LINES (a device such as /dev/zero, or a huge file, is
+    `limits.MAX_TEXT_FILE_BYTES` and `MAX_TEXT_FILE_LINES` (a device such as /dev/zero, or a huge file, is
     refused at the bound instead of read to the end); a ConfigError naming the flag otherwise."""
     try:
         with open(path, "rb") as f:
