@@ -1,4 +1,4 @@
-"""Tests for runs.py: the one atomic write (nothing left behind, a full disk is one clear error), the
+"""Tests for runs/ (layout.py, writes.py, reading.py): the one atomic write (nothing left behind, a full disk is one clear error), the
 one-writer lock (a second writer fails at once naming the first), name checks, SAE ids, and the CLI's
 one comma-list parser."""
 
@@ -17,6 +17,7 @@ from gemmascope import runs
 from gemmascope.cli import main
 from gemmascope.cli.options import parse_list
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.runs import writes
 
 
 def test_write_atomic_replaces_whole_and_leaves_nothing_on_failure(
@@ -43,7 +44,7 @@ def test_write_atomic_replaces_whole_and_leaves_nothing_on_failure(
             self.f.write(data[:3])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs, "open", FullDisk, raising=False)
+    monkeypatch.setattr(writes, "open", FullDisk, raising=False)  # where the atomic write lives
     with pytest.raises(StoreError, match=r"cannot write .*a.json.*No space left on device; free some disk"):
         runs.write_atomic(path, "newer")
     assert path.read_text() == "new"
@@ -148,7 +149,7 @@ def test_a_failing_disk_is_a_store_error_whichever_library_wrote(
     import sqlite3
 
     path = tmp_path / "new" / "deeper" / "state.pt"
-    monkeypatch.setattr(runs, "_free_bytes", lambda p: 0)  # the disk is full
+    monkeypatch.setattr(writes, "_free_bytes", lambda p: 0)  # the disk is full
     failures = [
         RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
         Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
@@ -162,7 +163,7 @@ def test_a_failing_disk_is_a_store_error_whichever_library_wrote(
         assert sorted(p.name for p in tmp_path.iterdir()) == []  # the part and the folders made for it
     with pytest.raises(RuntimeError, match="a bug"), runs.writing(path):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(runs, "_free_bytes", lambda p: 1 << 40)  # room on the disk: a failing one
+    monkeypatch.setattr(writes, "_free_bytes", lambda p: 1 << 40)  # room on the disk: a failing one
     with (
         pytest.raises(StoreError, match=r"the write failed \(disk I/O error\)"),
         runs.disk_errors(tmp_path / "x.db"),

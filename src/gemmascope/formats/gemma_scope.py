@@ -3,7 +3,7 @@
 (a transcoder's skip connection as `affine_skip_connection`). Both hold JumpReLU SAEs only
 (`GEMMA_SCOPE_ARCHITECTURE`): an SAE saved as another architecture cannot be exported to them.
 
-Knows nothing of training or of where files live in a run folder (runs.py).
+Knows nothing of training or of where files live in a run folder (runs/).
 """
 
 from __future__ import annotations

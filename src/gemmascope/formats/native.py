@@ -5,7 +5,7 @@ its architecture's saved form (`Architecture.as_saved`: BatchTopK as JumpReLU) u
 (`Architecture.saelens_name`); a transcoder under SAELens's transcoder names.
 
 Knows nothing of training: a saved SAE takes raw activations (the trainer folds its input scaling in
-before saving). Where SAE folders live in a run folder is runs.py's.
+before saving). Where SAE folders live in a run folder is runs/'s.
 """
 
 from __future__ import annotations
