@@ -1,4 +1,4 @@
-"""Tests for suite.py and the `suite` / `demo` commands: a whole suite on the tiny model (every stage,
+"""Tests for suite/ (plan.py, run.py) and the `suite` / `demo` commands: a whole suite on the tiny model (every stage,
 the summary and heatmap, resuming without redoing work, the time budget), bad input, and the demo
 end to end on the real Gemma 3 270M."""
 
@@ -170,12 +170,12 @@ def test_a_rerun_with_another_plan_is_refused_or_extends_with_extend(tmp_path: P
 def test_suite_bad_dtype_is_refused_before_run_json_and_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gemmascope import suite
+    from gemmascope.suite import run as suite_run
 
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model must not load for a bad --dtype")
 
-    monkeypatch.setattr(suite, "load_model", no_model)
+    monkeypatch.setattr(suite_run, "load_model", no_model)
     assert main(["suite", str(tmp_path / "r"), "--model", "tiny-gemma3", "--dtype", "int8"]) == 2
     assert "unknown dtype 'int8'" in capsys.readouterr().err
     assert not (tmp_path / "r" / "run.json").exists()
@@ -271,12 +271,12 @@ def test_a_refused_plan_is_never_recorded_and_nothing_runs(
     """The whole plan is checked (finite, in range, enough evaluation tokens, layers of the model,
     the asked layers too where --extend merges them into a recorded 'all') before anything is
     written or run, so a refused plan never becomes the folder's plan."""
-    from gemmascope import suite
+    from gemmascope.suite import run as suite_run
 
     def no_stages(*args: object, **kwargs: object) -> None:
         raise AssertionError("a refused plan must not run")
 
-    monkeypatch.setattr(suite, "_run_stages", no_stages)
+    monkeypatch.setattr(suite_run, "_run_stages", no_stages)
     run_dir = tmp_path / "r"
     before = _recorded(run_dir, layers=None) if "--extend" in argv else None
     assert main(["suite", str(run_dir), *ONE_SAE, *argv]) == 2
