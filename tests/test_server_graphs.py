@@ -128,6 +128,7 @@ def test_a_damaged_graph_file_is_listed_as_damaged_and_hides_no_other(
         graphs = {g["slug"]: g for g in listed.json()["graphs"]}
         assert graphs[drawn["slug"]]["prompt"] == PROMPT and "damaged" not in graphs[drawn["slug"]]
         assert all(graphs[slug]["prompt"] is None and graphs[slug]["damaged"] for slug in damaged)
+        assert not [slug for slug in damaged if str(folder) in graphs[slug]["damaged"]]  # no server path
         out = client.get("/v1/graph/bad-kind")
         assert out.status_code == 409 and "is damaged" in out.json()["error"]
     finally:

@@ -43,7 +43,7 @@ from gemmascope.limits import (
     REQUEST_PROMPT_CHARS,
 )
 from gemmascope.sae import SAE
-from gemmascope.server.errors import ApiError
+from gemmascope.server.errors import ApiError, public_message
 from gemmascope.server.lookup import Body, Number, QueueDep, RunDep
 from gemmascope.server.run import Run
 
@@ -108,7 +108,8 @@ def graph_list(run: RunDep) -> dict[str, Any]:
         try:
             meta = read_graph(path)["metadata"]
         except GemmaScopeError as err:  # listed as damaged: one bad file hides no other graph
-            graphs.append({"slug": path.stem, "prompt": None, "scores": {}, "damaged": str(err)})
+            why = public_message(str(err), run.run_dir)  # no server path, as in every error
+            graphs.append({"slug": path.stem, "prompt": None, "scores": {}, "damaged": why})
             continue
         graphs.append({"slug": path.stem, "prompt": meta["prompt"], "scores": meta.get("gemmascope") or {}})
     return {"available": state.transcoders is not None, "why_not": state.problem, "graphs": graphs}
