@@ -400,7 +400,7 @@ def test_disk_full_during_a_harvest_is_one_error_and_leaves_no_temp_file(
 ) -> None:
     import errno
 
-    from gemmascope import runs
+    from gemmascope.runs import writes
 
     real_open = open
 
@@ -412,7 +412,7 @@ def test_disk_full_during_a_harvest_is_one_error_and_leaves_no_temp_file(
             raise OSError(errno.ENOSPC, "No space left on device")
         return f
 
-    monkeypatch.setattr(runs, "open", full_disk, raising=False)
+    monkeypatch.setattr(writes, "open", full_disk, raising=False)
     with pytest.raises(StoreError, match="No space left on device; free some disk space"):
         harvest(tiny_model, SITES[:1], tmp_path, 500, **SMALL)
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]

@@ -209,6 +209,9 @@ def test_interventions_predicted_and_measured(
     assert not torch.allclose(deep["direct"], deep["total"])
     with pytest.raises(ConfigError, match="not active features"):
         predict(graph, [(0, 0, 0)])
+    for wrong in (predict, lambda g, n, v: measure(tiny_model, transcoders, g, n, v)):
+        with pytest.raises(ConfigError, match="1e[+]39 is out of range"):  # inf in float32
+            wrong(graph, [node], 1e39)
 
 
 def test_strongest_nodes_are_those_predict_ranks_first(

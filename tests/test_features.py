@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -793,3 +794,85 @@ def test_index_on_the_real_model_shows_real_text(real_model: LanguageModel, tmp_
     assert len(feature["logit_lens"]["promoted"]) == 10
     rows = top_features(real_model, sae, "Paris is the capital of France.", k=2)
     assert rows[0]["token"] == "Paris"
+
+
+def test_a_spill_the_disk_has_no_room_for_is_recomputed_not_a_sigbus(
+    tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spill file's blocks are allocated before it is mapped: a disk without room for them is
+    an OSError there (the second pass then runs the model again), never a SIGBUS at a first write
+    into the map, which killed the process without a word."""
+    import errno
+
+    from gemmascope.features import build
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(build.os, "posix_fallocate", no_room)
+    sid = "resid_post.3.w64"
+    db = build_index(tiny_model, {sid: saes[sid]}, tmp_path / "f.sqlite", n_tokens=N_TOKENS, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.sqlite"]
+    assert FeatureIndex(db).saes()[0]["stats"]["second_pass"] == "recompute"
+
+
+_SPILL_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from gemmascope.features import FeatureIndex, build_index
+from gemmascope.models import load_model
+from gemmascope.sae import JumpReLUSAE, SAEConfig
+sae = JumpReLUSAE(SAEConfig("jumprelu", 64, 64, site="resid_post.1", model_name="tiny-gemma3"))
+torch.nn.init.normal_(sae.W_enc), torch.nn.init.normal_(sae.W_dec)
+db = build_index(load_model("tiny-gemma3"), {"a": sae}, Path(sys.argv[1]) / "f.sqlite", n_tokens=4096, progress=False)
+print(FeatureIndex(db).saes()[0]["stats"]["second_pass"])
+"""
+
+
+def test_an_index_on_a_disk_without_room_for_its_spill_builds_on_a_real_disk(tmp_path: Path) -> None:
+    """The same on a small tmpfs (where one can be mounted): room for the index (~0.4 MB), not for
+    its 1 MB spill. The earlier build died of SIGBUS (exit -7) and left its spill folder."""
+    import subprocess
+    import sys
+
+    import gemmascope
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)], capture_output=True
+        )
+    except OSError:  # no mount command here
+        pytest.skip("cannot mount a tmpfs here")
+    if mount.returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or in a container without the right)")
+    try:
+        env = {**os.environ, "PYTHONPATH": str(Path(gemmascope.__file__).parents[1])}
+        done = subprocess.run(
+            [sys.executable, "-c", _SPILL_SCRIPT, str(disk)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert done.returncode == 0 and done.stdout.strip() == "recompute", done.stderr[-2000:]
+        assert sorted(p.name for p in disk.iterdir()) == ["f.sqlite"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_spill_folders_a_killed_build_left_are_removed(
+    tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE], tmp_path: Path
+) -> None:
+    """A killed build cannot remove its spill folder (up to 1 GiB); the next build beside it does,
+    for every process that is gone (and leaves a running one's alone)."""
+    stale = [tmp_path / ".index-spill-999999999-abcd", tmp_path / ".index-spill-8bdljrry"]  # dead; older
+    running = tmp_path / f".index-spill-{os.getppid()}-efgh"
+    for folder in (*stale, running):
+        folder.mkdir()
+        (folder / "resid_post.3.npy").write_bytes(b"\0" * 1024)
+    sid = "resid_post.3.w64"
+    build_index(tiny_model, {sid: saes[sid]}, tmp_path / "f.sqlite", n_tokens=N_TOKENS, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f.sqlite", running.name])

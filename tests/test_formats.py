@@ -1,4 +1,4 @@
-"""Tests of formats.py: exact round trips through every format, Gemma Scope files encoding exactly as
+"""Tests of formats/: exact round trips through every format, Gemma Scope files encoding exactly as
 the tutorial's reference JumpReLUSAE, SAELens folders, the run-folder layout, and bad files."""
 
 from __future__ import annotations
@@ -436,3 +436,52 @@ def test_convert_to_a_file_never_overwrites_without_the_flag(
         ["config.json"] if name == "params.safetensors" else []
     )  # Gemma Scope 2's layout: the sites beside it
     assert sorted(p.name for p in out.iterdir()) == sorted([name, *beside])
+
+
+def test_convert_writes_no_config_json_it_was_not_asked_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An export to Gemma Scope 2's layout writes a config.json beside its file: never over one
+    that exists without --overwrite, and never over one that is not an SAE's (a model folder's)."""
+    src = save_sae(random_sae(), tmp_path / "sae")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gemma3_text"}')
+    for flags in ([], ["--overwrite"]):
+        assert (
+            main(["convert", str(src), str(model / "params.safetensors"), "--to", "safetensors", *flags]) == 2
+        )
+        err = capsys.readouterr().err
+        assert "config.json" in err and err.count("\n") == 1
+        assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+        assert (model / "config.json").read_text() == '{"model_type": "gemma3_text"}'
+    out = tmp_path / "export"
+    assert main(["convert", str(src), str(out), "--to", "safetensors"]) == 0
+    assert (
+        main(["convert", str(src), str(out), "--to", "safetensors", "--overwrite"]) == 0
+    )  # its own: replaced
+    assert_same_weights(load_sae(src), load_sae(out / "params.safetensors"))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_convert_never_replaces_any_part_of_its_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = save_sae(random_sae(), tmp_path / "sae")
+    assert main(["convert", str(src), str(tmp_path / "gs2"), "--to", "safetensors"]) == 0
+    gs2 = tmp_path / "gs2" / "params.safetensors"
+    before = _files(tmp_path)
+    cases = [
+        [str(src), str(src / "sae_weights.safetensors"), "--to", "safetensors"],  # a file of the source
+        [str(src), str(src / "inner"), "--to", "npz"],  # inside the source folder
+        [str(gs2), str(gs2.with_name("other.safetensors")), "--to", "safetensors"],  # its config.json
+        [str(gs2), str(tmp_path / "gs2"), "--to", "native"],  # a folder holding the source
+    ]
+    for argv in cases:
+        assert main(["convert", "--overwrite", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "source" in err and err.count("\n") == 1, err
+        assert _files(tmp_path) == before, argv

@@ -1,4 +1,4 @@
-"""Tests for runs.py: the one atomic write (nothing left behind, a full disk is one clear error), the
+"""Tests for runs/ (layout.py, writes.py, reading.py): the one atomic write (nothing left behind, a full disk is one clear error), the
 one-writer lock (a second writer fails at once naming the first), name checks, SAE ids, and the CLI's
 one comma-list parser."""
 
@@ -17,6 +17,7 @@ from gemmascope import runs
 from gemmascope.cli import main
 from gemmascope.cli.options import parse_list
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.runs import writes
 
 
 def test_write_atomic_replaces_whole_and_leaves_nothing_on_failure(
@@ -43,7 +44,7 @@ def test_write_atomic_replaces_whole_and_leaves_nothing_on_failure(
             self.f.write(data[:3])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs, "open", FullDisk, raising=False)
+    monkeypatch.setattr(writes, "open", FullDisk, raising=False)  # where the atomic write lives
     with pytest.raises(StoreError, match=r"cannot write .*a.json.*No space left on device; free some disk"):
         runs.write_atomic(path, "newer")
     assert path.read_text() == "new"
@@ -138,3 +139,77 @@ def test_training_refuses_a_name_outside_the_run_folder_at_its_source(tmp_path: 
     with pytest.raises(ConfigError, match="is not a plain name"):
         train_saes(tmp_path, [spec], 256, TrainConfig(name="../../../../tmp/x", batch_size=64))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "activations"]
+
+
+def test_a_failing_disk_is_a_store_error_whichever_library_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save says only that a write came up short, safetensors names the OS error, SQLite says
+    it in words: each is one StoreError naming the file; anything else is not a disk's failure."""
+    import sqlite3
+
+    path = tmp_path / "new" / "deeper" / "state.pt"
+    monkeypatch.setattr(writes, "_free_bytes", lambda p: 0)  # the disk is full
+    failures = [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+        Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+        sqlite3.OperationalError("database or disk is full"),
+    ]
+    for err in failures:
+        with pytest.raises(StoreError, match=r"cannot write .*state.pt.*No space left on device; free some"):
+            with runs.writing(path) as tmp:
+                tmp.write_bytes(b"part")
+                raise err
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # the part and the folders made for it
+    with pytest.raises(RuntimeError, match="a bug"), runs.writing(path):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(writes, "_free_bytes", lambda p: 1 << 40)  # room on the disk: a failing one
+    with (
+        pytest.raises(StoreError, match=r"the write failed \(disk I/O error\)"),
+        runs.disk_errors(tmp_path / "x.db"),
+    ):
+        raise sqlite3.OperationalError("disk I/O error")
+    with pytest.raises(StoreError, match="database or disk is full"), runs.disk_errors(tmp_path / "x.db"):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_every_write_into_a_run_folder_waits_for_no_one_else(tmp_path: Path) -> None:
+    """A write into a run folder another process holds fails at once, whoever writes (a library
+    call, a server route), not only the commands that take the lock themselves."""
+    run_dir = tmp_path / "run"
+    runs.write_atomic(run_dir / "run.json", "{}")
+    holder = _hold_lock(run_dir)
+    try:
+        with pytest.raises(StoreError, match=rf"in use by process {holder.pid}"):
+            runs.write_atomic(run_dir / "report" / "bias.json", "{}")
+        assert not (run_dir / "report").exists()
+        runs.write_atomic(tmp_path / "elsewhere.json", "{}")  # outside any run folder: no lock
+    finally:
+        holder.kill()
+        holder.wait()
+    runs.write_atomic(run_dir / "report" / "bias.json", "{}")
+
+
+def test_paths_a_run_records_are_its_own(tmp_path: Path) -> None:
+    run_dir = tmp_path / "copy"
+    folder = run_dir / "saes" / "resid_post" / "layer_1" / "width_32" / "l0_8"
+    assert runs.stored_path(run_dir, folder) == "saes/resid_post/layer_1/width_32/l0_8"
+    assert runs.run_path(run_dir, "saes/resid_post/layer_1/width_32/l0_8") == folder
+    # an absolute path an older version recorded in the original, read in a copy: the copy's
+    assert runs.run_path(run_dir, "/old/place/run/saes/resid_post/layer_1/width_32/l0_8") == folder
+    assert (
+        runs.run_path(run_dir, "/old/run/heldout/activations/x") == run_dir / "heldout" / "activations" / "x"
+    )
+    assert runs.run_path(run_dir, "/somewhere/else.json") == Path("/somewhere/else.json")
+
+
+def test_a_name_over_the_file_name_limit_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert runs.check_name("a" * runs.MAX_NAME) == "a" * runs.MAX_NAME
+    with pytest.raises(ConfigError, match=f"is {runs.MAX_NAME + 1} characters long: expected at most"):
+        runs.check_name("a" * (runs.MAX_NAME + 1))
+    argv = ["train", str(tmp_path / "run"), "--widths", "32", "--l0-coeffs", "1", "--name", "n" * 300]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "300 characters long" in err and err.count("\n") == 1 and "Traceback" not in err

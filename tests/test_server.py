@@ -469,6 +469,18 @@ def test_non_finite_strength_is_refused(client: TestClient) -> None:
     assert resp.status_code == 422 and "strength" in resp.json()["error"]
 
 
+def test_a_number_beyond_float32_is_refused_by_the_request_model(client: TestClient) -> None:
+    """1e39 is a finite float in JSON but inf in a float32 tensor: refused where a body is parsed."""
+    feature = {"sae_id": SAE, "index": 1, "strength": 1e39}
+    resp = client.post("/v1/steer/completion", json={**STEER, "features": [feature]})
+    assert (
+        resp.status_code == 422 and "strength" in resp.json()["error"] and "float32" in resp.json()["error"]
+    )
+    measure = {"prompts": ["Hi"], "features": STEER["features"], "watch": [" a"], "strengths": [1.0, 1e39]}
+    resp = client.post("/v1/steer/measure", json=measure)
+    assert resp.status_code == 422 and "strengths" in resp.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("url", "status", "fragment"),
     [

@@ -106,6 +106,50 @@ def test_bad_interventions(client: TestClient, drawn: dict[str, Any]) -> None:
     out = client.post(url, json={"nodes": ["3_63_1"]})
     assert out.status_code == 400 and "not active features" in out.json()["error"]
     assert client.post(url, json={"nodes": []}).status_code == 422
+    for node in ("²_1_1", "9" * 5000 + "_1_1", "1_1_１"):  # digits int() refuses, or thousands of them
+        out = client.post(url, json={"nodes": [node]})
+        assert out.status_code == 400 and "not a feature node" in out.json()["error"], out.text
+    assert client.post(url, json={"nodes": ["1_2_3"], "value": 1e39}).status_code == 422
+
+
+def test_a_damaged_graph_file_is_listed_as_damaged_and_hides_no_other(
+    client: TestClient,
+    drawn: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: LanguageModel,
+) -> None:
+    folder = graph_run_dir(tmp_path_factory, tiny_model) / "graphs"
+    damaged = {"bad-json": "{oops", "bad-kind": '{"metadata": 3, "nodes": [], "links": []}'}
+    for slug, text in damaged.items():
+        (folder / f"{slug}.json").write_text(text)
+    try:
+        listed = client.get("/v1/graph/list")
+        assert listed.status_code == 200, listed.text
+        graphs = {g["slug"]: g for g in listed.json()["graphs"]}
+        assert graphs[drawn["slug"]]["prompt"] == PROMPT and "damaged" not in graphs[drawn["slug"]]
+        assert all(graphs[slug]["prompt"] is None and graphs[slug]["damaged"] for slug in damaged)
+        assert not [slug for slug in damaged if str(folder) in graphs[slug]["damaged"]]  # no server path
+        out = client.get("/v1/graph/bad-kind")
+        assert out.status_code == 409 and "is damaged" in out.json()["error"]
+    finally:
+        for slug in damaged:
+            (folder / f"{slug}.json").unlink()
+
+
+def test_no_request_ever_gets_a_plain_text_500(
+    client: TestClient, drawn: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (any exception the routes do not expect) is answered in JSON like every other error."""
+    from gemmascope.server import graphs
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(graphs, "read_graph", broken)
+    plain = TestClient(client.app, raise_server_exceptions=False)
+    out = plain.get(f"/v1/graph/{drawn['slug']}")
+    assert out.status_code == 500 and out.headers["content-type"] == "application/json"
+    assert "internal error (RuntimeError)" in out.json()["error"]
 
 
 def test_a_graph_of_another_transcoder_set_is_refused(

@@ -230,6 +230,8 @@ def test_model_unhooked_when_generation_raises(tiny_model, sae2):
         (1.5, "add", 1.0, "out of range"),
         (3, "add", math.nan, "not finite"),
         (3, "clamp", math.inf, "not finite"),
+        (3, "clamp", 1e39, "out of range: expected a finite number within"),  # inf in float32: a crash
+        (3, "add", -1e39, "out of range: expected a finite number within"),  # inf in float32: NaN
         (3, "add", None, "no strength"),
         (3, "clamp", None, "no value"),
         (3, "scale", 1.0, "unknown steering mode"),

@@ -1,4 +1,4 @@
-"""Tests for suite.py and the `suite` / `demo` commands: a whole suite on the tiny model (every stage,
+"""Tests for suite/ (plan.py, run.py) and the `suite` / `demo` commands: a whole suite on the tiny model (every stage,
 the summary and heatmap, resuming without redoing work, the time budget), bad input, and the demo
 end to end on the real Gemma 3 270M."""
 
@@ -170,12 +170,12 @@ def test_a_rerun_with_another_plan_is_refused_or_extends_with_extend(tmp_path: P
 def test_suite_bad_dtype_is_refused_before_run_json_and_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gemmascope import suite
+    from gemmascope.suite import run as suite_run
 
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model must not load for a bad --dtype")
 
-    monkeypatch.setattr(suite, "load_model", no_model)
+    monkeypatch.setattr(suite_run, "load_model", no_model)
     assert main(["suite", str(tmp_path / "r"), "--model", "tiny-gemma3", "--dtype", "int8"]) == 2
     assert "unknown dtype 'int8'" in capsys.readouterr().err
     assert not (tmp_path / "r" / "run.json").exists()
@@ -233,6 +233,94 @@ def test_a_transcoder_suite_trains_every_layer_from_one_harvest_and_reports_the_
     summary = (run_dir / "report" / "summary.txt").read_text()
     assert "replacement model" in summary and "skip_transcoder" in summary
     assert "replacement model (4 transcoders)" in capsys.readouterr().out
+
+
+ONE_SAE = ["--model", "tiny-gemma3", "--sites", "resid_post", "--layers", "1", "--widths", "32", "--l0", "8",
+           "--tokens", "2048", "--eval-tokens", "1200", "--index-tokens", "2048"]  # fmt: skip
+
+
+def _recorded(run_dir: Path, **kw: object) -> bytes:
+    """A run folder whose run.json records `_one_sae_plan(**kw)` (as `suite` would have), nothing else."""
+    from dataclasses import asdict
+
+    run_dir.mkdir()
+    plan = {**asdict(_one_sae_plan(**{"fast": True, "batch_size": None, **kw})), "gemmascope_version": "x"}
+    (run_dir / "run.json").write_text(json.dumps(plan))
+    return (run_dir / "run.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--l0", "nan"], "L0 target 'nan' must be a positive number"),
+        (["--l0", "inf"], "L0 target 'inf' must be a positive number"),
+        (["--l0-coeffs", "nan"], "item 'nan' is not valid"),
+        (["--eval-tokens", "512"], "eval_tokens 512 must be at least 1024"),
+        (["--extend", "--l0", "nan"], "L0 target 'nan' must be a positive number"),
+        (["--extend", "--layers", "99"], "layer 99 is out of range: valid layers are 0..3"),
+        (["--extend", "--eval-tokens", "512"], "eval_tokens 512 must be at least 1024"),
+    ],
+)
+def test_a_refused_plan_is_never_recorded_and_nothing_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    """The whole plan is checked (finite, in range, enough evaluation tokens, layers of the model,
+    the asked layers too where --extend merges them into a recorded 'all') before anything is
+    written or run, so a refused plan never becomes the folder's plan."""
+    from gemmascope.suite import run as suite_run
+
+    def no_stages(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a refused plan must not run")
+
+    monkeypatch.setattr(suite_run, "_run_stages", no_stages)
+    run_dir = tmp_path / "r"
+    before = _recorded(run_dir, layers=None) if "--extend" in argv else None
+    assert main(["suite", str(run_dir), *ONE_SAE, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    if before is None:
+        assert not (run_dir / "run.json").exists()
+    else:
+        assert (run_dir / "run.json").read_bytes() == before
+
+
+def test_a_recorded_plan_no_plan_can_have_is_named_as_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run.json an older version wrote with NaN in it (never equal to itself, so every command
+    was 'another plan') is named as damaged, with the way out."""
+    run_dir = tmp_path / "r"
+    before = _recorded(run_dir, target_l0s=[float("nan")])
+    assert main(["suite", str(run_dir), *ONE_SAE]) == 2
+    err = capsys.readouterr().err
+    assert "run.json" in err and "is damaged" in err and "target_l0s [nan]" in err and "delete it" in err
+    assert (run_dir / "run.json").read_bytes() == before
+    with pytest.raises(ConfigError, match="target_l0s"):
+        _one_sae_plan(target_l0s=[float("inf")]).check()
+    with pytest.raises(ConfigError, match="widths"):
+        _one_sae_plan(widths=["32"]).check()  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "done",
+    [
+        {"harvest": {"key": {"tokens": 2048, "dtype": "float32"}, "value": 5}},
+        {"train/layer_1": {"key": None, "value": {"specs": {"a": 3}}}},
+    ],
+)
+def test_a_suite_json_value_of_the_wrong_type_is_named_as_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], done: dict[str, object]
+) -> None:
+    run_dir = tmp_path / "r"
+    _recorded(run_dir)
+    (run_dir / "suite.json").write_text(json.dumps({"done": done}))
+    assert main(["suite", str(run_dir), *ONE_SAE]) == 2
+    err = capsys.readouterr().err
+    assert "suite.json" in err and "is damaged" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_a_topk_suite_takes_its_target_l0_as_k_through_the_command_line(

@@ -566,3 +566,40 @@ def test_real_gemma_saes_take_raw_activations(real_model: LanguageModel, tmp_pat
     assert fvu < 0.6
     # the recorded FVU is of the last training steps, before the decoder refit, which only lowers it
     assert 0.3 * sae.cfg.extra["fvu"] < fvu < 1.3 * sae.cfg.extra["fvu"]
+
+
+def test_a_copied_run_folder_names_its_own_saes(run_dir: Path, tmp_path: Path) -> None:
+    """done.json records the SAE folders relative to the run folder (an older absolute one is read
+    as the same place in this folder): a copy finds its own SAEs, never the original's."""
+    specs = [TrainSpec(SITE, 32, l0_coeff=1e-3)]
+    (first,) = train_saes(run_dir, specs, 1024, small_config(), progress=False)
+    done = run_dir / "checkpoints" / "train" / "done.json"
+    assert json.loads(done.read_text())["outputs"] == [str(first.relative_to(run_dir))]
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert train_saes(copy, specs, 1024, small_config(), progress=False) == [
+        copy / first.relative_to(run_dir)
+    ]
+    old = json.loads(done.read_text())  # as an older version wrote it: absolute, in the original
+    old["outputs"] = [str(first)]
+    (copy / "checkpoints" / "train" / "done.json").write_text(json.dumps(old))
+    assert train_saes(copy, specs, 1024, small_config(), progress=False) == [
+        copy / first.relative_to(run_dir)
+    ]
+
+
+def test_resume_survives_a_torn_last_line_of_the_log(tmp_path: Path) -> None:
+    """A crash in the middle of an append leaves part of a row: resuming keeps the whole rows up to
+    the checkpoint and drops the torn one; reading the log skips it."""
+    from gemmascope.train import read_training_log
+    from gemmascope.train.checkpoint import TrainingLog
+
+    path = tmp_path / "report" / "train_log.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"step": 10, "fvu": 0.5}\n{"step": 20, "fvu": 0.4}\n{"step": 30, "fv')
+    assert [r["step"] for r in read_training_log(path)] == [10, 20]
+    log = TrainingLog(path, resume_after=20)
+    log.write({"step": 30, "fvu": 0.3})
+    log.close()
+    assert [r["step"] for r in read_training_log(path)] == [10, 20, 30]
+    assert path.read_text().endswith('"fvu": 0.3}\n')

@@ -265,7 +265,7 @@ def test_bad_settings_are_clear_errors_before_anything_loads(
     ("argv", "message"),
     [
         (["--lr", "-1"], "--lr -1.0 must be finite and > 0"),
-        (["--beta", "nan"], "--beta nan must be finite and >= 0"),
+        (["--beta", "nan"], "argument --beta: 'nan' is not finite"),
         (["--tokens", "0"], "--tokens 0 must be a whole number >= 1"),
         (["--eval-tokens", "-5"], "--eval-tokens -5"),
     ],

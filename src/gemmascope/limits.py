@@ -9,7 +9,8 @@ sets of 32 prompts; watched tokens cost nothing); where a length multiplies mode
 generated tokens, prompts of a set, strengths of a sweep), the library's value and a request's
 stand side by side here.
 
-Knows nothing: plain numbers, imported by models, features, steer, effects, attribution, server, cli.
+Knows nothing: plain numbers, imported by models, features, steer, effects, attribution, server, cli
+(`cli.options.read_lines` bounds the text files a user names with `MAX_TEXT_FILE_*`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ MIN_SIDE_EFFECT_TOKENS = 128  # held-out tokens the side-effect cost needs at le
 REQUEST_SIDE_EFFECT_TOKENS = 4096  # held-out tokens of the cost, at most, in an HTTP request
 MAX_STEER_FEATURES = 8  # interventions of one HTTP steering request
 MAX_INTERVENE_NODES = 64  # graph nodes one HTTP intervention sets
+
+# A text file the command line names (prompt sets, documents): read whole only up to these
+MAX_TEXT_FILE_BYTES = 8 << 20  # 8 MiB (/dev/zero never ends: refused at the bound, not read)
+MAX_TEXT_FILE_LINES = 100_000
 
 # How many results one call lists
 MAX_TOP = 100  # features of a search, a contrast, a document

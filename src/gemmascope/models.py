@@ -85,6 +85,8 @@ def prompt_tokens(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMP
     `max_tokens` tokens after BOS (ConfigError)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("the prompt is empty: expected some text")
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens {max_tokens} must be at least 1 (prompt tokens after BOS)")
     ids = model.to_tokens(prompt)
     n = ids.shape[1] - 1
     if n > max_tokens:

@@ -8,7 +8,7 @@ belongs to; and fetching that file from the hub or from a local folder of the sa
   id `resid_post/layer_6_width_16k_l0_small` -> `google/gemma-scope-2-270m-pt`, file `ID/params.safetensors`;
   transcoders as `transcoder/layer_6_width_16k_l0_small` (or `transcoder_all/...`): MLP input to output.
 
-Reading the files is formats.py's job; this module only resolves names. Knows nothing of training.
+Reading the files is formats/' job; this module only resolves names. Knows nothing of training.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from gemmascope.limits import MAX_FREQ_PENALTY, MAX_NEW_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens
 from gemmascope.sae import SAE, sae_site
 from gemmascope.sites import Site, edit_from, edit_site, parse_site
+from gemmascope.values import finite32
 
 MODES = ("add", "clamp", "ablate")
 # Sampling defaults, the one place for them (the CLI and the server take theirs from here): a little
@@ -113,10 +114,7 @@ def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
                 f"no {'strength' if iv.mode == 'add' else 'value'} for latent {iv.latent} at "
                 f"{iv.sae.cfg.site or '?'}: give one (or a feature index, whose max activation is the default)"
             )
-        if not math.isfinite(iv.value):
-            raise ConfigError(
-                f"steering value {iv.value!r} for latent {iv.latent} is not finite: expected a real number"
-            )
+        finite32(iv.value, f"steering value for latent {iv.latent}")  # 1e39 is inf in a tensor
     return sae_site(model, iv.sae)
 
 

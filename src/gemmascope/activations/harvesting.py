@@ -171,23 +171,7 @@ def _harvest(
     """The harvest proper, under the run folder's lock (see `harvest`)."""
     root = run_dir / ACTIVATIONS
     existing = read_manifests(root)
-    identity: dict[str, Any] = {
-        "model": model.name,
-        "corpus": source_name(corpus),
-        "split": split,
-        "context_len": context_len,
-    }
-    for site, manifest in existing.items():
-        for key, value in identity.items():
-            if manifest.get(key) != value:
-                raise StoreError(
-                    f"run folder {str(run_dir)!r} holds activations of {key} {manifest.get(key)!r} (at {site}), "
-                    f"not {value!r}; use another run folder"
-                )
-    identity["shard_rows"] = _agreed(
-        existing, "shard_rows", shard_rows, max(1, DEFAULT_SHARD_TOKENS // context_len)
-    )
-
+    identity = _identity(model, existing, run_dir, corpus, split, context_len, shard_rows)
     n_rows = math.ceil(n_tokens / context_len)
     shard_ranges = [
         (a, min(a + identity["shard_rows"], n_rows)) for a in range(0, n_rows, identity["shard_rows"])
@@ -244,6 +228,36 @@ def _harvest(
             writer.merge_rank_lists()  # one process: only drops the lists a killed torchrun left
     ranks.barrier()
     return ActivationStore(run_dir)
+
+
+def _identity(
+    model: LanguageModel,
+    existing: dict[Site, dict[str, Any]],
+    run_dir: Path,
+    corpus: str,
+    split: str,
+    context_len: int,
+    shard_rows: int | None,
+) -> dict[str, Any]:
+    """What every site of the store shares (model, corpus, split, context length, shard size),
+    checked against the sites already harvested: a StoreError names the first that differs."""
+    identity: dict[str, Any] = {
+        "model": model.name,
+        "corpus": source_name(corpus),
+        "split": split,
+        "context_len": context_len,
+    }
+    for site, manifest in existing.items():
+        for key, value in identity.items():
+            if manifest.get(key) != value:
+                raise StoreError(
+                    f"run folder {str(run_dir)!r} holds activations of {key} {manifest.get(key)!r} (at {site}), "
+                    f"not {value!r}; use another run folder"
+                )
+    identity["shard_rows"] = _agreed(
+        existing, "shard_rows", shard_rows, max(1, DEFAULT_SHARD_TOKENS // context_len)
+    )
+    return identity
 
 
 def _harvest_shards(

@@ -143,7 +143,7 @@ def graph_json(
             "node_threshold": pruned.node_threshold,
             "schema_version": SCHEMA_VERSION,
             "gemmascope": {
-                "run": run,
+                "run": Path(run).name if run else run,  # the run folder's name, never a server path
                 "transcoder_digest": digest,
                 "model": graph.model_name,
                 "replacement_score": replacement,
@@ -211,12 +211,25 @@ def read_graph(path: Path | str, digest: str | None = None) -> dict[str, Any]:
     (else a StoreError: a graph file of another run or set)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError) as err:
         raise FormatError(f"cannot read graph {str(path)!r}: {err}") from err
     if not isinstance(data, dict) or not {"metadata", "nodes", "links"} <= set(data):
         raise FormatError(f"{str(path)!r} is not an attribution graph: expected metadata, nodes and links")
-    ours = data["metadata"].get("gemmascope") or {}
+    meta = data["metadata"]
+    kinds = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("prompt"), str)
+        and isinstance(meta.get("gemmascope") or {}, dict)
+        and isinstance(data["nodes"], list)
+        and isinstance(data["links"], list)
+        and all(isinstance(item, dict) for item in data["nodes"] + data["links"])
+    )
+    if not kinds:
+        raise FormatError(
+            f"graph {str(path)!r} is damaged: expected metadata with a prompt, and lists of nodes and links"
+        )
+    ours = meta.get("gemmascope") or {}
     if digest is not None and ours.get("transcoder_digest") != digest:
         raise StoreError(
             f"graph {str(path)!r} was drawn from another transcoder set (run {ours.get('run') or '?'!r}, digest "
@@ -275,7 +288,6 @@ def plot_graph(
     ax.set_title(title or _title(data), fontsize=10, loc="left")
     ax.grid(axis="y", alpha=0.2)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, fine
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.tight_layout()

@@ -25,6 +25,7 @@ from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, steering
+from gemmascope.values import finite32
 
 Node = tuple[int, int, int]  # (layer, position, latent)
 STRONGEST_BATCH = 256  # candidates propagated at once by `strongest` ([n_features, 256] floats)
@@ -52,6 +53,7 @@ def predict(graph: Graph, nodes: Sequence[Node], value: float = 0.0) -> dict[str
     activation, in layer order; one pushed below 0 switches off). Returns `[n_logits]` tensors.
     Features that are not active on the prompt stay off, and attention and norms stay frozen: where
     those matter, the measured change differs."""
+    value = finite32(value, "node value")
     index = feature_index(graph, nodes)
     delta = torch.zeros(graph.n_features, 1)
     delta[index, 0] = value - graph.activations[index]

@@ -3,8 +3,9 @@ pipeline modules; no pipeline lives here. `pipeline` holds the subcommands that 
 folder (demo, suite, harvest, train, convert), `measure` those that measure SAEs and index their
 features (eval, index); those that look inside the model through them have one module each:
 `inspect`, `contrast` (contrast, bias), `attribute`, `steer`, `serve`. `options` holds the shared
-option groups, the one comma-list parser and the one prompt-file reader. A `GemmaScopeError` is
-printed as one line (no traceback) and exits with status 2.
+option groups, the one comma-list parser, the one number type and the one bounded reader of the
+text files a user names. A `GemmaScopeError`, or a command line argparse refuses, is printed as one
+line (no traceback, no usage dump) and exits with status 2.
 
 Knows nothing of internals beyond those public functions.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from gemmascope.cli import attribute, contrast, inspect, measure, pipeline, serve, steer
 from gemmascope.errors import GemmaScopeError
@@ -56,10 +58,26 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
 }
 
 
+class UsageError(Exception):
+    """A command line argparse refuses (a missing argument, a number that is not finite float32):
+    printed in one line like a GemmaScopeError, exit status 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors raised as UsageError instead of a usage dump and an exit (--help and
+    --version still exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gemmascope import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gemmascope",
         description="An open, trainable, local Gemma Scope: train, measure, explore and steer SAEs.",
     )
@@ -72,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gemmascope` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     try:
         return int(args.run(args) or 0)
     except GemmaScopeError as err:

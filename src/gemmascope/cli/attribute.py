@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gemmascope.cli.options import add_model
+from gemmascope.cli.options import add_model, number
 from gemmascope.errors import ConfigError
 
 
@@ -33,13 +33,13 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--node-threshold",
-        type=float,
+        type=number,
         default=NODE_THRESHOLD,
         help="pruning: share of influence kept in nodes",
     )
     p.add_argument(
         "--edge-threshold",
-        type=float,
+        type=number,
         default=EDGE_THRESHOLD,
         help="pruning: share of influence kept in edges",
     )
@@ -64,7 +64,7 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
         "e.g. ' Kyoto' (one of the graph's outputs)",
     )  # fmt: skip
     p.add_argument(
-        "--value", type=float, default=0.0, help="with --ablate: set the nodes to this instead of 0"
+        "--value", type=number, default=0.0, help="with --ablate: set the nodes to this instead of 0"
     )
     add_model(p, None, "model to run (default: the run's, else the one the transcoders' metadata names)")
     p.set_defaults(run=run_attribute)
@@ -73,6 +73,7 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     """The --ablate nodes, and every option checked before the model loads."""
     from gemmascope.attribution import MAX_FEATURE_NODES, check_slug, parse_node
+    from gemmascope.limits import MAX_PROMPT_TOKENS
     from gemmascope.runs import SAES
 
     if not (Path(args.run_dir) / SAES).is_dir():
@@ -100,18 +101,26 @@ def _check(args: argparse.Namespace) -> list[tuple[int, int, int]]:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 0 and 1")
     if args.max_feature_nodes is None:
         args.max_feature_nodes = MAX_FEATURE_NODES
-    for flag, value in (("--max-feature-nodes", args.max_feature_nodes), ("--max-tokens", args.max_tokens)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value} must be at least 1")
+    if args.max_feature_nodes < 1:
+        raise ConfigError(f"--max-feature-nodes {args.max_feature_nodes} must be at least 1")
+    if args.max_tokens is not None and not 1 <= args.max_tokens <= MAX_PROMPT_TOKENS:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: expected 1..{MAX_PROMPT_TOKENS} prompt tokens")
     return nodes
 
 
 def run_attribute(args: argparse.Namespace) -> int:
+    from gemmascope.runs import lock
+
+    nodes = _check(args)
+    with lock(args.run_dir, "attribute"):  # it writes RUN/graphs/SLUG.json and .png
+        return _attribute(args, nodes)
+
+
+def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> int:
     from gemmascope.attribution import draw_graph, feature_node_id, intervene_nodes, transcoder_set
     from gemmascope.limits import MAX_GRAPH_TOKENS
     from gemmascope.runs import GRAPHS, find_saes, open_run
 
-    nodes = _check(args)
     transcoder_folders = [str(folder) for folder in find_saes(args.run_dir) if "transcoder" in folder.name]
     opened = open_run(args.run_dir, transcoder_folders, model=args.model)
     opened.index()  # a damaged index file is an error now, before the model runs

@@ -13,7 +13,7 @@ from typing import Any
 
 from gemmascope.cli.options import add_dense, add_model, parse_list, prompt_set
 from gemmascope.errors import ConfigError
-from gemmascope.runs import OpenRun
+from gemmascope.runs import OpenRun, locked_run
 
 
 def _contrast_args(p: argparse.ArgumentParser) -> None:
@@ -157,15 +157,16 @@ def run_bias(args: argparse.Namespace) -> int:
     from gemmascope.evals.report import write_bias
 
     req = _bias_request(args)
-    opened = _open(args)
-    densities = _densities(opened)
-    out = bias_experiment(
-        opened.model, opened.saes, req["prompts_a"], req["prompts_b"], req["heldout_a"], req["heldout_b"],
-        args.watch, ablate=req["ablate"], pool=args.pool, densities=densities,
-        hide_dense=None if args.show_dense else args.dense, side_effect_tokens=args.side_effects,
-    )  # fmt: skip
-    if opened.run_dir is not None:
-        out["files"] = [str(path) for path in write_bias(opened.run_dir, out)]
+    with locked_run(args.run_dir, "bias"):  # it writes RUN/report/bias.json: held from the start
+        opened = _open(args)
+        densities = _densities(opened)
+        out = bias_experiment(
+            opened.model, opened.saes, req["prompts_a"], req["prompts_b"], req["heldout_a"], req["heldout_b"],
+            args.watch, ablate=req["ablate"], pool=args.pool, densities=densities,
+            hide_dense=None if args.show_dense else args.dense, side_effect_tokens=args.side_effects,
+        )  # fmt: skip
+        if opened.run_dir is not None:
+            out["files"] = [str(path) for path in write_bias(opened.run_dir, out)]
     if args.json:
         print(json.dumps(out, indent=1))
         return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from gemmascope.runs import (
     resolve_saes,
     run_of,
     sae_id,
+    stored_path,
 )
 
 
@@ -108,9 +109,9 @@ def _evaluate_groups(
             probings[model_name] = probing
         for result in group_results:
             folder = members[result["sae_id"]][0]
-            result["path"] = str(folder)
             if not args.no_write and folder.is_dir():
                 evals.write_eval(folder, result)
+            result["path"] = str(folder)  # for --json; never stored (a copied run would name the original)
         results += group_results
     return results, probings
 
@@ -120,14 +121,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     folders, runs = _eval_targets(args.sae_dirs)
     ks = parse_list(args.probe_k, "--probe-k", int)
-    results, probings = _evaluate_groups(args, folders, ks)
     report = None
     report_run = (
         Path(args.report) if args.report else (runs[0] if len({r.resolve() for r in runs}) == 1 else None)
     )
-    if report_run is not None and not args.no_write:
-        probing_all = next(iter(probings.values())) if len(probings) == 1 else (probings or None)
-        report = evals.write_report(report_run, results, probing_all)
+    with ExitStack() as held:  # every run folder written to (eval.json, report/) is held from the start
+        if not args.no_write:
+            for run in dict.fromkeys(r.resolve() for r in [*runs, *([report_run] if report_run else [])]):
+                held.enter_context(lock(run, "eval"))
+        results, probings = _evaluate_groups(args, folders, ks)
+        if report_run is not None and not args.no_write:
+            probing_all = next(iter(probings.values())) if len(probings) == 1 else (probings or None)
+            report = evals.write_report(report_run, results, probing_all)
     if args.json:
         out = {
             "summary": [evals.summary(r) for r in results],
@@ -200,7 +205,7 @@ def _build(args: argparse.Namespace, opened: OpenRun, db: Path) -> None:
     build_index(
         opened.model, opened.saes, db, n_tokens=args.tokens, corpus=args.corpus, split=args.split,
         context_len=args.context_len, batch_rows=args.batch_rows,
-        folders={key: str(folder) for key, folder in opened.folders.items()}, progress=not args.quiet,
+        folders={key: stored_path(db.parent, f) for key, f in opened.folders.items()}, progress=not args.quiet,
     )  # fmt: skip
 
 

@@ -1,24 +1,66 @@
 """Option groups shared by the `gemmascope` subcommands (run folder, model, corpus and tokens, SAE
-selection, dense latents), the one parser of comma lists, the one reader of prompt files, and flags
-generated from a settings dataclass's fields (`add_fields`: name, type, choices, default and help from
-the field, as sparsify's config classes double as its CLI). Parsing only: every check of a value's
-meaning lives in the pipeline module that uses it."""
+selection, dense latents), the one parser of comma lists, the one argument type of real numbers
+(`number`: finite, within float32), the one reader of a text file the user names (`read_lines`:
+bounded in size and lines; `prompt_set` reads prompt files through it), and flags generated from a
+settings dataclass's fields (`add_fields`: name, type, choices, default and help from the field, as
+sparsify's config classes double as its CLI; a float field takes `number`). Parsing only: every
+check of a value's meaning lives in the pipeline module that uses it."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
 from gemmascope.corpus import DEFAULT_CORPUS
 from gemmascope.errors import ConfigError
+from gemmascope.limits import MAX_TEXT_FILE_BYTES, MAX_TEXT_FILE_LINES
 from gemmascope.models import BUNDLED_MODEL
+from gemmascope.values import FINITE32, finite32
 
 T = TypeVar("T")
-_KIND_NAMES = {int: "integers", float: "numbers", str: "names"}
+
+
+def number(text: str) -> float:
+    """The argparse type (and `parse_list` kind) of every real-valued option: a finite number within
+    float32, the type of every tensor it reaches (1e39 would be inf there)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return finite32(value, "value")
+    except ConfigError:
+        why = "is out of range" if math.isfinite(value) else "is not finite"
+        raise argparse.ArgumentTypeError(f"{text!r} {why}: expected {FINITE32}") from None
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file named by `flag`, read only up to
+    `limits.MAX_TEXT_FILE_BYTES` and `MAX_TEXT_FILE_LINES` (a device such as /dev/zero, or a huge file, is
+    refused at the bound instead of read to the end); a ConfigError naming the flag otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path!r} cannot be read: {err.strerror or err}") from None
+    if len(data) > MAX_TEXT_FILE_BYTES:
+        raise ConfigError(
+            f"{flag} {path!r} is larger than {MAX_TEXT_FILE_BYTES >> 20} MiB: expected a text file of prompts"
+        )
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text") from None
+    if len(lines) > MAX_TEXT_FILE_LINES:
+        raise ConfigError(f"{flag} {path!r} has {len(lines)} lines: expected at most {MAX_TEXT_FILE_LINES}")
+    return [line for line in lines if line.strip()]
+
+
+_KIND_NAMES = {int: "integers", float: "numbers", number: "numbers", str: "names"}
 
 
 @overload
@@ -35,7 +77,7 @@ def parse_list(spec: str | None, flag: str, kind: Callable[[str], Any] = str) ->
             continue
         try:
             out.append(kind(part))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
             what = _KIND_NAMES.get(kind, getattr(kind, "__name__", "values"))  # type: ignore[call-overload]
             raise ConfigError(
                 f"{flag} {spec!r}: item {part!r} is not valid: expected comma-separated {what}"
@@ -181,7 +223,9 @@ def _parser(kind: Any) -> Callable[[str], Any]:
 
         several.__name__ = f"{len(args)} comma-separated {getattr(item, '__name__', 'value')}s"
         return several
-    if kind in (int, float, str):
+    if kind is float:
+        return number  # finite float32, as every real-valued option
+    if kind in (int, str):
         return kind  # type: ignore[no-any-return]
     raise TypeError(f"no command-line type for a field of type {kind!r}")
 
@@ -192,7 +236,7 @@ def add_dense(p: argparse.ArgumentParser, what: str = "features") -> None:
 
     p.add_argument(
         "--dense",
-        type=float,
+        type=number,
         default=HIDE_DENSE,
         help=f"hide {what} firing on more than this share ({HIDE_DENSE})",
     )
@@ -200,11 +244,6 @@ def add_dense(p: argparse.ArgumentParser, what: str = "features") -> None:
 
 
 def prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
-    """`texts` and the non-empty lines of the UTF-8 file at `path` (named by `flag` in errors)."""
-    if path is None:
-        return texts
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{flag} {path!r} cannot be read as UTF-8 text: {err.__class__.__name__}") from err
-    return texts + [line for line in lines if line.strip()]
+    """`texts` and the non-blank lines of the UTF-8 file at `path` (named by `flag` in errors), read
+    through the bounded `read_lines`."""
+    return texts if path is None else texts + read_lines(path, flag)

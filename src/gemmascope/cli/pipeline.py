@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gemmascope.cli.options import add_corpus, add_fields, add_model, add_serving, given, parse_list
+from gemmascope.cli.options import add_corpus, add_fields, add_model, add_serving, given, number, parse_list
 from gemmascope.errors import ConfigError
 from gemmascope.runs import REPORT, check_name, lock, run_of
 
@@ -91,9 +92,9 @@ _SPEC_HELP = {
     "matryoshka": "Matryoshka: the reconstruction loss averaged over nested prefixes (width/16 .. width)",
 }
 # The sparsity flags, by the spec field each sets (an architecture's `knobs`): flag, type, example, help.
-_KNOB_FLAGS: dict[str, tuple[str, type, str, str]] = {
-    "l0_coeff": ("--l0-coeffs", float, "1e-3", "fixed lambdas (L0 penalty; L1 for relu)"),
-    "target_l0": ("--target-l0", float, "45", "target L0s (Gemma Scope 2 quadratic penalty)"),
+_KNOB_FLAGS: dict[str, tuple[str, Callable[[str], Any], str, str]] = {
+    "l0_coeff": ("--l0-coeffs", number, "1e-3", "fixed lambdas (L0 penalty; L1 for relu)"),
+    "target_l0": ("--target-l0", number, "45", "target L0s (Gemma Scope 2 quadratic penalty)"),
     "k": ("--k", int, "32", "active latents per token for topk / batchtopk"),
 }
 
@@ -196,7 +197,7 @@ def args_suite(p: argparse.ArgumentParser) -> None:
         choices={"architecture": architecture_names()},
     )
     add_corpus(p)
-    p.add_argument("--max-minutes", type=float, default=None, help="start no new stage after this long")
+    p.add_argument("--max-minutes", type=number, default=None, help="start no new stage after this long")
     p.add_argument(
         "--drop-activations", action="store_true", help="delete a layer's activations once trained"
     )
@@ -227,7 +228,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from gemmascope.suite import SuitePlan, parse_l0s, parse_layers, run_suite
 
     plan_args = given(args, args.plan_fields)
-    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", float)
+    coeffs = parse_list(args.l0_coeffs, "--l0-coeffs", number)
     if coeffs:
         plan_args.update(target_l0s=[], l0_coeffs=coeffs)
     elif args.l0 is not None:
@@ -338,8 +339,8 @@ def args_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae_dir", help="a trained SAE or transcoder folder")
     add_model(p, None, "model to fine-tune with (default: the one the SAE's cfg names)")
     p.add_argument("--tokens", type=int, default=TOKENS, help=f"training tokens (default {TOKENS})")
-    p.add_argument("--lr", type=float, default=LR, help=f"Adam lr of the weights (default {LR:g})")
-    p.add_argument("--beta", type=float, default=BETA, help=f"weight of the KL term (default {BETA:g})")
+    p.add_argument("--lr", type=number, default=LR, help=f"Adam lr of the weights (default {LR:g})")
+    p.add_argument("--beta", type=number, default=BETA, help=f"weight of the KL term (default {BETA:g})")
     p.add_argument(
         "--eval-tokens", type=int, default=4096, help="held-out tokens to measure before/after (0: skip)"
     )

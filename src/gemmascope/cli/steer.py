@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from gemmascope.cli.options import add_model, parse_list, prompt_set
+from gemmascope.cli.options import add_model, number, parse_list, prompt_set
 from gemmascope.errors import ConfigError, StoreError
 
 
@@ -46,7 +46,7 @@ def args_steer(p: argparse.ArgumentParser) -> None:
         help="latent index to steer; repeatable",
     )
     p.add_argument(
-        "--strength", action=InOrder, type=float, metavar="S",
+        "--strength", action=InOrder, type=number, metavar="S",
         help="steering strength (add) or value (clamp) for the --feature before it",
     )  # fmt: skip
     p.add_argument(
@@ -76,9 +76,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
     defaults = SamplingSettings()
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=defaults.top_p)
-    p.add_argument("--freq-penalty", type=float, default=defaults.freq_penalty)
+    p.add_argument("--temperature", type=number, default=defaults.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=number, default=defaults.top_p)
+    p.add_argument("--freq-penalty", type=number, default=defaults.freq_penalty)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
         "--top-k", type=int, default=10, help="tokens to show whose log-prob rose / fell (0: none)"
@@ -190,7 +190,7 @@ def _measure_request(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.side_effects < 0:
         raise ConfigError(f"--side-effects {args.side_effects} must be >= 0 (0 skips the cost)")
     prompts = list(dict.fromkeys([args.prompt] + prompt_set([], args.prompts_file, "--prompts-file")))
-    strengths = parse_list(args.sweep, "--sweep", float) if args.sweep else None
+    strengths = parse_list(args.sweep, "--sweep", number) if args.sweep else None
     if args.sweep is not None and not strengths:
         raise ConfigError("--sweep needs strengths, e.g. --sweep 0,50,100,200")
     if strengths and args.mode == "ablate":

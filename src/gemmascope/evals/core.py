@@ -17,12 +17,12 @@ compare an edited pass with. `splice` is the one splice of SAEs and transcoders.
 evaluation, the replacement model, `effects.side_effects` and `train.finetune` use both.
 
 Knows nothing of tables, plots or files (report.py), of probing (probing.py), of the server, of
-training, or of how SAE files are laid out (formats.py does that).
+training, or of how SAE files are laid out (formats/ does that).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +187,7 @@ def edited_batches(
     min_tokens: int = MIN_EVAL_TOKENS,
     desc: str | None = None,
     progress: bool = False,
-) -> Iterator[EditBatch]:
+) -> Generator[EditBatch, None, None]:
     """The one way to measure the model under an edit: `token_ids [rows, T]` (BOS first in each
     row) from row `start` on, `batch_rows` rows per clean pass (`sites.capture_batches` with the
     logits, at every SAE's input site and at `sites`), each batch an `EditBatch` whose `keep` is the

@@ -16,9 +16,18 @@ from typing import Any
 
 from torch import Tensor
 
-from gemmascope.errors import ConfigError
+from gemmascope.errors import ConfigError, StoreError
 from gemmascope.evals.metrics import DENSE_DENSITY
-from gemmascope.runs import EVAL_FILE, EVALS_JSON, REPORT, save_atomic, write_atomic
+from gemmascope.runs import (
+    EVAL_FILE,
+    EVALS_JSON,
+    REPLACEMENT_JSON,
+    REPORT,
+    SUMMARY_TXT,
+    read_json,
+    save_atomic,
+    write_atomic,
+)
 from gemmascope.sites import SITE_KINDS
 
 
@@ -85,26 +94,83 @@ def write_report(
     probing: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `run_dir/report/`: `evals.json` (every result, a summary table and the probing
-    results), `frontier_l0_delta_lm_loss.png`, `frontier_l0_fvu.png`, `density_histogram.png` and
-    `fvu_by_position.png`. Returns the report folder."""
+    results), `frontier_l0_delta_lm_loss.png`, `frontier_l0_fvu.png`, `density_histogram.png`,
+    `fvu_by_position.png`, `heatmap.png` and `summary.txt` (the table, and the replacement model's
+    loss when `replacement.json` is there). The report is the run's: results of SAEs not in
+    `results` that an earlier report holds are kept, so evaluating some SAEs of a run merges them in
+    (theirs replaced) and every file agrees. Returns the report folder."""
     report = Path(run_dir) / REPORT
-    report.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_report(report / EVALS_JSON)
+    fresh = {r["sae_id"]: r for r in results}
+    merged = [fresh.pop(r["sae_id"], r) for r in earlier.get("results", [])] + list(fresh.values())
+    probing = _merged_probing(earlier.get("sparse_probing"), probing)
     plots = {
         "frontier_l0_delta_lm_loss": plot_frontier(
-            results, "delta_lm_loss", report / "frontier_l0_delta_lm_loss.png"
+            merged, "delta_lm_loss", report / "frontier_l0_delta_lm_loss.png"
         ),
-        "frontier_l0_fvu": plot_frontier(results, "fvu", report / "frontier_l0_fvu.png"),
-        "density_histogram": plot_density(results, report / "density_histogram.png"),
-        "fvu_by_position": plot_position_error(results, report / "fvu_by_position.png"),
+        "frontier_l0_fvu": plot_frontier(merged, "fvu", report / "frontier_l0_fvu.png"),
+        "density_histogram": plot_density(merged, report / "density_histogram.png"),
+        "fvu_by_position": plot_position_error(merged, report / "fvu_by_position.png"),
+        "heatmap": plot_heatmap(merged, report / "heatmap.png"),
     }
     data = {
-        "summary": [summary(r) for r in results],
-        "results": [to_json(r) for r in results],
+        "summary": [summary(r) for r in merged],
+        "results": [to_json(r) for r in merged],
         "sparse_probing": to_json(probing) if probing else None,
         "plots": {k: p.name for k, p in plots.items()},
     }
     _write_json(report / EVALS_JSON, data)
+    write_atomic(report / SUMMARY_TXT, _summary_text(report, merged))
     return report
+
+
+def _earlier_report(path: Path) -> dict[str, Any]:
+    """The results and probing of the report already there; nothing when there is none, or when it
+    is damaged (it is rewritten whole from `results`)."""
+    try:
+        data = read_json(path, "report") if path.is_file() else {}
+    except StoreError:
+        return {}
+    rows = data.get("results")
+    kept = (
+        [r for r in rows if isinstance(r, dict) and isinstance(r.get("sae_id"), str)]
+        if isinstance(rows, list)
+        else []
+    )
+    probing = data.get("sparse_probing")
+    return {"results": kept, "sparse_probing": probing if isinstance(probing, dict) else None}
+
+
+def _merged_probing(
+    earlier: Mapping[str, Any] | None, probing: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """This run's probing merged into the earlier report's: the earlier SAEs' and sites' entries
+    kept where the new one has none."""
+    if earlier is None or probing is None:
+        return probing if probing is not None else earlier
+    merged = {**earlier, **probing}
+    for key in ("saes", "llm"):
+        old, new = earlier.get(key), probing.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            merged[key] = {**old, **new}
+    return merged
+
+
+def _summary_text(report: Path, results: Sequence[Mapping[str, Any]]) -> str:
+    """`summary.txt`: the table, and the replacement model's loss when the suite measured it."""
+    lines = [format_table(results)]
+    replacement = report / REPLACEMENT_JSON
+    if replacement.is_file():
+        r = read_json(replacement, "replacement model result")
+        try:
+            lines.append(
+                f"replacement model (the MLPs of layers {r['layers'][0]}-{r['layers'][-1]} replaced by "
+                f"transcoders at once): LM loss {r['ce_loss_without']:.4f} -> {r['ce_loss_with']:.4f}, "
+                f"ΔLM {r['delta_lm_loss']:.4f}, KL {r['kl_div']:.4f} ({r['n_predictions']} predictions)"
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise StoreError(f"replacement model result {str(replacement)!r} is damaged ({err!r})") from None
+    return "\n".join(lines) + "\n"
 
 
 def _figure(width: float = 6.4, height: float = 4.4) -> Any:
@@ -116,9 +182,7 @@ def _figure(width: float = 6.4, height: float = 4.4) -> Any:
 def _save(fig: Any, path: str | Path) -> Path:
     """Lay out and write a figure of `_figure` as a PNG at `path` (its folder created)."""
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return Path(path)
+    return save_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _line_key(s: Mapping[str, Any]) -> str:

@@ -17,6 +17,9 @@ Knows models, corpora and SAEs through their public functions; knows nothing of 
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -52,6 +55,7 @@ from gemmascope.features.stream import (
     top_correlations,
 )
 from gemmascope.models import LanguageModel
+from gemmascope.runs import disk_errors, held_by_writer
 from gemmascope.sae import SAE, encode_inputs, sae_site
 from gemmascope.sites import Site, capture_batches, site_d_in
 
@@ -83,17 +87,16 @@ class _SiteActivations:
         self.second_pass = "recompute"  # how pass 2 gets the activations
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if n_rows * ctx * sum(widths.values()) * 4 <= spill_bytes:
-            self._tmp = tempfile.TemporaryDirectory(prefix=".index-spill-", dir=spill_dir)
-            self.spill = {
-                site: np.lib.format.open_memmap(
-                    Path(self._tmp.name) / f"{site}.npy",
-                    mode="w+",
-                    dtype=np.float32,
-                    shape=(n_rows, ctx, widths[site]),
-                )
-                for site in sites
-            }
-            self.second_pass = "spill"
+            remove_stale_spills(spill_dir)
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_dir)
+            try:
+                self.spill = {
+                    site: _reserved_memmap(Path(self._tmp.name) / f"{site}.npy", (n_rows, ctx, widths[site]))
+                    for site in sites
+                }
+                self.second_pass = "spill"
+            except OSError:  # no room for the spill: pass 2 runs the model again instead
+                self.close()
 
     def batches(self, first: bool, desc: str, progress: bool) -> Iterator[tuple[int, dict[Site, Tensor]]]:
         spill = self.spill
@@ -116,6 +119,45 @@ class _SiteActivations:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+SPILL_PREFIX = ".index-spill-"  # + the building process's id: a spill folder beside the index file
+
+
+def _reserved_memmap(path: Path, shape: tuple[int, int, int]) -> np.memmap:
+    """A float32 `.npy` memory map of `shape` whose disk blocks are allocated before it is mapped:
+    a disk without room is an OSError here, never a SIGBUS when a page is first written."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        if shutil.disk_usage(path.parent).free < os.fstat(fd).st_size:  # no fallocate here: check
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+    finally:
+        os.close(fd)
+    return array
+
+
+def remove_stale_spills(folder: Path) -> None:
+    """Remove the spill folders a killed build left in `folder` (those of processes that are gone;
+    a spill folder without a process id is from an older version, also gone)."""
+    for spill in folder.glob(f"{SPILL_PREFIX}*"):
+        pid = spill.name[len(SPILL_PREFIX) :].split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(spill, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def build_index(
@@ -153,15 +195,16 @@ def build_index(
     if n_valid == 0:
         raise CorpusError(f"the {split!r} split of corpus {corpus!r} gives no tokens besides BOS/EOS/pad")
     db_path = Path(db_path)
-    with FeatureIndex(db_path, create=True) as index:
-        job = _Job(model, dict(saes), sites, rows, keep, index, corpus, split, batch_rows, seed, started)
-        _begin(job, folders or {})
-        passes = _corpus_passes(job, flow_tokens, n_null_windows, spill_bytes, progress)
-        decode = token_strings(model, rows)  # token id -> text, for every page's windows
-        stats = {sid: _write_pages(job, sid, passes, decode, progress) for sid in job.saes}
-        if passes.samples:
-            _write_flow(index, job.saes, sites, passes.samples)
-        _finish(job, stats, min((s.n_tokens for s in passes.samples.values()), default=0))
+    with held_by_writer(db_path), disk_errors(db_path):  # a failed build is never served (complete=0)
+        with FeatureIndex(db_path, create=True) as index:
+            job = _Job(model, dict(saes), sites, rows, keep, index, corpus, split, batch_rows, seed, started)
+            _begin(job, folders or {})
+            passes = _corpus_passes(job, flow_tokens, n_null_windows, spill_bytes, progress)
+            decode = token_strings(model, rows)  # token id -> text, for every page's windows
+            stats = {sid: _write_pages(job, sid, passes, decode, progress) for sid in job.saes}
+            if passes.samples:
+                _write_flow(index, job.saes, sites, passes.samples)
+            _finish(job, stats, min((s.n_tokens for s in passes.samples.values()), default=0))
     return db_path
 
 

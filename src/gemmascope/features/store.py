@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.runs import disk_failure
 from gemmascope.sae import SAE
 
 SCHEMA = "gemmascope-features-1"
@@ -113,6 +114,9 @@ class FeatureIndex:
                     f"expected {SCHEMA!r})"
                 )
         except sqlite3.DatabaseError as err:
+            why = disk_failure(err, self.path)  # SQLite cannot open its journal on a full disk
+            if why is not None:
+                raise StoreError(f"cannot open the feature index {self.where!r}: {why}") from err
             raise StoreError(f"{self.where!r} is not a readable SQLite feature index: {err}") from err
 
     def _meta_schema(self) -> str | None:

@@ -4,7 +4,7 @@ each: `native` (our folder, which is a SAELens folder: `cfg.json`, `sae_weights.
 `params.npz`; Gemma Scope 2 `params.safetensors` with lower-case keys and its `config.json`),
 `convert` (`load_sae` from any of them, `convert` between them) and `weights` (the tensors an
 architecture saves, the checks every loader makes). Where SAE folders live in a run folder is
-runs.py's.
+runs/'s.
 
 Knows nothing of training: a saved SAE takes raw activations (the trainer folds its input scaling in
 before saving). What an architecture saves and under which names is its own (`sae.Architecture`:
@@ -22,7 +22,7 @@ from gemmascope.formats.gemma_scope import (
 )
 from gemmascope.formats.native import load_log10_density, save_sae
 
-# Re-exported: the run folder's names (runs.py), kept importable here for old imports.
+# Re-exported: the run folder's names (runs/), kept importable here for old imports.
 from gemmascope.runs import find_saes as find_saes
 from gemmascope.runs import sae_dir as sae_dir
 from gemmascope.runs import sae_id as sae_id

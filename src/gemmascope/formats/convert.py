@@ -9,8 +9,10 @@ from pathlib import Path
 
 from gemmascope.errors import FormatError
 from gemmascope.formats.gemma_scope import (
+    GS2_CONFIG,
     GS2_FILE,
     NPZ_FILE,
+    export_files,
     load_gemma_scope,
     save_params_npz,
     save_params_safetensors,
@@ -65,11 +67,28 @@ def convert(
     Nothing existing is replaced without `overwrite`, never a folder that is not an SAE, never `src`."""
     if to not in CONVERT_FORMATS:
         raise FormatError(f"unknown format {to!r}: expected one of {', '.join(CONVERT_FORMATS)}")
-    if Path(src).resolve() == Path(dest).resolve():
-        raise FormatError(f"destination {str(dest)!r} is the source itself; choose another destination")
+    _check_apart(Path(src), Path(dest), to)
     sae = load_sae(src)
     if to == "native":
         density = load_log10_density(src) if Path(src).is_dir() else None
         return sae, save_sae(sae, dest, log10_density=density, overwrite=overwrite)
     save = save_params_npz if to == "npz" else save_params_safetensors
     return sae, save(sae, dest, overwrite=overwrite)
+
+
+def _check_apart(src: Path, dest: Path, to: str) -> None:
+    """Refuse a destination whose files would be, hold or lie inside the source's (its folder, or its
+    file and the config.json beside it): converting never replaces any part of the source."""
+    outputs = [dest] if to == "native" else export_files(dest, to)
+    sources = [src] if src.is_dir() else [src, src.with_name(GS2_CONFIG)]
+    for out in (o.resolve() for o in outputs):
+        for part in (s.resolve() for s in sources):
+            if out == part:
+                raise FormatError(
+                    f"destination {str(dest)!r} is the source itself; choose another destination"
+                )
+            if out.is_relative_to(part) or part.is_relative_to(out):
+                raise FormatError(
+                    f"destination {str(dest)!r} would write {str(out)!r}, part of the source {str(src)!r}; "
+                    "choose a destination outside the source"
+                )

@@ -3,7 +3,7 @@
 (a transcoder's skip connection as `affine_skip_connection`). Both hold JumpReLU SAEs only
 (`GEMMA_SCOPE_ARCHITECTURE`): an SAE saved as another architecture cannot be exported to them.
 
-Knows nothing of training or of where files live in a run folder (runs.py).
+Knows nothing of training or of where files live in a run folder (runs/).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def save_params_safetensors(sae: SAE, path: Path | str, *, overwrite: bool = Fal
     params = _gemma_scope_params(sae, "params.safetensors")
     path = _file_path(path, GS2_FILE)
     check_new_file(path, overwrite)
+    _check_config_beside(path, overwrite)
     names = {"W_skip": GS2_SKIP}
     tensors = {names.get(k, k.lower()): v for k, v in params.items()}
     save_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
@@ -88,12 +89,42 @@ def _gs2_config(sae: SAE) -> dict[str, Any]:
     }
 
 
+def export_files(path: Path | str, fmt: str) -> list[Path]:
+    """The files an export to `path` as `fmt` ("npz" or "safetensors") writes: the params file, and
+    for Gemma Scope 2 the `config.json` beside it (`convert` keeps them apart from its source)."""
+    if fmt == "npz":
+        return [_file_path(path, NPZ_FILE)]
+    params = _file_path(path, GS2_FILE)
+    return [params, params.with_name(GS2_CONFIG)]
+
+
+def _check_config_beside(path: Path, overwrite: bool) -> None:
+    """The `config.json` an export writes beside its file: a new one, or with `overwrite` one an SAE
+    export wrote (never another file of that name, such as a model folder's)."""
+    config_path = path.with_name(GS2_CONFIG)
+    if not config_path.exists():
+        return
+    if not overwrite:
+        raise FormatError(
+            f"{str(config_path)!r} already exists beside it; refusing to overwrite it (pass --overwrite)"
+        )
+    try:
+        ours = json.loads(config_path.read_bytes())
+    except (OSError, ValueError):
+        ours = None
+    if not (isinstance(ours, dict) and {"width", "hf_hook_point_in"} <= set(ours)):
+        raise FormatError(
+            f"{str(config_path)!r} beside it is not an SAE's config.json (a model's?); refusing to replace "
+            "it: export into a new folder"
+        )
+
+
 def _file_path(path: Path | str, default_name: str) -> Path:
-    """`path` itself when it names a file of the format's suffix, else `path/default_name`."""
+    """`path` itself when it names a file of the format's suffix, else `path/default_name` (its
+    folder is made by the atomic write, and removed again when that fails)."""
     path = Path(path)
     if path.is_dir() or path.suffix != Path(default_name).suffix:
         path = path / default_name
-    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 

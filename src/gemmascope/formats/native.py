@@ -5,7 +5,7 @@ its architecture's saved form (`Architecture.as_saved`: BatchTopK as JumpReLU) u
 (`Architecture.saelens_name`); a transcoder under SAELens's transcoder names.
 
 Knows nothing of training: a saved SAE takes raw activations (the trainer folds its input scaling in
-before saving). Where SAE folders live in a run folder is runs.py's.
+before saving). Where SAE folders live in a run folder is runs/'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ from torch import Tensor
 from gemmascope import __version__
 from gemmascope.errors import FormatError
 from gemmascope.formats.weights import build, check_finite, config, read_safetensors, site_from_hook, state
-from gemmascope.runs import CFG_FILE, EVAL_FILE, SPARSITY_FILE, WEIGHTS_FILE, is_sae_folder, tmp_path
+from gemmascope.runs import (
+    CFG_FILE,
+    EVAL_FILE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    disk_errors,
+    held_by_writer,
+    is_sae_folder,
+    tmp_path,
+)
 from gemmascope.sae import SAE, SAEConfig, architecture, architecture_names, max_norm_from_extra
 from gemmascope.sites import parse_site
 
@@ -58,23 +67,21 @@ def save_sae(
             raise FormatError(f"log10_density has shape {tuple(density.shape)}, expected ({sae.d_sae},)")
     tmp = tmp_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CFG_FILE).write_text(json.dumps(_saelens_cfg(sae), indent=2) + "\n")
-        if density is not None:
-            save_file({"sparsity": density}, str(tmp / SPARSITY_FILE), metadata={"format": "pt"})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():  # overwrite: move the old one aside so the new one appears in one rename
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    with held_by_writer(folder):  # a folder of a run folder is written holding its lock
+        with disk_errors(folder, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            tmp.mkdir(parents=True)
+            save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CFG_FILE).write_text(json.dumps(_saelens_cfg(sae), indent=2) + "\n")
+            if density is not None:
+                save_file({"sparsity": density}, str(tmp / SPARSITY_FILE), metadata={"format": "pt"})
+        if folder.exists():  # overwrite: move the old one aside so the new one appears in one rename
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
     return folder
 
 

@@ -1,6 +1,6 @@
 """An SAE's weights as every file format holds them: which tensors an architecture saves (`state`),
 the checks every loader makes (keys, shapes, finiteness) and the module built from them (`build`),
-and the small readers the formats share. Knows nothing of where files live (runs.py) or of training.
+and the small readers the formats share. Knows nothing of where files live (runs/) or of training.
 """
 
 from __future__ import annotations

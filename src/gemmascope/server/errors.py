@@ -1,6 +1,7 @@
 """How the server answers what went wrong. Owns `ApiError` (a bad request with its HTTP status), the
 exception handlers that turn every bad request into a 4xx (or a 503 when the model is busy) with a
-JSON `{"error": message}` while the server keeps serving, and keeping absolute server paths out of
+JSON `{"error": message}` while the server keeps serving, the catch-all that answers anything else
+(a bug) with a JSON 500 too, never plain text, and keeping absolute server paths out of
 every message a client sees.
 
 Knows nothing of the routes: they raise `ApiError` or the project's `GemmaScopeError`s.
@@ -65,6 +66,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return error_response(request, err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        # a bug, never the client's doing: answered in JSON like the rest (the server still logs
+        # its traceback: Starlette re-raises it after this answer is sent)
+        return error_response(
+            request, 500, f"internal error ({type(err).__name__}) in {request.url.path}: see the server log"
+        )
 
 
 def _validation_message(err: RequestValidationError) -> tuple[int, str]:

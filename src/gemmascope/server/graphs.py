@@ -43,8 +43,8 @@ from gemmascope.limits import (
     REQUEST_PROMPT_CHARS,
 )
 from gemmascope.sae import SAE
-from gemmascope.server.errors import ApiError
-from gemmascope.server.lookup import Body, QueueDep, RunDep
+from gemmascope.server.errors import ApiError, public_message
+from gemmascope.server.lookup import Body, Number, QueueDep, RunDep
 from gemmascope.server.run import Run
 
 _KEPT_GRAPHS = 2  # graphs kept in memory for interventions (each up to ~0.3 GB at the node cap)
@@ -102,14 +102,16 @@ def _transcoders_or_409(run: Run) -> tuple[_Graphs, list[SAE]]:
 def graph_list(run: RunDep) -> dict[str, Any]:
     state = _state(run)
     state.load(run)
-    graphs = []
+    graphs: list[dict[str, Any]] = []
     folder = run.graph_dir()
     for path in sorted(folder.glob("*.json")) if folder else []:
         try:
             meta = read_graph(path)["metadata"]
-        except GemmaScopeError:
+        except GemmaScopeError as err:  # listed as damaged: one bad file hides no other graph
+            why = public_message(str(err), run.run_dir)  # no server path, as in every error
+            graphs.append({"slug": path.stem, "prompt": None, "scores": {}, "damaged": why})
             continue
-        graphs.append({"slug": path.stem, "prompt": meta.get("prompt"), "scores": meta.get("gemmascope", {})})
+        graphs.append({"slug": path.stem, "prompt": meta["prompt"], "scores": meta.get("gemmascope") or {}})
     return {"available": state.transcoders is not None, "why_not": state.problem, "graphs": graphs}
 
 
@@ -168,7 +170,7 @@ def _path_or_404(run: Run, slug: str) -> Path:
 
 class InterveneRequest(Body):
     nodes: list[str] = Field(min_length=1, max_length=MAX_INTERVENE_NODES)  # LAYER_LATENT_POSITION
-    value: float = Field(0.0, allow_inf_nan=False, ge=-1e4, le=1e4)
+    value: Number = Field(0.0, ge=-1e4, le=1e4)
 
 
 @router.post("/v1/graph/{slug}/intervene")

@@ -1,5 +1,5 @@
 """What a request brings and names, looked up in the served run. Owns `Body`, the base of every
-request body (each route's own body lives beside the route), the route dependencies that hand a route
+request body (each route's own body lives beside the route), `Number` (a real number a body brings), the route dependencies that hand a route
 the app's `Run` and `ModelQueue`, and finding an SAE by id and a feature by index, with the 4xx a bad
 name gets. Never a path: SAEs are looked up by id in the run's table.
 
@@ -11,17 +11,27 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from gemmascope.server.errors import ApiError
 from gemmascope.server.model_queue import ModelQueue
 from gemmascope.server.run import LoadedSAE, Run
+from gemmascope.values import finite32
 
 
 class Body(BaseModel):
     """A request body: unknown fields are refused (422), so a misspelt option is not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def _finite32(value: float) -> float:
+    return finite32(value, "value")
+
+
+# A real number a request brings (a strength, a value): finite and within float32 (else 422), as
+# the CLI's `options.number` and the library's `values.finite32` take it.
+Number = Annotated[float, AfterValidator(_finite32)]
 
 
 async def _run(request: Request) -> Run:

@@ -29,7 +29,7 @@ from gemmascope.limits import (
     REQUEST_SWEEP,
 )
 from gemmascope.server.errors import ApiError
-from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
+from gemmascope.server.lookup import Body, Number, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.run import Run
 from gemmascope.steer import (
     DEFAULT_FREQ_PENALTY,
@@ -53,7 +53,7 @@ router = APIRouter()
 class SteerFeature(Body):
     sae_id: str
     index: int
-    strength: float | None = Field(None, allow_inf_nan=False)  # default: the feature's max activation
+    strength: Number | None = None  # default: the feature's max activation
     mode: Literal["add", "clamp", "ablate"] = "add"
     # token positions to edit (0 = BOS; generated tokens count on); None: every position
     positions: list[int] | None = Field(
@@ -120,7 +120,7 @@ class MeasureRequest(Body):
     features: list[SteerFeature] = Field(min_length=1, max_length=MAX_STEER_FEATURES)
     watch: list[str] = Field(min_length=1, max_length=MAX_WATCH)
     side_effect_tokens: int = Field(SIDE_EFFECT_TOKENS, ge=0, le=REQUEST_SIDE_EFFECT_TOKENS)  # 0: no cost
-    strengths: list[float] | None = Field(None, min_length=1, max_length=REQUEST_SWEEP)
+    strengths: list[Number] | None = Field(None, min_length=1, max_length=REQUEST_SWEEP)
     normalize: bool = False
 
 

@@ -1,5 +1,5 @@
 """Checkpoints, the training log and resume. Owns `run_dir/checkpoints/NAME/` (`state.pt` while a run
-trains, written atomically; `done.json` once it finished), the run key that says whether a checkpoint
+trains, written atomically; `done.json` once it finished, its SAE folders relative to the run folder), the run key that says whether a checkpoint
 belongs to this very run (and, if not, which settings differ), and `report/NAME_log.jsonl` (its plot
 is `evals.report.plot_training_log`).
 
@@ -20,7 +20,7 @@ import torch
 
 from gemmascope.activations import ActivationStore
 from gemmascope.errors import StoreError
-from gemmascope.runs import CFG_FILE, save_atomic, write_atomic
+from gemmascope.runs import CFG_FILE, disk_errors, run_path, save_atomic, stored_path, write_atomic
 from gemmascope.train.config import TrainConfig, TrainSpec
 
 
@@ -59,6 +59,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path, key: str) -> None:
         self.folder = folder
+        self.run_dir = folder.parent.parent  # run_dir/checkpoints/NAME
         self.key = key
         self.state_path = folder / "state.pt"
         self.done_path = folder / "done.json"
@@ -69,8 +70,8 @@ class Checkpoint:
             return None
         try:
             done = json.loads(self.done_path.read_text())
-            outputs, key = [Path(p) for p in done["outputs"]], done["key"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            outputs, key = [run_path(self.run_dir, p) for p in done["outputs"]], done["key"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise StoreError(
                 f"training record {str(self.done_path)!r} is damaged ({err!r}): delete it to train this run again"
             ) from None
@@ -111,7 +112,10 @@ class Checkpoint:
 
     def finish(self, outputs: list[Path]) -> None:
         write_atomic(
-            self.done_path, json.dumps({"key": self.key, "outputs": [str(p) for p in outputs]}, indent=1)
+            self.done_path,
+            json.dumps(
+                {"key": self.key, "outputs": [stored_path(self.run_dir, p) for p in outputs]}, indent=1
+            ),
         )
         self.state_path.unlink(missing_ok=True)
 
@@ -135,36 +139,50 @@ def _key_difference(old: str | None, new: str) -> str:
 
 
 class TrainingLog:
-    """The training log, one JSON object per logged step; a resumed run drops rows after its checkpoint."""
+    """The training log, one JSON object per logged step; a resumed run drops rows after its
+    checkpoint, and a torn last line (a crash in the middle of an append) with them."""
 
     def __init__(self, path: Path, resume_after: int, write: bool = True) -> None:
         self.path = path
         self.file: Any = None
         if not write:  # a data-parallel rank other than 0: rank 0 logs the shared steps
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
-        if resume_after and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resume_after
-            ]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")  # noqa: SIM115 - closed by close()
+        kept = [row for row in _rows(path) if row["step"] <= resume_after] if resume_after else []
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+        with disk_errors(path):
+            self.file = open(path, "a")  # noqa: SIM115 - closed by close()
 
     def write(self, row: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            with disk_errors(self.path):
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
 
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """The log's rows: each line a JSON object with its integer `step`; a line that is not one (the
+    torn end a killed append leaves, or bytes that are not UTF-8) is left out."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise StoreError(f"cannot read training log {str(path)!r}: {err.strerror or err}") from None
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def read_training_log(path: Path | str) -> Iterator[dict[str, Any]]:
-    """The rows of a training log (`report/NAME_log.jsonl`)."""
-    for line in Path(path).read_text().splitlines():
-        if line:
-            yield json.loads(line)
+    """The rows of a training log (`report/NAME_log.jsonl`), a torn last line left out."""
+    yield from _rows(Path(path))

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,14 @@ def finetune(
         model, ids, [tuned], s.batch_rows, start=state.step * s.batch_rows, min_tokens=1,
         desc="fine-tune", progress=progress,
     )  # fmt: skip
-    for batch in batches:
-        row = _step(model, tuned, optimizer, norms, batch, state, s.beta)
-        state.step += 1
-        if training_log is not None:
-            training_log.write({"step": state.step, **row})
-        if ckpt is not None and state.step % s.checkpoint_every == 0:
-            ckpt.save(state.step, [state.to_checkpoint(tuned, optimizer)])
+    with closing(batches):  # a failed step (a full disk) closes the progress bar before its error shows
+        for batch in batches:
+            row = _step(model, tuned, optimizer, norms, batch, state, s.beta)
+            state.step += 1
+            if training_log is not None:
+                training_log.write({"step": state.step, **row})
+            if ckpt is not None and state.step % s.checkpoint_every == 0:
+                ckpt.save(state.step, [state.to_checkpoint(tuned, optimizer)])
     if training_log is not None:
         training_log.close()
     info = state.info(int(ids.numel()), time.monotonic() - started, s)

@@ -30,7 +30,8 @@ async function listGraphs() {
   }
   if (info.graphs.length) {
     box.append(GS.el("div", {class: "muted"}, "Graphs of this run: "),
-      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px"}, g.prompt)));
+      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px", title: g.damaged || ""},
+        g.damaged ? `${g.slug} (damaged)` : g.prompt)));
   }
   return info;
 }
