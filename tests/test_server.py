@@ -222,7 +222,9 @@ def test_topk_by_token_ranks_meaning_first_by_default(client: TestClient, app: A
     on the index's firing statistics, not by activation."""
     from gemmascope.features import meaning_scores, topic_scores
 
-    data = client.post("/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": ids[1], "k": 3}).json()
+    data = client.post(
+        "/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": ids[1], "k": 3}
+    ).json()
     assert data["order"] == "meaning" and data["order_note"] is None
     run = app.state.run
     entry = run.saes[ids[1]]
