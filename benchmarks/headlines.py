@@ -81,8 +81,9 @@ def markdown(text: str, result: dict[str, Any]) -> str:
             cells += [f"#{f['index']} {f['score']:.2f}{where}: {f['label']}", ", ".join(f["top_tokens"])]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     raw = result["raw"]
-    lines += ["", "raw order, for contrast: topics " + ", ".join(f"#{f['index']}" for f in raw["topics"])
-              + "; by token " + ", ".join(f"#{f['index']} at {f['token'].strip()!r}" for f in raw["by_token"])]  # fmt: skip
+    topics_raw = ", ".join(f"#{f['index']}" for f in raw["topics"])
+    by_token_raw = ", ".join(f"#{f['index']} at {f['token'].strip()!r}" for f in raw["by_token"])
+    lines += ["", f"raw order, for contrast: topics {topics_raw}; by token {by_token_raw}"]
     return "\n".join(lines)
 
 

@@ -67,11 +67,12 @@ def text_features(
     whole text, pooled) and, for each token after BOS, its top-`k` latents (only those that fire).
     `order` "meaning" ranks both by how unusual the activation is for its latent (`rank`: per token
     `meaning_scores`, topics `topic_scores`, those above 0), which needs the index's `firing`
-    statistics; "raw", or no `firing`, by activation value (topics max-pooled). With `densities [d_sae]`, latents firing on
-    more than `hide_dense` of tokens are hidden. Returns `{order (the one used), tokens: [{position,
-    token, token_id, features: [{index, value, score}]}], topics: [{index, value, score, position,
-    count}]}`: `value` the activation (a topic's largest, at `position`), `score` the meaning score
-    (None without `firing`), `count` the tokens a topic fires on; positions count BOS as 0."""
+    statistics; "raw", or no `firing`, by activation value (topics max-pooled). With `densities
+    [d_sae]`, latents firing on more than `hide_dense` of tokens are hidden. Returns `{order (the one
+    used), tokens: [{position, token, token_id, features: [{index, value, score}]}], topics: [{index,
+    value, score, position, count}]}`: `value` the activation (a topic's largest, at `position`),
+    `score` the meaning score (None without `firing`), `count` the tokens a topic fires on; positions
+    count BOS as 0."""
     check_order(order)
     if k < 1 or topics < 0:
         raise ConfigError(f"k={k} must be at least 1 and topics={topics} at least 0")

@@ -1,7 +1,8 @@
 """The microscope over HTTP: `POST /v1/activation/topk-by-token` (a text's topics and each token's top
-features, meaning first unless `order` is "raw", with their explanations) and `POST /v1/activation/single` (one feature's activation on each token), with
-their request bodies. The model work waits in the model queue; explanations are read afterwards on
-a worker thread, so the model is free for the next request meanwhile.
+features, meaning first unless `order` is "raw", with their explanations) and `POST
+/v1/activation/single` (one feature's activation on each token), with their request bodies. The
+model work waits in the model queue; explanations are read afterwards on a worker thread, so the
+model is free for the next request meanwhile.
 
 Knows nothing of how features are computed or ranked: it calls `features.text_features`,
 `features.latent_values` and `features.documents`.
