@@ -333,6 +333,31 @@ def test_search_page_contrast_panel(page: Any, base_url: str) -> None:
     no_js_errors(page, allowed=("422",))
 
 
+def test_microscope_shows_topics_first_and_the_raw_order_on_request(page: Any, base_url: str) -> None:
+    """The text's topics (pooled, meaning first) sit above its tokens; the order select switches to
+    the raw activation order and back, and the choice survives a reload through the URL."""
+    page.goto(base_url + "/")
+    page.wait_for_selector("#sae option", state="attached")
+    page.fill("#prompt", PROMPT)
+    page.click("#run")
+    page.wait_for_selector("#tokens .tok")
+    assert page.inner_text("#topics-title") == "Topics of the text (meaning first)"
+    topics_box, tokens_box = (
+        page.locator("#topics-card").bounding_box(),
+        page.locator("#tokens").bounding_box(),
+    )
+    assert topics_box["y"] < tokens_box["y"]  # topics first
+    assert page.locator("#topics .feat").count() > 0
+    assert "meaning first" in page.inner_text("#features-title")
+    page.select_option("#order", "raw")
+    page.wait_for_function("document.querySelector('#topics-title').textContent.includes('by activation')")
+    assert "strongest first" in page.inner_text("#features-title") and "order=raw" in page.url
+    page.reload()
+    page.wait_for_selector("#tokens .tok")
+    assert page.input_value("#order") == "raw" and "by activation" in page.inner_text("#topics-title")
+    no_js_errors(page)
+
+
 def test_microscope_documents_mode_and_token_boundaries(page: Any, base_url: str) -> None:
     page.goto(base_url + "/")
     page.wait_for_selector("#sae option", state="attached")
@@ -347,5 +372,6 @@ def test_microscope_documents_mode_and_token_boundaries(page: Any, base_url: str
     page.click("#run")
     page.wait_for_selector(".doc-card")
     assert page.locator(".doc-card").count() == 3 and page.is_visible("#shared")
+    assert page.locator(".doc-card .grid4 > div").first.inner_text().startswith("topics (meaning first)")
     assert page.is_hidden("#result")
     no_js_errors(page)

@@ -192,9 +192,11 @@ def test_feature_is_the_index_entry(client: TestClient, run_dir: Path, ids: list
 
 
 def test_topk_by_token_matches_the_sae(client: TestClient, app: Any, ids: list[str]) -> None:
-    resp = client.post("/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": ids[1], "k": 3})
+    body = {"prompt": PROMPT, "sae_id": ids[1], "k": 3, "order": "raw"}
+    resp = client.post("/v1/activation/topk-by-token", json=body)
     assert resp.status_code == 200
     data = resp.json()
+    assert data["order"] == "raw" and data["order_note"] is None  # the raw order, one parameter away
     token_ids, acts = direct_acts(app, ids[1], PROMPT)
     tok = app.state.run.model.tokenizer
     assert data["tokens"] == [tok.decode([t]) for t in token_ids]
@@ -209,13 +211,43 @@ def test_topk_by_token_matches_the_sae(client: TestClient, app: Any, ids: list[s
         assert [f["value"] for f in r["top_features"]] == pytest.approx([v for _, v in expected], rel=1e-4)
         n_features += len(r["top_features"])
     assert n_features > 0, "some feature should fire on the prompt"
-    assert set(data["explanations"]) == {str(f["index"]) for r in data["results"] for f in r["top_features"]}
+    shown = {str(f["index"]) for r in data["results"] for f in r["top_features"]}
+    assert set(data["explanations"]) == shown | {str(t["index"]) for t in data["topics"]}
+    pooled = visible[1:].max(0).values  # raw order: topics max-pooled
+    assert [t["index"] for t in data["topics"]] == [int(i) for i in pooled.topk(10).indices if pooled[i] > 0]
+
+
+def test_topk_by_token_ranks_meaning_first_by_default(client: TestClient, app: Any, ids: list[str]) -> None:
+    """Without `order`, each token's features and the text's topics are ranked by `features.rank`
+    on the index's firing statistics, not by activation."""
+    from gemmascope.features import meaning_scores, topic_scores
+
+    data = client.post(
+        "/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": ids[1], "k": 3}
+    ).json()
+    assert data["order"] == "meaning" and data["order_note"] is None
+    run = app.state.run
+    entry = run.saes[ids[1]]
+    firing = run.firing(entry)
+    _, acts = direct_acts(app, ids[1], PROMPT)
+    visible = acts * (run.column(entry, "density") <= HIDE_DENSE)
+    scores = meaning_scores(visible, firing)
+    for r in data["results"]:
+        fired = visible[r["position"]] > 0
+        by = torch.where(fired, scores[r["position"]], -torch.inf)
+        expected = [int(i) for i in by.topk(3).indices if fired[i]]
+        assert [f["index"] for f in r["top_features"]] == expected
+        assert [f["score"] for f in r["top_features"]] == pytest.approx(
+            [float(scores[r["position"], i]) for i in expected], abs=1e-3
+        )
+    topics = topic_scores(visible[1:], torch.ones(len(visible) - 1, dtype=torch.bool), firing)
+    assert [t["index"] for t in data["topics"]] == [int(i) for i in topics.topk(10).indices if topics[i] > 0]
+    assert all(t["score"] > 0 and t["count"] >= 1 for t in data["topics"])
 
 
 def test_topk_by_token_can_show_dense_features(client: TestClient, app: Any, ids: list[str]) -> None:
-    data = client.post(
-        "/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": ids[0], "hide_dense": 1.0}
-    ).json()
+    body = {"prompt": PROMPT, "sae_id": ids[0], "hide_dense": 1.0, "order": "raw"}
+    data = client.post("/v1/activation/topk-by-token", json=body).json()
     _, acts = direct_acts(app, ids[0], PROMPT)
     for r in data["results"]:
         top = acts[r["position"]].topk(5)
@@ -657,6 +689,7 @@ def test_run_without_index_still_serves_the_microscope(
     assert resp.status_code == 404 and "gemmascope index" in resp.json()["error"]
     micro = client.post("/v1/activation/topk-by-token", json={"prompt": PROMPT})
     assert micro.status_code == 200 and micro.json()["dense_hidden"] is False
+    assert micro.json()["order"] == "raw" and "no feature index" in micro.json()["order_note"]
     steer = client.post(
         "/v1/steer/completion", json={**STEER, "features": [{"sae_id": key["id"], "index": 1}]}
     )
@@ -874,6 +907,9 @@ def test_documents_view(client: TestClient, ids: list[str]) -> None:
     assert out.status_code == 200, out.text
     data = out.json()
     assert len(data["documents"]) == 3 and data["documents"][0]["max"]
+    for doc in data["documents"]:  # topics, meaning first (the index describes this SAE)
+        assert list(doc)[:2] == ["text", "topics"] and all(r["value"] > 0 for r in doc["topics"])
+    assert any(doc["topics"] for doc in data["documents"])
     assert (
         all(
             str(r["index"]) in data["explanations"] or r["index"] in data["explanations"]

@@ -1,7 +1,8 @@
-"""`gemmascope inspect`: a text's top features per token (shaded in the terminal), the features that
-fire most on it (`--search`), a search of the index's explanations (`--find`) and the document-level
-analysis of a file (`--documents`). Option parsing and printing over `runs.open_run`,
-`features.top_features`, `features.search_text` and `features.documents`.
+"""`gemmascope inspect`: a text's topics and its top features per token (shaded in the terminal),
+meaning first unless `--order raw`, the features that fire most on it (`--search`), a search of the
+index's explanations (`--find`) and the document-level analysis of a file (`--documents`). Option
+parsing and printing over `runs.open_run`, `features.text_features`, `features.search_text` and
+`features.documents`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from gemmascope.cli.options import add_dense, add_model, add_sae_choice, prompt_set
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.features.rank import DEFAULT_ORDER, ORDERS, RAW_NOTE
 from gemmascope.runs import OpenRun, open_run
 
 
@@ -21,6 +23,17 @@ def args_inspect(p: argparse.ArgumentParser) -> None:
     add_sae_choice(p)
     add_model(p, None, "model to run (default: the run's, else the one the SAE's metadata names)")
     p.add_argument("-k", type=int, default=5, help="features per token (default 5)")
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=DEFAULT_ORDER,
+        help="meaning (default): by how unusual each activation is for its feature, from the feature "
+        "index's statistics, so topical features lead and function-word or broad ones follow; raw: by "
+        "activation value",
+    )
+    p.add_argument(
+        "--topics", type=int, default=10, help="topics of the whole text listed first (default 10; 0: none)"
+    )
     add_dense(p)
     p.add_argument("--search", action="store_true", help="list the features firing most on the text instead")
     p.add_argument("--token", help="with --search: only at this token of the text")
@@ -43,7 +56,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(
             "inspect needs --sae SAE_FOLDER, or --run RUN_DIR (with --sae SAE_ID if it has several)"
         )
-    for flag, value, low in (("-k", args.k, 1), ("--limit", args.limit, 1)):
+    for flag, value, low in (("-k", args.k, 1), ("--limit", args.limit, 1), ("--topics", args.topics, 0)):
         if value < low:
             raise ConfigError(f"{flag} {value} must be at least {low}")
     check_dense_limit(args.dense)
@@ -79,10 +92,13 @@ def _find(args: argparse.Namespace, opened: OpenRun) -> int:
 def _documents(args: argparse.Namespace, opened: OpenRun, key: str, texts: list[str]) -> None:
     from gemmascope.features.documents import documents
 
+    firing = opened.firing(key) if args.order == "meaning" else None
     out = documents(
-        opened.model, opened.saes[key], texts, top=args.k, densities=opened.densities(key), dense=args.dense
-    )
-    seen = {r["index"] for d in out["documents"] for part in ("max", "mean", "topic") for r in d[part]}
+        opened.model, opened.saes[key], texts, top=args.k, densities=opened.densities(key), dense=args.dense,
+        firing=firing,
+    )  # fmt: skip
+    parts = ("topics", "max", "mean", "topic")
+    seen = {r["index"] for d in out["documents"] for part in parts for r in d[part]}
     names = opened.explanations(key, seen | {r["index"] for r in out["shared"]})
 
     def show(rows: list[dict[str, Any]]) -> str:
@@ -93,6 +109,10 @@ def _documents(args: argparse.Namespace, opened: OpenRun, key: str, texts: list[
 
     for d, doc in enumerate(out["documents"], 1):
         print(f"document {d}: {doc['text'][:80]!r}")
+        if doc["topics"]:
+            print(f"  topics (meaning first): {show(doc['topics'])}")
+        elif d == 1 and args.order == "meaning":
+            print(f"  ({RAW_NOTE}: no topics)")
         print(f"  max-pooled:  {show(doc['max'])}")
         print(f"  mean-pooled: {show(doc['mean'])}")
         if doc["topic"]:
@@ -123,36 +143,51 @@ def _search(args: argparse.Namespace, opened: OpenRun, key: str) -> None:
 
 
 def _per_token(args: argparse.Namespace, opened: OpenRun, key: str) -> None:
-    from gemmascope.features import top_features
+    from gemmascope.features import text_features
 
     densities = opened.densities(key)
     hide = None if args.show_dense else args.dense
-    rows = top_features(
-        opened.model, opened.saes[key], args.text, k=args.k, hide_dense=hide, densities=densities
-    )
+    found = text_features(
+        opened.model, opened.saes[key], args.text, k=args.k, topics=args.topics, hide_dense=hide,
+        densities=densities, firing=opened.firing(key) if args.order == "meaning" else None, order=args.order,
+    )  # fmt: skip
+    rows, topics = found["tokens"], found["topics"]
     colour = args.color == "always" or (
         args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     )
     print(_shaded(rows) if colour else "".join(r["token"] for r in rows))
-    print()
-    note = (
-        ""
-        if hide is None or densities is not None
-        else " (no feature index for this SAE: dense features shown)"
-    )
-    print(f"top {args.k} features of {key} per token{note}:")
-    seen: dict[int, float] = {}
+    seen = [t["index"] for t in topics] + [f["index"] for r in rows for f in r["features"]]
+    names = opened.explanations(key, seen)
+    how = "meaning first" if found["order"] == "meaning" else "by activation"
+    notes = [RAW_NOTE] if found["order"] != args.order else []
+    if hide is not None and densities is None:
+        notes.append("no feature index for this SAE: dense features shown")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    if topics:
+        print(f"\ntopics of the text, {how}{note}:")
+        for t in topics:
+            score = "" if t["score"] is None else f"score {t['score']:6.2f}  "
+            print(
+                f"  #{t['index']:<6} {score}on {t['count']} token{'s' * (t['count'] != 1)}, max "
+                f"{t['value']:.2f} at {rows[t['position'] - 1]['token']!r}  {names.get(t['index'], '')}"
+            )
+    print(f"\ntop {args.k} features of {key} per token, {how}{note}:")
     for r in rows:
         feats = "  ".join(f"#{f['index']} {f['value']:.2f}" for f in r["features"]) or "-"
         print(f"  {r['position']:4d}  {r['token']!r:<16} {feats}")
-        for f in r["features"]:
-            seen[f["index"]] = max(seen.get(f["index"], 0.0), f["value"])
-    if opened.not_indexed(key) is None and seen:
-        strongest = sorted(seen, key=lambda i: -seen[i])[:15]
-        names = opened.explanations(key, strongest)
+    listed = list(dict.fromkeys(f["index"] for r in rows for f in r["features"]))  # each once, in order
+    if opened.not_indexed(key) is None and listed:
+        first = sorted(
+            listed, key=lambda i: -max(_key(f) for r in rows for f in r["features"] if f["index"] == i)
+        )
         print("\nexplanations:")
-        for i in strongest:
+        for i in first[:15]:
             print(f"  #{i:<6} {names.get(i, '')}")
+
+
+def _key(feature: dict[str, Any]) -> float:
+    """What the listing is ordered by: the meaning score when known, else the activation."""
+    return float(feature["score"] if feature["score"] is not None else feature["value"])
 
 
 def _shaded(rows: list[dict[str, Any]]) -> str:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.features.rank import Firing
 from gemmascope.runs import disk_failure
 from gemmascope.sae import SAE
 
@@ -166,26 +167,14 @@ class FeatureIndex:
             "SELECT sae_id, site, layer, width, d_in, architecture, model_name, fingerprint, folder, "
             "complete, stats FROM saes ORDER BY layer, site, width, sae_id"
         )
+        names = "sae_id site layer width d_in architecture model_name fingerprint folder".split()
         out = []
         for r in rows:
             if (not r[9] and not include_incomplete) or str(r[0]).endswith(_STAGING):
                 continue
-            out.append(
-                {
-                    "sae_id": r[0],
-                    "site": r[1],
-                    "layer": r[2],
-                    "width": r[3],
-                    "d_sae": r[3],
-                    "d_in": r[4],
-                    "architecture": r[5],
-                    "model_name": r[6],
-                    "fingerprint": r[7],
-                    "folder": r[8],
-                    "complete": bool(r[9]),
-                    "stats": json.loads(r[10]) if r[10] else {},
-                }
-            )
+            entry = dict(zip(names, r[:9], strict=True))
+            stats = json.loads(r[10]) if r[10] else {}
+            out.append({**entry, "d_sae": r[3], "complete": bool(r[9]), "stats": stats})
         return out
 
     def sae_info(self, sae_id: str) -> dict[str, Any]:
@@ -309,6 +298,25 @@ class FeatureIndex:
     def densities(self, sae_id: str) -> Tensor:
         """`[d_sae]`: the fraction of index tokens each latent fires on."""
         return self.column(sae_id, "density")
+
+    def firing(self, sae_id: str) -> Firing | None:
+        """Each latent's firing over the index corpus (`rank.Firing`: tokens indexed, tokens fired
+        on, the histogram of the values fired with), read from its pages: what the meaning-first
+        ranking needs. None when a latent that fired has no histogram (pages another writer made)."""
+        width = self.sae_info(sae_id)["width"]
+        rows = self._query("SELECT idx, density, n_fired, data FROM features WHERE sae_id = ?", (sae_id,))
+        hists = {idx: unpack_json(blob).get("histogram") or {} for idx, _, _, blob in rows}
+        if any(n and not hists[idx].get("counts") for idx, _, n, _ in rows):
+            return None
+        n_bins = max((len(h.get("counts", [])) for h in hists.values()), default=1)
+        lo, hi = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+        counts = torch.zeros(width, n_bins, dtype=torch.float64)
+        for idx, h in hists.items():
+            if h.get("counts"):
+                lo[idx], hi[idx] = h["edges"][0], h["edges"][-1]
+                counts[idx] = torch.tensor(h["counts"], dtype=torch.float64)
+        n_tokens = max((round(n / d) for _, d, n, _ in rows if d > 0), default=0)  # d = n / n_tokens
+        return Firing.from_histograms(n_tokens, lo, hi, counts)
 
     def null_windows(self, sae_id: str) -> list[tuple[list[str], np.ndarray]]:
         """Random windows of the index corpus with the sorted latents `[n] int32` firing anywhere

@@ -1,5 +1,5 @@
 """Reading a run: its JSON files (`read_json`, `read_run_json`), one SAE (`open_sae`), and opening a
-run (`open_run`: its model, SAEs, feature index, densities and explanations, with the one rule for
+run (`open_run`: its model, SAEs, feature index, densities, firing statistics and explanations, with the one rule for
 which model a set of SAEs belongs to, `model_for`).
 
 Knows nothing of what is inside the files: `open_run` hands them to their readers
@@ -30,6 +30,7 @@ from gemmascope.runs.layout import (
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from gemmascope.features.rank import Firing
     from gemmascope.features.store import FeatureIndex
     from gemmascope.models import LanguageModel
     from gemmascope.sae import SAE
@@ -123,6 +124,7 @@ class OpenRun:
         self._model_name = model if isinstance(model, str) else (self._model.name if self._model else None)
         self._not_indexed: dict[str, str | None] = {}
         self._columns: dict[tuple[str, str], Tensor] = {}
+        self._firing: dict[str, Firing | None] = {}
 
     @property
     def model_name(self) -> str:
@@ -199,6 +201,16 @@ class OpenRun:
     def densities(self, key: str) -> Tensor | None:
         """`[d_sae]` the share of the index corpus' tokens each latent fires on, or None."""
         return self.column(key, "density")
+
+    def firing(self, key: str) -> Firing | None:
+        """Each latent's firing over the index corpus (`FeatureIndex.firing`, what the meaning-first
+        ranking reads), read once; None when the index does not describe SAE `key` or lacks them."""
+        with self._lock:
+            if key not in self._firing:
+                if self.not_indexed(key):
+                    return None
+                self._firing[key] = self.feature_index().firing(key)
+            return self._firing[key]
 
     def explanations(self, key: str, latents: Iterable[int]) -> dict[int, str]:
         """The best explanation of each of these latents of SAE `key` that has one (none when the

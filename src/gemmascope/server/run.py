@@ -158,6 +158,11 @@ class Run:
         """`[d_sae]` per-feature `density` or `max_act` from the index, None when not indexed."""
         return self.opened.column(entry.key, name)
 
+    def firing(self, entry: LoadedSAE) -> Any:
+        """Each feature's firing statistics (`features.Firing`, for the meaning-first order), read once;
+        None when not indexed."""
+        return self.opened.firing(entry.key)
+
     def explanations(self, entry: LoadedSAE, indices: list[int]) -> dict[int, str]:
         """The best explanation of each of these features that has one (none when not indexed)."""
         return self.opened.explanations(entry.key, indices)
