@@ -52,11 +52,13 @@ function lensTable(table, rows, cls) {
 // turned up over the neutral prompts, and the ratio the rows are ranked by.
 function outputTable(table, rows, cls) {
   table.innerHTML = "";
-  table.append(GS.el("tr", {}, GS.el("th", {}, "token"), GS.el("th", {class: "num"}, "p before"),
-    GS.el("th", {class: "num"}, "p turned up"), GS.el("th", {class: "num"}, "ratio")));
+  table.className = "effects";
+  const p = (x) => (x < 1e-3 ? x.toExponential(0) : x.toFixed(3));
+  table.append(GS.el("tr", {}, GS.el("th", {}, "token"), GS.el("th", {class: "num"}, "p → turned up"),
+    GS.el("th", {class: "num"}, "ratio")));
   for (const r of rows || []) {
     table.append(GS.el("tr", {}, GS.el("td", {class: "tokcell"}, JSON.stringify(r.token)),
-      GS.el("td", {class: "num"}, GS.fmt(r.p_clean, 3)), GS.el("td", {class: "num"}, GS.fmt(r.p_steered, 3)),
+      GS.el("td", {class: "num small", title: `${r.p_clean} → ${r.p_steered}`}, `${p(r.p_clean)} → ${p(r.p_steered)}`),
       GS.el("td", {class: "num " + cls}, "×" + GS.fmt(Math.exp(r.log_ratio), 2))));
   }
 }
