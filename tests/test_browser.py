@@ -111,6 +111,11 @@ def test_microscope_feature_page_and_steering(page: Any, base_url: str) -> None:
     hot = page.locator("#top-examples .example .tok.hot").first
     assert "rgba(249, 115, 22" in hot.evaluate("el => getComputedStyle(el).backgroundColor")
     assert page.locator("#lens-pos tr").count() == 11 and page.locator("#lens-neg tr").count() == 11
+    # beside the logit lens, what turning the feature up does to the next token, measured
+    page.wait_for_selector("#output-effects[data-loaded]")
+    assert page.locator("#out-pos tr").count() == 11 and page.locator("#out-neg tr").count() == 11
+    assert "neutral prompts" in page.inner_text("#outputs-note")
+    assert page.inner_text("#out-pos tr:nth-child(2) td:last-child").startswith("×")
     assert page.locator("#intervals .group").count() == 5
     assert page.locator("#neighbours a").count() == 10
     assert page.is_visible("#hist") and "non-zero activations" in page.inner_text("#hist-note")
@@ -202,7 +207,24 @@ def test_saes_page(page: Any, base_url: str) -> None:
     assert images.count() >= 1
     assert "frontier_l0_delta_lm_loss" in (images.first.get_attribute("src") or "")
     assert all(w > 0 for w in images.evaluate_all("imgs => imgs.map(i => i.naturalWidth)"))
+    # one "dead" on the page: the eval's, named so, and training curves say theirs is another count
+    assert "dead (eval)" in page.locator("#saes tr").first.inner_text()
     no_js_errors(page)
+
+
+def test_saes_page_says_the_training_curves_dead_is_not_the_evals(page: Any, base_url: str) -> None:
+    def with_curves(route: Any) -> None:  # the run's listing, with a training-curves plot added
+        data = route.fetch().json()
+        data["plots"].append(data["plots"][0].rsplit("/", 1)[0] + "/layer_1_curves.png")
+        route.fulfill(json=data)
+
+    page.route("**/v1/saes", with_curves)
+    page.goto(base_url + "/saes")
+    page.wait_for_selector("#plots figure")
+    captions = page.locator("#plots figcaption").all_inner_texts()
+    curves = [c for c in captions if "layer_1_curves.png" in c]
+    assert len(curves) == 1 and "not the dead of the table above" in curves[0]
+    assert all("training window" not in c for c in captions if c not in curves)
 
 
 def test_unknown_feature_page(page: Any, base_url: str) -> None:
@@ -229,7 +251,7 @@ def test_graph_page_from_the_microscope_hover_select_and_intervene(browser: Any,
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.goto(graph_url + "/")
     page.wait_for_selector("#why:not([hidden])")
-    page.fill("#prompt", "The cat sat on the mat and")
+    page.fill("#prompt", GRAPH_PROMPT)
     page.click("#why")
     page.wait_for_url("**/graph/the-cat-sat-on-the-mat-and")
     page.wait_for_selector("svg#graph .node")
@@ -252,6 +274,56 @@ def test_graph_page_from_the_microscope_hover_select_and_intervene(browser: Any,
     page.wait_for_selector("#result-table tr:nth-child(2)")
     assert "measured" in page.inner_text("#result-table") and "now says" in page.inner_text("#now-says")
     assert not errors, errors
+    context.close()
+
+
+GRAPH_PROMPT = "The cat sat on the mat and"
+
+
+def test_graph_page_draws_errors_beneath_features_and_output_labels_whole(
+    browser: Any, graph_url: str
+) -> None:
+    """No error or token square is drawn over a feature node (a click at a feature's centre reaches a
+    feature), and every output label lies inside the drawing."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    listed = page.request.get(graph_url + "/v1/graph/list").json()
+    slug = next((g["slug"] for g in listed["graphs"] if g["prompt"] == GRAPH_PROMPT), None)
+    if slug is None:
+        slug = page.request.post(graph_url + "/v1/graph/generate", data={"prompt": GRAPH_PROMPT}).json()[
+            "slug"
+        ]
+    page.goto(f"{graph_url}/graph/{slug}")
+    page.wait_for_selector("svg#graph .node")
+    found = page.evaluate(
+        """() => {
+        const nodes = [...document.querySelectorAll("svg#graph .node")];
+        const square = (id) => id.startsWith("err_") || id.startsWith("E_");
+        const ids = nodes.map((n) => n.dataset.id);
+        const layers = ids.filter((id) => /^\\d+_\\d+_\\d+$/.test(id)).map((id) => Number(id.split("_")[0]));
+        const logitLayer = Math.max(...layers);
+        const feature = (id) => /^\\d+_\\d+_\\d+$/.test(id) && Number(id.split("_")[0]) < logitLayer;
+        const lastSquare = Math.max(...ids.map((id, i) => (square(id) ? i : -1)));
+        const firstFeature = ids.findIndex(feature);
+        const covered = [];
+        for (const n of nodes.filter((n) => feature(n.dataset.id))) {
+          n.scrollIntoView({block: "center", inline: "center"});
+          const box = n.getBoundingClientRect();
+          const hit = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+          if (hit && hit.dataset && hit.dataset.id && square(hit.dataset.id)) covered.push(n.dataset.id);
+        }
+        const svg = document.querySelector("svg#graph");
+        const width = Number(svg.getAttribute("width"));
+        const cut = [...svg.querySelectorAll("text")].filter((t) => t.getBBox().x + t.getBBox().width > width)
+          .map((t) => t.textContent);
+        return {nFeatures: ids.filter(feature).length, nSquares: ids.filter(square).length, lastSquare,
+          firstFeature, covered, cut};
+      }"""
+    )
+    assert found["nFeatures"] > 0 and found["nSquares"] > 0
+    assert found["lastSquare"] < found["firstFeature"], found  # squares first: beneath every feature
+    assert found["covered"] == [] and found["cut"] == []
     context.close()
 
 

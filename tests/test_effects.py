@@ -223,3 +223,47 @@ def test_cli_bias_prints_the_table_and_writes_the_report(run_with_sae, cli_model
         == 2
     )
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_next_token_probabilities_of_a_batch_of_prompts_are_each_prompt_alone(tiny_model, sae2) -> None:  # noqa: F811
+    """Prompts of different lengths in one right-padded forward pass, unembedded at each one's last
+    token, give what each gives alone (steered too)."""
+    from gemmascope.effects import _next_probs
+    from gemmascope.steer import next_token_logprobs
+
+    prompts = [PROMPT, "A cat", "The cat sat on the mat and looked at the"]
+    for ivs in ([], [Intervention(sae2, 3, "add", 40.0)]):
+        batched = _next_probs(tiny_model, prompts, ivs)
+        for k, prompt in enumerate(prompts):
+            alone = next_token_logprobs(tiny_model, prompt, ivs).exp().float()
+            assert batched[k] == pytest.approx(alone, abs=1e-6)
+
+
+def test_output_effects_rank_tokens_by_their_probability_ratio(tiny_model, sae2) -> None:  # noqa: F811
+    """What turning a latent up does to the next token over the neutral prompts: the tokens whose
+    mean probability rose and fell most by ratio, with the probabilities they rest on; nothing moves
+    at strength 0."""
+    import math
+
+    from gemmascope.effects import OUTPUT_FLOOR, OUTPUT_PROMPTS, output_effects
+
+    got = output_effects(tiny_model, sae2, 3, 40.0, top=5)
+    assert got["latent"] == 3 and got["strength"] == 40.0 and got["prompts"] == list(OUTPUT_PROMPTS)
+    rose, fell = [r["log_ratio"] for r in got["rose"]], [r["log_ratio"] for r in got["fell"]]
+    assert len(rose) == 5 and rose == sorted(rose, reverse=True) and rose[0] > 0
+    assert fell == sorted(fell) and fell[0] < 0 and got["kl"] > 0
+    for r in got["rose"] + got["fell"]:
+        ratio = math.log((r["p_steered"] + OUTPUT_FLOOR) / (r["p_clean"] + OUTPUT_FLOOR))
+        assert r["log_ratio"] == pytest.approx(ratio, abs=1e-4)
+        assert tiny_model.tokenizer.decode([r["token_id"]]) == r["token"]
+    # by ratio, not by mass: the top token is not simply the one that gained most probability
+    assert got["rose"][0]["p_steered"] / (got["rose"][0]["p_clean"] + OUTPUT_FLOOR) >= max(
+        r["p_steered"] / (r["p_clean"] + OUTPUT_FLOOR) for r in got["rose"]
+    ) * (1 - 1e-3)
+    still = output_effects(tiny_model, sae2, 3, 0.0, prompts=[PROMPT], top=3)
+    assert still["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(abs(r["log_ratio"]) < 1e-4 for r in still["rose"] + still["fell"])
+    with pytest.raises(ConfigError, match="out of range"):
+        output_effects(tiny_model, sae2, 10_000, 1.0)
+    with pytest.raises(ConfigError, match="top=0"):
+        output_effects(tiny_model, sae2, 3, 1.0, top=0)

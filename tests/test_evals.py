@@ -464,7 +464,7 @@ def test_cli_eval_writes_eval_json_report_and_prints_table_or_json(
     assert main(["eval", str(run), *common, *probe, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     ids = [s["sae_id"] for s in out["summary"]]
-    assert ids == ["resid_post.1.w128.l0_30", "resid_post.1.w96.l0_20"]
+    assert ids == ["resid_post.1.w96.l0_20", "resid_post.1.w128.l0_30"]  # runs.sae_order: width 96 before 128
     assert "sae_top_2_test_accuracy" in out["summary"][0]
     assert out["report"] == str(run / "report")
     for folder in (sae_dir(run, "resid_post.1", 96, 20), sae_dir(run, "resid_post.1", 128, 30)):

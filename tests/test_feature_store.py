@@ -99,3 +99,19 @@ def test_explanation_search_matches_whole_words_only(tmp_path: Path) -> None:
         assert sorted(hit["index"] for hit in index.search_explanations("s", "he")) == [1, 2]
         assert [hit["index"] for hit in index.search_explanations(None, "she")] == [1]
         assert index.search_explanations("s", "th") == []
+
+
+def test_the_index_lists_its_saes_with_numbers_as_numbers(tmp_path: Path) -> None:
+    with FeatureIndex(tmp_path / "features.sqlite", create=True) as index:
+        for sae_id, layer in (
+            ("resid_post.10.w64.l0_8", 10),
+            ("resid_post.6.w64.l0_100", 6),
+            ("resid_post.6.w64.l0_8", 6),
+        ):
+            index.begin_sae({**_info("f"), "sae_id": sae_id, "site": f"resid_post.{layer}", "layer": layer})
+            index.finish_sae(sae_id, {"n_tokens": 10})
+        assert [s["sae_id"] for s in index.saes()] == [
+            "resid_post.6.w64.l0_8",
+            "resid_post.6.w64.l0_100",
+            "resid_post.10.w64.l0_8",
+        ]

@@ -401,6 +401,78 @@ def test_baseline_explanation_names_only_lens_tokens_the_corpus_uses() -> None:
     assert baseline_explanation(feature, {" the"}) == 'fires on "sea"; after "the"'
 
 
+def _page(top: list[str], intervals: list[tuple[int, list[str]]], density: float = 0.04) -> dict[str, Any]:
+    """A feature page: top examples on the tokens `top` (strongest first), and interval samples,
+    each interval `(count of firings, its sampled tokens)`; every window its own."""
+
+    def window(token: str, n: int, act: float) -> dict[str, Any]:
+        return {"tokens": [f" w{n}", f" {token}"], "acts": [0.0, act], "focus": 1}
+
+    return {
+        "density": density,
+        "top_examples": [window(t, i, 10.0 - i / 10) for i, t in enumerate(top)],
+        "intervals": [
+            {"count": count, "examples": [window(t, 100 * k + j, 1.0) for j, t in enumerate(tokens)]}
+            for k, (count, tokens) in enumerate(intervals)
+        ],
+        "logit_lens": {"promoted": [], "suppressed": []},
+    }
+
+
+def test_a_broad_latent_is_labelled_by_what_it_fires_on_not_by_its_peak() -> None:
+    """A latent whose peak is on "ocean" but most of whose firings are on all sorts of tokens says
+    so first; one that mostly fires on a token names it, and the tokens most firings are on."""
+    from gemmascope.features import baseline_explanation
+
+    broad = _page(["ocean"] * 20, [(900, ["as", "in", "house", "level", "name"]), (10, ["ocean"] * 5)])
+    assert baseline_explanation(broad) == 'fires on many different tokens (4% of all), most strongly "ocean"'
+    narrow = _page(["the"] * 20, [(900, ["the", "the", "the", "The", "a"]), (10, ["the"] * 5)])
+    assert baseline_explanation(narrow) == 'fires on "the"'
+    # the token most firings are on is named beside the strongest, once seen in two windows
+    typical = _page(["the"] * 20, [(900, ["The", "The", "The", "a", "of"]), (10, ["the"] * 5)])
+    assert baseline_explanation(typical) == 'fires on "the", "The"'
+    # without interval samples, the windows shown count one each (the stored pages of old indexes)
+    old = _page(["sea", "sea", "sea", "boat"], [])
+    assert baseline_explanation(old) == 'fires on "sea", "boat"'
+
+
+def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
+    """A lens whose top tokens are mostly junk (other scripts, byte pieces, words the corpus never
+    uses) names none of them, not even the few common words among them."""
+    from gemmascope.features import baseline_explanation
+    from gemmascope.features.explain import coherent_lens
+
+    page = _page(["sea"] * 4, [(10, ["sea"] * 5)])
+    junk = ["\u200c", "\ufffd", " години", "scripts", " is", "\xad", " 思", " std", "¬", " er"]
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in junk]
+    known = {" is", " er", " sea", " waves", " ships", " boats"}
+    assert coherent_lens(page, known) == [] and baseline_explanation(page, known) == 'fires on "sea"'
+    lens = [" waves", " ships", " boats", " is", " er", "\u200c", " години", " std"]
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
+    assert coherent_lens(page, known) == [" waves", " ships", " boats", " is", " er"]
+    assert baseline_explanation(page, known) == 'fires on "sea"; promotes "waves", "ships", "boats"'
+
+
+def test_relabel_writes_the_labels_a_build_writes(
+    built: Path, tiny_model: LanguageModel, tmp_path: Path
+) -> None:
+    """`gemmascope index --relabel`: the baseline explanations of an existing index written again
+    from its stored pages, as the build writes them, without a model pass."""
+    import shutil
+
+    from gemmascope.features.build import relabel
+
+    db = tmp_path / "features.sqlite"
+    shutil.copy(built, db)
+    index = FeatureIndex(db)
+    labels = index.best_explanations("resid_post.1.w96", range(96))
+    index.set_explanations("resid_post.1.w96", [(i, "stale", None) for i in range(96)])
+    index.close()
+    assert relabel(tiny_model, db, "resid_post.1.w96") == 96
+    assert FeatureIndex(db).best_explanations("resid_post.1.w96", range(96)) == labels
+    assert set(FeatureIndex(db).best_explanations("resid_post.3.w64", range(64)).values()) != {"stale"}
+
+
 def test_lens_tokens_named_are_those_the_corpus_uses_often() -> None:
     from gemmascope.features.build import lens_vocabulary
 

@@ -213,3 +213,25 @@ def test_a_name_over_the_file_name_limit_is_refused(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "300 characters long" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_saes_are_listed_by_site_layer_width_and_l0_with_numbers_as_numbers(tmp_path: Path) -> None:
+    """Layer 6 before layer 10, width 4096 before 16384, L0 45 before 100: not text order."""
+    made = ["resid_post/layer_10/width_4096/l0_45", "resid_post/layer_6/width_16384/l0_45",
+            "resid_post/layer_6/width_4096/l0_100", "resid_post/layer_6/width_4096/l0_45",
+            "mlp_out/layer_6/width_4096/l0_45", "resid_post/layer_2/width_4096/l0_45"]  # fmt: skip
+    for folder in made:
+        (tmp_path / runs.SAES / folder).mkdir(parents=True)
+        for name in (runs.CFG_FILE, runs.WEIGHTS_FILE):
+            (tmp_path / runs.SAES / folder / name).write_text("{}")
+    found = [str(p.relative_to(tmp_path / runs.SAES)) for p in runs.find_saes(tmp_path)]
+    assert found == [
+        "mlp_out/layer_6/width_4096/l0_45",
+        "resid_post/layer_2/width_4096/l0_45",
+        "resid_post/layer_6/width_4096/l0_45",
+        "resid_post/layer_6/width_4096/l0_100",
+        "resid_post/layer_6/width_16384/l0_45",
+        "resid_post/layer_10/width_4096/l0_45",
+    ]
+    ids = ["resid_post.10.w4096.l0_45", "resid_post.6.w16384.l0_45", "resid_post.6.w4096.l0_45"]
+    assert sorted(ids, key=runs.sae_order) == [ids[2], ids[1], ids[0]]

@@ -187,6 +187,38 @@ def test_feature_is_the_index_entry(client: TestClient, run_dir: Path, ids: list
     assert top["acts"][top["focus"]] == pytest.approx(data["max_act"], rel=1e-3)
 
 
+def test_feature_outputs_are_measured_then_kept(
+    client: TestClient, app: Any, run_dir: Path, ids: list[str]
+) -> None:
+    """`GET /v1/feature/{sae_id}/{index}/outputs`: `outputs.latent_outputs` of the open run, kept in
+    the run folder after the first request."""
+    from gemmascope.outputs import latent_outputs
+
+    index = FeatureIndex(run_dir / "features.sqlite")
+    i = int(index.column(ids[0], "max_act").argmax())
+    first = client.get(f"/v1/feature/{ids[0]}/{i}/outputs")
+    assert first.status_code == 200
+    data = first.json()
+    assert data["latent"] == i and len(data["rose"]) == 10 and len(data["fell"]) == 10
+    assert data["strength"] == pytest.approx(index.feature(ids[0], i)["max_act"])
+    again = client.get(f"/v1/feature/{ids[0]}/{i}/outputs").json()
+    assert again["cached"] is True and again["rose"] == data["rose"]
+    assert (run_dir / "effects" / ids[0] / f"{i}.json").is_file()
+    assert latent_outputs(app.state.run.opened, ids[0], i)["rose"] == data["rose"]
+
+
+def test_saes_are_listed_with_numbers_as_numbers(tmp_path: Path, tiny_model: LanguageModel) -> None:
+    """`GET /v1/saes` (which every page's SAE list shows) lists width 64 before width 128."""
+    for width in (128, 64):
+        cfg = SAEConfig(
+            "jumprelu", d_in=tiny_model.d_model, d_sae=width, site="resid_post.1", model_name=tiny_model.name
+        )
+        save_sae(JumpReLUSAE(cfg), sae_dir(tmp_path, "resid_post.1", width, 8))
+    with TestClient(create_app(tmp_path, model=tiny_model)) as c:
+        listed = [s["id"] for s in c.get("/v1/saes").json()["saes"]]
+    assert listed == ["resid_post.1.w64.l0_8", "resid_post.1.w128.l0_8"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the model: answers equal the pipeline functions
 
@@ -520,6 +552,9 @@ def test_a_number_beyond_float32_is_refused_by_the_request_model(client: TestCli
         (f"/v1/feature/{SAE}/-3", 404, "out of range"),
         (f"/v1/feature/{SAE}/abc", 400, "not an integer"),
         ("/v1/feature/resid_post.7.w4096.l0_52/1", 404, "unknown SAE"),
+        (f"/v1/feature/{SAE}/{WIDTH}/outputs", 404, "out of range"),
+        (f"/v1/feature/{SAE}/abc/outputs", 400, "not an integer"),
+        ("/v1/feature/resid_post.7.w4096.l0_52/1/outputs", 404, "unknown SAE"),
         ("/v1/nothing-here", 404, "Not Found"),
     ],
 )

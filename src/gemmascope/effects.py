@@ -2,8 +2,10 @@
 chosen next tokens over a set of prompts, which tokens gain and lose probability mass, what it
 costs on held-out text (ΔLM loss and KL of the intervened model), and all of that along a sweep
 of strengths. Owns `watch_ids` (watched strings as single tokens, or a clear error saying how they
-tokenise), `measure`, `sweep` and `bias_experiment` (pick latents by contrast, ablate them, and
-measure the watched-token gap between two held-out prompt sets next to the cost).
+tokenise), `measure`, `sweep`, `output_effects` (what turning one latent up does to the next token
+over neutral prompts: a feature page's measured counterpart of the logit lens) and `bias_experiment`
+(pick latents by contrast, ablate them, and measure the watched-token gap between two held-out
+prompt sets next to the cost).
 
 Knows nothing of HTTP or files; the interventions are `steer.Intervention`s applied with
 `steer.steering`, the held-out rows and the loss arithmetic are `evals`'.
@@ -20,12 +22,13 @@ from torch import Tensor
 from gemmascope.errors import ConfigError
 from gemmascope.evals import NextTokenStats, edited_batches, eval_token_ids
 from gemmascope.features.prompt import HIDE_DENSE
-from gemmascope.limits import MAX_MEASURE_PROMPTS, MAX_SWEEP, MAX_WATCH, MIN_SIDE_EFFECT_TOKENS
+from gemmascope.limits import MAX_MEASURE_PROMPTS, MAX_SWEEP, MAX_TOP, MAX_WATCH, MIN_SIDE_EFFECT_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, check_intervention, generate_pair, steering
 
 DEFAULT_SIDE_EFFECT_TOKENS = 2048  # held-out tokens the cost is measured on
+PROMPT_BATCH = 16  # prompts in one forward pass
 MIN_BIAS = 0.01  # a gap difference below this (one point of probability) leaves nothing to remove
 
 
@@ -59,15 +62,27 @@ def _check_prompts(prompts: Sequence[str]) -> None:
 def _next_probs(
     model: LanguageModel, prompts: Sequence[str], interventions: Sequence[Intervention]
 ) -> Tensor:
-    """`[n_prompts, vocab]` next-token probabilities after each prompt, with the interventions."""
-    rows = []
+    """`[n_prompts, vocab]` next-token probabilities after each prompt, with the interventions: one
+    forward pass per `PROMPT_BATCH` prompts, right-padded (under the causal mask no token sees the
+    padding after it, so each prompt's tokens are computed as alone) and unembedded at each prompt's
+    last token only (the unembedding of a 262k vocabulary is most of the cost)."""
+    rows = [prompt_tokens(model, prompt)[0] for prompt in prompts]
+    pad = model.tokenizer.pad_token_id or 0
+    out = []
     with steering(model, interventions):
-        for prompt in prompts:
-            ids = prompt_tokens(model, prompt).to(model.device)
-            rows.append(
-                torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].float(), -1).cpu()
-            )
-    return torch.stack(rows)
+        for start in range(0, len(rows), PROMPT_BATCH):
+            batch = rows[start : start + PROMPT_BATCH]
+            ids = torch.full((len(batch), max(len(r) for r in batch)), pad, dtype=torch.long)
+            for i, r in enumerate(batch):
+                ids[i, : len(r)] = r
+            last = torch.tensor([len(r) - 1 for r in batch])
+            kept = last.unique()  # sorted: the positions unembedded
+            logits = model.hf(
+                input_ids=ids.to(model.device), use_cache=False, logits_to_keep=kept.to(model.device)
+            ).logits  # [batch, len(kept), vocab]
+            at = logits[torch.arange(len(batch)), torch.searchsorted(kept, last).to(logits.device)]
+            out.append(torch.softmax(at.float(), -1).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -153,6 +168,71 @@ def measure(
     if side_effect_tokens is not None:
         out["side_effects"] = side_effects(model, interventions, side_effect_tokens)
     return out
+
+
+# Neutral contexts for `output_effects`: short, on no topic, each ending where a content word may follow.
+OUTPUT_PROMPTS = (
+    "When I opened the door, I saw a",
+    "In the morning I went outside and saw a",
+    "My neighbour told me about the",
+    "The next thing to know is that",
+    "It was one of the",
+    "According to the report, the",
+    "She picked up the",
+    "We talked for hours about",
+)
+OUTPUT_FLOOR = (
+    1e-6  # probability added to both sides of a ratio: a token that stays rarer than this never leads
+)
+
+
+def output_effects(
+    model: LanguageModel,
+    sae: SAE,
+    latent: int,
+    strength: float,
+    prompts: Sequence[str] = OUTPUT_PROMPTS,
+    *,
+    top: int = 10,
+) -> dict[str, Any]:
+    """What turning latent `latent` up does to the output, measured: its decoder direction added at
+    its site with `strength` (`steer`'s `add`, at every position) after each of `prompts`, and the
+    `top` next tokens whose mean probability over the prompts rose most and fell most by ratio,
+    `log((p_steered + OUTPUT_FLOOR) / (p_clean + OUTPUT_FLOOR))` (by ratio, so the tokens the latent
+    is about lead, not those already likely; the floor keeps tokens that stay negligible out).
+    Returns `{latent, strength, prompts, rose: [{token, token_id, p_clean, p_steered, log_ratio}],
+    fell: [...], kl}` (kl: the mean KL(clean ‖ steered) of the next token, nats)."""
+    _check_prompts(prompts)
+    if not 1 <= top <= MAX_TOP:
+        raise ConfigError(f"top={top} is out of range: expected 1..{MAX_TOP}")
+    turned_up = [Intervention(sae, latent, "add", float(strength))]
+    check_intervention(model, turned_up[0])
+    clean = _next_probs(model, prompts, [])
+    steered = _next_probs(model, prompts, turned_up)
+    p_clean, p_steered = clean.mean(0), steered.mean(0)  # [vocab]
+    ratio = (p_steered + OUTPUT_FLOOR).log() - (p_clean + OUTPUT_FLOOR).log()
+
+    def rows(order: Tensor) -> list[dict[str, Any]]:
+        return [
+            {
+                "token": model.tokenizer.decode([int(i)]),
+                "token_id": int(i),
+                "p_clean": float(p_clean[i]),
+                "p_steered": float(p_steered[i]),
+                "log_ratio": float(ratio[i]),
+            }
+            for i in order
+        ]
+
+    kl = (clean * (clean.clamp_min(1e-30).log() - steered.clamp_min(1e-30).log())).sum(1).mean()
+    return {
+        "latent": int(latent),
+        "strength": float(strength),
+        "prompts": list(prompts),
+        "rose": rows(ratio.topk(top).indices),
+        "fell": rows((-ratio).topk(top).indices),
+        "kl": float(kl),
+    }
 
 
 def sweep(

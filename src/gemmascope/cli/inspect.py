@@ -1,13 +1,15 @@
 """`gemmascope inspect`: a text's topics and its top features per token (shaded in the terminal),
 meaning first unless `--order raw`, the features that fire most on it (`--search`), a search of the
-index's explanations (`--find`) and the document-level analysis of a file (`--documents`). Option
-parsing and printing over `runs.open_run`, `features.text_features`, `features.search_text` and
-`features.documents`.
+index's explanations (`--find`), the document-level analysis of a file (`--documents`) and one
+feature's page with its measured output effects (`--feature N`). Option parsing and printing over
+`runs.open_run`, `features.text_features`, `features.search_text`, `features.documents` and
+`outputs.latent_outputs`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -44,6 +46,13 @@ def args_inspect(p: argparse.ArgumentParser) -> None:
         help="document-level analysis of FILE (one document per line): each one's top features, max- and "
         "mean-pooled, the features they share and each one's topic features",
     )
+    p.add_argument(
+        "--feature",
+        type=int,
+        metavar="N",
+        help="one feature's page instead: its explanation, numbers, top examples, logit lens and what "
+        "turning it up does to the next token (measured on neutral prompts, kept in the run folder)",
+    )
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.set_defaults(run=run_inspect)
@@ -63,8 +72,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.find:  # every SAE of the index when none is named
         opened = open_run(args.run_dir, [args.sae] if args.sae else [], index=args.db)
         return _find(args, opened)
+    if args.feature is not None:
+        opened = open_run(args.run_dir, [args.sae], model=args.model, index=args.db)
+        _feature(opened, next(iter(opened.saes)), args.feature)
+        return 0
     if not args.text and not args.documents:
-        raise ConfigError("inspect needs a text (or --find QUERY, or --documents FILE)")
+        raise ConfigError("inspect needs a text (or --feature N, --find QUERY, or --documents FILE)")
     texts = prompt_set([], args.documents, "--documents") if args.documents else None
     opened = open_run(args.run_dir, [args.sae], model=args.model, index=args.db)
     opened.index()  # a damaged index file is an error now, before the model runs
@@ -200,3 +213,43 @@ def _shaded(rows: list[dict[str, Any]]) -> str:
         shade = shades[min(len(shades) - 1, int(len(shades) * top / peak))] if peak > 0 and top > 0 else None
         line.append(r["token"] if shade is None else f"\033[48;5;{shade}m\033[30m{r['token']}\033[0m")
     return "".join(line)
+
+
+def _feature(opened: OpenRun, key: str, latent: int) -> None:
+    """One feature's page in the terminal: explanation, density, top examples, the logit lens (the
+    weights) and the measured output effects (`outputs.latent_outputs`: the model runs unless the
+    run folder keeps them)."""
+    from gemmascope.outputs import latent_outputs
+
+    d_sae = opened.saes[key].d_sae
+    if not 0 <= latent < d_sae:
+        raise ConfigError(f"--feature {latent} is out of range: expected 0..{d_sae - 1}")
+    f = opened.feature_index().feature(key, latent)
+    print(f"{key} #{latent}: {f['explanation'] or '(no explanation)'}")
+    n_tokens = (f.get("stats") or {}).get("n_tokens", "?")
+    print(
+        f"density {100 * f['density']:.3g}%, max activation {f['max_act']:.4g}, fired on {f['n_fired']} of {n_tokens} tokens"
+    )
+    print("top activations:")
+    for ex in f["top_examples"][:5]:
+        text = "".join(f"[{t}]" if i == ex["focus"] else t for i, t in enumerate(ex["tokens"]))
+        print(f"  {ex['value']:8.2f}  {text.replace(chr(10), ' ')}")
+    lens = f["logit_lens"]
+    print("logit lens (the weights): promotes " + " ".join(repr(r["token"]) for r in lens["promoted"][:8]))
+    print(
+        "                          suppresses " + " ".join(repr(r["token"]) for r in lens["suppressed"][:8])
+    )
+    out = latent_outputs(opened, key, latent)
+    if out.get("note"):
+        print(f"output effects: {out['note']}")
+        return
+    where = "measured earlier, kept in the run folder" if out["cached"] else "measured now"
+    print(
+        f"turned up ({where}): +{out['strength']:.4g} x its decoder direction after "
+        f"{len(out['prompts'])} neutral prompts, mean KL {out['kl']:.3g} nats; next token"
+    )
+    for side in ("rose", "fell"):
+        shown = " ".join(f"{r['token']!r} x{math.exp(r['log_ratio']):.3g}" for r in out[side][:8])
+        print(f"  {'rises' if side == 'rose' else 'falls'}: {shown}")
+    if out.get("not_cached"):
+        print(f"  (not kept: {out['not_cached']})")

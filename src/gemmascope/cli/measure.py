@@ -170,6 +170,11 @@ def args_index(p: argparse.ArgumentParser) -> None:
         "--no-build", action="store_true", help="use the existing index (for --llm-url / --export)"
     )
     p.add_argument(
+        "--relabel",
+        action="store_true",
+        help="write the existing index's baseline explanations again with the current labeller (no model pass)",
+    )
+    p.add_argument(
         "--llm-url", help="an OpenAI-compatible endpoint to write explanations, e.g. http://127.0.0.1:8080/v1"
     )
     p.add_argument("--llm-model", help="the model name to ask the endpoint for")
@@ -192,7 +197,12 @@ def run_index(args: argparse.Namespace) -> int:
         for sae in opened.saes.values():
             sae.cfg.site = args.site
     with lock(run_dir, "index") if run_dir is not None else nullcontext():
-        if not args.no_build:
+        if args.relabel:
+            from gemmascope.features.build import relabel
+
+            for key in opened.saes:
+                print(f"{key}: {relabel(opened.model, db, key)} latents labelled again")
+        elif not args.no_build:
             _build(args, opened, db)
         _report_index(args, opened.saes, db, latents)
     print(f"feature index: {db}")

@@ -126,7 +126,7 @@ def _pairs(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_steer(args: argparse.Namespace) -> int:
-    from gemmascope.runs import open_run
+    from gemmascope.runs import open_run, sae_order
     from gemmascope.steer import Intervention, fill_strengths, generate_pair, logprob_shift
 
     wanted = _pairs(args.steps)
@@ -170,7 +170,7 @@ def run_steer(args: argparse.Namespace) -> int:
         found = {"model": opened.model_name, **pair.to_dict(), "logprob_shift": shift, **(measured or {})}
         print(json.dumps(found, indent=2))
         return 0
-    print(f"model {opened.model_name}; SAEs {', '.join(sorted(opened.saes))}")
+    print(f"model {opened.model_name}; SAEs {', '.join(sorted(opened.saes, key=sae_order))}")
     if defaults:
         print(f"default strengths (max activation from {opened.index_path}): {', '.join(defaults)}")
     _print_pair(pair, shift)

@@ -25,6 +25,7 @@ from gemmascope.runs import (
     REPORT,
     SUMMARY_TXT,
     read_json,
+    sae_order,
     save_atomic,
     write_atomic,
 )
@@ -103,6 +104,7 @@ def write_report(
     earlier = _earlier_report(report / EVALS_JSON)
     fresh = {r["sae_id"]: r for r in results}
     merged = [fresh.pop(r["sae_id"], r) for r in earlier.get("results", [])] + list(fresh.values())
+    merged.sort(key=lambda r: sae_order(r["sae_id"]))  # the one order of SAE lists: layer 6 before 10
     probing = _merged_probing(earlier.get("sparse_probing"), probing)
     plots = {
         "frontier_l0_delta_lm_loss": plot_frontier(
@@ -392,7 +394,7 @@ def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -
         ("loss", "loss", "log"),
         ("l0", "L0", "log"),
         ("fvu", "FVU", "linear"),
-        ("dead_fraction", "dead fraction (training window)", "linear"),
+        ("dead_fraction", "silent in the training window (not the eval's dead)", "linear"),
     ]
     for ax, (metric, label, yscale) in zip(axes.flat, panels, strict=True):
         for name in names:

@@ -326,6 +326,28 @@ def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_
     }
 
 
+def relabel(model: LanguageModel, db_path: str | Path, sae_id: str) -> int:
+    """Write the baseline explanations of one SAE of an existing index again, from its stored pages
+    and the corpus rows its stats name (for the lens vocabulary), as the build writes them: what an
+    index built by an older labeller needs to show the current one's labels, without a model pass
+    (`gemmascope index RUN --relabel`). Holds the run folder's lock while it writes; a disk failure
+    is one StoreError. Returns the number of latents labelled."""
+    db_path = Path(db_path)
+    with held_by_writer(db_path), disk_errors(db_path), FeatureIndex(db_path) as index:
+        info = index.sae_info(sae_id)
+        stats = info["stats"]
+        ctx = int(stats["context_len"])
+        rows = token_rows(model.tokenizer, int(stats["n_rows"]) * ctx, stats["corpus"], stats["split"], ctx)
+        known = lens_vocabulary(rows, token_strings(model, rows))
+        for start in range(0, info["d_sae"], PAGE_CHUNK):
+            stop = min(info["d_sae"], start + PAGE_CHUNK)
+            labels = [
+                (i, baseline_explanation(index.feature(sae_id, i), known), None) for i in range(start, stop)
+            ]
+            index.set_explanations(sae_id, labels, BASELINE)
+    return int(info["d_sae"])
+
+
 def _write_pages(
     job: _Job, sid: str, passes: _Passes, decode: dict[int, str], progress: bool
 ) -> dict[str, Any]:
@@ -352,7 +374,9 @@ def _write_pages(
         chunk = list(feature_pages(pass1, pass2, n_valid, rows, decode, lens, model, start, stop))
         job.index.write_features(sid, chunk)
         job.index.set_explanations(
-            sid, ((r[0], baseline_explanation(r[4], known), None) for r in chunk), BASELINE
+            sid,
+            ((r[0], baseline_explanation({**r[4], "density": r[1]}, known), None) for r in chunk),
+            BASELINE,
         )
     null_latents = passes.null_latents[sid]
     job.index.write_null_windows(

@@ -29,40 +29,105 @@ from gemmascope.features.store import BASELINE, FeatureIndex
 # Baseline
 
 
+BROAD_SHARE = 0.5  # a label's tokens cover at least this share of a latent's firings, else it says "many"
+NAMED_SHARE = 0.1  # a token named as typical carries at least this share of the firings ...
+NAMED_SEEN = 2  # ... and was seen in at least this many of the page's windows (one sample is chance)
+LENS_COHERENT = (
+    0.5  # the logit lens is named only when this share of its top tokens are readable corpus words
+)
+
+
 def _quote(token: str) -> str:
     return json.dumps(token.strip() or token, ensure_ascii=False)
 
 
+def _focus(example: Mapping[str, Any]) -> str:
+    token = example["tokens"][example["focus"]]
+    return str(token.strip() or token)
+
+
+def firing_shares(feature: Mapping[str, Any]) -> tuple[dict[str, float], Counter[str]]:
+    """The estimated share of a latent's firings on each token (`{token: share}`, stripped as a label
+    quotes it), from its interval samples: each of the 5 equal-width activation intervals holds a
+    uniform sample of its windows, which stand for that interval's count of firings, so the weak
+    firings that are most of a broad latent's count as much as they occur (the top examples show
+    only the strongest). Also how many distinct windows of the page (intervals and top examples)
+    each token is the focus of. Without interval samples, the windows count one each."""
+    weight: dict[str, float] = {}
+    for interval in feature.get("intervals") or []:
+        for ex in interval["examples"]:
+            token = _focus(ex)
+            weight[token] = weight.get(token, 0.0) + interval["count"] / len(interval["examples"])
+    windows = [ex for interval in feature.get("intervals") or [] for ex in interval["examples"]]
+    windows += feature.get("top_examples") or []
+    distinct = {(tuple(ex["tokens"]), ex["focus"]): ex for ex in windows}  # a top example may be sampled too
+    seen = Counter(_focus(ex) for ex in distinct.values())
+    if not weight:
+        weight = {token: float(n) for token, n in seen.items()}
+    total = sum(weight.values()) or 1.0
+    return {token: w / total for token, w in weight.items()}, seen
+
+
+def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> list[str]:
+    """The logit lens's promoted tokens a label may name: those a reader can check (in `known_tokens`,
+    the index corpus's words, when given; else any visible token), and only when they are at least
+    `LENS_COHERENT` of the lens's top tokens. The lens of a broad latent is mostly junk (tokens of
+    other scripts, byte pieces, blanks); a few common words surviving in it say nothing."""
+    promoted = [p["token"] for p in (feature.get("logit_lens") or {}).get("promoted") or []]
+
+    def readable(token: str) -> bool:
+        if known_tokens is not None:
+            return token in known_tokens
+        return "\ufffd" not in token and any(ch.isprintable() and not ch.isspace() for ch in token)
+
+    kept = [t for t in promoted if readable(t)]
+    return kept if promoted and len(kept) >= LENS_COHERENT * len(promoted) else []
+
+
 def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> str:
-    """A one-line description of a latent from its feature-page data alone: the tokens it fires on
-    most (weighted by activation over its top examples), the token that most often precedes them
-    when one does in at least half of the examples, and the tokens its logit lens promotes, of those
-    in `known_tokens` when given (the index corpus's: a lens token the text never uses, such as
-    "मंत्रियों" in English Wikipedia, says nothing a reader can check)."""
+    """A one-line description of a latent from its feature-page data alone, led by what it fires on:
+    the tokens it fires on most strongly (weighted by activation over its top examples) and those
+    most of its firings are on (`firing_shares`); when these cover less than `BROAD_SHARE` of its
+    firings, it says first that the latent fires on many different tokens (and on what share of all
+    tokens), its strongest after, so a label never claims a broad latent is about its peak tokens. Then the token that most
+    often precedes its top examples when one does in at least half of them, and the tokens its logit
+    lens promotes only where the lens is coherent (`coherent_lens`: of the index corpus's words in
+    `known_tokens` when given; a lens token the text never uses, such as "मंत्रियों" in English
+    Wikipedia, says nothing a reader can check)."""
     examples = feature.get("top_examples") or []
     if not examples:
         return "never fires on the index corpus"
     weight: dict[str, float] = {}
     before: Counter[str] = Counter()
     for ex in examples:
-        focus = ex["focus"]
-        token = ex["tokens"][focus].strip() or ex["tokens"][focus]
-        weight[token] = weight.get(token, 0.0) + float(ex["acts"][focus])
-        if focus > 0:
-            before[ex["tokens"][focus - 1].strip() or ex["tokens"][focus - 1]] += 1
+        weight[_focus(ex)] = weight.get(_focus(ex), 0.0) + float(ex["acts"][ex["focus"]])
+        if ex["focus"] > 0:
+            before[ex["tokens"][ex["focus"] - 1].strip() or ex["tokens"][ex["focus"] - 1]] += 1
     total = sum(weight.values()) or 1.0
     ranked = sorted(weight, key=lambda t: -weight[t])
-    top = [t for t in ranked[:3] if weight[t] / total >= 0.1] or ranked[:1]
-    parts = ["fires on " + ", ".join(_quote(t) for t in top)]
+    strongest = [t for t in ranked[:3] if weight[t] / total >= 0.1] or ranked[:1]
+    shares, seen = firing_shares(feature)
+    typical = [
+        t
+        for t in sorted(shares, key=lambda t: -shares[t])[:3]
+        if shares[t] >= NAMED_SHARE and seen[t] >= NAMED_SEEN and t not in strongest
+    ]
+    named = strongest + typical[: max(0, 4 - len(strongest))]
+    if sum(shares.get(t, 0.0) for t in named) >= BROAD_SHARE:
+        parts = ["fires on " + ", ".join(_quote(t) for t in named)]
+    else:
+        density = float(feature.get("density") or 0.0)
+        parts = [
+            f"fires on many different tokens ({100 * density:.2g}% of all), most strongly "
+            + ", ".join(_quote(t) for t in strongest)
+        ]
     if before:
         prev, count = before.most_common(1)[0]
         if count >= len(examples) / 2:
             parts.append(f"after {_quote(prev)}")
-    promoted = (feature.get("logit_lens") or {}).get("promoted") or []
-    if known_tokens is not None:
-        promoted = [p for p in promoted if p["token"] in known_tokens]
+    promoted = coherent_lens(feature, known_tokens)
     if promoted:
-        parts.append("promotes " + ", ".join(_quote(p["token"]) for p in promoted[:3]))
+        parts.append("promotes " + ", ".join(_quote(t) for t in promoted[:3]))
     return "; ".join(parts)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.features.rank import Firing
-from gemmascope.runs import disk_failure
+from gemmascope.runs import disk_failure, sae_order
 from gemmascope.sae import SAE
 
 SCHEMA = "gemmascope-features-1"
@@ -161,12 +161,14 @@ class FeatureIndex:
         return str(rows[0][0]) if rows else None
 
     def saes(self, include_incomplete: bool = False) -> list[dict[str, Any]]:
-        """The SAEs in the index, by site and width: `sae_id`, `site`, `layer`, `width` (= `d_sae`), `d_in`,
-        `architecture`, `model_name`, `fingerprint`, `folder`, `complete`, `stats`."""
+        """The SAEs in the index, in `runs.sae_order` (site, layer, width, L0; numbers as numbers):
+        `sae_id`, `site`, `layer`, `width` (= `d_sae`), `d_in`, `architecture`, `model_name`,
+        `fingerprint`, `folder`, `complete`, `stats`."""
         rows = self._query(
             "SELECT sae_id, site, layer, width, d_in, architecture, model_name, fingerprint, folder, "
-            "complete, stats FROM saes ORDER BY layer, site, width, sae_id"
+            "complete, stats FROM saes"
         )
+        rows.sort(key=lambda r: sae_order(r[0]))
         names = "sae_id site layer width d_in architecture model_name fingerprint folder".split()
         out = []
         for r in rows:

@@ -15,6 +15,7 @@ everything public is importable from `gemmascope.runs`.
       checkpoints/NAME/                     state.pt, done.json (training; its SAE folders relative)
       features.sqlite                       the feature index
       graphs/, report/                      attribution graphs; evals.json, plots, training logs
+      effects/SAE_ID/LATENT.json            a latent's measured output effects (a cache: outputs.py)
       .lock                                 held by the one writer
 
 A path a run file records is relative to the run folder (`stored_path`, `run_path`), so a copied or
@@ -26,6 +27,7 @@ from gemmascope.runs.layout import (
     ACTIVATIONS,
     CFG_FILE,
     CHECKPOINTS,
+    EFFECTS,
     EVAL_FILE,
     EVALS_JSON,
     FEATURES_DB,
@@ -53,6 +55,7 @@ from gemmascope.runs.layout import (
     run_path,
     sae_dir,
     sae_id,
+    sae_order,
     stored_path,
 )
 from gemmascope.runs.reading import OpenRun, model_for, open_run, open_sae, read_json, read_run_json
@@ -73,6 +76,7 @@ __all__ = [
     "ACTIVATIONS",
     "CFG_FILE",
     "CHECKPOINTS",
+    "EFFECTS",
     "EVALS_JSON",
     "EVAL_FILE",
     "FEATURES_DB",
@@ -112,6 +116,7 @@ __all__ = [
     "run_path",
     "sae_dir",
     "sae_id",
+    "sae_order",
     "save_atomic",
     "stored_path",
     "tmp_path",

@@ -21,6 +21,7 @@ SAES = "saes"
 CHECKPOINTS = "checkpoints"
 FEATURES_DB = "features.sqlite"
 GRAPHS = "graphs"
+EFFECTS = "effects"  # effects/SAE_ID/LATENT.json: a latent's measured output effects (outputs.py's cache)
 REPORT = "report"
 EVALS_JSON = "evals.json"
 REPLACEMENT_JSON = "replacement.json"  # in report/: the replacement model's loss (suites with transcoders)
@@ -79,11 +80,19 @@ def sae_id(folder: Path | str) -> str:
     return Path(folder).name
 
 
+def sae_order(name: Path | str) -> tuple[tuple[int, int | str], ...]:
+    """The one order SAEs are listed in (run folders, the index, the API, the pages, the CLI): by
+    site, layer, width and L0 as an SAE id or folder names them, numbers compared as numbers
+    (`resid_post.6` before `resid_post.10`, `w4096` before `w16384`), not as text."""
+    return tuple((1, int(p)) if p.isdigit() else (0, p) for p in re.split(r"(\d+)", str(name)) if p)
+
+
 def find_saes(run_dir: Path | str) -> list[Path]:
-    """Every finished SAE folder under `run_dir/saes` (those holding cfg.json and weights), sorted."""
+    """Every finished SAE folder under `run_dir/saes` (those holding cfg.json and weights), in
+    `sae_order`."""
     root = Path(run_dir) / SAES
     found = [p.parent for p in root.glob(f"**/{CFG_FILE}") if (p.parent / WEIGHTS_FILE).exists()]
-    return sorted(p for p in found if not p.name.endswith(TMP_SUFFIX))
+    return sorted((p for p in found if not p.name.endswith(TMP_SUFFIX)), key=sae_order)
 
 
 def is_sae_folder(folder: Path) -> bool:
@@ -92,7 +101,7 @@ def is_sae_folder(folder: Path) -> bool:
 
 
 # Top-level names of the run layout: where an absolute path stored by an older version is re-rooted.
-_LAYOUT = (SAES, ACTIVATIONS, HELDOUT, CHECKPOINTS, GRAPHS, REPORT)
+_LAYOUT = (SAES, ACTIVATIONS, HELDOUT, CHECKPOINTS, GRAPHS, REPORT, EFFECTS)
 
 
 def stored_path(run_dir: Path | str, path: Path | str) -> str:
@@ -166,7 +175,7 @@ def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> 
     if spec in found:
         return spec, found[spec]
     raise StoreError(
-        f"no SAE {spec!r} in {str(run_dir)!r}: expected {flag} with one of {', '.join(sorted(found)) or 'none'}"
+        f"no SAE {spec!r} in {str(run_dir)!r}: expected {flag} with one of {', '.join(sorted(found, key=sae_order)) or 'none'}"
     )
 
 

@@ -1,11 +1,12 @@
 """Steering over HTTP: `POST /v1/steer/completion` (a default and a steered completion of one prompt,
 same seed and sampling settings, with up to `limits.MAX_STEER_FEATURES` interventions) and `POST
-/v1/steer/measure` (watched tokens, the cost, a sweep), with their request bodies. A feature's
+/v1/steer/measure` (watched tokens, the cost, a sweep), with their request bodies, and `GET
+/v1/feature/{sae_id}/{index}/outputs` (what turning a feature up does to the output, measured). A feature's
 strength defaults to its max activation in the feature index and is bounded by `Run.strength_limit`;
 the sampling defaults are `steer`'s, the bounds `limits`'. The model work waits in the model queue.
 
-Knows nothing of how steering works: it calls `steer.fill_strengths`, `steer.generate_pair` and
-`effects.measure_and_sweep`.
+Knows nothing of how steering works: it calls `steer.fill_strengths`, `steer.generate_pair`,
+`effects.measure_and_sweep` and `outputs.latent_outputs`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gemmascope.limits import (
     REQUEST_SIDE_EFFECT_TOKENS,
     REQUEST_SWEEP,
 )
-from gemmascope.server.errors import ApiError
+from gemmascope.server.errors import ApiError, public_message
 from gemmascope.server.lookup import Body, Number, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.run import Run
 from gemmascope.steer import (
@@ -154,6 +155,24 @@ async def steer_measure(body: MeasureRequest, run: RunDep, queue: QueueDep) -> d
         )  # fmt: skip
 
     return await queue.run(work)
+
+
+@router.get("/v1/feature/{sae_id}/{index}/outputs")
+async def feature_outputs(run: RunDep, queue: QueueDep, sae_id: str, index: str) -> dict[str, Any]:
+    """What turning the feature up does to the next token over neutral prompts, measured
+    (`outputs.latent_outputs`: cached in the run folder after the first request; 404 when the
+    index does not describe the SAE, whose max activation is the strength)."""
+    from gemmascope.outputs import latent_outputs
+
+    entry = sae_or_404(run, sae_id)
+    i = feature_or_4xx(entry, index)
+    reason = run.not_indexed(entry)
+    if reason:
+        raise ApiError(404, reason)
+    out = await queue.run(lambda: latent_outputs(run.opened, entry.key, i))
+    if out.get("not_cached"):
+        out["not_cached"] = public_message(out["not_cached"], run.run_dir)
+    return out
 
 
 def _intervention(run: Run, feat: SteerFeature, normalize: bool) -> Intervention:

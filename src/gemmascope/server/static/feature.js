@@ -1,4 +1,5 @@
-// Feature page: what one SAE latent does: density, histogram, logit lens, examples, neighbours.
+// Feature page: what one SAE latent does: density, histogram, logit lens, measured output effects,
+// examples, neighbours.
 "use strict";
 
 GS.header("feature");
@@ -45,6 +46,37 @@ function lensTable(table, rows, cls) {
     table.append(GS.el("tr", {}, GS.el("td", {class: "tokcell"}, JSON.stringify(r.token)),
       GS.el("td", {class: "num " + cls}, GS.fmt(r.value, 3))));
   }
+}
+
+// Measured output effects: each token's mean next-token probability without and with the feature
+// turned up over the neutral prompts, and the ratio the rows are ranked by.
+function outputTable(table, rows, cls) {
+  table.innerHTML = "";
+  table.className = "effects";
+  const p = (x) => (x < 1e-3 ? x.toExponential(0) : x.toFixed(3));
+  table.append(GS.el("tr", {}, GS.el("th", {}, "token"), GS.el("th", {class: "num"}, "p → turned up"),
+    GS.el("th", {class: "num"}, "ratio")));
+  for (const r of rows || []) {
+    table.append(GS.el("tr", {}, GS.el("td", {class: "tokcell"}, JSON.stringify(r.token)),
+      GS.el("td", {class: "num small", title: `${r.p_clean} → ${r.p_steered}`}, `${p(r.p_clean)} → ${p(r.p_steered)}`),
+      GS.el("td", {class: "num " + cls}, "×" + GS.fmt(Math.exp(r.log_ratio), 2))));
+  }
+}
+
+async function loadOutputs() {
+  const note = $("outputs-note");
+  note.textContent = "Measuring: the neutral prompts run with this feature turned up (a second or two)…";
+  let o;
+  try { o = await GS.api(`/v1/feature/${encodeURIComponent(saeId)}/${index}/outputs`); }
+  catch (e) { note.textContent = ""; $("outputs-error").textContent = e.message; return; }
+  outputTable($("out-pos"), o.rose, "pos");
+  outputTable($("out-neg"), o.fell, "neg");
+  note.textContent = o.note || `Its decoder direction added at its site at strength ${GS.fmt(o.strength, 2)} (its max ` +
+    `activation), after each of ${o.prompts.length} neutral prompts; tokens ranked by the ratio of their mean ` +
+    `next-token probability turned up to without (mean KL ${GS.fmt(o.kl, 3)} nats). The logit lens above reads the ` +
+    `weights alone; this is what the model does.${o.cached ? " (Measured earlier, kept in the run folder.)" : ""}`;
+  note.title = "prompts: " + o.prompts.map((p) => JSON.stringify(p)).join(", ");
+  $("output-effects").dataset.loaded = "1";
 }
 
 // One text window: its activation at the focus token, then the tokens shaded by activation.
@@ -144,6 +176,7 @@ async function tryText() {
     if (f.index + 1 >= f.width) $("next").hidden = true;
     if (f.index === 0) $("prev").hidden = true;
     render(f);
+    loadOutputs();
   } catch (e) {
     $("error").textContent = e.message;
   }

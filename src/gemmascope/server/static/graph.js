@@ -44,29 +44,43 @@ async function draw() {
   if (out) window.location.href = `/graph/${out.slug}`;
 }
 
+// What a node is drawn as: a feature circle, an error or token square, an output circle.
+function kindOf(n) {
+  if (n.feature_type === "logit") return "logit";
+  if (n.feature_type === "embedding") return "token";
+  if (n.feature_type === "mlp reconstruction error") return "error";
+  return "feature";
+}
+
+const ERROR_SLOT = 10; // an error square sits at the left of its cell, beside the cell's features
+
 function layout(data) {
   const meta = data.metadata;
   const tokens = meta.prompt_tokens;
-  const logits = data.nodes.filter((n) => n.feature_type === "logit");
+  const logits = data.nodes.filter((n) => kindOf(n) === "logit");
   const nLayers = logits.length ? Number(logits[0].layer) - 1 : 1;
   const colW = 92, rowH = 34, left = 56, top = 24;
   const width = left + colW * (tokens.length + 1.6);
-  const height = top + rowH * (nLayers + 2) + 70;
+  const height = Math.max(top + rowH * (nLayers + 2) + 70, top + 26 * logits.length + 24);
   const yOf = (layer) => layer === "E" ? top + rowH * (nLayers + 1) : top + rowH * (nLayers - Number(layer));
   const cells = new Map();
   for (const n of data.nodes) {
-    if (n.feature_type === "logit") continue;
+    if (kindOf(n) === "logit") continue;
     const key = `${n.ctx_idx}|${n.layer}`;
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
   const pos = new Map();
   for (const [key, list] of cells) {
-    const [ctx] = key.split("|");
-    list.sort((a, b) => (a.influence || 0) - (b.influence || 0));
-    const spread = Math.min(18, (colW - 14) / Math.max(list.length, 1));
-    list.forEach((n, k) => {
-      pos.set(n.node_id, [left + colW * (Number(ctx) + 0.5) + (k - (list.length - 1) / 2) * spread, yOf(n.layer)]);
+    const cellLeft = left + colW * Number(key.split("|")[0]);
+    const errors = list.filter((n) => kindOf(n) === "error");
+    const rest = list.filter((n) => kindOf(n) !== "error");
+    errors.forEach((n) => pos.set(n.node_id, [cellLeft + ERROR_SLOT, yOf(n.layer)]));
+    rest.sort((a, b) => (a.influence || 0) - (b.influence || 0));
+    const shift = errors.length ? ERROR_SLOT : 0; // the features' centre, moved off the error's slot
+    const spread = Math.min(18, (colW - 14 - 2 * shift) / Math.max(rest.length, 1));
+    rest.forEach((n, k) => {
+      pos.set(n.node_id, [cellLeft + colW / 2 + shift + (k - (rest.length - 1) / 2) * spread, yOf(n.layer)]);
     });
   }
   logits.sort((a, b) => b.token_prob - a.token_prob);
@@ -75,17 +89,13 @@ function layout(data) {
 }
 
 function radius(n) {
-  if (n.feature_type === "logit") return 5 + 14 * Math.sqrt(n.token_prob);
+  if (kindOf(n) === "logit") return 5 + 14 * Math.sqrt(n.token_prob);
   const importance = 1 - Math.min(1, n.influence === undefined || n.influence === null ? 1 : n.influence);
-  return 3.5 + 9 * importance;
+  const r = 3.5 + 9 * importance;
+  return kindOf(n) === "error" ? Math.min(r, 7) : r;
 }
 
-function render(data) {
-  const box = $("graph");
-  box.innerHTML = "";
-  const L = layout(data);
-  box.setAttribute("width", L.width);
-  box.setAttribute("height", L.height);
+function axes(box, L) {
   for (let layer = 0; layer < L.nLayers; layer++) {
     const y = L.yOf(String(layer));
     box.append(svg("line", {x1: L.left, x2: L.left + L.colW * L.tokens.length, y1: y, y2: y, class: "faint"}));
@@ -101,10 +111,13 @@ function render(data) {
     text.textContent = GS.tokenText(t, true).slice(0, 12);
     box.append(text);
   });
+}
+
+function edgeLayer(data, L) {
   // The strongest MAX_EDGES edges are drawn (a weak transcoder set leaves hundreds of thousands).
   const shown = [...data.links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES).reverse();
   const maxW = Math.max(1e-9, ...shown.map((l) => Math.abs(l.weight)));
-  const edges = svg("g", {});
+  const edges = svg("g", {class: "edges"});
   for (const link of shown) {
     const a = L.pos.get(link.source), b = L.pos.get(link.target);
     if (!a || !b) continue;
@@ -115,29 +128,63 @@ function render(data) {
       "stroke-width": (0.4 + 4 * w).toFixed(2), "data-source": link.source, "data-target": link.target,
     }));
   }
-  box.append(edges);
+  return edges;
+}
+
+function nodeShape(n, x, y) {
+  const r = radius(n), kind = kindOf(n);
+  let shape;
+  if (kind === "error" || kind === "token") {
+    shape = svg("rect", {x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: 2,
+      fill: kind === "token" ? "#4a5568" : "#cbd5e0", stroke: "#4a5568"});
+  } else if (kind === "logit") {
+    shape = svg("circle", {cx: x, cy: y, r, fill: "#2f855a"});
+  } else {
+    shape = svg("circle", {cx: x, cy: y, r, fill: "#f6ad55", stroke: "#9c4221"});
+  }
+  shape.classList.add("node");
+  shape.dataset.kind = kind; // not a class: the page's .error style would hide an error square
+  shape.dataset.id = n.node_id;
+  shape.addEventListener("mouseenter", (ev) => showTip(n, ev));
+  shape.addEventListener("mouseleave", hideTip);
+  shape.addEventListener("click", (ev) => clickNode(n, ev, shape));
+  return shape;
+}
+
+// Drawn bottom to top: edges, then error and token squares, then features, then the outputs and
+// their labels, so no square ever covers a feature a click is meant for.
+function render(data) {
+  const box = $("graph");
+  box.innerHTML = "";
+  const L = layout(data);
+  box.setAttribute("width", L.width);
+  box.setAttribute("height", L.height);
+  axes(box, L);
+  box.append(edgeLayer(data, L));
+  const layers = {error: svg("g", {class: "squares"}), feature: svg("g", {class: "features"}), logit: svg("g", {class: "outputs"})};
+  layers.token = layers.error;
   for (const n of data.nodes) {
     const [x, y] = L.pos.get(n.node_id);
-    const r = radius(n);
-    let shape;
-    if (n.feature_type === "mlp reconstruction error" || n.feature_type === "embedding") {
-      shape = svg("rect", {x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: 2,
-        fill: n.feature_type === "embedding" ? "#4a5568" : "#cbd5e0", stroke: "#4a5568"});
-    } else if (n.feature_type === "logit") {
-      shape = svg("circle", {cx: x, cy: y, r, fill: "#2f855a"});
-      const label = svg("text", {x: x + r + 6, y: y + 4, class: "axis"});
+    layers[kindOf(n)].append(nodeShape(n, x, y));
+    if (kindOf(n) === "logit") {
+      const label = svg("text", {x: x + radius(n) + 6, y: y + 4, class: "axis output-label"});
       label.textContent = `${GS.tokenText(n.clerp.replace(/^Output "/, "").replace(/" \(p=.*$/, ""), true)} ${GS.fmt(n.token_prob, 2)}`;
-      box.append(label);
-    } else {
-      shape = svg("circle", {cx: x, cy: y, r, fill: "#f6ad55", stroke: "#9c4221"});
+      layers.logit.append(label);
     }
-    shape.classList.add("node");
-    shape.dataset.id = n.node_id;
-    shape.addEventListener("mouseenter", (ev) => showTip(n, ev));
-    shape.addEventListener("mouseleave", hideTip);
-    shape.addEventListener("click", (ev) => clickNode(n, ev, shape));
-    box.append(shape);
   }
+  box.append(layers.error, layers.feature, layers.logit);
+  fitLabels(box, L);
+}
+
+// Widen the drawing to its longest output label, so none is cut off at the right edge.
+function fitLabels(box, L) {
+  let right = L.width;
+  for (const label of box.querySelectorAll("text.output-label")) {
+    const x = Number(label.getAttribute("x"));
+    const measured = label.getBBox ? label.getBBox().width : 0;
+    right = Math.max(right, x + Math.max(measured, 7.5 * label.textContent.length) + 10);
+  }
+  box.setAttribute("width", Math.ceil(right));
 }
 
 function saeOf(n) {
@@ -188,7 +235,7 @@ async function showTip(n, ev) {
 function hideTip() { $("tip").hidden = true; }
 
 function clickNode(n, ev, shape) {
-  if (n.feature_type !== "cross layer transcoder") return;
+  if (kindOf(n) !== "feature") return;
   if (ev.shiftKey || $("select-mode").checked) {
     if (state.selected.has(n.node_id)) state.selected.delete(n.node_id);
     else state.selected.add(n.node_id);

@@ -8,16 +8,20 @@ const $ = (id) => document.getElementById(id);
 // Dead: never fired on the N held-out eval tokens (the "eval tokens" column); dense: over 10% of them.
 const COLUMNS = [
   ["L0", "l0"], ["FVU", "fvu"], ["ΔLM loss", "delta_lm_loss"], ["CE recovered", "ce_loss_score"],
-  ["KL", "kl_div_with_sae"], ["dead", "frac_dead"], ["dense", "frac_dense"],
+  ["KL", "kl_div_with_sae"], ["dead (eval)", "frac_dead"], ["dense", "frac_dense"],
   [">50% latents", "n_over_50_percent"], ["L0 share >10%", "l0_share_over_10_percent"], ["eval tokens", "n_tokens"],
 ];
 const TITLES = {
-  frac_dead: "latents that never fired on the held-out eval tokens",
+  frac_dead: "latents that never fired on the held-out eval tokens (the one 'dead' of this page; the training curves count latents silent in the last training window, another thing)",
   frac_dense: "latents firing on over 10% of the held-out eval tokens",
   n_over_50_percent: "latents firing on over 50% of the held-out eval tokens (always-on)",
   l0_share_over_10_percent: "share of L0 carried by latents over 10% density",
   n_tokens: "held-out tokens the numbers are measured on",
 };
+
+// Training curves plot a running count during training, not the eval's "dead" of the table.
+const CURVES_NOTE = "Training curves. Their fourth panel counts latents silent over the last training window while " +
+  "training ran, not the dead of the table above (latents that never fired on the held-out eval tokens).";
 
 function cell(name, v) {
   if (name.startsWith("frac_") || name.startsWith("l0_share_")) return GS.pct(v);
@@ -48,6 +52,7 @@ function cell(name, v) {
   if (!run.plots.length) plots.append(GS.el("div", {class: "muted"}, "No plots yet: run 'gemmascope eval' on this run."));
   for (const src of run.plots) {
     const name = src.split("/").pop();
-    plots.append(GS.el("figure", {}, GS.el("img", {src, alt: name}), GS.el("figcaption", {class: "small muted"}, name)));
+    plots.append(GS.el("figure", {}, GS.el("img", {src, alt: name}), GS.el("figcaption", {class: "small muted"}, name,
+      name.endsWith("_curves.png") ? GS.el("div", {class: "curves-note"}, CURVES_NOTE) : null)));
   }
 })();
