@@ -1,6 +1,6 @@
 """`gemmascope inspect`: a text's top features per token (shaded in the terminal), the features that
 fire most on it (`--search`), a search of the index's explanations (`--find`) and the document-level
-analysis of a file (`--documents`). Option parsing and printing over `runs.open_run`,
+analysis of a file (`--documents`). Option parsing and printing over `opening.open_run`,
 `features.top_features`, `features.search_text` and `features.documents`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from gemmascope.cli.options import add_dense, add_model, add_sae_choice, prompt_set
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.runs import OpenRun, open_run
+from gemmascope.opening import OpenRun, open_run
 
 
 def args_inspect(p: argparse.ArgumentParser) -> None:
