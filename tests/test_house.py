@@ -110,10 +110,8 @@ def test_no_module_over_500_lines_and_no_function_over_80() -> None:
     assert not too_long, "over the house limits:\n" + "\n".join(too_long)
 
 
-def test_no_import_cycle_at_load_time() -> None:
-    trees = _modules()
-    known = set(trees)
-    graph = {name: _load_time_imports(name, tree, known) for name, tree in trees.items()}
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of a module graph, each as the path that closes it."""
     cycles: list[list[str]] = []
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -132,7 +130,25 @@ def test_no_import_cycle_at_load_time() -> None:
     for name in sorted(graph):
         if name not in state:
             walk(name)
+    return cycles
+
+
+def test_no_import_cycle_at_load_time() -> None:
+    trees = _modules()
+    known = set(trees)
+    cycles = _cycles({name: _load_time_imports(name, tree, known) for name, tree in trees.items()})
     assert not cycles, "import cycles at load time:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_import_cycle_inside_functions_either() -> None:
+    """An import inside a function defers loading; it does not make a cycle acceptable (between
+    layers `test_every_import_points_down_the_layers` rules them out; this catches them inside a
+    package too)."""
+    trees = _modules()
+    known = set(trees)
+    graph = {name: {dep for dep, _ in _every_import(name, tree, known)} for name, tree in trees.items()}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_every_module_says_what_it_owns() -> None:
