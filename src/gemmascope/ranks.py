@@ -39,7 +39,7 @@ def leave(together: bool = True) -> None:
         return
     if together:
         dist.barrier()
-    group = weakref.ref(dist.distributed_c10d._get_default_group())
+    group = weakref.ref(dist.group.WORLD)
     dist.destroy_process_group()
     if group() is not None:
         gc.collect()
