@@ -44,7 +44,7 @@ from gemmascope.features import FeatureIndex  # noqa: E402
 from gemmascope.features.contrast import contrast  # noqa: E402
 from gemmascope.features.encode import encode  # noqa: E402
 from gemmascope.models import LanguageModel, prompt_tokens  # noqa: E402
-from gemmascope.runs import open_run  # noqa: E402
+from gemmascope.opening import open_run  # noqa: E402
 from gemmascope.sae import SAE  # noqa: E402
 from gemmascope.steer import Intervention, SamplingSettings, sample, steering  # noqa: E402
 

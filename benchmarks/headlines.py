@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmascope.features import text_features
-from gemmascope.runs import OpenRun, open_run
+from gemmascope.opening import OpenRun, open_run
 
 HERE = Path(__file__).resolve().parent
 HEADLINES = HERE.parent / "examples" / "headlines.txt"

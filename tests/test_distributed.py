@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,29 @@ def fresh_run(store_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def torchrun(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node 2 -m gemmascope.cli ARGS`, each worker's stderr in its own file under
+    `RUN-logs-*/` (with Python's stack of every thread should one die of a signal); when it fails, the
+    assertion shows the tail of each worker's stderr beside torchrun's, which a failing rank's own
+    lines would otherwise drown in."""
+    logs = Path(tempfile.mkdtemp(prefix=f"{run_dir.name}-logs-", dir=run_dir.parent))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["--log-dir", str(logs), "--redirects", "2", "-m", "gemmascope.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        tails = [
+            f"--- {f.relative_to(logs)}:\n{f.read_text()[-3000:]}" for f in sorted(logs.rglob("stderr.log"))
+        ]
+        raise AssertionError(
+            "\n".join([f"torchrun exit status {done.returncode}", done.stderr[-2000:], *tails])
+        )
+    return done
+
+
 def torchrun_train(run_dir: Path, args: list[str]) -> list[Path]:
     """`torchrun --nproc_per_node 2 -m gemmascope.cli train RUN ARGS`; the SAE folders it prints."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "gemmascope.cli", "train", str(run_dir), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(run_dir, ["train", str(run_dir), *args])
     lines = [line for line in done.stdout.splitlines() if line.split() and line.split()[-1].startswith("/")]
     assert sum(line.startswith("site ") for line in done.stdout.splitlines()) == 1  # rank 0 prints alone
     return [Path(line.split()[-1]) for line in lines]
@@ -160,22 +177,8 @@ def test_unknown_parallel_mode_is_a_clear_error(store_dir: Path, tmp_path: Path)
 
 
 def torchrun_harvest(run_dir: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [
-        "-m",
-        "gemmascope.cli",
-        "harvest",
-        str(run_dir),
-        "--model",
-        "tiny-gemma3",
-        "--sites",
-        ",".join(SITES),
-    ]
-    command += ["--tokens", "4096", "--context-len", "64", "--shard-rows", "8", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    args = ["harvest", str(run_dir), "--model", "tiny-gemma3", "--sites", ",".join(SITES)]
+    return torchrun(run_dir, [*args, "--tokens", "4096", "--context-len", "64", "--shard-rows", "8", *extra])
 
 
 def test_harvest_under_torchrun_writes_the_single_process_store_and_resumes_per_rank(

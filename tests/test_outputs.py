@@ -20,7 +20,8 @@ from gemmascope.cli import main
 from gemmascope.effects import OUTPUT_PROMPTS
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.models import LanguageModel
-from gemmascope.runs import EFFECTS, FEATURES_DB, OpenRun, open_run
+from gemmascope.opening import OpenRun, open_run
+from gemmascope.runs import EFFECTS, FEATURES_DB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -133,7 +133,7 @@ def test_a_release_transcoder_and_release_ids_on_the_command_line(
 ) -> None:
     """A Gemma Scope 2 transcoder folder (with affine_skip_connection, no config.json of ours) loads
     as MLP input -> output; `--sae RELEASE/ID` resolves through $GEMMASCOPE_RELEASES."""
-    from gemmascope.runs import open_sae, resolve_sae
+    from gemmascope.opening import open_sae, resolve_sae
     from gemmascope.sae import SAEConfig
 
     tc = JumpReLUSAE(SAEConfig("jumprelu", 16, 32, site="mlp_in.5", out_site="mlp_out.5", affine_skip=True))

@@ -95,7 +95,7 @@ def run_demo(
     """The whole loop on one site: harvest, train one JumpReLU SAE, evaluate, index; print the eval
     table and three features with their top text; then serve the web UI (unless `serve` is False)."""
     from gemmascope.evals import format_table
-    from gemmascope.formats import sae_id
+    from gemmascope.runs import sae_id
 
     run_dir = Path(run_dir)
     started = time.monotonic()

@@ -12,7 +12,7 @@ again when any of them differs. A cache that cannot be written (another process 
 lock, a full or read-only disk) leaves the measured answer as it is, saying why it was not kept; a
 damaged entry is measured again and replaced.
 
-Knows the run through `runs.OpenRun`; knows nothing of HTTP.
+Knows the run through `opening.OpenRun`; knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 
 from gemmascope.effects import OUTPUT_PROMPTS, output_effects
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.runs import EFFECTS, OpenRun, check_name, read_json, write_atomic
+from gemmascope.opening import OpenRun
+from gemmascope.runs import EFFECTS, check_name, read_json, write_atomic
 
 VERSION = 1  # of the measurement: a cache entry of another version is measured again
 

@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm import tqdm
 
+from gemmascope import ranks
 from gemmascope.activations.shards import STORE_FORMAT, read_manifests, tensor_sha256, verify_shard
 from gemmascope.activations.store import ActivationStore
 from gemmascope.corpus import DEFAULT_CORPUS, SPLITS, source_name, special_mask, token_rows
@@ -110,7 +111,7 @@ class _Ranks:
             return cls(dist.get_rank(), dist.get_world_size(), False)
         if world <= 1:
             return cls(0, 1, False)
-        dist.init_process_group("gloo")
+        ranks.join("gloo")
         return cls(dist.get_rank(), world, True)
 
     def barrier(self) -> None:
@@ -122,17 +123,12 @@ class _Ranks:
     def abandon(self) -> None:
         """Leave the group at once, meeting no one (this rank failed)."""
         if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            ranks.leave(together=False)
             self.owns_group = False
 
     def finish(self) -> None:
         if self.owns_group:
-            import torch.distributed as dist
-
-            dist.barrier()  # leave together (a rank leaving early can abort the others at exit)
-            dist.destroy_process_group()
+            ranks.leave()  # together: a rank leaving early can abort the others at exit
             self.owns_group = False
 
 

@@ -5,7 +5,7 @@ attribute` and `POST /v1/graph/generate` both call `draw_graph`; what they print
 the `Drawn` it returns.
 
 Knows nothing of the CLI, the server or the feature index: explanations come from the `explain`
-callable a caller passes (`runs.OpenRun.explanations`).
+callable a caller passes (`opening.OpenRun.explanations`).
 """
 
 from __future__ import annotations

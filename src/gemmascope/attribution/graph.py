@@ -449,7 +449,7 @@ def transcoder_set(
     of the site they read), in layer order. With several per layer, `choose` (a substring of their
     ids, e.g. `skip_transcoder`, `w4096` or `l0_45`) picks one; a StoreError names the missing layers
     or the layers with more than one to choose from. `saes`: the run's SAEs already loaded, by id
-    (`runs.open_run`), else they are loaded from the run folder."""
+    (`opening.open_run`), else they are loaded from the run folder."""
     from gemmascope.formats import load_sae
     from gemmascope.runs import find_saes, sae_id
     from gemmascope.sites import parse_site

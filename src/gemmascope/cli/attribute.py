@@ -119,7 +119,8 @@ def run_attribute(args: argparse.Namespace) -> int:
 def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> int:
     from gemmascope.attribution import draw_graph, feature_node_id, intervene_nodes, transcoder_set
     from gemmascope.limits import MAX_GRAPH_TOKENS
-    from gemmascope.runs import GRAPHS, find_saes, open_run
+    from gemmascope.opening import open_run
+    from gemmascope.runs import GRAPHS, find_saes
 
     transcoder_folders = [str(folder) for folder in find_saes(args.run_dir) if "transcoder" in folder.name]
     opened = open_run(args.run_dir, transcoder_folders, model=args.model)

@@ -1,7 +1,7 @@
 """`gemmascope contrast` (the latents that separate two prompt sets, over every SAE of a run) and
 `gemmascope bias` (pick latents by contrast, ablate them, measure the watched-token gap between two
 held-out sets and its cost; written to `RUN/report/bias.json` and `bias.png`). Option parsing and
-printing over `runs.open_run`, `features.contrast.contrast`, `effects.bias_experiment` and
+printing over `opening.open_run`, `features.contrast.contrast`, `effects.bias_experiment` and
 `evals.report.write_bias`.
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 
 from gemmascope.cli.options import add_dense, add_model, parse_list, prompt_set
 from gemmascope.errors import ConfigError
-from gemmascope.runs import OpenRun, locked_run
+from gemmascope.opening import OpenRun
+from gemmascope.runs import locked_run
 
 
 def _contrast_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def args_contrast(p: argparse.ArgumentParser) -> None:
 def _open(args: argparse.Namespace) -> OpenRun:
     """The run's SAEs (not the model yet), after checking --dense; a damaged index is an error."""
     from gemmascope.features.encode import check_dense_limit
-    from gemmascope.runs import open_run
+    from gemmascope.opening import open_run
 
     check_dense_limit(args.dense)
     opened = open_run(args.run_dir, model=args.model)

@@ -2,7 +2,7 @@
 meaning first unless `--order raw`, the features that fire most on it (`--search`), a search of the
 index's explanations (`--find`), the document-level analysis of a file (`--documents`) and one
 feature's page with its measured output effects (`--feature N`). Option parsing and printing over
-`runs.open_run`, `features.text_features`, `features.search_text`, `features.documents` and
+`opening.open_run`, `features.text_features`, `features.search_text`, `features.documents` and
 `outputs.latent_outputs`.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from gemmascope.cli.options import add_dense, add_model, add_sae_choice, prompt_set
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.features.rank import DEFAULT_ORDER, ORDERS, RAW_NOTE
-from gemmascope.runs import OpenRun, open_run
+from gemmascope.opening import OpenRun, open_run
 
 
 def args_inspect(p: argparse.ArgumentParser) -> None:

@@ -12,13 +12,12 @@ from typing import Any
 
 from gemmascope.cli.options import add_corpus, add_model, parse_list, parse_ranges
 from gemmascope.errors import ConfigError
+from gemmascope.opening import OpenRun, open_run
 from gemmascope.runs import (
     FEATURES_DB,
     SAES,
-    OpenRun,
     lock,
     model_for,
-    open_run,
     resolve_saes,
     run_of,
     sae_id,

@@ -1,7 +1,7 @@
 """`gemmascope steer`: a completion with and without steering, same seed and sampling settings, the
 shift in next-token log-probabilities, and with `--watch` the measured effect on chosen next tokens,
 its cost on held-out text and a sweep of strengths. Option parsing and printing over
-`runs.open_run`, `steer.generate_pair`, `steer.logprob_shift` and `effects.measure_and_sweep`.
+`opening.open_run`, `steer.generate_pair`, `steer.logprob_shift` and `effects.measure_and_sweep`.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def _pairs(steps: list[tuple[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_steer(args: argparse.Namespace) -> int:
-    from gemmascope.runs import open_run, sae_order
+    from gemmascope.opening import open_run
+    from gemmascope.runs import sae_order
     from gemmascope.steer import Intervention, fill_strengths, generate_pair, logprob_shift
 
     wanted = _pairs(args.steps)

@@ -1,10 +1,10 @@
-"""The run folder. Owns its layout and file names, SAE ids and finding SAEs, resolving the run and
-SAE folders a command is given, opening a run (`open_run`: its model, SAEs, feature index, densities
-and explanations, with the one rule for which model a set of SAEs belongs to), the one atomic write,
-a failing disk as one StoreError, the one-writer lock and the name checks that keep a user-given name
-inside the run folder. One module each: `layout` (names, ids, finding and resolving), `writes` (the
-atomic write, disk failures, the lock) and `reading` (its JSON files, `open_sae`, `open_run`);
-everything public is importable from `gemmascope.runs`.
+"""The run folder. Owns its layout and file names, SAE ids and finding SAEs, resolving the run folder
+a command is given, its JSON files, the one rule for which model a set of SAEs belongs to
+(`model_for`), the one atomic write, a failing disk as one StoreError, the one-writer lock and the
+name checks that keep a user-given name inside the run folder. One module each: `layout` (names,
+ids, finding and resolving), `writes` (the atomic write, disk failures, the lock) and `reading` (its
+JSON files, `model_for`); everything public is importable from `gemmascope.runs`. Opening a run
+(its SAEs, model and feature index: `open_run`) is `gemmascope.opening`'s, above the file readers.
 
     runs/NAME/
       run.json, suite.json                  what was asked; which suite stages are finished
@@ -20,7 +20,7 @@ everything public is importable from `gemmascope.runs`.
 
 A path a run file records is relative to the run folder (`stored_path`, `run_path`), so a copied or
 moved run folder names its own files. Knows nothing of what is inside the files (see activations/,
-formats/, train/, features/).
+formats/, train/, features/): every reader of them imports this package, and it imports none of them.
 """
 
 from gemmascope.runs.layout import (
@@ -47,9 +47,7 @@ from gemmascope.runs.layout import (
     WEIGHTS_FILE,
     check_name,
     find_saes,
-    is_release_spec,
     is_sae_folder,
-    resolve_sae,
     resolve_saes,
     run_of,
     run_path,
@@ -58,7 +56,7 @@ from gemmascope.runs.layout import (
     sae_order,
     stored_path,
 )
-from gemmascope.runs.reading import OpenRun, model_for, open_run, open_sae, read_json, read_run_json
+from gemmascope.runs.reading import model_for, read_json, read_run_json
 from gemmascope.runs.writes import (
     disk_errors,
     disk_failure,
@@ -94,22 +92,17 @@ __all__ = [
     "SUMMARY_TXT",
     "TMP_SUFFIX",
     "WEIGHTS_FILE",
-    "OpenRun",
     "check_name",
     "disk_errors",
     "disk_failure",
     "find_saes",
     "held_by_writer",
-    "is_release_spec",
     "is_sae_folder",
     "lock",
     "locked_run",
     "model_for",
-    "open_run",
-    "open_sae",
     "read_json",
     "read_run_json",
-    "resolve_sae",
     "resolve_saes",
     "run_holding",
     "run_of",

@@ -1,6 +1,7 @@
 """The run folder's layout (see `gemmascope.runs`): its file and folder names, the name checks that
 keep a user-given name inside it, SAE ids and finding SAEs, the paths a run file records (relative
-to the run folder), and resolving the run and SAE folders a command is given.
+to the run folder), and resolving the run folder or SAE folder a command is given (an SAE by
+id or release name: `opening.resolve_sae`).
 
 Knows nothing of what is inside the files, and writes nothing.
 """
@@ -150,35 +151,3 @@ def resolve_saes(path: Path | str, what: str = "run folder") -> tuple[Path | Non
     if path.is_dir():
         return run_of(path), [path]
     raise StoreError(f"no run folder or SAE folder at {str(path)!r}")
-
-
-def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> tuple[str, Path]:
-    """`(sae_id, folder)` of an SAE given as a folder, as an SAE id of `run_dir` (`spec` may be
-    None when the run holds one SAE), or as an official release's `RELEASE/ID` (e.g.
-    `gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small`: from $GEMMASCOPE_RELEASES or the
-    hub, `releases.release_file`)."""
-    if spec is not None and Path(spec).is_dir():
-        return sae_id(spec), Path(spec)
-    if spec is not None and is_release_spec(spec):
-        from gemmascope.releases import release_file
-
-        release, ident = spec.split("/", 1)
-        return spec, release_file(release, ident).parent
-    if run_dir is None:
-        raise ConfigError(
-            f"{flag} {spec!r} is not a folder: give an SAE folder, an official RELEASE/ID "
-            "(e.g. gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small) or a run folder with an SAE id"
-        )
-    found = {sae_id(folder): folder for folder in find_saes(run_dir)}
-    if spec is None and len(found) == 1:
-        return next(iter(found.items()))
-    if spec in found:
-        return spec, found[spec]
-    raise StoreError(
-        f"no SAE {spec!r} in {str(run_dir)!r}: expected {flag} with one of {', '.join(sorted(found, key=sae_order)) or 'none'}"
-    )
-
-
-def is_release_spec(spec: str) -> bool:
-    """Whether an SAE named on the command line is an official release's `RELEASE/ID`."""
-    return spec.startswith("gemma-scope-") and "/" in spec and not Path(spec).is_dir()

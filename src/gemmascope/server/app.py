@@ -38,7 +38,7 @@ def create_app(
 ) -> FastAPI:
     """The web app over one run folder, plus the SAEs named in `extra` (`--sae`: SAE folders or
     official `RELEASE/ID`s; with no run folder, only those). The model and SAEs load here, once
-    (`runs.open_run`); `model` names the model (None: the run's, `runs.model_for`) or is one already
+    (`opening.open_run`); `model` names the model (None: the run's, `runs.model_for`) or is one already
     loaded (tests). Serve it with uvicorn (`serve`, or `serving` in a thread)."""
     run = Run(run_dir, model=model, extra=extra)
     app = FastAPI(

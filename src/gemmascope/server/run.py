@@ -1,4 +1,4 @@
-"""The run folder as the server holds it. Owns opening a run once at start-up (`runs.open_run`: the
+"""The run folder as the server holds it. Owns opening a run once at start-up (`opening.open_run`: the
 model, every SAE under `saes/` and those named with `--sae`, the feature index `features.sqlite`),
 the eval report under `report/`, the lock that serialises model work, and the bounds on what one
 request may ask the model to do (`limits`' `REQUEST_*` values).
@@ -24,7 +24,8 @@ import torch
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.limits import REQUEST_PROMPT_CHARS, REQUEST_PROMPT_TOKENS, STRENGTH_FACTOR, STRENGTH_LIMIT
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
-from gemmascope.runs import EVAL_FILE, EVALS_JSON, GRAPHS, REPORT, OpenRun, find_saes, open_run
+from gemmascope.opening import OpenRun, open_run
+from gemmascope.runs import EVAL_FILE, EVALS_JSON, GRAPHS, REPORT, find_saes
 from gemmascope.sae import SAE, sae_site
 
 _REPORT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(png|svg|json)$")
@@ -142,7 +143,7 @@ class Run:
         listing, never joined to a path as given."""
         return self.report_dir / name if self.report_dir and name in self.report_files() else None
 
-    # -- the feature index (the open run's: `runs.OpenRun`) ------------------------------------
+    # -- the feature index (the open run's: `opening.OpenRun`) ------------------------------------
 
     def feature_index(self) -> Any:
         """The run's `features.FeatureIndex`, opened on first use (it may be built after the

@@ -28,6 +28,7 @@ from gemmascope.runs import (
     SUITE_JSON,
     lock,
     read_json,
+    sae_id,
     write_atomic,
 )
 from gemmascope.sae import architecture
@@ -325,7 +326,7 @@ def _drop_activations(run_dir: Path, sites: Sequence[Site]) -> None:
 
 def _evaluate_layer(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequence[Path]) -> None:
     from gemmascope.evals import evaluate, write_eval
-    from gemmascope.formats import load_sae, sae_id
+    from gemmascope.formats import load_sae
 
     saes = {sae_id(f): load_sae(f) for f in folders}
     results = evaluate(
@@ -337,7 +338,7 @@ def _evaluate_layer(run_dir: Path, plan: SuitePlan, model: LanguageModel, folder
 
 def _index(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequence[Path]) -> None:
     from gemmascope.features import build_index
-    from gemmascope.formats import load_sae, sae_id
+    from gemmascope.formats import load_sae
 
     saes = {sae_id(f): load_sae(f) for f in folders}
     build_index(

@@ -20,8 +20,10 @@ step (its loss terms, after-step update, groups, saved form) is its own file's, 
 - `trainee`: one SAE in training: its optimiser, running counts, spike guard and held-out measurement.
 - `checkpoint`: checkpoints, the run key, the training log.
 - `distributed`: torchrun, data-parallel and SAE-parallel.
+- `finetune`: the end-to-end fine-tune with the model spliced in (training's optimiser and checkpoints).
 
-Knows nothing of the model: it reads activations from `activations.ActivationStore` only.
+Knows nothing of the model, but for `finetune` (which trains through it, and which this package does
+not re-export): training reads activations from `activations.ActivationStore` only.
 """
 
 from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR, jumprelu_terms

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gemmascope import ranks
 from gemmascope.activations import ActivationStore
 from gemmascope.errors import ConfigError
 from gemmascope.sae import SAE, architecture
@@ -64,8 +65,8 @@ class Parallel:
         elif world > 1:
             if not dist.is_available():
                 raise ConfigError(f"WORLD_SIZE is {world} but this PyTorch has no torch.distributed")
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            atexit.register(dist.destroy_process_group)  # if the run fails before `finish`
+            ranks.join("nccl" if device.type == "cuda" else "gloo")
+            atexit.register(ranks.leave, together=False)  # if the run fails before `finish`
         par = cls(cfg.parallel, dist.get_rank() if world > 1 else 0, world, device)
         par.owns_group = world > 1 and not started
         if par.data:
@@ -212,11 +213,8 @@ class Parallel:
                     by_spec[i] = Path(p)
             folders = [p for p in by_spec if p is not None]
         if self.owns_group:
-            # Leave together: a rank tearing down its group while another still talks to it can
-            # abort that one at exit ("terminate called without an active exception").
-            dist.barrier()
-            dist.destroy_process_group()
-            atexit.unregister(dist.destroy_process_group)
+            atexit.unregister(ranks.leave)
+            ranks.leave()  # together, and destroyed for good (see `gemmascope.ranks`)
             self.owns_group = False
         return folders
 
