@@ -4,17 +4,21 @@ the probes, the files and plots, and the real Gemma 3 270M."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from gemmascope import evals
+from gemmascope import evals, sites
 from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError, CorpusError
-from gemmascope.models import LanguageModel
+from gemmascope.models import LanguageModel, OutputHead
 from gemmascope.sae import SAE, JumpReLUSAE, SAEConfig
 from gemmascope.sites import Site, capture, parse_site
 
@@ -182,20 +186,43 @@ def test_health_in_eval_json_table_and_summary(tiny_model: LanguageModel, tmp_pa
     assert evals.summary(old)["health_warning"] is None and "!" not in evals.format_table([old])
 
 
-def test_next_token_metrics_match_a_plain_reference() -> None:
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("chunk", [7, 50, 64])
+def test_next_token_metrics_match_a_plain_reference(chunk: int, softcap: float | None) -> None:
     gen = torch.Generator().manual_seed(0)
-    clean_logits = torch.randn(6, 50, generator=gen) * 3
-    edited_logits = clean_logits + torch.randn(6, 50, generator=gen)
+    head = OutputHead(torch.randn(50, 8, generator=gen), torch.randn(50, generator=gen), softcap)
+    clean_hidden = torch.randn(6, 8, generator=gen) * 2
+    edited_hidden = clean_hidden + torch.randn(6, 8, generator=gen)
     targets = torch.randint(0, 50, (6,), generator=gen)
-    clean = evals.CleanDistribution(clean_logits)
-    ce, kl = clean.compare(edited_logits, targets)
+    clean_logits, edited_logits = head.logits(clean_hidden), head.logits(edited_hidden)
+    if softcap is not None:
+        assert float(edited_logits.abs().max()) <= softcap
+    clean = evals.CleanDistribution(head, clean_hidden, targets, chunk=chunk)
+    ce, kl = clean.compare(edited_hidden)
     ref_ce = torch.nn.functional.cross_entropy(edited_logits, targets, reduction="none")
     p, logp_edit = clean_logits.log_softmax(-1).exp(), edited_logits.log_softmax(-1)
     ref_kl = (p * (clean_logits.log_softmax(-1) - logp_edit)).sum(-1)
     torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl, ref_kl, rtol=1e-4, atol=1e-5)
-    ce_same, kl_same = clean.compare(clean_logits, targets)
+    ce_same, kl_same = clean.compare(clean_hidden)
     assert float(kl_same.abs().max()) < 1e-5
+    torch.testing.assert_close(clean.unedited()[0], ce_same)
+    torch.testing.assert_close(
+        clean.unedited()[0], torch.nn.functional.cross_entropy(clean_logits, targets, reduction="none")
+    )
+    # differentiable in the edited hidden states, as the plain formula is
+    edited = edited_hidden.clone().requires_grad_(True)
+    ce_g, kl_g = clean.compare(edited)
+    (ce_g.sum() + kl_g.sum()).backward()
+    ref = edited_hidden.clone().requires_grad_(True)
+    ref_logits = head.logits(ref)
+    ref_loss = (
+        torch.nn.functional.cross_entropy(ref_logits, targets, reduction="sum")
+        + (p * (clean_logits.log_softmax(-1) - ref_logits.log_softmax(-1))).sum()
+    )
+    ref_loss.backward()
+    assert edited.grad is not None and ref.grad is not None
+    torch.testing.assert_close(edited.grad, ref.grad, rtol=1e-4, atol=1e-5)
     stats = evals.NextTokenStats()
     stats.update(ce[:3], kl[:3])
     stats.update(ce[3:], kl[3:])
@@ -232,6 +259,68 @@ def test_splicing_an_exact_sae_leaves_the_forward_pass_unchanged(tiny_model: Lan
     # BOS (and EOS) positions stay clean: the output at position 0 only sees position 0
     torch.testing.assert_close(zeroed[:, 0], clean[:, 0], rtol=0, atol=1e-5)
     assert float((zeroed[:, 1:] - clean[:, 1:]).abs().max()) > 1e-3
+
+
+def _reference_under(
+    model: LanguageModel, batch: evals.EditBatch, edit: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference of `EditBatch.under`: whole forward passes to the logits, clean and
+    edited, and cross-entropy and KL from their log-softmax."""
+    with torch.no_grad():
+        clean = model.hf(input_ids=batch.ids).logits[:, :-1][batch.predict].log_softmax(-1)
+        with edit:
+            edited = model.hf(input_ids=batch.ids).logits[:, :-1][batch.predict].log_softmax(-1)
+    ce = -edited.gather(1, batch.targets[:, None]).squeeze(1)
+    return ce, (clean.exp() * (clean - edited)).sum(-1)
+
+
+def test_edited_passes_equal_whole_forward_passes(tiny_model: LanguageModel) -> None:
+    """The fast path (the clean pass once, edited passes resumed after the layers no edit touches,
+    the output layer a vocabulary block at a time) equals whole forward passes to 1e-4, for a splice
+    at each kind of site, a transcoder, several SAEs at once, an ablation and a steer."""
+    from gemmascope.sites import capture
+    from gemmascope.steer import Intervention, steering
+
+    model = tiny_model
+    ids = eval_rows(model, rows=3, context_len=24)
+    tc = random_sae("mlp_in.1", 64)
+    tc.cfg.out_site = "mlp_out.1"
+    saes = [random_sae("resid_post.2", 64), random_sae("attn_out.1", 64), random_sae("mlp_out.0", 64)]
+    batches = list(evals.edited_batches(model, ids, [*saes, tc], batch_rows=2, min_tokens=1))
+    assert [b.ids.shape[0] for b in batches] == [2, 1]
+    for batch in batches:
+        ce_clean, _ = _reference_under(model, batch, contextlib.nullcontext())
+        torch.testing.assert_close(batch.unedited[0], ce_clean, rtol=0, atol=1e-4)
+        assert float(batch.unedited[1].abs().max()) == 0.0
+        keep = batch.keep
+        edits: dict[str, Callable[[], Any]] = {
+            **{f"splice {sae.cfg.site}": partial(evals.splice, model, [sae], keep) for sae in [*saes, tc]},
+            "all at once": partial(evals.splice, model, [*saes, tc], keep),
+            "ablate resid_post.0": partial(evals.zero_ablate, model, Site("resid_post", 0), keep),
+            "steer": partial(steering, model, [Intervention(saes[0], latent=3, value=4.0)]),
+        }
+        for name, edit in edits.items():
+            with torch.no_grad():
+                ce, kl = batch.under(edit())
+            ref_ce, ref_kl = _reference_under(model, batch, edit())
+            torch.testing.assert_close(ce, ref_ce, rtol=0, atol=1e-4, msg=name)
+            torch.testing.assert_close(kl, ref_kl, rtol=0, atol=1e-4, msg=name)
+            assert float((ce - ce_clean).abs().max()) > 1e-3, name  # every edit changes the loss
+    # the layers before the first one an edit touches are replayed (a resid_post site's own layer too);
+    # transformers' own output recorders, left on the model by `output_hidden_states`, edit nothing
+    with torch.no_grad():
+        model.hf(input_ids=ids[:1], output_hidden_states=True, output_attentions=True)
+    for site, replayed in (("resid_post.2", 3), ("attn_out.1", 1), ("mlp_out.0", 0), ("mlp_in.1", 1)):
+        with evals.replaced_at(model, parse_site(site), torch.zeros_like, batches[0].keep):
+            assert sites._replayable_layers(model) == replayed, site
+    assert sites._replayable_layers(model) == model.n_layers
+    # a resumed pass is the whole pass bit for bit: the same final hidden states
+    batch = batches[0]
+    for edit in (contextlib.nullcontext(), evals.splice(model, saes[:1], batch.keep)):
+        with edit:
+            resumed = sites.resume(model, batch.ids, batch.trunk)
+            _, whole = capture(model, batch.ids, [], trunk=True)
+        assert torch.equal(resumed, whole.final)
 
 
 def test_identity_sae_scores_perfectly_and_zero_sae_recovers_nothing(tiny_model: LanguageModel) -> None:

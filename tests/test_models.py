@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemmascope.errors import ConfigError, ModelError
-from gemmascope.models import LanguageModel, load_model, token_texts
+from gemmascope.models import LanguageModel, load_model, output_head, token_texts
 from gemmascope.sites import (
     Site,
     capture,
@@ -187,26 +187,52 @@ def test_token_texts_join_characters_split_over_byte_tokens(tiny_model: Language
     assert token_texts(tiny_model.tokenizer, ids[: first + 2]) == alone[: first + 2]
 
 
-def test_capture_with_logits_runs_to_the_end(tiny_model: LanguageModel) -> None:
+def test_capture_with_the_trunk_runs_to_the_output_layer(tiny_model: LanguageModel) -> None:
     ids = torch.randint(3, 1000, (2, 12))
     sites = [Site("resid_post", 1), Site("mlp_out", 2)]
-    acts, logits = capture(tiny_model, ids, sites, logits=True)
+    acts, trunk = capture(tiny_model, ids, sites, trunk=True)
     with torch.no_grad():
-        want = tiny_model.hf(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+        out = tiny_model.hf(input_ids=ids, use_cache=False, output_hidden_states=True)
+    # the output layer's input, what the logits are made of, and every layer's output
+    head = output_head(tiny_model)
+    torch.testing.assert_close(head.logits(trunk.final), out.logits, rtol=0, atol=1e-5)
+    assert len(trunk.outputs) == tiny_model.n_layers
+    torch.testing.assert_close(trunk.outputs[1], acts[Site("resid_post", 1)], rtol=0, atol=0)
+    # hidden_states[i + 1] is what layer i returned (the last one is after the final norm)
+    for i in range(tiny_model.n_layers - 1):
+        torch.testing.assert_close(trunk.outputs[i], out.hidden_states[i + 1], rtol=0, atol=0)
     stopped = capture(tiny_model, ids, sites)
     for site in sites:
         torch.testing.assert_close(acts[site], stopped[site], rtol=0, atol=0)
 
 
+def test_output_head_is_the_models_own_logits_or_an_error() -> None:
+    model = load_model("tiny-gemma3")  # its own: the head is checked once per loaded model
+    ids = torch.randint(3, 1000, (2, 12))
+    model.hf.config.final_logit_softcapping = 0.5  # Gemma 2's soft-capping, read at every forward
+    head = output_head(model)
+    assert head.softcap == 0.5 and head.vocab == model.hf.config.vocab_size
+    _, trunk = capture(model, ids, [], trunk=True)
+    with torch.no_grad():
+        want = model.hf(input_ids=ids, use_cache=False).logits
+    assert float(want.abs().max()) <= 0.5
+    torch.testing.assert_close(head.logits(trunk.final), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(head.logits(trunk.final, 100, 200), want[..., 100:200], rtol=0, atol=1e-6)
+    assert output_head(model) is head  # checked once
+    other = load_model("tiny-gemma3")
+    other.hf.register_forward_hook(lambda _m, _a, out: out.__setitem__("logits", out.logits * 2) or out)
+    with pytest.raises(ModelError, match="not its output layer's linear map"):
+        output_head(other)
+
+
 def test_capture_batches_walks_rows_in_order_and_cuts_padding(tiny_model: LanguageModel) -> None:
     rows = torch.randint(3, 1000, (5, 10))
     site = Site("resid_post", 1)
-    batches = list(capture_batches(tiny_model, rows, [site], 2, start=1, logits=True))
+    batches = list(capture_batches(tiny_model, rows, [site], 2, start=1, trunk=True))
     assert [(b.start, b.stop) for b in batches] == [(1, 3), (3, 5)]
     for b in batches:
-        acts, logits = capture(tiny_model, rows[b.start : b.stop], [site], logits=True)
-        assert b.logits is not None and torch.equal(b.logits, logits)
+        acts, trunk = capture(tiny_model, rows[b.start : b.stop], [site], trunk=True)
+        assert b.trunk is not None and torch.equal(b.trunk.final, trunk.final)
         assert torch.equal(b.acts[site], acts[site])
     lengths = [10, 4, 6, 3, 2]
     mask = (torch.arange(10) < torch.tensor(lengths)[:, None]).long()

@@ -1,10 +1,12 @@
 """Models. Owns loading a causal LM and its tokenizer (the bundled Gemma 3 270M, converted once from
 its GGUF file and cached; a small random Gemma 3 for tests; any transformers causal LM by local path
-or hub id), the model's decoder layers, tokenising a prompt with its bound (`MAX_PROMPT_TOKENS`,
+or hub id), the model's decoder layers and output layer (`output_head`: the logits a vocabulary block
+at a time, checked once against the model's own), tokenising a prompt with its bound (`MAX_PROMPT_TOKENS`,
 `prompt_tokens`) and each token's display text (`token_texts`).
 
-Knows nothing of sites, hooks or capture (`sites.py` owns them and takes a `LanguageModel`), nor of
-SAEs, their training or their files.
+Knows nothing of sites, edits or capture (`sites.py` owns them and takes a `LanguageModel`; the one
+hook here reads the output layer's input once, to check `output_head`), nor of SAEs, their training
+or their files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,10 @@ class LanguageModel:
     @property
     def layers(self) -> nn.ModuleList:
         return decoder_layers(self.hf)
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return output_layer(self.hf)
 
     @property
     def special_token_ids(self) -> set[int]:
@@ -131,6 +138,82 @@ def decoder_layers(hf: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList):
             return obj
     raise ModelError(f"cannot find the decoder layers of {type(hf).__name__}; expected a Gemma-like model")
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as next-token measurements read it, a slice of the vocabulary at a
+    time: `logits(h [N, d], start, stop) -> [N, stop - start]` = softcap(h @ weight[start:stop].T +
+    bias), softcap(z) = c·tanh(z / c) when the model has one (Gemma 2 and 3's
+    `final_logit_softcapping`). Without [N, vocab] ever held, a chunked pass costs what the
+    output layer's product does."""
+
+    weight: Tensor  # [vocab, d]
+    bias: Tensor | None  # [vocab]
+    softcap: float | None
+
+    @property
+    def vocab(self) -> int:
+        return int(self.weight.shape[0])
+
+    def logits(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """`[N, stop - start]` logits of the final hidden states `h [N, d]` (what the output layer
+        reads) for the tokens `start:stop` of the vocabulary."""
+        stop = self.vocab if stop is None else stop
+        bias = None if self.bias is None else self.bias[start:stop]
+        z = nn.functional.linear(h, self.weight[start:stop], bias)
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+_CHECKED_HEADS: weakref.WeakKeyDictionary[nn.Module, OutputHead] = weakref.WeakKeyDictionary()  # checked once
+
+
+def output_head(model: LanguageModel) -> OutputHead:
+    """The model's output layer (`hf.get_output_embeddings()`, a linear map, and the config's
+    `final_logit_softcapping`), checked once per loaded model against the logits `hf` itself
+    computes on a few tokens: a model whose forward does more after its output layer is a
+    ModelError, never a silently different loss."""
+    hf = model.hf
+    linear = model.output_layer
+    head = _CHECKED_HEADS.get(hf)
+    if head is not None and head.weight is linear.weight:
+        return head
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    head = OutputHead(linear.weight, linear.bias, None if softcap is None else float(softcap))
+    ids = torch.arange(1, 9, device=model.device)[None] % head.vocab  # [1, 8]
+    final: dict[str, Tensor] = {}
+
+    def keep(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        final["h"] = args[0]
+
+    handle = linear.register_forward_pre_hook(keep)
+    try:
+        with torch.no_grad():
+            expected = hf(input_ids=ids, use_cache=False).logits[0]  # [8, vocab]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        ours = head.logits(final["h"][0])
+    if ours.shape != expected.shape or not torch.allclose(ours, expected, rtol=1e-4, atol=1e-4):
+        raise ModelError(
+            f"the logits of {model.name!r} are not its output layer's linear map (with Gemma's soft-capping), "
+            "which is what next-token losses are measured with: this model's output layer is not supported"
+        )
+    _CHECKED_HEADS[hf] = head
+    return head
+
+
+def output_layer(hf: nn.Module) -> nn.Linear:
+    """The output layer of a causal LM: the linear map from its final hidden states to the vocabulary."""
+    get: Any = getattr(hf, "get_output_embeddings", None)
+    linear = get() if callable(get) else None
+    if not isinstance(linear, nn.Linear):
+        raise ModelError(
+            f"cannot find the output layer of {type(hf).__name__}; expected a linear map to the vocabulary"
+        )
+    return linear
 
 
 def cache_root() -> Path:

@@ -1,9 +1,10 @@
 """Sites. Owns the names of the places in a model SAEs read (`resid_post`, `attn_out`, `mlp_out`,
 `mlp_in` at a layer; TransformerLens aliases such as `blocks.6.hook_resid_post`), their widths and hook
-points, the one capture mechanism (many sites in one forward pass, with the logits or stopping after
-the deepest layer needed; `capture_batches` runs it over token rows a batch at a time for every batch
-loop of the project) and the one edit mechanism (the context manager that replaces a site's
-activation in every forward pass).
+points, the one capture mechanism (many sites in one forward pass, stopping after the deepest layer
+needed, or with the trunk: every layer's output and the final hidden states; `capture_batches` runs
+it over token rows a batch at a time for every batch loop of the project), the one edit mechanism
+(the context manager that replaces a site's activation in every forward pass), and `resume`: an
+edited pass that replays the clean pass's outputs for the layers no edit touches.
 
 Takes a loaded `models.LanguageModel`; knows nothing of loading models, nor of SAEs, their training
 or their files.
@@ -12,7 +13,7 @@ or their files.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -171,13 +172,24 @@ class _StopForward(Exception):
     """Raised inside the forward pass once the deepest needed site has been captured."""
 
 
+@dataclass
+class Trunk:
+    """A clean pass up to the model's output layer, what an edited pass over the same ids resumes
+    from (`resume`): `outputs[i]` what decoder layer i returned (its residual stream `[B, T, d]`, in
+    the layer's own output form, detached) and `final [B, T, d]` what the output layer reads (after
+    the final norm; `models.output_head` turns it into logits)."""
+
+    outputs: list[Any]
+    final: Tensor
+
+
 @overload
 def capture(
     model: LanguageModel,
     input_ids: Tensor,
     sites: Sequence[Site],
     attention_mask: Tensor | None = None,
-    logits: Literal[False] = False,
+    trunk: Literal[False] = False,
 ) -> dict[Site, Tensor]: ...
 
 
@@ -188,8 +200,8 @@ def capture(
     sites: Sequence[Site],
     attention_mask: Tensor | None = None,
     *,
-    logits: Literal[True],
-) -> tuple[dict[Site, Tensor], Tensor]: ...
+    trunk: Literal[True],
+) -> tuple[dict[Site, Tensor], Trunk]: ...
 
 
 def capture(
@@ -197,12 +209,13 @@ def capture(
     input_ids: Tensor,
     sites: Sequence[Site],
     attention_mask: Tensor | None = None,
-    logits: bool = False,
-) -> dict[Site, Tensor] | tuple[dict[Site, Tensor], Tensor]:
+    trunk: bool = False,
+) -> dict[Site, Tensor] | tuple[dict[Site, Tensor], Trunk]:
     """Run one forward pass over `input_ids [batch, pos]` and return each site's activation
-    `[batch, pos, d_in]` (detached). Without `logits` the pass stops after the deepest layer a site
-    needs; with `logits=True` it runs to the end and returns `(acts, logits [batch, pos, vocab])`."""
-    if not sites and not logits:
+    `[batch, pos, d_in]` (detached). Without `trunk` the pass stops after the deepest layer a site
+    needs; with `trunk=True` it runs up to the output layer (whose product it leaves to the caller)
+    and returns `(acts, Trunk)`: every layer's output and the final hidden states."""
+    if not sites and not trunk:
         raise ConfigError("capture needs at least one site")
     acts: dict[Site, Tensor] = {}
     deepest = max((site.layer for site in sites), default=0)
@@ -218,36 +231,133 @@ def capture(
     def stop(_module: nn.Module, _args: Any, _output: Any) -> None:
         raise _StopForward
 
-    out: Tensor | None = None
+    outputs: list[Any] = [None] * model.n_layers
+    final: dict[str, Tensor] = {}
     with ExitStack() as stack:
         for site in sites:
             stack.callback(_hook(model, site, recorder(site)).remove)
-        if not logits:
+        if trunk:
+            for i, layer in enumerate(model.layers):
+                stack.callback(layer.register_forward_hook(_output_keeper(outputs, i)).remove)
+            stack.callback(_stop_at_head(model, final))
+        else:
             stack.callback(model.layers[deepest].register_forward_hook(stop).remove)
         with torch.no_grad():
             try:
-                out = model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             except _StopForward:
                 pass
     by_site = {site: acts[site] for site in sites}
-    if logits:
-        assert out is not None
-        return by_site, out
+    if trunk:
+        return by_site, Trunk(outputs, final["h"])
     return by_site
+
+
+def _output_keeper(outputs: list[Any], i: int) -> Callable[[nn.Module, Any, Any], None]:
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        is_tuple = isinstance(output, tuple)
+        outputs[i] = (output[0].detach(), *output[1:]) if is_tuple else output.detach()
+
+    return keep
+
+
+def _stop_at_head(model: LanguageModel, final: dict[str, Tensor]) -> Callable[[], None]:
+    """Keep what the output layer reads in `final["h"]` and stop the pass there (its product, over
+    the whole vocabulary, is the caller's to take in chunks); returns the hook's remover."""
+
+    def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        final["h"] = args[0]
+        raise _StopForward
+
+    return model.output_layer.register_forward_pre_hook(stop).remove
+
+
+def resume(
+    model: LanguageModel, input_ids: Tensor, trunk: Trunk, attention_mask: Tensor | None = None
+) -> Tensor:
+    """The final hidden states `[B, T, d]` (what the output layer reads) of a forward pass over
+    `input_ids` with the edits in place (`edit_site`, `edit_from`: hooks), computed from the first
+    layer an edit touches: every layer before it gives, without running, its output in `trunk`, the
+    clean pass over the same ids (`capture(..., trunk=True)`), so the pass equals a whole one bit
+    for bit. A layer whose own output alone is edited (a `resid_post` site) is replayed too, and its
+    replayed output edited. Differentiable in what the edits add when gradients are on."""
+    replayed = _replayable_layers(model)
+    final: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        for i in range(replayed):
+            output = trunk.outputs[i]
+            if i == replayed - 1:  # the one the first real computation (or an edit) reads: a copy
+                output = (output[0].clone(), *output[1:]) if isinstance(output, tuple) else output.clone()
+            stack.enter_context(_replaying(model.layers[i], output))
+        stack.callback(_stop_at_head(model, final))
+        try:
+            model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    return final["h"]
+
+
+# Hooks known to read without editing: transformers' output recorders (`output_hidden_states`,
+# `output_attentions`), installed once and left on the model.
+_READ_ONLY_HOOKS = ("transformers.utils.output_capturing",)
+
+
+def _edits(hooks: Mapping[Any, Any]) -> bool:
+    """Whether any of `hooks` may edit what it sees (any hook but a known reader)."""
+    return any(getattr(hook, "__module__", None) not in _READ_ONLY_HOOKS for hook in hooks.values())
+
+
+def _hooked(module: nn.Module) -> bool:
+    return _edits(module._forward_hooks) or _edits(module._forward_pre_hooks)
+
+
+def _replayable_layers(model: LanguageModel) -> int:
+    """How many leading decoder layers an edited pass may replay from the clean pass: those before
+    the first layer holding a hook (its own pre-hook or any hook of its modules), and that layer too
+    when its only hooks are on its output. None when anything outside the layers is hooked."""
+    from torch.nn.modules import module as torch_module
+
+    layers = list(model.layers)
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    if _edits(torch_module._global_forward_hooks) or _edits(torch_module._global_forward_pre_hooks):
+        return 0
+    if any(_hooked(m) for m in model.hf.modules() if id(m) not in inside):
+        return 0
+    for i, layer in enumerate(layers):
+        if _edits(layer._forward_pre_hooks) or any(_hooked(m) for m in layer.modules() if m is not layer):
+            return i
+        if _edits(layer._forward_hooks):
+            return i + 1
+    return len(layers)
+
+
+@contextmanager
+def _replaying(layer: nn.Module, output: Any) -> Iterator[None]:
+    """Within the block, `layer` returns `output` without computing (its hooks still run)."""
+    had = "forward" in layer.__dict__  # an instance's own forward (accelerate's wrapper) is put back
+    previous: Any = layer.__dict__.get("forward")
+    layer.forward = lambda *_args, **_kwargs: output
+    try:
+        yield
+    finally:
+        if had:
+            layer.forward = previous
+        else:
+            del layer.forward
 
 
 @dataclass
 class CapturedBatch:
     """One batch of `capture_batches`: rows `start:stop` of the token rows, their ids `[B, T]` and
     attention mask (or None) on the model's device, each site's activation `[B, T, d_in]`, and the
-    logits `[B, T, vocab]` when asked for."""
+    clean pass's `Trunk` when asked for."""
 
     start: int
     stop: int
     ids: Tensor
     attention_mask: Tensor | None
     acts: dict[Site, Tensor]
-    logits: Tensor | None = None
+    trunk: Trunk | None = None
 
 
 def capture_batches(
@@ -259,7 +369,7 @@ def capture_batches(
     start: int = 0,
     stop: int | None = None,
     attention_mask: Tensor | None = None,
-    logits: bool = False,
+    trunk: bool = False,
     desc: str | None = None,
     progress: bool = False,
 ) -> Iterator[CapturedBatch]:
@@ -283,11 +393,9 @@ def capture_batches(
             mask = mask[:, :width].contiguous().to(model.device)
         else:
             ids = ids.to(model.device)
-        # no local keeps the batch's tensors while it is out, so a consumer can free the logits early
-        if logits:
-            yield CapturedBatch(
-                a, b, ids, mask, *capture(model, ids, sites, attention_mask=mask, logits=True)
-            )
+        # no local keeps the batch's tensors while it is out, so a consumer can free them early
+        if trunk:
+            yield CapturedBatch(a, b, ids, mask, *capture(model, ids, sites, attention_mask=mask, trunk=True))
         else:
             yield CapturedBatch(a, b, ids, mask, capture(model, ids, sites, attention_mask=mask))
 

@@ -3,17 +3,21 @@ forward passes that produce L0, FVU, delta LM loss, CE loss recovered against ze
 KL(clean || spliced), dead/dense fractions and the health block (their arithmetic lives in
 metrics.py), the held-out token rows, and the splice of a reconstruction (or zeros) into the real
 forward pass. The site check and the latents come from `sae.sae_site` and `sae.encode_inputs`; the
-batches and the clean pass (logits and every site) from `sites.capture_batches`.
+batches and the clean pass (every site, every layer's output, the final hidden states) from
+`sites.capture_batches`.
 
 Every metric is taken over non-special tokens only (BOS, EOS and pad excluded), on held-out text.
 The clean forward pass and the activations at every SAE's site come from one pass; the zero-ablation
 pass is one per site and the spliced pass one per SAE (they differ by construction).
 
 `edited_batches` is the one way to measure the model under an edit (a splice, an ablation, a steer,
-a fine-tune's splice with gradients): held-out rows in batches, one clean pass each (logits and
-sites, `sites.capture_batches`), the one mask of positions an edit may touch (not BOS/EOS/pad, not
+a fine-tune's splice with gradients): held-out rows in batches, one clean pass each (sites and the
+trunk, `sites.capture_batches`), the one mask of positions an edit may touch (not BOS/EOS/pad, not
 a massive input of any SAE measured), the counted predictions and the clean distribution to
-compare an edited pass with. `splice` is the one splice of SAEs and transcoders. The core
+compare an edited pass with. What makes it fast, with the same figures as whole forward passes
+(to float rounding, tested to 1e-4): an edited pass resumes from the clean pass after the layers no
+edit touches (`sites.resume`), and takes the output layer only at the counted predictions and a
+vocabulary block at a time (`metrics.CleanDistribution`), never holding `[B, T, vocab]` logits. `splice` is the one splice of SAEs and transcoders. The core
 evaluation, the replacement model, `effects.side_effects` and `train.finetune` use both.
 
 Knows nothing of tables, plots or files (report.py), of probing (probing.py), of the server, of
@@ -40,9 +44,9 @@ from gemmascope.evals.metrics import (
     ce_loss_score,
     kl_div_score,
 )
-from gemmascope.models import LanguageModel
+from gemmascope.models import LanguageModel, output_head
 from gemmascope.sae import SAE, encode_inputs, massive_mask, sae_site
-from gemmascope.sites import Site, capture_batches, edit_from, edit_site, parse_site
+from gemmascope.sites import Site, Trunk, capture_batches, edit_from, edit_site, parse_site, resume
 
 MIN_EVAL_TOKENS = 1024  # fewer non-special tokens than this and dead/dense/CE numbers mean little
 SAEs = Mapping[str, SAE] | Sequence[SAE]
@@ -146,17 +150,19 @@ def evaluate_replacement(
 @dataclass
 class EditBatch:
     """One batch of `edited_batches`: rows `start:stop` of the token rows, their `ids [B, T]`, the
-    clean pass's activations `acts` at the sites asked for (`[B, T, d]` each), `keep [B, T]` the
-    positions an edit may touch (not special, no massive input), `predict [B, T-1]` the predictions
-    that count (input and target kept), their `targets [N]`, the clean next-token distribution
-    there, `unedited` (the clean pass's own cross-entropy and KL, `[N]` each) and `n_massive`
-    (non-special positions left out for a massive input)."""
+    clean pass's activations `acts` at the sites asked for (`[B, T, d]` each) and its `trunk` (every
+    layer's output, what an edited pass resumes from), `keep [B, T]` the positions an edit may
+    touch (not special, no massive input), `predict [B, T-1]` the predictions that count (input and
+    target kept), their `targets [N]`, the clean next-token distribution there, `unedited` (the clean
+    pass's own cross-entropy and KL, `[N]` each) and `n_massive` (non-special positions left out for
+    a massive input)."""
 
     model: LanguageModel
     start: int
     stop: int
     ids: Tensor
     acts: dict[Site, Tensor]
+    trunk: Trunk
     keep: Tensor
     predict: Tensor
     targets: Tensor
@@ -164,16 +170,19 @@ class EditBatch:
     unedited: tuple[Tensor, Tensor]
     n_massive: int
 
-    def logits(self) -> Tensor:
-        """`[N, vocab]`: the model's logits on this batch at the counted predictions, under whatever
-        edit is in place (differentiable in an SAE spliced in when gradients are on)."""
-        return _logits(self.model, self.ids, self.predict)
+    def hidden(self) -> Tensor:
+        """`[N, d]`: the final hidden states (what the output layer reads) on this batch at the
+        counted predictions, under whatever edit is in place (`sites.resume`: the layers before the
+        first one an edit touches are the clean pass's; differentiable in an SAE spliced in when
+        gradients are on)."""
+        h: Tensor = resume(self.model, self.ids, self.trunk)
+        return h[:, :-1][self.predict]
 
     def under(self, edit: AbstractContextManager[Any]) -> tuple[Tensor, Tensor]:
         """Cross-entropy and KL(clean ‖ edited), `[N]` each, of the pass with `edit` in place."""
         with edit:
-            logits = self.logits()
-        return self.clean.compare(logits, self.targets)
+            hidden = self.hidden()
+        return self.clean.compare(hidden)
 
 
 def edited_batches(
@@ -189,21 +198,22 @@ def edited_batches(
     progress: bool = False,
 ) -> Generator[EditBatch, None, None]:
     """The one way to measure the model under an edit: `token_ids [rows, T]` (BOS first in each
-    row) from row `start` on, `batch_rows` rows per clean pass (`sites.capture_batches` with the
-    logits, at every SAE's input site and at `sites`), each batch an `EditBatch` whose `keep` is the
-    one mask: not BOS/EOS/pad and, for every SAE of `saes`, not a massive input
+    row) from row `start` on, `batch_rows` rows per clean pass (`sites.capture_batches` up to the
+    output layer, at every SAE's input site and at `sites`), each batch an `EditBatch` whose `keep`
+    is the one mask: not BOS/EOS/pad and, for every SAE of `saes`, not a massive input
     (`sae.massive_mask`). A CorpusError when the rows hold fewer than `min_tokens` non-special
-    tokens. Each pass holds `batch_rows x T x vocab` logits (262k vocab for Gemma 3): keep it small."""
+    tokens. Logits are never held whole: the clean distribution keeps `[N, vocab]` probabilities
+    (262k vocab for Gemma 3) and each pass takes the output layer a block at a time."""
     special = _special_positions(model, token_ids, min_tokens)
+    head = output_head(model)
     reads = [sae_site(model, sae) for sae in saes]
     capture_sites = sorted(set(reads) | set(sites))
     batches = capture_batches(
-        model, token_ids, capture_sites, batch_rows, start=start, logits=True, desc=desc, progress=progress
+        model, token_ids, capture_sites, batch_rows, start=start, trunk=True, desc=desc, progress=progress
     )
     for batch in batches:
-        ids, acts, clean_logits = batch.ids, batch.acts, batch.logits
-        batch.acts, batch.logits = {}, None  # the logits are B x T x vocab: freed once used below
-        assert clean_logits is not None
+        ids, acts, trunk = batch.ids, batch.acts, batch.trunk
+        assert trunk is not None
         keep = ~special[batch.start : batch.stop].to(ids.device)  # [B, T] non-special positions
         massive = torch.zeros_like(keep)  # [B, T] left out as BOS is (see sae.massive_mask)
         for sae, site in zip(saes, reads, strict=True):
@@ -212,12 +222,11 @@ def edited_batches(
         keep = keep & ~massive
         predict = keep[:, :-1] & keep[:, 1:]  # [B, T-1] predictions that count
         targets = ids[:, 1:][predict]
-        clean = CleanDistribution(clean_logits[:, :-1][predict])
-        del clean_logits
-        unedited = clean.compare(clean.logits, targets)
+        clean = CleanDistribution(head, trunk.final[:, :-1][predict], targets)
         yield EditBatch(
-            model, batch.start, batch.stop, ids, acts, keep, predict, targets, clean, unedited, n_massive
-        )
+            model, batch.start, batch.stop, ids, acts, trunk, keep, predict, targets, clean,
+            clean.unedited(), n_massive,
+        )  # fmt: skip
 
 
 @dataclass
@@ -473,9 +482,3 @@ def splice(
 def zero_ablate(model: LanguageModel, site: Site, keep: Tensor) -> AbstractContextManager[None]:
     """Within the block, the activation at `site` is replaced by zeros at the `keep [B, T]` positions."""
     return replaced_at(model, site, torch.zeros_like, keep)
-
-
-def _logits(model: LanguageModel, ids: Tensor, predict: Tensor) -> Tensor:
-    """Logits `[N, vocab]` of `ids [B, T]` at the counted prediction positions `predict [B, T-1]`."""
-    logits: Tensor = model.hf(input_ids=ids, use_cache=False).logits
-    return logits[:, :-1][predict]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -204,27 +204,71 @@ class ReconstructionStats:
         }
 
 
+class LogitHead(Protocol):
+    """What the next-token arithmetic reads of a model's output layer (`models.OutputHead`)."""
+
+    @property
+    def vocab(self) -> int: ...
+
+    def logits(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor: ...
+
+
 class CleanDistribution:
     """The clean next-token distributions of a batch, kept to compare edited passes against.
 
-    With `logits [N, vocab]`, log p = logits - logsumexp(logits), so for an edited pass
-    KL(clean || edited) = sum p_clean log p_clean - sum p_clean * logits_edited + logsumexp(logits_edited):
-    one exp pass and one dot product per edited pass, no `[N, vocab]` log-softmax materialised."""
+    Built from the clean pass's final hidden states `hidden [N, d]` (what the output layer reads),
+    the output layer `head` and the next tokens `targets [N]`. Logits are taken `VOCAB_CHUNK`
+    tokens of the vocabulary at a time, so no pass holds more than one `[N, chunk]` block of them:
+    with log p = z - logsumexp(z), KL(clean ‖ edited) = Σ p_clean log p_clean - Σ p_clean z_edited
+    + logsumexp(z_edited), so an edited pass costs the output layer's product, one exp pass and one
+    dot product with the stored clean probabilities (`probs`, `[N, chunk]` blocks, fp32).
+    Differentiable in the edited hidden states when gradients are on."""
 
-    def __init__(self, logits: Tensor) -> None:
-        logits = logits.float()
-        lse = logits.logsumexp(-1)  # [N]
-        self.probs = (logits - lse[:, None]).exp()  # [N, vocab]
-        self.neg_entropy = _row_dot(self.probs, logits) - lse  # [N]: sum p log p
-        self.logits = logits
+    def __init__(self, head: LogitHead, hidden: Tensor, targets: Tensor, chunk: int = 0) -> None:
+        self.head, self.targets = head, targets
+        chunk = chunk or VOCAB_CHUNK
+        self.spans = [(a, min(a + chunk, head.vocab)) for a in range(0, head.vocab, chunk)]
+        with torch.no_grad():
+            logits = [head.logits(hidden, a, b).float() for a, b in self.spans]  # [N, chunk] each
+            lse = torch.stack([z.logsumexp(-1) for z in logits]).logsumexp(0)  # [N]
+            self.neg_entropy = torch.zeros_like(lse)  # [N]: Σ p log p
+            target_logit = torch.zeros_like(lse)
+            self.probs: list[Tensor] = []
+            for (a, b), z in zip(self.spans, logits, strict=True):
+                p = (z - lse[:, None]).exp()
+                self.neg_entropy += _row_dot(p, z)
+                target_logit += _target_logit(z, targets, a, b)
+                self.probs.append(p)
+            del logits
+            self.neg_entropy -= lse
+        self.ce = lse - target_logit  # [N]: the clean pass's own cross-entropy
 
-    def compare(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy `[N]` of `logits [N, vocab]` on `targets [N]`, and KL(clean || these) `[N]`."""
-        logits = logits.float()
-        lse = logits.logsumexp(-1)
-        ce = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
-        kl = self.neg_entropy - (_row_dot(self.probs, logits) - lse)
-        return ce, kl
+    def unedited(self) -> tuple[Tensor, Tensor]:
+        """The clean pass's own cross-entropy `[N]` and KL(clean ‖ clean) (zeros) `[N]`."""
+        return self.ce, torch.zeros_like(self.ce)
+
+    def compare(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy `[N]` on the targets of an edited pass whose final hidden states are
+        `hidden [N, d]`, and KL(clean ‖ edited) `[N]`."""
+        lses, dot, target_logit = [], hidden.new_zeros(()), hidden.new_zeros(())
+        for (a, b), p in zip(self.spans, self.probs, strict=True):
+            z = self.head.logits(hidden, a, b).float()  # [N, chunk]
+            lses.append(z.logsumexp(-1))
+            dot = dot + _row_dot(p, z)
+            target_logit = target_logit + _target_logit(z, self.targets, a, b)
+        lse = torch.stack(lses).logsumexp(0)  # [N]
+        return lse - target_logit, self.neg_entropy - (dot - lse)
+
+
+VOCAB_CHUNK = 4096  # vocabulary tokens per block of logits (a [N, chunk] block stays in cache)
+
+
+def _target_logit(z: Tensor, targets: Tensor, start: int, stop: int) -> Tensor:
+    """`[N]`: the logit of each row's target where it falls in the vocabulary block `start:stop`
+    that `z [N, stop - start]` holds, else 0."""
+    inside = (targets >= start) & (targets < stop)
+    picked = z.gather(1, (targets - start).clamp(0, stop - start - 1)[:, None]).squeeze(1)
+    return torch.where(inside, picked, torch.zeros_like(picked))
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
