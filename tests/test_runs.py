@@ -60,7 +60,7 @@ def _hold_lock(run_dir: Path) -> subprocess.Popen[str]:
     code = (
         "import sys, time; from gemmascope import runs\n"
         f"with runs.lock({str(run_dir)!r}, 'train R --name dup'):\n"
-        "    print('held', flush=True); time.sleep(60)\n"
+        "    print('held', flush=True); time.sleep(600)\n"  # killed by the test
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
