@@ -903,8 +903,9 @@ print(FeatureIndex(db).saes()[0]["stats"]["second_pass"])
 
 
 def test_an_index_on_a_disk_without_room_for_its_spill_builds_on_a_real_disk(tmp_path: Path) -> None:
-    """The same on a small tmpfs (where one can be mounted): room for the index (~0.4 MB), not for
-    its 1 MB spill. The earlier build died of SIGBUS (exit -7) and left its spill folder."""
+    """The same on a small tmpfs (where one can be mounted): room for the index (~0.4 MB) and its
+    write-ahead log, not for its 1 MB spill. The earlier build died of SIGBUS (exit -7) and left its
+    spill folder."""
     import subprocess
     import sys
 
@@ -914,7 +915,7 @@ def test_an_index_on_a_disk_without_room_for_its_spill_builds_on_a_real_disk(tmp
     disk.mkdir()
     try:
         mount = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(disk)], capture_output=True
+            ["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(disk)], capture_output=True
         )
     except OSError:  # no mount command here
         pytest.skip("cannot mount a tmpfs here")

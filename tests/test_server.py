@@ -772,7 +772,7 @@ def test_official_saes_are_served_with_or_without_a_run(
     key = "gemma-scope-2-270m-pt.resid_post.layer_1_width_16k_l0_small"
     with TestClient(create_app(run_dir, model=tiny_model, extra=[f"gemma-scope-2-270m-pt/{ident}"])) as c:
         listed = [s["id"] for s in c.get("/v1/saes").json()["saes"]]
-        assert listed == [key, "resid_post.1.w256.l0_1", "resid_post.2.w256.l0_1"]  # runs.sae_order
+        assert listed == ["resid_post.1.w256.l0_1", "resid_post.2.w256.l0_1", key]
     with TestClient(create_app(None, model=tiny_model, extra=[f"gemma-scope-2-270m-pt/{ident}"])) as c:
         data = c.get("/v1/saes").json()
         assert [s["id"] for s in data["saes"]] == [key] and data["saes"][0]["site"] == "resid_post.1"

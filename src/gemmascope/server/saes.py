@@ -1,5 +1,5 @@
 """What the run holds, over HTTP: `GET /health`, `GET /v1/saes` (the SAEs with their eval numbers,
-in `runs.sae_order`, the report's plots, the request limits and the defaults the pages show), `GET /v1/report/{name}` and `GET /v1/feature/{sae_id}/
+the run's own in `runs.sae_order`, the report's plots, the request limits and the defaults the pages show), `GET /v1/report/{name}` and `GET /v1/feature/{sae_id}/
 {index}` (a feature page's data from the feature index). None of these runs the model, so they are
 answered while model requests wait.
 
@@ -14,7 +14,6 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from gemmascope.errors import GemmaScopeError
-from gemmascope.runs import sae_order
 from gemmascope.server.errors import ApiError, public_message
 from gemmascope.server.lookup import RunDep, feature_or_4xx, sae_or_404
 
@@ -46,7 +45,7 @@ def list_saes(run: RunDep) -> dict[str, Any]:
     # UI.md's plot first
     plots.sort(key=lambda name: (not name.startswith("frontier_l0_delta_lm_loss"), name))
     saes = []
-    for entry in sorted(run.saes.values(), key=lambda e: sae_order(e.id)):
+    for entry in run.saes.values():  # the run's own in `runs.sae_order` (find_saes), then --sae ones as named
         reason = run.not_indexed(entry)
         saes.append({**entry.summary(), "not_indexed": reason and public_message(reason, run.run_dir)})
     return {
