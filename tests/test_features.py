@@ -395,10 +395,10 @@ def test_baseline_explanation_names_only_lens_tokens_the_corpus_uses() -> None:
     }
     assert baseline_explanation(feature) == 'fires on "sea"; after "the"; promotes "मंत्रियों", "waves"'
     assert (
-        baseline_explanation(feature, {" the", " sea", " waves"})
+        baseline_explanation(feature, {"the", "sea", "waves"})
         == 'fires on "sea"; after "the"; promotes "waves"'
     )
-    assert baseline_explanation(feature, {" the"}) == 'fires on "sea"; after "the"'
+    assert baseline_explanation(feature, {"the"}) == 'fires on "sea"; after "the"'
 
 
 def _page(top: list[str], intervals: list[tuple[int, list[str]]], density: float = 0.04) -> dict[str, Any]:
@@ -445,12 +445,20 @@ def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
     page = _page(["sea"] * 4, [(10, ["sea"] * 5)])
     junk = ["\u200c", "\ufffd", " години", "scripts", " is", "\xad", " 思", " std", "¬", " er"]
     page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in junk]
-    known = {" is", " er", " sea", " waves", " ships", " boats"}
+    known = {"is", "er", "sea", "waves", "ships", "boats"}  # as lens_vocabulary writes them
     assert coherent_lens(page, known) == [] and baseline_explanation(page, known) == 'fires on "sea"'
     lens = [" waves", " ships", " boats", " is", " er", "\u200c", " години", " std"]
     page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
     assert coherent_lens(page, known) == [" waves", " ships", " boats", " is", " er"]
     assert baseline_explanation(page, known) == 'fires on "sea"; promotes "waves", "ships", "boats"'
+    # a word is the same word in any case, with or without its leading blank
+    lens = [" Waves", "ships", " BOATS", " sea", "\u200c", " години"]
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
+    assert coherent_lens(page, known) == [" Waves", "ships", " BOATS", " sea"]
+    page["logit_lens"]["promoted"] = [
+        {"token": t, "value": 1.0} for t in [" ships", " Ships", "ships", " sea"]
+    ]
+    assert baseline_explanation(page, known) == 'fires on "sea"; promotes "ships", "sea"'  # one form a word
 
 
 def test_relabel_writes_the_labels_a_build_writes(
@@ -485,8 +493,12 @@ def test_lens_tokens_named_are_those_the_corpus_uses_often() -> None:
         5: "\ufffd",
         6: "\u200c",
     }  # 5, 6: nothing to see
-    assert lens_vocabulary(rows, decode, min_count=2) == {" often", " twice"}
-    assert lens_vocabulary(rows, decode, min_count=4) == {" often"}
+    assert lens_vocabulary(rows, decode, min_count=2) == {"often", "twice"}
+    assert lens_vocabulary(rows, decode, min_count=4) == {"often"}
+    # the forms of one word count together: " Rare" (7) twice and " rare" (4) once make 3; " once" 5
+    decode[7] = " Rare"
+    rows = torch.cat([rows, torch.tensor([[7, 7, 1, 1, 1, 1]])])
+    assert lens_vocabulary(rows, decode, min_count=3) == {"often", "rare", "once"}
 
 
 def test_baseline_explanations_are_stored_and_searchable(built: Path) -> None:

@@ -108,16 +108,16 @@ def test_demo_end_to_end_on_the_real_model(tmp_path: Path) -> None:
         cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"}
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Three features of resid_post.6" in done.stdout
+    assert "Three features of resid_post.12" in done.stdout
     targets = done.stdout.split("Quality targets of ")[1].splitlines()[1:5]
     labels = ("ΔLM loss", "dead", "latents over 50% density", "L0 share of latents over 10%")
     assert all(label in line and "(target <= " in line for label, line in zip(labels, targets, strict=True))
     assert all(line.strip().startswith(("met ", "NOT met ")) for line in targets)
-    folder = next((run_dir / "saes" / "resid_post" / "layer_6" / "width_1024").iterdir())
+    folder = next((run_dir / "saes" / "resid_post" / "layer_12" / "width_1024").iterdir())
     sae = load_sae(folder)
     assert (sae.cfg.model_name, sae.cfg.site, sae.cfg.d_in, sae.cfg.d_sae) == (
         "gemma-3-270m",
-        "resid_post.6",
+        "resid_post.12",
         640,
         1024,
     )

@@ -260,7 +260,12 @@ def args_demo(p: argparse.ArgumentParser) -> None:
         "--run-dir", default="runs/demo", help="run folder (default runs/demo; resumed if it exists)"
     )
     add_model(p)
-    p.add_argument("--layer", type=int, default=6, help="layer of the resid_post site (default 6, mid-model)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=12,
+        help="layer of the resid_post site (default 12 of 18: the middle layers hold the concepts, BENCHMARKS.md)",
+    )
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--l0", default="medium", help="target L0: small, medium, big or a number")
     p.add_argument("--tokens", type=int, default=300_000, help="training activations harvested")

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from gemmascope.corpus import DEFAULT_CORPUS, source_name, special_mask, token_rows
 from gemmascope.errors import ConfigError, CorpusError
-from gemmascope.features.explain import baseline_explanation
+from gemmascope.features.explain import baseline_explanation, lens_word
 from gemmascope.features.lens import decoder_neighbours, logit_lens
 from gemmascope.features.pages import (
     N_BINS,
@@ -310,20 +311,22 @@ def _corpus_passes(
 
 
 def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> set[str]:
-    """The tokens a baseline explanation may name as promoted: those the index corpus `rows
-    [n_rows, ctx]` uses at least `min_count` times (a token seen once or twice, such as a Bengali
-    piece of a name in English Wikipedia, says nothing a reader can check), and that a reader can
-    see (not a byte-fallback piece, which decodes alone to U+FFFD "�", nor only blanks and invisible
-    format characters such as U+200C)."""
+    """The words a baseline explanation may name as promoted, as `explain.lens_word` writes them
+    (case and leading blank folded: " Animal", "animal" and " animal" are one word): those the index
+    corpus `rows [n_rows, ctx]` uses at least `min_count` times in all their forms (a token seen once
+    or twice, such as a Bengali piece of a name in English Wikipedia, says nothing a reader can
+    check), and that a reader can see (not a byte-fallback piece, which decodes alone to U+FFFD "�",
+    nor only blanks and invisible format characters such as U+200C)."""
     counts = torch.bincount(rows.reshape(-1).cpu())
-    return {
-        text
-        for i, text in decode.items()
-        if i < len(counts)
-        and counts[i] >= min_count
-        and "\ufffd" not in text
-        and any(ch.isprintable() and not ch.isspace() for ch in text)
-    }
+    words: Counter[str] = Counter()
+    for i, text in decode.items():
+        if (
+            i < len(counts)
+            and "\ufffd" not in text
+            and any(ch.isprintable() and not ch.isspace() for ch in text)
+        ):
+            words[lens_word(text)] += int(counts[i])
+    return {word for word, n in words.items() if n >= min_count}
 
 
 def relabel(model: LanguageModel, db_path: str | Path, sae_id: str) -> int:

@@ -68,16 +68,22 @@ def firing_shares(feature: Mapping[str, Any]) -> tuple[dict[str, float], Counter
     return {token: w / total for token, w in weight.items()}, seen
 
 
+def lens_word(token: str) -> str:
+    """A logit-lens token as the word a reader checks it against: case and blanks folded, so
+    " Birds" and "birds" are one word of the corpus."""
+    return token.strip().lower()
+
+
 def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> list[str]:
-    """The logit lens's promoted tokens a label may name: those a reader can check (in `known_tokens`,
-    the index corpus's words, when given; else any visible token), and only when they are at least
+    """The logit lens's promoted tokens a label may name: those a reader can check (their `lens_word`
+    in `known_tokens`, the index corpus's words, when given; else any visible token), and only when they are at least
     `LENS_COHERENT` of the lens's top tokens. The lens of a broad latent is mostly junk (tokens of
     other scripts, byte pieces, blanks); a few common words surviving in it say nothing."""
     promoted = [p["token"] for p in (feature.get("logit_lens") or {}).get("promoted") or []]
 
     def readable(token: str) -> bool:
         if known_tokens is not None:
-            return token in known_tokens
+            return lens_word(token) in known_tokens
         return "\ufffd" not in token and any(ch.isprintable() and not ch.isspace() for ch in token)
 
     kept = [t for t in promoted if readable(t)]
@@ -125,9 +131,11 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
         prev, count = before.most_common(1)[0]
         if count >= len(examples) / 2:
             parts.append(f"after {_quote(prev)}")
-    promoted = coherent_lens(feature, known_tokens)
+    promoted: dict[str, str] = {}  # one form of each word: the first the lens ranks
+    for token in coherent_lens(feature, known_tokens):
+        promoted.setdefault(lens_word(token), token)
     if promoted:
-        parts.append("promotes " + ", ".join(_quote(t) for t in promoted[:3]))
+        parts.append("promotes " + ", ".join(_quote(t) for t in list(promoted.values())[:3]))
     return "; ".join(parts)
 
 
