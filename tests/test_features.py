@@ -481,6 +481,33 @@ def test_relabel_writes_the_labels_a_build_writes(
     assert set(FeatureIndex(db).best_explanations("resid_post.3.w64", range(64)).values()) != {"stale"}
 
 
+def test_a_broad_latent_is_labelled_by_the_words_its_windows_are_about() -> None:
+    """A latent firing on "the" and "to" in texts about disease: its label names the words its
+    windows share far above the corpus rate ("virus"), not a word every text holds ("which"), and a
+    window repeated (the same text shifted) counts once."""
+    from gemmascope.features.explain import baseline_explanation, context_words
+
+    corpus = {"virus": 20, "which": 5000, "the": 9000, "fever": 30, "city": 400}
+    fillers = [[f"w{chr(97 + i)}{chr(97 + j)}" for j in range(6)] for i in range(8)]  # words of each text
+
+    def window(words: list[str], focus: int) -> dict[str, Any]:
+        return {"tokens": [f" {w}" for w in words], "acts": [1.0] * len(words), "focus": focus}
+
+    about = [window(["the", "virus", "which", "fever", *f], 4) for f in fillers]  # on a word of its own
+    page = {"density": 0.03, "top_examples": about, "intervals": []}
+    assert context_words(page, corpus) == ["virus", "fever"]  # "which": in every text of the corpus
+    label = baseline_explanation(page, corpus)
+    assert label.startswith(
+        'fires on many different tokens (3% of all) in text with "virus", "fever", most strongly'
+    )
+    assert baseline_explanation(page, set(corpus)).startswith(
+        "fires on many different tokens (3% of all), most"
+    )
+    # the same text shifted by a token, eight times, is one window: too few to name anything
+    same = [window(["the", "virus", "which", "fever", *fillers[0]][i % 2 :], 0) for i in range(8)]
+    assert context_words({"top_examples": same, "intervals": []}, corpus) == []
+
+
 def test_lens_tokens_named_are_those_the_corpus_uses_often() -> None:
     from gemmascope.features.build import lens_vocabulary
 
@@ -493,12 +520,12 @@ def test_lens_tokens_named_are_those_the_corpus_uses_often() -> None:
         5: "\ufffd",
         6: "\u200c",
     }  # 5, 6: nothing to see
-    assert lens_vocabulary(rows, decode, min_count=2) == {"often", "twice"}
-    assert lens_vocabulary(rows, decode, min_count=4) == {"often"}
+    assert lens_vocabulary(rows, decode, min_count=2) == {"often": 4, "twice": 2}  # word: its count
+    assert lens_vocabulary(rows, decode, min_count=4) == {"often": 4}
     # the forms of one word count together: " Rare" (7) twice and " rare" (4) once make 3; " once" 5
     decode[7] = " Rare"
     rows = torch.cat([rows, torch.tensor([[7, 7, 1, 1, 1, 1]])])
-    assert lens_vocabulary(rows, decode, min_count=3) == {"often", "rare", "once"}
+    assert lens_vocabulary(rows, decode, min_count=3) == {"often": 4, "rare": 3, "once": 5}
 
 
 def test_baseline_explanations_are_stored_and_searchable(built: Path) -> None:

@@ -310,13 +310,14 @@ def _corpus_passes(
     return _Passes(pass1, pass2, samples, centres, null_latents, source.second_pass, first_pass_s, corpus_s)
 
 
-def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> set[str]:
+def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> dict[str, int]:
     """The words a baseline explanation may name as promoted, as `explain.lens_word` writes them
     (case and leading blank folded: " Animal", "animal" and " animal" are one word): those the index
     corpus `rows [n_rows, ctx]` uses at least `min_count` times in all their forms (a token seen once
     or twice, such as a Bengali piece of a name in English Wikipedia, says nothing a reader can
     check), and that a reader can see (not a byte-fallback piece, which decodes alone to U+FFFD "�",
-    nor only blanks and invisible format characters such as U+200C)."""
+    nor only blanks and invisible format characters such as U+200C). Each with its count (what a
+    label's context words are weighed against)."""
     counts = torch.bincount(rows.reshape(-1).cpu())
     words: Counter[str] = Counter()
     for i, text in decode.items():
@@ -326,7 +327,7 @@ def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_
             and any(ch.isprintable() and not ch.isspace() for ch in text)
         ):
             words[lens_word(text)] += int(counts[i])
-    return {word for word, n in words.items() if n >= min_count}
+    return {word: n for word, n in words.items() if n >= min_count}
 
 
 def relabel(model: LanguageModel, db_path: str | Path, sae_id: str) -> int:

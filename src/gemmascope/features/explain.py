@@ -35,6 +35,9 @@ NAMED_SEEN = 2  # ... and was seen in at least this many of the page's windows (
 LENS_COHERENT = (
     0.5  # the logit lens is named only when this share of its top tokens are readable corpus words
 )
+CONTEXT_SHARE = 0.2  # a context word of a broad latent is in at least this share of its distinct windows ...
+CONTEXT_LIFT = 5.0  # ... this many times as often as a window of the corpus holds it
+CONTEXT_OVERLAP = 0.5  # a window sharing more than this share of its words with one kept is the same text
 
 
 def _quote(token: str) -> str:
@@ -90,12 +93,46 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
     return kept if promoted and len(kept) >= LENS_COHERENT * len(promoted) else []
 
 
+def context_words(feature: Mapping[str, Any], corpus_words: Mapping[str, int], n: int = 3) -> list[str]:
+    """The words a broad latent's windows are about: words (`lens_word`, three letters or more) held
+    by at least `CONTEXT_SHARE` of its distinct windows (top examples and interval samples; a window
+    overlapping one already counted, the same text shifted, counts once) and at least `CONTEXT_LIFT`
+    times as often as a window of the same length of the corpus holds them (`corpus_words`: each
+    word's count in the index corpus). A topic latent of a middle layer fires on "the" and "to" in a
+    text about influenza; its windows say "infectious", "virus", "symptoms". The `n` most common."""
+    total = sum(corpus_words.values())
+    if total == 0:
+        return []
+    kept: list[set[str]] = []
+    lengths: list[int] = []
+    windows = [ex for interval in feature.get("intervals") or [] for ex in interval["examples"]]
+    for ex in (feature.get("top_examples") or []) + windows:
+        words = {w for w in map(lens_word, ex["tokens"]) if len(w) >= 3 and w.isalpha()}
+        if words and all(len(words & k) <= CONTEXT_OVERLAP * len(words) for k in kept):
+            kept.append(words)
+            lengths.append(len(ex["tokens"]))
+    if len(kept) < 4:
+        return []
+    length = sum(lengths) / len(lengths)
+    held = Counter(w for words in kept for w in words)
+    chosen: list[tuple[int, float, str]] = []
+    for word, df in held.items():
+        if df < CONTEXT_SHARE * len(kept) or word not in corpus_words:  # not in the corpus: a piece of a
+            continue  # word or a rare name, nothing a reader can check
+        chance = 1.0 - (1.0 - corpus_words[word] / total) ** length  # a corpus window holds it
+        if df / len(kept) >= CONTEXT_LIFT * chance:
+            chosen.append((-df, chance, word))
+    return [word for _, _, word in sorted(chosen)[:n]]  # the most held first, then the rarest
+
+
 def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> str:
     """A one-line description of a latent from its feature-page data alone, led by what it fires on:
     the tokens it fires on most strongly (weighted by activation over its top examples) and those
     most of its firings are on (`firing_shares`); when these cover less than `BROAD_SHARE` of its
     firings, it says first that the latent fires on many different tokens (and on what share of all
-    tokens), its strongest after, so a label never claims a broad latent is about its peak tokens. Then the token that most
+    tokens), then the words its windows are about when `known_tokens` counts the corpus's words
+    (`context_words`), its strongest tokens after, so a label never claims a broad latent is about its
+    peak tokens. Then the token that most
     often precedes its top examples when one does in at least half of them, and the tokens its logit
     lens promotes only where the lens is coherent (`coherent_lens`: of the index corpus's words in
     `known_tokens` when given; a lens token the text never uses, such as "मंत्रियों" in English
@@ -123,8 +160,10 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
         parts = ["fires on " + ", ".join(_quote(t) for t in named)]
     else:
         density = float(feature.get("density") or 0.0)
+        about = context_words(feature, known_tokens) if isinstance(known_tokens, Mapping) else []
+        context = f" in text with {', '.join(_quote(w) for w in about)}" if about else ""
         parts = [
-            f"fires on many different tokens ({100 * density:.2g}% of all), most strongly "
+            f"fires on many different tokens ({100 * density:.2g}% of all){context}, most strongly "
             + ", ".join(_quote(t) for t in strongest)
         ]
     if before:
