@@ -28,9 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def run(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel) -> Path:
-    """A copy of the shared tiny run (this test writes into it)."""
+    """A copy of the shared tiny run (this test writes into it), without the effects other tests'
+    servers measured and cached in the shared run (the browser's feature pages do)."""
     copy = tmp_path / "run"
-    shutil.copytree(tiny_run_dir(tmp_path_factory, tiny_model), copy)
+    shutil.copytree(tiny_run_dir(tmp_path_factory, tiny_model), copy, ignore=shutil.ignore_patterns(EFFECTS))
     return copy
 
 
