@@ -286,6 +286,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[1].axvline(MAX_COST, color="grey", linestyle="--", linewidth=1)
     axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axes[1].set_xscale("symlog", linthresh=0.05)
+    axes[1].set_xlim(
+        left=min(0.0, *(s["delta_lm_loss"] for r in rows for s in r["steering"]))
+    )  # no empty negatives
     axes[1].set_xlabel("held-out ΔLM loss of the steer (nats)")
     axes[1].set_ylabel("share of completions mentioning the concept")
     axes[1].legend(fontsize=6, ncol=2)
