@@ -485,9 +485,9 @@ def test_a_broad_latent_is_labelled_by_the_words_its_windows_are_about() -> None
     """A latent firing on "the" and "to" in texts about disease: its label names the words its
     windows share far above the corpus rate ("virus"), not a word every text holds ("which"), and a
     window repeated (the same text shifted) counts once."""
-    from gemmascope.features.explain import baseline_explanation, context_words
+    from gemmascope.features.explain import CorpusWords, baseline_explanation, context_words
 
-    corpus = {"virus": 20, "which": 5000, "the": 9000, "fever": 30, "city": 400}
+    corpus = CorpusWords({"virus": 20, "which": 5000, "the": 9000, "fever": 30, "city": 400})
     fillers = [[f"w{chr(97 + i)}{chr(97 + j)}" for j in range(6)] for i in range(8)]  # words of each text
 
     def window(words: list[str], focus: int) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from gemmascope.corpus import DEFAULT_CORPUS, source_name, special_mask, token_rows
 from gemmascope.errors import ConfigError, CorpusError
-from gemmascope.features.explain import baseline_explanation, lens_word
+from gemmascope.features.explain import CorpusWords, baseline_explanation, lens_word
 from gemmascope.features.lens import decoder_neighbours, logit_lens
 from gemmascope.features.pages import (
     N_BINS,
@@ -310,7 +310,7 @@ def _corpus_passes(
     return _Passes(pass1, pass2, samples, centres, null_latents, source.second_pass, first_pass_s, corpus_s)
 
 
-def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> dict[str, int]:
+def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_MIN_COUNT) -> CorpusWords:
     """The words a baseline explanation may name as promoted, as `explain.lens_word` writes them
     (case and leading blank folded: " Animal", "animal" and " animal" are one word): those the index
     corpus `rows [n_rows, ctx]` uses at least `min_count` times in all their forms (a token seen once
@@ -318,7 +318,7 @@ def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_
     check), and that a reader can see (not a byte-fallback piece, which decodes alone to U+FFFD "�",
     nor only blanks and invisible format characters such as U+200C). Each with its count (what a
     label's context words are weighed against)."""
-    counts = torch.bincount(rows.reshape(-1).cpu())
+    counts: list[int] = torch.bincount(rows.reshape(-1).cpu()).tolist()
     words: Counter[str] = Counter()
     for i, text in decode.items():
         if (
@@ -326,8 +326,8 @@ def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_
             and "\ufffd" not in text
             and any(ch.isprintable() and not ch.isspace() for ch in text)
         ):
-            words[lens_word(text)] += int(counts[i])
-    return {word: n for word, n in words.items() if n >= min_count}
+            words[lens_word(text)] += counts[i]
+    return CorpusWords({word: n for word, n in words.items() if n >= min_count})
 
 
 def relabel(model: LanguageModel, db_path: str | Path, sae_id: str) -> int:

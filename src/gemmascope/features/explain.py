@@ -71,6 +71,15 @@ def firing_shares(feature: Mapping[str, Any]) -> tuple[dict[str, float], Counter
     return {token: w / total for token, w in weight.items()}, seen
 
 
+class CorpusWords(dict[str, int]):
+    """Each word's count in the index corpus (in `lens_word` form), and their sum `total`, taken once
+    (`features.build.lens_vocabulary` makes it; every label of an SAE reads it)."""
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        super().__init__(counts)
+        self.total = sum(self.values())
+
+
 def lens_word(token: str) -> str:
     """A logit-lens token as the word a reader checks it against: case and blanks folded, so
     " Birds" and "birds" are one word of the corpus."""
@@ -93,14 +102,14 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
     return kept if promoted and len(kept) >= LENS_COHERENT * len(promoted) else []
 
 
-def context_words(feature: Mapping[str, Any], corpus_words: Mapping[str, int], n: int = 3) -> list[str]:
+def context_words(feature: Mapping[str, Any], corpus_words: CorpusWords, n: int = 3) -> list[str]:
     """The words a broad latent's windows are about: words (`lens_word`, three letters or more) held
     by at least `CONTEXT_SHARE` of its distinct windows (top examples and interval samples; a window
     overlapping one already counted, the same text shifted, counts once) and at least `CONTEXT_LIFT`
     times as often as a window of the same length of the corpus holds them (`corpus_words`: each
     word's count in the index corpus). A topic latent of a middle layer fires on "the" and "to" in a
     text about influenza; its windows say "infectious", "virus", "symptoms". The `n` most common."""
-    total = sum(corpus_words.values())
+    total = corpus_words.total
     if total == 0:
         return []
     kept: list[set[str]] = []
@@ -131,7 +140,7 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
     most of its firings are on (`firing_shares`); when these cover less than `BROAD_SHARE` of its
     firings, it says first that the latent fires on many different tokens (and on what share of all
     tokens), then the words its windows are about when `known_tokens` counts the corpus's words
-    (`context_words`), its strongest tokens after, so a label never claims a broad latent is about its
+    (`context_words`: when `known_tokens` is the `CorpusWords` of the index corpus), its strongest tokens after, so a label never claims a broad latent is about its
     peak tokens. Then the token that most
     often precedes its top examples when one does in at least half of them, and the tokens its logit
     lens promotes only where the lens is coherent (`coherent_lens`: of the index corpus's words in
@@ -160,7 +169,7 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
         parts = ["fires on " + ", ".join(_quote(t) for t in named)]
     else:
         density = float(feature.get("density") or 0.0)
-        about = context_words(feature, known_tokens) if isinstance(known_tokens, Mapping) else []
+        about = context_words(feature, known_tokens) if isinstance(known_tokens, CorpusWords) else []
         context = f" in text with {', '.join(_quote(w) for w in about)}" if about else ""
         parts = [
             f"fires on many different tokens ({100 * density:.2g}% of all){context}, most strongly "
