@@ -218,7 +218,8 @@ class CleanDistribution:
 
     Built from the clean pass's final hidden states `hidden [N, d]` (what the output layer reads),
     the output layer `head` and the next tokens `targets [N]`. Logits are taken `VOCAB_CHUNK`
-    tokens of the vocabulary at a time, so no pass holds more than one `[N, chunk]` block of them:
+    tokens of the vocabulary at a time, so an edited pass holds one `[N, chunk]` block of them (the
+    clean pass turns its blocks into the stored probabilities one by one, in place):
     with log p = z - logsumexp(z), KL(clean ‖ edited) = Σ p_clean log p_clean - Σ p_clean z_edited
     + logsumexp(z_edited), so an edited pass costs the output layer's product, one exp pass and one
     dot product with the stored clean probabilities (`probs`, `[N, chunk]` blocks, fp32).
@@ -233,14 +234,13 @@ class CleanDistribution:
             lse = torch.stack([z.logsumexp(-1) for z in logits]).logsumexp(0)  # [N]
             self.neg_entropy = torch.zeros_like(lse)  # [N]: Σ p log p
             target_logit = torch.zeros_like(lse)
-            self.probs: list[Tensor] = []
-            for (a, b), z in zip(self.spans, logits, strict=True):
-                p = (z - lse[:, None]).exp()
-                self.neg_entropy += _row_dot(p, z)
+            for i, ((a, b), z) in enumerate(zip(self.spans, logits, strict=True)):
                 target_logit += _target_logit(z, targets, a, b)
-                self.probs.append(p)
-            del logits
-            self.neg_entropy -= lse
+                log_p = z.sub_(lse[:, None])  # in place: the block's logits become its log p
+                p = log_p.exp()
+                self.neg_entropy += _row_dot(p, log_p)
+                logits[i] = p  # the block's log p freed: one [N, vocab] array of blocks at most
+            self.probs: list[Tensor] = logits
         self.ce = lse - target_logit  # [N]: the clean pass's own cross-entropy
 
     def unedited(self) -> tuple[Tensor, Tensor]:
