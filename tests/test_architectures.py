@@ -171,6 +171,17 @@ def test_jumprelu_sae_matches_the_gemma_scope_reference() -> None:
         assert torch.equal(sae.encode(x), jumprelu(sae.pre_acts(x), sae.threshold, EPS))
 
 
+@pytest.mark.parametrize("name", ["jumprelu", "topk", "batchtopk", "relu"])
+def test_firing_is_where_the_activation_is_positive(name: str) -> None:
+    sae = random_sae(name, k=4 if name in ("topk", "batchtopk") else None)
+    with torch.no_grad():
+        if isinstance(sae, JumpReLUSAE):  # a threshold at or under 0 too: relu(pre) must still be > 0
+            sae.threshold[:3] = torch.tensor([0.0, -0.2, float("nan")])
+        pre = sae.pre_acts(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
+        pre[0, :4] = torch.tensor([0.0, -0.0, -0.1, float("nan")])
+        assert torch.equal(sae.firing(pre), sae.activation(pre) > 0)
+
+
 def test_topk_keeps_k_relu_values_per_token() -> None:
     sae = random_sae("topk", k=5)
     x = torch.randn(40, 16)

@@ -130,6 +130,11 @@ class SAE(nn.Module):
         """`[..., d_sae] -> [..., d_sae]`: latent activations from pre-activations."""
         raise NotImplementedError
 
+    def firing(self, pre_acts: Tensor) -> Tensor:
+        """`[..., d_sae] -> bool [..., d_sae]`: where the latents fire (activation > 0); an
+        architecture may answer without the activations."""
+        return self.activation(pre_acts) > 0
+
     def encode(self, x: Tensor) -> Tensor:
         """`[..., d_in] -> [..., d_sae]`: latent activations of raw input activations."""
         return self.activation(self.pre_acts(x))

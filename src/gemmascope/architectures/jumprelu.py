@@ -49,6 +49,10 @@ class JumpReLUSAE(SAE):
         mask = pre_acts > self.threshold
         return mask * torch.nn.functional.relu(pre_acts)
 
+    def firing(self, pre_acts: Tensor) -> Tensor:
+        # mask * relu(pre) > 0 exactly: pre over θ and over 0, one comparison
+        return pre_acts > self.threshold.clamp_min(0)
+
 
 # ---------------------------------------------------------------------------------------------
 # Straight-through functions for training the threshold (JumpReLU paper, arXiv 2407.14435, section

@@ -260,7 +260,9 @@ class CleanDistribution:
         return lse - target_logit, self.neg_entropy - (dot - lse)
 
 
-VOCAB_CHUNK = 4096  # vocabulary tokens per block of logits (a [N, chunk] block stays in cache)
+VOCAB_CHUNK = 8192  # vocabulary tokens per block of logits. Measured on 2 cores (the output layer's
+# product and the statistics of [508, chunk] blocks): 1,024 to 8,192 cost the same on a quiet machine;
+# on a shared one every elementwise op waits for both threads, and 8,192 makes 8 times fewer of them.
 
 
 def _target_logit(z: Tensor, targets: Tensor, start: int, stop: int) -> Tensor:
@@ -272,8 +274,9 @@ def _target_logit(z: Tensor, targets: Tensor, start: int, stop: int) -> Tensor:
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """`[N, V], [N, V] -> [N]`: row-wise dot products in one batched matmul."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).flatten()
+    """`[N, C], [N, C] -> [N]`: row-wise dot products (on a block in cache, the product and its sum
+    beat a batched matmul of N one-row products)."""
+    return (a * b).sum(-1)
 
 
 @dataclass

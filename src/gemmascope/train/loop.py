@@ -46,6 +46,7 @@ from gemmascope.train.refit import refit_decoder
 from gemmascope.train.save import save_trained
 from gemmascope.train.trainee import (
     Trainee,
+    firing_counts,
     measure_density,
     measure_heldout,
     new_trainee,
@@ -262,9 +263,12 @@ def _train_step(run: _Run, t: Trainee, batch: dict[Site, Tensor], step_index: in
     t.fvu = fvu if t.fvu is None else FVU_MOMENTUM * t.fvu + (1 - FVU_MOMENTUM) * fvu
     _optimizer_step(t, out["loss"], lr, par.reduce_grads if par.data else None)
     t.arch.after_step(t.sae, terms)
-    if t.arch.tracks_density and (step_index % DENSITY_EVERY == 0 or final):
-        measure_density(t, x, par)
-    stats = update_counts(t, x, out, final, cfg.dead_window_tokens, sq_dev, par)
+    density_due = t.arch.tracks_density and (step_index % DENSITY_EVERY == 0 or final)
+    fires = firing_counts(t, x, par) if density_due or final else None  # one encoder pass for both
+    if density_due:
+        assert fires is not None
+        measure_density(t, fires, par.tokens(x.shape[0]))
+    stats = update_counts(t, x, out, fires if final else None, cfg.dead_window_tokens, sq_dev, par)
     return {**stats, "lr": lr, "coeff_scale": coeff_scale}
 
 
