@@ -398,6 +398,9 @@ def test_baseline_explanation_names_only_lens_tokens_the_corpus_uses() -> None:
         baseline_explanation(feature, {"the", "sea", "waves"})
         == 'fires on "sea"; after "the"; promotes "waves"'
     )
+    # a plain word is one a reader knows though the corpus lacks it; a short piece is not
+    assert baseline_explanation(feature, {"the"}) == 'fires on "sea"; after "the"; promotes "waves"'
+    feature["logit_lens"]["promoted"][1]["token"] = " wav"
     assert baseline_explanation(feature, {"the"}) == 'fires on "sea"; after "the"'
 
 
@@ -459,6 +462,14 @@ def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
         {"token": t, "value": 1.0} for t in [" ships", " Ships", "ships", " sea"]
     ]
     assert baseline_explanation(page, known) == 'fires on "sea"; promotes "ships", "sea"'  # one form a word
+    # plain words the small index corpus lacks are words a reader knows; short pieces are not
+    lens = [" coronavirus", "Coronavirus", " pandemic", " Covid", "\u200c", " std", "pri", " години"]
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
+    assert coherent_lens(page, known) == [" coronavirus", "Coronavirus", " pandemic", " Covid"]
+    assert baseline_explanation(page, known) == 'fires on "sea"; promotes "coronavirus", "pandemic", "Covid"'
+    lens = [" coronavirus", " std", "pri", " години", "\u200c", " Tango"]  # 2 of 6 plain words: junk
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
+    assert coherent_lens(page, known) == []
 
 
 def test_relabel_writes_the_labels_a_build_writes(

@@ -35,6 +35,7 @@ NAMED_SEEN = 2  # ... and was seen in at least this many of the page's windows (
 LENS_COHERENT = (
     0.5  # the logit lens is named only when this share of its top tokens are readable corpus words
 )
+PLAIN_WORD = 5  # letters of a plain (ASCII) word a lens may name though the index corpus lacks it
 CONTEXT_SHARE = 0.2  # a context word of a broad latent is in at least this share of its distinct windows ...
 CONTEXT_LIFT = 5.0  # ... this many times as often as a window of the corpus holds it
 CONTEXT_OVERLAP = 0.5  # a window sharing more than this share of its words with one kept is the same text
@@ -88,14 +89,18 @@ def lens_word(token: str) -> str:
 
 def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> list[str]:
     """The logit lens's promoted tokens a label may name: those a reader can check (their `lens_word`
-    in `known_tokens`, the index corpus's words, when given; else any visible token), and only when they are at least
-    `LENS_COHERENT` of the lens's top tokens. The lens of a broad latent is mostly junk (tokens of
-    other scripts, byte pieces, blanks); a few common words surviving in it say nothing."""
+    in `known_tokens`, the index corpus's words, when given, or a plain word of `PLAIN_WORD` letters
+    or more; else any visible token), and only when they are at least `LENS_COHERENT` of the lens's
+    top tokens. The lens of a broad latent is mostly junk (tokens of other scripts, byte pieces,
+    blanks); a few common words surviving in it say nothing. A topic latent's lens is often words
+    the small index corpus never holds (" coronavirus", " temperatures", " tournament"): plain
+    words a reader knows all the same."""
     promoted = [p["token"] for p in (feature.get("logit_lens") or {}).get("promoted") or []]
 
     def readable(token: str) -> bool:
         if known_tokens is not None:
-            return lens_word(token) in known_tokens
+            word = lens_word(token)
+            return word in known_tokens or (len(word) >= PLAIN_WORD and word.isascii() and word.isalpha())
         return "\ufffd" not in token and any(ch.isprintable() and not ch.isspace() for ch in token)
 
     kept = [t for t in promoted if readable(t)]
