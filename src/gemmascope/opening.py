@@ -76,14 +76,19 @@ def open_sae(
     the CPU): an official release's SAE through `releases.load_release` (its model, site and, for a
     transcoder, output site filled in: the release's own files do not say them), any other with
     `formats.load_sae`."""
+    key, folder = resolve_sae(spec, run_dir, flag)
+    return key, folder, _load(spec, folder, device)
+
+
+def _load(spec: str | None, folder: Path, device: str | None) -> SAE:
+    """The SAE `resolve_sae` found for `spec` in `folder`, loaded (`open_sae`)."""
     from gemmascope.formats import load_sae
     from gemmascope.releases import load_release
 
-    key, folder = resolve_sae(spec, run_dir, flag)
     if spec is not None and is_release_spec(spec):
         release, ident = spec.split("/", 1)
-        return key, folder, load_release(release, ident, device=device or "cpu")
-    return key, folder, load_sae(folder, device=device or "cpu")
+        return load_release(release, ident, device=device or "cpu")
+    return load_sae(folder, device=device or "cpu")
 
 
 class OpenRun:
@@ -243,7 +248,7 @@ def open_run(
                     f"{flag} {spec!r} is named {key!r}, as another SAE already opened: give each SAE once"
                 )
             continue
-        folders[key], loaded[key] = folder, open_sae(spec, run, flag, device)[2]
+        folders[key], loaded[key] = folder, _load(spec, folder, device)  # resolved once
     if run is None and folders:
         run = run_of(next(iter(folders.values())))
     if index is None and run is not None:
