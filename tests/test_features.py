@@ -398,9 +398,12 @@ def test_baseline_explanation_names_only_lens_tokens_the_corpus_uses() -> None:
         baseline_explanation(feature, {"the", "sea", "waves"})
         == 'fires on "sea"; after "the"; promotes "waves"'
     )
-    # a plain word is one a reader knows though the corpus lacks it; a short piece is not
+    # a plain word the corpus lacks is named when the lens says it twice; once, or a short piece, not
+    assert baseline_explanation(feature, {"the"}) == 'fires on "sea"; after "the"'
+    feature["logit_lens"]["promoted"].append({"token": " Waves", "value": 0.5})
     assert baseline_explanation(feature, {"the"}) == 'fires on "sea"; after "the"; promotes "waves"'
     feature["logit_lens"]["promoted"][1]["token"] = " wav"
+    feature["logit_lens"]["promoted"][2]["token"] = " Wav"
     assert baseline_explanation(feature, {"the"}) == 'fires on "sea"; after "the"'
 
 
@@ -470,6 +473,9 @@ def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
     lens = [" coronavirus", " std", "pri", " години", "\u200c", " Tango"]  # 2 of 6 plain words: junk
     page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
     assert coherent_lens(page, known) == []
+    lens = [" patients", " software", " blackjack", " sea"]  # plain words, none said twice: a random lens
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
+    assert coherent_lens(page, known) == []
 
 
 def test_relabel_writes_the_labels_a_build_writes(
@@ -508,9 +514,14 @@ def test_a_broad_latent_is_labelled_by_the_words_its_windows_are_about() -> None
     page = {"density": 0.03, "top_examples": about, "intervals": []}
     assert context_words(page, corpus) == ["virus", "fever"]  # "which": in every text of the corpus
     label = baseline_explanation(page, corpus)
-    assert label.startswith(
-        'fires on many different tokens (3% of all) in text with "virus", "fever", most strongly'
+    assert label.startswith(  # what a broad latent is about leads: a list cutting labels short keeps it
+        'in text with "virus", "fever"; fires on many different tokens (3% of all), most strongly'
     )
+    page["logit_lens"] = {"promoted": [{"token": t, "value": 1.0} for t in [" virus", " Virus", " fever"]]}
+    assert baseline_explanation(page, corpus).startswith(
+        'in text with "virus", "fever"; promotes "virus", "fever"; fires on many different tokens'
+    )
+    del page["logit_lens"]
     assert baseline_explanation(page, set(corpus)).startswith(
         "fires on many different tokens (3% of all), most"
     )

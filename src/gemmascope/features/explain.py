@@ -94,7 +94,8 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
     top tokens. The lens of a broad latent is mostly junk (tokens of other scripts, byte pieces,
     blanks); a few common words surviving in it say nothing. A topic latent's lens is often words
     the small index corpus never holds (" coronavirus", " temperatures", " tournament"): plain
-    words a reader knows all the same."""
+    words a reader knows all the same, named when the lens says one of them in two forms (its first
+    `PLAIN_WORD` letters twice: " temperatures", " temperature"), as a random direction's does not."""
     promoted = [p["token"] for p in (feature.get("logit_lens") or {}).get("promoted") or []]
 
     def readable(token: str) -> bool:
@@ -104,7 +105,15 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
         return "\ufffd" not in token and any(ch.isprintable() and not ch.isspace() for ch in token)
 
     kept = [t for t in promoted if readable(t)]
-    return kept if promoted and len(kept) >= LENS_COHERENT * len(promoted) else []
+    if not promoted or len(kept) < LENS_COHERENT * len(promoted):
+        return []
+    if known_tokens is not None and any(lens_word(t) not in known_tokens for t in kept):
+        # plain words the corpus lacks: only a lens that says one word twice (" tournament",
+        # " Tournaments") is about something; a random direction's lens is plain words too
+        stems = Counter(lens_word(t)[:PLAIN_WORD] for t in kept)
+        if stems.most_common(1)[0][1] < 2:
+            return []
+    return kept
 
 
 def context_words(feature: Mapping[str, Any], corpus_words: CorpusWords, n: int = 3) -> list[str]:
@@ -142,15 +151,17 @@ def context_words(feature: Mapping[str, Any], corpus_words: CorpusWords, n: int 
 def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> str:
     """A one-line description of a latent from its feature-page data alone, led by what it fires on:
     the tokens it fires on most strongly (weighted by activation over its top examples) and those
-    most of its firings are on (`firing_shares`); when these cover less than `BROAD_SHARE` of its
-    firings, it says first that the latent fires on many different tokens (and on what share of all
-    tokens), then the words its windows are about when `known_tokens` counts the corpus's words
-    (`context_words`: when `known_tokens` is the `CorpusWords` of the index corpus), its strongest tokens after, so a label never claims a broad latent is about its
-    peak tokens. Then the token that most
-    often precedes its top examples when one does in at least half of them, and the tokens its logit
-    lens promotes only where the lens is coherent (`coherent_lens`: of the index corpus's words in
-    `known_tokens` when given; a lens token the text never uses, such as "मंत्रियों" in English
-    Wikipedia, says nothing a reader can check)."""
+    most of its firings are on (`firing_shares`), then the token that most often precedes its top
+    examples when one does in at least half of them, then the tokens its logit lens promotes, only
+    where the lens is coherent (`coherent_lens`: of the index corpus's words in `known_tokens` when
+    given, or plain words; a lens token such as "मंत्रियों" in English Wikipedia says nothing a
+    reader can check). When the named tokens cover less than `BROAD_SHARE` of its firings (a broad
+    latent), what it is about leads: the words its windows are about (`context_words`, when
+    `known_tokens` is the `CorpusWords` of the index corpus) and what it promotes, then that it
+    fires on many different tokens (on what share of all tokens) and its strongest ones, so a label
+    never claims a broad latent is about its peak tokens, and a list that cuts labels short (the
+    microscope's) still shows its subject: `in text with "symptoms", "disease"; promotes
+    "coronavirus"; fires on many different tokens (2.5% of all), most strongly "infectious"`."""
     examples = feature.get("top_examples") or []
     if not examples:
         return "never fires on the index corpus"
@@ -170,25 +181,27 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
         if shares[t] >= NAMED_SHARE and seen[t] >= NAMED_SEEN and t not in strongest
     ]
     named = strongest + typical[: max(0, 4 - len(strongest))]
+    promoted: dict[str, str] = {}  # one form of each word: the first the lens ranks
+    for token in coherent_lens(feature, known_tokens):
+        promoted.setdefault(lens_word(token), token)
+    promotes = ["promotes " + ", ".join(_quote(t) for t in list(promoted.values())[:3])] if promoted else []
+    lead: list[str] = []
     if sum(shares.get(t, 0.0) for t in named) >= BROAD_SHARE:
         parts = ["fires on " + ", ".join(_quote(t) for t in named)]
-    else:
+    else:  # a broad latent: what it is about leads, so a list that cuts the label short keeps it
         density = float(feature.get("density") or 0.0)
         about = context_words(feature, known_tokens) if isinstance(known_tokens, CorpusWords) else []
-        context = f" in text with {', '.join(_quote(w) for w in about)}" if about else ""
+        lead = ([f"in text with {', '.join(_quote(w) for w in about)}"] if about else []) + promotes
+        promotes = []
         parts = [
-            f"fires on many different tokens ({100 * density:.2g}% of all){context}, most strongly "
+            f"fires on many different tokens ({100 * density:.2g}% of all), most strongly "
             + ", ".join(_quote(t) for t in strongest)
         ]
     if before:
         prev, count = before.most_common(1)[0]
         if count >= len(examples) / 2:
             parts.append(f"after {_quote(prev)}")
-    promoted: dict[str, str] = {}  # one form of each word: the first the lens ranks
-    for token in coherent_lens(feature, known_tokens):
-        promoted.setdefault(lens_word(token), token)
-    if promoted:
-        parts.append("promotes " + ", ".join(_quote(t) for t in list(promoted.values())[:3]))
+    parts = lead + parts + promotes
     return "; ".join(parts)
 
 
