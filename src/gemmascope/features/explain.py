@@ -32,9 +32,7 @@ from gemmascope.features.store import BASELINE, FeatureIndex
 BROAD_SHARE = 0.5  # a label's tokens cover at least this share of a latent's firings, else it says "many"
 NAMED_SHARE = 0.1  # a token named as typical carries at least this share of the firings ...
 NAMED_SEEN = 2  # ... and was seen in at least this many of the page's windows (one sample is chance)
-LENS_COHERENT = (
-    0.5  # the logit lens is named only when this share of its top tokens are readable corpus words
-)
+LENS_COHERENT = 0.5  # the logit lens is named only when this share of its top tokens are readable words
 PLAIN_WORD = 5  # letters of a plain (ASCII) word a lens may name though the index corpus lacks it
 CONTEXT_SHARE = 0.2  # a context word of a broad latent is in at least this share of its distinct windows ...
 CONTEXT_LIFT = 5.0  # ... this many times as often as a window of the corpus holds it
