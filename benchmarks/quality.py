@@ -9,7 +9,10 @@ train split, harvested once into `--run-dir`):
   TopK and BatchTopK (k = `--l0`) with their own settings (AuxK on dead latents), every one with the
   decoder refit that ends training;
 - sparsify (PyPI `eai-sparsify`, a bench-only requirement): its own Trainer and defaults, TopK k =
-  `--l0`, fed the same harvested activations in the same order (benchmarks/sparsify_baseline.py).
+  `--l0`, on the same harvested activations fed two ways (`--feedings`, benchmarks/sparsify_baseline.py):
+  "shuffled", single tokens in our trainer's order; "sequences", as its users feed it, sequences of
+  `--sequence-len` consecutive tokens (in document order, specials left out) in shuffled order, 4,096
+  tokens a batch. Tables should take the stronger as the reference.
 Every SAE is measured by our `evaluate` on `--eval-tokens` held-out tokens: L0, FVU, ΔLM loss, CE
 recovered, KL, dead (never fired on them), latents over 50% / 10% density and their share of L0, and
 the wall time of its training. Writes benchmarks/results/quality.json and quality.png.
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from gemmascope.activations import ActivationStore, harvest
+from gemmascope.corpus import special_mask
 from gemmascope.evals import evaluate, summary
 from gemmascope.formats import load_sae
 from gemmascope.models import load_model
@@ -87,12 +91,39 @@ def train_ours(
     return out
 
 
+def document_tokens(store: ActivationStore, site: str, tokens: int) -> torch.Tensor:
+    """`[tokens, d_in]` raw activations of the non-special tokens in harvest (document) order, the
+    store read again from its start as needed."""
+    parts, n = [], 0
+    while n < tokens:
+        for acts, ids in store.rows(site):
+            keep = ~special_mask(ids, store.special_ids).reshape(-1)
+            parts.append(acts.reshape(-1, acts.shape[-1])[keep])
+            n += len(parts[-1])
+            if n >= tokens:
+                break
+    return torch.cat(parts)[:tokens]
+
+
 def train_theirs(
-    store: ActivationStore, site: str, budget: int, width: int, l0: int, seed: int = 0
+    store: ActivationStore,
+    site: str,
+    budget: int,
+    width: int,
+    l0: int,
+    seed: int = 0,
+    sequence_len: int = 1,
 ) -> tuple[SAE, float, dict]:
-    x = sparsify_tokens(store, site, budget, seed)
+    """sparsify's TopK on `budget` tokens: shuffled single tokens (`sequence_len` 1) or sequences of
+    `sequence_len` consecutive tokens."""
+    if sequence_len == 1:
+        x = sparsify_tokens(store, site, budget, seed)
+    else:
+        x = document_tokens(store, site, budget)
     started = time.monotonic()
-    state, info = train_sparsify_topk(x, l0, width, seed=seed, overrides={"auxk_alpha": 1 / 32})
+    state, info = train_sparsify_topk(
+        x, l0, width, seed=seed, sequence_len=sequence_len, overrides={"auxk_alpha": 1 / 32}
+    )
     wall = time.monotonic() - started
     sae = TopKSAE(SAEConfig("topk", x.shape[1], width, k=l0, site=site, hook_name=parse_site(site).hook_name))
     sae.load_state_dict(state)
@@ -101,23 +132,28 @@ def train_theirs(
 
 
 def plot(rows: list[dict[str, Any]], png: Path) -> None:
+    """Per site, held-out ΔLM loss against training tokens (top) and against training seconds
+    (bottom: time to quality, each SAE's budgets a curve)."""
     from matplotlib.figure import Figure
 
     sites = sorted({r["site"] for r in rows})
-    fig = Figure(figsize=(5.5 * len(sites), 4.2), dpi=110)
+    fig = Figure(figsize=(5.5 * len(sites), 8.4), dpi=110)
     for i, site in enumerate(sites):
-        ax = fig.add_subplot(1, len(sites), i + 1)
-        for label in sorted({r["sae"] for r in rows}):
-            pts = sorted(
-                (r["budget"], r["delta_lm_loss"]) for r in rows if r["site"] == site and r["sae"] == label
-            )
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("ΔLM loss (nats)")
-        ax.set_title(site)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for row, (key, xlabel) in enumerate(
+            (("budget", "training tokens"), ("train_seconds", "training seconds"))
+        ):
+            ax = fig.add_subplot(2, len(sites), row * len(sites) + i + 1)
+            for label in sorted({r["sae"] for r in rows}):
+                pts = sorted(
+                    (r[key], r["delta_lm_loss"]) for r in rows if r["site"] == site and r["sae"] == label
+                )
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("ΔLM loss (nats)")
+            ax.set_title(site)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
 
@@ -158,6 +194,10 @@ def main() -> None:
     )
     parser.add_argument("--out", default="quality")
     parser.add_argument(
+        "--feedings", default="shuffled,sequences", help="how sparsify is fed: shuffled tokens, sequences"
+    )
+    parser.add_argument("--sequence-len", type=int, default=128, help="tokens per sequence fed to sparsify")
+    parser.add_argument(
         "--keep-rows", action="store_true", help="keep the rows of RESULTS/OUT.json this run does not redo"
     )
     args = parser.parse_args()
@@ -175,9 +215,12 @@ def main() -> None:
     for budget in budgets:
         for site in sites:
             trained = train_ours(run_dir, site, budget, args.width, args.l0, args.archs.split(","), args.seed)
-            theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0, args.seed)
-            trained["sparsify topk"] = (theirs, wall)
-            extra[f"sparsify {site} {budget}"] = info
+            for feeding in args.feedings.split(","):
+                length = {"shuffled": 1, "sequences": args.sequence_len}[feeding]
+                theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0, args.seed, length)
+                label = "sparsify topk" + ("" if length == 1 else f" ({length}-token sequences)")
+                trained[label] = (theirs, wall)
+                extra[f"{label} {site} {budget}"] = info
             results = evaluate(
                 model, {label: sae for label, (sae, _) in trained.items()}, n_tokens=args.eval_tokens
             )

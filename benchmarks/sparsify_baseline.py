@@ -105,10 +105,16 @@ class _StandInModel(nn.Module):
 
 
 class _RowIds(torch.utils.data.Dataset):
-    """Sparsify's dataset: item i is `{"input_ids": [i]}`, a one-token "sequence" naming row i of x."""
+    """Sparsify's dataset: item i is `{"input_ids": [...]}`, a "sequence" naming `sequence_len` rows of
+    x. One-token sequences (rows already shuffled) keep x's order; longer ones are consecutive rows
+    (x in document order), served in an order shuffled by `seed`, as sparsify's CLI shuffles its
+    chunked dataset before its Trainer reads it in order."""
 
-    def __init__(self, n: int) -> None:
-        self.ids = torch.arange(n).unsqueeze(1)
+    def __init__(self, n: int, sequence_len: int = 1, seed: int = 0) -> None:
+        ids = torch.arange(n // sequence_len * sequence_len).view(-1, sequence_len)
+        if sequence_len > 1:
+            ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+        self.ids = ids
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -141,6 +147,7 @@ def _train(
     seed: int,
     progress: bool,
     overrides: dict[str, Any] | None,
+    sequence_len: int = 1,
 ) -> tuple[Any, dict]:
     """Sparsify's Trainer on x; returns the SparseCoder sparsify saved at the end, and the info dict."""
     sparsify = _import_sparsify()
@@ -148,7 +155,12 @@ def _train(
 
     if x.ndim != 2:
         raise ValueError(f"x must be [n_tokens, d_in], got shape {tuple(x.shape)}")
-    n_used = x.shape[0] - 1 if x.shape[0] % batch_size == 1 else x.shape[0]
+    if sequence_len > 1:  # whole sequences, whole batches of them
+        if batch_size % sequence_len:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of sequence_len {sequence_len}")
+        n_used = x.shape[0] // sequence_len * sequence_len
+    else:
+        n_used = x.shape[0] - 1 if x.shape[0] % batch_size == 1 else x.shape[0]
     if n_used < 2:
         raise ValueError(f"need at least 2 tokens, got {x.shape[0]}")
     acts = x[:n_used].detach().to("cpu", torch.float32)
@@ -157,7 +169,7 @@ def _train(
     overrides = dict(overrides or {})
     sae_cfg = sparsify.SaeConfig(num_latents=width, k=k)  # every other field: sparsify's default
     cfg_kwargs: dict[str, Any] = dict(
-        batch_size=batch_size,  # sequences of one token each
+        batch_size=batch_size // sequence_len,  # sequences of sequence_len tokens each
         hookpoints=[_HOOK],
         init_seeds=[seed],
         log_to_wandb=False,
@@ -187,7 +199,7 @@ def _train(
         ):
             cfg = sparsify.TrainConfig(sae_cfg, save_dir=tmp, **cfg_kwargs)
             t0 = time.perf_counter()
-            trainer = sparsify.Trainer(cfg, _RowIds(n_used), _StandInModel(acts))
+            trainer = sparsify.Trainer(cfg, _RowIds(n_used, sequence_len, seed), _StandInModel(acts))
             coder_live = trainer.saes[_HOOK]
             coder_live.register_forward_pre_hook(record_first_batch, with_kwargs=True)
             coder_live.register_forward_hook(record_fvu, with_kwargs=True)
@@ -218,9 +230,12 @@ def _train(
         else "set by overrides",
         "lr_schedule": "none (schedule-free)" if not trainer.lr_schedulers else "linear warmup/decay",
         "batch_tokens": batch_size,
+        "feeding": "shuffled single tokens"
+        if sequence_len == 1
+        else f"sequences of {sequence_len} consecutive tokens, in shuffled order",
         "steps": trainer.global_step,
         "tokens_seen": n_used,
-        "last_batch_tokens": n_used - (trainer.global_step - 1) * batch_size,
+        "last_batch_tokens": n_used - (trainer.global_step - 1) * (batch_size // sequence_len * sequence_len),
         "tokens_dropped": int(x.shape[0] - n_used),
         "auxk_alpha": cfg.auxk_alpha,
         "dead_feature_threshold_tokens": cfg.dead_feature_threshold,
@@ -249,14 +264,18 @@ def train_sparsify_topk(
     seed: int = 0,
     progress: bool = True,
     *,
+    sequence_len: int = 1,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Tensor], dict]:
     """Train sparsify's TopK SAE (its Trainer and defaults) for one pass over `x [n_tokens, d_in]`
     (float32, raw, already shuffled) in batches of `batch_size` tokens (a last partial batch is a
     smaller step; a last batch of one token is left out). Returns our TopKSAE's state dict (`W_enc`, `b_enc`, `W_dec`, `b_dec`; b_dec folded
     into b_enc, so it reconstructs raw x exactly as sparsify does) and a dict of what was used.
-    `overrides` (keyword only, default none) sets TrainConfig fields, e.g. `{"auxk_alpha": 1 / 32}`."""
-    coder, info = _train(x, k, width, batch_size, seed, progress, overrides)
+    `overrides` (keyword only, default none) sets TrainConfig fields, e.g. `{"auxk_alpha": 1 / 32}`.
+    With `sequence_len` > 1, x is in document order and sparsify reads it as its users feed it:
+    sequences of that many consecutive tokens, in shuffled order, `batch_size / sequence_len` of
+    them a batch (what is left over a whole sequence is left out)."""
+    coder, info = _train(x, k, width, batch_size, seed, progress, overrides, sequence_len)
     return sparse_coder_to_topk_state(coder), info
 
 
@@ -328,6 +347,14 @@ def _self_check() -> dict[str, float]:
     assert info["steps"] == 5 and info["last_batch_tokens"] == 1000 and info["tokens_dropped"] == 0
     assert info["auxk_alpha"] == 0.0 and info["optimizer"].startswith("signum")
     assert out["train_fvu_last"] < out["train_fvu_first"], out
+    # sequences: each batch is 4,096 / 64 whole sequences of consecutive rows, every row seen once
+    _, info = _train(
+        x, k=4, width=64, batch_size=4096, seed=0, progress=False, overrides=None, sequence_len=64
+    )
+    assert info["steps"] == 5 and info["tokens_seen"] == len(x) // 64 * 64, info
+    ids = _RowIds(len(x), 64, seed=0).ids
+    assert torch.equal(ids.sort(0).values[:, 0], torch.arange(0, len(x) // 64 * 64, 64))
+    assert torch.equal(ids[:, 1:] - ids[:, :-1], torch.ones(len(ids), 63, dtype=torch.long))
     return out
 
 

@@ -135,6 +135,32 @@ def test_a_fast_run_steps_every_sae_with_the_sparse_step(
     assert calls == {"fast": 1024 // 128, "reference": 0}
 
 
+def test_density_comes_from_each_step_and_the_extra_pass_only_from_the_final_part(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dense penalty's running rate is each step's own firing counts (`Terms.fired`, counts per
+    latent over the batch, as the forward fired); the separate encoder pass (`firing_counts`) runs
+    only in the final part that measures the saved SAE."""
+    counted = {"passes": 0, "densities": []}
+    real_measure, real_counts = train_loop.measure_density, train_loop.firing_counts
+
+    def measure(t: object, fires: torch.Tensor, tokens: int) -> None:
+        assert fires.dtype == torch.float32 and fires.sum() > 0 and float(fires.max()) <= tokens
+        counted["densities"].append(fires / tokens)  # type: ignore[attr-defined]
+        real_measure(t, fires, tokens)  # type: ignore[arg-type]
+
+    def counts(*args: object) -> torch.Tensor:
+        counted["passes"] += 1  # type: ignore[operator]
+        return real_counts(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_loop, "measure_density", measure)
+    monkeypatch.setattr(train_loop, "firing_counts", counts)
+    steps = 2048 // 128
+    train_saes(run_dir, [TrainSpec(SITE, 32, target_l0=4)], 2048, small_config(fast=True), progress=False)
+    assert len(counted["densities"]) == steps  # type: ignore[arg-type]
+    assert counted["passes"] == max(1, round(steps * recipe.FINAL_FRACTION))
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipe pieces
 
@@ -222,7 +248,9 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert extra["steps"] == 64 and extra["batch_size"] == 128
         # the averaged sign optimiser runs without a schedule; thresholds start at the target rate,
         # so the sparsity needs no warm-up either
-        assert extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN.lr_signum == 3.5e-3
+        assert (
+            extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN.lr_signum_other_batch == 3.5e-3
+        )
         assert (
             extra["lr_warmup_steps"] == 0 and extra["lr_decay_steps"] == 0 and extra["l0_warmup_steps"] == 0
         )
@@ -444,12 +472,17 @@ def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: py
 def test_default_learning_rate_follows_the_optimiser_and_run_length(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sign optimiser takes lr_signum at any length; Adam takes SHORT_RUN's lr for short runs and
-    the lower, stable lr_long beyond long_run_steps."""
+    """The sign optimiser takes lr_signum at its batch (batch_size_signum, the default of a run of
+    SAEs) and lr_signum_other_batch at another, at any length; Adam takes SHORT_RUN's lr for short
+    runs and the lower, stable lr_long beyond long_run_steps."""
     spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
     [signum] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
     extra = load_sae(signum).cfg.extra
-    assert extra["lr"] == train_module.SHORT_RUN.lr_signum
+    assert extra["lr"] == train_module.SHORT_RUN.lr_signum_other_batch
+    [default] = train_saes(run_dir, [spec], 4096, TrainConfig(name="d", refit_tokens=0), progress=False)
+    extra = load_sae(default).cfg.extra
+    assert extra["batch_size"] == train_module.SHORT_RUN.batch_size_signum == 2048
+    assert extra["lr"] == train_module.SHORT_RUN.lr_signum == 5e-3
     assert extra["dead_preact_coeff"] == recipe.DEAD_PREACT_COEFF > 0
     assert extra["dense_coeff"] == recipe.DENSE_COEFF > 0
     [short] = train_saes(run_dir, [spec], 1024, small_config(optimizer="adam", name="a"), progress=False)

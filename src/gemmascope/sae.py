@@ -215,7 +215,7 @@ class Terms:
 
     recon: Tensor  # mean over the batch of ‖y − ŷ‖² (Matryoshka: over the nested reconstructions)
     l0: Tensor  # mean active latents per token
-    fired: Tensor  # [d_sae] bool: active on some token of the batch
+    fired: Tensor  # [d_sae] float32: on how many tokens of the batch each latent was active
     sparsity: Tensor | float  # the penalty the warm-up scales (λ·L0, the target-L0 penalty, L1)
     extra: Tensor | float = 0.0  # the auxiliary terms (dead and dense latents, AuxK)
     acts: Tensor | None = None  # [batch, d_sae] training-time latents, when the loss has them
@@ -327,7 +327,7 @@ class Architecture:
         l0 = active.sum(-1).float().mean()
         sparsity = self.penalty(f, spec)
         extra = self.aux_loss(sae, batch, x_hat, settings)
-        return Terms(recon, l0, active.any(0), sparsity, extra, acts=f)
+        return Terms(recon, l0, active.sum(0, dtype=torch.float32), sparsity, extra, acts=f)
 
     def penalty(self, f: Tensor, spec: SpecLike) -> Tensor | float:
         """The sparsity penalty of training latents `f [batch, d_sae]` (0: none; `k` sets sparsity)."""

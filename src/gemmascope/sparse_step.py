@@ -50,7 +50,7 @@ def jumprelu_terms_sparse(
     sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias; with
     Matryoshka `prefixes`, the mean of that over the nested reconstructions from the first m
     latents, m in `prefixes`), `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only
-    through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (bool), exactly as
+    through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (float32 counts), exactly as
     `architectures.jumprelu.jumprelu_terms`; backward fills the gradients of W_enc, b_enc, W_dec, b_dec,
     threshold (and x, if it requires one)."""
     bounds = tuple(prefixes) if prefixes else (sae.d_sae,)
@@ -138,8 +138,7 @@ class _SparseJumpReLU(torch.autograd.Function):
             recon = recon + errors[-1].pow(2).sum(-1).mean()
         recon = recon / len(bounds)
         l0 = active.sum().to(x.dtype) / batch
-        fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
-        fired[cols[active]] = True
+        fired = torch.bincount(cols[active], minlength=d_sae).to(torch.float32)  # [d_sae] counts
 
         ctx.mark_non_differentiable(fired)
         ctx.save_for_backward(

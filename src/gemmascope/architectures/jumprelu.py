@@ -129,7 +129,7 @@ def jumprelu_terms(
     `target [batch, d_in]` for a transcoder, whose x̂ includes its skip connection; with Matryoshka
     `prefixes`, `nested_recon`'s mean over the nested reconstructions), `l0` (mean over the batch of
     Σᵢ H(preᵢ − θᵢ), whose gradient goes to θ only, through the rectangle-kernel pseudo-derivative)
-    and `fired [d_sae]` (bool: the latent was active on some token of the batch).
+    and `fired [d_sae]` (float32: on how many tokens of the batch each latent was active).
     This is the plain reference; `sparse_step.jumprelu_terms_sparse` is the fast path for SAEs with
     the same values and gradients."""
     pre_acts = sae.pre_acts(sae.centered(x))  # [batch, d_sae]
@@ -138,7 +138,7 @@ def jumprelu_terms(
     recon = nested_recon(f, sae.W_dec, y - sae.b_dec - sae.skip(x), prefixes)
     active = step(pre_acts, sae.threshold, bandwidth)  # [batch, d_sae] floats 0/1
     l0 = active.sum(-1).mean()
-    fired = (active > 0).any(0)
+    fired = (active > 0).sum(0, dtype=torch.float32)
     return recon, l0, fired
 
 

@@ -46,12 +46,31 @@ REFIT_MAX_LATENTS = 16_384  # wider SAEs are saved as trained (about 8 GB of nor
 REFIT_RIDGE = 1e-4
 
 
-def _transposed(f: Tensor) -> Tensor:
-    """`[d_sae, batch]`: the codes' transpose as a sparse CSC tensor (the cheapest layout to build
-    and to multiply with here; torch warns once that it is "beta")."""
+def _sparse_rows(f: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The nonzero codes of `f [batch, d_sae]` as `(rows, cols, values)`, rows in order and shifted
+    by `offset` (the batch's first row among the ones stacked since the last flush)."""
+    rows, cols = f.nonzero().unbind(1)
+    return rows + offset, cols, f[rows, cols]
+
+
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse CSR tensor of row-ordered `(rows, cols, values)` (torch warns once that sparse CSR
+    is "beta")."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return f.to_sparse_csr().t()
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+def _codes_gram(rows: list[Tensor], cols: list[Tensor], values: list[Tensor], n: int, d_sae: int) -> Tensor:
+    """`[d_sae, d_sae]` float32: FᵀF of the codes F `[n, d_sae]` of the batches since the last flush
+    (`_sparse_rows` of each): one sparse-sparse product, which costs Σ L0² per token where a
+    sparse-dense one costs L0·d_sae (about 4 times faster at width 4,096 and L0 45)."""
+    f = _csr(torch.cat(rows), torch.cat(cols), torch.cat(values), (n, d_sae))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.mm(f.t().to_sparse_csr(), f).to_dense()
 
 
 @torch.no_grad()
@@ -71,10 +90,11 @@ def refit_decoder(
     gram = torch.zeros(size, size, dtype=torch.float64, device=device)
     rhs = torch.zeros(size, d_in, dtype=torch.float64, device=device)
     # sums of REFIT_FLUSH batches in float32, added to the float64 ones (a float64 add per batch
-    # costs as much as the sparse product)
-    part_gram = torch.zeros(size, size, device=device)
+    # costs as much as the sparse product); the codes' part of the Gram matrix is one product per flush
+    part_gram = torch.zeros(n_extra, size, device=device)  # the extras' rows (their columns: symmetric)
     part_rhs = torch.zeros(size, d_in, device=device)
-    n = 0
+    pending: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    n = n_pending = 0
     available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in t.sites)
     batch_size = max(1, min(REFIT_BATCH, tokens, available))  # a small store still gives batches
     batches = store.batches(t.sites, batch_size, seed=cfg.seed, buffer_tokens=cfg.buffer_tokens, scaled=True)
@@ -83,31 +103,38 @@ def refit_decoder(
         for i, batch in enumerate(batches):
             x, target = training_pair(t, batch, device, cfg.max_norm)  # [b, d_in] each
             x, target = x[: tokens - n], None if target is None else target[: tokens - n]
-            if not len(x):  # every token of the batch massive
-                continue
-            f = sae.activation(sae.pre_acts(sae.centered(x)))  # [b, d_sae]
-            y = x - sae.b_dec if target is None else target  # what the codes (and extras) must give
-            extra = [x] if sae.W_skip is not None else []
-            extra += [torch.ones(len(x), 1, device=device)] if sae.is_transcoder else []
-            dense = torch.cat([f, *extra], 1) if extra else f  # [b, d_sae + n_extra]
-            ft = _transposed(f)
-            part_gram[:d_sae] += ft @ dense
-            part_rhs[:d_sae] += ft @ y
-            if n_extra:
-                rest = dense[:, d_sae:]
-                part_gram[d_sae:] += rest.t() @ dense
-                part_rhs[d_sae:] += rest.t() @ y
-            n += len(x)
-            bar.update(len(x))
-            if (i + 1) % REFIT_FLUSH == 0 or n >= tokens:
-                gram += part_gram.double()
+            if len(x):  # not every token of the batch massive
+                rows, cols, values = _sparse_rows(sae.activation(sae.pre_acts(sae.centered(x))), n_pending)
+                for kept, new in zip(pending, (rows, cols, values), strict=True):
+                    kept.append(new)
+                ft = _csr(rows - n_pending, cols, values, (len(x), d_sae)).t()  # [d_sae, b]
+                y = x - sae.b_dec if target is None else target  # what the codes (and extras) must give
+                part_rhs[:d_sae] += ft @ y
+                if n_extra:
+                    extra = [x] if sae.W_skip is not None else []
+                    rest = torch.cat(
+                        extra + ([torch.ones(len(x), 1, device=device)] if sae.is_transcoder else []), 1
+                    )
+                    part_gram[:, :d_sae] += (ft @ rest).t()
+                    part_gram[:, d_sae:] += rest.t() @ rest
+                    part_rhs[d_sae:] += rest.t() @ y
+                n += len(x)
+                n_pending += len(x)
+                bar.update(len(x))
+            if n_pending and ((i + 1) % REFIT_FLUSH == 0 or n >= tokens):
+                gram[:d_sae, :d_sae] += _codes_gram(*pending, n_pending, d_sae).double()
+                gram[d_sae:] += part_gram.double()
                 rhs += part_rhs.double()
                 part_gram.zero_()
                 part_rhs.zero_()
+                pending, n_pending = ([], [], []), 0
             if n >= tokens:
                 break
-    gram += part_gram.double()  # a store with fewer tokens than asked ends without a flush
+    if n_pending:  # a store with fewer tokens than asked ends without a flush
+        gram[:d_sae, :d_sae] += _codes_gram(*pending, n_pending, d_sae).double()
+    gram[d_sae:] += part_gram.double()
     rhs += part_rhs.double()
+    gram[:d_sae, d_sae:] = gram[d_sae:, :d_sae].t()
     del part_gram, part_rhs
     if n == 0:
         return 0

@@ -170,8 +170,8 @@ def recover(t: Trainee, step_index: int, fvu: float) -> None:
 
 def firing_counts(t: Trainee, x: Tensor, par: Parallel | None = None) -> Tensor:
     """`[d_sae]` float: on how many tokens of `x [batch, d_in]` (already / C; data-parallel: of the
-    whole step's batch, `x` this rank's part) each latent fires as the SAE is now (after the step):
-    one encoder pass, which the dense penalty's running rate and the final-part densities share."""
+    whole step's batch, `x` this rank's part) each latent fires as the SAE is now (after the step,
+    as saved: BatchTopK by its global threshold): one encoder pass, for the final-part densities."""
     with torch.no_grad():
         # summed as float32 (exact: a batch is far under 2^24 tokens), twice as fast as an int64 sum
         fires = t.sae.firing(t.sae.pre_acts(t.sae.centered(x))).sum(0, dtype=torch.float32)
@@ -180,7 +180,7 @@ def firing_counts(t: Trainee, x: Tensor, par: Parallel | None = None) -> Tensor:
 
 def measure_density(t: Trainee, fires: Tensor, tokens: int) -> None:
     """Update the running firing rate of every latent (what the dense penalty reads) from its
-    `fires [d_sae]` over `tokens` (`firing_counts`)."""
+    `fires [d_sae]` over `tokens` (the step's `Terms.fired`: as the SAE fired in its forward)."""
     rate = fires / tokens
     running = DENSITY_MOMENTUM * t.density + (1 - DENSITY_MOMENTUM) * rate
     t.density = torch.where(t.density < 0, rate, running)  # -1: not measured yet
@@ -200,7 +200,7 @@ def update_counts(
     the whole step's batch, which `x` is this rank's part of; `sq_dev` is its Σ ‖x − mean(x)‖²)."""
     batch = x.shape[0] if par is None else par.tokens(x.shape[0])
     t.since_fired += batch
-    t.since_fired[out["fired"]] = 0
+    t.since_fired[out["fired"] > 0] = 0
     sq_err = float(out["recon"]) * batch
     if fires is not None:  # densities as the saved SAE fires (BatchTopK: its global threshold)
         t.final["steps"] += 1
