@@ -421,6 +421,11 @@ def test_microscope_shows_topics_first_and_the_raw_order_on_request(page: Any, b
     assert topics_box["y"] < tokens_box["y"]  # topics first
     assert page.locator("#topics .feat").count() > 0
     assert "meaning first" in page.inner_text("#features-title")
+    # a label wraps to two lines rather than being cut to one, and says the whole on hover
+    label = page.locator("#features .feat .expl").first
+    assert label.get_attribute("title") == label.inner_text() != ""
+    assert label.evaluate("e => getComputedStyle(e).webkitLineClamp") == "2"
+    assert label.evaluate("e => getComputedStyle(e).whiteSpace") != "nowrap"
     page.select_option("#order", "raw")
     page.wait_for_function("document.querySelector('#topics-title').textContent.includes('by activation')")
     assert "strongest first" in page.inner_text("#features-title") and "order=raw" in page.url

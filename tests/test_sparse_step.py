@@ -147,6 +147,47 @@ def test_matryoshka_prefixes_equal_the_reference(loss_name: str) -> None:
     assert not torch.isclose(nested, each[-1])  # not the plain loss
 
 
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("loss_name", ["recon + lambda l0", "target-L0 penalty"])
+def test_a_transcoder_equals_the_reference(skip: bool, loss_name: str) -> None:
+    """A transcoder (its own target, b_in as the pre-encoder bias, with or without the affine skip
+    connection): the same values and gradients for every parameter, W_skip and x included."""
+    g = torch.Generator().manual_seed(8)
+    d_in, d_sae = 24, 256
+    sae = JumpReLUSAE(SAEConfig("jumprelu", d_in=d_in, d_sae=d_sae, out_site="mlp_out.1", affine_skip=skip))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
+        sae.b_in.copy_(torch.randn(d_in, generator=g) * 0.3)
+        if sae.W_skip is not None:
+            sae.W_skip.copy_(torch.randn(d_in, d_in, generator=g) * 0.1)
+    x = (torch.randn(200, d_in, generator=g) * 2).requires_grad_(True)
+    target = torch.randn(200, d_in, generator=g)
+    with torch.no_grad():
+        pre_acts = sae.pre_acts(sae.centered(x))
+        sae.threshold.copy_(torch.quantile(pre_acts, 1 - 15 / d_sae, dim=0).clamp_min(1e-3))
+    names = PARAMS + (("W_skip",) if skip else ())
+    out = []
+    for fn in (jumprelu_terms, jumprelu_terms_sparse):
+        sae.zero_grad(set_to_none=True)
+        x.grad = None
+        recon, l0, fired = fn(sae, x, 0.05, target=target)
+        LOSSES[loss_name](recon, l0).backward()
+        out.append(
+            (recon.detach(), l0.detach(), fired, {n: getattr(sae, n).grad for n in names} | {"x": x.grad})
+        )
+    ref, fast = out
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
+    assert fast[1] == ref[1] and torch.equal(fast[2], ref[2])
+    for name, want in ref[3].items():
+        got = fast[3][name]
+        assert got is not None and want is not None, name
+        err, scale = float((got - want).abs().max()), float(want.abs().max())
+        assert err <= 1e-5 * scale + 1e-7, f"{name}: max error {err:.3g}, gradient scale {scale:.3g}"
+
+
 def test_gradient_to_x_when_it_requires_one() -> None:
     sae = random_sae(16, 128, seed=3)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))

@@ -112,7 +112,7 @@ def test_a_fast_run_steps_every_sae_with_the_sparse_step(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the default settings (massive activations left out) every step of a fast run of SAEs
-    goes through the sparse step, none through the reference; a transcoder takes the reference."""
+    goes through the sparse step, none through the reference; a transcoder's steps too."""
     import gemmascope.architectures.jumprelu as jumprelu_file
     import gemmascope.sparse_step as sparse_step
 
@@ -133,6 +133,9 @@ def test_a_fast_run_steps_every_sae_with_the_sparse_step(
     assert cfg.max_norm is not None
     train_saes(run_dir, [TrainSpec(SITE, 32, target_l0=4)], 1024, cfg, progress=False)
     assert calls == {"fast": 1024 // 128, "reference": 0}
+    tc = TrainSpec("mlp_out.1", 32, target_l0=4, out_site=SITE, skip=True)  # any two sites of one width
+    train_saes(run_dir, [tc], 1024, small_config(fast=True, name="tc"), progress=False)
+    assert calls == {"fast": 2 * 1024 // 128, "reference": 0}
 
 
 def test_density_comes_from_each_step_and_the_extra_pass_only_from_the_final_part(

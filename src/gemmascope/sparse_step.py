@@ -1,21 +1,23 @@
 """The fast JumpReLU training step. Owns `jumprelu_terms_sparse`, a drop-in for the plain reference
-`architectures.jumprelu.jumprelu_terms` (the same arguments but a transcoder's target; same values, same gradients
-within fp32 rounding) that does
-only one dense product: the encoder's. Everything else touches only the (token, latent) pairs that
-are active, or near enough to the threshold for its pseudo-gradient (RECIPE.md section 2):
+`architectures.jumprelu.jumprelu_terms` (the same arguments; same values, same gradients within fp32
+rounding) for SAEs and transcoders alike, that does only one dense product: the encoder's. Everything
+else touches only the (token, latent) pairs that are active, or near enough to the threshold for its
+pseudo-gradient (RECIPE.md section 2). With u = x − (the pre-encoder bias: an SAE's b_dec, a
+transcoder's b_in) and r = y − b_dec − skip(x) what the latents must reconstruct (y = x for an SAE,
+a transcoder's target; skip its affine skip connection), both left to autograd:
 
-    forward   pre = (x - b_dec) @ W_enc + b_enc        dense, in row blocks, never held whole
+    forward   pre = u @ W_enc + b_enc                  dense, in row blocks, never held whole
               keep (b, i) with pre > θ_i - ε            the active set plus the kernel's support
-              x̂ = f @ W_dec + b_dec                    sparse CSR [B, S] @ dense
-    backward  G = ∂recon/∂x̂ = 2 (x̂ - x) / B
+              r̂ = f @ W_dec                            sparse CSR [B, S] @ dense
+    backward  G = ∂recon/∂r̂ = 2 (r̂ - r) / B,  ∂recon/∂r = -G
               ∂f[b, i] = G[b] · W_dec[i] on kept pairs  sampled dense-dense product (SDDMM)
-              grad W_dec = fᵀ G, grad W_encᵀ = (∂pre)ᵀ (x - b_dec)   sparse CSR [S, B] @ dense
+              grad W_dec = fᵀ G, grad W_encᵀ = (∂pre)ᵀ u   sparse CSR [S, B] @ dense
               grad b_enc, grad θ                        index_add over kept pairs
-              grad b_dec = Σ_b G - W_enc grad b_enc
+              ∂recon/∂u = (∂pre) @ W_encᵀ               sparse CSR [B, S] @ dense, when asked
 
 With Matryoshka prefixes m₁ < … < m_J (Gemma Scope 2; Bussmann et al. 2025) the recon term is the mean
-over j of ‖x − x̂ⱼ‖², x̂ⱼ built from the first mⱼ latents only: the kept pairs fall into bands
-[mⱼ₋₁, mⱼ), x̂ⱼ adds band j's sparse product to x̂ⱼ₋₁, and a latent of band j reads Hⱼ = Σ_{j'≥j} Gⱼ'
+over j of ‖r − r̂ⱼ‖², r̂ⱼ built from the first mⱼ latents only: the kept pairs fall into bands
+[mⱼ₋₁, mⱼ), r̂ⱼ adds band j's sparse product to r̂ⱼ₋₁, and a latent of band j reads Hⱼ = Σ_{j'≥j} Gⱼ'
 wherever the plain step reads G (one band: the plain step).
 
 The reference does six dense products of 2·B·d_in·d_sae FLOPs (encoder and decoder forward, and two
@@ -25,7 +27,7 @@ The same code runs on CPU (MKL sparse kernels) and on CUDA (cuSPARSE through tor
 
 Knows nothing of the training loop, the optimiser or files; the JumpReLU architecture
 (`architectures/jumprelu.py`) picks this or the reference with `TrainConfig.fast`. Takes any SAE with
-a per-latent `threshold` (a JumpReLU SAE).
+a per-latent `threshold` (a JumpReLU SAE or transcoder).
 """
 
 from __future__ import annotations
@@ -44,22 +46,29 @@ BLOCK_ELEMENTS = 2**28
 
 
 def jumprelu_terms_sparse(
-    sae: SAE, x: Tensor, bandwidth: float, prefixes: tuple[int, ...] | None = None
+    sae: SAE,
+    x: Tensor,
+    bandwidth: float,
+    prefixes: tuple[int, ...] | None = None,
+    target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The two terms of the JumpReLU loss on `x [batch, d_in]` (already divided by C), computed
-    sparsely. Returns `recon` (mean over the batch of ‖x − x̂‖², with the pre-encoder bias; with
-    Matryoshka `prefixes`, the mean of that over the nested reconstructions from the first m
-    latents, m in `prefixes`), `l0` (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only
-    through the rectangle-kernel pseudo-derivative) and `fired [d_sae]` (float32 counts), exactly as
-    `architectures.jumprelu.jumprelu_terms`; backward fills the gradients of W_enc, b_enc, W_dec, b_dec,
-    threshold (and x, if it requires one)."""
+    sparsely. Returns `recon` (mean over the batch of ‖y − ŷ‖², y = x for an SAE, a transcoder's
+    `target [batch, d_out]`, ŷ with b_dec and any skip connection; with Matryoshka `prefixes`, the
+    mean of that over the nested reconstructions from the first m latents, m in `prefixes`), `l0`
+    (mean over the batch of Σᵢ H(preᵢ − θᵢ), gradient to θ only through the rectangle-kernel
+    pseudo-derivative) and `fired [d_sae]` (float32 counts), exactly as
+    `architectures.jumprelu.jumprelu_terms`; backward fills the gradients of every parameter that
+    takes one (and of x, if it requires one)."""
     bounds = tuple(prefixes) if prefixes else (sae.d_sae,)
     if list(bounds) != sorted(set(bounds)) or bounds[0] < 1 or bounds[-1] != sae.d_sae:
         raise ValueError(
             f"Matryoshka prefixes {bounds} must increase strictly from >= 1 to d_sae {sae.d_sae}"
         )
+    y = x if target is None else target
+    residual = y - sae.b_dec - sae.skip(x)  # [B, d_out]: what the latents must reconstruct
     recon, l0, fired = _SparseJumpReLU.apply(
-        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, float(bandwidth), bounds
+        sae.centered(x), residual, sae.W_enc, sae.b_enc, sae.W_dec, sae.threshold, float(bandwidth), bounds
     )
     return recon, l0, fired
 
@@ -102,17 +111,16 @@ class _SparseJumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        x: Tensor,
+        x_centered: Tensor,
+        residual: Tensor,
         W_enc: Tensor,
         b_enc: Tensor,
         W_dec: Tensor,
-        b_dec: Tensor,
         threshold: Tensor,
         bandwidth: float,
         bounds: tuple[int, ...],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        batch, d_sae = x.shape[0], W_enc.shape[1]
-        x_centered = x - b_dec  # [B, d_in]: the pre-encoder bias
+        batch, d_sae = x_centered.shape[0], W_enc.shape[1]
         # A margin of a whole bandwidth below θ keeps every pair the kernel K((pre - θ)/ε) can touch,
         # whatever the rounding of (θ - ε - b_enc).
         rows, cols, pre_acts = kept_pairs(x_centered, W_enc, b_enc, threshold - bandwidth)
@@ -128,16 +136,16 @@ class _SparseJumpReLU(torch.autograd.Function):
         # Matryoshka: band j holds latents [bounds[j-1], bounds[j]); the j-th nested reconstruction
         # sums bands 0..j. Without prefixes there is one band, every latent.
         band = torch.bucketize(cols, torch.tensor(bounds, device=cols.device), right=True)  # [nnz]
-        x_hat = b_dec.expand(batch, -1)
-        errors, recon = [], x.new_zeros(())
+        r_hat = torch.zeros_like(residual)
+        errors, recon = [], residual.new_zeros(())
         for j in range(len(bounds)):
             pick = band == j
             crow = _crow(rows[pick], batch, index_dtype)
-            x_hat = x_hat + _csr(crow, cols[pick].to(index_dtype), f_values[pick], (batch, d_sae)) @ W_dec
-            errors.append(x_hat - x)  # [B, d_in]
+            r_hat = r_hat + _csr(crow, cols[pick].to(index_dtype), f_values[pick], (batch, d_sae)) @ W_dec
+            errors.append(r_hat - residual)  # [B, d_out]
             recon = recon + errors[-1].pow(2).sum(-1).mean()
         recon = recon / len(bounds)
-        l0 = active.sum().to(x.dtype) / batch
+        l0 = active.sum().to(residual.dtype) / batch
         fired = torch.bincount(cols[active], minlength=d_sae).to(torch.float32)  # [d_sae] counts
 
         ctx.mark_non_differentiable(fired)
@@ -157,15 +165,14 @@ class _SparseJumpReLU(torch.autograd.Function):
         )
         eps: float = ctx.bandwidth
         index_dtype: torch.dtype = ctx.index_dtype
-        batch, d_in = x_centered.shape
-        d_sae = W_enc.shape[1]
+        batch, d_sae = x_centered.shape[0], W_enc.shape[1]
         n_bands = errors.shape[0]
-        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec, need_theta, _, _ = ctx.needs_input_grad
+        need_x, need_residual, need_W_enc, need_b_enc, need_W_dec, need_theta, _, _ = ctx.needs_input_grad
 
         # ∂recon/∂x̂ⱼ for each nested reconstruction j; a latent of band j is in reconstructions
         # j..J-1, so its gradient reads Hⱼ = Σ_{j' >= j} Gⱼ' (one band: H₀ = G)
-        G = errors * (2.0 * grad_recon / (batch * n_bands))  # [J, B, d_in]
-        H = G.flip(0).cumsum(0).flip(0)  # [J, B, d_in]
+        G = errors * (2.0 * grad_recon / (batch * n_bands))  # [J, B, d_out]
+        H = G.flip(0).cumsum(0).flip(0)  # [J, B, d_out]
         grad_f = torch.zeros_like(f_values)  # ∂loss/∂f at the kept pairs: Hⱼ[b] · W_dec[i]
         for j in range(n_bands):
             pick = band == j
@@ -193,26 +200,23 @@ class _SparseJumpReLU(torch.autograd.Function):
             crow_t = _crow(cols[order], d_sae, index_dtype)
             row_t = rows[order].to(index_dtype)
             if need_W_dec:
-                for j in range(n_bands):  # rows of band j's latents from Hⱼ: [d_sae, d_in]
+                for j in range(n_bands):  # rows of band j's latents from Hⱼ: [d_sae, d_out]
                     values = f_values[order] if n_bands == 1 else f_values[order] * (band[order] == j)
                     part = _csr(crow_t, row_t, values, (d_sae, batch)) @ H[j]
                     grad_W_dec = part if grad_W_dec is None else grad_W_dec + part
             if need_W_enc:
                 grad_W_enc = (_csr(crow_t, row_t, grad_pre[order], (d_sae, batch)) @ x_centered).t()
 
-        grad_b_dec = grad_x = None
-        if need_b_dec or need_x:
-            # ∂loss/∂(x - b_dec) through the encoder, summed over the batch: W_enc @ grad_b_enc
-            grad_b_dec = H[0].sum(0) - W_enc @ grad_b_enc
-        if need_x:
+        grad_x = None
+        if need_x:  # ∂recon/∂(x - pre-encoder bias) through the encoder
             crow = _crow(rows, batch, index_dtype)
-            grad_x = _csr(crow, cols.to(index_dtype), grad_pre, (batch, d_sae)) @ W_enc.t() - H[0]
+            grad_x = _csr(crow, cols.to(index_dtype), grad_pre, (batch, d_sae)) @ W_enc.t()
         return (
             grad_x,
+            -H[0] if need_residual else None,  # r̂ⱼ − r in every reconstruction: -Σⱼ Gⱼ
             grad_W_enc,
             grad_b_enc if need_b_enc else None,
             grad_W_dec,
-            grad_b_dec if need_b_dec else None,
             grad_theta,
             None,
             None,

@@ -130,7 +130,7 @@ def jumprelu_terms(
     `prefixes`, `nested_recon`'s mean over the nested reconstructions), `l0` (mean over the batch of
     Σᵢ H(preᵢ − θᵢ), whose gradient goes to θ only, through the rectangle-kernel pseudo-derivative)
     and `fired [d_sae]` (float32: on how many tokens of the batch each latent was active).
-    This is the plain reference; `sparse_step.jumprelu_terms_sparse` is the fast path for SAEs with
+    This is the plain reference; `sparse_step.jumprelu_terms_sparse` is the fast path with
     the same values and gradients."""
     pre_acts = sae.pre_acts(sae.centered(x))  # [batch, d_sae]
     f = jumprelu(pre_acts, sae.threshold, bandwidth)
@@ -236,8 +236,10 @@ class JumpReLU(Architecture):
     def terms(self, sae: SAE, batch: TrainBatch, spec: SpecLike, settings: SettingsLike) -> Terms:
         assert isinstance(sae, JumpReLUSAE)
         x = batch.x
-        if settings.fast and batch.target is None:
-            recon, l0, fired = sparse_step.jumprelu_terms_sparse(sae, x, settings.bandwidth, batch.prefixes)
+        if settings.fast:
+            recon, l0, fired = sparse_step.jumprelu_terms_sparse(
+                sae, x, settings.bandwidth, batch.prefixes, batch.target
+            )
         else:
             recon, l0, fired = jumprelu_terms(sae, x, settings.bandwidth, batch.target, batch.prefixes)
         if batch.share is not None:

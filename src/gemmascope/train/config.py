@@ -271,13 +271,13 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
             f"the same SAE is asked for twice: {sorted({n for n in names if names.count(n) > 1})}"
         )
     checked_config(cfg)
-    cfg = _with_batch_size(cfg, specs, tokens)
+    sites = sorted({parse_site(name) for s in specs for name in s.sites})
+    available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in sites)
+    cfg = _with_batch_size(cfg, specs, min(tokens, available))
     assert cfg.batch_size is not None
     if tokens < cfg.batch_size:
         raise ConfigError(f"tokens {tokens} must be at least one batch ({cfg.batch_size})")
     steps = tokens // cfg.batch_size
-    sites = sorted({parse_site(name) for s in specs for name in s.sites})
-    available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in sites)
     per_epoch = available // cfg.batch_size
     if per_epoch < 1:
         raise StoreError(
@@ -304,8 +304,8 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
 
 def _with_batch_size(cfg: TrainConfig, specs: list[TrainSpec], tokens: int) -> TrainConfig:
     """`cfg` with its batch size: as given, else `batch_size_signum` for a sign-descent run of SAEs
-    of at least that many tokens, and `batch_size` where the recipe was measured at it (Adam,
-    transcoders) or the run is shorter."""
+    of at least that many `tokens` (asked for, and in the store), and `batch_size` where the recipe
+    was measured at it (Adam, transcoders) or the run is shorter."""
     if cfg.batch_size is not None:
         return cfg
     signum_saes = cfg.optimizer == "signum" and not any(s.out_site for s in specs)

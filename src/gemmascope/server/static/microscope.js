@@ -27,7 +27,7 @@ function featRow(f, note) {
   return GS.el("div", {class: "feat", "data-index": f.index,
     onclick: () => { window.location.href = GS.featureUrl(state.saeId, f.index); }},
     GS.el("a", {class: "id", href: GS.featureUrl(state.saeId, f.index)}, `#${f.index}`),
-    GS.el("span", {class: "expl"}, state.explanations[f.index] || note || ""),
+    GS.el("span", {class: "expl", title: state.explanations[f.index] || note || ""}, state.explanations[f.index] || note || ""),
     shownValue(f));
 }
 
