@@ -251,9 +251,7 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert extra["steps"] == 64 and extra["batch_size"] == 128
         # the averaged sign optimiser runs without a schedule; thresholds start at the target rate,
         # so the sparsity needs no warm-up either
-        assert (
-            extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN.lr_signum_other_batch == 3.5e-3
-        )
+        assert extra["optimizer"] == "signum" and extra["lr"] == recipe.SHORT_RUN.lr_signum == 3.5e-3
         assert (
             extra["lr_warmup_steps"] == 0 and extra["lr_decay_steps"] == 0 and extra["l0_warmup_steps"] == 0
         )
@@ -475,17 +473,12 @@ def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: py
 def test_default_learning_rate_follows_the_optimiser_and_run_length(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sign optimiser takes lr_signum at its batch (batch_size_signum, the default of a run of
-    SAEs) and lr_signum_other_batch at another, at any length; Adam takes SHORT_RUN's lr for short
-    runs and the lower, stable lr_long beyond long_run_steps."""
+    """The sign optimiser takes lr_signum at any length; Adam takes SHORT_RUN's lr for short runs and
+    the lower, stable lr_long beyond long_run_steps."""
     spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
     [signum] = train_saes(run_dir, [spec], 1024, small_config(), progress=False)  # 8 steps
     extra = load_sae(signum).cfg.extra
-    assert extra["lr"] == train_module.SHORT_RUN.lr_signum_other_batch
-    [default] = train_saes(run_dir, [spec], 4096, TrainConfig(name="d", refit_tokens=0), progress=False)
-    extra = load_sae(default).cfg.extra
-    assert extra["batch_size"] == train_module.SHORT_RUN.batch_size_signum == 2048
-    assert extra["lr"] == train_module.SHORT_RUN.lr_signum == 5e-3
+    assert extra["lr"] == train_module.SHORT_RUN.lr_signum
     assert extra["dead_preact_coeff"] == recipe.DEAD_PREACT_COEFF > 0
     assert extra["dense_coeff"] == recipe.DENSE_COEFF > 0
     [short] = train_saes(run_dir, [spec], 1024, small_config(optimizer="adam", name="a"), progress=False)

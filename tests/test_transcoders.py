@@ -93,10 +93,7 @@ def test_transcoder_lr_default_yields_to_the_run_and_the_spec(run_dir: Path) -> 
     def lrs(specs: list[TrainSpec], cfg: TrainConfig) -> list[float | None]:
         return [s.lr for s in resolve(store, specs, 1024, cfg).specs]
 
-    # a run with a transcoder keeps the batch its recipe was measured at, and the SAEs' lr for it
-    assert lrs([tc, sae], TrainConfig()) == [SHORT_RUN.lr_signum_transcoder, SHORT_RUN.lr_signum_other_batch]
-    [alone] = resolve(store, [sae], 2 * SHORT_RUN.batch_size_signum, TrainConfig()).specs
-    assert alone.lr == SHORT_RUN.lr_signum  # SAEs alone, a run of at least batch_size_signum tokens
+    assert lrs([tc, sae], TrainConfig()) == [SHORT_RUN.lr_signum_transcoder, SHORT_RUN.lr_signum]
     assert lrs([tc, sae], TrainConfig(lr=1e-3)) == [1e-3, 1e-3]  # the run's lr
     assert lrs([TrainSpec(IN, 64, target_l0=8, out_site=OUT, lr=2e-3)], TrainConfig()) == [2e-3]
     assert lrs([tc], TrainConfig(optimizer="adam")) == [SHORT_RUN.lr]  # Adam: the run's lr
@@ -116,12 +113,7 @@ def test_transcoders_train_and_predict_the_mlp_output(run_dir: Path, skip: bool)
     assert tc.cfg.out_site == OUT and tc.cfg.site == IN and not sae.is_transcoder
     assert tc.cfg.extra["out_scale"] == pytest.approx(ActivationStore(run_dir).scale(OUT))
     # a transcoder takes its own default lr under the sign optimiser, an SAE of the same run the SAEs'
-    assert (
-        tc.cfg.extra["lr"]
-        == SHORT_RUN.lr_signum_transcoder
-        != SHORT_RUN.lr_signum_other_batch
-        == sae.cfg.extra["lr"]
-    )
+    assert tc.cfg.extra["lr"] == SHORT_RUN.lr_signum_transcoder != SHORT_RUN.lr_signum == sae.cfg.extra["lr"]
     # on raw activations the saved transcoder predicts the MLP output: FVU well under 1
     store = ActivationStore(run_dir)
     batch = next(iter(store.batches([IN, OUT], 2048, seed=1)))

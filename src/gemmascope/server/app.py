@@ -67,8 +67,11 @@ def serve(
     extra: Sequence[str] = (),
     model: str | None = None,
 ) -> None:
-    """Load a run folder (and/or the SAEs in `extra`) and serve its web UI until interrupted (Ctrl+C)."""
+    """Load a run folder (and/or the SAEs in `extra`) and serve its web UI until interrupted (Ctrl+C).
+    While it serves, the command line's questions about the run folder come here (`warm`)."""
     import uvicorn
+
+    from gemmascope import warm
 
     with socket.socket() as sock:  # fail now, not after loading the model, if the port is taken
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -86,7 +89,12 @@ def serve(
     app = create_app(run_dir, model=model, extra=extra)
     what = ", ".join([str(run_dir)] * (run_dir is not None) + list(extra))
     print(f"gemmascope: serving {what} at http://{host}:{port}/  (Ctrl+C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    record = warm.announce(run_dir, f"http://{local}:{port}") if run_dir is not None else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        warm.withdraw(record)
 
 
 @contextmanager

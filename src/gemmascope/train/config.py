@@ -112,13 +112,8 @@ class TrainConfig:
     """Settings shared by every SAE of one training run. A field left None is worked out by `resolve`
     for the optimiser and the run length; the values used are recorded in each SAE's `cfg.extra`."""
 
-    batch_size: int | None = field(
-        default=None,
-        metadata=_opt(
-            f"activations per step (default: {_R.batch_size_signum} for SAEs with signum, else "
-            f"{_R.batch_size})",
-            published=_P.batch_size,
-        ),
+    batch_size: int = field(
+        default=_R.batch_size, metadata=_opt("activations per step", published=_P.batch_size)
     )
     optimizer: str = field(
         default=_R.optimizer,
@@ -131,8 +126,7 @@ class TrainConfig:
     lr: float | None = field(
         default=None,
         metadata=_opt(
-            f"learning rate (default: {_R.lr_signum:g} with signum at batch {_R.batch_size_signum}, "
-            f"{_R.lr_signum_other_batch:g} at other batches, {_R.lr_signum_transcoder:g} for its "
+            f"learning rate (default: {_R.lr_signum:g} with signum, {_R.lr_signum_transcoder:g} for its "
             f"transcoders; with adam {_R.lr:g}, {_R.lr_long:g} past {_R.long_run_steps} steps)",
             published=_P.lr,
         ),
@@ -258,8 +252,8 @@ class Plan:
 def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: TrainConfig) -> Plan:
     """The one place a run's open values become numbers: every spec checked (sites in canonical
     form), the settings checked, and each None of `cfg` and of a spec's `lr` replaced by the recipe's
-    value for the optimiser and the run length: the batch size (`_with_batch_size`), lr (`lr_signum`;
-    at `batch_size_signum`, else `lr_signum_other_batch`; a signum transcoder's `lr_signum_transcoder`; Adam's `lr`, or `lr_long` past `long_run_steps` steps), the dead and dense
+    value for the optimiser and the run length: lr (`lr_signum`; a signum transcoder's
+    `lr_signum_transcoder`; Adam's `lr`, or `lr_long` past `long_run_steps` steps), the dead and dense
     penalties' coefficients (on with signum, off with Adam), the warm-ups and lr decay (fractions of
     the steps, at most the published step counts; none for signum's lr) and the dead window."""
     specs = [checked_spec(spec, store) for spec in specs]
@@ -271,13 +265,11 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
             f"the same SAE is asked for twice: {sorted({n for n in names if names.count(n) > 1})}"
         )
     checked_config(cfg)
-    sites = sorted({parse_site(name) for s in specs for name in s.sites})
-    available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in sites)
-    cfg = _with_batch_size(cfg, specs, min(tokens, available))
-    assert cfg.batch_size is not None
     if tokens < cfg.batch_size:
         raise ConfigError(f"tokens {tokens} must be at least one batch ({cfg.batch_size})")
     steps = tokens // cfg.batch_size
+    sites = sorted({parse_site(name) for s in specs for name in s.sites})
+    available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in sites)
     per_epoch = available // cfg.batch_size
     if per_epoch < 1:
         raise StoreError(
@@ -302,31 +294,13 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
     )
 
 
-def _with_batch_size(cfg: TrainConfig, specs: list[TrainSpec], tokens: int) -> TrainConfig:
-    """`cfg` with its batch size: as given, else `batch_size_signum` for a sign-descent run of SAEs
-    of at least that many `tokens` (asked for, and in the store), and `batch_size` where the recipe
-    was measured at it (Adam, transcoders) or the run is shorter."""
-    if cfg.batch_size is not None:
-        return cfg
-    signum_saes = cfg.optimizer == "signum" and not any(s.out_site for s in specs)
-    signum_saes = signum_saes and tokens >= SHORT_RUN.batch_size_signum
-    return dataclasses.replace(
-        cfg, batch_size=SHORT_RUN.batch_size_signum if signum_saes else SHORT_RUN.batch_size
-    )
-
-
 def _resolved_config(cfg: TrainConfig, steps: int) -> TrainConfig:
     """`cfg` with every None worked out for its optimiser and `steps` (see `resolve`)."""
     signum = cfg.optimizer == "signum"
     lr = cfg.lr
-    assert cfg.batch_size is not None, "resolve sets the batch size first"
     if lr is None:
         lr = (
-            (
-                SHORT_RUN.lr_signum
-                if cfg.batch_size == SHORT_RUN.batch_size_signum
-                else SHORT_RUN.lr_signum_other_batch
-            )
+            SHORT_RUN.lr_signum
             if signum
             else SHORT_RUN.lr_long
             if steps > SHORT_RUN.long_run_steps
@@ -411,7 +385,7 @@ def checked_config(cfg: TrainConfig) -> None:
 
     check_name(cfg.name, "training run name")  # its checkpoint and log stay inside the run folder
     for name in ("batch_size", "checkpoint_every", "log_every"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+        if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', ' ')} {getattr(cfg, name)} must be at least 1")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate {cfg.lr!r} must be a finite number > 0")

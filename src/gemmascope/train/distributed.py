@@ -70,7 +70,6 @@ class Parallel:
         par = cls(cfg.parallel, dist.get_rank() if world > 1 else 0, world, device)
         par.owns_group = world > 1 and not started
         if par.data:
-            assert cfg.batch_size is not None, "config.resolve sets the batch size"
             if cfg.batch_size % world:
                 raise ConfigError(
                     f"data-parallel training splits each batch over {world} processes: batch size "
@@ -114,7 +113,6 @@ class Parallel:
         """This rank's batches. Data-parallel ranks read only their own shards, so an epoch gives as
         many batches as the smallest slice allows: allow up to one epoch per step (the reader is
         lazy; the planned steps still end the run)."""
-        assert cfg.batch_size is not None, "config.resolve sets the batch size"
         return store.batches(
             sites,
             cfg.batch_size // self.world if self.data else cfg.batch_size,
@@ -146,7 +144,7 @@ class Parallel:
         fired over the whole batch."""
         if not self.data:
             return out
-        fired = self._all_reduce(out["fired"].clone())  # counts, summed over the ranks
+        fired = self._all_reduce(out["fired"].to(torch.int32)) > 0
         return {
             "loss": self.shared_mean(out["loss"]),
             "recon": self.shared_mean(out["recon"]).detach(),

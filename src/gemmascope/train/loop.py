@@ -201,7 +201,6 @@ def _train_steps(
     """The planned steps from `start` on: every SAE steps on each batch; a log row every
     `cfg.log_every` steps and a checkpoint every `cfg.checkpoint_every` and at the end."""
     cfg, par, n_steps = run.plan.config, run.par, run.plan.steps
-    assert cfg.batch_size is not None, "config.resolve sets the batch size"
     steps_done = start
     bar = tqdm(
         total=n_steps,
@@ -267,7 +266,7 @@ def _train_step(run: _Run, t: Trainee, batch: dict[Site, Tensor], step_index: in
     if t.arch.tracks_density and step_index % DENSITY_EVERY == 0:  # from the step's own forward
         measure_density(t, out["fired"], par.tokens(x.shape[0]))
     fires = firing_counts(t, x, par) if final else None  # the final part: as the saved SAE fires
-    stats = update_counts(t, x, out, fires if final else None, cfg.dead_window_tokens, sq_dev, par)
+    stats = update_counts(t, x, out, fires, cfg.dead_window_tokens, sq_dev, par)
     return {**stats, "lr": lr, "coeff_scale": coeff_scale}
 
 

@@ -66,17 +66,11 @@ class ShortRun:
     weights' lr, b_enc and b_dec fixed at 0 and the data mean: at 300k tokens FVU 0.064, 3% dead, no
     latent over 50%, where Adam with learned biases gives FVU 0.080, 88% dead and 35 always-on latents
     (BENCHMARKS.md, "Training quality against sparsify")."""
-    lr_signum: float = 5e-3
-    """The sign optimiser's lr at `batch_size_signum` (BENCHMARKS.md "Training speed"): at
-    resid_post.12, 300k tokens, held-out ΔLM loss / FVU / dead, batch 1,024 lr 3.5e-3 0.670 / 0.2173
-    / 0.3%; batch 2,048 lr 5e-3 0.660 / 0.2168 / 1.2%; batch 4,096 lr 3.5e-3 0.771 / 0.2405, lr 7e-3
-    0.682 / 0.2230 / 1.9%. At batch 1,024 (BENCHMARKS.md "lr and bandwidth", held-out FVU at
-    resid_post.6): lr 1e-2 0.0728; 5e-3 0.0707; 3.5e-3 0.0702; 2.5e-3 0.0717; with bandwidth 3e-3:
-    5e-3 0.0703, 3.5e-3 0.0690 (7% of L0 on latents over 10%, against 14%), 2.5e-3 0.0710."""
-    lr_signum_other_batch: float = 3.5e-3
-    """The sign optimiser's lr for SAEs at any batch but `batch_size_signum` (measured at 1,024, as
-    above; the default of every batch before batch 2,048 became the default: at 4,096, 7e-3 trains
-    better, see `lr_signum`)."""
+    lr_signum: float = 3.5e-3
+    """The sign optimiser's lr, chosen with the decoder refit and the density limit in place
+    (held-out FVU, BENCHMARKS.md "lr and bandwidth"): lr 1e-2 (eai-sparsify's rate at width 4,096,
+    the default before) 0.0728; 5e-3 0.0707; 3.5e-3 0.0702; 2.5e-3 0.0717; with bandwidth 3e-3:
+    5e-3 0.0703, 3.5e-3 0.0690 (and 7% of L0 on latents over 10%, against 14%), 2.5e-3 0.0710."""
     lr_signum_transcoder: float = 1e-2
     """A transcoder keeps 1e-2: at mlp_in.6 -> mlp_out.6 (skip, 200k tokens, held-out FVU of the MLP
     output) lr 1e-2 gives 0.168 at L0 40 where 3.5e-3 gives 0.197 at L0 42 (bandwidth 3e-3 both)."""
@@ -96,11 +90,12 @@ class ShortRun:
     long_run_steps: int = 3000
     """Adam: runs over this many steps take `lr_long`."""
     batch_size: int = 1024
-    """Activations per step (published 4,096) with Adam or in runs with transcoders, where the
-    recipe was measured: more, smaller steps for θ to travel far enough."""
-    batch_size_signum: int = 2048
-    """Activations per step of a sign-descent run of SAEs only, with `lr_signum`: the same quality
-    as 1,024 at 3.5e-3 (ΔLM loss 0.660 against 0.670, see `lr_signum`) in 0.7 of the training time."""
+    """Activations per step (published 4,096): more, smaller steps for θ to travel far enough. Batch
+    2,048 at lr 5e-3 trains in 0.7 of the time with held-out ΔLM loss 0.660 against 0.670 at
+    resid_post.12, 300k tokens, but its demo SAE reads concepts worse: the same topic latents, each
+    less sharp (held-out F1 food 0.90 -> 0.75, music 0.88 -> 0.79, sport 0.82 -> 0.67; detection 4
+    and steering 2 of the concept benchmark's 14, against 7 and 7; BENCHMARKS.md "Training speed"):
+    not taken."""
     lr_warmup_fraction: float = 0.05
     """Adam only: lr warms up over this share of the steps (at most the published 1,000); the
     averaged sign optimiser needs no schedule."""
