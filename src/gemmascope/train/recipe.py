@@ -92,10 +92,11 @@ class ShortRun:
     batch_size: int = 1024
     """Activations per step (published 4,096): more, smaller steps for θ to travel far enough. Batch
     2,048 at lr 5e-3 trains in 0.7 of the time with held-out ΔLM loss 0.660 against 0.670 at
-    resid_post.12, 300k tokens, but its demo SAE reads concepts worse: the same topic latents, each
-    less sharp (held-out F1 food 0.90 -> 0.75, music 0.88 -> 0.79, sport 0.82 -> 0.67; detection 4
-    and steering 2 of the concept benchmark's 14, against 7 and 7; BENCHMARKS.md "Training speed"):
-    not taken."""
+    resid_post.12, 300k tokens, but its one demo SAE read concepts worse than the batch-1,024 one
+    before it (the same topic latents, each less sharp: held-out F1 food 0.90 -> 0.75, music 0.88 ->
+    0.79; detection 4 and steering 2 of the concept benchmark's 14, against 7 and 7; BENCHMARKS.md
+    "Training speed"). One SAE each, and the headlines vary as much between draws of one recipe, so
+    it waits for a several-seed comparison: not the default."""
     lr_warmup_fraction: float = 0.05
     """Adam only: lr warms up over this share of the steps (at most the published 1,000); the
     averaged sign optimiser needs no schedule."""
