@@ -141,10 +141,10 @@ class Parallel:
 
     def share_out(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
         """A step's loss (value of the whole batch, gradient of this rank's part), recon, l0 and
-        fired over the whole batch."""
+        fired (per-latent counts) over the whole batch."""
         if not self.data:
             return out
-        fired = self._all_reduce(out["fired"].to(torch.int32)) > 0
+        fired = self._all_reduce(out["fired"].clone())  # per-latent counts, summed over the ranks
         return {
             "loss": self.shared_mean(out["loss"]),
             "recon": self.shared_mean(out["recon"]).detach(),
