@@ -57,7 +57,11 @@ from gemmascope.models import load_model
 run, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(2)
 model = load_model("gemma-3-270m")
-tcs = transcoder_set(run, model.n_layers)
+if sys.argv[4] != "-":  # a cross-layer transcoder of the run (its folder holding the SUBSTRING given)
+    from gemmascope.attribution.dictionary import run_clt
+    tcs = run_clt(run, sys.argv[4] or None)
+else:
+    tcs = transcoder_set(run, model.n_layers)
 ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"][:n]
 text = model.tokenizer.decode(ids)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -82,10 +86,25 @@ from circuit_tracer.graph import compute_graph_scores
 from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 model_dir, tc_dir, prompt, out, n_layers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 dev = torch.device("cpu")
-paths = {l: f"{tc_dir}/layer_{l}/params.safetensors" for l in range(n_layers)}
-tcs = load_transcoder_set(paths, scan="gemmascope-bench", feature_input_hook="mlp.hook_in",
-    feature_output_hook="hook_mlp_out", device=dev, dtype=torch.float32, special_load_fn="gemma-scope-2",
-    lazy_encoder=False, lazy_decoder=False)
+if sys.argv[6] == "clt":  # our CLT folder is circuit-tracer's own layout: its load_clt reads it as it is
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    tcs = load_clt(tc_dir, feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
+        device=dev, dtype=torch.float32, lazy_decoder=False, lazy_encoder=False)
+    from safetensors import safe_open
+    with safe_open(f"{tc_dir}/W_enc_0.safetensors", "pt") as f:
+        has_skip = "W_skip_0" in f.keys()
+    if has_skip and tcs.W_skip is None:  # 0.5.0's loader drops W_skip_i (its main branch reads it): as main does
+        skips = []
+        for i in range(n_layers):
+            with safe_open(f"{tc_dir}/W_enc_{i}.safetensors", "pt") as f:
+                skips.append(f.get_tensor(f"W_skip_{i}").float())
+        tcs.W_skip = torch.nn.Parameter(torch.stack(skips))
+        tcs.skip_connection = True
+else:
+    paths = {l: f"{tc_dir}/layer_{l}/params.safetensors" for l in range(n_layers)}
+    tcs = load_transcoder_set(paths, scan="gemmascope-bench", feature_input_hook="mlp.hook_in",
+        feature_output_hook="hook_mlp_out", device=dev, dtype=torch.float32, special_load_fn="gemma-scope-2",
+        lazy_encoder=False, lazy_decoder=False)
 model = ReplacementModel.from_pretrained_and_transcoders(model_dir, tcs, backend="nnsight", device=dev,
     dtype=torch.float32)
 t = time.monotonic()
@@ -99,11 +118,11 @@ torch.save({"adjacency": g.adjacency_matrix, "features": g.active_features[g.sel
 """
 
 
-def timing(run: str, lengths: list[int]) -> list[dict[str, object]]:
+def timing(run: str, lengths: list[int], clt: str | None = None) -> list[dict[str, object]]:
     rows = []
     for n in lengths:
         out = subprocess.run(
-            [sys.executable, "-c", _ONE_GRAPH, run, LENGTH_PROMPT, str(n)],
+            [sys.executable, "-c", _ONE_GRAPH, run, LENGTH_PROMPT, str(n), "-" if clt is None else clt],
             capture_output=True,
             text=True,
             check=False,
@@ -120,25 +139,34 @@ def timing(run: str, lengths: list[int]) -> list[dict[str, object]]:
     return rows
 
 
-def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[str, object]:
+def compare_with_circuit_tracer(
+    run: str, ct_python: str, prompt: str, clt: str | None = None
+) -> dict[str, object]:
+    """Our graph and circuit-tracer's of `prompt` over the run's transcoder per layer, or with `clt`
+    (a substring of its folder, "" for the only one) over its cross-layer transcoder."""
     import torch
 
     from gemmascope.attribution import attribute, scores, transcoder_set
+    from gemmascope.attribution.dictionary import Replacing, dictionary_of, run_clt
     from gemmascope.attribution.graph import prompt_ids
     from gemmascope.attribution.replacement import capture_prompt, massive_positions
     from gemmascope.formats import save_params_safetensors
     from gemmascope.models import bundled_gemma_path, load_model
 
     model = load_model("gemma-3-270m")
-    tcs = transcoder_set(run, model.n_layers)
-    massive = massive_positions(tcs, capture_prompt(model, prompt_ids(model, prompt)))
+    tcs: Replacing = run_clt(run, clt or None) if clt is not None else transcoder_set(run, model.n_layers)
+    massive = massive_positions(dictionary_of(model, tcs), capture_prompt(model, prompt_ids(model, prompt)))
     n_massive = [int(m[1:].sum()) for m in massive]  # after BOS, which both leave out
-    for tc in tcs:  # circuit-tracer has no norm limit: compare on the same rule
+    for tc in [] if clt is not None else tcs:  # circuit-tracer has no norm limit: compare on the same rule
         tc.cfg.max_norm = None
         tc.cfg.extra.pop("max_scaled_norm", None)
     with tempfile.TemporaryDirectory() as tmp:
-        for layer, tc in enumerate(tcs):
-            save_params_safetensors(tc, Path(tmp) / f"layer_{layer}")
+        if clt is not None:
+            folder = str(Path(run) / str(tcs.cfg.extra["folder"]))  # type: ignore[union-attr]
+        else:
+            folder = tmp
+            for layer, tc in enumerate(tcs):  # type: ignore[arg-type]
+                save_params_safetensors(tc, Path(tmp) / f"layer_{layer}")
         out = Path(tmp) / "ct.pt"
         t = time.monotonic()
         done = subprocess.run(
@@ -147,10 +175,11 @@ def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[s
                 "-c",
                 _CIRCUIT_TRACER,
                 str(bundled_gemma_path()),
-                tmp,
+                folder,
                 prompt,
                 str(out),
                 str(model.n_layers),
+                "clt" if clt is not None else "set",
             ],
             capture_output=True,
             text=True,
@@ -193,6 +222,15 @@ def compare_with_circuit_tracer(run: str, ct_python: str, prompt: str) -> dict[s
                 "non_token_max_abs_diff": float(
                     torch.cat([err[:, : ours.token_start], err[:, ours.logit_start :]], 1).max()
                 ),
+                "max_abs_diff_by_source": {
+                    "features": float(err[:, : ours.n_features].max()),
+                    "errors": float(err[:, ours.n_features : ours.token_start].max()),
+                    "tokens": float(err[:, tokens].max()),
+                },
+                "max_abs_diff_by_target": {
+                    "features": float(err[: ours.n_features].max()),
+                    "logits": float(err[ours.logit_start :].max()),
+                },
             }
         )
     ours_scores = scores(ours)
@@ -218,14 +256,21 @@ def main() -> None:
     parser.add_argument("run", help="run folder with a transcoder per layer")
     parser.add_argument("--lengths", default="8,16,32,64", help="prompt lengths (tokens) of the timing table")
     parser.add_argument("--ct-python", default=None, help="python of a circuit-tracer environment")
+    parser.add_argument(
+        "--clt", nargs="?", const="", default=None, metavar="SUBSTRING",
+        help="over the run's cross-layer transcoder instead of its transcoder per layer",
+    )  # fmt: skip
+    parser.add_argument("--prompts", type=int, default=2, help="circuit-tracer check: how many of PROMPTS")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attribute.json"))
     args = parser.parse_args()
     results: dict[str, object] = {"command": " ".join(sys.argv), "machine_cpus": 2}
     print("seconds and peak memory per graph against prompt length (each graph in a fresh process):")
-    results["timing"] = timing(args.run, [int(v) for v in args.lengths.split(",")])
+    lengths = [int(v) for v in args.lengths.split(",") if v]
+    results["timing"] = timing(args.run, lengths, args.clt) if lengths else []
     if args.ct_python:
         results["circuit_tracer"] = [
-            compare_with_circuit_tracer(args.run, args.ct_python, p) for p in PROMPTS[:2]
+            compare_with_circuit_tracer(args.run, args.ct_python, p, args.clt)
+            for p in PROMPTS[: args.prompts]
         ]
     else:
         print("circuit-tracer check not run: pass --ct-python PATH (see the module docstring)")

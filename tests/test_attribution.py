@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from gemmascope.attribution import attribute, capture_prompt, intervene, prune, scores, transcoder_set
+from gemmascope.attribution.dictionary import dictionary_of
 from gemmascope.attribution.files import graph_json, plot_graph, read_graph, transcoder_digest, write_graph
 from gemmascope.attribution.intervene import measure, predict, strongest
 from gemmascope.cli import main
+from gemmascope.clt import CLTConfig, CrossLayerTranscoder
 from gemmascope.errors import ConfigError, SiteError, StoreError
 from gemmascope.formats import save_sae
 from gemmascope.models import LanguageModel
@@ -105,7 +107,7 @@ def test_a_massive_input_has_no_feature_and_its_mlp_output_is_all_error(tiny_mod
         captured = capture_prompt(tiny_model, ids)
         for layer, tc in enumerate(tcs):  # about a third of the positions over the limit at each layer
             tc.cfg.max_norm = float(captured.mlp_in[layer].norm(dim=-1).quantile(0.66))
-        massive = massive_positions(tcs, captured)
+        massive = massive_positions(dictionary_of(tiny_model, tcs), captured)
         assert all(0 < int(m.sum()) < len(ids) for m in massive)
         graph = attribute(tiny_model, tcs, PROMPT, first_position=0, progress=False)
         with torch.no_grad():
@@ -113,7 +115,7 @@ def test_a_massive_input_has_no_feature_and_its_mlp_output_is_all_error(tiny_mod
     for layer, pos in zip(*torch.nonzero(torch.stack(massive), as_tuple=True), strict=True):
         at = (graph.features[:, 0] == layer) & (graph.features[:, 1] == pos)
         assert not at.any(), (int(layer), int(pos))
-    _, _, errors = _components(tcs, captured, 0)
+    _, _, errors = _components(dictionary_of(tiny_model, tcs), captured, 0)
     for layer in range(len(tcs)):
         assert torch.equal(errors[layer][massive[layer]], captured.mlp_out[layer][massive[layer]])
     for j in range(0, graph.n_features, 7):
@@ -300,3 +302,90 @@ def test_attribute_command(
     args = ["attribute", str(run), PROMPT, "--ablate-top", "2", "--value", "3", "--model", "tiny-gemma3"]
     assert main(args) == 2
     assert "--value 3 sets --ablate nodes" in capsys.readouterr().err
+
+
+def random_clt(model: LanguageModel, seed: int = 0) -> CrossLayerTranscoder:
+    """A CLT over the tiny model with every decoder (own layer and later ones) random, biases 0."""
+    g = torch.Generator().manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(model.n_layers, model.d_model, 48, model.name, affine_skip=True))
+    with torch.no_grad():
+        for s in range(model.n_layers):
+            clt.W_enc[s].copy_(torch.randn(clt.W_enc[s].shape, generator=g) * 0.3)
+            clt.W_dec[s].copy_(torch.randn(clt.W_dec[s].shape, generator=g) * 0.1)
+            clt.threshold[s].fill_(0.5)
+        assert clt.W_skip is not None
+        clt.W_skip.copy_(torch.randn(clt.W_skip.shape, generator=g) * 0.05)
+    return clt
+
+
+def test_a_clt_graphs_edges_add_up_to_what_each_node_reads(tiny_model: LanguageModel) -> None:
+    """Over a cross-layer transcoder, a feature is one node writing every later layer: the edges
+    into each feature still sum to its pre-activation and into each logit to the demeaned logit."""
+    clt = random_clt(tiny_model)
+    graph = attribute(tiny_model, clt, PROMPT, first_position=0, progress=False)
+    assert graph.n_features > 50 and len(graph.transcoders) == tiny_model.n_layers
+    captured = capture_prompt(tiny_model, graph.ids)
+    for j in range(0, graph.n_features, 11):
+        layer, pos, latent = graph.features[j].tolist()
+        read = float(captured.mlp_in[layer][pos] @ clt.W_enc[layer][:, latent].detach())
+        assert float(graph.adjacency[j].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
+    with torch.no_grad():
+        logits = tiny_model.hf(input_ids=graph.ids[None], use_cache=False).logits[0, -1]
+    for k, token in enumerate(graph.logit_ids.tolist()):
+        read = float(logits[token] - logits.mean())
+        assert float(graph.adjacency[graph.logit_start + k].sum()) == pytest.approx(read, rel=1e-4, abs=1e-4)
+    # a layer-0 feature reaches the logits directly through every layer it writes: zeroing its
+    # later decoders changes its direct edge to the logits
+    first = next(j for j, f in enumerate(graph.features.tolist()) if f[0] == 0 and f[1] > 0)
+    _, _, latent = graph.features[first].tolist()
+    with torch.no_grad():
+        clt.decoder(0)[latent, 1:] = 0
+    own_only = attribute(tiny_model, clt, PROMPT, first_position=0, progress=False)
+    assert not torch.allclose(
+        own_only.adjacency[own_only.logit_start :, first], graph.adjacency[graph.logit_start :, first]
+    )
+
+
+def test_a_clt_writing_only_its_own_layer_draws_the_transcoders_graph(tiny_model: LanguageModel) -> None:
+    from test_clt import own_layer_transcoders
+
+    clt = random_clt(tiny_model)
+    transcoders = own_layer_transcoders(clt)
+    ours, theirs = (attribute(tiny_model, x, PROMPT, progress=False) for x in (clt, transcoders))
+    assert torch.equal(ours.features, theirs.features)
+    assert torch.allclose(ours.adjacency, theirs.adjacency, rtol=1e-4, atol=1e-5)
+
+
+def test_clt_interventions_predicted_and_measured(tiny_model: LanguageModel) -> None:
+    clt = random_clt(tiny_model)
+    graph = attribute(tiny_model, clt, PROMPT, progress=False)
+    last = graph.n_layers - 1
+    at_end = [i for i, f in enumerate(graph.features.tolist()) if f[0] == last and f[1] == graph.n_pos - 1]
+    node = tuple(graph.features[at_end[0]].tolist())
+    predicted = predict(graph, [node])
+    measured = measure(tiny_model, clt, graph, [node])
+    assert torch.allclose(measured["delta"], predicted["total"], rtol=0.2, atol=0.02)
+    same = measure(tiny_model, clt, graph, [node], float(graph.activations[at_end[0]]))
+    assert torch.allclose(same["delta"], torch.zeros_like(same["delta"]), atol=1e-4)
+    with pytest.raises(SiteError, match="spans 3 layers"):
+        attribute(
+            tiny_model, CrossLayerTranscoder(CLTConfig(3, tiny_model.d_model, 8)), PROMPT, progress=False
+        )
+
+
+def test_attribute_command_over_a_runs_clt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gemmascope.formats.clt import save_clt
+
+    run = tmp_path / "run"
+    assert main(["attribute", str(run), PROMPT, "--clt", "--model", "tiny-gemma3"]) == 2
+    assert "is not a run folder with cross-layer transcoders" in capsys.readouterr().err and not run.exists()
+    clt = random_clt(__import__("gemmascope.models", fromlist=["load_model"]).load_model("tiny-gemma3"))
+    save_clt(clt, run / "clts" / "width_48" / "l0_9_skip")
+    code = main(
+        ["attribute", str(run), PROMPT, "--clt", "--slug", "c", "--ablate-top", "2", "--model", "tiny-gemma3"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "replacement score" in out and "the model now says" in out
+    data = json.loads((run / "graphs" / "c.json").read_text())
+    assert data["metadata"]["gemmascope"]["transcoder_digest"] == transcoder_digest(clt)

@@ -18,7 +18,7 @@ CONTRACTS = PACKAGE.parents[1] / "docs" / "CONTRACTS.md"
 # itself: its version, and the architectures it registers).
 LAYERS = [
     "errors", "limits", "values", "ranks", "corpus", "models", "warm", "sites", "sae", "sparse_step", "architectures",
-    "gemmascope", "runs", "formats", "releases", "activations", "evals", "features", "train", "steer",
+    "clt", "gemmascope", "runs", "formats", "releases", "activations", "evals", "features", "train", "steer",
     "effects", "attribution", "opening", "outputs", "server", "suite", "demo", "cli",
 ]  # fmt: skip
 

@@ -100,6 +100,14 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def csr_rows(
+    rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], index_dtype: torch.dtype = torch.int64
+) -> Tensor:
+    """A sparse CSR tensor `[shape]` of row-ordered `(rows, cols, values)` (`rows` sorted), its
+    indices in `index_dtype` (int32: MKL's and cuSPARSE's fast kernels)."""
+    return _csr(_crow(rows, shape[0], index_dtype), cols.to(index_dtype), values, shape)
+
+
 def _crow(sorted_index: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     """CSR row pointers `[n + 1]` of a sorted row-index vector."""
     crow = torch.zeros(n + 1, dtype=dtype, device=sorted_index.device)

@@ -5,6 +5,7 @@ nodes and logits with its pruning and scores (`graph`), its files: circuit-trace
 the written graph (`draw`: `draw_graph`). A feature node is named `LAYER_LATENT_POSITION` everywhere
 (`feature_node_id`, `parse_node`)."""
 
+from gemmascope.attribution.dictionary import transcoder_set
 from gemmascope.attribution.draw import Drawn, draw_graph
 from gemmascope.attribution.files import (
     NODE_ID_FORMAT,
@@ -30,7 +31,6 @@ from gemmascope.attribution.graph import (
     prompt_ids,
     prune,
     scores,
-    transcoder_set,
 )
 from gemmascope.attribution.intervene import intervene_nodes, measure, predict, strongest
 from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gemmascope.attribution.dictionary import Replacing
 from gemmascope.attribution.files import (
     check_slug,
     feature_node_id,
@@ -40,7 +41,6 @@ from gemmascope.attribution.intervene import Node, strongest
 from gemmascope.errors import ConfigError
 from gemmascope.limits import MAX_GRAPH_TOKENS
 from gemmascope.models import LanguageModel
-from gemmascope.sae import SAE
 
 Explain = Callable[[str, list[int]], dict[int, str]]  # (sae_id, latents) -> {latent: explanation}
 
@@ -100,7 +100,7 @@ class Drawn:
 
 def draw_graph(
     model: LanguageModel,
-    transcoders: list[SAE],
+    transcoders: Replacing,
     prompt: str,
     graph_dir: Path | str,
     *,
@@ -115,7 +115,7 @@ def draw_graph(
     png: bool = True,
     progress: bool = True,
 ) -> Drawn:
-    """Attribute `prompt` over `transcoders` (one per layer; `graph.attribute`), prune it
+    """Attribute `prompt` over `transcoders` (one per layer, or a CLT; `graph.attribute`), prune it
     (`graph.prune`), name its kept features by `explain(sae_id, latents)`, and write
     `graph_dir/SLUG.json` (and `SLUG.png` with `png`). `slug` defaults to one made from the prompt
     (`files.graph_slug`); `digest` to the set's (`files.transcoder_digest`). ConfigError: a bad slug,

@@ -20,17 +20,24 @@ from typing import Any
 
 import torch
 
+from gemmascope.attribution.dictionary import Replacing
 from gemmascope.attribution.graph import Graph, Pruned, prune, scores
+from gemmascope.clt import CrossLayerTranscoder
 from gemmascope.errors import ConfigError, FormatError, StoreError
 from gemmascope.runs import save_atomic, write_atomic
-from gemmascope.sae import SAE
 
 SCHEMA_VERSION = 1  # circuit-tracer's frontend schema
 
 
-def transcoder_digest(transcoders: list[SAE]) -> str:
-    """A short digest of a transcoder set's weights' identity (train ids, else sizes and sites), so
-    a graph file can say which set it was drawn from."""
+def transcoder_digest(transcoders: Replacing) -> str:
+    """A short digest of a transcoder set's weights' identity (train ids, else sizes and sites), or a
+    CLT's (its config and decoders' sum), so a graph file can say which set it was drawn from."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        cfg = transcoders.cfg
+        weight = sum(float(w.detach().abs().sum()) for w in transcoders.W_dec)
+        return hashlib.sha256(
+            f"clt:{cfg.n_layers}:{cfg.width}:{cfg.model_name}:{weight}".encode()
+        ).hexdigest()[:16]
     parts = [
         f"{tc.cfg.site}>{tc.cfg.out_site}:{tc.d_sae}:{tc.cfg.extra.get('train_id') or float(tc.W_dec.detach().abs().sum()):}"
         for tc in transcoders

@@ -1,9 +1,9 @@
 """Attribution graphs: which features, at which positions, made the model say this next token, and
 through which others. Owns `attribute()` (the direct-effect edges of the replacement model between
-token embeddings, active transcoder features, error nodes and the top output logits), the `Graph`
+token embeddings, active features of a transcoder per layer or of a cross-layer transcoder, error
+nodes and the top output logits), the `Graph`
 it returns (circuit-tracer's node order and meaning, so the two can be compared entry by entry),
-pruning by node and edge influence, the replacement and completeness scores, and finding a run's
-transcoder set.
+pruning by node and edge influence, and the replacement and completeness scores.
 
 Conventions (those of circuit-tracer 0.5, the field's reference): rows of the adjacency matrix are
 targets, columns sources; nodes are the active features (sorted by layer, position, latent), then one
@@ -11,7 +11,9 @@ error node per (layer, position), then one token node per position, then the log
 `read_t · J · write_s` in the frozen linear model: a feature target reads with its encoder column
 (its pre-activation without b_enc), a logit target with its demeaned unembedding row (logit minus
 the mean logit, after the frozen final norm); a source writes its activation times its decoder row,
-its error vector or its (scaled) token embedding. Features and errors at the first position (BOS)
+its error vector or its (scaled) token embedding; a cross-layer transcoder's feature is one node
+whose edge sums what it writes into every layer from its own on (Σ_t read · J · write_{s→t}).
+Features and errors at the first position (BOS)
 are left out. Two differences, on purpose. A transcoder has no feature where its input is massive
 (Gemma 3's massive activations, `replacement.massive_positions`, the rule evals and the index
 follow); its error node there is the MLP's whole output, left exact (circuit-tracer has no such
@@ -24,20 +26,18 @@ embedding's real effect.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from gemmascope.attribution.dictionary import Dictionary, Replacing, dictionary_of
 from gemmascope.attribution.replacement import Prompt, ReplacementModel, capture_prompt, massive_positions
-from gemmascope.errors import ConfigError, StoreError
+from gemmascope.errors import ConfigError
 from gemmascope.limits import MAX_GRAPH_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens
-from gemmascope.sae import SAE, encode_inputs
 
 # Feature nodes a graph keeps by default (the most influential): its N x N float32 adjacency is then
 # at most ~0.3 GB and pruning holds a few of them. All active features of a 64-token prompt at L0 45
@@ -114,7 +114,7 @@ class Graph:
 
 def attribute(
     model: LanguageModel,
-    transcoders: list[SAE],
+    transcoders: Replacing,
     prompt: str,
     *,
     max_n_logits: int = MAX_N_LOGITS,
@@ -125,7 +125,8 @@ def attribute(
     first_position: int = 1,
     progress: bool = True,
 ) -> Graph:
-    """The attribution graph of `prompt`'s next token over `transcoders` (one per layer, in order):
+    """The attribution graph of `prompt`'s next token over `transcoders` (one per layer, in order,
+    or a cross-layer transcoder):
     every active feature's direct effect on every other node it can reach and on the top logits
     (the fewest whose probabilities sum to `desired_logit_prob`, at most `max_n_logits`). At most
     `max_feature_nodes` features become nodes (None: every active feature), chosen as circuit-tracer
@@ -139,13 +140,14 @@ def attribute(
         )
     ids = prompt_ids(model, prompt, max_tokens)
     captured = capture_prompt(model, ids)
-    rm = ReplacementModel(model, transcoders, captured)  # checks the set: one transcoder per layer
-    active, acts, errors = _components(transcoders, captured, first_position)
-    edges = _Edges(rm, transcoders, captured, active, acts, errors)
+    dictionary = dictionary_of(model, transcoders)  # checks the set: one transcoder per layer, or a CLT
+    rm = ReplacementModel(model, dictionary, captured)
+    active, acts, errors = _components(dictionary, captured, first_position)
+    edges = _Edges(rm, dictionary, captured, active, acts, errors)
     logit_ids, logit_probs = _logit_targets(captured.logits, max_n_logits, desired_logit_prob)
     unembed = model.hf.lm_head.weight.detach().float().cpu()  # [vocab, d]
     logit_vectors = unembed[logit_ids] - unembed.mean(0)  # [n_logits, d] demeaned
-    n_layers, n_pos, n_logits = len(transcoders), captured.ids.shape[0], logit_ids.shape[0]
+    n_layers, n_pos, n_logits = dictionary.n_layers, captured.ids.shape[0], logit_ids.shape[0]
     logit_rows = edges.rows(
         torch.full((n_logits,), n_layers), torch.full((n_logits,), n_pos - 1), logit_vectors
     )
@@ -166,7 +168,7 @@ def attribute(
         logit_tokens=[tokenizer.decode([int(t)]) for t in logit_ids],
         n_layers=n_layers,
         model_name=model.name,
-        transcoders=[str(tc.cfg.extra.get("folder", "")) for tc in transcoders],
+        transcoders=dictionary.names,
         seconds=time.monotonic() - started,
         max_feature_nodes=max_feature_nodes,
     )
@@ -179,17 +181,17 @@ class _Edges:
     def __init__(
         self,
         rm: ReplacementModel,
-        transcoders: list[SAE],
+        dictionary: Dictionary,
         captured: Prompt,
         active: Tensor,
         acts: Tensor,
         errors: list[Tensor],
     ) -> None:
         self.rm, self.captured, self.active, self.acts, self.errors = rm, captured, active, acts, errors
-        self.n_layers, self.n_pos, self.n_active = len(transcoders), captured.ids.shape[0], active.shape[0]
+        self.n_layers, self.n_pos, self.n_active = dictionary.n_layers, captured.ids.shape[0], active.shape[0]
         self.n_sources = self.n_active + self.n_layers * self.n_pos + self.n_pos
-        self.decoders = [tc.W_dec.detach().float().cpu() for tc in transcoders]
-        self.encoders = [tc.W_enc.detach().float().cpu() for tc in transcoders]
+        self.decoders = dictionary.decoders  # per layer [width, n_targets, d]
+        self.encoders = dictionary.encoders
         self.layer_rows = [torch.nonzero(active[:, 0] == layer).squeeze(1) for layer in range(self.n_layers)]
 
     def rows(self, read_layers: Tensor, read_pos: Tensor, vectors: Tensor) -> Tensor:
@@ -200,13 +202,25 @@ class _Edges:
         for layer in range(self.n_layers):
             idx = self.layer_rows[layer]
             if idx.numel():
-                pos, latent = self.active[idx, 1], self.active[idx, 2]
-                proj = torch.einsum("bnd,fd->bnf", g_out[layer], self.decoders[layer][latent])  # [B, n, f]
-                out[:, idx] = proj[:, pos, torch.arange(idx.numel())] * self.acts[idx]
+                out[:, idx] = self._feature_edges(layer, idx, g_out) * self.acts[idx]
             start = n_active + layer * n_pos
             out[:, start : start + n_pos] = (g_out[layer] * self.errors[layer]).sum(-1)
         out[:, n_active + self.n_layers * n_pos :] = (g_embed * self.captured.embeds).sum(-1)
         return out
+
+    def _feature_edges(self, layer: int, idx: Tensor, g_out: list[Tensor]) -> Tensor:
+        """`[B, len(idx)]`: each active feature `idx` of `layer` per unit of activation, its decoders
+        into every layer it writes (from its own on) dotted with the reads' gradients there, at its
+        position: one product per position, `[B, n_targets·d] @ [n_targets·d, f]`."""
+        pos, latent = self.active[idx, 1], self.active[idx, 2]
+        decoders = self.decoders[layer]  # [width, n_targets, d]
+        span = decoders.shape[1] * decoders.shape[2]
+        g = torch.stack(g_out[layer : layer + decoders.shape[1]], 2)  # [B, n, n_targets, d]
+        proj = torch.empty(g.shape[0], idx.numel())
+        for p in pos.unique().tolist():
+            here = pos == p
+            proj[:, here] = g[:, p].reshape(-1, span) @ decoders[latent[here]].reshape(-1, span).t()
+        return proj
 
     def feature_reads(self, chunk: Tensor) -> Tensor:
         """`[len(chunk), n_sources]`: the edges into the features `chunk` (their encoder columns)."""
@@ -273,7 +287,7 @@ def prompt_ids(model: LanguageModel, prompt: str, max_tokens: int = MAX_GRAPH_TO
 
 
 def _components(
-    transcoders: list[SAE], prompt: Prompt, first_position: int
+    dictionary: Dictionary, prompt: Prompt, first_position: int
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The active features `[n_active, 3]` (layer, position, latent; sorted), their activations
     `[n_active]`, and each layer's error vectors `[n, d]` (the MLP output minus the transcoder's
@@ -281,16 +295,16 @@ def _components(
     where a transcoder's input is massive (`replacement.massive_positions`) it has no active feature
     (`sae.encode_inputs`) and its error is the whole MLP output (the model's own, left exact)."""
     active, values, errors = [], [], []
-    massive = massive_positions(transcoders, prompt)
+    massive = massive_positions(dictionary, prompt)
+    predicted = dictionary.predict(prompt.mlp_in)
     with torch.no_grad():
-        for layer, tc in enumerate(transcoders):
-            x = prompt.mlp_in[layer]
-            f = encode_inputs(tc, x).float().cpu()  # [n, d_sae], zero at massive inputs
+        for layer in range(dictionary.n_layers):
+            f = dictionary.encode(layer, prompt.mlp_in[layer])  # [n, width], zero at massive inputs
             f[:first_position] = 0
             pos, latent = torch.nonzero(f, as_tuple=True)
             active.append(torch.stack([torch.full_like(pos, layer), pos, latent], 1))
             values.append(f[pos, latent])
-            error = prompt.mlp_out[layer] - tc(x.to(tc.W_enc.dtype)).float().cpu()
+            error = prompt.mlp_out[layer] - predicted[layer]
             error[massive[layer]] = prompt.mlp_out[layer][massive[layer]]
             error[:first_position] = 0
             errors.append(error)
@@ -436,58 +450,3 @@ def scores(graph: Graph) -> tuple[float, float]:
     weight = infl + weights
     completeness = float((non_error * weight).sum() / weight.sum().clamp_min(1e-30))
     return replacement, completeness
-
-
-# ---------------------------------------------------------------------------------------------
-# A run's transcoders
-
-
-def transcoder_set(
-    run_dir: Path | str, n_layers: int, choose: str | None = None, saes: Mapping[str, SAE] | None = None
-) -> list[SAE]:
-    """One transcoder per layer from a run folder's SAEs (those with an output site, by the layer
-    of the site they read), in layer order. With several per layer, `choose` (a substring of their
-    ids, e.g. `skip_transcoder`, `w4096` or `l0_45`) picks one; a StoreError names the missing layers
-    or the layers with more than one to choose from. `saes`: the run's SAEs already loaded, by id
-    (`opening.open_run`), else they are loaded from the run folder."""
-    from gemmascope.formats import load_sae
-    from gemmascope.runs import find_saes, sae_id
-    from gemmascope.sites import parse_site
-
-    folders = {} if saes is not None else {sae_id(f): f for f in find_saes(run_dir)}
-    by_layer: dict[int, list[tuple[str, SAE]]] = {}
-    for key in saes if saes is not None else folders:
-        if "transcoder" not in key or (choose and choose not in key):
-            continue
-        sae = saes[key] if saes is not None else load_sae(folders[key])
-        if not sae.is_transcoder:
-            continue
-        sae.cfg.extra["folder"] = key
-        by_layer.setdefault(parse_site(sae.cfg.site).layer, []).append((key, sae))
-    missing = [layer for layer in range(n_layers) if layer not in by_layer]
-    if missing:
-        have = sorted(by_layer)
-        raise StoreError(
-            f"run folder {str(run_dir)!r} has no transcoder{' matching ' + repr(choose) if choose else ''} for "
-            f"layers {_ranges(missing)} (it has {'layers ' + _ranges(have) if have else 'none'}); an attribution "
-            f"graph needs one per layer: gemmascope suite {run_dir} --transcoders --layers all"
-        )
-    several = {layer: found for layer, found in by_layer.items() if len(found) > 1}
-    if several:
-        layer, found = next(iter(sorted(several.items())))
-        raise StoreError(
-            f"run folder {str(run_dir)!r} has {len(found)} transcoders at layer {layer} "
-            f"({', '.join(key for key, _ in found)}): choose one set with --transcoders SUBSTRING of their ids"
-        )
-    return [by_layer[layer][0][1] for layer in range(n_layers)]
-
-
-def _ranges(layers: list[int]) -> str:
-    """`[0, 1, 2, 5]` as `0-2, 5`."""
-    parts: list[str] = []
-    for layer in layers:
-        if parts and parts[-1].split("-")[-1] == str(layer - 1):
-            parts[-1] = f"{parts[-1].split('-')[0]}-{layer}"
-        else:
-            parts.append(str(layer))
-    return ", ".join(parts)

@@ -5,7 +5,8 @@ hold the answer up, or its lead over another output), the prediction (`predict`:
 every feature downstream following linearly, attention and norms frozen, as the replacement model
 has them) and the measurement (`measure`: the real model with each chosen latent clamped at its
 position, `steer.Intervention`; a transcoder's latent is read from its layer's MLP input and its
-change written into the MLP's output; everything else free).
+change written into the MLP's output, a cross-layer transcoder's into every layer it writes,
+`clt.clamp_clt`; everything else free).
 
 Logit changes are of the demeaned logit (logit minus the mean logit), what the graph's edges are in;
 the measurement also gives each output token's probability before and after (`intervene_nodes`: both side
@@ -15,15 +16,17 @@ by side). Nodes are named as the graph JSON names them (`files.parse_node`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gemmascope.attribution.dictionary import Replacing
 from gemmascope.attribution.graph import Graph
+from gemmascope.clt import CrossLayerTranscoder, clamp_clt
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel
-from gemmascope.sae import SAE
 from gemmascope.steer import Intervention, steering
 from gemmascope.values import finite32
 
@@ -124,7 +127,7 @@ def strongest(
 
 
 def measure(
-    model: LanguageModel, transcoders: Sequence[SAE], graph: Graph, nodes: Sequence[Node], value: float = 0.0
+    model: LanguageModel, transcoders: Replacing, graph: Graph, nodes: Sequence[Node], value: float = 0.0
 ) -> dict[str, Any]:
     """Run the prompt with the feature `nodes` set to `value` in the real model and return, for the
     graph's output tokens: `clean` and `changed` demeaned logits and probabilities `[n_logits]`,
@@ -138,11 +141,17 @@ def measure(
         return out
 
     clean = last_logits()
-    clamps = [
-        Intervention(transcoders[layer], latent, "clamp", value, positions=(pos,))
-        for layer, pos, latent in nodes
-    ]
-    with steering(model, clamps):
+    if isinstance(transcoders, CrossLayerTranscoder):  # a latent writes every layer from its own on
+        edit: AbstractContextManager[None] = clamp_clt(model, transcoders, nodes, value)
+    else:
+        edit = steering(
+            model,
+            [
+                Intervention(transcoders[layer], latent, "clamp", value, positions=(pos,))
+                for layer, pos, latent in nodes
+            ],
+        )
+    with edit:
         changed = last_logits()
     k = graph.logit_ids
 
@@ -162,7 +171,7 @@ def measure(
 
 
 def intervene_nodes(
-    model: LanguageModel, transcoders: Sequence[SAE], graph: Graph, nodes: Sequence[Node], value: float = 0.0
+    model: LanguageModel, transcoders: Replacing, graph: Graph, nodes: Sequence[Node], value: float = 0.0
 ) -> dict[str, Any]:
     """`predict` beside `measure` for the graph's outputs, as `gemmascope attribute --ablate` prints
     them and `POST /v1/graph/SLUG/intervene` answers: `{"logits": [{token, predicted,

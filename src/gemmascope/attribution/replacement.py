@@ -1,5 +1,6 @@
 """The local replacement model of one prompt (circuit-tracer's, Ameisen et al. 2025): the model with
-every layer's MLP replaced by its transcoder, an error term for what the transcoder misses, and
+every layer's MLP replaced by its transcoder or by a cross-layer transcoder (`dictionary.Dictionary`),
+an error term for what it misses, and
 attention patterns and every RMSNorm's denominator frozen at their values on the prompt. With those
 frozen, the residual stream is a linear function of what is written into it (token embeddings,
 feature decoder vectors times activations, error terms, biases), so the effect of any of those on
@@ -24,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gemmascope.errors import ConfigError, ModelError, SiteError
+from gemmascope.attribution.dictionary import Dictionary
+from gemmascope.errors import ConfigError, ModelError
 from gemmascope.models import LanguageModel
-from gemmascope.sae import SAE, massive_mask
 
 
 @dataclass
@@ -133,11 +134,11 @@ def capture_prompt(model: LanguageModel, ids: Tensor) -> Prompt:
     )
 
 
-def massive_positions(transcoders: list[SAE], prompt: Prompt) -> list[Tensor]:
+def massive_positions(dictionary: Dictionary, prompt: Prompt) -> list[Tensor]:
     """Per layer, `[n]` bool: the positions where that layer's transcoder's input (the MLP input on
     the prompt) is massive (`sae.massive_mask`). There the transcoder stands aside: no feature is
     active, no skip connection is written, and the MLP's output is all error."""
-    return [massive_mask(tc, prompt.mlp_in[layer]) for layer, tc in enumerate(transcoders)]
+    return [dictionary.massive(layer, x) for layer, x in enumerate(prompt.mlp_in)]
 
 
 _NEEDED = ("self_attn", *_NORMS, "post_feedforward_layernorm")
@@ -160,31 +161,14 @@ def check_gemma3(model: LanguageModel) -> None:
 
 
 class ReplacementModel:
-    """The frozen, linear replacement model of one prompt over a transcoder per layer. `backward`
+    """The frozen, linear replacement model of one prompt over a dictionary (a transcoder per layer
+    or a CLT, `dictionary_of`, which checks it against the model). `backward`
     gives, for a batch of reads (a vector dotted with the residual stream at one layer's MLP input
     or after the final norm, at one position), their gradients at every write point: the token
     embeddings and each layer's MLP output. Everything runs in float32 on the CPU."""
 
-    def __init__(self, model: LanguageModel, transcoders: list[SAE], prompt: Prompt) -> None:
-        if len(transcoders) != model.n_layers:
-            raise ConfigError(
-                f"the replacement model needs one transcoder per layer ({model.n_layers}), got {len(transcoders)}"
-            )
-        for layer, tc in enumerate(transcoders):
-            if (
-                not tc.is_transcoder
-                or tc.cfg.site != f"mlp_in.{layer}"
-                or tc.cfg.out_site != f"mlp_out.{layer}"
-            ):
-                raise SiteError(
-                    f"transcoder {layer} reads {tc.cfg.site or '?'} and writes {tc.cfg.out_site or '?'}; expected "
-                    f"mlp_in.{layer} -> mlp_out.{layer} (one transcoder per layer, in order)"
-                )
-            if tc.d_in != model.d_model:
-                raise SiteError(
-                    f"transcoder {layer} has d_in {tc.d_in}, the model's d_model is {model.d_model}"
-                )
-        self.model, self.transcoders, self.prompt = model, transcoders, prompt
+    def __init__(self, model: LanguageModel, dictionary: Dictionary, prompt: Prompt) -> None:
+        self.model, self.dictionary, self.prompt = model, dictionary, prompt
         cfg = model.config
         self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
@@ -195,8 +179,8 @@ class ReplacementModel:
         blocks: list[Any] = list(model.layers)
         self.v_proj = [_linear(block.self_attn.v_proj) for block in blocks]
         self.o_proj = [_linear(block.self_attn.o_proj) for block in blocks]
-        self.skips = [None if tc.W_skip is None else _cpu(tc.W_skip) for tc in transcoders]
-        self.massive = massive_positions(transcoders, prompt)
+        self.skips = dictionary.skips
+        self.massive = massive_positions(dictionary, prompt)
         # [n, 1] 1.0 where the skip connection is written, 0.0 at massive inputs (None: written everywhere)
         self.skip_where = [m.logical_not().float()[:, None] if m.any() else None for m in self.massive]
 
@@ -221,7 +205,7 @@ class ReplacementModel:
         final norm when `layers[b]` is the number of layers (a logit). Returns `(g_embed [B, n, d],
         [g_out_L [B, n, d] for each layer])`: row b holds read b's gradient alone (rows never mix)."""
         p = self.prompt
-        n_layers = len(self.transcoders)
+        n_layers = self.dictionary.n_layers
         batch, (n, d) = layers.shape[0], p.embeds.shape
         embed = p.embeds.expand(batch, n, d).clone().requires_grad_(True)
         writes = [torch.zeros(batch, n, d, requires_grad=True) for _ in range(n_layers)]

@@ -32,6 +32,11 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
         "--transcoders", default=None, metavar="SUBSTRING", help="pick the set when a layer has several"
     )
     p.add_argument(
+        "--clt", nargs="?", const="", default=None, metavar="SUBSTRING",
+        help="draw over the run's cross-layer transcoder (gemmascope suite RUN --clt) instead of its "
+        "transcoder per layer; SUBSTRING picks one of several",
+    )  # fmt: skip
+    p.add_argument(
         "--node-threshold",
         type=number,
         default=NODE_THRESHOLD,
@@ -74,10 +79,16 @@ def _check(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     """The --ablate nodes, and every option checked before the model loads."""
     from gemmascope.attribution import MAX_FEATURE_NODES, check_slug, parse_node
     from gemmascope.limits import MAX_PROMPT_TOKENS
-    from gemmascope.runs import SAES
+    from gemmascope.runs import CLTS, SAES
 
-    if not (Path(args.run_dir) / SAES).is_dir():
-        raise ConfigError(f"{args.run_dir!r} is not a run folder with SAEs (expected {args.run_dir}/{SAES}/)")
+    needed = CLTS if args.clt is not None else SAES
+    if not (Path(args.run_dir) / needed).is_dir():
+        what = "cross-layer transcoders" if args.clt is not None else "SAEs"
+        raise ConfigError(
+            f"{args.run_dir!r} is not a run folder with {what} (expected {args.run_dir}/{needed}/"
+            + (f"; train one: gemmascope suite {args.run_dir} --clt" if args.clt is not None else "")
+            + ")"
+        )
     if args.slug is not None:
         check_slug(args.slug)
     nodes = []
@@ -118,17 +129,26 @@ def run_attribute(args: argparse.Namespace) -> int:
 
 def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> int:
     from gemmascope.attribution import draw_graph, feature_node_id, intervene_nodes, transcoder_set
+    from gemmascope.attribution.dictionary import Replacing, run_clt
     from gemmascope.limits import MAX_GRAPH_TOKENS
     from gemmascope.opening import open_run
     from gemmascope.runs import GRAPHS, find_saes
 
-    transcoder_folders = [str(folder) for folder in find_saes(args.run_dir) if "transcoder" in folder.name]
-    opened = open_run(args.run_dir, transcoder_folders, model=args.model)
+    transcoders: Replacing
+    if args.clt is not None:
+        clt = run_clt(args.run_dir, args.clt or None)  # before the model loads: a missing CLT is named now
+        opened = open_run(args.run_dir, [], model=args.model or clt.cfg.model_name or None)
+        transcoders = clt
+    else:
+        transcoder_folders = [
+            str(folder) for folder in find_saes(args.run_dir) if "transcoder" in folder.name
+        ]
+        opened = open_run(args.run_dir, transcoder_folders, model=args.model)
+        transcoders = transcoder_set(
+            opened.run_dir or args.run_dir, opened.model.n_layers, args.transcoders, opened.saes
+        )
     opened.index()  # a damaged index file is an error now, before the model runs
     model = opened.model
-    transcoders = transcoder_set(
-        opened.run_dir or args.run_dir, model.n_layers, args.transcoders, opened.saes
-    )
     drawn = draw_graph(
         model, transcoders, args.prompt, Path(args.run_dir) / GRAPHS, slug=args.slug,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold,

@@ -174,7 +174,14 @@ def args_suite(p: argparse.ArgumentParser) -> None:
         const="skip",
         default="",
         help="also (or, without --sites, only) train transcoders MLP input -> output per layer: 'skip' "
-        "(with the affine skip connection; the default of a bare --transcoders), 'plain' or 'plain,skip'",
+        "(with the affine skip connection; the default of a bare --transcoders), 'plain' or 'plain,skip'; "
+        "'clt': one cross-layer transcoder over every layer",
+    )
+    p.add_argument(
+        "--clt",
+        action="store_true",
+        help="also (or, without --sites, only) train a cross-layer transcoder over every layer from the same "
+        "harvest (as --transcoders clt): its replacement model in report/clt.json",
     )
     p.add_argument("--layers", default="all", help="'all', '6', '2,6,10' or '0-17'")
     p.add_argument(
@@ -236,6 +243,8 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.widths is not None:
         plan_args["widths"] = parse_list(args.widths, "--widths", int)
     transcoders = parse_list(args.transcoders, "--transcoders") if args.transcoders else []
+    if args.clt and "clt" not in transcoders:
+        transcoders.append("clt")
     if args.sites is not None or transcoders:
         plan_args["kinds"] = parse_list(args.sites, "--sites")
     plan = SuitePlan(
@@ -250,8 +259,11 @@ def run_suite(args: argparse.Namespace) -> int:
     out = run_suite(args.run_dir, plan, max_minutes=args.max_minutes, extend=args.extend)
     if not out["complete"]:
         return 0
-    print(format_table(out["results"]))
-    print(f"report: {out['report']} (heatmap.png, frontier plots, evals.json)")
+    if out["results"]:
+        print(format_table(out["results"]))
+        print(f"report: {out['report']} (heatmap.png, frontier plots, evals.json)")
+    if "clt" in plan.transcoders:
+        print(f"cross-layer transcoders: {Path(args.run_dir) / 'report' / 'clt.json'}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Evaluations of SAEs (RECIPE.md section 4): `core` (the one way to measure the model under an
-edit, `edited_batches`, the one `splice`, the core evaluation and the replacement model's loss),
+edit, `edited_batches`, the one `splice`, the core evaluation), `replacement` (the replacement
+model's loss: every MLP replaced by per-layer transcoders or a cross-layer transcoder),
 `metrics` (the arithmetic of L0, FVU, CE, KL, dead/dense and the health block, from tensors alone),
 `probing` (SAEBench-style sparse probing) and `report` (every table and plot of the project, and the `eval.json` / `report/evals.json` files).
 
@@ -14,7 +15,6 @@ from gemmascope.evals.core import (
     edited_batches,
     eval_token_ids,
     evaluate,
-    evaluate_replacement,
     evaluate_tokens,
     replaced_at,
     splice,
@@ -44,6 +44,7 @@ from gemmascope.evals.probing import (
     sparse_probing,
     top_k_by_mean_difference,
 )
+from gemmascope.evals.replacement import evaluate_replacement
 from gemmascope.evals.report import (
     format_table,
     plot_density,

@@ -102,51 +102,6 @@ def evaluate(
     )
 
 
-def evaluate_replacement(
-    model: LanguageModel,
-    transcoders: Sequence[SAE],
-    n_tokens: int = 8192,
-    corpus: str = DEFAULT_CORPUS,
-    context_len: int = 128,
-    batch_size: int = 4,
-    min_tokens: int = MIN_EVAL_TOKENS,
-) -> dict[str, Any]:
-    """The replacement model's loss: every transcoder of `transcoders` (one per layer, at most)
-    replaces its layer's MLP output at once (`splice`), on about `n_tokens` held-out tokens, under
-    the per-SAE rule: positions where some transcoder's input is massive are left as the model
-    computes them, like BOS, and their predictions are not counted. Returns `layers`,
-    `ce_loss_without`, `ce_loss_with`, `delta_lm_loss`, `kl_div`, `n_predictions` (predictions
-    whose input and target are kept) and `n_massive_tokens_excluded`."""
-    layers = [written_site(model, tc).layer for tc in transcoders]
-    if not transcoders or not all(tc.is_transcoder for tc in transcoders):
-        raise ConfigError("the replacement model needs transcoders (SAEs with an output site), one per layer")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"the replacement model takes one transcoder per layer; layers given: {layers}")
-    token_ids = eval_token_ids(model, n_tokens, corpus, "heldout", context_len)
-    clean, replaced, n_massive = NextTokenStats(), NextTokenStats(), 0
-    batches = edited_batches(
-        model, token_ids, transcoders, batch_size, min_tokens=min_tokens, desc="replacement model"
-    )
-    with torch.no_grad():
-        for batch in batches:
-            clean.update(*batch.unedited)
-            replaced.update(*batch.under(splice(model, transcoders, batch.keep)))
-            n_massive += batch.n_massive
-    return {
-        "layers": sorted(layers),
-        "ce_loss_without": clean.ce,
-        "ce_loss_with": replaced.ce,
-        "delta_lm_loss": replaced.ce - clean.ce,
-        "kl_div": replaced.kl,
-        "n_predictions": clean.n,
-        "n_massive_tokens_excluded": n_massive,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# The one way to measure the model under an edit
-
-
 @dataclass
 class EditBatch:
     """One batch of `edited_batches`: rows `start:stop` of the token rows, their `ids [B, T]`, the

@@ -19,6 +19,7 @@ ACTIVATIONS = "activations"
 HELDOUT = "heldout"  # heldout/activations/...: held-out split activations (naming SAEs by held-out L0)
 MANIFEST = "manifest.json"
 SAES = "saes"
+CLTS = "clts"  # clts/width_W/l0_K[_skip]/: cross-layer transcoders (formats.clt's layout)
 CHECKPOINTS = "checkpoints"
 FEATURES_DB = "features.sqlite"
 GRAPHS = "graphs"
@@ -96,13 +97,21 @@ def find_saes(run_dir: Path | str) -> list[Path]:
     return sorted((p for p in found if not p.name.endswith(TMP_SUFFIX)), key=sae_order)
 
 
+def find_clts(run_dir: Path | str) -> list[Path]:
+    """Every finished CLT folder under `run_dir/clts` (those holding their first layer's encoder
+    file and their config), sorted."""
+    root = Path(run_dir) / CLTS
+    found = [p.parent for p in root.glob("**/W_enc_0.safetensors") if (p.parent / "clt.json").is_file()]
+    return sorted(p for p in found if not p.name.endswith(TMP_SUFFIX))
+
+
 def is_sae_folder(folder: Path) -> bool:
     """True for a folder holding an SAE (cfg.json and weights) and nothing but SAE and eval files."""
     return folder.is_dir() and (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 # Top-level names of the run layout: where an absolute path stored by an older version is re-rooted.
-_LAYOUT = (SAES, ACTIVATIONS, HELDOUT, CHECKPOINTS, GRAPHS, REPORT, EFFECTS)
+_LAYOUT = (SAES, CLTS, ACTIVATIONS, HELDOUT, CHECKPOINTS, GRAPHS, REPORT, EFFECTS)
 
 
 def stored_path(run_dir: Path | str, path: Path | str) -> str:

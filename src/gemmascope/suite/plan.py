@@ -31,8 +31,8 @@ from gemmascope.values import check_fields
 L0_BANDS = {"small": 15.0, "medium": 45.0, "big": 120.0}
 SUITE_KINDS = tuple(k for k in SITE_KINDS if k != "mlp_in")  # a suite's default: all but the transcoder input
 # Gemma Scope 2's transcoders (mlp_in.L -> mlp_out.L): without ("plain") and with ("skip") the affine
-# skip connection.
-TRANSCODER_KINDS = ("plain", "skip")
+# skip connection, one per layer; "clt": one cross-layer transcoder over every layer (clt.py).
+TRANSCODER_KINDS = ("plain", "skip", "clt")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class SuitePlan:
     `train_tokens` of them (several epochs when larger). `transcoders` adds, per layer, one
     transcoder per (kind, width, sparsity) from the MLP's input to its output (harvested with the
     other sites, in the same pass), and the report then gives the replacement model's loss (every
-    layer's MLP replaced at once)."""
+    layer's MLP replaced at once); its kind "clt" trains instead one cross-layer transcoder per
+    (width, sparsity) over every layer, from the same harvest, measured the same way."""
 
     model: str = BUNDLED_MODEL
     kinds: list[str] = field(default_factory=lambda: list(SUITE_KINDS))
@@ -213,6 +214,11 @@ def check_for_model(model: LanguageModel, asked: SuitePlan, plan: SuitePlan) -> 
     for layer in [*(asked.layers or []), *layers]:
         if not 0 <= layer < model.n_layers:
             raise ConfigError(f"layer {layer} is out of range: valid layers are 0..{model.n_layers - 1}")
+    if "clt" in plan.transcoders and layers != list(range(model.n_layers)):
+        raise ConfigError(
+            f"a cross-layer transcoder spans every layer; the plan covers layers {layers} of {model.n_layers}: "
+            "use --layers all"
+        )
     _check_eval_set(model, plan)
     return layers
 
@@ -265,7 +271,7 @@ def layer_specs(plan: SuitePlan, layer: int) -> list[Any]:
         for width in plan.widths:
             specs += sparsities(str(Site(kind, layer)), width)
     mlp_in, mlp_out = (str(s) for s in transcoder_sites(layer))
-    for kind in plan.transcoders:
+    for kind in (k for k in plan.transcoders if k != "clt"):  # a CLT is no layer's (suite.run)
         for width in plan.widths:
             specs += sparsities(mlp_in, width, out_site=mlp_out, skip=kind == "skip")
     return specs

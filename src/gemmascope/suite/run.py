@@ -42,6 +42,8 @@ from gemmascope.suite.plan import (
     site_kinds,
 )
 
+CLT_JSON = "clt.json"  # in report/: each CLT's held-out figures and replacement model
+
 # ---------------------------------------------------------------------------------------------
 # State of a run folder
 
@@ -118,7 +120,7 @@ def run_suite(
             )
             return {"complete": False, "stopped_before": str(stop)}
         results = [read_json(f / EVAL_FILE, "eval result") for f in folders]
-        report = state.get("report", _rel(run_dir, folders), str)
+        report = state.get("report", _rel(run_dir, folders), str) if folders else f"{REPORT}/{CLT_JSON}"
         return {"complete": True, "saes": folders, "results": results, "report": run_dir / report}
 
 
@@ -148,7 +150,10 @@ def _run_stages(
         folders += run.layer(layer, [s for s in sites if s.layer == layer], trained[layer], todo[layer])
     for f in folders:
         read_json(f / EVAL_FILE, "eval result")  # a damaged one is named before any stage reads it
-    run.summarise(folders)
+    if "clt" in plan.transcoders:
+        run.clts()
+    if folders:
+        run.summarise(folders)
     return folders
 
 
@@ -219,6 +224,54 @@ class _Stages:
             _evaluate_layer(run_dir, plan, self.model, unevaluated)
             state.finish(f"eval/layer_{layer}", sorted(set(evaluated) | set(_rel(run_dir, unevaluated))))
         return folders
+
+    def clts(self) -> None:
+        """One cross-layer transcoder per (width, target L0) from the harvest of every layer's MLP
+        (`train.clt.train_clt`, resumed per CLT), then the replacement model of each, with every MLP
+        replaced (`evals.evaluate_replacement`), written to `report/clt.json`."""
+        from gemmascope.evals import evaluate_replacement
+        from gemmascope.formats.clt import load_clt
+        from gemmascope.train.clt import CLTSpec, train_clt
+
+        run_dir, plan, state = self.run_dir, self.plan, self.state
+        rows = []
+        for width in plan.widths:
+            for target in plan.target_l0s:
+                name = f"clt/width_{width}/target_{target:g}"
+                tokens = plan.train_tokens or plan.tokens
+                key = {"tokens": tokens, "seed": plan.seed, "batch_size": plan.batch_size}
+                folder = state.get(name, key, str)
+                if folder is None:
+                    self.stage(f"train/{name}")
+                    spec = CLTSpec(width=width, target_l0=target, tokens=tokens, seed=plan.seed)
+                    if plan.batch_size is not None:
+                        spec = CLTSpec(**{**spec.__dict__, "batch_size": plan.batch_size})
+                    folder = _rel(run_dir, [train_clt(run_dir, spec)])[0]
+                    state.finish(name, folder, key)
+                rows.append(folder)
+        eval_key = {"clts": rows, "tokens": plan.eval_tokens}
+        if state.get("clt_replacement", eval_key) is None:
+            self.stage("clt_replacement")
+            results = []
+            for folder in rows:
+                clt = load_clt(run_dir / folder)
+                result = evaluate_replacement(
+                    self.model,
+                    clt,
+                    n_tokens=plan.eval_tokens,
+                    corpus=plan.corpus,
+                    context_len=plan.context_len,
+                )
+                results.append(
+                    {"clt": folder, "heldout": clt.cfg.extra.get("heldout"), "replacement": result}
+                )
+                self.say(
+                    f"CLT {folder}: every MLP replaced, LM loss {result['ce_loss_without']:.3f} -> "
+                    f"{result['ce_loss_with']:.3f} (ΔLM {result['delta_lm_loss']:.3f}, CE recovered "
+                    f"{result['ce_recovered']:.3f})"
+                )
+            write_atomic(run_dir / REPORT / CLT_JSON, json.dumps(results, indent=2))
+            state.finish("clt_replacement", True, eval_key)
 
     def summarise(self, folders: list[Path]) -> None:
         """The stages over every SAE: the feature index, the replacement model's loss (with a

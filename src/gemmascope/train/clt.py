@@ -1,0 +1,322 @@
+"""Training a cross-layer transcoder (`clt.CrossLayerTranscoder`) from ONE harvest of every layer's
+MLP input and output (the suite's transcoder harvest, `mlp_in.L` and `mlp_out.L` for every L):
+`CLTSpec` (what to train), `train_clt` (the run: batches of all 2·n_layers sites at the same tokens,
+each divided by its own scale C; the recipe of our transcoders where it carries over, measured the
+same way on held-out tokens; the saved, folded CLT under `clts/` of the run folder).
+
+The recipe (RECIPE.md, "SAEs worth reading", carried over to a CLT): sign descent with schedule-free
+averaging (`optim.ScheduleFreeSign`: encoders and decoders at lr, every latent's decoders over all the
+layers it writes kept at unit norm as one row, thresholds at a tenth of lr over a floor), b_enc
+fixed at 0, b_in and b_dec at the data means, the affine skip per layer fitted by ridge regression
+on the first batch and then fixed, thresholds started where each layer fires `target_l0` latents per
+token, Gemma Scope 2's quadratic target-L0 penalty on each layer's L0 (the L0 counts a latent once
+however many layers it writes: a JumpReLU L0 is blind to decoder norms, so the decoder-norm weighting
+an L1-type CLT penalty needs does not arise), and the pre-activation loss on latents silent for the
+dead window. Not (yet) carried over: the decoder refit, checkpoints and resume, the dense penalty.
+
+Knows nothing of files beyond `formats.clt` and the activation store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gemmascope.activations import ActivationStore
+from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
+from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_terms
+from gemmascope.errors import ConfigError, StoreError
+from gemmascope.formats.clt import save_clt
+from gemmascope.runs import CLTS, HELDOUT
+from gemmascope.sites import Site
+from gemmascope.train.init import fit_skip
+from gemmascope.train.optim import ScheduleFreeSign
+from gemmascope.train.recipe import HELDOUT_TOKENS, SHORT_RUN
+
+
+@dataclass(frozen=True)
+class CLTSpec:
+    """One CLT to train: `width` latents per layer, `target_l0` active latents per token per layer,
+    on `tokens` training tokens (None: one epoch of the store), with the per-layer affine skip."""
+
+    width: int = 2048
+    target_l0: float = 45.0
+    tokens: int | None = None
+    affine_skip: bool = True
+    batch_size: int = 1024
+    lr: float = SHORT_RUN.lr_signum_transcoder
+    threshold_lr_ratio: float = SHORT_RUN.threshold_lr_ratio
+    bandwidth: float = SHORT_RUN.bandwidth
+    target_l0_coeff: float = SHORT_RUN.target_l0_coeff
+    dead_preact_coeff: float = SHORT_RUN.dead_preact_coeff
+    dead_window_tokens: int = SHORT_RUN.dead_window_tokens
+    buffer_tokens: int = 2**14  # shuffling buffer, per site (36 sites: 1.5 GB at d_model 640)
+    seed: int = 0
+
+    def check(self) -> None:
+        """A ConfigError naming the first value out of range."""
+        if not isinstance(self.width, int) or self.width < 1:
+            raise ConfigError(f"CLT width {self.width!r} must be a positive integer")
+        if not 0 < self.target_l0 < self.width:
+            raise ConfigError(
+                f"CLT target L0 {self.target_l0!r} must be > 0 and below the width {self.width}"
+            )
+        for name in ("batch_size", "buffer_tokens", "dead_window_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be at least 1")
+        if self.tokens is not None and self.tokens < self.batch_size:
+            raise ConfigError(f"CLT tokens {self.tokens} must be at least one batch ({self.batch_size})")
+        for name in ("lr", "threshold_lr_ratio", "bandwidth"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be > 0")
+
+    def folder(self, l0: float) -> str:
+        """The CLT's folder in the run, named by its held-out L0 per layer as SAEs are."""
+        return f"{CLTS}/width_{self.width}/l0_{round(l0)}" + ("_skip" if self.affine_skip else "")
+
+
+def mlp_sites(store: ActivationStore) -> tuple[list[Site], list[Site]]:
+    """Every layer's `mlp_in` and `mlp_out` sites of the store, or a StoreError naming what is missing:
+    a CLT needs both at every layer from 0 to the deepest harvested."""
+    have = set(store.sites)
+    layers = [s.layer for s in store.sites if s.kind in ("mlp_in", "mlp_out")]
+    if not layers:
+        raise StoreError(
+            f"store {str(store.root)!r} holds no MLP sites: a CLT trains on mlp_in.L and mlp_out.L of every "
+            "layer (harvest them with `gemmascope suite RUN --clt` or `harvest --sites mlp_in,mlp_out`)"
+        )
+    n = max(layers) + 1
+    ins = [Site("mlp_in", layer) for layer in range(n)]
+    outs = [Site("mlp_out", layer) for layer in range(n)]
+    missing = [str(s) for s in ins + outs if s not in have]
+    if missing:
+        raise StoreError(
+            f"store {str(store.root)!r} lacks {', '.join(missing)}: a CLT needs every layer's MLP input and output"
+        )
+    return ins, outs
+
+
+def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress: bool = True) -> Path:
+    """Train one CLT on the run's harvest of every layer's MLP input and output, measure it on the
+    run's held-out harvest (FVU of each layer's MLP output, L0 and dead per layer), fold the input
+    scales in and save it (Gemma Scope 2's per-layer files and circuit-tracer's, `formats.clt`).
+    Returns its folder."""
+    spec.check()
+    run_dir = Path(run_dir)
+    store = ActivationStore(run_dir)
+    ins, outs = mlp_sites(store)
+    n = len(ins)
+    d_model = int(store.manifest(ins[0])["d_in"])
+    available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in ins + outs)
+    per_epoch = available // spec.batch_size
+    if per_epoch < 1:
+        raise StoreError(
+            f"the store holds {available} usable tokens, less than one batch ({spec.batch_size})"
+        )
+    steps = (available if spec.tokens is None else spec.tokens) // spec.batch_size
+    epochs = -(-steps // per_epoch)
+    batches = store.batches(ins + outs, spec.batch_size, spec.seed, spec.buffer_tokens, epochs, scaled=True)
+
+    torch.manual_seed(spec.seed)
+    clt = CrossLayerTranscoder(CLTConfig(n, d_model, spec.width, store.model_name, spec.affine_skip)).to(
+        device
+    )
+    first = next(batches)
+    xs, ys = _stack(first, ins, device), _stack(first, outs, device)
+    _init(clt, xs, ys, spec)
+    opt = _optimizer(clt, spec)
+    last_fired = torch.zeros(n, spec.width, dtype=torch.long, device=device)
+    log: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"train CLT ({n} layers x {spec.width})", disable=not progress)
+    for step_index in range(steps):
+        if step_index > 0:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            xs, ys = _stack(batch, ins, device), _stack(batch, outs, device)
+        row = _step(clt, opt, xs, ys, spec, last_fired, step_index)
+        if step_index % 10 == 0 or step_index == steps - 1:
+            log.append(row)
+            bar.set_postfix_str(f"L0 {row['l0_mean']:.0f} FVU {row['fvu_mean']:.3f}")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - started
+    # training is over: the average goes into the parameters for good and the optimiser's copies
+    # (three more of every weight) are freed before the held-out pass
+    opt.zero_grad(set_to_none=True)
+    opt.swap_in_average()
+    opt.state.clear()
+    del opt
+    folded = fold_scales(clt, [store.scale(s) for s in ins], [store.scale(s) for s in outs])
+    heldout = measure_heldout(folded, run_dir, ins, outs)
+    l0 = float(sum(heldout["l0"]) / n) if heldout else log[-1]["l0_mean"]
+    folded.cfg.extra = {
+        "spec": asdict(spec), "steps": step_index + 1, "train_seconds": round(seconds, 1),
+        "train_tokens": (step_index + 1) * spec.batch_size, "heldout": heldout, "store": str(store.root),
+    }  # fmt: skip
+    folder = run_dir / spec.folder(l0)
+    save_clt(folded, folder)
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return folder
+
+
+def _stack(batch: dict[Site, Tensor], sites: list[Site], device: str) -> Tensor:
+    """`[n_layers, B, d_model]`: the batch's activations at `sites`, layer by layer."""
+    return torch.stack([batch[s] for s in sites]).to(device)
+
+
+def _init(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, spec: CLTSpec) -> None:
+    """The recipe's start on a first batch `xs`, `ys [n, B, d]` (already / C): random unit decoder
+    rows, encoder columns at the sign optimiser's norm, b_in and b_dec at the means, the skip by
+    ridge regression, each layer's thresholds where `target_l0` of its latents fire per token."""
+    with torch.no_grad():
+        for s in range(clt.n_layers):
+            w_dec = torch.randn_like(clt.W_dec[s])
+            clt.W_dec[s].copy_(w_dec / w_dec.norm(dim=-1, keepdim=True))
+            w_enc = torch.randn_like(clt.W_enc[s])
+            clt.W_enc[s].copy_(w_enc / w_enc.norm(dim=0) * SHORT_RUN.signum_enc_init_norm)
+            clt.b_in[s].copy_(xs[s].mean(0))
+            clt.b_dec[s].copy_(ys[s].mean(0))
+            if clt.W_skip is not None:
+                w_skip, bias = fit_skip(xs[s], ys[s])
+                clt.W_skip[s].copy_(w_skip)
+                clt.b_dec[s].copy_(bias)
+            pre = clt.pre_acts(s, xs[s])  # [B, width]
+            k = min(pre.shape[0] - 1, max(1, round(spec.target_l0 / clt.width * pre.shape[0])))
+            top = pre.topk(k + 1, dim=0).values
+            clt.threshold[s].copy_((0.5 * (top[k - 1] + top[k])).clamp_min(THRESHOLD_FLOOR))
+
+
+def _optimizer(clt: CrossLayerTranscoder, spec: CLTSpec) -> ScheduleFreeSign:
+    """Sign descent over the encoders, the decoders (unit rows) and the thresholds (a tenth of lr,
+    kept over the floor); b_enc, b_dec and the skip fixed."""
+    for p in [*clt.b_enc, clt.b_dec] + ([clt.W_skip] if clt.W_skip is not None else []):
+        p.requires_grad_(False)
+    threshold_lr = spec.lr * spec.threshold_lr_ratio
+    groups: list[dict[str, Any]] = [
+        {"params": list(clt.W_enc), "lr": spec.lr},
+        # a sign step moves each of a row's (n − s)·d elements by lr: at lr / √(n − s) the row of
+        # a latent writing n − s layers moves as far per step as a one-layer transcoder's does
+        *(
+            {"params": [w], "lr": spec.lr / (clt.n_layers - s) ** 0.5, "unit_rows": True}
+            for s, w in enumerate(clt.W_dec)
+        ),
+        {"params": list(clt.threshold), "lr": threshold_lr, "floor": THRESHOLD_FLOOR},
+    ]
+    return ScheduleFreeSign(groups, lr=spec.lr)
+
+
+def _step(
+    clt: CrossLayerTranscoder,
+    opt: ScheduleFreeSign,
+    xs: Tensor,
+    ys: Tensor,
+    spec: CLTSpec,
+    last_fired: Tensor,
+    step_index: int,
+) -> dict[str, Any]:
+    """One optimiser step; updates `last_fired [n, width]` (the last step each latent fired)."""
+    terms = clt_terms(clt, xs, ys, spec.bandwidth)
+    sparsity = spec.target_l0_coeff * (terms.l0 / spec.target_l0 - 1).pow(2).sum()
+    last_fired[terms.fired > 0] = step_index
+    dead = (step_index - last_fired) * xs.shape[1] >= spec.dead_window_tokens  # [n, width]
+    extra: Tensor | float = 0.0
+    if spec.dead_preact_coeff and bool(dead.any()):
+        extra = spec.dead_preact_coeff * _dead_preact_loss(clt, xs, dead)
+    loss = terms.recon + sparsity + extra
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"CLT training diverged at step {step_index}: loss {float(loss)}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    variance = (ys - ys.mean(1, keepdim=True)).pow(2).sum(-1).mean(1)  # [n]
+    fvu = terms.errors / variance
+    return {
+        "step": step_index, "loss": loss.item(), "l0_mean": terms.l0.mean().item(),
+        "fvu_mean": float(fvu.mean()), "fvu": [round(float(v), 4) for v in fvu],
+        "dead": int(dead.sum()),
+    }  # fmt: skip
+
+
+def _dead_preact_loss(clt: CrossLayerTranscoder, xs: Tensor, dead: Tensor) -> Tensor:
+    """Σ over layers of the batch mean of Σᵢ ReLU(θᵢ − preᵢ) over that layer's `dead [n, width]`
+    latents (Anthropic's pre-activation loss): pulls silent latents back until they fire."""
+    total: Tensor | float = 0.0
+    for s in range(clt.n_layers):
+        index = dead[s].nonzero().squeeze(1)
+        if index.numel():
+            pre = (xs[s] - clt.b_in[s]) @ clt.W_enc[s][:, index] + clt.b_enc[s][index]
+            total = total + torch.relu(clt.threshold[s][index] - pre).sum(-1).mean()
+    assert isinstance(total, Tensor)
+    return total
+
+
+@torch.no_grad()
+def measure_heldout(
+    clt: CrossLayerTranscoder, run_dir: Path, ins: list[Site], outs: list[Site], tokens: int = HELDOUT_TOKENS
+) -> dict[str, Any] | None:
+    """Per layer on up to `tokens` held-out tokens of `run_dir/heldout` (raw activations: `clt` is the
+    folded CLT as saved): the FVU of the MLP output, the L0 and the share of latents that never
+    fired; None without a held-out harvest of every site."""
+    try:
+        store = ActivationStore(run_dir / HELDOUT)
+        store.manifest(ins[0])
+        for s in ins + outs:
+            store.manifest(s)
+    except (StoreError, KeyError):
+        return None
+    n = clt.n_layers
+    sq_err, sq_dev, l0 = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    fired = torch.zeros(n, clt.width, dtype=torch.bool)
+    seen = 0
+    for batch in store.batches(ins + outs, 1024, seed=0, buffer_tokens=2**13):
+        xs, ys = _stack(batch, ins, str(clt.b_dec.device)), _stack(batch, outs, str(clt.b_dec.device))
+        acts = [clt.encode(s, xs[s]) for s in range(n)]
+        for t in range(n):
+            y_hat = clt.decode(t, acts) + clt.skip(t, xs[t])
+            sq_err[t] += float((ys[t] - y_hat).pow(2).sum())
+            sq_dev[t] += float((ys[t] - ys[t].mean(0)).pow(2).sum())
+            l0[t] += float((acts[t] > 0).sum())
+            fired[t] |= (acts[t] > 0).any(0).cpu()
+        seen += xs.shape[1]
+        if seen >= tokens:
+            break
+    if seen == 0:
+        return None
+    return {
+        "tokens": seen,
+        "fvu": [round(float(v), 5) for v in sq_err / sq_dev],
+        "l0": [round(float(v), 2) for v in l0 / seen],
+        "dead": [round(float(v), 4) for v in 1 - fired.float().mean(1)],
+    }
+
+
+def fold_scales(
+    clt: CrossLayerTranscoder, in_scales: list[float], out_scales: list[float]
+) -> CrossLayerTranscoder:
+    """Fold the scales in, in place (no second copy of a CLT that may be gigabytes), and return it:
+    trained on `x_L / C_L` → `y_L / C'_L` with the pre-encoder bias b_in, it becomes the CLT for raw
+    activations with b_enc' = C_s (b_enc − b_in W_enc), θ' = C_s θ, W_dec'[s → t] = W_dec[s → t] C'_t
+    / C_s, b_dec' = C' b_dec, W_skip'[t] = W_skip[t] C'_t / C_t, b_in' = 0: on raw inputs its latents
+    are the training-time ones times C_s and it predicts raw outputs."""
+    n = clt.n_layers
+    with torch.no_grad():
+        for s in range(n):
+            c = in_scales[s]
+            clt.b_enc[s].copy_(c * (clt.b_enc[s] - clt.b_in[s] @ clt.W_enc[s]))
+            clt.threshold[s].mul_(c)
+            ratios = torch.tensor([out_scales[t] / c for t in range(s, n)], device=clt.b_dec.device)
+            clt.decoder(s).mul_(ratios[None, :, None])
+            clt.b_dec[s].mul_(out_scales[s])
+            if clt.W_skip is not None:
+                clt.W_skip[s].mul_(out_scales[s] / c)
+        clt.b_in.zero_()
+    return clt

@@ -1,0 +1,294 @@
+"""Cross-layer transcoders: the module and its sparse training terms against a dense reference, the
+replacement of every MLP in one pass, folding the scales in, both file layouts (and circuit-tracer's
+keys), training on a harvest of every layer's MLP input and output, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gemmascope.activations import ActivationStore, harvest
+from gemmascope.architectures.jumprelu import jumprelu, step
+from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_terms, splice_clt
+from gemmascope.errors import ConfigError, FormatError, SiteError, StoreError
+from gemmascope.evals import evaluate_replacement, splice
+from gemmascope.formats.clt import export_gemma_scope_2, load_clt, save_clt
+from gemmascope.models import LanguageModel
+from gemmascope.sae import SAE, SAEConfig, build_sae
+from gemmascope.sites import Site, capture
+from gemmascope.train.clt import CLTSpec, fold_scales, train_clt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N, D, W = 4, 64, 32  # the tiny model's layers and width; latents per layer
+
+
+def random_clt(skip: bool = True, seed: int = 0, n: int = N, d: int = D, w: int = W) -> CrossLayerTranscoder:
+    g = torch.Generator().manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTConfig(n, d, w, "tiny-gemma3", skip))
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for t in clt.threshold:
+            t.copy_(torch.rand(w, generator=g) * 0.3)
+        clt.b_in.copy_(torch.randn(n, d, generator=g) * 0.1)
+    return clt
+
+
+def dense_terms(
+    clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference: every layer's latents dense, the same straight-through functions."""
+    acts, l0 = [], []
+    for s in range(clt.n_layers):
+        pre = clt.pre_acts(s, xs[s])
+        acts.append(jumprelu(pre, clt.threshold[s], eps))
+        l0.append(step(pre, clt.threshold[s], eps).sum(-1).mean())
+    recon = sum(
+        (ys[t] - clt.decode(t, acts) - clt.skip(t, xs[t])).pow(2).sum(-1).mean() for t in range(clt.n_layers)
+    )
+    assert isinstance(recon, torch.Tensor)
+    return recon, torch.stack(l0)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sparse_terms_equal_the_dense_reference_in_value_and_gradient(skip: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(3, 40, 8, generator=g), torch.randn(3, 40, 8, generator=g)
+    eps = 0.05
+    grads = []
+    for fn in ("sparse", "dense"):
+        clt = random_clt(skip, n=3, d=8, w=16)
+        if fn == "sparse":
+            terms = clt_terms(clt, xs, ys, eps)
+            recon, l0 = terms.recon, terms.l0
+            assert terms.fired.shape == (3, 16) and float(terms.errors.sum()) == pytest.approx(recon.item())
+        else:
+            recon, l0 = dense_terms(clt, xs, ys, eps)
+        (recon + 0.3 * l0.sum()).backward()
+        grads.append(
+            (
+                recon.item(),
+                l0.detach(),
+                {n: p.grad.clone() for n, p in clt.named_parameters() if p.grad is not None},
+            )
+        )
+    (r_sparse, l0_sparse, g_sparse), (r_dense, l0_dense, g_dense) = grads
+    assert r_sparse == pytest.approx(r_dense, rel=1e-5)
+    assert torch.allclose(l0_sparse, l0_dense)
+    assert set(g_sparse) == set(g_dense) and any("threshold" in n for n in g_sparse)
+    for name in g_dense:
+        assert torch.allclose(g_sparse[name], g_dense[name], atol=1e-4, rtol=1e-4), name
+
+
+def own_layer_transcoders(clt: CrossLayerTranscoder) -> list[SAE]:
+    """The per-layer transcoders a CLT is once its decoders into later layers are zeroed (here)."""
+    transcoders = []
+    n, d, w = clt.n_layers, clt.cfg.d_model, clt.width
+    with torch.no_grad():
+        for s in range(n):
+            clt.decoder(s)[:, 1:] = 0
+            cfg = SAEConfig(
+                "jumprelu", d, w, site=f"mlp_in.{s}", out_site=f"mlp_out.{s}", affine_skip=clt.cfg.affine_skip
+            )
+            tc = build_sae(cfg)
+            tc.W_enc.copy_(clt.W_enc[s])
+            tc.b_enc.copy_(clt.b_enc[s] - clt.b_in[s] @ clt.W_enc[s])
+            tc.threshold.copy_(clt.threshold[s])
+            tc.W_dec.copy_(clt.decoder(s)[:, 0])
+            tc.b_dec.copy_(clt.b_dec[s])
+            if tc.W_skip is not None and clt.W_skip is not None:
+                tc.W_skip.copy_(clt.W_skip[s])
+            transcoders.append(tc)
+    return transcoders
+
+
+def test_a_clt_with_only_own_layer_decoders_is_a_set_of_transcoders(tiny_model: LanguageModel) -> None:
+    """With every cross-layer decoder zero, splicing the CLT in is splicing per-layer transcoders."""
+    clt = random_clt(skip=True)
+    transcoders = own_layer_transcoders(clt)
+    ids = torch.randint(3, 200, (2, 10))
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[:, 0] = False
+    outs = [Site("mlp_out", s) for s in range(N)]
+    with torch.no_grad(), splice_clt(tiny_model, clt, keep):
+        got = capture(tiny_model, ids, outs)
+    with torch.no_grad(), splice(tiny_model, transcoders, keep):
+        expected = capture(tiny_model, ids, outs)
+    for site in outs:
+        assert torch.allclose(got[site], expected[site], atol=1e-4)
+
+
+def test_splice_decodes_earlier_layers_latents_into_later_layers(tiny_model: LanguageModel) -> None:
+    clt = random_clt(skip=False)
+    ids = torch.randint(3, 200, (1, 8))
+    keep = torch.ones(1, 8, dtype=torch.bool)
+    sites = [Site(k, s) for s in range(N) for k in ("mlp_in", "mlp_out")]
+    with torch.no_grad(), splice_clt(tiny_model, clt, keep):
+        acts = capture(tiny_model, ids, sites)
+    with torch.no_grad():
+        xs = torch.stack([acts[Site("mlp_in", s)] for s in range(N)])
+        expected = clt(xs)  # the dense module on the inputs of the edited pass itself
+    for t in range(N):
+        assert torch.allclose(acts[Site("mlp_out", t)], expected[t], atol=1e-4)
+    with pytest.raises(SiteError, match="spans 3 layers"):
+        with splice_clt(tiny_model, random_clt(n=3), keep):
+            pass
+
+
+def test_folded_clt_on_raw_inputs_predicts_raw_outputs() -> None:
+    clt = random_clt(skip=True)
+    in_scales, out_scales = [2.0, 0.5, 3.0, 1.5], [4.0, 1.0, 0.25, 2.0]
+    xs = torch.randn(N, 20, D)
+    with torch.no_grad():
+        scaled = clt(torch.stack([xs[s] / in_scales[s] for s in range(N)]))
+        folded = fold_scales(clt, in_scales, out_scales)
+        raw = folded(xs)
+    assert torch.count_nonzero(folded.b_in) == 0
+    for t in range(N):
+        assert torch.allclose(raw[t], scaled[t] * out_scales[t], atol=1e-4, rtol=1e-4)
+
+
+def test_both_layouts_round_trip_and_keep_circuit_tracers_keys(tmp_path: Path) -> None:
+    clt = random_clt(skip=True)
+    with torch.no_grad():
+        clt.b_in.zero_()
+    xs = torch.randn(N, 6, D)
+    ct = save_clt(clt, tmp_path / "ct")
+    gs2 = export_gemma_scope_2(clt, tmp_path / "gs2")
+    from safetensors import safe_open
+
+    with safe_open(str(ct / "W_enc_2.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"W_enc_2", "b_enc_2", "b_dec_2", "threshold_2", "W_skip_2"}
+        assert tuple(f.get_tensor("W_enc_2").shape) == (W, D)  # circuit-tracer: [d_transcoder, d_model]
+    with safe_open(str(ct / "W_dec_2.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor("W_dec_2").shape) == (W, N - 2, D)
+    assert "model_kind: cross_layer_transcoder" in (ct / "config.yaml").read_text()
+    with safe_open(str(gs2 / "params_layer_1.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor("w_dec").shape) == (W, N, D)
+        assert torch.count_nonzero(f.get_tensor("w_dec")[:, :1]) == 0
+    with torch.no_grad():
+        expected = clt(xs)
+        for folder in (ct, gs2):
+            loaded = load_clt(folder)
+            assert loaded.cfg.affine_skip and loaded.cfg.model_name == "tiny-gemma3"
+            assert torch.allclose(loaded(xs), expected, atol=1e-5)
+    with pytest.raises(FormatError, match="already exists"):
+        save_clt(clt, ct)
+
+
+def test_an_official_layout_folder_loads(tmp_path: Path) -> None:
+    """A release folder laid out as Google's: params_layer_i.safetensors with lower-case keys, w_dec
+    over every layer, bf16, its own config.json."""
+    g = torch.Generator().manual_seed(5)
+    folder = tmp_path / "clt" / "width_32_l0_medium_affine"
+    folder.mkdir(parents=True)
+    for i in range(N):
+        w_dec = torch.randn(W, N, D, generator=g)
+        w_dec[:, :i] = 0
+        params = {"w_enc": torch.randn(D, W, generator=g), "b_enc": torch.randn(W, generator=g),
+                  "b_dec": torch.randn(D, generator=g), "threshold": torch.rand(W, generator=g),
+                  "w_dec": w_dec, "affine_skip_connection": torch.randn(D, D, generator=g)}  # fmt: skip
+        save_file(
+            {k: v.to(torch.bfloat16) for k, v in params.items()},
+            str(folder / f"params_layer_{i}.safetensors"),
+        )
+    (folder / "config.json").write_text(json.dumps({"model_name": "google/gemma-3-270m", "width": 32}))
+    clt = load_clt(folder)
+    assert (clt.n_layers, clt.width, clt.cfg.d_model, clt.cfg.affine_skip) == (N, W, D, True)
+    (folder / "params_layer_2.safetensors").unlink()
+    with pytest.raises(FormatError, match=r"lacks the files of layers \[2\]"):
+        load_clt(folder)
+
+
+def test_layers_of_different_widths_are_a_clear_error(tmp_path: Path) -> None:
+    folder = save_clt(random_clt(skip=False), tmp_path / "ct")
+    other = random_clt(skip=False, w=W + 8)
+    save_file(
+        {"W_enc_3": other.W_enc[3].t().contiguous(), "b_enc_3": other.b_enc[3], "b_dec_3": other.b_dec[3],
+         "threshold_3": other.threshold[3]},
+        str(folder / "W_enc_3.safetensors"),
+    )  # fmt: skip
+    with pytest.raises(FormatError, match=r"layer 3: W_enc has shape \(64, 40\), expected \(64, 32\)"):
+        load_clt(folder)
+    with pytest.raises(FormatError, match="holds no CLT"):
+        load_clt(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tiny_model: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("clt_run")
+    sites = [f"{k}.{layer}" for layer in range(N) for k in ("mlp_in", "mlp_out")]
+    harvest(tiny_model, sites, run_dir, n_tokens=8192, context_len=64, progress=False)
+    harvest(
+        tiny_model, sites, run_dir / "heldout", n_tokens=2048, context_len=64, split="heldout", progress=False
+    )
+    return run_dir
+
+
+def test_a_clt_trains_on_every_layers_mlp_and_replaces_them(
+    mlp_run: Path, tmp_path: Path, tiny_model: LanguageModel
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(mlp_run, run_dir)
+    folder = train_clt(run_dir, CLTSpec(width=64, target_l0=8, tokens=16384, batch_size=256), progress=False)
+    assert folder.parent == run_dir / "clts" / "width_64" and folder.name.endswith("_skip")
+    clt = load_clt(folder)
+    held = clt.cfg.extra["heldout"]
+    assert len(held["fvu"]) == N and all(0 <= f < 1 for f in held["fvu"])  # better than the mean
+    assert all(2 <= l0 <= 32 for l0 in held["l0"])
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["fvu_mean"] < log[1]["fvu_mean"]  # (the first row is the skip's own batch)
+    result = evaluate_replacement(tiny_model, clt, n_tokens=1200, context_len=64, min_tokens=100)
+    assert result["layers"] == list(range(N)) and result["n_predictions"] > 0
+    assert result["ce_loss_with"] < result["ce_loss_zero_ablated"]  # it recovers some of the MLPs
+
+
+def test_a_clt_needs_every_layers_mlp_input_and_output(tmp_path: Path, tiny_model: LanguageModel) -> None:
+    run_dir = tmp_path / "run"
+    harvest(
+        tiny_model,
+        ["mlp_in.0", "mlp_out.0", "mlp_in.1"],
+        run_dir,
+        n_tokens=512,
+        context_len=64,
+        progress=False,
+    )
+    with pytest.raises(StoreError, match="lacks mlp_out.1"):
+        train_clt(run_dir, CLTSpec(width=16, target_l0=4), progress=False)
+    assert not (run_dir / "clts").exists()
+    with pytest.raises(ConfigError, match="target L0 40 must be > 0 and below the width 16"):
+        train_clt(run_dir, CLTSpec(width=16, target_l0=40), progress=False)
+    ActivationStore(run_dir)  # the store is untouched
+
+
+def test_suite_with_clt_trains_one_clt_beside_the_transcoders_from_one_harvest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gemmascope.cli import main
+
+    run_dir = tmp_path / "clt"
+    argv = ["suite", str(run_dir), "--model", "tiny-gemma3", "--transcoders", "--clt", "--layers", "all",
+            "--widths", "64", "--l0", "8", "--tokens", "4096", "--eval-tokens", "1200", "--index-tokens", "2048"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((run_dir / "run.json").read_text())["transcoders"] == ["skip", "clt"]
+    rows = json.loads((run_dir / "report" / "clt.json").read_text())
+    assert len(rows) == 1 and rows[0]["clt"].startswith("clts/width_64/l0_")
+    per_layer = json.loads((run_dir / "report" / "replacement.json").read_text())
+    clt_result = rows[0]["replacement"]
+    assert clt_result["ce_loss_without"] == pytest.approx(per_layer["ce_loss_without"])  # the same tokens
+    assert "ce_recovered" in clt_result and "ce_recovered" in per_layer
+    out = capsys.readouterr().out
+    assert "CLT clts/width_64" in out and "every MLP replaced" in out
+    load_clt(run_dir / rows[0]["clt"])
+    assert main(argv) == 0  # resumed: nothing trains again
+    assert "train/clt" not in capsys.readouterr().out
+    bad = ["suite", str(tmp_path / "r2"), "--model", "tiny-gemma3", "--clt", "--layers", "1", "--l0", "8"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "a cross-layer transcoder spans every layer" in err and "Traceback" not in err
+    assert not (tmp_path / "r2" / "run.json").exists()
