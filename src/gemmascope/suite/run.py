@@ -243,9 +243,10 @@ class _Stages:
                 folder = state.get(name, key, str)
                 if folder is None:
                     self.stage(f"train/{name}")
-                    spec = CLTSpec(width=width, target_l0=target, tokens=tokens, seed=plan.seed)
-                    if plan.batch_size is not None:
-                        spec = CLTSpec(**{**spec.__dict__, "batch_size": plan.batch_size})
+                    spec = CLTSpec(
+                        width=width, target_l0=target, tokens=tokens, seed=plan.seed,
+                        batch_size=plan.batch_size or CLTSpec.batch_size,
+                    )  # fmt: skip
                     folder = _rel(run_dir, [train_clt(run_dir, spec)])[0]
                     state.finish(name, folder, key)
                 rows.append(folder)
