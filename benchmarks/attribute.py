@@ -46,7 +46,11 @@ PROMPTS = [
 LENGTH_PROMPT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
     "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889 as the "
-    "centrepiece of the 1889 World's Fair, and it is now one of the most visited monuments in the world"
+    "centrepiece of the 1889 World's Fair, and it is now one of the most visited monuments in the world. "
+    "Locally nicknamed La dame de fer, it was criticised at first by some of France's leading artists and "
+    "intellectuals for its design, but it has become a global cultural icon of France and one of the most "
+    "recognisable structures in the world. The tower is 330 metres tall, about the same height as an "
+    "81-storey building, and was the tallest man-made structure in the world until the Chrysler Building"
 )
 
 _ONE_GRAPH = r"""
@@ -66,7 +70,7 @@ ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"][:n]
 text = model.tokenizer.decode(ids)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.monotonic()
-g = attribute(model, tcs, text, progress=False)
+g = attribute(model, tcs, text, progress=False, max_tokens=max(n, 64))
 seconds = time.monotonic() - t
 p = prune(g)
 r, c = scores(g)

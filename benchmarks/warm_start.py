@@ -1,15 +1,16 @@
-"""The command line's warm start: `gemmascope inspect` on a run alone (it loads the model, the SAE and
-the index itself) against the same command while `gemmascope serve` of that run is up (it asks the
-server, `gemmascope.warm`), each timed as a new process, the way a researcher runs it.
+"""The command line's warm start: `gemmascope inspect`, `steer`, `contrast` (and `attribute` on a run
+with transcoders) on a run alone (each loads the model, the SAEs and the index itself) against the
+same command while `gemmascope serve` of that run is up (the server runs it with its model loaded,
+`gemmascope.warm`), each timed as a new process, the way a researcher runs it.
 
-    python benchmarks/warm_start.py runs/demo
-    python benchmarks/warm_start.py runs/demo --repeats 5 --text "The vaccine trial ended early"
+    python benchmarks/warm_start.py runs/demo                          # inspect, steer, contrast
+    python benchmarks/warm_start.py runs/tc --commands attribute --repeats 2
 
 Starts `gemmascope serve RUN --port PORT` as a subprocess, waits for its health check, then alternates
-cold (`GEMMASCOPE_NO_SERVER=1`: the command does not look for a server) and warm runs of the same
+cold (`GEMMASCOPE_NO_SERVER=1`: the command does not look for a server) and warm runs of each
 command; checks that both print the same; stops the server. Prints a table and writes
-benchmarks/results/warm_start.json (wall seconds of each run, medians, their ratio, the server's own
-start-up time).
+benchmarks/results/warm_start[_NAME].json (wall seconds of each run, medians, their ratio, the
+server's own start-up time).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -27,7 +29,32 @@ import urllib.request
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+DEFAULT_COMMANDS = ["inspect", "steer", "contrast"]
 TEXT = "Regulators back first jab against the common cold after large trial halves infections"
+
+
+CONTRAST_A = [
+    "The dog barked at the postman.",
+    "Our puppy chewed the dog bed.",
+    "The dogs ran across the park.",
+]
+CONTRAST_B = ["The meeting starts at nine.", "Prices rose again in March.", "She painted the kitchen blue."]
+
+
+def commands(run: Path, text: str) -> dict[str, list[str]]:
+    """Each command as a researcher types it about `run` (its first SAE where one is needed)."""
+    from gemmascope.runs import find_saes, sae_id
+
+    first = sae_id(sorted(find_saes(run))[0])
+    run = run.resolve()  # a server prints the paths it was given made absolute
+    contrast = [f for t in CONTRAST_A for f in ("--a", t)] + [f for t in CONTRAST_B for f in ("--b", t)]
+    return {
+        "inspect": ["inspect", "--run", str(run), text, "--color", "never"],
+        "steer": ["steer", "--run", str(run), "--sae", first, "--feature", "0", "--strength", "50", text,
+                  "--max-new-tokens", "20"],
+        "contrast": ["contrast", str(run), *contrast],
+        "attribute": ["attribute", str(run), "The opposite of hot is", "--slug", "warm_start_bench"],
+    }  # fmt: skip
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str, str]:
@@ -42,6 +69,12 @@ def main() -> None:
     p.add_argument("--text", default=TEXT)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--commands",
+        type=lambda v: v.split(","),
+        default=DEFAULT_COMMANDS,
+        help="comma list (default inspect,steer,contrast)",
+    )
     args = p.parse_args()
     gs = [sys.executable, "-m", "gemmascope.cli"]
     env = {**os.environ, "NO_COLOR": "1"}
@@ -59,39 +92,57 @@ def main() -> None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.5)
         server_s = time.monotonic() - started
-        cmd = [*gs, "inspect", "--run", str(args.run), args.text, "--color", "never"]
-        cold, warm = [], []
+        chosen = {
+            name: [*gs, *argv]
+            for name, argv in commands(args.run, args.text).items()
+            if name in args.commands
+        }
+        times: dict[str, dict[str, list[float]]] = {name: {"cold": [], "warm": []} for name in chosen}
         for _ in range(args.repeats):
-            s, cold_out, cold_err = timed(cmd, {**env, "GEMMASCOPE_NO_SERVER": "1"})
-            cold.append(s)
-            s, warm_out, warm_err = timed(cmd, env)
-            warm.append(s)
-            if "answered by the running gemmascope serve" not in warm_err or warm_out != cold_out:
-                raise SystemExit(f"the warm run did not ask the server or printed otherwise:\n{warm_err}")
+            for name, cmd in chosen.items():
+                s, cold_out, cold_err = timed(cmd, {**env, "GEMMASCOPE_NO_SERVER": "1"})
+                times[name]["cold"].append(s)
+                s, warm_out, warm_err = timed(cmd, env)
+                times[name]["warm"].append(s)
+                same = _without_seconds(warm_out) == _without_seconds(cold_out)
+                if "run by the running gemmascope serve" not in warm_err or not same:
+                    raise SystemExit(
+                        f"warm {name} did not ask the server or printed otherwise:\n{warm_err}\n{warm_out}"
+                    )
     finally:
         server.terminate()
         server.wait(timeout=30)
     out = {
         "command": "python benchmarks/warm_start.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "inspect": shlex.join(cmd[2:]),
         "server_start_s": server_s,
-        "cold_s": cold,
-        "warm_s": warm,
-        "cold_median_s": statistics.median(cold),
-        "warm_median_s": statistics.median(warm),
-        "speedup": statistics.median(cold) / statistics.median(warm),
+        "commands": {
+            name: {
+                "argv": shlex.join(chosen[name][2:]),
+                "cold_s": t["cold"],
+                "warm_s": t["warm"],
+                "cold_median_s": statistics.median(t["cold"]),
+                "warm_median_s": statistics.median(t["warm"]),
+                "speedup": statistics.median(t["cold"]) / statistics.median(t["warm"]),
+            }
+            for name, t in times.items()
+        },
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "warm_start.json").write_text(json.dumps(out, indent=1))
+    name = "warm_start" + ("" if args.commands == DEFAULT_COMMANDS else "_" + "_".join(args.commands))
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
     print(f"server up in {server_s:.1f} s")
-    print(
-        f"inspect alone:         {' '.join(f'{s:.2f}' for s in cold)} s (median {out['cold_median_s']:.2f})"
-    )
-    print(
-        f"inspect, server up:    {' '.join(f'{s:.2f}' for s in warm)} s (median {out['warm_median_s']:.2f})"
-    )
-    print(f"speed-up {out['speedup']:.1f}x, same output")
+    for name, row in out["commands"].items():
+        print(
+            f"{name:<10} alone {' '.join(f'{s:.2f}' for s in row['cold_s'])} s (median {row['cold_median_s']:.2f}); "
+            f"server up {' '.join(f'{s:.2f}' for s in row['warm_s'])} s (median {row['warm_median_s']:.2f}): "
+            f"{row['speedup']:.1f}x, same output"
+        )
+
+
+def _without_seconds(text: str) -> str:
+    """The output with timings (e.g. attribute's "; 17.2 s") taken out: they differ run to run."""
+    return re.sub(r"\d+(\.\d+)? s\b", "N s", text)
 
 
 if __name__ == "__main__":

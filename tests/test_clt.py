@@ -4,6 +4,7 @@ keys), training on a harvest of every layer's MLP input and output, and bad inpu
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -219,6 +220,56 @@ def test_layers_of_different_widths_are_a_clear_error(tmp_path: Path) -> None:
         load_clt(tmp_path)
 
 
+@pytest.mark.parametrize(("skip", "layers_a_pass"), [(False, 3), (True, 3), (True, 1)])
+def test_refit_solves_each_layers_own_decoder_given_the_earlier_writes(
+    skip: bool, layers_a_pass: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gemmascope.train.clt as train_clt_module
+    import gemmascope.train.refit as refit
+
+    monkeypatch.setattr(train_clt_module, "REFIT_RIDGE", 0.0)
+    size = 12 + (8 if skip else 0) + 1  # width 12, d 8 (below): the unknowns of one layer
+    one_layer = 8 * size * (size + 8)
+    monkeypatch.setattr(train_clt_module, "REFIT_CLT_BYTES", layers_a_pass * one_layer)
+    monkeypatch.setattr(refit, "REFIT_FLUSH", 2)  # flushes mid-pass and at the end
+    n, d, w = 3, 8, 12
+    clt = random_clt(skip, n=n, d=d, w=w)
+    with torch.no_grad():
+        for theta in clt.threshold:
+            theta.fill_(-0.2)  # most latents fire on most tokens: a well-posed regression
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(n, 500, d, generator=g), torch.randn(n, 500, d, generator=g)
+    ins, outs = [Site("mlp_in", layer) for layer in range(n)], [Site("mlp_out", layer) for layer in range(n)]
+    batches = [
+        {
+            **{s: xs[i, a : a + 100] for i, s in enumerate(ins)},
+            **{s: ys[i, a : a + 100] for i, s in enumerate(outs)},
+        }
+        for a in range(0, 500, 100)
+    ]
+    encoder = [p.detach().clone() for p in (*clt.W_enc, *clt.b_enc, *clt.threshold)]
+    cross = [clt.decoder(s)[:, 1:].detach().clone() for s in range(n)]
+    with torch.no_grad():
+        acts = [clt.encode(s, xs[s]) for s in range(n)]
+        before = [float((ys[t] - clt.decode(t, acts) - clt.skip(t, xs[t])).pow(2).sum()) for t in range(n)]
+        expected = []
+        for t in range(n):  # the plain regression of each layer's target on its own codes (+ skip, bias)
+            z = torch.cat([acts[t]] + ([xs[t]] if skip else []) + [torch.ones(500, 1)], 1).double()
+            target = ys[t] - sum(acts[s] @ clt.decoder(s)[:, t - s] for s in range(t))
+            expected.append(torch.linalg.lstsq(z, target.double()).solution.float())
+    assert train_clt_module.refit_clt(copy.deepcopy(clt), lambda: iter(batches), 450, progress=False) == 450
+    assert train_clt_module.refit_clt(clt, lambda: iter(batches), 10**6, progress=False) == 500
+    for p, old in zip((*clt.W_enc, *clt.b_enc, *clt.threshold), encoder, strict=True):
+        assert torch.equal(p, old)  # the encoders, thresholds and cross-layer decoders are kept
+    for s in range(n):
+        assert torch.equal(clt.decoder(s)[:, 1:], cross[s])
+        solved = torch.cat([clt.decoder(s)[:, 0]] + ([clt.W_skip[s]] if skip else []) + [clt.b_dec[s][None]])
+        assert torch.allclose(solved, expected[s], atol=1e-3, rtol=1e-3)
+    with torch.no_grad():
+        after = [float((ys[t] - clt.decode(t, acts) - clt.skip(t, xs[t])).pow(2).sum()) for t in range(n)]
+    assert all(a < b for a, b in zip(after, before, strict=True))
+
+
 @pytest.fixture(scope="module")
 def mlp_run(tiny_model: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("clt_run")
@@ -240,6 +291,9 @@ def test_a_clt_trains_on_every_layers_mlp_and_replaces_them(
     clt = load_clt(folder)
     held = clt.cfg.extra["heldout"]
     assert len(held["fvu"]) == N and all(0 <= f < 1 for f in held["fvu"])  # better than the mean
+    assert (
+        0 < clt.cfg.extra["decoder_refit_tokens"] <= 16384
+    )  # training ends with the refit (one epoch at most)
     assert all(2 <= l0 <= 32 for l0 in held["l0"])
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["fvu_mean"] < log[1]["fvu_mean"]  # (the first row is the skip's own batch)

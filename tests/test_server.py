@@ -23,7 +23,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from gemmascope import evals
-from gemmascope.cli import main
+from gemmascope.cli import main, run_line
 from gemmascope.corpus import load_corpus, pack
 from gemmascope.errors import StoreError
 from gemmascope.features import HIDE_DENSE, FeatureIndex, build_index
@@ -737,12 +737,17 @@ def test_serve_command(
     called: dict[str, Any] = {}
     monkeypatch.setattr(
         "gemmascope.server.serve",
-        lambda run, host, port, extra, model: called.update(
-            run=run, host=host, port=port, extra=extra, model=model
+        lambda run, host, port, extra, model, run_line, clt: called.update(
+            run=run, host=host, port=port, extra=extra, model=model, run_line=run_line, clt=clt
         ),
     )
     assert main(["serve", str(run_dir)]) == 0
+    assert called.pop("run_line") is run_line  # it runs the command line's commands (test_warm)
+    assert called.pop("clt") is None
     assert called == {"run": str(run_dir), "host": "127.0.0.1", "port": 8000, "extra": [], "model": None}
+    assert main(["serve", str(run_dir), "--clt"]) == 0 and called["clt"] == ""  # test_server_graphs
+    assert main(["serve", "--sae", "x", "--clt"]) == 2
+    assert "--clt draws graphs over a run folder" in capsys.readouterr().err
     assert main(["serve", str(run_dir), "--model", "tiny-gemma3"]) == 0
     assert called["model"] == "tiny-gemma3"
     assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "9001"]) == 0

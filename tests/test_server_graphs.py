@@ -181,3 +181,44 @@ def test_a_run_without_transcoders_says_why(
         out = c.post("/v1/graph/generate", json={"prompt": PROMPT})
         assert out.status_code == 409 and "suite" in out.json()["error"]
     shutil.rmtree(run / "graphs", ignore_errors=True)
+
+
+def test_graphs_over_a_runs_cross_layer_transcoder(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel, drawn: dict[str, Any]
+) -> None:
+    from test_clt import random_clt
+
+    from gemmascope.formats.clt import save_clt
+
+    run = tmp_path / "run"
+    shutil.copytree(graph_run_dir(tmp_path_factory, tiny_model), run)  # its per-layer set and a graph of it
+    save_clt(random_clt(w=32), run / "clts" / "width_32" / "l0_5_skip")
+    with TestClient(create_app(run, model=tiny_model)) as c:  # the per-layer set by default
+        assert c.get("/v1/graph/list").json()["dictionary"] == "a transcoder per layer"
+    with TestClient(create_app(run, model=tiny_model, clt="")) as c:  # serve --clt
+        listed = c.get("/v1/graph/list").json()
+        assert (
+            listed["available"] and listed["dictionary"] == "cross-layer transcoder clts/width_32/l0_5_skip"
+        )
+        assert c.get(f"/v1/graph/{drawn['slug']}").status_code == 409  # drawn over the per-layer set
+        out = c.post("/v1/graph/generate", json={"prompt": PROMPT, "slug": "over-clt"})
+        assert out.status_code == 200, out.text
+        data = c.get("/v1/graph/over-clt").json()
+        assert data["metadata"]["transcoder_list"][0].startswith("clt")
+        node = next(n["node_id"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+        answer = c.post("/v1/graph/over-clt/intervene", json={"nodes": [node]})
+        assert answer.status_code == 200 and answer.json()["logits"][0]["measured"] is not None
+    with TestClient(create_app(run, model=tiny_model, clt="width_99")) as c:
+        listed = c.get("/v1/graph/list").json()
+        assert not listed["available"] and "matching 'width_99'" in listed["why_not"]
+    shutil.rmtree(run / "saes" / "mlp_in" / "layer_3")  # no per-layer set: the run's only CLT
+    with TestClient(create_app(run, model=tiny_model)) as c:
+        assert c.get("/v1/graph/list").json()["dictionary"].startswith("cross-layer transcoder")
+
+
+def test_a_prompt_over_the_graph_bound_is_refused(client: TestClient) -> None:
+    from gemmascope.limits import REQUEST_GRAPH_TOKENS
+
+    long = " ".join(["word"] * (REQUEST_GRAPH_TOKENS + 10))
+    out = client.post("/v1/graph/generate", json={"prompt": long})
+    assert out.status_code == 400 and f"at most {REQUEST_GRAPH_TOKENS} tokens" in out.json()["error"]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemmascope.runs import FEATURES_DB
 from gemmascope.suite import SuitePlan, run_suite
+
+if TYPE_CHECKING:
+    from gemmascope.server.commands import RunLine
 
 
 def showcase_features(db_path: Path, sae_id: str, n: int = 3, candidates: int = 400) -> list[dict[str, Any]]:
@@ -91,9 +94,11 @@ def run_demo(
     host: str = "127.0.0.1",
     port: int = 8000,
     say: Callable[[str], None] = print,
+    run_line: RunLine | None = None,
 ) -> dict[str, Any]:
     """The whole loop on one site: harvest, train one JumpReLU SAE, evaluate, index; print the eval
-    table and three features with their top text; then serve the web UI (unless `serve` is False)."""
+    table and three features with their top text; then serve the web UI (unless `serve` is False;
+    `run_line`: the CLI's, so the command line's commands about the run are run by it)."""
     from gemmascope.evals import format_table
     from gemmascope.runs import sae_id
 
@@ -122,5 +127,5 @@ def run_demo(
         from gemmascope.server.app import serve as serve_ui
 
         say(f"serving the web UI at http://{host}:{port}/  (Ctrl-C to stop)")
-        serve_ui(run_dir, host=host, port=port)
+        serve_ui(run_dir, host=host, port=port, run_line=run_line)
     return out

@@ -19,8 +19,10 @@ from __future__ import annotations
 MAX_PROMPT_TOKENS = 512  # one prompt run by the library or the CLI (microscope, search, steering)
 REQUEST_PROMPT_TOKENS = 256  # one prompt of an HTTP request
 REQUEST_PROMPT_CHARS = 4000  # an HTTP request's prompt, refused before tokenising
-MAX_GRAPH_TOKENS = 64  # an attribution graph's prompt (time grows with positions x L0 x layers)
-REQUEST_GRAPH_TOKENS = 32  # an attribution graph drawn for an HTTP request
+# an attribution graph's prompt, for the library, the CLI and an HTTP request alike: 128 tokens draw
+# in about 7 minutes and 7 GB on 2 cores (BENCHMARKS.md, "Attribution graphs")
+MAX_GRAPH_TOKENS = 128
+REQUEST_GRAPH_TOKENS = 128
 
 # Generation
 MAX_NEW_TOKENS = 512  # tokens one steered generation may add

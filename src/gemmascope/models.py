@@ -2,7 +2,8 @@
 its GGUF file and cached; a small random Gemma 3 for tests; any transformers causal LM by local path
 or hub id), the model's decoder layers and output layer (`output_head`: the logits a vocabulary block
 at a time, checked once against the model's own), tokenising a prompt with its bound (`MAX_PROMPT_TOKENS`,
-`prompt_tokens`) and each token's display text (`token_texts`).
+`prompt_tokens`), each token's display text (`token_texts`), and lending a loaded model to the
+commands a server runs (`resident`).
 
 Knows nothing of sites, edits or capture (`sites.py` owns them and takes a `LanguageModel`; the one
 hook here reads the output layer's input once, to check `output_head`), nor of SAEs, their training
@@ -17,7 +18,8 @@ import re
 import shutil
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,12 +228,31 @@ def cache_root() -> Path:
     return Path(user_cache_dir("gemmascope"))
 
 
+_RESIDENT: dict[str, LanguageModel] = {}  # models lent by `resident`, by name
+
+
+@contextmanager
+def resident(model: LanguageModel) -> Iterator[None]:
+    """Within the block, `load_model(model.name)` on the model's device and dtype returns `model`
+    instead of loading it again: a running server lends its loaded model to the commands it runs
+    for the command line (`warm`)."""
+    _RESIDENT[model.name] = model
+    try:
+        yield
+    finally:
+        _RESIDENT.pop(model.name, None)
+
+
 def load_model(
     name: str = BUNDLED_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> LanguageModel:
     """Load a causal LM by name: `gemma-3-270m` (bundled, converted once from GGUF and cached),
     `tiny-gemma3` (a small random Gemma 3 with the bundled tokenizer, for tests), a local folder
-    holding a transformers model, or a hub id (only if the hub is reachable or the model cached)."""
+    holding a transformers model, or a hub id (only if the hub is reachable or the model cached).
+    Within `resident(model)`, a request for that model (name, device, dtype) returns it."""
+    held = _RESIDENT.get(name)
+    if held is not None and held.device == torch.device(device) and held.hf.dtype == dtype:
+        return held
     if name == BUNDLED_MODEL:
         path = bundled_gemma_path()
     elif name == TINY_MODEL:

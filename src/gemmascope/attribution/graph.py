@@ -45,6 +45,7 @@ from gemmascope.models import LanguageModel, prompt_tokens
 MAX_FEATURE_NODES = 8192
 MAX_N_LOGITS = 10  # circuit-tracer's defaults for the output nodes
 DESIRED_LOGIT_PROB = 0.95
+INFLUENCE_BLOCK = 256  # rows read at a time while ranking features by influence
 NODE_THRESHOLD = 0.8  # pruning: keep the nodes holding this share of the influence on the logits
 EDGE_THRESHOLD = 0.98  # and the edges holding this share of it
 
@@ -151,10 +152,10 @@ def attribute(
     logit_rows = edges.rows(
         torch.full((n_logits,), n_layers), torch.full((n_logits,), n_pos - 1), logit_vectors
     )
-    selected, feature_rows = _feature_rows(
+    selected, feature_rows, rows = _feature_rows(
         edges, logit_rows, logit_probs, max_feature_nodes, batch_size, progress
     )
-    adjacency = _assemble(feature_rows, logit_rows, selected, active.shape[0], n_layers, n_pos)
+    adjacency = _assemble(feature_rows, rows, logit_rows, selected, active.shape[0], n_layers, n_pos)
     tokenizer = model.tokenizer
     return Graph(
         prompt=prompt,
@@ -195,11 +196,12 @@ class _Edges:
         self.layer_rows = [torch.nonzero(active[:, 0] == layer).squeeze(1) for layer in range(self.n_layers)]
 
     def rows(self, read_layers: Tensor, read_pos: Tensor, vectors: Tensor) -> Tensor:
-        """`[B, n_sources]`: the edges into a batch of reads from every source."""
+        """`[B, n_sources]`: the edges into a batch of reads from every source (none from a layer at
+        or above the batch's highest read: those stay 0)."""
         g_embed, g_out = self.rm.backward(read_layers, read_pos, vectors)
         out = torch.zeros(read_layers.shape[0], self.n_sources)
         n_active, n_pos = self.n_active, self.n_pos
-        for layer in range(self.n_layers):
+        for layer in range(min(int(read_layers.max()), self.n_layers)):
             idx = self.layer_rows[layer]
             if idx.numel():
                 out[:, idx] = self._feature_edges(layer, idx, g_out) * self.acts[idx]
@@ -240,14 +242,16 @@ def _feature_rows(
     max_feature_nodes: int | None,
     batch_size: int,
     progress: bool,
-) -> tuple[Tensor, Tensor]:
-    """The feature nodes kept (`[k]` indices of the active features, sorted) and their rows `[k,
-    n_sources]`: every active feature, or the `max_feature_nodes` most influential on the logits,
-    found as circuit-tracer does (re-ranked as rows are computed)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The feature nodes kept (`[k]` indices of the active features, sorted), the rows computed
+    `[k, n_sources]` (in the order computed) and which row is each kept feature's `[k]`: every active
+    feature, or the `max_feature_nodes` most influential on the logits, found as circuit-tracer does
+    (re-ranked as rows are computed)."""
     n_active = edges.n_active
     limit = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     feature_rows = torch.zeros(limit, edges.n_sources)  # one row per feature node, in the order computed
     row_of = torch.full((n_active,), -1, dtype=torch.long)  # feature -> its row, -1: not computed
+    computed_features = torch.zeros(limit, dtype=torch.long)  # row -> its feature
     visited = torch.zeros(n_active, dtype=torch.bool)
     filled = 0
     with tqdm(total=limit, desc="attribution", unit="feature", disable=not progress) as bar:
@@ -255,21 +259,26 @@ def _feature_rows(
             if limit == n_active:
                 order = torch.nonzero(~visited).squeeze(1)
             else:  # circuit-tracer's order: the most influential on the logits so far
-                computed = torch.nonzero(visited).squeeze(1)
                 influence = _partial_influence(
-                    feature_rows[row_of[computed]], computed, logit_rows, logit_probs, n_active
-                )
+                    feature_rows[:filled], computed_features[:filled], edges.active[computed_features[:filled], 0],
+                    logit_rows, logit_probs, n_active,
+                )  # fmt: skip
                 influence[visited] = -1
                 order = influence.argsort(descending=True)[: int((~visited).sum())]
             order = order[: min(4 * batch_size, limit - int(visited.sum()))]
+            # batches of reads alike in position and layer: each runs the layers and positions it needs
+            order = order[
+                torch.argsort(edges.active[order, 1] * (edges.n_layers + 1) + edges.active[order, 0])
+            ]
             for chunk in order.split(batch_size):
                 feature_rows[filled : filled + chunk.numel()] = edges.feature_reads(chunk)
                 row_of[chunk] = torch.arange(filled, filled + chunk.numel())
+                computed_features[filled : filled + chunk.numel()] = chunk
                 filled += chunk.numel()
                 visited[chunk] = True
                 bar.update(chunk.numel())
     selected = torch.nonzero(visited).squeeze(1)  # sorted: the graph's feature order
-    return selected, feature_rows[row_of[selected]]
+    return selected, feature_rows, row_of[selected]
 
 
 def prompt_ids(model: LanguageModel, prompt: str, max_tokens: int = MAX_GRAPH_TOKENS) -> Tensor:
@@ -320,33 +329,49 @@ def _logit_targets(logits: Tensor, max_n: int, desired: float) -> tuple[Tensor, 
 
 
 def _partial_influence(
-    feature_rows: Tensor, row_of: Tensor, logit_rows: Tensor, logit_probs: Tensor, n_active: int
+    feature_rows: Tensor,
+    features: Tensor,
+    layers: Tensor,
+    logit_rows: Tensor,
+    logit_probs: Tensor,
+    n_active: int,
 ) -> Tensor:
     """`[n_active]`: each feature's influence on the logits through the rows computed so far
-    (`feature_rows [k, n_sources]` of the features `row_of [k]`)."""
-    normed = torch.cat([feature_rows, logit_rows]).abs_()
-    normed /= normed.sum(1, keepdim=True).clamp_min(1e-10)
-    weights = torch.cat([torch.zeros(row_of.numel()), logit_probs])
-    total = torch.zeros(n_active)
-    for _ in range(1000):
-        spread = weights @ normed  # [n_sources]
-        if not spread.any():
-            break
-        total += spread[:n_active]
-        weights = torch.cat([spread[row_of], torch.zeros(logit_probs.numel())])
-    return total
+    (`feature_rows [k, n_sources]`, row i that of feature `features[i]` at layer `layers[i]`): the
+    logits' weights spread back along the normalised |edges| (circuit-tracer's influence), in one
+    sweep from the top layer down. A feature reads only what lower layers wrote, so when a layer's
+    rows are reached their own influence is complete; each row is read once, a block at a time
+    (no copy of the rows, which are most of a long prompt's memory)."""
+    logits_normed = logit_rows.abs()
+    logits_normed /= logits_normed.sum(1, keepdim=True).clamp_min(1e-10)
+    spread = logit_probs @ logits_normed  # [n_sources]: every node's influence so far
+    for layer in layers.unique().flip(0).tolist():
+        here = torch.nonzero(layers == layer).squeeze(1)
+        weights = spread[features[here]]  # complete: only higher layers' rows reach these features
+        for start in range(0, here.numel(), INFLUENCE_BLOCK):
+            block = feature_rows[here[start : start + INFLUENCE_BLOCK]].abs_()
+            w = weights[start : start + INFLUENCE_BLOCK] / block.sum(1).clamp_min(1e-10)
+            spread += w @ block
+    return spread[:n_active]
 
 
 def _assemble(
-    feature_rows: Tensor, logit_rows: Tensor, selected: Tensor, n_active: int, n_layers: int, n_pos: int
+    feature_rows: Tensor,
+    rows: Tensor,
+    logit_rows: Tensor,
+    selected: Tensor,
+    n_active: int,
+    n_layers: int,
+    n_pos: int,
 ) -> Tensor:
     """The graph's `[N, N]` adjacency in circuit-tracer's node order, over the `selected` features
-    (sorted; `feature_rows` are their rows, in that order)."""
+    (sorted; `feature_rows[rows]` are their rows, in that order), read out of the rows in place of
+    a reordered copy of them (the rows are most of a long prompt's memory)."""
     n_feat, n_logits = selected.numel(), logit_rows.shape[0]
     n = n_feat + (n_layers + 1) * n_pos + n_logits
     columns = torch.cat([selected, torch.arange(n_active, n_active + (n_layers + 1) * n_pos)])
     adjacency = torch.zeros(n, n)
-    adjacency[:n_feat, : columns.numel()] = feature_rows[:, columns]
+    adjacency[:n_feat, : columns.numel()] = feature_rows[rows[:, None], columns[None, :]]
     adjacency[n - n_logits :, : columns.numel()] = logit_rows[:, columns]
     return adjacency
 

@@ -185,56 +185,76 @@ class ReplacementModel:
         self.skip_where = [m.logical_not().float()[:, None] if m.any() else None for m in self.massive]
 
     def _attention(self, layer: int, x: Tensor) -> Tensor:
-        """`[B, n, d] -> [B, n, d]`: layer `layer`'s attention with its pattern and norms frozen."""
+        """`[B, m, d] -> [B, m, d]`: layer `layer`'s attention over the first m positions with its
+        pattern and norms frozen (causal: the first m positions attend to nothing after them)."""
         p = self.prompt
-        a = x * p.scales["input_layernorm"][layer] * self.gains["input_layernorm"][layer]
-        v = nn.functional.linear(a, *self.v_proj[layer])
         batch, n = x.shape[:2]
+        a = x * p.scales["input_layernorm"][layer][:n] * self.gains["input_layernorm"][layer]
+        v = nn.functional.linear(a, *self.v_proj[layer])
         v = v.view(batch, n, self.kv_heads, self.head_dim).repeat_interleave(
             self.heads // self.kv_heads, dim=2
         )
-        z = torch.einsum("hqk,bkhd->bqhd", p.patterns[layer], v).reshape(batch, n, self.heads * self.head_dim)
+        pattern = p.patterns[layer][:, :n, :n]
+        z = torch.einsum("hqk,bkhd->bqhd", pattern, v).reshape(batch, n, self.heads * self.head_dim)
         out = nn.functional.linear(z, *self.o_proj[layer])
         return (
-            out * p.scales["post_attention_layernorm"][layer] * self.gains["post_attention_layernorm"][layer]
+            out
+            * p.scales["post_attention_layernorm"][layer][:n]
+            * self.gains["post_attention_layernorm"][layer]
         )
 
     def backward(self, layers: Tensor, positions: Tensor, vectors: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Gradients of `Σ_b vectors[b] · r_b` at every write point, for a batch of B reads: read b
         is at `positions[b]` of the MLP input of layer `layers[b]` (a feature's encoder), or after the
         final norm when `layers[b]` is the number of layers (a logit). Returns `(g_embed [B, n, d],
-        [g_out_L [B, n, d] for each layer])`: row b holds read b's gradient alone (rows never mix)."""
+        [g_out_L [B, n, d] for each layer])`: row b holds read b's gradient alone (rows never mix).
+        Only the layers up to the batch's highest read (that layer's attention included) and the
+        positions up to its last one are run (nothing later reaches them: the model is causal), so a
+        batch of reads alike in layer and position costs less; the rest of the gradients are zero."""
         p = self.prompt
         n_layers = self.dictionary.n_layers
         batch, (n, d) = layers.shape[0], p.embeds.shape
-        embed = p.embeds.expand(batch, n, d).clone().requires_grad_(True)
-        writes = [torch.zeros(batch, n, d, requires_grad=True) for _ in range(n_layers)]
+        top, m = (
+            int(layers.max()),
+            int(positions.max()) + 1,
+        )  # layers 0..top run (top = n_layers: all, a logit)
+        embed = p.embeds[:m].expand(batch, m, d).clone().requires_grad_(True)
+        writes = [torch.zeros(batch, m, d, requires_grad=True) for _ in range(min(top, n_layers))]
         rows = torch.arange(batch)
         total = torch.zeros(())
         x = embed
-        for layer in range(n_layers):
+        for layer in range(min(top + 1, n_layers)):
             x = x + self._attention(layer, x)
             mlp_in = (
                 x
-                * p.scales["pre_feedforward_layernorm"][layer]
+                * p.scales["pre_feedforward_layernorm"][layer][:m]
                 * self.gains["pre_feedforward_layernorm"][layer]
             )
             here = layers == layer
             if here.any():
                 total = total + (mlp_in[rows[here], positions[here]] * vectors[here]).sum()
-            out = writes[layer]
+            if layer == top:  # no read is above this layer's MLP input
+                break
+            out: Tensor = writes[layer]
             skip = self.skips[layer]
             if skip is not None:  # the skip connection is part of the linear path, not a node
                 linear = mlp_in @ skip
                 where = self.skip_where[layer]
-                out = out + (linear if where is None else linear * where)  # none from a massive input
+                out = out + (linear if where is None else linear * where[:m])  # none from a massive input
             x = x + out
-        final = x * p.scales["final"][0] * self.final_gain
         here = layers == n_layers
         if here.any():
+            final = x * p.scales["final"][0][:m] * self.final_gain
             total = total + (final[rows[here], positions[here]] * vectors[here]).sum()
         grads = torch.autograd.grad(total, [embed, *writes], allow_unused=True)
-        zeros = torch.zeros(batch, n, d)
-        return (grads[0] if grads[0] is not None else zeros), [
-            g if g is not None else zeros for g in grads[1:]
-        ]
+
+        def full(g: Tensor | None) -> Tensor:
+            if g is not None and m == n:
+                return g
+            out = torch.zeros(batch, n, d)
+            if g is not None:
+                out[:, :m] = g
+            return out
+
+        unreached = torch.zeros(batch, n, d)  # one zero tensor for the layers above the reads (read only)
+        return full(grads[0]), [full(g) for g in grads[1:]] + [unreached] * (n_layers - len(writes))

@@ -155,37 +155,12 @@ def _search(args: argparse.Namespace, opened: OpenRun, key: str) -> None:
         )
 
 
-def _served_text_features(args: argparse.Namespace, opened: OpenRun, key: str) -> dict[str, Any] | None:
-    """`features.text_features`'s answer from a running `gemmascope serve` of this run (`warm`),
-    which has the model loaded: None when none serves it, the command names its own model or index,
-    or the server does not answer (then the command runs the model itself)."""
-    from gemmascope import warm
-
-    url = None if args.model or args.db else warm.running_server(opened.run_dir)
-    if url is None:
-        return None
-    body = {
-        "prompt": args.text, "sae_id": key, "k": args.k, "topics": args.topics, "order": args.order,
-        "hide_dense": 1.0 if args.show_dense else args.dense,
-    }  # fmt: skip
-    try:
-        answer = warm.ask(url, "/v1/activation/topk-by-token", body)
-    except warm.ServerUnavailable:
-        return None
-    print(f"(answered by the running gemmascope serve at {url}: its model stays loaded)", file=sys.stderr)
-    tokens = [
-        {"position": r["position"], "token": r["token"], "features": r["top_features"]}
-        for r in answer["results"]
-    ]
-    return {"tokens": tokens, "topics": answer["topics"], "order": answer["order"]}
-
-
 def _per_token(args: argparse.Namespace, opened: OpenRun, key: str) -> None:
     from gemmascope.features import text_features
 
     densities = opened.densities(key)
     hide = None if args.show_dense else args.dense
-    found = _served_text_features(args, opened, key) or text_features(
+    found = text_features(
         opened.model, opened.saes[key], args.text, k=args.k, topics=args.topics, hide_dense=hide,
         densities=densities, firing=opened.firing(key) if args.order == "meaning" else None, order=args.order,
     )  # fmt: skip

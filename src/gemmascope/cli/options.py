@@ -3,8 +3,10 @@ selection, dense latents), the one parser of comma lists, the one argument type 
 (`number`: finite, within float32), the one reader of a text file the user names (`read_lines`:
 bounded in size and lines; `prompt_set` reads prompt files through it), and flags generated from a
 settings dataclass's fields (`add_fields`: name, type, choices, default and help from the field, as
-sparsify's config classes double as its CLI; a float field takes `number`). Parsing only: every
-check of a value's meaning lives in the pipeline module that uses it."""
+sparsify's config classes double as its CLI; a float field takes `number`), and the options that
+name files and folders (`PATH_OPTIONS`; `absolute_paths` makes them absolute from the directory a
+command was typed in, for a server that runs it elsewhere). Parsing only: every check of a value's
+meaning lives in the pipeline module that uses it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import dataclasses
 import math
 import types
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
 from gemmascope.corpus import DEFAULT_CORPUS
@@ -22,6 +25,12 @@ from gemmascope.models import BUNDLED_MODEL
 from gemmascope.values import FINITE32, finite32
 
 T = TypeVar("T")
+
+# The options (argparse dests) of the commands a server runs (`warm.WARM_COMMANDS`) that name a file
+# or folder; `--sae` names one when it is a path (else an SAE id or an official RELEASE/ID).
+PATH_OPTIONS = (
+    "run_dir", "db", "index", "a_file", "b_file", "heldout_a", "heldout_b", "prompts_file", "documents",
+)  # fmt: skip
 
 
 def number(text: str) -> float:
@@ -247,3 +256,22 @@ def prompt_set(texts: list[str], path: str | None, flag: str) -> list[str]:
     """`texts` and the non-blank lines of the UTF-8 file at `path` (named by `flag` in errors), read
     through the bounded `read_lines`."""
     return texts if path is None else texts + read_lines(path, flag)
+
+
+def absolute_paths(args: argparse.Namespace, cwd: Path) -> argparse.Namespace:
+    """`args` with every file or folder it names (`PATH_OPTIONS`, and `--sae` values that are
+    paths from `cwd`) made absolute from `cwd`, the directory the command was typed in."""
+    out = argparse.Namespace(**vars(args))
+    for name in PATH_OPTIONS:
+        value = getattr(out, name, None)
+        if isinstance(value, str):
+            setattr(out, name, str(cwd / value))
+
+    def sae(spec: Any) -> Any:  # an SAE folder there (else an id or RELEASE/ID, as `resolve_sae` reads it)
+        return str(cwd / spec) if isinstance(spec, str) and (cwd / spec).is_dir() else spec
+
+    if hasattr(out, "sae"):
+        out.sae = [sae(v) for v in out.sae] if isinstance(out.sae, list) else sae(out.sae)
+    if hasattr(out, "steps"):  # steer's --sae / --feature / --strength, in order
+        out.steps = [(kind, sae(v) if kind == "sae" else v) for kind, v in out.steps]
+    return out

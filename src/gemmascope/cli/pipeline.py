@@ -315,7 +315,9 @@ def run_demo(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         index_tokens=args.index_tokens,
     )
-    run_demo(args.run_dir, plan, serve=not args.no_serve, host=args.host, port=args.port)
+    run_demo(
+        args.run_dir, plan, serve=not args.no_serve, host=args.host, port=args.port, run_line=args.run_line
+    )
     return 0
 
 

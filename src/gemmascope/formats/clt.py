@@ -42,11 +42,13 @@ GS2_CONFIG = "config.json"
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "hook_mlp_out"
 
 
-def save_clt(clt: CrossLayerTranscoder, folder: Path | str) -> Path:
+def save_clt(clt: CrossLayerTranscoder, folder: Path | str, replace: bool = False) -> Path:
     """Save in circuit-tracer's layout (module docstring) with `clt.json`; written to `FOLDER.tmp`
-    and renamed when complete. An existing folder is never replaced (a FormatError)."""
+    and renamed when complete. An existing folder is never replaced (a FormatError), unless
+    `replace` (training's second save, after the refit): the old one goes only once the new one is
+    complete."""
     folder = Path(folder)
-    if folder.exists():
+    if folder.exists() and not replace:
         raise FormatError(f"{str(folder)!r} already exists; refusing to overwrite a CLT")
 
     def write(tmp: Path) -> None:
@@ -218,5 +220,12 @@ def _written(folder: Path, write: Any) -> Path:
     with disk_errors(folder, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         tmp.mkdir(parents=True)
         write(tmp)
-        os.replace(tmp, folder)
+        if folder.exists():  # `replace`: the old folder goes once the new one is complete
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
     return folder

@@ -1,5 +1,7 @@
 """Attribution graphs over HTTP (UI.md, Graph page): `GET /v1/graph/list` (the run's graphs and
-whether it can draw new ones: a transcoder per layer), `POST /v1/graph/generate` (draw the graph of a
+whether it can draw new ones: a transcoder per layer, or a cross-layer transcoder: the run's CLT
+when the server was asked for it, `serve --clt`, or when the run has no per-layer set but one CLT;
+`dictionary` names which), `POST /v1/graph/generate` (draw the graph of a
 prompt, written to `RUN/graphs/SLUG.json` in circuit-tracer's schema), `GET /v1/graph/{slug}` (that
 JSON, refused when drawn from another transcoder set) and `POST /v1/graph/{slug}/intervene` (set
 feature nodes to a value: the graph's predicted change of each output logit beside the measured
@@ -35,6 +37,8 @@ from gemmascope.attribution import (
     transcoder_digest,
     transcoder_set,
 )
+from gemmascope.attribution.dictionary import Replacing, run_clt
+from gemmascope.clt import CrossLayerTranscoder
 from gemmascope.errors import GemmaScopeError, StoreError
 from gemmascope.limits import (
     MAX_GRAPH_TOKENS,
@@ -42,7 +46,7 @@ from gemmascope.limits import (
     REQUEST_GRAPH_TOKENS,
     REQUEST_PROMPT_CHARS,
 )
-from gemmascope.sae import SAE
+from gemmascope.runs import find_clts
 from gemmascope.server.errors import ApiError, public_message
 from gemmascope.server.lookup import Body, Number, QueueDep, RunDep
 from gemmascope.server.run import Run
@@ -53,26 +57,31 @@ router = APIRouter()
 
 
 class _Graphs:
-    """The run's transcoder set (loaded on first use) and the last graphs drawn, by slug."""
+    """What the run's graphs are drawn over (its transcoder set or its CLT, loaded on first use) and
+    the last graphs drawn, by slug."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.transcoders: list[SAE] | None = None
+        self.transcoders: Replacing | None = None
         self.problem: str | None = None
         self.digest = ""
         self.graphs: OrderedDict[str, Graph] = OrderedDict()
 
-    def load(self, run: Run) -> list[SAE] | None:
+    def load(self, run: Run) -> Replacing | None:
         with self.lock:
             if self.transcoders is None and self.problem is None:
                 try:
-                    if run.run_dir is None:
-                        raise StoreError("graphs need a run folder with a transcoder for every layer")
-                    self.transcoders = transcoder_set(run.run_dir, run.model.n_layers, saes=run.opened.saes)
+                    self.transcoders = _dictionary(run)
                     self.digest = transcoder_digest(self.transcoders)
                 except GemmaScopeError as err:
                     self.problem = str(err)
             return self.transcoders
+
+    def name(self) -> str | None:
+        """What the graphs are drawn over, in words (None: nothing)."""
+        if isinstance(self.transcoders, CrossLayerTranscoder):
+            return f"cross-layer transcoder {self.transcoders.cfg.extra.get('folder', '')}".strip()
+        return "a transcoder per layer" if self.transcoders is not None else None
 
     def keep(self, slug: str, graph: Graph) -> None:
         with self.lock:
@@ -80,6 +89,23 @@ class _Graphs:
             self.graphs.move_to_end(slug)
             while len(self.graphs) > _KEPT_GRAPHS:
                 self.graphs.popitem(last=False)
+
+
+def _dictionary(run: Run) -> Replacing:
+    """The run's CLT when the server was asked for one (`run.graph_clt`: a substring of its folder,
+    "" for the only one), else its transcoder set, else its only CLT; a StoreError says what is missing."""
+    if run.run_dir is None:
+        raise StoreError(
+            "graphs need a run folder with a transcoder for every layer or a cross-layer transcoder"
+        )
+    if run.graph_clt is not None:
+        return run_clt(run.run_dir, run.graph_clt or None)
+    try:
+        return transcoder_set(run.run_dir, run.model.n_layers, saes=run.opened.saes)
+    except StoreError:
+        if len(find_clts(run.run_dir)) == 1:
+            return run_clt(run.run_dir)
+        raise
 
 
 def _state(run: Run) -> _Graphs:
@@ -90,7 +116,7 @@ def _state(run: Run) -> _Graphs:
     return state
 
 
-def _transcoders_or_409(run: Run) -> tuple[_Graphs, list[SAE]]:
+def _transcoders_or_409(run: Run) -> tuple[_Graphs, Replacing]:
     state = _state(run)
     transcoders = state.load(run)
     if transcoders is None:
@@ -112,7 +138,10 @@ def graph_list(run: RunDep) -> dict[str, Any]:
             graphs.append({"slug": path.stem, "prompt": None, "scores": {}, "damaged": why})
             continue
         graphs.append({"slug": path.stem, "prompt": meta["prompt"], "scores": meta.get("gemmascope") or {}})
-    return {"available": state.transcoders is not None, "why_not": state.problem, "graphs": graphs}
+    return {
+        "available": state.transcoders is not None, "why_not": state.problem, "dictionary": state.name(),
+        "graphs": graphs,
+    }  # fmt: skip
 
 
 class GraphRequest(Body):

@@ -113,6 +113,9 @@ class Run:
             result = evals.get(key) or _eval_summary(self.opened.folders[key] / EVAL_FILE)
             self.saes[url] = LoadedSAE(url, sae, str(site), site.kind, site.layer, result, key)
         self.model_lock = threading.Lock()
+        self.graph_clt: str | None = (
+            None  # graphs over the run's CLT (a substring of its folder; "": the only one)
+        )
         self.index_path = self.opened.index_path
         self.report_dir = self.run_dir / REPORT if self.run_dir else None
 

@@ -12,7 +12,9 @@ on the first batch and then fixed, thresholds started where each layer fires `ta
 token, Gemma Scope 2's quadratic target-L0 penalty on each layer's L0 (the L0 counts a latent once
 however many layers it writes: a JumpReLU L0 is blind to decoder norms, so the decoder-norm weighting
 an L1-type CLT penalty needs does not arise), and the pre-activation loss on latents silent for the
-dead window. Not (yet) carried over: the decoder refit, checkpoints and resume, the dense penalty.
+dead window, and at the end the decoder refit (`refit_clt`: each layer's own decoder, skip and bias
+re-solved by least squares given the earlier layers' writes). Not (yet) carried over: checkpoints and
+resume, the dense penalty.
 
 Knows nothing of files beyond `formats.clt` and the activation store.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +34,18 @@ from tqdm import tqdm
 
 from gemmascope.activations import ActivationStore
 from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
-from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_terms
+from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_sites, clt_terms
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.formats.clt import save_clt
 from gemmascope.runs import CLTS, HELDOUT
 from gemmascope.sites import Site
+from gemmascope.sparse_step import csr_rows
 from gemmascope.train.init import fit_skip
 from gemmascope.train.optim import ScheduleFreeSign
 from gemmascope.train.recipe import HELDOUT_TOKENS, SHORT_RUN
+from gemmascope.train.refit import REFIT_MAX_LATENTS, REFIT_RIDGE, NormalEquations, solve_decoder
+
+REFIT_CLT_BYTES = 4 * 2**30  # the float64 normal equations summed in one pass of the CLT refit
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class CLTSpec:
     dead_preact_coeff: float = SHORT_RUN.dead_preact_coeff
     dead_window_tokens: int = SHORT_RUN.dead_window_tokens
     buffer_tokens: int = 2**14  # shuffling buffer, per site (36 sites: 1.5 GB at d_model 640)
+    refit_tokens: int = SHORT_RUN.refit_tokens  # the decoder refit after training (`refit_clt`; 0: off)
     seed: int = 0
 
     def check(self) -> None:
@@ -67,6 +75,10 @@ class CLTSpec:
         if not 0 < self.target_l0 < self.width:
             raise ConfigError(
                 f"CLT target L0 {self.target_l0!r} must be > 0 and below the width {self.width}"
+            )
+        if not isinstance(self.refit_tokens, int) or self.refit_tokens < 0:
+            raise ConfigError(
+                f"CLT refit_tokens {self.refit_tokens!r} must be 0 (no refit) or a number of tokens"
             )
         for name in ("batch_size", "buffer_tokens", "dead_window_tokens"):
             if getattr(self, name) < 1:
@@ -156,14 +168,27 @@ def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress:
     opt.state.clear()
     del opt
     folded = fold_scales(clt, [store.scale(s) for s in ins], [store.scale(s) for s in outs])
-    heldout = measure_heldout(folded, run_dir, ins, outs)
-    l0 = float(sum(heldout["l0"]) / n) if heldout else log[-1]["l0_mean"]
+    before = measure_heldout(folded, run_dir, ins, outs)
+    l0 = float(sum(before["l0"]) / n) if before else log[-1]["l0_mean"]  # the refit keeps the codes
+    folder = run_dir / spec.folder(l0)
     folded.cfg.extra = {
         "spec": asdict(spec), "steps": step_index + 1, "train_seconds": round(seconds, 1),
-        "train_tokens": (step_index + 1) * spec.batch_size, "heldout": heldout, "store": str(store.root),
+        "train_tokens": (step_index + 1) * spec.batch_size, "heldout": before, "store": str(store.root),
+        "decoder_refit_tokens": 0,
     }  # fmt: skip
-    folder = run_dir / spec.folder(l0)
-    save_clt(folded, folder)
+    save_clt(folded, folder)  # saved as trained first: a refit that fails loses nothing
+    if spec.refit_tokens:  # on the raw activations the folded CLT reads
+        started = time.perf_counter()
+        refit = refit_clt(
+            folded, lambda: store.batches(ins + outs, 4096, spec.seed, spec.buffer_tokens),
+            min(spec.refit_tokens, (step_index + 1) * spec.batch_size), progress,
+        )  # fmt: skip
+        if refit:
+            folded.cfg.extra.update(
+                heldout=measure_heldout(folded, run_dir, ins, outs), heldout_before_refit=before,
+                decoder_refit_tokens=refit, refit_seconds=round(time.perf_counter() - started, 1),
+            )  # fmt: skip
+            save_clt(folded, folder, replace=True)
     (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     return folder
 
@@ -257,6 +282,101 @@ def _dead_preact_loss(clt: CrossLayerTranscoder, xs: Tensor, dead: Tensor) -> Te
             total = total + torch.relu(clt.threshold[s][index] - pre).sum(-1).mean()
     assert isinstance(total, Tensor)
     return total
+
+
+@torch.no_grad()
+def refit_clt(
+    clt: CrossLayerTranscoder,
+    batches: Callable[[], Iterator[dict[Site, Tensor]]],
+    tokens: int,
+    progress: bool = True,
+) -> int:
+    """The decoder refit of a CLT (`train.refit`'s, layer by layer), in place: with every encoder
+    fixed, each layer's own decoder rows, its skip and its output bias are re-solved by least squares
+    on up to `tokens` tokens of `batches()` (every layer's MLP input and output, in the space `clt`
+    reads: raw for a folded CLT), given what the earlier layers' latents write into it (those
+    decoders stay as trained: all of a layer's incoming decoders at once would be a system of up to
+    n_layers × width unknowns). The float64 normal equations of as many layers as fit in
+    REFIT_CLT_BYTES are summed in one pass over the tokens (all 18 at width 4,096; one at a time
+    past about 20k latents); wider than REFIT_MAX_LATENTS, nothing is refit. Returns the tokens
+    fitted on (0: nothing changed)."""
+    n, width = clt.n_layers, clt.width
+    n_extra = (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
+    if width > REFIT_MAX_LATENTS:
+        return 0
+    per_layer = 8 * (width + n_extra) * (width + n_extra + clt.cfg.d_model)  # gram and rhs, float64
+    group = max(1, REFIT_CLT_BYTES // per_layer)
+    seen = 0
+    for first in range(0, n, group):
+        targets = list(range(first, min(n, first + group)))
+        equations, seen = _refit_sums(clt, batches(), tokens, targets, progress)
+        if seen == 0:
+            return 0
+        for t in targets:
+            own = clt.decoder(t)[:, 0]  # [width, d]: a view into the stored decoder
+            old = [own] + ([clt.W_skip[t]] if clt.W_skip is not None else []) + [clt.b_dec[t][None]]
+            gram, rhs = equations.pop(t).finish()  # popped: each layer's float64 sums freed once solved
+            solved = solve_decoder(gram, rhs, torch.cat(old).double(), REFIT_RIDGE)
+            own.copy_(solved[:width])
+            if clt.W_skip is not None:
+                clt.W_skip[t].copy_(solved[width:-1])
+            clt.b_dec[t].copy_(solved[-1])
+    return seen
+
+
+def _refit_sums(
+    clt: CrossLayerTranscoder,
+    batches: Iterator[dict[Site, Tensor]],
+    tokens: int,
+    targets: list[int],
+    progress: bool,
+) -> tuple[dict[int, NormalEquations], int]:
+    """One pass of `refit_clt`: the normal equations of the `targets` layers, and the tokens read."""
+    ins, outs = clt_sites(clt)
+    n, width, device = clt.n_layers, clt.width, clt.b_dec.device
+    n_extra = (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
+    equations = {t: NormalEquations(width, n_extra, clt.cfg.d_model, device) for t in targets}
+    last = targets[-1]
+    seen = 0
+    bar = tqdm(
+        total=tokens,
+        unit="tok",
+        desc=f"refit CLT layers {targets[0]}-{last}",
+        disable=not progress,
+        leave=False,
+    )
+    with bar:
+        for batch in batches:
+            take = min(tokens - seen, len(batch[ins[0]]))
+            xs, ys = (
+                _stack(batch, ins[: last + 1], str(device))[:, :take],
+                _stack(batch, outs, str(device))[:, :take],
+            )
+            own: dict[int, Tensor] = {}
+            earlier = {
+                t: ys[t].clone() for t in targets
+            }  # [b, d]: what t's own latents, skip and bias must give
+            for s in range(last + 1):
+                acts = clt.encode(s, xs[s])  # [b, width]
+                if s in equations:
+                    own[s] = acts
+                later = [t for t in targets if t > s]
+                if later:
+                    rows, cols = acts.nonzero().unbind(1)
+                    written = (csr_rows(rows, cols, acts[rows, cols], (take, width)) @ clt.W_dec[s]).view(
+                        take, n - s, -1
+                    )
+                    for t in later:
+                        earlier[t] -= written[:, t - s]
+            ones = torch.ones(take, 1, device=device)
+            for t in targets:
+                extra = torch.cat([xs[t], ones], 1) if clt.W_skip is not None else ones
+                equations[t].add(own[t], extra, earlier[t])
+            seen += take
+            bar.update(take)
+            if seen >= tokens:
+                break
+    return equations, seen
 
 
 @torch.no_grad()

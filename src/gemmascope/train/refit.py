@@ -1,7 +1,8 @@
 """The decoder refit, the last stage of training: with the encoder fixed, the codes of every training
 token are fixed, and the decoder that reconstructs them best is a least-squares problem with a closed
-form. Owns `refit_decoder` (one SAE: one pass over its training tokens, the normal equations, the
-solve) and `solve_decoder` (the solve alone, a pure function).
+form. Owns `NormalEquations` (their sums, batch by batch), `refit_decoder` (one SAE: one pass over its
+training tokens, the normal equations, the solve) and `solve_decoder` (the solve alone, a pure
+function); `train.clt` refits a cross-layer transcoder's decoders with the same two.
 
 A short run leaves the decoder far from that optimum (sign descent moves every weight by lr per step,
 and the density penalty keeps moving the codes under it): at resid_post.6 of Gemma 3 270M, 300k
@@ -64,6 +65,60 @@ def _codes_gram(rows: list[Tensor], cols: list[Tensor], values: list[Tensor], n:
         return torch.sparse.mm(f.t().to_sparse_csr(), f).to_dense()
 
 
+class NormalEquations:
+    """The normal equations ZᵀZ and ZᵀY of a least-squares decoder, summed batch by batch: Z is a
+    batch's codes `[b, d_sae]` (sparse in fact: their Gram part is one sparse-sparse product per
+    REFIT_FLUSH batches) beside `n_extra` dense columns (a transcoder's input for its skip, a constant
+    for its output bias), Y what they must give `[b, d_out]`. Batches are summed in float32 and join
+    the float64 sums every REFIT_FLUSH batches (a float64 add per batch costs as much as the product)."""
+
+    def __init__(self, d_sae: int, n_extra: int, d_out: int, device: torch.device | str) -> None:
+        self.d_sae, size = d_sae, d_sae + n_extra
+        self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.rhs = torch.zeros(size, d_out, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(n_extra, size, device=device)  # the extras' rows (their columns: symmetric)
+        self._rhs = torch.zeros(size, d_out, device=device)
+        self._pending: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        self._n_pending = self._batches = 0
+        self.n = 0  # tokens summed
+
+    def add(self, codes: Tensor, extra: Tensor | None, y: Tensor) -> None:
+        """One batch: `codes [b, d_sae]`, `extra [b, n_extra]` (None when there are none), `y [b, d_out]`."""
+        d_sae = self.d_sae
+        rows, cols, values = _sparse_rows(codes, self._n_pending)
+        for kept, new in zip(self._pending, (rows, cols, values), strict=True):
+            kept.append(new)
+        ft = csr_rows(rows - self._n_pending, cols, values, (len(codes), d_sae)).t()  # [d_sae, b]
+        self._rhs[:d_sae] += ft @ y
+        if extra is not None:
+            self._gram[:, :d_sae] += (ft @ extra).t()
+            self._gram[:, d_sae:] += extra.t() @ extra
+            self._rhs[d_sae:] += extra.t() @ y
+        self.n += len(codes)
+        self._n_pending += len(codes)
+        self._batches += 1
+        if self._batches % REFIT_FLUSH == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the float32 sums into the float64 ones."""
+        if self._n_pending:
+            self.gram[: self.d_sae, : self.d_sae] += _codes_gram(
+                *self._pending, self._n_pending, self.d_sae
+            ).double()
+            self._pending, self._n_pending = ([], [], []), 0
+        self.gram[self.d_sae :] += self._gram.double()
+        self.rhs += self._rhs.double()
+        self._gram.zero_()
+        self._rhs.zero_()
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """`(gram [n, n], rhs [n, d_out])`, float64, everything summed."""
+        self.flush()
+        self.gram[: self.d_sae, self.d_sae :] = self.gram[self.d_sae :, : self.d_sae].t()
+        return self.gram, self.rhs
+
+
 @torch.no_grad()
 def refit_decoder(
     t: Trainee, store: ActivationStore, cfg: TrainConfig, tokens: int, progress: bool = True
@@ -77,58 +132,28 @@ def refit_decoder(
         return 0
     # the dense columns beside the codes: a transcoder's input (its skip) and a constant (its b_dec)
     n_extra = (d_in if sae.W_skip is not None else 0) + (1 if sae.is_transcoder else 0)
-    size = d_sae + n_extra
-    gram = torch.zeros(size, size, dtype=torch.float64, device=device)
-    rhs = torch.zeros(size, d_in, dtype=torch.float64, device=device)
-    # sums of REFIT_FLUSH batches in float32, added to the float64 ones (a float64 add per batch
-    # costs as much as the sparse product); the codes' part of the Gram matrix is one product per flush
-    part_gram = torch.zeros(n_extra, size, device=device)  # the extras' rows (their columns: symmetric)
-    part_rhs = torch.zeros(size, d_in, device=device)
-    pending: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-    n = n_pending = 0
+    equations = NormalEquations(d_sae, n_extra, d_in, device)
     available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in t.sites)
     batch_size = max(1, min(REFIT_BATCH, tokens, available))  # a small store still gives batches
     batches = store.batches(t.sites, batch_size, seed=cfg.seed, buffer_tokens=cfg.buffer_tokens, scaled=True)
     bar = tqdm(total=tokens, unit="tok", desc=f"refit {t.spec.name}", disable=not progress, leave=False)
     with bar:
-        for i, batch in enumerate(batches):
+        for batch in batches:
             x, target = training_pair(t, batch, device, cfg.max_norm)  # [b, d_in] each
-            x, target = x[: tokens - n], None if target is None else target[: tokens - n]
+            x, target = x[: tokens - equations.n], None if target is None else target[: tokens - equations.n]
             if len(x):  # not every token of the batch massive
-                rows, cols, values = _sparse_rows(sae.activation(sae.pre_acts(sae.centered(x))), n_pending)
-                for kept, new in zip(pending, (rows, cols, values), strict=True):
-                    kept.append(new)
-                ft = csr_rows(rows - n_pending, cols, values, (len(x), d_sae)).t()  # [d_sae, b]
+                codes = sae.activation(sae.pre_acts(sae.centered(x)))
                 y = x - sae.b_dec if target is None else target  # what the codes (and extras) must give
-                part_rhs[:d_sae] += ft @ y
-                if n_extra:
-                    extra = [x] if sae.W_skip is not None else []
-                    rest = torch.cat(
-                        extra + ([torch.ones(len(x), 1, device=device)] if sae.is_transcoder else []), 1
-                    )
-                    part_gram[:, :d_sae] += (ft @ rest).t()
-                    part_gram[:, d_sae:] += rest.t() @ rest
-                    part_rhs[d_sae:] += rest.t() @ y
-                n += len(x)
-                n_pending += len(x)
+                extra = [x] if sae.W_skip is not None else []
+                if sae.is_transcoder:
+                    extra.append(torch.ones(len(x), 1, device=device))
+                equations.add(codes, torch.cat(extra, 1) if extra else None, y)
                 bar.update(len(x))
-            if n_pending and ((i + 1) % REFIT_FLUSH == 0 or n >= tokens):
-                gram[:d_sae, :d_sae] += _codes_gram(*pending, n_pending, d_sae).double()
-                gram[d_sae:] += part_gram.double()
-                rhs += part_rhs.double()
-                part_gram.zero_()
-                part_rhs.zero_()
-                pending, n_pending = ([], [], []), 0
-            if n >= tokens:
+            if equations.n >= tokens:
                 break
-    if n_pending:  # a store with fewer tokens than asked ends without a flush
-        gram[:d_sae, :d_sae] += _codes_gram(*pending, n_pending, d_sae).double()
-    gram[d_sae:] += part_gram.double()
-    rhs += part_rhs.double()
-    gram[:d_sae, d_sae:] = gram[d_sae:, :d_sae].t()
-    del part_gram, part_rhs
-    if n == 0:
+    if equations.n == 0:
         return 0
+    gram, rhs = equations.finish()
     if t.spec.matryoshka:
         gram, rhs = nested_normal_equations(gram, rhs, matryoshka_prefixes(d_sae))
     old = torch.cat([sae.W_dec, *_extra_rows(sae)]).double()  # [d_sae + n_extra, d_in]
@@ -138,7 +163,7 @@ def refit_decoder(
         sae.W_skip.copy_(solved[d_sae : d_sae + d_in])
     if sae.is_transcoder:
         sae.b_dec.copy_(solved[-1])
-    return n
+    return equations.n
 
 
 def _extra_rows(sae: SAE) -> list[Tensor]:

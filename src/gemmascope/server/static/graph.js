@@ -27,6 +27,8 @@ async function listGraphs() {
   if (!info.available) {
     box.append(GS.el("div", {class: "error"}, info.why_not || "this run has no transcoder set"));
     $("draw").disabled = true;
+  } else if (info.dictionary) {
+    box.append(GS.el("div", {class: "muted"}, `New graphs are drawn over ${info.dictionary}.`));
   }
   if (info.graphs.length) {
     box.append(GS.el("div", {class: "muted"}, "Graphs of this run: "),
@@ -38,7 +40,7 @@ async function listGraphs() {
 
 async function draw() {
   const prompt = $("prompt").value;
-  $("status").textContent = "drawing the graph (seconds to a minute on a CPU)…";
+  $("status").textContent = "drawing the graph (seconds for a short prompt, minutes for a long one on a CPU)…";
   const out = await GS.busy($("draw"), $("error"), () => GS.api("/v1/graph/generate", {prompt}));
   $("status").textContent = "";
   if (out) window.location.href = `/graph/${out.slug}`;
