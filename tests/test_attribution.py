@@ -248,8 +248,8 @@ def test_strongest_nodes_are_those_predict_ranks_first(
 
 
 def test_bad_input(tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="at most 64"):
-        attribute(tiny_model, transcoders, "word " * 100, progress=False)
+    with pytest.raises(ConfigError, match="at most 128"):
+        attribute(tiny_model, transcoders, "word " * 140, progress=False)
     with pytest.raises(ConfigError, match="empty"):
         attribute(tiny_model, transcoders, "  ", progress=False)
     with pytest.raises(SiteError, match="expected mlp_in.0 -> mlp_out.0"):
