@@ -15,7 +15,9 @@ train split, harvested once into `--run-dir`):
   tokens a batch. Tables should take the stronger as the reference.
 Every SAE is measured by our `evaluate` on `--eval-tokens` held-out tokens: L0, FVU, ΔLM loss, CE
 recovered, KL, dead (never fired on them), latents over 50% / 10% density and their share of L0, and
-the wall time of its training. Writes benchmarks/results/quality.json and quality.png.
+the wall and CPU seconds of its training, per stage (ours: the steps, the decoder refit, the held-out
+measurement, from the SAE's `stage_seconds`; sparsify: its Trainer). Writes
+benchmarks/results/quality.json and quality.png (ΔLM loss against tokens and against seconds).
 """
 
 from __future__ import annotations
@@ -70,10 +72,18 @@ def sparsify_tokens(store: ActivationStore, site: str, tokens: int, seed: int = 
 ARCHS = ("jumprelu", "matryoshka", "topk", "batchtopk")
 
 
+Trained = tuple[SAE, dict[str, dict[str, float]]]  # the SAE, {stage: {"wall", "cpu"}} with "total"
+
+
+def timed(wall: float, cpu: float) -> dict[str, float]:
+    """Seconds since `wall` (perf_counter) and `cpu` (process_time)."""
+    return {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
+
+
 def train_ours(
     run_dir: Path, site: str, budget: int, width: int, l0: int, archs: list[str], seed: int = 0
-) -> dict[str, tuple[SAE, float]]:
-    """Our architectures (`archs`), each in its own pass (so each has its own wall time)."""
+) -> dict[str, Trained]:
+    """Our architectures (`archs`), each in its own pass (so each has its own times)."""
     specs = {
         "jumprelu": ("ours jumprelu", TrainSpec(site, width, target_l0=l0)),
         "matryoshka": ("ours jumprelu matryoshka", TrainSpec(site, width, target_l0=l0, matryoshka=True)),
@@ -84,10 +94,13 @@ def train_ours(
     for arch, (label, spec) in specs.items():
         if arch not in archs:
             continue
-        started = time.monotonic()
+        wall, cpu = time.perf_counter(), time.process_time()
         name = f"quality_{budget}_{site}_{arch}" + (f"_seed{seed}" if seed else "")
         [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name, seed=seed))
-        out[label] = (load_sae(folder), time.monotonic() - started)
+        total = timed(wall, cpu)
+        sae = load_sae(folder)
+        stages = {k: v for k, v in sae.cfg.extra["stage_seconds"].items() if isinstance(v, dict)}
+        out[label] = (sae, {**stages, "total": total})
     return out
 
 
@@ -113,22 +126,22 @@ def train_theirs(
     l0: int,
     seed: int = 0,
     sequence_len: int = 1,
-) -> tuple[SAE, float, dict]:
+) -> tuple[SAE, dict[str, dict[str, float]], dict]:
     """sparsify's TopK on `budget` tokens: shuffled single tokens (`sequence_len` 1) or sequences of
     `sequence_len` consecutive tokens."""
     if sequence_len == 1:
         x = sparsify_tokens(store, site, budget, seed)
     else:
         x = document_tokens(store, site, budget)
-    started = time.monotonic()
+    wall, cpu = time.perf_counter(), time.process_time()
     state, info = train_sparsify_topk(
         x, l0, width, seed=seed, sequence_len=sequence_len, overrides={"auxk_alpha": 1 / 32}
     )
-    wall = time.monotonic() - started
+    total = timed(wall, cpu)
     sae = TopKSAE(SAEConfig("topk", x.shape[1], width, k=l0, site=site, hook_name=parse_site(site).hook_name))
     sae.load_state_dict(state)
     info.pop("train_fvu", None)
-    return sae, wall, info
+    return sae, {"steps": total, "total": total}, info
 
 
 def plot(rows: list[dict[str, Any]], png: Path) -> None:
@@ -168,6 +181,20 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['frac_dead']:.3f} | {r['n_over_50_percent']} | {r['n_over_10_percent']} "
             f"({r['l0_share_over_10_percent']:.2f}) | {r['train_seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+STAGES = ("steps", "refit", "heldout", "total")
+
+
+def stage_table(rows: list[dict[str, Any]]) -> str:
+    """Wall / CPU seconds of each training stage (CPU: every thread of the process)."""
+    lines = ["| site | tokens | SAE | " + " | ".join(f"{s} wall / CPU s" for s in STAGES) + " |"]
+    lines.append("|" + "---|" * (3 + len(STAGES)))
+    for r in rows:
+        times = r.get("stages", {})
+        cells = [f"{times[s]['wall']:.1f} / {times[s]['cpu']:.1f}" if s in times else "–" for s in STAGES]
+        lines.append(f"| {r['site']} | {r['budget']:,} | {r['sae']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -217,9 +244,11 @@ def main() -> None:
             trained = train_ours(run_dir, site, budget, args.width, args.l0, args.archs.split(","), args.seed)
             for feeding in args.feedings.split(","):
                 length = {"shuffled": 1, "sequences": args.sequence_len}[feeding]
-                theirs, wall, info = train_theirs(store, site, budget, args.width, args.l0, args.seed, length)
+                theirs, stages, info = train_theirs(
+                    store, site, budget, args.width, args.l0, args.seed, length
+                )
                 label = "sparsify topk" + ("" if length == 1 else f" ({length}-token sequences)")
-                trained[label] = (theirs, wall)
+                trained[label] = (theirs, stages)
                 extra[f"{label} {site} {budget}"] = info
             results = evaluate(
                 model, {label: sae for label, (sae, _) in trained.items()}, n_tokens=args.eval_tokens
@@ -232,7 +261,9 @@ def main() -> None:
                         "budget": budget,
                         "sae": label,
                         "seed": args.seed,
-                        "train_seconds": trained[label][1],
+                        "train_seconds": trained[label][1]["total"]["wall"],
+                        "train_cpu_seconds": trained[label][1]["total"]["cpu"],
+                        "stages": trained[label][1],
                         **s,
                     }
                 )
@@ -258,6 +289,7 @@ def main() -> None:
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1, default=str))
     plot(rows, RESULTS / f"{args.out}.png")
     print(table(rows))
+    print(stage_table(rows))
 
 
 if __name__ == "__main__":

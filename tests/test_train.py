@@ -259,6 +259,10 @@ def test_several_saes_from_one_pass(run_dir: Path) -> None:
         assert extra["published"]["lr"] == PUBLISHED.lr == 7e-5
         assert 0 <= extra["fvu"] < 1.5 and 0 <= extra["dead_fraction"] <= 1
         assert (path / "sparsity.safetensors").exists()
+        # wall and CPU seconds of each stage (the steps of all six SAEs together, then each SAE's own)
+        stages = extra["stage_seconds"]
+        assert stages.keys() == {"steps", "refit", "heldout"} and stages["steps"]["wall"] > 0
+        assert all(t["wall"] >= 0 and t["cpu"] >= 0 for t in stages.values())
     assert isinstance(saes[3], TopKSAE) and saes[3].cfg.k == 4 and round(saes[3].cfg.extra["l0"]) <= 4
     assert isinstance(saes[4], JumpReLUSAE) and saes[4].cfg.extra["trained_as"] == "batchtopk"
     assert outputs[3].name.endswith("_topk") and outputs[4].name.endswith("_batchtopk")
@@ -408,7 +412,11 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(
         assert wa.keys() == wb.keys()
         for key in wa:
             assert torch.equal(wa[key], wb[key]), (a, key)
-        assert load_sae(a).cfg.extra == load_sae(b).cfg.extra
+        extra_a, extra_b = load_sae(a).cfg.extra, load_sae(b).cfg.extra
+        # the stage times differ; the resumed run timed only its own steps, and says from where
+        assert extra_a.pop("stage_seconds")["resumed_at_step"] == killed_at
+        assert "resumed_at_step" not in extra_b.pop("stage_seconds")
+        assert extra_a == extra_b
     log_a = (run_dir / "report" / "train_log.jsonl").read_text()
     log_b = (other / "report" / "train_log.jsonl").read_text()
     assert log_a == log_b

@@ -301,10 +301,11 @@ def refit_clt(
     past about 20k latents); wider than REFIT_MAX_LATENTS, nothing is refit. Returns the tokens
     fitted on (0: nothing changed)."""
     n, width = clt.n_layers, clt.width
-    n_extra = (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
+    n_extra = _refit_extra(clt)
     if width > REFIT_MAX_LATENTS:
         return 0
-    per_layer = 8 * (width + n_extra) * (width + n_extra + clt.cfg.d_model)  # gram and rhs, float64
+    # float64 gram and rhs, and the float32 sums of the codes' part between flushes
+    per_layer = 8 * (width + n_extra) * (width + n_extra + clt.cfg.d_model) + 4 * width * width
     group = max(1, REFIT_CLT_BYTES // per_layer)
     seen = 0
     for first in range(0, n, group):
@@ -324,6 +325,11 @@ def refit_clt(
     return seen
 
 
+def _refit_extra(clt: CrossLayerTranscoder) -> int:
+    """The refit's unknowns per layer besides the latents' rows: the skip's inputs and the bias."""
+    return (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
+
+
 def _refit_sums(
     clt: CrossLayerTranscoder,
     batches: Iterator[dict[Site, Tensor]],
@@ -334,8 +340,7 @@ def _refit_sums(
     """One pass of `refit_clt`: the normal equations of the `targets` layers, and the tokens read."""
     ins, outs = clt_sites(clt)
     n, width, device = clt.n_layers, clt.width, clt.b_dec.device
-    n_extra = (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
-    equations = {t: NormalEquations(width, n_extra, clt.cfg.d_model, device) for t in targets}
+    equations = {t: NormalEquations(width, _refit_extra(clt), clt.cfg.d_model, device) for t in targets}
     last = targets[-1]
     seen = 0
     bar = tqdm(

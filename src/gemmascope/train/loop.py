@@ -13,7 +13,9 @@ architecture adds to a step its own (`gemmascope.architectures`): nothing here t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,22 +163,38 @@ def train_saes(
         batches = itertools.chain(first, batches)
     for t in trainees:
         t.keep_good()
-    _train_steps(_Run(store, plan, par), trainees, batches, start, log, ckpt, progress)
+    stages: dict[str, Any] = {"resumed_at_step": start} if start else {}
+    with _timed(stages, "steps"):
+        _train_steps(_Run(store, plan, par), trainees, batches, start, log, ckpt, progress)
     log.close()
     outputs: list[Path] = []
     if par.writes:
         heldout = _heldout_store(run_dir)
         for t in trainees:
+            seconds = dict(stages)
+            t.sae.cfg.extra["stage_seconds"] = seconds
             with averaged(t.optimizer):  # the sign optimiser's average is the SAE it trained
                 if cfg.refit_tokens:
-                    n = refit_decoder(t, store, cfg, min(tokens, cfg.refit_tokens), progress)
+                    with _timed(seconds, "refit"):
+                        n = refit_decoder(t, store, cfg, min(tokens, cfg.refit_tokens), progress)
                     t.sae.cfg.extra["decoder_refit_tokens"] = n
-                outputs.append(save_trained(t, run_dir, plan, key, measure_heldout(t, heldout, cfg)))
+                with _timed(seconds, "heldout"):
+                    figures = measure_heldout(t, heldout, cfg)
+                outputs.append(save_trained(t, run_dir, plan, key, figures))
         ckpt.finish(outputs)
         plot_training_log(
             read_training_log(log.path), run_dir / REPORT / f"{cfg.name}{par.suffix}_curves.png"
         )
     return par.finish(outputs, len(specs))
+
+
+@contextlib.contextmanager
+def _timed(into: dict[str, Any], stage: str) -> Iterator[None]:
+    """Record the wall and CPU seconds (this process, every thread) of the block as `into[stage]`
+    (the steps of every SAE of a run are one stage, shared; a resumed run times only its own part)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    into[stage] = {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.process_time() - cpu, 2)}
 
 
 @dataclass

@@ -44,73 +44,77 @@ from gemmascope.train.trainee import Trainee, training_pair
 # 0.0003 of FVU, 1e-2 0.018, against none).
 REFIT_BATCH = 4096
 REFIT_FLUSH = 16  # batches summed in float32 before they join the float64 sums
-REFIT_MAX_LATENTS = 16_384  # wider SAEs are saved as trained (about 8 GB of normal equations at this width)
+REFIT_MAX_LATENTS = (
+    16_384  # wider SAEs are saved as trained (2.1 GB of float64 normal equations at this width)
+)
 REFIT_RIDGE = 1e-4
 
 
-def _sparse_rows(f: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """The nonzero codes of `f [batch, d_sae]` as `(rows, cols, values)`, rows in order and shifted
-    by `offset` (the batch's first row among the ones stacked since the last flush)."""
+def _sparse_rows(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The nonzero codes of `f [batch, d_sae]` as `(rows, cols, values)`, rows in order."""
     rows, cols = f.nonzero().unbind(1)
-    return rows + offset, cols, f[rows, cols]
+    return rows, cols, f[rows, cols]
 
 
-def _codes_gram(rows: list[Tensor], cols: list[Tensor], values: list[Tensor], n: int, d_sae: int) -> Tensor:
-    """`[d_sae, d_sae]` float32: FᵀF of the codes F `[n, d_sae]` of the batches since the last flush
-    (`_sparse_rows` of each): one sparse-sparse product, which costs Σ L0² per token where a
-    sparse-dense one costs L0·d_sae (about 4 times faster at width 4,096 and L0 45)."""
-    f = csr_rows(torch.cat(rows), torch.cat(cols), torch.cat(values), (n, d_sae))
+def _codes_gram(f: Tensor) -> Tensor:
+    """`[d_sae, d_sae]` float32: FᵀF of one batch's codes F (sparse CSR `[b, d_sae]`): one
+    sparse-sparse product, which costs Σ L0² per token where a sparse-dense one costs L0·d_sae (4
+    times faster at width 4,096 and L0 45, 6 times at 16,384). One batch at a time: the product of
+    several stacked slows more than in proportion at width 16,384 (0.3 s for one batch of 4,096,
+    15 s for four) and its result, denser, took 20 GB."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse.mm(f.t().to_sparse_csr(), f).to_dense()
 
 
+def _add_double(total: Tensor, part: Tensor, rows: int = 1024) -> None:
+    """`total += part` (float64 += float32) a block of rows at a time: no float64 copy of all of
+    `part` (2 GB at width 16,384), and no mixed-type add (20 times slower)."""
+    for i in range(0, len(part), rows):
+        total[i : i + rows] += part[i : i + rows].double()
+
+
 class NormalEquations:
     """The normal equations ZᵀZ and ZᵀY of a least-squares decoder, summed batch by batch: Z is a
     batch's codes `[b, d_sae]` (sparse in fact: their Gram part is one sparse-sparse product per
-    REFIT_FLUSH batches) beside `n_extra` dense columns (a transcoder's input for its skip, a constant
-    for its output bias), Y what they must give `[b, d_out]`. Batches are summed in float32 and join
-    the float64 sums every REFIT_FLUSH batches (a float64 add per batch costs as much as the product)."""
+    batch) beside `n_extra` dense columns (a transcoder's input for its skip, a constant for its
+    output bias), Y what they must give `[b, d_out]`. Batches are summed in float32 and join the
+    float64 sums every REFIT_FLUSH batches (a float64 add per batch costs as much as the product)."""
 
     def __init__(self, d_sae: int, n_extra: int, d_out: int, device: torch.device | str) -> None:
         self.d_sae, size = d_sae, d_sae + n_extra
         self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.rhs = torch.zeros(size, d_out, dtype=torch.float64, device=device)
+        self._codes = torch.zeros(d_sae, d_sae, device=device)  # the codes' part, float32 since the flush
         self._gram = torch.zeros(n_extra, size, device=device)  # the extras' rows (their columns: symmetric)
         self._rhs = torch.zeros(size, d_out, device=device)
-        self._pending: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-        self._n_pending = self._batches = 0
+        self._batches = 0
         self.n = 0  # tokens summed
 
     def add(self, codes: Tensor, extra: Tensor | None, y: Tensor) -> None:
         """One batch: `codes [b, d_sae]`, `extra [b, n_extra]` (None when there are none), `y [b, d_out]`."""
         d_sae = self.d_sae
-        rows, cols, values = _sparse_rows(codes, self._n_pending)
-        for kept, new in zip(self._pending, (rows, cols, values), strict=True):
-            kept.append(new)
-        ft = csr_rows(rows - self._n_pending, cols, values, (len(codes), d_sae)).t()  # [d_sae, b]
+        rows, cols, values = _sparse_rows(codes)
+        f = csr_rows(rows, cols, values, (len(codes), d_sae))  # [b, d_sae]
+        self._codes += _codes_gram(f)
+        ft = f.t()  # [d_sae, b]
         self._rhs[:d_sae] += ft @ y
         if extra is not None:
             self._gram[:, :d_sae] += (ft @ extra).t()
             self._gram[:, d_sae:] += extra.t() @ extra
             self._rhs[d_sae:] += extra.t() @ y
         self.n += len(codes)
-        self._n_pending += len(codes)
         self._batches += 1
         if self._batches % REFIT_FLUSH == 0:
             self.flush()
 
     def flush(self) -> None:
         """Move the float32 sums into the float64 ones."""
-        if self._n_pending:
-            self.gram[: self.d_sae, : self.d_sae] += _codes_gram(
-                *self._pending, self._n_pending, self.d_sae
-            ).double()
-            self._pending, self._n_pending = ([], [], []), 0
+        _add_double(self.gram[: self.d_sae, : self.d_sae], self._codes)
         self.gram[self.d_sae :] += self._gram.double()
         self.rhs += self._rhs.double()
-        self._gram.zero_()
-        self._rhs.zero_()
+        for part in (self._codes, self._gram, self._rhs):
+            part.zero_()
 
     def finish(self) -> tuple[Tensor, Tensor]:
         """`(gram [n, n], rhs [n, d_out])`, float64, everything summed."""
