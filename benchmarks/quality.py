@@ -99,7 +99,9 @@ def train_ours(
         [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name, seed=seed))
         total = timed(wall, cpu)
         sae = load_sae(folder)
-        stages = {k: v for k, v in sae.cfg.extra["stage_seconds"].items() if isinstance(v, dict)}
+        # a finished run of the same name returns its SAE untrained: its stages are that run's
+        recorded = sae.cfg.extra.get("stage_seconds", {})
+        stages = {k: v for k, v in recorded.items() if isinstance(v, dict)}
         out[label] = (sae, {**stages, "total": total})
     return out
 

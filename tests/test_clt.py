@@ -228,9 +228,13 @@ def test_refit_solves_each_layers_own_decoder_given_the_earlier_writes(
     import gemmascope.train.refit as refit
 
     monkeypatch.setattr(train_clt_module, "REFIT_RIDGE", 0.0)
-    size = 12 + (8 if skip else 0) + 1  # width 12, d 8 (below): the unknowns of one layer
-    one_layer = 8 * size * (size + 8)
+    # one layer's sums (float64 normal equations, float32 between flushes): width 12, d 8 (below)
+    size = 12 + (8 if skip else 0) + 1
+    one_layer = 8 * size * (size + 8) + 4 * (12 * 12 + (size - 12) * size + size * 8)
     monkeypatch.setattr(train_clt_module, "REFIT_CLT_BYTES", layers_a_pass * one_layer)
+    passes = []
+    real_sums = train_clt_module._refit_sums
+    monkeypatch.setattr(train_clt_module, "_refit_sums", lambda *a: passes.append(1) or real_sums(*a))
     monkeypatch.setattr(refit, "REFIT_FLUSH", 2)  # flushes mid-pass and at the end
     n, d, w = 3, 8, 12
     clt = random_clt(skip, n=n, d=d, w=w)
@@ -258,7 +262,9 @@ def test_refit_solves_each_layers_own_decoder_given_the_earlier_writes(
             target = ys[t] - sum(acts[s] @ clt.decoder(s)[:, t - s] for s in range(t))
             expected.append(torch.linalg.lstsq(z, target.double()).solution.float())
     assert train_clt_module.refit_clt(copy.deepcopy(clt), lambda: iter(batches), 450, progress=False) == 450
+    passes.clear()
     assert train_clt_module.refit_clt(clt, lambda: iter(batches), 10**6, progress=False) == 500
+    assert len(passes) == -(-n // layers_a_pass)  # as many layers a pass as the budget holds
     for p, old in zip((*clt.W_enc, *clt.b_enc, *clt.threshold), encoder, strict=True):
         assert torch.equal(p, old)  # the encoders, thresholds and cross-layer decoders are kept
     for s in range(n):

@@ -45,7 +45,9 @@ from gemmascope.train.optim import ScheduleFreeSign
 from gemmascope.train.recipe import HELDOUT_TOKENS, SHORT_RUN
 from gemmascope.train.refit import REFIT_MAX_LATENTS, REFIT_RIDGE, NormalEquations, solve_decoder
 
-REFIT_CLT_BYTES = 4 * 2**30  # the float64 normal equations summed in one pass of the CLT refit
+REFIT_CLT_BYTES = (
+    5 * 2**30
+)  # the normal equations (float64, and their float32 sums) of one pass of the CLT refit
 
 
 @dataclass(frozen=True)
@@ -296,16 +298,17 @@ def refit_clt(
     on up to `tokens` tokens of `batches()` (every layer's MLP input and output, in the space `clt`
     reads: raw for a folded CLT), given what the earlier layers' latents write into it (those
     decoders stay as trained: all of a layer's incoming decoders at once would be a system of up to
-    n_layers × width unknowns). The float64 normal equations of as many layers as fit in
+    n_layers × width unknowns). The normal equations of as many layers as fit in
     REFIT_CLT_BYTES are summed in one pass over the tokens (all 18 at width 4,096; one at a time
-    past about 20k latents); wider than REFIT_MAX_LATENTS, nothing is refit. Returns the tokens
+    from about 14k latents); wider than REFIT_MAX_LATENTS, nothing is refit. Returns the tokens
     fitted on (0: nothing changed)."""
     n, width = clt.n_layers, clt.width
     n_extra = _refit_extra(clt)
     if width > REFIT_MAX_LATENTS:
         return 0
-    # float64 gram and rhs, and the float32 sums of the codes' part between flushes
-    per_layer = 8 * (width + n_extra) * (width + n_extra + clt.cfg.d_model) + 4 * width * width
+    # float64 gram and rhs, and the float32 sums between flushes (NormalEquations)
+    size, d = width + n_extra, clt.cfg.d_model
+    per_layer = 8 * size * (size + d) + 4 * (width * width + n_extra * size + size * d)
     group = max(1, REFIT_CLT_BYTES // per_layer)
     seen = 0
     for first in range(0, n, group):

@@ -8,8 +8,8 @@ A short run leaves the decoder far from that optimum (sign descent moves every w
 and the density penalty keeps moving the codes under it): at resid_post.6 of Gemma 3 270M, 300k
 tokens, the refit takes the held-out FVU from 0.102 to 0.082 and ΔLM loss from 0.62 to 0.48 at the
 same codes, so the same L0, density and dead latents (BENCHMARKS.md, "Training quality against
-sparsify"). SAEs wider than REFIT_MAX_LATENTS are saved as trained (the normal equations take
-about 30 bytes per latent squared). What is re-solved, on the SAE's training-space inputs (already / C, massive tokens left
+sparsify"). SAEs wider than REFIT_MAX_LATENTS are saved as trained (the normal equations and their
+float32 sums take about 16 bytes per latent squared, with one batch's product beside). What is re-solved, on the SAE's training-space inputs (already / C, massive tokens left
 out as in training):
 - an SAE: `W_dec` (rows of the latents that fired), from `x − b_dec` (b_dec, the data mean, is also
   the pre-encoder bias, so it stays: the codes must not change);
@@ -44,9 +44,7 @@ from gemmascope.train.trainee import Trainee, training_pair
 # 0.0003 of FVU, 1e-2 0.018, against none).
 REFIT_BATCH = 4096
 REFIT_FLUSH = 16  # batches summed in float32 before they join the float64 sums
-REFIT_MAX_LATENTS = (
-    16_384  # wider SAEs are saved as trained (2.1 GB of float64 normal equations at this width)
-)
+REFIT_MAX_LATENTS = 16_384  # wider SAEs are saved as trained (about 4.4 GB of sums at this width)
 REFIT_RIDGE = 1e-4
 
 
