@@ -38,7 +38,7 @@ from gemmascope.activations import ActivationStore, harvest
 from gemmascope.corpus import special_mask
 from gemmascope.evals import evaluate, summary
 from gemmascope.formats import load_sae
-from gemmascope.models import load_model
+from gemmascope.models import load_model, reading_dtype
 from gemmascope.runs import HELDOUT
 from gemmascope.sae import SAE, SAEConfig, TopKSAE
 from gemmascope.sites import parse_site
@@ -235,8 +235,10 @@ def main() -> None:
     sites, budgets = args.sites.split(","), ints(args.budgets)
     model = load_model("gemma-3-270m")
     started = time.monotonic()
-    harvest(model, sites, run_dir, n_tokens=args.harvest_tokens or min(max(budgets), 930_000))
-    harvest(model, sites, run_dir / HELDOUT, n_tokens=args.eval_tokens, split="heldout")
+    reader = model.cast(reading_dtype("auto"))  # the harvest's passes as the suite runs them
+    harvest(reader, sites, run_dir, n_tokens=args.harvest_tokens or min(max(budgets), 930_000))
+    harvest(reader, sites, run_dir / HELDOUT, n_tokens=args.eval_tokens, split="heldout")
+    del reader
     harvest_s = time.monotonic() - started
     store = ActivationStore(run_dir)
     rows: list[dict[str, Any]] = []

@@ -360,6 +360,30 @@ def test_run_folder_of_another_model_corpus_or_context_is_refused(
     assert ActivationStore(tmp_path).sites == [Site("resid_post", 0)]
 
 
+def test_a_bfloat16_model_harvests_close_to_float32_and_is_not_mixed_with_it(
+    tiny_model: LanguageModel, tmp_path: Path
+) -> None:
+    fast = tiny_model.cast(torch.bfloat16)
+    exact = harvest(tiny_model, ["resid_post.1"], tmp_path / "f32", 160, **SMALL)
+    store = harvest(fast, ["resid_post.1"], tmp_path / "bf16", 160, **SMALL)
+    site = Site("resid_post", 1)
+    assert (exact.manifest(site)["model_dtype"], store.manifest(site)["model_dtype"]) == (
+        "float32",
+        "bfloat16",
+    )
+    a, b = store_acts(exact, site), store_acts(store, site)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)  # rounded passes, stored as asked
+    assert float((a - b).norm() / a.norm()) < 0.03
+    with pytest.raises(
+        StoreError, match="harvested with the model in bfloat16, not float32.*--model-dtype bfloat16"
+    ):
+        harvest(tiny_model, ["resid_post.1"], tmp_path / "bf16", 320, **SMALL)  # extending it in float32
+    assert ActivationStore(tmp_path / "bf16").manifest(site)["n_tokens"] == 160  # nothing lost
+    again = harvest(tiny_model, ["resid_post.1"], tmp_path / "bf16", 160, **SMALL)  # complete: a no-op
+    assert again.manifest(site)["model_dtype"] == "bfloat16" and again.manifest(site)["n_tokens"] == 160
+    assert torch.equal(store_acts(again, site), b)  # nothing rewritten
+
+
 # -- the real model
 
 

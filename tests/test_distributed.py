@@ -177,7 +177,16 @@ def test_unknown_parallel_mode_is_a_clear_error(store_dir: Path, tmp_path: Path)
 
 
 def torchrun_harvest(run_dir: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    args = ["harvest", str(run_dir), "--model", "tiny-gemma3", "--sites", ",".join(SITES)]
+    args = [
+        "harvest",
+        str(run_dir),
+        "--model",
+        "tiny-gemma3",
+        "--sites",
+        ",".join(SITES),
+        "--model-dtype",
+        "float32",
+    ]
     return torchrun(run_dir, [*args, "--tokens", "4096", "--context-len", "64", "--shard-rows", "8", *extra])
 
 

@@ -205,7 +205,9 @@ def test_next_token_metrics_match_a_plain_reference(chunk: int, softcap: float |
     torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl, ref_kl, rtol=1e-4, atol=1e-5)
     ce_same, kl_same = clean.compare(clean_hidden)
-    assert float(kl_same.abs().max()) < 1e-5
+    assert (
+        float(kl_same.abs().max()) < 1e-4
+    )  # float32 rounding of two log-softmax paths (1.9e-5 on AVX512 CPUs)
     torch.testing.assert_close(clean.unedited()[0], ce_same)
     torch.testing.assert_close(
         clean.unedited()[0], torch.nn.functional.cross_entropy(clean_logits, targets, reduction="none")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemmascope.errors import ConfigError, ModelError
-from gemmascope.models import LanguageModel, load_model, output_head, token_texts
+from gemmascope.models import LanguageModel, load_model, output_head, reading_dtype, token_texts
 from gemmascope.sites import (
     Site,
     capture,
@@ -86,6 +86,32 @@ def _plain_hooks(
     for h in handles:
         h.remove()
     return out
+
+
+def test_reading_dtype_by_name_and_cast_rounds_a_copy(
+    tiny_model: LanguageModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gemmascope import models
+
+    assert reading_dtype("float32") == torch.float32
+    assert reading_dtype("bfloat16") == torch.bfloat16
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):  # auto: the CPU's flags
+        monkeypatch.setattr(models, "_cpu_has_bf16", lambda native=native: native)
+        assert reading_dtype("auto") == want
+    with pytest.raises(ConfigError, match="model dtype 'float64': expected one of auto, float32, bfloat16"):
+        reading_dtype("float64")
+    fast = tiny_model.cast(torch.bfloat16)
+    assert tiny_model.cast(torch.float32) is tiny_model
+    assert fast.hf.dtype == torch.bfloat16 and tiny_model.hf.dtype == torch.float32  # the original kept
+    w, v = tiny_model.layers[0].mlp.up_proj.weight, fast.layers[0].mlp.up_proj.weight
+    assert torch.equal(v, w.to(torch.bfloat16))
+    assert fast.hf.get_output_embeddings().weight is fast.hf.get_input_embeddings().weight  # still tied
+    assert {b.dtype for b in fast.hf.buffers()} == {b.dtype for b in tiny_model.hf.buffers()}  # e.g. RoPE
+    ids = tiny_model.to_tokens("Sparse autoencoders read the residual stream.")
+    got = capture(fast, ids, [Site("resid_post", 1)])[Site("resid_post", 1)]
+    want = capture(tiny_model, ids, [Site("resid_post", 1)])[Site("resid_post", 1)]
+    assert got.dtype == torch.float32  # capture gives float32 whatever the model's dtype
+    assert float((got - want).norm() / want.norm()) < 0.03
 
 
 def test_capture_equals_plain_forward_hooks(tiny_model: LanguageModel) -> None:

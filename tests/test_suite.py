@@ -134,6 +134,72 @@ def test_demo_end_to_end_on_the_real_model(tmp_path: Path) -> None:
     assert (run_dir / "report" / "heatmap.png").exists()
 
 
+def test_a_bfloat16_reader_harvests_and_indexes_while_evaluation_stays_float32(tmp_path: Path) -> None:
+    from gemmascope.activations import ActivationStore
+    from gemmascope.features import FeatureIndex
+
+    plan = _one_sae_plan(kinds=["attn_out"], model_dtype="bfloat16")  # attn_out: its lens reads W_O
+    out = run_suite(tmp_path / "run", plan, say=lambda _: None)
+    assert out["complete"]
+    store = ActivationStore(tmp_path / "run")
+    assert [store.manifest(s)["model_dtype"] for s in store.sites] == ["bfloat16"]
+    key = out["results"][0]["sae_id"]
+    assert FeatureIndex(tmp_path / "run" / "features.sqlite").feature(key, 0)["logit_lens"] is not None
+    assert (
+        out["results"][0]["eval_result_metrics"]["model_performance_preservation"]["ce_loss_without_sae"] > 0
+    )
+
+
+def test_demo_graphs_train_a_clt_and_draw_its_graphs_which_the_graph_page_lists(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from gemmascope.demo import GRAPH_PROMPTS, GraphPlan, run_demo
+    from gemmascope.server.app import create_app
+
+    run_dir = tmp_path / "demo"
+    plan = _one_sae_plan(eval_tokens=1200, index_tokens=1024)
+    said: list[str] = []
+    out = run_demo(
+        run_dir, plan, serve=False, say=said.append, graphs=GraphPlan(tokens=2048, width=32, target_l0=4)
+    )
+    assert [p.name for p in out["graphs"]] == [
+        "the-capital-of-france-is.json",
+        "which-is-bigger-9-11-or-9-8-answer.json",
+    ]
+    assert all(p.is_file() for p in out["graphs"])
+    assert len(list((run_dir / "clts").glob("**/W_enc_0.safetensors"))) == 1
+    with TestClient(create_app(run_dir)) as client:
+        listed = client.get("/v1/graph/list").json()
+        assert listed["available"] and listed["dictionary"].startswith("cross-layer transcoder")
+        assert sorted(g["prompt"] for g in listed["graphs"]) == sorted(GRAPH_PROMPTS)
+        slug = out["graphs"][0].stem
+        assert client.get(f"/v1/graph/{slug}").json()["metadata"]["prompt"] == GRAPH_PROMPTS[0]
+    before = {p: p.stat().st_mtime_ns for p in out["graphs"]}
+    again = run_demo(
+        run_dir, plan, serve=False, say=said.append, graphs=GraphPlan(tokens=2048, width=32, target_l0=4)
+    )
+    assert {p: p.stat().st_mtime_ns for p in again["graphs"]} == before  # kept, not drawn again
+
+
+def test_demo_graphs_out_of_range_are_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "demo"
+    for flags, said in (
+        (["--graphs", "--graph-width", "0"], "CLT width 0 must be a positive integer"),
+        (["--graphs", "--graph-tokens", "10"], "CLT tokens 10 must be at least one batch (1024)"),
+        (
+            ["--graphs", "--graph-width", "16"],
+            "CLT target L0 45.0 must be > 0 and below the width 16 (--graph-width",
+        ),
+        (["--graph-width", "64"], "--graph-width need --graphs"),  # not silently ignored
+    ):
+        code = main(["demo", "--no-serve", "--run-dir", str(run_dir), "--model", "tiny-gemma3", *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and said in err and "Traceback" not in err
+        assert not run_dir.exists()
+
+
 def _one_sae_plan(**kw: object) -> SuitePlan:
     return _tiny_plan(**{"kinds": ["resid_post"], "layers": [1], "widths": [32], "tokens": 2048, **kw})
 

@@ -1,6 +1,7 @@
 """The demo: the whole loop on one site in one command (the suite's stages on a small plan), then the
 eval table, a few features that read well in a terminal with their top windows, and the web UI. Owns the
-choice of those features and how a window is printed.
+choice of those features, how a window is printed, and the demo's graphs (`demo_graphs`: a small
+cross-layer transcoder beside the SAE and the graphs of `GRAPH_PROMPTS`, drawn over it).
 
 Calls only the public functions of the suite and the pipeline modules; knows nothing of their internals.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,77 @@ from gemmascope.runs import FEATURES_DB
 from gemmascope.suite import SuitePlan, run_suite
 
 if TYPE_CHECKING:
+    from gemmascope.models import LanguageModel
     from gemmascope.server.commands import RunLine
+    from gemmascope.train.clt import CLTSpec
+
+# The graphs a fresh install shows on the graph page (`gemmascope demo --graphs`).
+GRAPH_PROMPTS = ("The capital of France is", "Which is bigger, 9.11 or 9.8? Answer:")
+
+
+@dataclass
+class GraphPlan:
+    """The demo's cross-layer transcoder: `width` latents per layer, `target_l0` per layer, trained
+    on `tokens` harvested at every layer's MLP input and output."""
+
+    tokens: int = 50_000
+    width: int = 1024
+    target_l0: float = 45.0
+
+    def spec(self) -> CLTSpec:
+        """The CLT to train, checked (a ConfigError names the first value out of range)."""
+        from gemmascope.errors import ConfigError
+        from gemmascope.train.clt import CLTSpec
+
+        spec = CLTSpec(width=self.width, target_l0=self.target_l0, tokens=self.tokens)
+        try:
+            spec.check()
+        except ConfigError as err:
+            raise ConfigError(f"the demo's graphs: {err} (--graph-width, --graph-tokens, --l0)") from None
+        return spec
+
+
+def demo_graphs(
+    run_dir: Path, model: LanguageModel, plan: GraphPlan, model_dtype: str = "auto",
+    say: Callable[[str], None] = print,
+) -> list[Path]:  # fmt: skip
+    """Harvest every layer's MLP input and output into the demo's run folder (`plan.tokens`, and the
+    held-out slice training measures on), train one CLT over them (`train.clt.train_clt`; skipped
+    when the run has one), and draw the graph of each of `GRAPH_PROMPTS` over it into
+    `run_dir/graphs/` (one already drawn over this CLT is kept), where the graph page lists them.
+    Returns the graph files."""
+    from gemmascope.activations import harvest
+    from gemmascope.attribution import draw_graph, graph_slug, read_graph, transcoder_digest
+    from gemmascope.attribution.dictionary import run_clt
+    from gemmascope.errors import GemmaScopeError
+    from gemmascope.models import reading_dtype
+    from gemmascope.runs import GRAPHS, HELDOUT, find_clts
+    from gemmascope.sites import transcoder_sites
+    from gemmascope.train.clt import train_clt
+    from gemmascope.train.recipe import HELDOUT_TOKENS
+
+    width = f"width_{plan.width}/"
+    if not [f for f in find_clts(run_dir) if width in str(f.relative_to(run_dir))]:
+        sites = [site for layer in range(model.n_layers) for site in transcoder_sites(layer)]
+        reader = model.cast(reading_dtype(model_dtype, model.device))
+        dtype = str(reader.hf.dtype).removeprefix("torch.")  # a bfloat16 model's outputs lose nothing in it
+        harvest(reader, sites, run_dir, plan.tokens, dtype=dtype)
+        harvest(reader, sites, run_dir / HELDOUT, HELDOUT_TOKENS, split="heldout", dtype=dtype)
+        del reader
+        say(f"training a cross-layer transcoder ({plan.width} latents a layer) for the graph page")
+        train_clt(run_dir, plan.spec())
+    clt = run_clt(run_dir, width)
+    digest = transcoder_digest(clt)
+    drawn = []
+    for prompt in GRAPH_PROMPTS:
+        path = run_dir / GRAPHS / f"{graph_slug(prompt)}.json"
+        try:
+            read_graph(path, digest)  # drawn over this very CLT: kept
+        except GemmaScopeError:
+            say(f"drawing the graph of {prompt!r} over {clt.cfg.extra['folder']}")
+            draw_graph(model, clt, prompt, run_dir / GRAPHS, run=str(run_dir), digest=digest)
+        drawn.append(path)
+    return drawn
 
 
 def showcase_features(db_path: Path, sae_id: str, n: int = 3, candidates: int = 400) -> list[dict[str, Any]]:
@@ -95,16 +167,23 @@ def run_demo(
     port: int = 8000,
     say: Callable[[str], None] = print,
     run_line: RunLine | None = None,
+    graphs: GraphPlan | None = None,
 ) -> dict[str, Any]:
     """The whole loop on one site: harvest, train one JumpReLU SAE, evaluate, index; print the eval
-    table and three features with their top text; then serve the web UI (unless `serve` is False;
-    `run_line`: the CLI's, so the command line's commands about the run are run by it)."""
+    table and three features with their top text; with `graphs`, a small CLT and the graphs of
+    `GRAPH_PROMPTS` (`demo_graphs`); then serve the web UI (unless `serve` is False; `run_line`: the
+    CLI's, so the command line's commands about the run are run by it)."""
     from gemmascope.evals import format_table
+    from gemmascope.models import load_model
     from gemmascope.runs import sae_id
 
     run_dir = Path(run_dir)
     started = time.monotonic()
-    out = run_suite(run_dir, plan, say=say)
+    plan.check()
+    if graphs is not None:
+        graphs.spec()  # before anything runs
+    model = load_model(plan.model)
+    out = run_suite(run_dir, plan, model=model, say=say)
     folder = out["saes"][0]
     say("\n" + format_table(out["results"]))  # with each SAE's health warning under it
     key = sae_id(folder)
@@ -121,6 +200,10 @@ def run_demo(
             say(f"  explanation: {feature['explanation']}")
         for example in feature["top_examples"][:3]:
             say(f"    {max(example['acts']):6.1f}  {format_window(example)}")
+    if graphs is not None:
+        say("\n== graphs")
+        out["graphs"] = demo_graphs(run_dir, model, graphs, plan.model_dtype, say)
+        say(f"graphs drawn: {', '.join(p.stem for p in out['graphs'])} (the graph page draws others)")
     say(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {run_dir}")
     out["showcase"] = features
     if serve:

@@ -2,8 +2,9 @@
 its GGUF file and cached; a small random Gemma 3 for tests; any transformers causal LM by local path
 or hub id), the model's decoder layers and output layer (`output_head`: the logits a vocabulary block
 at a time, checked once against the model's own), tokenising a prompt with its bound (`MAX_PROMPT_TOKENS`,
-`prompt_tokens`), each token's display text (`token_texts`), and lending a loaded model to the
-commands a server runs (`resident`).
+`prompt_tokens`), each token's display text (`token_texts`), lending a loaded model to the
+commands a server runs (`resident`), and the dtype of the passes that only read activations
+(`reading_dtype`, `LanguageModel.cast`: bfloat16 where the hardware computes it natively).
 
 Knows nothing of sites, edits or capture (`sites.py` owns them and takes a `LanguageModel`; the one
 hook here reads the output layer's input once, to check `output_head`), nor of SAEs, their training
@@ -12,6 +13,7 @@ or their files.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -87,6 +89,19 @@ class LanguageModel:
         if prepend_bos:
             ids = [self.tokenizer.bos_token_id, *ids]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def cast(self, dtype: torch.dtype) -> LanguageModel:
+        """A copy whose weights are rounded to `dtype` (this model itself when already in it), as
+        `load_model(name, dtype=dtype)` loads it: parameters only (tied ones stay tied), buffers such
+        as the rotary frequencies kept in float32; the tokenizer is shared."""
+        if self.hf.dtype == dtype:
+            return self
+        import copy
+
+        hf = copy.deepcopy(self.hf)
+        for param in hf.parameters():
+            param.data = param.data.to(dtype)
+        return LanguageModel(hf=hf, tokenizer=self.tokenizer, name=self.name)
 
 
 def prompt_tokens(model: LanguageModel, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Tensor:
@@ -275,6 +290,35 @@ def load_model(
         raise ModelError(f"cannot load model {name!r}: {err}") from err
     hf.to(device).eval()  # type: ignore[arg-type]
     return LanguageModel(hf=hf, tokenizer=tokenizer, name=name)
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def reading_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The model's dtype for passes that only read activations (harvest, the feature index), by
+    name: `float32`, `bfloat16`, or `auto`: bfloat16 where the device computes it natively (a CUDA
+    GPU that supports it; a CPU with AVX512-BF16 or AMX, where its matrix products run about 3 times
+    faster than float32's, BENCHMARKS.md "Harvest"), float32 elsewhere (emulated bfloat16 is slow).
+    Evaluation, steering and attribution keep float32."""
+    if name not in MODEL_DTYPES:
+        raise ConfigError(f"model dtype {name!r}: expected one of {', '.join(MODEL_DTYPES)}")
+    if name != "auto":
+        return getattr(torch, name)
+    device = torch.device(device)
+    if device.type == "cuda":  # native from Ampere (compute capability 8) on; emulated before
+        return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (Linux's /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def bundled_gemma_path() -> Path:

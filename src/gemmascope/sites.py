@@ -212,9 +212,10 @@ def capture(
     trunk: bool = False,
 ) -> dict[Site, Tensor] | tuple[dict[Site, Tensor], Trunk]:
     """Run one forward pass over `input_ids [batch, pos]` and return each site's activation
-    `[batch, pos, d_in]` (detached). Without `trunk` the pass stops after the deepest layer a site
-    needs; with `trunk=True` it runs up to the output layer (whose product it leaves to the caller)
-    and returns `(acts, Trunk)`: every layer's output and the final hidden states."""
+    `[batch, pos, d_in]` (detached, in float32 whatever the model's dtype). Without `trunk` the
+    pass stops after the deepest layer a site needs; with `trunk=True` it runs up to the output layer
+    (whose product it leaves to the caller) and returns `(acts, Trunk)`: every layer's output and the
+    final hidden states."""
     if not sites and not trunk:
         raise ConfigError("capture needs at least one site")
     acts: dict[Site, Tensor] = {}
@@ -224,7 +225,7 @@ def capture(
 
     def recorder(site: Site) -> SiteFn:
         def record(act: Tensor) -> None:
-            acts[site] = act.detach()
+            acts[site] = act.detach().float()  # a bfloat16 model's too (models.reading_dtype)
 
         return record
 

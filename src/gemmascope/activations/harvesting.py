@@ -58,7 +58,8 @@ def harvest(
     `n_tokens` is rounded up to whole rows of `context_len` (the manifest records both numbers).
     Rows come from `corpus.token_rows`. Shards hold `shard_rows` rows
     (default: 32,768 tokens' worth), computed `batch_rows` rows per forward pass. Activations are stored
-    in `dtype` (float32, float16 or bfloat16; fp32/fp16/bf16 are accepted).
+    in `dtype` (float32, float16 or bfloat16; fp32/fp16/bf16 are accepted). The forward passes run in
+    the model's dtype (`models.reading_dtype`), the manifest's `model_dtype`, which a resume keeps.
 
     Resumable: run it again with the same arguments after a crash or kill and it verifies the shards
     already listed (size and SHA-256), recomputes from the first missing one and ends with exactly the
@@ -183,11 +184,6 @@ def _harvest(
 
     ours = {site: existing[site] for site in sites if site in existing}
     batch_rows = _agreed(ours, "batch_rows", batch_rows, DEFAULT_BATCH_ROWS)
-    for site, old in ours.items():
-        if old["dtype"] != dtype:
-            raise StoreError(
-                f"{site} in {str(root)!r} is stored as {old['dtype']}, not {dtype}; use another run folder"
-            )
     writers: dict[Site, _SiteWriter] = {}
     for site in sites:
         manifest = {
@@ -199,6 +195,7 @@ def _harvest(
             "hook_name": site.hook_name,
             "d_in": site_d_in(model, site),
             "dtype": dtype,
+            "model_dtype": str(model.hf.dtype).removeprefix("torch."),  # the forward passes' dtype
             "batch_rows": batch_rows,
             "special_ids": sorted(special_ids),
             "n_tokens_requested": n_tokens,
@@ -350,9 +347,7 @@ class _SiteWriter:
     """Writes one site's shards and keeps its manifest, the record of which shards are complete."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], shard_ranges: list[tuple[int, int]]) -> None:
-        self.folder = folder
-        self.manifest = manifest
-        self.shard_ranges = shard_ranges
+        self.folder, self.manifest, self.shard_ranges = folder, manifest, shard_ranges
         self.rank: int | None = None  # under torchrun: shards go to this rank's list, not the manifest
         self.rank_entries: dict[int, dict[str, Any]] = {}
 
@@ -421,7 +416,14 @@ class _SiteWriter:
 
     def keep_verified(self, old: dict[str, Any] | None, rows: Tensor) -> None:
         """Keep the old manifest's shards that match this harvest's plan, after verifying them against
-        their manifest entries and the expected `rows`; the rest will be recomputed. Writes nothing."""
+        their manifest entries and the expected `rows`; the rest will be recomputed. A store of another
+        dtype, or new shards beside kept ones of another model dtype, are refused. Writes nothing."""
+        site, new = self.manifest["site"], self.manifest
+        if old is not None and old["dtype"] != new["dtype"]:
+            raise StoreError(
+                f"{site} in {str(self.folder.parent.parent)!r} is stored as {old['dtype']}, not "
+                f"{new['dtype']}; use another run folder"
+            )
         if old is not None:
             held = old["shards"][-1]["rows"][1] if old["shards"] else 0
             target = self.manifest["n_rows_target"]
@@ -444,6 +446,14 @@ class _SiteWriter:
                         f"{self.manifest['corpus']!r} gives now; the corpus changed, use another run folder"
                     )
                 self.manifest["shards"].append(entry)
+        was = "float32" if old is None else old.get("model_dtype", "float32")  # before it was recorded
+        if self.manifest["shards"] and was != new["model_dtype"]:
+            if len(self.manifest["shards"]) < len(self.shard_ranges):  # new shards beside the kept
+                raise StoreError(
+                    f"{site} in {str(self.folder.parent.parent)!r} was harvested with the model in {was}, "
+                    f"not {new['model_dtype']}; harvest with --model-dtype {was} or use another run folder"
+                )
+            new["model_dtype"] = was  # complete: nothing is written, the store stays as it was
 
     def start(self) -> None:
         """Clear temporary files a killed harvest left and write the manifest of the shards kept."""

@@ -9,8 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gemmascope.cli.options import add_corpus, add_fields, add_model, add_serving, given, number, parse_list
+from gemmascope.cli.options import (
+    MODEL_DTYPE_HELP,
+    add_corpus,
+    add_fields,
+    add_model,
+    add_model_dtype,
+    add_serving,
+    given,
+    number,
+    parse_list,
+)
 from gemmascope.errors import ConfigError
+from gemmascope.models import MODEL_DTYPES
 from gemmascope.runs import REPORT, check_name, lock, run_of
 
 
@@ -24,7 +35,8 @@ def args_harvest(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tokens", type=int, required=True, help="tokens to harvest (rounded up to whole rows)")
     add_corpus(p, split="train")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="the store's dtype: float32, float16 or bfloat16")
+    add_model_dtype(p)
     p.add_argument(
         "--shard-rows", type=int, default=None, help="rows per shard (default: 32,768 tokens' worth)"
     )
@@ -38,7 +50,7 @@ def args_harvest(p: argparse.ArgumentParser) -> None:
 
 def run_harvest(args: argparse.Namespace) -> int:
     from gemmascope.activations import check_request, harvest
-    from gemmascope.models import load_model
+    from gemmascope.models import load_model, reading_dtype
 
     sites = parse_list(args.sites, "--sites")
     check_request(sites, args.tokens, args.dtype, args.split, args.context_len)  # before the model loads
@@ -47,7 +59,7 @@ def run_harvest(args: argparse.Namespace) -> int:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # under torchrun: one GPU per rank
     with lock(args.run_dir, "harvest"):
         try:
-            model = load_model(args.model, device=device)
+            model = load_model(args.model, device=device, dtype=reading_dtype(args.model_dtype, device))
         except (RuntimeError, AssertionError) as err:
             raise ConfigError(f"--device {args.device!r} cannot run the model here: {err}") from None
         store = harvest(
@@ -201,7 +213,7 @@ def args_suite(p: argparse.ArgumentParser) -> None:
         list(_SUITE_HELP),
         helps=_SUITE_HELP,
         flags={"architecture": "--arch"},
-        choices={"architecture": architecture_names()},
+        choices={"architecture": architecture_names(), "model_dtype": list(MODEL_DTYPES)},
     )
     add_corpus(p)
     p.add_argument("--max-minutes", type=number, default=None, help="start no new stage after this long")
@@ -226,6 +238,7 @@ _SUITE_HELP = {
     "eval_tokens": "held-out tokens each SAE is evaluated on",
     "index_tokens": "held-out tokens the feature index reads",
     "dtype": "activation store dtype: float32, float16, bfloat16",
+    "model_dtype": MODEL_DTYPE_HELP,
     "seed": "seed of the training (and of the index's samples)",
 }
 
@@ -268,6 +281,8 @@ def run_suite(args: argparse.Namespace) -> int:
 
 
 def args_demo(p: argparse.ArgumentParser) -> None:
+    from gemmascope.demo import GraphPlan
+
     p.add_argument(
         "--run-dir", default="runs/demo", help="run folder (default runs/demo; resumed if it exists)"
     )
@@ -294,13 +309,31 @@ def args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--index-tokens", type=int, default=99_712, help="default: the whole held-out split (779 rows of 128)"
     )
+    add_model_dtype(p)
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="also train a small cross-layer transcoder over every layer and draw the graphs of "
+        "'The capital of France is' and a comparison question on the graph page",
+    )
+    graph = GraphPlan()
+    p.add_argument(
+        "--graph-tokens", type=int, default=None, help=f"with --graphs: tokens of every MLP site the CLT "
+        f"trains on (default {graph.tokens})"
+    )  # fmt: skip
+    p.add_argument(
+        "--graph-width",
+        type=int,
+        default=None,
+        help=f"with --graphs: the CLT's latents per layer (default {graph.width})",
+    )
     p.add_argument("--no-serve", action="store_true", help="stop after printing (for scripts and CI)")
     add_serving(p)
     p.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from gemmascope.demo import run_demo
+    from gemmascope.demo import GraphPlan, run_demo
     from gemmascope.suite import SuitePlan, parse_l0s
 
     plan = SuitePlan(
@@ -314,10 +347,18 @@ def run_demo(args: argparse.Namespace) -> int:
         finetune_tokens=args.finetune_tokens,
         eval_tokens=args.eval_tokens,
         index_tokens=args.index_tokens,
+        model_dtype=args.model_dtype,
     )
+    graphs = None
+    asked = {k: v for k, v in (("tokens", args.graph_tokens), ("width", args.graph_width)) if v is not None}
+    if args.graphs:
+        graphs = GraphPlan(**asked, target_l0=plan.target_l0s[0])
+    elif asked:
+        raise ConfigError(f"--graph-{' and --graph-'.join(asked)} need --graphs")
     run_demo(
-        args.run_dir, plan, serve=not args.no_serve, host=args.host, port=args.port, run_line=args.run_line
-    )
+        args.run_dir, plan, serve=not args.no_serve, host=args.host, port=args.port, run_line=args.run_line,
+        graphs=graphs,
+    )  # fmt: skip
     return 0
 
 

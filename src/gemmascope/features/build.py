@@ -176,14 +176,16 @@ def build_index(
     seed: int = 0,
     spill_bytes: int = 1 << 30,
     folders: Mapping[str, str] | None = None,
+    reader: LanguageModel | None = None,
     progress: bool = True,
 ) -> Path:
     """Index SAEs of one model over the first `n_tokens` token positions of a corpus split (by
     default the held-out split of the bundled Wikipedia corpus, which training does not use) and
     write them to the SQLite file `db_path` (created if missing; other SAEs in it are kept). Each
     SAE is marked complete only once all its rows are written. `flow_tokens` non-special tokens
-    (0: none) sample the cross-layer correlations between SAEs at different layers. Returns
-    `db_path`."""
+    (0: none) sample the cross-layer correlations between SAEs at different layers. `reader` (default
+    `model`) runs the corpus passes: the same model in another dtype (a bfloat16 copy,
+    `models.reading_dtype`); the logit lens reads `model`'s weights. Returns `db_path`."""
     if not saes:
         raise ConfigError("build_index needs at least one SAE")
     if batch_rows < 1:
@@ -198,7 +200,10 @@ def build_index(
     db_path = Path(db_path)
     with held_by_writer(db_path), disk_errors(db_path):  # a failed build is never served (complete=0)
         with FeatureIndex(db_path, create=True) as index:
-            job = _Job(model, dict(saes), sites, rows, keep, index, corpus, split, batch_rows, seed, started)
+            job = _Job(
+                model, reader or model, dict(saes), sites, rows, keep, index, corpus, split, batch_rows, seed,
+                started,
+            )  # fmt: skip
             _begin(job, folders or {})
             passes = _corpus_passes(job, flow_tokens, n_null_windows, spill_bytes, progress)
             decode = token_strings(model, rows)  # token id -> text, for every page's windows
@@ -215,6 +220,7 @@ class _Job:
     index, and the settings every stage reads."""
 
     model: LanguageModel
+    reader: LanguageModel  # the corpus passes' (model itself, or a copy in another dtype)
     saes: dict[str, SAE]
     sites: Mapping[str, Site]
     rows: Tensor  # [n_rows, ctx] token ids
@@ -270,7 +276,7 @@ def _corpus_passes(
     device = next(iter(saes.values())).W_enc.device
     unique_sites = sorted(set(sites.values()))
     source = _SiteActivations(
-        job.model, job.rows, unique_sites, job.batch_rows, job.index.path.parent, spill_bytes
+        job.reader, job.rows, unique_sites, job.batch_rows, job.index.path.parent, spill_bytes
     )
     try:
         with_flow = flow_tokens > 0 and len({s.layer for s in sites.values()}) > 1

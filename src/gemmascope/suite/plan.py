@@ -62,6 +62,7 @@ class SuitePlan:
     context_len: int = 128
     corpus: str = DEFAULT_CORPUS
     dtype: str = "float32"
+    model_dtype: str = "auto"  # of the harvest's and index's passes (models.reading_dtype); evals: float32
     seed: int = 0
     fast: bool = True
     batch_size: int | None = None  # None: the trainer's short-run default
@@ -72,6 +73,7 @@ class SuitePlan:
         written or run; the model-dependent checks follow in `check_for_model`."""
         from gemmascope.activations import dtype_name
         from gemmascope.evals.core import MIN_EVAL_TOKENS
+        from gemmascope.models import reading_dtype
 
         check_fields(self, "suite plan")
         bad = [k for k in self.kinds if k not in SITE_KINDS]
@@ -86,6 +88,7 @@ class SuitePlan:
                 f"unknown transcoder kinds {bad}: expected some of {', '.join(TRANSCODER_KINDS)}"
             )
         dtype_name(self.dtype)
+        reading_dtype(self.model_dtype)
         if not self.widths or any(w < 1 for w in self.widths):
             raise ConfigError(f"widths {self.widths} must be positive integers")
         if not self.target_l0s and not self.l0_coeffs:
@@ -148,7 +151,7 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int] | None:
 _IDENTITY = ("model", "corpus", "context_len")
 # Fields --extend adds to (the union of the old and the new); every other field must match.
 _EXTENSIBLE = ("kinds", "layers", "widths", "target_l0s", "l0_coeffs", "transcoders")
-_FREE = ("keep_activations",)  # may differ from run to run
+_FREE = ("keep_activations", "model_dtype")  # may differ from run to run
 
 
 def reconcile_plan(run_dir: Path | str, plan: SuitePlan, extend: bool = False) -> SuitePlan:

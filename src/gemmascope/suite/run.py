@@ -166,6 +166,17 @@ class _Stages:
         self.run_dir, self.plan, self.model, self.state = run_dir, plan, model, state
         self.max_minutes, self.say = max_minutes, say
         self.started = time.monotonic()
+        self._reader: LanguageModel | None = None
+
+    @property
+    def reader(self) -> LanguageModel:
+        """The model for the passes that only read activations (harvest, index), in the plan's
+        `model_dtype` (a rounded copy, made once); evaluations and fine-tunes use `model`."""
+        if self._reader is None:
+            from gemmascope.models import reading_dtype
+
+            self._reader = self.model.cast(reading_dtype(self.plan.model_dtype, self.model.device))
+        return self._reader
 
     def stage(self, name: str) -> None:
         """Start stage `name` (BudgetReached when the budget is spent)."""
@@ -179,7 +190,7 @@ class _Stages:
         from gemmascope.activations import harvest
         from gemmascope.train.recipe import HELDOUT_TOKENS
 
-        run_dir, plan, model = self.run_dir, self.plan, self.model
+        run_dir, plan, model = self.run_dir, self.plan, self.reader
         harvest_key = {"tokens": plan.tokens, "dtype": plan.dtype}
         harvested = self.state.get("harvest", harvest_key, list) or []
         missing = [
@@ -200,6 +211,7 @@ class _Stages:
             context_len=plan.context_len, dtype=plan.dtype,
         )  # fmt: skip
         self.state.finish("harvest", sorted(set(harvested) | {str(s) for s in sites}), harvest_key)
+        self._reader = None  # not held through training and evaluation: the index casts again
 
     def layer(self, layer: int, sites: list[Site], trained: dict[str, str], todo: list[Any]) -> list[Path]:
         """Train (and fine-tune) the layer's SAEs still to train, then evaluate those not evaluated;
@@ -281,7 +293,7 @@ class _Stages:
         index_key = {"saes": _rel(run_dir, folders), "tokens": plan.index_tokens}
         if state.get("index", index_key) is None:
             self.stage("index")
-            _index(run_dir, plan, model, folders)
+            _index(run_dir, plan, self.model, self.reader, folders)
             state.finish("index", True, index_key)
         replacement = _replacement_set(run_dir, folders, model) if plan.transcoders else []
         replacement_key = {"transcoders": _rel(run_dir, replacement), "tokens": plan.eval_tokens}
@@ -390,7 +402,9 @@ def _evaluate_layer(run_dir: Path, plan: SuitePlan, model: LanguageModel, folder
         write_eval(folder, result)
 
 
-def _index(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequence[Path]) -> None:
+def _index(
+    run_dir: Path, plan: SuitePlan, model: LanguageModel, reader: LanguageModel, folders: Sequence[Path]
+) -> None:
     from gemmascope.features import build_index
     from gemmascope.formats import load_sae
 
@@ -402,6 +416,7 @@ def _index(run_dir: Path, plan: SuitePlan, model: LanguageModel, folders: Sequen
         n_tokens=plan.index_tokens,
         corpus=plan.corpus,
         context_len=plan.context_len,
+        reader=reader,
     )
 
 

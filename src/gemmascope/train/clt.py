@@ -169,6 +169,7 @@ def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress:
     opt.swap_in_average()
     opt.state.clear()
     del opt
+    del batches, first, xs, ys  # the training reader's shuffle buffer and shards (GBs at 36 sites) too
     folded = fold_scales(clt, [store.scale(s) for s in ins], [store.scale(s) for s in outs])
     before = measure_heldout(folded, run_dir, ins, outs)
     l0 = float(sum(before["l0"]) / n) if before else log[-1]["l0_mean"]  # the refit keeps the codes
