@@ -219,6 +219,11 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--model-dtype",
+        default="auto",
+        help="the harvest's model dtype (models.reading_dtype): auto, float32, bfloat16",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="training seed of every SAE (ours and sparsify) and token order"
     )
     parser.add_argument("--out", default="quality")
@@ -235,7 +240,7 @@ def main() -> None:
     sites, budgets = args.sites.split(","), ints(args.budgets)
     model = load_model("gemma-3-270m")
     started = time.monotonic()
-    reader = model.cast(reading_dtype("auto"))  # the harvest's passes as the suite runs them
+    reader = model.cast(reading_dtype(args.model_dtype))  # the harvest's passes as the suite runs them
     harvest(reader, sites, run_dir, n_tokens=args.harvest_tokens or min(max(budgets), 930_000))
     harvest(reader, sites, run_dir / HELDOUT, n_tokens=args.eval_tokens, split="heldout")
     del reader
@@ -277,6 +282,7 @@ def main() -> None:
         "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
         "harvest_seconds": harvest_s,
+        "harvest_model_dtype": store.manifest(store.sites[0]).get("model_dtype", "float32"),
         "rows": rows,
         "sparsify": extra,
     }

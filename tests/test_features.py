@@ -864,8 +864,8 @@ def test_cli_index_and_inspect_on_a_saved_sae(
     run = tmp_path / "run"
     folder = save_sae(random_sae(2, 32, 5), sae_dir(run, "resid_post.2", 32, 9))
     key = "resid_post.2.w32.l0_9"
-    assert main(["index", str(run), "--tokens", "256", "--quiet"]) == 0
-    assert loaded == ["tiny-gemma3"]  # the model named in the SAE's metadata
+    assert main(["index", str(run), "--tokens", "256", "--quiet", "--model-dtype", "bfloat16"]) == 0
+    assert loaded == ["tiny-gemma3"]  # the model named in the SAE's metadata (a bfloat16 copy reads)
     out = capsys.readouterr().out
     assert "resid_post.2.w32.l0_9:" in out and str(run / "features.sqlite") in out
     assert (

@@ -10,7 +10,7 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
-from gemmascope.cli.options import add_corpus, add_model, parse_list, parse_ranges
+from gemmascope.cli.options import add_corpus, add_model, add_model_dtype, parse_list, parse_ranges
 from gemmascope.errors import ConfigError
 from gemmascope.opening import OpenRun, open_run
 from gemmascope.runs import (
@@ -164,6 +164,7 @@ def args_index(p: argparse.ArgumentParser) -> None:
     add_corpus(p, split="heldout")
     p.add_argument("--batch-rows", type=int, default=8, help="rows per forward pass (memory vs speed)")
     add_model(p, None, "model to run (default: the model named in the SAEs' metadata)")
+    add_model_dtype(p)
     p.add_argument("--site", help="site the SAE reads, when its metadata lacks one (e.g. resid_post.6)")
     p.add_argument(
         "--no-build", action="store_true", help="use the existing index (for --llm-url / --export)"
@@ -210,11 +211,14 @@ def run_index(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace, opened: OpenRun, db: Path) -> None:
     from gemmascope.features import build_index
+    from gemmascope.models import reading_dtype
 
+    model = opened.model
     build_index(
-        opened.model, opened.saes, db, n_tokens=args.tokens, corpus=args.corpus, split=args.split,
+        model, opened.saes, db, n_tokens=args.tokens, corpus=args.corpus, split=args.split,
         context_len=args.context_len, batch_rows=args.batch_rows,
-        folders={key: stored_path(db.parent, f) for key, f in opened.folders.items()}, progress=not args.quiet,
+        folders={key: stored_path(db.parent, f) for key, f in opened.folders.items()},
+        reader=model.cast(reading_dtype(args.model_dtype, model.device)), progress=not args.quiet,
     )  # fmt: skip
 
 
