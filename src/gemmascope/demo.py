@@ -60,24 +60,26 @@ def demo_graphs(
     from gemmascope.activations import harvest
     from gemmascope.attribution import draw_graph, graph_slug, read_graph, transcoder_digest
     from gemmascope.attribution.dictionary import run_clt
-    from gemmascope.errors import GemmaScopeError
+    from gemmascope.errors import GemmaScopeError, StoreError
     from gemmascope.models import reading_dtype
-    from gemmascope.runs import GRAPHS, HELDOUT, find_clts
+    from gemmascope.runs import GRAPHS, HELDOUT
     from gemmascope.sites import transcoder_sites
     from gemmascope.train.clt import train_clt
     from gemmascope.train.recipe import HELDOUT_TOKENS
 
     width = f"width_{plan.width}/"
-    if not [f for f in find_clts(run_dir) if width in str(f.relative_to(run_dir))]:
+    try:
+        clt = run_clt(run_dir, width)  # one trained before, of this width
+    except StoreError:
         sites = [site for layer in range(model.n_layers) for site in transcoder_sites(layer)]
         reader = model.cast(reading_dtype(model_dtype, model.device))
-        dtype = str(reader.hf.dtype).removeprefix("torch.")  # a bfloat16 model's outputs lose nothing in it
+        dtype = reader.dtype_name  # a bfloat16 model's outputs lose nothing in it
         harvest(reader, sites, run_dir, plan.tokens, dtype=dtype)
         harvest(reader, sites, run_dir / HELDOUT, HELDOUT_TOKENS, split="heldout", dtype=dtype)
         del reader
         say(f"training a cross-layer transcoder ({plan.width} latents a layer) for the graph page")
         train_clt(run_dir, plan.spec())
-    clt = run_clt(run_dir, width)
+        clt = run_clt(run_dir, width)
     digest = transcoder_digest(clt)
     drawn = []
     for prompt in GRAPH_PROMPTS:

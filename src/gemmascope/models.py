@@ -90,6 +90,11 @@ class LanguageModel:
             ids = [self.tokenizer.bos_token_id, *ids]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype by name: float32, bfloat16, ..."""
+        return str(self.hf.dtype).removeprefix("torch.")
+
     def cast(self, dtype: torch.dtype) -> LanguageModel:
         """A copy whose weights are rounded to `dtype` (this model itself when already in it), as
         `load_model(name, dtype=dtype)` loads it: parameters only (tied ones stay tied), buffers such

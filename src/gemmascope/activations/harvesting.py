@@ -195,7 +195,7 @@ def _harvest(
             "hook_name": site.hook_name,
             "d_in": site_d_in(model, site),
             "dtype": dtype,
-            "model_dtype": str(model.hf.dtype).removeprefix("torch."),  # the forward passes' dtype
+            "model_dtype": model.dtype_name,  # the forward passes' dtype
             "batch_rows": batch_rows,
             "special_ids": sorted(special_ids),
             "n_tokens_requested": n_tokens,
