@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,14 +16,14 @@ from safetensors.torch import save_file
 
 from gemmascope.activations import ActivationStore, harvest
 from gemmascope.architectures.jumprelu import jumprelu, step
-from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_terms, splice_clt
+from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_terms, fold_scales, splice_clt
 from gemmascope.errors import ConfigError, FormatError, SiteError, StoreError
 from gemmascope.evals import evaluate_replacement, splice
 from gemmascope.formats.clt import export_gemma_scope_2, load_clt, save_clt
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE, SAEConfig, build_sae
 from gemmascope.sites import Site, capture
-from gemmascope.train.clt import CLTSpec, fold_scales, train_clt
+from gemmascope.train.clt import CLTSpec, train_clt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N, D, W = 4, 64, 32  # the tiny model's layers and width; latents per layer
@@ -306,6 +307,54 @@ def test_a_clt_trains_on_every_layers_mlp_and_replaces_them(
     result = evaluate_replacement(tiny_model, clt, n_tokens=1200, context_len=64, min_tokens=100)
     assert result["layers"] == list(range(N)) and result["n_predictions"] > 0
     assert result["ce_loss_with"] < result["ce_loss_zero_ablated"]  # it recovers some of the MLPs
+
+
+def test_a_killed_clt_run_resumes_to_the_same_weights(
+    mlp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after step 12 of 16 (checkpoints every 5 steps), the same call resumes from step 10
+    and saves bit for bit the CLT of an uninterrupted run; called once more it returns that folder
+    without training; an unfinished checkpoint of another spec is refused unless restarted."""
+    import gemmascope.train.clt as training
+
+    spec = CLTSpec(width=32, target_l0=6, tokens=4096, batch_size=256, checkpoint_every=5, refit_tokens=512)
+    whole_run, killed_run = tmp_path / "whole", tmp_path / "killed"
+    shutil.copytree(mlp_run, whole_run)
+    shutil.copytree(mlp_run, killed_run)
+    whole = train_clt(whole_run, spec, progress=False)
+    step = training._step
+
+    def dies_at_12(*args: Any) -> dict[str, Any]:
+        if args[-1] == 12:
+            raise KeyboardInterrupt
+        return step(*args)
+
+    monkeypatch.setattr(training, "_step", dies_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        train_clt(killed_run, spec, progress=False)
+    assert (killed_run / "checkpoints" / spec.checkpoint_name() / "state.pt").is_file()
+    assert not (killed_run / "clts").exists()
+    monkeypatch.setattr(training, "_step", step)
+    folder = train_clt(killed_run, spec, progress=False)
+    assert folder.relative_to(killed_run) == whole.relative_to(whole_run)
+    a, b = load_clt(whole), load_clt(folder)
+    assert b.cfg.extra["resumed_at_step"] == 10 and "resumed_at_step" not in a.cfg.extra
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert not (killed_run / "checkpoints" / spec.checkpoint_name() / "state.pt").exists()  # done.json now
+
+    monkeypatch.setattr(training, "_step", lambda *args: pytest.fail("a finished CLT trained again"))
+    assert train_clt(killed_run, spec, progress=False) == folder
+
+    other = CLTSpec(width=32, target_l0=6, tokens=2048, batch_size=256, checkpoint_every=5)
+    monkeypatch.setattr(training, "_step", dies_at_12)
+    (killed_run / "checkpoints" / spec.checkpoint_name() / "done.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        train_clt(killed_run, spec, progress=False)  # an unfinished run of `spec` ...
+    monkeypatch.setattr(training, "_step", step)
+    with pytest.raises(StoreError, match=r"unfinished training run \(step 10\) of another config .*tokens"):
+        train_clt(killed_run, other, progress=False)  # ... is not resumed by another spec
+    assert train_clt(killed_run, other, progress=False, restart=True).is_dir()
 
 
 def test_a_clt_needs_every_layers_mlp_input_and_output(tmp_path: Path, tiny_model: LanguageModel) -> None:

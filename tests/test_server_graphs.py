@@ -214,3 +214,37 @@ def test_graphs_over_a_runs_cross_layer_transcoder(
     shutil.rmtree(run / "saes" / "mlp_in" / "layer_3")  # no per-layer set: the run's only CLT
     with TestClient(create_app(run, model=tiny_model)) as c:
         assert c.get("/v1/graph/list").json()["dictionary"].startswith("cross-layer transcoder")
+
+
+def test_a_run_of_a_cross_layer_transcoder_alone_serves_its_graphs(
+    tmp_path: Path, tiny_model: LanguageModel
+) -> None:
+    """A run holding only a CLT (no saes/) is served: the Graph page draws over it, every other page
+    says plainly that the run has no SAEs (a JSON 4xx, never a 500); an empty run is still refused."""
+    from test_clt import random_clt
+
+    from gemmascope.errors import StoreError
+    from gemmascope.formats.clt import save_clt
+
+    run = tmp_path / "clt_run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"model": tiny_model.name}))
+    with pytest.raises(StoreError, match="holds no SAEs and no cross-layer transcoder"):
+        create_app(run, model=tiny_model)
+    save_clt(random_clt(w=32), run / "clts" / "width_32" / "l0_5_skip")
+    with TestClient(create_app(run, model=tiny_model)) as c:
+        assert c.get("/v1/saes").json()["saes"] == []
+        listed = c.get("/v1/graph/list").json()
+        assert listed["available"] and listed["dictionary"].startswith("cross-layer transcoder")
+        out = c.post("/v1/graph/generate", json={"prompt": PROMPT, "slug": "clt-only"})
+        assert out.status_code == 200, out.text
+        assert c.get("/v1/graph/clt-only").json()["metadata"]["transcoder_list"][0].startswith("clt")
+        for path, body in [
+            ("/v1/activation/topk-by-token", {"prompt": PROMPT}),
+            ("/v1/search/text", {"query": "cat"}),
+            ("/v1/activation/single", {"sae_id": "x", "index": 0, "prompt": PROMPT}),
+        ]:
+            answer = c.post(path, json=body)
+            assert 400 <= answer.status_code < 500, (path, answer.text)
+            assert "no SAEs" in answer.json()["error"], (path, answer.text)
+        assert c.get("/").status_code == 200 and c.get("/graph").status_code == 200

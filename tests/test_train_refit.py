@@ -17,6 +17,7 @@ from gemmascope.errors import ConfigError
 from gemmascope.formats import load_sae
 from gemmascope.models import LanguageModel
 from gemmascope.runs import HELDOUT
+from gemmascope.sae import SAEConfig, build_sae
 from gemmascope.train import TrainConfig, TrainSpec, train_saes
 from gemmascope.train.refit import refit_decoder, solve_decoder
 from gemmascope.train.trainee import Trainee, new_trainee, training_pair
@@ -69,6 +70,28 @@ def test_nested_normal_equations_are_the_matryoshka_least_squares() -> None:
     assert torch.allclose(solved.double(), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "topk", "batchtopk", "relu"])
+def test_sparse_codes_and_their_gram_equal_the_dense_ones(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refit's codes, encoded a block of tokens at a time as sparse entries (`SAE.active`),
+    are the dense activations exactly, and the Gram summed from them is FᵀF."""
+    monkeypatch.setattr(refit, "REFIT_BLOCK_ELEMENTS", 32 * 7)  # blocks of 7 tokens: 300 is not a multiple
+    g = torch.Generator().manual_seed(2)
+    sae = build_sae(SAEConfig(arch, d_in=12, d_sae=32, k=5 if "topk" in arch else None))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        if isinstance(sae, JumpReLUSAE):
+            sae.threshold[:4] = -0.5  # a negative threshold: pre between it and 0 does not fire
+    x = torch.randn(300, 12, generator=g)
+    dense = sae.activation(sae.pre_acts(sae.centered(x)))
+    codes = refit.sparse_codes(sae, x)
+    assert torch.equal(codes.to_dense(), dense)
+    assert torch.equal(refit.csr_codes(dense).to_dense(), dense)
+    total = torch.ones(32, 32)  # the Gram is added to what is there
+    refit._add_codes_gram(total, codes)
+    assert torch.allclose(total, 1 + dense.T @ dense, atol=1e-4, rtol=1e-5)
+
+
 def trainee(store: ActivationStore, spec: TrainSpec, seed: int = 0) -> Trainee:
     t = new_trainee(0, spec, store, TrainConfig(lr=1e-2))
     g = torch.Generator().manual_seed(seed)
@@ -107,6 +130,7 @@ def test_refit_equals_a_plain_regression_and_leaves_the_codes(
     monkeypatch.setattr(refit, "REFIT_RIDGE", 0.0)
     monkeypatch.setattr(refit, "REFIT_FLUSH", 2)  # flushes mid-pass and at the end
     monkeypatch.setattr(refit, "REFIT_BATCH", 512)
+    monkeypatch.setattr(refit, "REFIT_BLOCK_ELEMENTS", 16 * 100)  # blocks of 100 tokens, one batch 6
     store = ActivationStore(store_dir)
     if kind == "sae":
         spec, columns = TrainSpec("resid_post.1", 16, target_l0=4), ""

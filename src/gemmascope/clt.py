@@ -2,7 +2,8 @@
 JumpReLU encoder per layer reading that layer's MLP input, and per latent one decoder to its own
 layer's MLP output and to every later layer's, so a feature the model computes once and uses in
 many layers is one latent. Owns the module (`CrossLayerTranscoder`, `CLTConfig`), the replacement
-of the model's MLP outputs by it in one forward pass (`splice_clt`), and its training terms
+of the model's MLP outputs by it in one forward pass (`splice_clt`), folding training's input and
+output scales into its weights (`fold_scales`), and its training terms
 (`clt_terms`: the reconstruction of every layer's MLP output, each layer's L0, with the sparse
 decoder that touches only active latents times the layers they write).
 
@@ -214,6 +215,29 @@ def clamp_clt(
             stack.enter_context(edit_site(model, ins[layer], read(layer)))
             stack.enter_context(edit_site(model, outs[layer], write(layer)))
         yield
+
+
+def fold_scales(
+    clt: CrossLayerTranscoder, in_scales: list[float], out_scales: list[float]
+) -> CrossLayerTranscoder:
+    """Fold the scales in, in place (no second copy of a CLT that may be gigabytes), and return it:
+    trained on `x_L / C_L` → `y_L / C'_L` with the pre-encoder bias b_in, it becomes the CLT for raw
+    activations with b_enc' = C_s (b_enc − b_in W_enc), θ' = C_s θ, W_dec'[s → t] = W_dec[s → t] C'_t
+    / C_s, b_dec' = C' b_dec, W_skip'[t] = W_skip[t] C'_t / C_t, b_in' = 0: on raw inputs its latents
+    are the training-time ones times C_s and it predicts raw outputs."""
+    n = clt.n_layers
+    with torch.no_grad():
+        for s in range(n):
+            c = in_scales[s]
+            clt.b_enc[s].copy_(c * (clt.b_enc[s] - clt.b_in[s] @ clt.W_enc[s]))
+            clt.threshold[s].mul_(c)
+            ratios = torch.tensor([out_scales[t] / c for t in range(s, n)], device=clt.b_dec.device)
+            clt.decoder(s).mul_(ratios[None, :, None])
+            clt.b_dec[s].mul_(out_scales[s])
+            if clt.W_skip is not None:
+                clt.W_skip[s].mul_(out_scales[s] / c)
+        clt.b_in.zero_()
+    return clt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def demo_graphs(
         harvest(reader, sites, run_dir / HELDOUT, HELDOUT_TOKENS, split="heldout", dtype=dtype)
         del reader
         say(f"training a cross-layer transcoder ({plan.width} latents a layer) for the graph page")
-        train_clt(run_dir, plan.spec())
+        train_clt(run_dir, plan.spec(), restart=True)
         clt = run_clt(run_dir, width)
     digest = transcoder_digest(clt)
     drawn = []

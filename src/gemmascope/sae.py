@@ -135,6 +135,13 @@ class SAE(nn.Module):
         architecture may answer without the activations."""
         return self.activation(pre_acts) > 0
 
+    def active(self, pre_acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The nonzero activations of `pre_acts [b, d_sae]` as `(rows, cols, values)`, rows in order
+        (a sparse matrix's entries); an architecture may answer without the dense activations."""
+        acts = self.activation(pre_acts)
+        rows, cols = acts.nonzero().unbind(1)
+        return rows, cols, acts[rows, cols]
+
     def encode(self, x: Tensor) -> Tensor:
         """`[..., d_in] -> [..., d_sae]`: latent activations of raw input activations."""
         return self.activation(self.pre_acts(x))

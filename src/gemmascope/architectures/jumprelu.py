@@ -53,6 +53,11 @@ class JumpReLUSAE(SAE):
         # mask * relu(pre) > 0 exactly: pre over θ and over 0, one comparison
         return pre_acts > self.threshold.clamp_min(0)
 
+    def active(self, pre_acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # where it fires, mask * relu(pre) is pre itself: no dense activations made
+        rows, cols = self.firing(pre_acts).nonzero().unbind(1)
+        return rows, cols, pre_acts[rows, cols]
+
 
 # ---------------------------------------------------------------------------------------------
 # Straight-through functions for training the threshold (JumpReLU paper, arXiv 2407.14435, section

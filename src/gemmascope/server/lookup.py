@@ -51,7 +51,7 @@ QueueDep = Annotated[ModelQueue, Depends(_queue)]  # the one way to the model
 def sae_or_404(run: Run, key: str) -> LoadedSAE:
     """The run's SAE with this id (404 naming the ones it has)."""
     if key not in run.saes:
-        known = ", ".join(list(run.saes)[:12])
+        known = ", ".join(list(run.saes)[:12]) or "no SAEs (a cross-layer transcoder only: graphs)"
         raise ApiError(404, f"unknown SAE {key!r}: this run has {known}")
     return run.saes[key]
 

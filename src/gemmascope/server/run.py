@@ -25,7 +25,7 @@ from gemmascope.errors import ConfigError, StoreError
 from gemmascope.limits import REQUEST_PROMPT_CHARS, REQUEST_PROMPT_TOKENS, STRENGTH_FACTOR, STRENGTH_LIMIT
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.opening import OpenRun, open_run
-from gemmascope.runs import EVAL_FILE, EVALS_JSON, GRAPHS, REPORT, find_saes
+from gemmascope.runs import EVAL_FILE, EVALS_JSON, GRAPHS, REPORT, find_clts, find_saes
 from gemmascope.sae import SAE, sae_site
 
 _REPORT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(png|svg|json)$")
@@ -88,10 +88,11 @@ class Run:
                 f"run folder {str(run_dir)!r} does not exist: expected a folder made by gemmascope"
             )
         own = [str(folder) for folder in find_saes(self.run_dir)] if self.run_dir else []
-        if not own and not extra:
+        if not own and not extra and not (self.run_dir and find_clts(self.run_dir)):
             raise StoreError(
-                f"run folder {str(self.run_dir)!r} holds no SAEs: expected saes/SITE/layer_L/width_W/l0_K/cfg.json"
-            )
+                f"run folder {str(self.run_dir)!r} holds no SAEs and no cross-layer transcoder: expected "
+                "saes/SITE/layer_L/width_W/l0_K/cfg.json or clts/width_W/l0_K/"
+            )  # a run of a CLT alone is served for its Graph page
         self.opened: OpenRun = open_run(self.run_dir, [*own, *extra], model=model)
         served = {_url_id(self.opened.named[folder]) for folder in own}
         for spec in extra:
@@ -123,6 +124,13 @@ class Run:
 
     @property
     def first_sae(self) -> LoadedSAE:
+        """The SAE a request that names none reads; a ConfigError when the run holds none (a
+        cross-layer transcoder alone: graphs only)."""
+        if not self.saes:
+            raise ConfigError(
+                "this run holds no SAEs, only a cross-layer transcoder: its Graph page draws graphs over it; "
+                "train SAEs (gemmascope train RUN --sites ...) for the other pages"
+            )
         return next(iter(self.saes.values()))
 
     def _read_evals(self) -> dict[str, dict[str, Any]]:

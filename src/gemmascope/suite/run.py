@@ -259,7 +259,7 @@ class _Stages:
                         width=width, target_l0=target, tokens=tokens, seed=plan.seed,
                         batch_size=plan.batch_size or CLTSpec.batch_size,
                     )  # fmt: skip
-                    folder = _rel(run_dir, [train_clt(run_dir, spec)])[0]
+                    folder = _rel(run_dir, [train_clt(run_dir, spec, restart=True)])[0]
                     state.finish(name, folder, key)
                 rows.append(folder)
         eval_key = {"clts": rows, "tokens": plan.eval_tokens}

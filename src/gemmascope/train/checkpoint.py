@@ -57,15 +57,18 @@ class Checkpoint:
     """`run_dir/checkpoints/NAME/`: `state.pt` (weights, optimiser states, counts, step, RNG) while
     training, written atomically; `done.json` (the run key and its SAE folders) once finished."""
 
-    def __init__(self, folder: Path, key: str) -> None:
+    def __init__(self, folder: Path, key: str, marker: str = CFG_FILE) -> None:
+        """`marker`: the file every output folder of a finished run holds (an SAE's cfg.json, a
+        cross-layer transcoder's clt.json)."""
         self.folder = folder
         self.run_dir = folder.parent.parent  # run_dir/checkpoints/NAME
         self.key = key
+        self.marker = marker
         self.state_path = folder / "state.pt"
         self.done_path = folder / "done.json"
 
     def finished_outputs(self) -> list[Path] | None:
-        """The SAE folders of this very run if it already finished and they are all still there."""
+        """The output folders of this very run if it already finished and they are all still there."""
         if not self.done_path.exists():
             return None
         try:
@@ -75,7 +78,7 @@ class Checkpoint:
             raise StoreError(
                 f"training record {str(self.done_path)!r} is damaged ({err!r}): delete it to train this run again"
             ) from None
-        if key == self.key and all((p / CFG_FILE).exists() for p in outputs):
+        if key == self.key and all((p / self.marker).exists() for p in outputs):
             return outputs
         return None
 

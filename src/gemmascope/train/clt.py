@@ -13,14 +13,17 @@ token, Gemma Scope 2's quadratic target-L0 penalty on each layer's L0 (the L0 co
 however many layers it writes: a JumpReLU L0 is blind to decoder norms, so the decoder-norm weighting
 an L1-type CLT penalty needs does not arise), and the pre-activation loss on latents silent for the
 dead window, and at the end the decoder refit (`refit_clt`: each layer's own decoder, skip and bias
-re-solved by least squares given the earlier layers' writes). Not (yet) carried over: checkpoints and
-resume, the dense penalty.
+re-solved by least squares given the earlier layers' writes). A checkpoint every
+`CLTSpec.checkpoint_every` steps and at the end (`train.checkpoint.Checkpoint`, under
+`checkpoints/clt_width_W_target_T/`): the same call resumes a killed run to the same weights, and
+returns a finished one's folder without training. Not (yet) carried over: the dense penalty.
 
 Knows nothing of files beyond `formats.clt` and the activation store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -34,20 +37,20 @@ from tqdm import tqdm
 
 from gemmascope.activations import ActivationStore
 from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
-from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_sites, clt_terms
+from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_sites, clt_terms, fold_scales
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.formats.clt import save_clt
-from gemmascope.runs import CLTS, HELDOUT
+from gemmascope.formats.clt import CLT_JSON, save_clt
+from gemmascope.runs import CHECKPOINTS, CLTS, HELDOUT
 from gemmascope.sites import Site
 from gemmascope.sparse_step import csr_rows
+from gemmascope.train.checkpoint import Checkpoint
 from gemmascope.train.init import fit_skip
 from gemmascope.train.optim import ScheduleFreeSign
 from gemmascope.train.recipe import HELDOUT_TOKENS, SHORT_RUN
-from gemmascope.train.refit import REFIT_MAX_LATENTS, REFIT_RIDGE, NormalEquations, solve_decoder
+from gemmascope.train.refit import REFIT_MAX_LATENTS, REFIT_RIDGE, NormalEquations, csr_codes, solve_decoder
 
-REFIT_CLT_BYTES = (
-    5 * 2**30
-)  # the normal equations (float64, and their float32 sums) of one pass of the CLT refit
+# the normal equations (float64, and their float32 sums) of one pass of the CLT refit
+REFIT_CLT_BYTES = 5 * 2**30
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class CLTSpec:
     buffer_tokens: int = 2**14  # shuffling buffer, per site (36 sites: 1.5 GB at d_model 640)
     refit_tokens: int = SHORT_RUN.refit_tokens  # the decoder refit after training (`refit_clt`; 0: off)
     seed: int = 0
+    checkpoint_every: int = 50  # steps between checkpoints (and one at the end), for resume
 
     def check(self) -> None:
         """A ConfigError naming the first value out of range."""
@@ -82,7 +86,7 @@ class CLTSpec:
             raise ConfigError(
                 f"CLT refit_tokens {self.refit_tokens!r} must be 0 (no refit) or a number of tokens"
             )
-        for name in ("batch_size", "buffer_tokens", "dead_window_tokens"):
+        for name in ("batch_size", "buffer_tokens", "dead_window_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be at least 1")
         if self.tokens is not None and self.tokens < self.batch_size:
@@ -90,6 +94,10 @@ class CLTSpec:
         for name in ("lr", "threshold_lr_ratio", "bandwidth"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be > 0")
+
+    def checkpoint_name(self) -> str:
+        """Its checkpoint's folder under `checkpoints/` (one unfinished CLT per width and target)."""
+        return f"clt_width_{self.width}_target_{self.target_l0:g}"
 
     def folder(self, l0: float) -> str:
         """The CLT's folder in the run, named by its held-out L0 per layer as SAEs are."""
@@ -117,11 +125,15 @@ def mlp_sites(store: ActivationStore) -> tuple[list[Site], list[Site]]:
     return ins, outs
 
 
-def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress: bool = True) -> Path:
+def train_clt(
+    run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress: bool = True, restart: bool = False
+) -> Path:
     """Train one CLT on the run's harvest of every layer's MLP input and output, measure it on the
     run's held-out harvest (FVU of each layer's MLP output, L0 and dead per layer), fold the input
     scales in and save it (Gemma Scope 2's per-layer files and circuit-tracer's, `formats.clt`).
-    Returns its folder."""
+    Returns its folder. Called again after a kill it resumes from its last checkpoint (the weights
+    of an uninterrupted run); a finished run returns its folder; an unfinished checkpoint of another
+    spec or harvest is an error unless `restart` discards it."""
     spec.check()
     run_dir = Path(run_dir)
     store = ActivationStore(run_dir)
@@ -134,6 +146,13 @@ def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress:
         raise StoreError(
             f"the store holds {available} usable tokens, less than one batch ({spec.batch_size})"
         )
+    ckpt = Checkpoint(
+        run_dir / CHECKPOINTS / spec.checkpoint_name(), _run_key(store, ins + outs, spec), CLT_JSON
+    )
+    done = ckpt.finished_outputs()
+    if done is not None:
+        return done[0]
+    resumed = ckpt.load(restart)
     steps = (available if spec.tokens is None else spec.tokens) // spec.batch_size
     epochs = -(-steps // per_epoch)
     batches = store.batches(ins + outs, spec.batch_size, spec.seed, spec.buffer_tokens, epochs, scaled=True)
@@ -148,19 +167,41 @@ def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress:
     opt = _optimizer(clt, spec)
     last_fired = torch.zeros(n, spec.width, dtype=torch.long, device=device)
     log: list[dict[str, Any]] = []
+    start = 0
+    if resumed is not None:  # the state after `start` steps; the reader is deterministic for the seed
+        start, [state] = int(resumed["step"]), resumed["trainees"]
+        clt.load_state_dict(state["clt"])
+        opt.load_state_dict(state["optimizer"])
+        last_fired.copy_(state["last_fired"])
+        log = state["log"]
+        torch.set_rng_state(resumed["torch_rng"])
+        for _ in range(start - 1):  # batches 1..start-1 were stepped on before (0 started it)
+            next(batches)
     started = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"train CLT ({n} layers x {spec.width})", disable=not progress)
-    for step_index in range(steps):
+    bar = tqdm(
+        total=steps, initial=start, desc=f"train CLT ({n} layers x {spec.width})", disable=not progress
+    )
+    for step_index in range(start, steps):
         if step_index > 0:
             batch = next(batches, None)
             if batch is None:
-                break
+                raise StoreError(
+                    f"the activation store gave {step_index} batches, fewer than the {steps} planned"
+                )
             xs, ys = _stack(batch, ins, device), _stack(batch, outs, device)
         row = _step(clt, opt, xs, ys, spec, last_fired, step_index)
         if step_index % 10 == 0 or step_index == steps - 1:
             log.append(row)
             bar.set_postfix_str(f"L0 {row['l0_mean']:.0f} FVU {row['fvu_mean']:.3f}")
         bar.update(1)
+        if (step_index + 1) % spec.checkpoint_every == 0 or step_index + 1 == steps:
+            state = {
+                "clt": clt.state_dict(),
+                "optimizer": opt.state_dict(),
+                "last_fired": last_fired,
+                "log": log,
+            }
+            ckpt.save(step_index + 1, [state])
     bar.close()
     seconds = time.perf_counter() - started
     # training is over: the average goes into the parameters for good and the optimiser's copies
@@ -168,23 +209,25 @@ def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress:
     opt.zero_grad(set_to_none=True)
     opt.swap_in_average()
     opt.state.clear()
-    del opt
+    del opt, resumed
     del batches, first, xs, ys  # the training reader's shuffle buffer and shards (GBs at 36 sites) too
     folded = fold_scales(clt, [store.scale(s) for s in ins], [store.scale(s) for s in outs])
     before = measure_heldout(folded, run_dir, ins, outs)
     l0 = float(sum(before["l0"]) / n) if before else log[-1]["l0_mean"]  # the refit keeps the codes
-    folder = run_dir / spec.folder(l0)
+    folder, ours = _folder_for(run_dir / spec.folder(l0), ckpt.key)
     folded.cfg.extra = {
-        "spec": asdict(spec), "steps": step_index + 1, "train_seconds": round(seconds, 1),
-        "train_tokens": (step_index + 1) * spec.batch_size, "heldout": before, "store": str(store.root),
-        "decoder_refit_tokens": 0,
+        "spec": asdict(spec), "steps": steps, "train_seconds": round(seconds, 1),
+        "train_tokens": steps * spec.batch_size, "heldout": before, "store": str(store.root),
+        "decoder_refit_tokens": 0, "train_key": _digest(ckpt.key),
+        **({"resumed_at_step": start} if start else {}),
     }  # fmt: skip
-    save_clt(folded, folder)  # saved as trained first: a refit that fails loses nothing
+    # saved as trained first: a refit that fails loses nothing
+    save_clt(folded, folder, replace=ours)
     if spec.refit_tokens:  # on the raw activations the folded CLT reads
         started = time.perf_counter()
         refit = refit_clt(
             folded, lambda: store.batches(ins + outs, 4096, spec.seed, spec.buffer_tokens),
-            min(spec.refit_tokens, (step_index + 1) * spec.batch_size), progress,
+            min(spec.refit_tokens, steps * spec.batch_size), progress,
         )  # fmt: skip
         if refit:
             folded.cfg.extra.update(
@@ -193,7 +236,34 @@ def train_clt(run_dir: Path | str, spec: CLTSpec, device: str = "cpu", progress:
             )  # fmt: skip
             save_clt(folded, folder, replace=True)
     (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    ckpt.finish([folder])
     return folder
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _folder_for(base: Path, key: str) -> tuple[Path, bool]:
+    """Where this run saves its CLT: `base`, else `base_v2`, ... past folders of other runs (never
+    overwritten); True when the folder is this very run's own save from before it was killed."""
+    for attempt in range(1, 1000):
+        folder = base if attempt == 1 else base.with_name(f"{base.name}_v{attempt}")
+        if not folder.exists():
+            return folder, False
+        try:
+            if json.loads((folder / CLT_JSON).read_text())["extra"]["train_key"] == _digest(key):
+                return folder, True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not ours, or not a CLT we can read: left alone
+    raise StoreError(f"too many CLTs named like {str(base)!r}")
+
+
+def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec) -> str:
+    """What makes two CLT runs the same run: the spec (not how often it checkpoints) and the data."""
+    settings = {k: v for k, v in asdict(spec).items() if k != "checkpoint_every"}
+    data = {str(s): [e["sha256"] for e in store.manifest(s)["shards"]] for s in sites}
+    return json.dumps({"config": settings, "data": data}, sort_keys=True)
 
 
 def _stack(batch: dict[Site, Tensor], sites: list[Site], device: str) -> Tensor:
@@ -380,7 +450,7 @@ def _refit_sums(
             ones = torch.ones(take, 1, device=device)
             for t in targets:
                 extra = torch.cat([xs[t], ones], 1) if clt.W_skip is not None else ones
-                equations[t].add(own[t], extra, earlier[t])
+                equations[t].add(csr_codes(own[t]), extra, earlier[t])
             seen += take
             bar.update(take)
             if seen >= tokens:
@@ -426,26 +496,3 @@ def measure_heldout(
         "l0": [round(float(v), 2) for v in l0 / seen],
         "dead": [round(float(v), 4) for v in 1 - fired.float().mean(1)],
     }
-
-
-def fold_scales(
-    clt: CrossLayerTranscoder, in_scales: list[float], out_scales: list[float]
-) -> CrossLayerTranscoder:
-    """Fold the scales in, in place (no second copy of a CLT that may be gigabytes), and return it:
-    trained on `x_L / C_L` → `y_L / C'_L` with the pre-encoder bias b_in, it becomes the CLT for raw
-    activations with b_enc' = C_s (b_enc − b_in W_enc), θ' = C_s θ, W_dec'[s → t] = W_dec[s → t] C'_t
-    / C_s, b_dec' = C' b_dec, W_skip'[t] = W_skip[t] C'_t / C_t, b_in' = 0: on raw inputs its latents
-    are the training-time ones times C_s and it predicts raw outputs."""
-    n = clt.n_layers
-    with torch.no_grad():
-        for s in range(n):
-            c = in_scales[s]
-            clt.b_enc[s].copy_(c * (clt.b_enc[s] - clt.b_in[s] @ clt.W_enc[s]))
-            clt.threshold[s].mul_(c)
-            ratios = torch.tensor([out_scales[t] / c for t in range(s, n)], device=clt.b_dec.device)
-            clt.decoder(s).mul_(ratios[None, :, None])
-            clt.b_dec[s].mul_(out_scales[s])
-            if clt.W_skip is not None:
-                clt.W_skip[s].mul_(out_scales[s] / c)
-        clt.b_in.zero_()
-    return clt

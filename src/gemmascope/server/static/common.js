@@ -102,7 +102,13 @@ GS.header = function (here) {
     GS.el("nav", {}, links.map(([href, label, key]) => GS.el("a", {href, class: key === here ? "here" : null}, label))),
     model);
   document.body.prepend(head);
-  GS.run().then((run) => { model.textContent = `${run.model} · ${run.run}`; }).catch(() => {});
+  GS.run().then((run) => {
+    model.textContent = `${run.model} · ${run.run}`;
+    if (!run.saes.length && here !== "graph") {  // a run of a cross-layer transcoder alone
+      head.after(GS.el("p", {class: "warn", id: "no-saes", style: "margin: 10px 24px"}, "This run holds no SAEs, only a cross-layer transcoder: ",
+        GS.el("a", {href: "/graph"}, "its Graph page"), " draws attribution graphs over it. Train SAEs (gemmascope train RUN --sites ...) for this page."));
+    }
+  }).catch(() => {});
 };
 
 // The run's SAEs (fetched once per page).
