@@ -90,6 +90,12 @@ def test_sparse_codes_and_their_gram_equal_the_dense_ones(arch: str, monkeypatch
     total = torch.ones(32, 32)  # the Gram is added to what is there
     refit._add_codes_gram(total, codes)
     assert torch.allclose(total, 1 + dense.T @ dense, atol=1e-4, rtol=1e-5)
+    # the encoder's product in bfloat16: the same codes to its rounding, a pair at the threshold aside
+    rounded = refit.sparse_codes(sae, x, torch.bfloat16).to_dense()
+    both = (rounded != 0) & (dense != 0)
+    assert ((rounded != 0) != (dense != 0)).float().mean() < 0.01
+    bound = 2**-7 * (sae.centered(x).abs() @ sae.W_enc.abs())  # bfloat16's rounding of both factors
+    assert ((rounded - dense).abs() <= bound)[both].all()
 
 
 def trainee(store: ActivationStore, spec: TrainSpec, seed: int = 0) -> Trainee:
@@ -148,7 +154,7 @@ def test_refit_equals_a_plain_regression_and_leaves_the_codes(
     dead_row = t.sae.W_dec[0].detach().clone()
     with torch.no_grad():
         before = (y - z @ torch.cat([t.sae.W_dec, *refit._extra_rows(t.sae)]).double()).pow(2).sum()
-    n = refit_decoder(t, store, TrainConfig(), 3000, progress=False)
+    n = refit_decoder(t, store, TrainConfig(refit_dtype="float32"), 3000, progress=False)  # exact codes
     assert n == 3000
     for name, value in encoder.items():
         assert torch.equal(t.sae.state_dict()[name], value), name

@@ -18,6 +18,7 @@ from typing import Any
 from gemmascope.activations import ActivationStore
 from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
 from gemmascope.errors import ConfigError, StoreError
+from gemmascope.models import MODEL_DTYPES
 from gemmascope.runs import check_name
 from gemmascope.sae import architecture
 from gemmascope.sites import parse_site
@@ -217,6 +218,15 @@ class TrainConfig:
     refit_tokens: int = field(
         default=_R.refit_tokens,
         metadata=_opt("tokens the decoder is refit on by least squares after training (0: off)"),
+    )
+    refit_dtype: str = field(
+        default="auto",
+        metadata=_opt(
+            "dtype of the refit's encoder product: auto (bfloat16 where the device computes it natively, as "
+            "--model-dtype: 1.4x faster refit, same held-out FVU to 1e-5), float32 (the codes exactly as "
+            "inference computes them), bfloat16",
+            choices=MODEL_DTYPES,
+        ),
     )
     seed: int = field(default=0, metadata=_opt("seed of the initialisation and the batch order"))
     buffer_tokens: int = field(default=2**18, metadata=_opt("activations shuffled together"))

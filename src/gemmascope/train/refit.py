@@ -20,6 +20,10 @@ value, so a latent that fired on a handful of tokens keeps most of what training
 that never fired keeps its row. Rows keep the norm the solve gives them (the codes do not change, so
 neither does what a feature's activation means; only its direction and size in the output).
 
+The codes are the encoder's own, with its product taken in `TrainConfig.refit_dtype` (auto:
+bfloat16 where the device computes it natively, so within its rounding of inference's codes; at
+resid_post.12, 300k tokens, the refit 17.5 s -> 12.2 s and the held-out FVU 0.216438 -> 0.216446).
+
 Knows nothing of the step loop, checkpoints or files (see `loop`).
 """
 
@@ -32,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from gemmascope.activations import ActivationStore
+from gemmascope.models import reading_dtype
 from gemmascope.sae import SAE
 from gemmascope.sparse_step import csr_rows
 from gemmascope.train.config import TrainConfig
@@ -51,15 +56,20 @@ REFIT_MAX_LATENTS = 16_384  # wider SAEs are saved as trained (about 4.4 GB of s
 REFIT_RIDGE = 1e-4
 
 
-def sparse_codes(sae: SAE, x: Tensor) -> Tensor:
+def sparse_codes(sae: SAE, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """`[b, d_sae]` sparse CSR: the codes of `x [b, d_in]` (training space, before centring), encoded
     a block of REFIT_BLOCK_ELEMENTS at a time so each block's pre-activations are read for their
     nonzeros while still in cache (at width 4,096, 110 ms a batch of 4,096 tokens where the whole
-    batch at once, made dense, took 204: the refit of 300k tokens 26.3 s -> 19.0 s)."""
+    batch at once, made dense, took 204: the refit of 300k tokens 26.3 s -> 19.0 s). With `dtype`
+    bfloat16 the encoder's product is taken in it (the bias added in float32): codes within its
+    rounding (about 0.4%) of inference's, 3.5 times faster where the CPU has bfloat16 instructions."""
     x, block = sae.centered(x), max(1, REFIT_BLOCK_ELEMENTS // sae.d_sae)
+    w_enc = sae.W_enc.to(dtype)
     rows, cols, values = [], [], []
     for start in range(0, len(x), block):
-        r, c, v = sae.active(sae.pre_acts(x[start : start + block]))
+        part = x[start : start + block]
+        pre = sae.pre_acts(part) if dtype == torch.float32 else (part.to(dtype) @ w_enc).float() + sae.b_enc
+        r, c, v = sae.active(pre)
         rows.append(r + start)
         cols.append(c)
         values.append(v)
@@ -156,6 +166,7 @@ def refit_decoder(
     # the dense columns beside the codes: a transcoder's input (its skip) and a constant (its b_dec)
     n_extra = (d_in if sae.W_skip is not None else 0) + (1 if sae.is_transcoder else 0)
     equations = NormalEquations(d_sae, n_extra, d_in, device)
+    dtype = reading_dtype(cfg.refit_dtype, device)
     available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in t.sites)
     batch_size = max(1, min(REFIT_BATCH, tokens, available))  # a small store still gives batches
     batches = store.batches(t.sites, batch_size, seed=cfg.seed, buffer_tokens=cfg.buffer_tokens, scaled=True)
@@ -169,7 +180,7 @@ def refit_decoder(
                 extra = [x] if sae.W_skip is not None else []
                 if sae.is_transcoder:
                     extra.append(torch.ones(len(x), 1, device=device))
-                equations.add(sparse_codes(sae, x), torch.cat(extra, 1) if extra else None, y)
+                equations.add(sparse_codes(sae, x, dtype), torch.cat(extra, 1) if extra else None, y)
                 bar.update(len(x))
             if equations.n >= tokens:
                 break
