@@ -87,6 +87,21 @@ def test_sparse_terms_equal_the_dense_reference_in_value_and_gradient(skip: bool
         assert torch.allclose(g_sparse[name], g_dense[name], atol=1e-4, rtol=1e-4), name
 
 
+def test_the_tanh_term_is_the_batch_mean_of_tanh_of_the_activations() -> None:
+    """Anthropic's penalty term per layer, Σᵢ tanh(cₗ·aᵢ) averaged over the batch, on the sparse
+    path equals the dense activations' (and is zero work when not asked for)."""
+    g = torch.Generator().manual_seed(4)
+    xs, ys = torch.randn(3, 40, 8, generator=g), torch.randn(3, 40, 8, generator=g)
+    clt, c = random_clt(n=3, d=8, w=16), torch.tensor([0.5, 1.0, 2.0])
+    terms = clt_terms(clt, xs, ys, 0.05, tanh_c=c)
+    with torch.no_grad():
+        expected = torch.stack([torch.tanh(c[s] * clt.encode(s, xs[s])).sum(-1).mean() for s in range(3)])
+    assert torch.allclose(terms.tanh.detach(), expected, atol=1e-5)
+    terms.tanh.sum().backward()  # the gradient reaches the encoder and the thresholds
+    assert clt.W_enc[0].grad is not None and clt.threshold[2].grad is not None
+    assert torch.equal(clt_terms(clt, xs, ys, 0.05).tanh, torch.zeros(3))
+
+
 def own_layer_transcoders(clt: CrossLayerTranscoder) -> list[SAE]:
     """The per-layer transcoders a CLT is once its decoders into later layers are zeroed (here)."""
     transcoders = []
@@ -225,17 +240,16 @@ def test_layers_of_different_widths_are_a_clear_error(tmp_path: Path) -> None:
 def test_refit_solves_each_layers_own_decoder_given_the_earlier_writes(
     skip: bool, layers_a_pass: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gemmascope.train.clt as train_clt_module
     import gemmascope.train.refit as refit
 
-    monkeypatch.setattr(train_clt_module, "REFIT_RIDGE", 0.0)
+    monkeypatch.setattr(refit, "REFIT_RIDGE", 0.0)
     # one layer's sums (float64 normal equations, float32 between flushes): width 12, d 8 (below)
     size = 12 + (8 if skip else 0) + 1
     one_layer = 8 * size * (size + 8) + 4 * (12 * 12 + (size - 12) * size + size * 8)
-    monkeypatch.setattr(train_clt_module, "REFIT_CLT_BYTES", layers_a_pass * one_layer)
+    monkeypatch.setattr(refit, "REFIT_CLT_BYTES", layers_a_pass * one_layer)
     passes = []
-    real_sums = train_clt_module._refit_sums
-    monkeypatch.setattr(train_clt_module, "_refit_sums", lambda *a: passes.append(1) or real_sums(*a))
+    real_sums = refit._refit_sums
+    monkeypatch.setattr(refit, "_refit_sums", lambda *a: passes.append(1) or real_sums(*a))
     monkeypatch.setattr(refit, "REFIT_FLUSH", 2)  # flushes mid-pass and at the end
     n, d, w = 3, 8, 12
     clt = random_clt(skip, n=n, d=d, w=w)
@@ -262,9 +276,9 @@ def test_refit_solves_each_layers_own_decoder_given_the_earlier_writes(
             z = torch.cat([acts[t]] + ([xs[t]] if skip else []) + [torch.ones(500, 1)], 1).double()
             target = ys[t] - sum(acts[s] @ clt.decoder(s)[:, t - s] for s in range(t))
             expected.append(torch.linalg.lstsq(z, target.double()).solution.float())
-    assert train_clt_module.refit_clt(copy.deepcopy(clt), lambda: iter(batches), 450, progress=False) == 450
+    assert refit.refit_clt(copy.deepcopy(clt), lambda: iter(batches), 450, progress=False) == 450
     passes.clear()
-    assert train_clt_module.refit_clt(clt, lambda: iter(batches), 10**6, progress=False) == 500
+    assert refit.refit_clt(clt, lambda: iter(batches), 10**6, progress=False) == 500
     assert len(passes) == -(-n // layers_a_pass)  # as many layers a pass as the budget holds
     for p, old in zip((*clt.W_enc, *clt.b_enc, *clt.threshold), encoder, strict=True):
         assert torch.equal(p, old)  # the encoders, thresholds and cross-layer decoders are kept
@@ -309,15 +323,24 @@ def test_a_clt_trains_on_every_layers_mlp_and_replaces_them(
     assert result["ce_loss_with"] < result["ce_loss_zero_ablated"]  # it recovers some of the MLPs
 
 
+@pytest.mark.parametrize("penalty", ["l0", "tanh"])
 def test_a_killed_clt_run_resumes_to_the_same_weights(
-    mlp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, penalty: str
 ) -> None:
     """Killed after step 12 of 16 (checkpoints every 5 steps), the same call resumes from step 10
     and saves bit for bit the CLT of an uninterrupted run; called once more it returns that folder
     without training; an unfinished checkpoint of another spec is refused unless restarted."""
     import gemmascope.train.clt as training
 
-    spec = CLTSpec(width=32, target_l0=6, tokens=4096, batch_size=256, checkpoint_every=5, refit_tokens=512)
+    spec = CLTSpec(
+        width=32,
+        target_l0=6,
+        tokens=4096,
+        batch_size=256,
+        checkpoint_every=5,
+        refit_tokens=512,
+        penalty=penalty,
+    )
     whole_run, killed_run = tmp_path / "whole", tmp_path / "killed"
     shutil.copytree(mlp_run, whole_run)
     shutil.copytree(mlp_run, killed_run)
@@ -346,7 +369,9 @@ def test_a_killed_clt_run_resumes_to_the_same_weights(
     monkeypatch.setattr(training, "_step", lambda *args: pytest.fail("a finished CLT trained again"))
     assert train_clt(killed_run, spec, progress=False) == folder
 
-    other = CLTSpec(width=32, target_l0=6, tokens=2048, batch_size=256, checkpoint_every=5)
+    if penalty == "tanh":  # steered to the target L0 as the quadratic penalty is
+        assert all(3 <= l0 <= 12 for l0 in b.cfg.extra["heldout"]["l0"])
+    other = CLTSpec(width=32, target_l0=6, tokens=2048, batch_size=256, checkpoint_every=5, penalty=penalty)
     monkeypatch.setattr(training, "_step", dies_at_12)
     (killed_run / "checkpoints" / spec.checkpoint_name() / "done.json").unlink()
     with pytest.raises(KeyboardInterrupt):
@@ -372,6 +397,8 @@ def test_a_clt_needs_every_layers_mlp_input_and_output(tmp_path: Path, tiny_mode
     assert not (run_dir / "clts").exists()
     with pytest.raises(ConfigError, match="target L0 40 must be > 0 and below the width 16"):
         train_clt(run_dir, CLTSpec(width=16, target_l0=40), progress=False)
+    with pytest.raises(ConfigError, match="CLT penalty 'l1': expected one of l0, tanh"):
+        train_clt(run_dir, CLTSpec(width=16, target_l0=4, penalty="l1"), progress=False)
     ActivationStore(run_dir)  # the store is untouched
 
 

@@ -124,6 +124,11 @@ def clt_sites(clt: CrossLayerTranscoder) -> tuple[list[Site], list[Site]]:
     return [Site("mlp_in", layer) for layer in layers], [Site("mlp_out", layer) for layer in layers]
 
 
+def stack_sites(batch: dict[Site, Tensor], sites: list[Site], device: str) -> Tensor:
+    """`[n_layers, B, d_model]`: a batch's activations at `sites`, layer by layer."""
+    return torch.stack([batch[s] for s in sites]).to(device)
+
+
 def check_model(model: LanguageModel, clt: CrossLayerTranscoder) -> None:
     """A SiteError unless the CLT spans every layer of `model` and its sites are `d_model` wide."""
     if clt.n_layers != model.n_layers:
@@ -248,28 +253,33 @@ def fold_scales(
 class CLTTerms:
     """A CLT's loss terms on one batch: `recon` the sum over layers of the batch mean of
     ‖y_L − ŷ_L‖², `l0 [n_layers]` each layer's mean active latents per token (gradient to the
-    thresholds through the straight-through step), `fired [n_layers, width]` float32 counts, and
-    `errors [n_layers]` each layer's part of `recon` (detached)."""
+    thresholds through the straight-through step), `fired [n_layers, width]` float32 counts,
+    `errors [n_layers]` each layer's part of `recon` (detached), and `tanh [n_layers]` each layer's
+    batch mean of Σᵢ tanh(cₗ·aᵢ) (Anthropic's CLT penalty; the decoder rows are unit norm, so
+    ‖W_dec,ᵢ‖ = 1), zeros unless asked for."""
 
     recon: Tensor
     l0: Tensor
     fired: Tensor
     errors: Tensor
+    tanh: Tensor
 
 
-def clt_terms(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, bandwidth: float) -> CLTTerms:
+def clt_terms(
+    clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, bandwidth: float, tanh_c: Tensor | None = None
+) -> CLTTerms:
     """The terms of `xs [n_layers, B, d_model]` (every layer's MLP input) and `ys [n_layers, B,
     d_model]` (its MLP output), both as training scales them. Per source layer only the (token,
     latent) pairs over θ − ε are kept (`sparse_step.kept_pairs`); their JumpReLU values (θ's
     pseudo-gradient by the rectangle kernel, as the SAEs') are decoded into every later layer by one
     sparse product (`_SparseDecode`), so the decoder's cost is the active latents times the layers
-    they write, not the width times them."""
+    they write, not the width times them. `tanh_c [n_layers]`: the tanh penalty's scale per layer."""
     n, batch = clt.n_layers, xs.shape[1]
     residual = ys - clt.b_dec[:, None]  # [n, B, d]: what the latents (and the skip) must give
     if clt.W_skip is not None:
         residual = residual - torch.bmm(xs, clt.W_skip)
     predicted: list[Tensor | float] = [0.0] * n
-    l0s, fired = [], []
+    l0s, fired, tanhs = [], [], []
     for s in range(n):
         x_centered = xs[s] - clt.b_in[s]
         with torch.no_grad():
@@ -278,13 +288,16 @@ def clt_terms(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, bandwidth: floa
         theta = clt.threshold[s][cols]
         values = jumprelu(pre, theta, bandwidth)
         l0s.append(step(pre, theta, bandwidth).sum() / batch)
+        if tanh_c is not None:
+            tanhs.append(torch.tanh(tanh_c[s] * values).sum() / batch)
         fired.append(torch.bincount(cols[pre > theta], minlength=clt.width).to(torch.float32))
         out = _SparseDecode.apply(values, rows, cols, clt.W_dec[s], batch)  # [B, (n − s)·d]
         out = out.view(batch, n - s, -1)
         for t in range(s, n):
             predicted[t] = predicted[t] + out[:, t - s]
     errors = torch.stack([(residual[t] - predicted[t]).pow(2).sum(-1).mean() for t in range(n)])
-    return CLTTerms(errors.sum(), torch.stack(l0s), torch.stack(fired), errors.detach())
+    tanh = torch.stack(tanhs) if tanhs else torch.zeros(n, device=xs.device)
+    return CLTTerms(errors.sum(), torch.stack(l0s), torch.stack(fired), errors.detach(), tanh)
 
 
 class _EncoderAtPairs(torch.autograd.Function):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,19 @@ from tqdm import tqdm
 
 from gemmascope.activations import ActivationStore
 from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
-from gemmascope.clt import CLTConfig, CrossLayerTranscoder, clt_sites, clt_terms, fold_scales
+from gemmascope.clt import CLTConfig, CLTTerms, CrossLayerTranscoder, clt_terms, fold_scales, stack_sites
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.formats.clt import CLT_JSON, save_clt
 from gemmascope.runs import CHECKPOINTS, CLTS, HELDOUT
 from gemmascope.sites import Site
-from gemmascope.sparse_step import csr_rows
 from gemmascope.train.checkpoint import Checkpoint
 from gemmascope.train.init import fit_skip
 from gemmascope.train.optim import ScheduleFreeSign
 from gemmascope.train.recipe import HELDOUT_TOKENS, SHORT_RUN
-from gemmascope.train.refit import REFIT_MAX_LATENTS, REFIT_RIDGE, NormalEquations, csr_codes, solve_decoder
+from gemmascope.train.refit import refit_clt
 
-# the normal equations (float64, and their float32 sums) of one pass of the CLT refit
-REFIT_CLT_BYTES = 5 * 2**30
+CLT_PENALTIES = ("l0", "tanh")
+TANH_START, TANH_STEER = 1e-3, 0.1  # the tanh penalty's λ at first, and its step towards the target L0
 
 
 @dataclass(frozen=True)
@@ -72,6 +70,9 @@ class CLTSpec:
     buffer_tokens: int = 2**14  # shuffling buffer, per site (36 sites: 1.5 GB at d_model 640)
     refit_tokens: int = SHORT_RUN.refit_tokens  # the decoder refit after training (`refit_clt`; 0: off)
     seed: int = 0
+    # "l0": Gemma Scope 2's quadratic target-L0 penalty per layer; "tanh": Anthropic's λ Σ tanh(c·‖W_dec‖·a)
+    # per layer, λ steered to the target L0 (`_Tanh`)
+    penalty: str = "l0"
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end), for resume
 
     def check(self) -> None:
@@ -91,6 +92,8 @@ class CLTSpec:
                 raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be at least 1")
         if self.tokens is not None and self.tokens < self.batch_size:
             raise ConfigError(f"CLT tokens {self.tokens} must be at least one batch ({self.batch_size})")
+        if self.penalty not in CLT_PENALTIES:
+            raise ConfigError(f"CLT penalty {self.penalty!r}: expected one of {', '.join(CLT_PENALTIES)}")
         for name in ("lr", "threshold_lr_ratio", "bandwidth"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be > 0")
@@ -162,8 +165,9 @@ def train_clt(
         device
     )
     first = next(batches)
-    xs, ys = _stack(first, ins, device), _stack(first, outs, device)
+    xs, ys = stack_sites(first, ins, device), stack_sites(first, outs, device)
     _init(clt, xs, ys, spec)
+    tanh = _Tanh.start(clt, xs) if spec.penalty == "tanh" else None  # c from the start, as the run began
     opt = _optimizer(clt, spec)
     last_fired = torch.zeros(n, spec.width, dtype=torch.long, device=device)
     log: list[dict[str, Any]] = []
@@ -173,6 +177,8 @@ def train_clt(
         clt.load_state_dict(state["clt"])
         opt.load_state_dict(state["optimizer"])
         last_fired.copy_(state["last_fired"])
+        if tanh is not None:
+            tanh.lam.copy_(state["tanh_lambda"])
         log = state["log"]
         torch.set_rng_state(resumed["torch_rng"])
         for _ in range(start - 1):  # batches 1..start-1 were stepped on before (0 started it)
@@ -188,8 +194,8 @@ def train_clt(
                 raise StoreError(
                     f"the activation store gave {step_index} batches, fewer than the {steps} planned"
                 )
-            xs, ys = _stack(batch, ins, device), _stack(batch, outs, device)
-        row = _step(clt, opt, xs, ys, spec, last_fired, step_index)
+            xs, ys = stack_sites(batch, ins, device), stack_sites(batch, outs, device)
+        row = _step(clt, opt, xs, ys, spec, last_fired, step_index, tanh)
         if step_index % 10 == 0 or step_index == steps - 1:
             log.append(row)
             bar.set_postfix_str(f"L0 {row['l0_mean']:.0f} FVU {row['fvu_mean']:.3f}")
@@ -200,6 +206,7 @@ def train_clt(
                 "optimizer": opt.state_dict(),
                 "last_fired": last_fired,
                 "log": log,
+                **({"tanh_lambda": tanh.lam} if tanh else {}),
             }
             ckpt.save(step_index + 1, [state])
     bar.close()
@@ -266,11 +273,6 @@ def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec) -> str:
     return json.dumps({"config": settings, "data": data}, sort_keys=True)
 
 
-def _stack(batch: dict[Site, Tensor], sites: list[Site], device: str) -> Tensor:
-    """`[n_layers, B, d_model]`: the batch's activations at `sites`, layer by layer."""
-    return torch.stack([batch[s] for s in sites]).to(device)
-
-
 def _init(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, spec: CLTSpec) -> None:
     """The recipe's start on a first batch `xs`, `ys [n, B, d]` (already / C): random unit decoder
     rows, encoder columns at the sign optimiser's norm, b_in and b_dec at the means, the skip by
@@ -320,10 +322,14 @@ def _step(
     spec: CLTSpec,
     last_fired: Tensor,
     step_index: int,
+    tanh: _Tanh | None = None,
 ) -> dict[str, Any]:
-    """One optimiser step; updates `last_fired [n, width]` (the last step each latent fired)."""
-    terms = clt_terms(clt, xs, ys, spec.bandwidth)
-    sparsity = spec.target_l0_coeff * (terms.l0 / spec.target_l0 - 1).pow(2).sum()
+    """One optimiser step (the `tanh` penalty's, else the quadratic target-L0's); updates `last_fired [n, width]` (the last step each latent fired)."""
+    terms = clt_terms(clt, xs, ys, spec.bandwidth, tanh.c if tanh else None)
+    if tanh is None:
+        sparsity = spec.target_l0_coeff * (terms.l0 / spec.target_l0 - 1).pow(2).sum()
+    else:
+        sparsity = tanh.loss(terms, spec.target_l0)
     last_fired[terms.fired > 0] = step_index
     dead = (step_index - last_fired) * xs.shape[1] >= spec.dead_window_tokens  # [n, width]
     extra: Tensor | float = 0.0
@@ -344,6 +350,31 @@ def _step(
     }  # fmt: skip
 
 
+@dataclass
+class _Tanh:
+    """Anthropic's CLT sparsity penalty, Σₗ λₗ Σᵢ tanh(cₗ ‖W_dec,ᵢ‖ aᵢ) (decoder rows are unit
+    norm here, so ‖W_dec,ᵢ‖ = 1): cₗ = 1 / layer l's median active value on the first batch (tanh
+    neither flat nor saturated), λₗ steered each step by exp(TANH_STEER (L0ₗ / target − 1)), so the
+    run ends at the target L0 as the quadratic penalty's does and the two compare at one L0."""
+
+    c: Tensor  # [n_layers]
+    lam: Tensor  # [n_layers]
+
+    @classmethod
+    @torch.no_grad()
+    def start(cls, clt: CrossLayerTranscoder, xs: Tensor) -> _Tanh:
+        scales = []
+        for s in range(clt.n_layers):
+            acts = clt.encode(s, xs[s])
+            scales.append(1 / acts[acts > 0].median().clamp_min(1e-6))
+        return cls(torch.stack(scales), torch.full((clt.n_layers,), TANH_START, device=xs.device))
+
+    def loss(self, terms: CLTTerms, target_l0: float) -> Tensor:
+        out = (self.lam * terms.tanh).sum()
+        self.lam.mul_(torch.exp(TANH_STEER * (terms.l0.detach() / target_l0 - 1)))
+        return out
+
+
 def _dead_preact_loss(clt: CrossLayerTranscoder, xs: Tensor, dead: Tensor) -> Tensor:
     """Σ over layers of the batch mean of Σᵢ ReLU(θᵢ − preᵢ) over that layer's `dead [n, width]`
     latents (Anthropic's pre-activation loss): pulls silent latents back until they fire."""
@@ -355,107 +386,6 @@ def _dead_preact_loss(clt: CrossLayerTranscoder, xs: Tensor, dead: Tensor) -> Te
             total = total + torch.relu(clt.threshold[s][index] - pre).sum(-1).mean()
     assert isinstance(total, Tensor)
     return total
-
-
-@torch.no_grad()
-def refit_clt(
-    clt: CrossLayerTranscoder,
-    batches: Callable[[], Iterator[dict[Site, Tensor]]],
-    tokens: int,
-    progress: bool = True,
-) -> int:
-    """The decoder refit of a CLT (`train.refit`'s, layer by layer), in place: with every encoder
-    fixed, each layer's own decoder rows, its skip and its output bias are re-solved by least squares
-    on up to `tokens` tokens of `batches()` (every layer's MLP input and output, in the space `clt`
-    reads: raw for a folded CLT), given what the earlier layers' latents write into it (those
-    decoders stay as trained: all of a layer's incoming decoders at once would be a system of up to
-    n_layers × width unknowns). The normal equations of as many layers as fit in
-    REFIT_CLT_BYTES are summed in one pass over the tokens (all 18 at width 4,096; one at a time
-    from about 14k latents); wider than REFIT_MAX_LATENTS, nothing is refit. Returns the tokens
-    fitted on (0: nothing changed)."""
-    n, width = clt.n_layers, clt.width
-    n_extra = _refit_extra(clt)
-    if width > REFIT_MAX_LATENTS:
-        return 0
-    # float64 gram and rhs, and the float32 sums between flushes (NormalEquations)
-    size, d = width + n_extra, clt.cfg.d_model
-    per_layer = 8 * size * (size + d) + 4 * (width * width + n_extra * size + size * d)
-    group = max(1, REFIT_CLT_BYTES // per_layer)
-    seen = 0
-    for first in range(0, n, group):
-        targets = list(range(first, min(n, first + group)))
-        equations, seen = _refit_sums(clt, batches(), tokens, targets, progress)
-        if seen == 0:
-            return 0
-        for t in targets:
-            own = clt.decoder(t)[:, 0]  # [width, d]: a view into the stored decoder
-            old = [own] + ([clt.W_skip[t]] if clt.W_skip is not None else []) + [clt.b_dec[t][None]]
-            gram, rhs = equations.pop(t).finish()  # popped: each layer's float64 sums freed once solved
-            solved = solve_decoder(gram, rhs, torch.cat(old).double(), REFIT_RIDGE)
-            own.copy_(solved[:width])
-            if clt.W_skip is not None:
-                clt.W_skip[t].copy_(solved[width:-1])
-            clt.b_dec[t].copy_(solved[-1])
-    return seen
-
-
-def _refit_extra(clt: CrossLayerTranscoder) -> int:
-    """The refit's unknowns per layer besides the latents' rows: the skip's inputs and the bias."""
-    return (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
-
-
-def _refit_sums(
-    clt: CrossLayerTranscoder,
-    batches: Iterator[dict[Site, Tensor]],
-    tokens: int,
-    targets: list[int],
-    progress: bool,
-) -> tuple[dict[int, NormalEquations], int]:
-    """One pass of `refit_clt`: the normal equations of the `targets` layers, and the tokens read."""
-    ins, outs = clt_sites(clt)
-    n, width, device = clt.n_layers, clt.width, clt.b_dec.device
-    equations = {t: NormalEquations(width, _refit_extra(clt), clt.cfg.d_model, device) for t in targets}
-    last = targets[-1]
-    seen = 0
-    bar = tqdm(
-        total=tokens,
-        unit="tok",
-        desc=f"refit CLT layers {targets[0]}-{last}",
-        disable=not progress,
-        leave=False,
-    )
-    with bar:
-        for batch in batches:
-            take = min(tokens - seen, len(batch[ins[0]]))
-            xs, ys = (
-                _stack(batch, ins[: last + 1], str(device))[:, :take],
-                _stack(batch, outs, str(device))[:, :take],
-            )
-            own: dict[int, Tensor] = {}
-            earlier = {
-                t: ys[t].clone() for t in targets
-            }  # [b, d]: what t's own latents, skip and bias must give
-            for s in range(last + 1):
-                acts = clt.encode(s, xs[s])  # [b, width]
-                if s in equations:
-                    own[s] = acts
-                later = [t for t in targets if t > s]
-                if later:
-                    rows, cols = acts.nonzero().unbind(1)
-                    written = (csr_rows(rows, cols, acts[rows, cols], (take, width)) @ clt.W_dec[s]).view(
-                        take, n - s, -1
-                    )
-                    for t in later:
-                        earlier[t] -= written[:, t - s]
-            ones = torch.ones(take, 1, device=device)
-            for t in targets:
-                extra = torch.cat([xs[t], ones], 1) if clt.W_skip is not None else ones
-                equations[t].add(csr_codes(own[t]), extra, earlier[t])
-            seen += take
-            bar.update(take)
-            if seen >= tokens:
-                break
-    return equations, seen
 
 
 @torch.no_grad()
@@ -477,7 +407,10 @@ def measure_heldout(
     fired = torch.zeros(n, clt.width, dtype=torch.bool)
     seen = 0
     for batch in store.batches(ins + outs, 1024, seed=0, buffer_tokens=2**13):
-        xs, ys = _stack(batch, ins, str(clt.b_dec.device)), _stack(batch, outs, str(clt.b_dec.device))
+        xs, ys = (
+            stack_sites(batch, ins, str(clt.b_dec.device)),
+            stack_sites(batch, outs, str(clt.b_dec.device)),
+        )
         acts = [clt.encode(s, xs[s]) for s in range(n)]
         for t in range(n):
             y_hat = clt.decode(t, acts) + clt.skip(t, xs[t])

@@ -1,8 +1,8 @@
 """The decoder refit, the last stage of training: with the encoder fixed, the codes of every training
 token are fixed, and the decoder that reconstructs them best is a least-squares problem with a closed
 form. Owns `NormalEquations` (their sums, batch by batch), `refit_decoder` (one SAE: one pass over its
-training tokens, the normal equations, the solve) and `solve_decoder` (the solve alone, a pure
-function); `train.clt` refits a cross-layer transcoder's decoders with the same two.
+training tokens, the normal equations, the solve), `refit_clt` (a cross-layer transcoder's, layer by
+layer, with the same two) and `solve_decoder` (the solve alone, a pure function).
 
 A short run leaves the decoder far from that optimum (sign descent moves every weight by lr per step,
 and the density penalty keeps moving the codes under it): at resid_post.6 of Gemma 3 270M, 300k
@@ -30,14 +30,17 @@ Knows nothing of the step loop, checkpoints or files (see `loop`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from gemmascope.activations import ActivationStore
+from gemmascope.clt import CrossLayerTranscoder, clt_sites, stack_sites
 from gemmascope.models import reading_dtype
 from gemmascope.sae import SAE
+from gemmascope.sites import Site
 from gemmascope.sparse_step import csr_rows
 from gemmascope.train.config import TrainConfig
 from gemmascope.train.recipe import matryoshka_prefixes
@@ -240,3 +243,111 @@ def solve_decoder(gram: Tensor, rhs: Tensor, old: Tensor, ridge: float) -> Tenso
     else:  # not positive definite in floating point (a near-duplicate latent): the general solve
         out[used] = torch.linalg.solve(g, b)
     return out.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# A cross-layer transcoder's refit
+
+# the normal equations (float64, and their float32 sums) of one pass of the CLT refit
+REFIT_CLT_BYTES = 5 * 2**30
+
+
+@torch.no_grad()
+def refit_clt(
+    clt: CrossLayerTranscoder,
+    batches: Callable[[], Iterator[dict[Site, Tensor]]],
+    tokens: int,
+    progress: bool = True,
+) -> int:
+    """The decoder refit of a CLT (`train.refit`'s, layer by layer), in place: with every encoder
+    fixed, each layer's own decoder rows, its skip and its output bias are re-solved by least squares
+    on up to `tokens` tokens of `batches()` (every layer's MLP input and output, in the space `clt`
+    reads: raw for a folded CLT), given what the earlier layers' latents write into it (those
+    decoders stay as trained: all of a layer's incoming decoders at once would be a system of up to
+    n_layers × width unknowns). The normal equations of as many layers as fit in
+    REFIT_CLT_BYTES are summed in one pass over the tokens (all 18 at width 4,096; one at a time
+    from about 14k latents); wider than REFIT_MAX_LATENTS, nothing is refit. Returns the tokens
+    fitted on (0: nothing changed)."""
+    n, width = clt.n_layers, clt.width
+    n_extra = _refit_extra(clt)
+    if width > REFIT_MAX_LATENTS:
+        return 0
+    # float64 gram and rhs, and the float32 sums between flushes (NormalEquations)
+    size, d = width + n_extra, clt.cfg.d_model
+    per_layer = 8 * size * (size + d) + 4 * (width * width + n_extra * size + size * d)
+    group = max(1, REFIT_CLT_BYTES // per_layer)
+    seen = 0
+    for first in range(0, n, group):
+        targets = list(range(first, min(n, first + group)))
+        equations, seen = _refit_sums(clt, batches(), tokens, targets, progress)
+        if seen == 0:
+            return 0
+        for t in targets:
+            own = clt.decoder(t)[:, 0]  # [width, d]: a view into the stored decoder
+            old = [own] + ([clt.W_skip[t]] if clt.W_skip is not None else []) + [clt.b_dec[t][None]]
+            gram, rhs = equations.pop(t).finish()  # popped: each layer's float64 sums freed once solved
+            solved = solve_decoder(gram, rhs, torch.cat(old).double(), REFIT_RIDGE)
+            own.copy_(solved[:width])
+            if clt.W_skip is not None:
+                clt.W_skip[t].copy_(solved[width:-1])
+            clt.b_dec[t].copy_(solved[-1])
+    return seen
+
+
+def _refit_extra(clt: CrossLayerTranscoder) -> int:
+    """The refit's unknowns per layer besides the latents' rows: the skip's inputs and the bias."""
+    return (clt.cfg.d_model if clt.W_skip is not None else 0) + 1
+
+
+def _refit_sums(
+    clt: CrossLayerTranscoder,
+    batches: Iterator[dict[Site, Tensor]],
+    tokens: int,
+    targets: list[int],
+    progress: bool,
+) -> tuple[dict[int, NormalEquations], int]:
+    """One pass of `refit_clt`: the normal equations of the `targets` layers, and the tokens read."""
+    ins, outs = clt_sites(clt)
+    n, width, device = clt.n_layers, clt.width, clt.b_dec.device
+    equations = {t: NormalEquations(width, _refit_extra(clt), clt.cfg.d_model, device) for t in targets}
+    last = targets[-1]
+    seen = 0
+    bar = tqdm(
+        total=tokens,
+        unit="tok",
+        desc=f"refit CLT layers {targets[0]}-{last}",
+        disable=not progress,
+        leave=False,
+    )
+    with bar:
+        for batch in batches:
+            take = min(tokens - seen, len(batch[ins[0]]))
+            xs, ys = (
+                stack_sites(batch, ins[: last + 1], str(device))[:, :take],
+                stack_sites(batch, outs, str(device))[:, :take],
+            )
+            own: dict[int, Tensor] = {}
+            earlier = {
+                t: ys[t].clone() for t in targets
+            }  # [b, d]: what t's own latents, skip and bias must give
+            for s in range(last + 1):
+                acts = clt.encode(s, xs[s])  # [b, width]
+                if s in equations:
+                    own[s] = acts
+                later = [t for t in targets if t > s]
+                if later:
+                    rows, cols = acts.nonzero().unbind(1)
+                    written = (csr_rows(rows, cols, acts[rows, cols], (take, width)) @ clt.W_dec[s]).view(
+                        take, n - s, -1
+                    )
+                    for t in later:
+                        earlier[t] -= written[:, t - s]
+            ones = torch.ones(take, 1, device=device)
+            for t in targets:
+                extra = torch.cat([xs[t], ones], 1) if clt.W_skip is not None else ones
+                equations[t].add(csr_codes(own[t]), extra, earlier[t])
+            seen += take
+            bar.update(take)
+            if seen >= tokens:
+                break
+    return equations, seen
