@@ -232,7 +232,11 @@ def main() -> None:
         "--seed", type=int, default=0, help="training seed of every SAE (ours and sparsify) and token order"
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, help="train every SAE this many times; its seconds are the fastest"
+        "--repeat",
+        type=int,
+        default=1,
+        help="train every SAE this many times (in a fresh RUN: a finished run of the same name comes back "
+        "untrained); its seconds are the fastest",
     )
     parser.add_argument("--out", default="quality")
     parser.add_argument(
@@ -243,6 +247,8 @@ def main() -> None:
         "--keep-rows", action="store_true", help="keep the rows of RESULTS/OUT.json this run does not redo"
     )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat} must be at least 1")
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     sites, budgets = args.sites.split(","), ints(args.budgets)

@@ -62,6 +62,7 @@ from gemmascope.runs.reading import model_for, read_json, read_run_json
 from gemmascope.runs.writes import (
     disk_errors,
     disk_failure,
+    free_folder,
     held_by_writer,
     lock,
     locked_run,
@@ -98,6 +99,7 @@ __all__ = [
     "check_name",
     "disk_errors",
     "disk_failure",
+    "free_folder",
     "find_saes",
     "find_clts",
     "held_by_writer",

@@ -1,6 +1,7 @@
 """Writing into a run folder: the one atomic write (`writing`, `write_atomic`, `save_atomic`), a
-failing disk as one StoreError whichever library wrote (`disk_errors`), and one writer per run folder
-(`lock`, `locked_run`, and `held_by_writer` around every single write).
+failing disk as one StoreError whichever library wrote (`disk_errors`), one writer per run folder
+(`lock`, `locked_run`, and `held_by_writer` around every single write), and where a trained output
+goes without overwriting another run's (`free_folder`).
 
 Knows nothing of what is written.
 """
@@ -20,6 +21,20 @@ from pathlib import Path
 
 from gemmascope.errors import StoreError
 from gemmascope.runs.layout import LOCK_FILE, RUN_JSON, TMP_SUFFIX, run_of
+
+
+def free_folder(base: Path, ours: Callable[[Path], bool]) -> tuple[Path, bool]:
+    """Where a training run saves its output: `base`, else `base_v2`, `base_v3`, ... past folders
+    other runs saved (never overwritten); True when the folder is `ours` (this very run's own save
+    from before it was killed)."""
+    for attempt in range(1, 1000):
+        folder = base if attempt == 1 else base.with_name(f"{base.name}_v{attempt}")
+        if not folder.exists():
+            return folder, False
+        if ours(folder):
+            return folder, True
+    raise StoreError(f"too many folders named like {str(base)!r}")
+
 
 # ---------------------------------------------------------------------------------------------
 # The one atomic write, and a failing disk as one StoreError

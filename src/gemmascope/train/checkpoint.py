@@ -1,5 +1,5 @@
 """Checkpoints, the training log and resume. Owns `run_dir/checkpoints/NAME/` (`state.pt` while a run
-trains, written atomically; `done.json` once it finished, its SAE folders relative to the run folder), the run key that says whether a checkpoint
+trains, written atomically; `done.json` once it finished, its output folders relative to the run folder), the run key that says whether a checkpoint
 belongs to this very run (and, if not, which settings differ), and `report/NAME_log.jsonl` (its plot
 is `evals.report.plot_training_log`).
 
@@ -30,7 +30,8 @@ def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
     settings = {
         f.name: getattr(cfg, f.name)
         for f in fields(cfg)
-        if f.name not in ("checkpoint_every", "log_every", "name", "parallel", "device")
+        # refit_dtype: the refit's arithmetic, not the run (runs from before it keep resuming)
+        if f.name not in ("checkpoint_every", "log_every", "name", "parallel", "device", "refit_dtype")
     }
     data = {
         s: [e["sha256"] for e in store.manifest(s)["shards"]]
@@ -55,7 +56,7 @@ def _spec_key(spec: TrainSpec) -> dict[str, object]:
 
 class Checkpoint:
     """`run_dir/checkpoints/NAME/`: `state.pt` (weights, optimiser states, counts, step, RNG) while
-    training, written atomically; `done.json` (the run key and its SAE folders) once finished."""
+    training, written atomically; `done.json` (the run key and its output folders: SAEs, a CLT) once finished."""
 
     def __init__(self, folder: Path, key: str, marker: str = CFG_FILE) -> None:
         """`marker`: the file every output folder of a finished run holds (an SAE's cfg.json, a

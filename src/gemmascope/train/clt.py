@@ -11,14 +11,16 @@ fixed at 0, b_in and b_dec at the data means, the affine skip per layer fitted b
 on the first batch and then fixed, thresholds started where each layer fires `target_l0` latents per
 token, Gemma Scope 2's quadratic target-L0 penalty on each layer's L0 (the L0 counts a latent once
 however many layers it writes: a JumpReLU L0 is blind to decoder norms, so the decoder-norm weighting
-an L1-type CLT penalty needs does not arise), and the pre-activation loss on latents silent for the
+an L1-type CLT penalty needs does not arise; `CLTSpec.penalty="tanh"`: Anthropic's tanh penalty instead,
+`_Tanh`), and the pre-activation loss on latents silent for the
 dead window, and at the end the decoder refit (`refit_clt`: each layer's own decoder, skip and bias
 re-solved by least squares given the earlier layers' writes). A checkpoint every
 `CLTSpec.checkpoint_every` steps and at the end (`train.checkpoint.Checkpoint`, under
-`checkpoints/clt_width_W_target_T/`): the same call resumes a killed run to the same weights, and
+`checkpoints/clt_width_W_target_T[_tanh]/`): the same call resumes a killed run to the same weights, and
 returns a finished one's folder without training. Not (yet) carried over: the dense penalty.
 
-Knows nothing of files beyond `formats.clt` and the activation store.
+Knows nothing of files beyond `formats.clt`, the activation store and its own checkpoints (and the
+`clt.json` of a folder it may have saved before it was killed).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
 from gemmascope.clt import CLTConfig, CLTTerms, CrossLayerTranscoder, clt_terms, fold_scales, stack_sites
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.formats.clt import CLT_JSON, save_clt
-from gemmascope.runs import CHECKPOINTS, CLTS, HELDOUT
+from gemmascope.runs import CHECKPOINTS, CLTS, HELDOUT, free_folder
 from gemmascope.sites import Site
 from gemmascope.train.checkpoint import Checkpoint
 from gemmascope.train.init import fit_skip
@@ -48,7 +50,7 @@ from gemmascope.train.recipe import HELDOUT_TOKENS, SHORT_RUN
 from gemmascope.train.refit import refit_clt
 
 CLT_PENALTIES = ("l0", "tanh")
-TANH_START, TANH_STEER = 1e-3, 0.1  # the tanh penalty's λ at first, and its step towards the target L0
+TANH_START, TANH_STEER = 1e-6, 0.5  # the tanh penalty's λ at first, and its step towards the target L0
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ class CLTSpec:
                 raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be > 0")
 
     def checkpoint_name(self) -> str:
-        """Its checkpoint's folder under `checkpoints/` (one unfinished CLT per width and target)."""
-        return f"clt_width_{self.width}_target_{self.target_l0:g}"
+        """Its checkpoint's folder under `checkpoints/` (one unfinished CLT per width, target and penalty)."""
+        return f"clt_width_{self.width}_target_{self.target_l0:g}" + ("" if self.penalty == "l0" else "_tanh")
 
     def folder(self, l0: float) -> str:
         """The CLT's folder in the run, named by its held-out L0 per layer as SAEs are."""
@@ -142,16 +144,14 @@ def train_clt(
     store = ActivationStore(run_dir)
     ins, outs = mlp_sites(store)
     n = len(ins)
-    d_model = int(store.manifest(ins[0])["d_in"])
     available = min(int(store.manifest(s)["n_tokens_non_special"]) for s in ins + outs)
     per_epoch = available // spec.batch_size
     if per_epoch < 1:
         raise StoreError(
             f"the store holds {available} usable tokens, less than one batch ({spec.batch_size})"
         )
-    ckpt = Checkpoint(
-        run_dir / CHECKPOINTS / spec.checkpoint_name(), _run_key(store, ins + outs, spec), CLT_JSON
-    )
+    key = _run_key(store, ins + outs, spec)
+    ckpt = Checkpoint(run_dir / CHECKPOINTS / spec.checkpoint_name(), key, CLT_JSON)
     done = ckpt.finished_outputs()
     if done is not None:
         return done[0]
@@ -161,28 +161,19 @@ def train_clt(
     batches = store.batches(ins + outs, spec.batch_size, spec.seed, spec.buffer_tokens, epochs, scaled=True)
 
     torch.manual_seed(spec.seed)
-    clt = CrossLayerTranscoder(CLTConfig(n, d_model, spec.width, store.model_name, spec.affine_skip)).to(
-        device
-    )
+    d_model = int(store.manifest(ins[0])["d_in"])
+    clt = CrossLayerTranscoder(CLTConfig(n, d_model, spec.width, store.model_name, spec.affine_skip))
+    clt = clt.to(device)
     first = next(batches)
     xs, ys = stack_sites(first, ins, device), stack_sites(first, outs, device)
     _init(clt, xs, ys, spec)
     tanh = _Tanh.start(clt, xs) if spec.penalty == "tanh" else None  # c from the start, as the run began
     opt = _optimizer(clt, spec)
     last_fired = torch.zeros(n, spec.width, dtype=torch.long, device=device)
-    log: list[dict[str, Any]] = []
-    start = 0
-    if resumed is not None:  # the state after `start` steps; the reader is deterministic for the seed
-        start, [state] = int(resumed["step"]), resumed["trainees"]
-        clt.load_state_dict(state["clt"])
-        opt.load_state_dict(state["optimizer"])
-        last_fired.copy_(state["last_fired"])
-        if tanh is not None:
-            tanh.lam.copy_(state["tanh_lambda"])
-        log = state["log"]
-        torch.set_rng_state(resumed["torch_rng"])
-        for _ in range(start - 1):  # batches 1..start-1 were stepped on before (0 started it)
-            next(batches)
+    start, log = _restore(resumed, clt, opt, last_fired, tanh)
+    del resumed  # its copy of the weights
+    for _ in range(start - 1 if start < steps else 0):  # batches 1..start-1 were stepped on (0 started it)
+        next(batches)
     started = time.perf_counter()
     bar = tqdm(
         total=steps, initial=start, desc=f"train CLT ({n} layers x {spec.width})", disable=not progress
@@ -201,40 +192,70 @@ def train_clt(
             bar.set_postfix_str(f"L0 {row['l0_mean']:.0f} FVU {row['fvu_mean']:.3f}")
         bar.update(1)
         if (step_index + 1) % spec.checkpoint_every == 0 or step_index + 1 == steps:
-            state = {
-                "clt": clt.state_dict(),
-                "optimizer": opt.state_dict(),
-                "last_fired": last_fired,
-                "log": log,
-                **({"tanh_lambda": tanh.lam} if tanh else {}),
-            }
-            ckpt.save(step_index + 1, [state])
+            state = {"clt": clt.state_dict(), "optimizer": opt.state_dict(), "last_fired": last_fired}
+            ckpt.save(step_index + 1, [{**state, "log": log, **({"tanh_lambda": tanh.lam} if tanh else {})}])
     bar.close()
-    seconds = time.perf_counter() - started
+    trained = {"steps": steps, "train_seconds": round(time.perf_counter() - started, 1)}
+    trained |= {"l0_last_step": log[-1]["l0_mean"]} | ({"resumed_at_step": start} if start else {})
     # training is over: the average goes into the parameters for good and the optimiser's copies
     # (three more of every weight) are freed before the held-out pass
     opt.zero_grad(set_to_none=True)
     opt.swap_in_average()
     opt.state.clear()
-    del opt, resumed
+    del opt
     del batches, first, xs, ys  # the training reader's shuffle buffer and shards (GBs at 36 sites) too
     folded = fold_scales(clt, [store.scale(s) for s in ins], [store.scale(s) for s in outs])
+    folder = _save(folded, store, spec, ckpt.key, trained, progress)
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    ckpt.finish([folder])
+    return folder
+
+
+def _restore(
+    resumed: dict[str, Any] | None,
+    clt: CrossLayerTranscoder,
+    opt: ScheduleFreeSign,
+    last_fired: Tensor,
+    tanh: _Tanh | None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """The training state of a checkpoint put back in place (weights, optimiser, firing record, the
+    tanh penalty's λ, the RNG); returns the steps it had done and its log (0 and [] without one)."""
+    if resumed is None:
+        return 0, []
+    [state] = resumed["trainees"]
+    clt.load_state_dict(state["clt"])
+    opt.load_state_dict(state["optimizer"])
+    last_fired.copy_(state["last_fired"])
+    if tanh is not None:
+        tanh.lam.copy_(state["tanh_lambda"])
+    torch.set_rng_state(resumed["torch_rng"])
+    return int(resumed["step"]), list(state["log"])
+
+
+def _save(
+    folded: CrossLayerTranscoder,
+    store: ActivationStore,
+    spec: CLTSpec,
+    key: str,
+    trained: dict[str, Any],
+    progress: bool = True,
+) -> Path:
+    """Measure the trained, folded CLT on the held-out harvest, save it (named by its held-out L0),
+    then refit its decoders, measure and save it again; returns its folder."""
+    run_dir, (ins, outs) = store.run_dir, mlp_sites(store)
     before = measure_heldout(folded, run_dir, ins, outs)
-    l0 = float(sum(before["l0"]) / n) if before else log[-1]["l0_mean"]  # the refit keeps the codes
-    folder, ours = _folder_for(run_dir / spec.folder(l0), ckpt.key)
+    l0 = float(sum(before["l0"]) / len(ins)) if before else trained["l0_last_step"]  # the refit keeps codes
+    folder, ours = free_folder(run_dir / spec.folder(l0), lambda f: _saved_by(f, key))
     folded.cfg.extra = {
-        "spec": asdict(spec), "steps": steps, "train_seconds": round(seconds, 1),
-        "train_tokens": steps * spec.batch_size, "heldout": before, "store": str(store.root),
-        "decoder_refit_tokens": 0, "train_key": _digest(ckpt.key),
-        **({"resumed_at_step": start} if start else {}),
+        "spec": asdict(spec), **trained, "train_tokens": trained["steps"] * spec.batch_size,
+        "heldout": before, "store": str(store.root), "decoder_refit_tokens": 0, "train_key": _digest(key),
     }  # fmt: skip
-    # saved as trained first: a refit that fails loses nothing
-    save_clt(folded, folder, replace=ours)
+    save_clt(folded, folder, replace=ours)  # saved as trained first: a refit that fails loses nothing
     if spec.refit_tokens:  # on the raw activations the folded CLT reads
         started = time.perf_counter()
         refit = refit_clt(
             folded, lambda: store.batches(ins + outs, 4096, spec.seed, spec.buffer_tokens),
-            min(spec.refit_tokens, steps * spec.batch_size), progress,
+            min(spec.refit_tokens, trained["steps"] * spec.batch_size), progress,
         )  # fmt: skip
         if refit:
             folded.cfg.extra.update(
@@ -242,28 +263,20 @@ def train_clt(
                 decoder_refit_tokens=refit, refit_seconds=round(time.perf_counter() - started, 1),
             )  # fmt: skip
             save_clt(folded, folder, replace=True)
-    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    ckpt.finish([folder])
     return folder
 
 
 def _digest(key: str) -> str:
+    """A run key's short fingerprint, kept in the CLT it saves (`_saved_by`)."""
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _folder_for(base: Path, key: str) -> tuple[Path, bool]:
-    """Where this run saves its CLT: `base`, else `base_v2`, ... past folders of other runs (never
-    overwritten); True when the folder is this very run's own save from before it was killed."""
-    for attempt in range(1, 1000):
-        folder = base if attempt == 1 else base.with_name(f"{base.name}_v{attempt}")
-        if not folder.exists():
-            return folder, False
-        try:
-            if json.loads((folder / CLT_JSON).read_text())["extra"]["train_key"] == _digest(key):
-                return folder, True
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # not ours, or not a CLT we can read: left alone
-    raise StoreError(f"too many CLTs named like {str(base)!r}")
+def _saved_by(folder: Path, key: str) -> bool:
+    """Whether `folder` holds the CLT this very run saved before it was killed (its run key's digest)."""
+    try:
+        return bool(json.loads((folder / CLT_JSON).read_text())["extra"]["train_key"] == _digest(key))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not ours, or not a CLT we can read: left alone
 
 
 def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec) -> str:
@@ -370,7 +383,7 @@ class _Tanh:
         return cls(torch.stack(scales), torch.full((clt.n_layers,), TANH_START, device=xs.device))
 
     def loss(self, terms: CLTTerms, target_l0: float) -> Tensor:
-        out = (self.lam * terms.tanh).sum()
+        out = (self.lam.clone() * terms.tanh).sum()  # λ moves below, after its use
         self.lam.mul_(torch.exp(TANH_STEER * (terms.l0.detach() / target_l0 - 1)))
         return out
 

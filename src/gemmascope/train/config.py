@@ -397,6 +397,8 @@ def checked_config(cfg: TrainConfig) -> None:
     for name in ("batch_size", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', ' ')} {getattr(cfg, name)} must be at least 1")
+    if cfg.refit_dtype not in MODEL_DTYPES:
+        raise ConfigError(f"--refit-dtype {cfg.refit_dtype!r}: expected one of {', '.join(MODEL_DTYPES)}")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate {cfg.lr!r} must be a finite number > 0")
     if not (math.isfinite(cfg.bandwidth) and cfg.bandwidth > 0):

@@ -68,7 +68,8 @@ def sparse_codes(sae: SAE, x: Tensor, dtype: torch.dtype = torch.float32) -> Ten
     rounding (about 0.4%) of inference's, 3.5 times faster where the CPU has bfloat16 instructions."""
     x, block = sae.centered(x), max(1, REFIT_BLOCK_ELEMENTS // sae.d_sae)
     w_enc = sae.W_enc.to(dtype)
-    rows, cols, values = [], [], []
+    empty = torch.zeros(0, dtype=torch.long, device=x.device)
+    rows, cols, values = [empty], [empty], [torch.zeros(0, device=x.device)]
     for start in range(0, len(x), block):
         part = x[start : start + block]
         pre = sae.pre_acts(part) if dtype == torch.float32 else (part.to(dtype) @ w_enc).float() + sae.b_enc

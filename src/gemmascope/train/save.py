@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmascope.errors import GemmaScopeError, StoreError
+from gemmascope.errors import GemmaScopeError
 from gemmascope.formats import load_sae, save_sae
-from gemmascope.runs import sae_dir
+from gemmascope.runs import free_folder, sae_dir
 from gemmascope.sae import SAE, SAEConfig, architecture, build_sae
 from gemmascope.train.config import Plan
 from gemmascope.train.optim import fixed_biases
@@ -62,14 +62,18 @@ def save_trained(t: Trainee, run_dir: Path, plan: Plan, key: str, heldout: dict[
     folded.cfg.max_norm = max_norm * t.scale if max_norm is not None else None  # raw inputs
     base = sae_dir(run_dir, t.site, t.spec.width, figures["l0"], kind=t.spec.folder_kind)
     log10_density = torch.log10(figures["density"] + 1e-10)
-    for attempt in range(1, 1000):
-        folder = base if attempt == 1 else base.with_name(f"{base.name}_v{attempt}")
-        if not folder.exists():
-            return save_sae(folded, folder, log10_density=log10_density)
-        with contextlib.suppress(GemmaScopeError):
-            if load_sae(folder).cfg.extra.get("train_id") == train_id:
-                return folder  # saved by an earlier attempt of this run, which died before finishing
-    raise StoreError(f"too many SAEs named like {str(base)!r}")
+    folder, ours = free_folder(base, lambda f: _train_id(f) == train_id)
+    if ours:
+        return folder  # saved by an earlier attempt of this run, which died before finishing
+    return save_sae(folded, folder, log10_density=log10_density)
+
+
+def _train_id(folder: Path) -> str | None:
+    """The `train_id` an SAE folder records, if it is a readable SAE."""
+    with contextlib.suppress(GemmaScopeError):
+        value = load_sae(folder).cfg.extra.get("train_id")
+        return value if isinstance(value, str) else None
+    return None
 
 
 def _figures(t: Trainee, heldout: dict[str, Any] | None) -> dict[str, Any]:

@@ -144,7 +144,7 @@ function sweepChart(rows, watch) {
   const q = GS.query();
   try {
     const run = await GS.showLimits();  // the sampling inputs start at the server's defaults
-    await addFeature(q.get("sae_id") || run.saes[0].id, q.get("index") || 0, q.get("strength"));
+    if (run.saes.length) await addFeature(q.get("sae_id") || run.saes[0].id, q.get("index") || 0, q.get("strength"));
   } catch (e) { $("error").textContent = e.message; }
   if (q.get("prompt")) $("prompt").value = q.get("prompt");
   $("add-feature").addEventListener("click", () => addFeature());
