@@ -106,7 +106,7 @@ def _add_double(total: Tensor, part: Tensor, rows: int = 1024) -> None:
 
 class NormalEquations:
     """The normal equations ZᵀZ and ZᵀY of a least-squares decoder, summed batch by batch: Z is a
-    batch's codes `[b, d_sae]` (sparse in fact: their Gram part is one sparse-sparse product per
+    batch's codes `[b, d_sae]` (sparse in fact: their Gram part is one sparse-times-dense product per
     batch) beside `n_extra` dense columns (a transcoder's input for its skip, a constant for its
     output bias), Y what they must give `[b, d_out]`. Batches are summed in float32 and join the
     float64 sums every REFIT_FLUSH batches (a float64 add per batch costs as much as the product)."""
