@@ -24,7 +24,7 @@ from gemmascope.attribution.dictionary import Replacing
 from gemmascope.attribution.graph import Graph, Pruned, prune, scores
 from gemmascope.clt import CrossLayerTranscoder
 from gemmascope.errors import ConfigError, FormatError, StoreError
-from gemmascope.runs import save_atomic, write_atomic
+from gemmascope.runs import write_atomic
 
 SCHEMA_VERSION = 1  # circuit-tracer's frontend schema
 
@@ -278,11 +278,13 @@ def plot_graph(
     Drawn on a bare matplotlib `Figure` (no pyplot: safe on the server's worker thread)."""
     from matplotlib.figure import Figure
 
+    from gemmascope.evals.report import save_png
+
     data = _for_display(data, max_nodes, max_edges)
     tokens = data["metadata"]["prompt_tokens"]
     n_layers = max((int(n["layer"]) for n in data["nodes"] if n["feature_type"] == "logit"), default=1) - 1
     xy = _layout(data["nodes"])
-    fig = Figure(figsize=(max(8, 1.4 * len(tokens)) + 4.5, 9))
+    fig = Figure(figsize=(max(8, 1.4 * len(tokens)) + 4.5, 9), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     _draw_edges(ax, data["links"], xy)
     _draw_nodes(ax, data["nodes"], xy)
@@ -297,8 +299,7 @@ def plot_graph(
     path = Path(path)
     with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, fine
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.tight_layout()
-        save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        save_png(fig, path)
     return path
 
 

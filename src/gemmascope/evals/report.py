@@ -8,6 +8,7 @@ of training.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -181,10 +182,17 @@ def _figure(width: float = 6.4, height: float = 4.4) -> Any:
     return Figure(figsize=(width, height), dpi=110)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    """Lay out and write a figure of `_figure` as a PNG at `path` (its folder created)."""
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Lay out and write a matplotlib `Figure` as a PNG at `path` (its folder created).
+
+    Drawing log-scale ticks runs matplotlib's mathtext parser, whose pyparsing exceptions are
+    reference cycles holding their frames, and through each frame's `f_back` every caller's: a
+    training run's SAEs, optimiser and batches stayed alive until Python's occasional full
+    collection (the 18-layer transcoder suite grew ~1.5 GB a layer). Collected here, at once."""
     fig.tight_layout()
-    return save_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    saved = save_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    gc.collect()
+    return saved
 
 
 def _line_key(s: Mapping[str, Any]) -> str:
@@ -214,7 +222,7 @@ def plot_frontier(results: Sequence[Mapping[str, Any]], metric: str, path: str |
     ax.grid(True, alpha=0.3)
     if lines:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_density(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -231,7 +239,7 @@ def plot_density(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     ax.set_ylabel("latents")
     ax.set_title("Latent density")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_position_error(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -247,7 +255,7 @@ def plot_position_error(results: Sequence[Mapping[str, Any]], path: str | Path) 
     ax.set_ylabel("FVU at position")
     ax.set_title("Reconstruction error by position")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -378,7 +386,7 @@ def plot_heatmap(results: Sequence[Mapping[str, Any]], path: str | Path) -> Path
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -> Path:
@@ -404,7 +412,7 @@ def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -
         ax.set_yscale(yscale)
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    return _save(fig, png_path)
+    return save_png(fig, png_path)
 
 
 def write_bias(run_dir: str | Path, out: Mapping[str, Any]) -> list[Path]:
