@@ -41,6 +41,25 @@ def random_clt(skip: bool = True, seed: int = 0, n: int = N, d: int = D, w: int 
     return clt
 
 
+def test_each_layer_of_a_clt_as_a_dictionary_of_its_own() -> None:
+    """`layer_sae`: the CLT's own latents at that layer (b_in folded), its decoder the latent's whole
+    write (summed over the layers it reaches), named as graphs name the layer (`clt_layer_id`)."""
+    from gemmascope.clt import layer_sae
+    from gemmascope.runs import clt_layer_id
+
+    clt = random_clt()
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(3))
+    for layer in range(N):
+        sae = layer_sae(clt, layer)
+        assert sae.cfg.site == f"mlp_in.{layer}" and sae.cfg.out_site == f"mlp_out.{layer}"
+        torch.testing.assert_close(sae.encode(x), clt.encode(layer, x), rtol=1e-5, atol=1e-6)
+        assert (sae.encode(x) > 0).any()  # a non-trivial check
+        whole = sum(clt.decoder(layer)[:, t] for t in range(N - layer))
+        torch.testing.assert_close(sae.W_dec, whole)
+    assert clt_layer_id("clts/width_32/l0_5_skip", 3) == "clt.3.w32.l0_5_skip"
+    assert clt_layer_id("elsewhere/my_clt", 0) == "clt.0.my_clt"
+
+
 def dense_terms(
     clt: CrossLayerTranscoder, xs: torch.Tensor, ys: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,11 +428,15 @@ def test_suite_with_clt_trains_one_clt_beside_the_transcoders_from_one_harvest(
 
     run_dir = tmp_path / "clt"
     argv = ["suite", str(run_dir), "--model", "tiny-gemma3", "--transcoders", "--clt", "--layers", "all",
-            "--widths", "64", "--l0", "8", "--tokens", "4096", "--eval-tokens", "1200", "--index-tokens", "2048"]  # fmt: skip
+            "--widths", "64", "--l0", "8", "--tokens", "4096", "--eval-tokens", "1200", "--index-tokens", "2048",
+            "--clt-penalty", "l0,tanh"]  # fmt: skip
     assert main(argv) == 0
-    assert json.loads((run_dir / "run.json").read_text())["transcoders"] == ["skip", "clt"]
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded["transcoders"] == ["skip", "clt"] and recorded["clt_penalties"] == ["l0", "tanh"]
     rows = json.loads((run_dir / "report" / "clt.json").read_text())
-    assert len(rows) == 1 and rows[0]["clt"].startswith("clts/width_64/l0_")
+    assert len(rows) == 2 and all(r["clt"].startswith("clts/width_64/l0_") for r in rows)
+    assert rows[0]["clt"].endswith("_skip") and rows[1]["clt"].endswith("_skip_tanh")
+    assert [load_clt(run_dir / r["clt"]).cfg.extra["spec"]["penalty"] for r in rows] == ["l0", "tanh"]
     per_layer = json.loads((run_dir / "report" / "replacement.json").read_text())
     clt_result = rows[0]["replacement"]
     assert clt_result["ce_loss_without"] == pytest.approx(per_layer["ce_loss_without"])  # the same tokens
@@ -427,4 +450,8 @@ def test_suite_with_clt_trains_one_clt_beside_the_transcoders_from_one_harvest(
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "a cross-layer transcoder spans every layer" in err and "Traceback" not in err
+    assert not (tmp_path / "r2" / "run.json").exists()
+    assert main([*bad[:-4], "--layers", "all", "--clt-penalty", "l0,l1"]) == 2
+    err = capsys.readouterr().err
+    assert "CLT penalties ['l0', 'l1']: expected some of l0, tanh" in err and "Traceback" not in err
     assert not (tmp_path / "r2" / "run.json").exists()

@@ -216,13 +216,16 @@ def test_graphs_over_a_runs_cross_layer_transcoder(
         assert c.get("/v1/graph/list").json()["dictionary"].startswith("cross-layer transcoder")
 
 
-def test_a_run_of_a_cross_layer_transcoder_alone_serves_its_graphs(
+def test_a_run_of_a_cross_layer_transcoder_alone_serves_its_graphs_and_its_latents_pages(
     tmp_path: Path, tiny_model: LanguageModel
 ) -> None:
-    """A run holding only a CLT (no saes/) is served: the Graph page draws over it, every other page
-    says plainly that the run has no SAEs (a JSON 4xx, never a 500); an empty run is still refused."""
+    """A run holding only a CLT (no saes/) is served: the Graph page draws over it, and each layer of
+    the CLT is a dictionary of its own (`clt.layer_sae`), named as the graph names its nodes' layers,
+    so a node's feature page opens once the run is indexed (`gemmascope index RUN`); an empty run is
+    still refused."""
     from test_clt import random_clt
 
+    from gemmascope.cli import main
     from gemmascope.errors import StoreError
     from gemmascope.formats.clt import save_clt
 
@@ -232,19 +235,22 @@ def test_a_run_of_a_cross_layer_transcoder_alone_serves_its_graphs(
     with pytest.raises(StoreError, match="holds no SAEs and no cross-layer transcoder"):
         create_app(run, model=tiny_model)
     save_clt(random_clt(w=32), run / "clts" / "width_32" / "l0_5_skip")
+    layers = [f"clt.{layer}.w32.l0_5_skip" for layer in range(tiny_model.n_layers)]
     with TestClient(create_app(run, model=tiny_model)) as c:
-        assert c.get("/v1/saes").json()["saes"] == []
+        assert [s["id"] for s in c.get("/v1/saes").json()["saes"]] == layers
         listed = c.get("/v1/graph/list").json()
         assert listed["available"] and listed["dictionary"].startswith("cross-layer transcoder")
         out = c.post("/v1/graph/generate", json={"prompt": PROMPT, "slug": "clt-only"})
         assert out.status_code == 200, out.text
-        assert c.get("/v1/graph/clt-only").json()["metadata"]["transcoder_list"][0].startswith("clt")
-        for path, body in [
-            ("/v1/activation/topk-by-token", {"prompt": PROMPT}),
-            ("/v1/search/text", {"query": "cat"}),
-            ("/v1/activation/single", {"sae_id": "x", "index": 0, "prompt": PROMPT}),
-        ]:
-            answer = c.post(path, json=body)
-            assert 400 <= answer.status_code < 500, (path, answer.text)
-            assert "no SAEs" in answer.json()["error"], (path, answer.text)
+        graph = c.get("/v1/graph/clt-only").json()
+        assert graph["metadata"]["transcoder_list"] == layers
+        node = next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
+        page = c.get(f"/v1/feature/{layers[int(node['layer'])]}/{node['node_id'].split('_')[1]}")
+        assert page.status_code == 404 and "gemmascope index" in page.json()["error"], page.text
+        answer = c.post("/v1/activation/topk-by-token", json={"prompt": PROMPT, "sae_id": layers[2]})
+        assert answer.status_code == 200, answer.text
+    assert main(["index", str(run), "--model", "tiny-gemma3", "--tokens", "1024", "--quiet"]) == 0
+    with TestClient(create_app(run, model=tiny_model)) as c:
+        page = c.get(f"/v1/feature/{layers[int(node['layer'])]}/{node['node_id'].split('_')[1]}")
+        assert page.status_code == 200 and page.json()["top_examples"], page.text
         assert c.get("/").status_code == 200 and c.get("/graph").status_code == 200

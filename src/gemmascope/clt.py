@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gemmascope.architectures.jumprelu import jumprelu, step
+from gemmascope.architectures.jumprelu import JumpReLUSAE, jumprelu, step
 from gemmascope.errors import ConfigError, SiteError
 from gemmascope.models import LanguageModel
+from gemmascope.sae import SAEConfig
 from gemmascope.sites import Site, edit_site, site_d_in
 from gemmascope.sparse_step import csr_rows, kept_pairs
 
@@ -122,6 +123,31 @@ def clt_sites(clt: CrossLayerTranscoder) -> tuple[list[Site], list[Site]]:
     """The sites a CLT reads (`mlp_in.L`) and writes (`mlp_out.L`), layer by layer."""
     layers = range(clt.n_layers)
     return [Site("mlp_in", layer) for layer in layers], [Site("mlp_out", layer) for layer in layers]
+
+
+@torch.no_grad()
+def layer_sae(clt: CrossLayerTranscoder, layer: int) -> JumpReLUSAE:
+    """Layer `layer`'s latents as one JumpReLU transcoder `mlp_in.L -> mlp_out.L`, for what reads one
+    dictionary at one site (the feature index and its pages, the microscope, steering). Its encoder
+    is the CLT's (the same activations, `b_in` folded); its decoder row is all that the latent writes
+    into the residual stream, its decoders over every layer it reaches summed, so the logit lens and
+    a steer take the whole write (a steer adds it at layer L, where the later layers' parts would
+    come later). Not a reconstruction of layer L's MLP output alone."""
+    d, w = clt.cfg.d_model, clt.width
+    cfg = SAEConfig(
+        architecture="jumprelu", d_in=d, d_sae=w, model_name=clt.cfg.model_name,
+        site=str(Site("mlp_in", layer)), hook_name=Site("mlp_in", layer).hook_name,
+        out_site=str(Site("mlp_out", layer)),
+        extra={"clt": clt.cfg.extra.get("folder", ""), "clt_layer": layer, "decoder": "summed over the layers it writes"},
+    )  # fmt: skip
+    sae = JumpReLUSAE(cfg)
+    W_enc = clt.W_enc[layer].detach().float()
+    sae.W_enc.copy_(W_enc)
+    sae.b_enc.copy_(clt.b_enc[layer].float() - clt.b_in[layer].float() @ W_enc)
+    sae.threshold.copy_(clt.threshold[layer].float())
+    sae.W_dec.copy_(clt.decoder(layer).float().sum(1))
+    sae.b_dec.copy_(clt.b_dec[layer].float())
+    return sae.eval()
 
 
 def stack_sites(batch: dict[Site, Tensor], sites: list[Site], device: str) -> Tensor:

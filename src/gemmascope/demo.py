@@ -34,6 +34,7 @@ class GraphPlan:
     tokens: int = 50_000
     width: int = 1024
     target_l0: float = 45.0
+    index_tokens: int = 16_384  # held-out tokens the feature pages of its latents read (every layer)
 
     def spec(self) -> CLTSpec:
         """The CLT to train, checked (a ConfigError names the first value out of range)."""
@@ -49,37 +50,48 @@ class GraphPlan:
 
 
 def demo_graphs(
-    run_dir: Path, model: LanguageModel, plan: GraphPlan, model_dtype: str = "auto",
-    say: Callable[[str], None] = print,
-) -> list[Path]:  # fmt: skip
-    """Harvest every layer's MLP input and output into the demo's run folder (`plan.tokens`, and the
+    run_dir: Path, model: LanguageModel, plan: GraphPlan, suite: SuitePlan, say: Callable[[str], None] = print
+) -> list[Path]:
+    """Harvest every layer's MLP input and output into the demo's run folder (`plan.tokens` of the
+    suite's corpus, at its context length and model dtype, and the
     held-out slice training measures on), train one CLT over them (`train.clt.train_clt`; skipped
     when the run has one), and draw the graph of each of `GRAPH_PROMPTS` over it into
-    `run_dir/graphs/` (one already drawn over this CLT is kept), where the graph page lists them.
+    `run_dir/graphs/` (one already drawn over this CLT is kept), where the graph page lists them,
+    its nodes labelled from the feature pages of every layer's latents (`suite.run.index_clts`).
     Returns the graph files."""
     from gemmascope.activations import harvest
     from gemmascope.attribution import draw_graph, graph_slug, read_graph, transcoder_digest
     from gemmascope.attribution.dictionary import run_clt
     from gemmascope.errors import GemmaScopeError, StoreError
     from gemmascope.models import reading_dtype
+    from gemmascope.opening import open_run
     from gemmascope.runs import GRAPHS, HELDOUT
     from gemmascope.sites import transcoder_sites
+    from gemmascope.suite.run import index_clts
     from gemmascope.train.clt import train_clt
     from gemmascope.train.recipe import HELDOUT_TOKENS
 
     width = f"width_{plan.width}/"
+    corpus, ctx = suite.corpus, suite.context_len
+
+    def reader() -> LanguageModel:  # the passes that only read activations: a bfloat16 copy, held briefly
+        return model.cast(reading_dtype(suite.model_dtype, model.device))
+
     try:
         clt = run_clt(run_dir, width)  # one trained before, of this width
     except StoreError:
         sites = [site for layer in range(model.n_layers) for site in transcoder_sites(layer)]
-        reader = model.cast(reading_dtype(model_dtype, model.device))
-        dtype = reader.dtype_name  # a bfloat16 model's outputs lose nothing in it
-        harvest(reader, sites, run_dir, plan.tokens, dtype=dtype)
-        harvest(reader, sites, run_dir / HELDOUT, HELDOUT_TOKENS, split="heldout", dtype=dtype)
-        del reader
+        copy = reader()
+        dtype = copy.dtype_name  # a bfloat16 model's outputs lose nothing in it
+        harvest(copy, sites, run_dir, plan.tokens, corpus, ctx, dtype=dtype)
+        harvest(copy, sites, run_dir / HELDOUT, HELDOUT_TOKENS, corpus, ctx, dtype=dtype, split="heldout")
+        del copy
         say(f"training a cross-layer transcoder ({plan.width} latents a layer) for the graph page")
         train_clt(run_dir, plan.spec(), restart=True)
         clt = run_clt(run_dir, width)
+    if index_clts(run_dir, model, reader(), plan.index_tokens, corpus, ctx):
+        say(f"indexed the latents of every layer of {clt.cfg.extra['folder']} (their feature pages)")
+    explain = open_run(run_dir, [], model=model, clt_layers=True).explanations
     digest = transcoder_digest(clt)
     drawn = []
     for prompt in GRAPH_PROMPTS:
@@ -88,7 +100,7 @@ def demo_graphs(
             read_graph(path, digest)  # drawn over this very CLT: kept
         except GemmaScopeError:
             say(f"drawing the graph of {prompt!r} over {clt.cfg.extra['folder']}")
-            draw_graph(model, clt, prompt, run_dir / GRAPHS, run=str(run_dir), digest=digest)
+            draw_graph(model, clt, prompt, run_dir / GRAPHS, run=str(run_dir), digest=digest, explain=explain)
         drawn.append(path)
     return drawn
 
@@ -204,7 +216,7 @@ def run_demo(
             say(f"    {max(example['acts']):6.1f}  {format_window(example)}")
     if graphs is not None:
         say("\n== graphs")
-        out["graphs"] = demo_graphs(run_dir, model, graphs, plan.model_dtype, say)
+        out["graphs"] = demo_graphs(run_dir, model, graphs, plan, say)
         say(f"graphs drawn: {', '.join(p.stem for p in out['graphs'])} (the graph page draws others)")
     say(f"\ndemo finished in {time.monotonic() - started:.0f} s; run folder {run_dir}")
     out["showcase"] = features

@@ -19,6 +19,8 @@ from gemmascope.errors import ConfigError, StoreError
 from gemmascope.runs import (
     FEATURES_DB,
     SAES,
+    clt_layer_id,
+    find_clts,
     find_saes,
     is_sae_folder,
     model_for,
@@ -35,6 +37,20 @@ if TYPE_CHECKING:
     from gemmascope.features.store import FeatureIndex
     from gemmascope.models import LanguageModel
     from gemmascope.sae import SAE
+
+
+def _clt_layers(run_dir: Path, clts: list[Path], device: str | None) -> Iterable[tuple[str, Path, SAE]]:
+    """`(key, folder, SAE)` of every layer of each CLT folder of the run (`clt.layer_sae`), the CLT
+    itself not kept."""
+    from gemmascope.clt import layer_sae
+    from gemmascope.formats.clt import load_clt
+
+    for folder in clts:
+        clt = load_clt(folder)
+        rel = folder.relative_to(run_dir)
+        clt.cfg.extra["folder"] = str(rel)
+        for layer in range(clt.n_layers):
+            yield clt_layer_id(rel, layer), folder, layer_sae(clt, layer).to(device or "cpu")
 
 
 def is_release_spec(spec: str) -> bool:
@@ -216,6 +232,7 @@ def open_run(
     index: Path | str | None = None,
     device: str | None = None,
     flag: str = "--sae",
+    clt_layers: bool = False,
 ) -> OpenRun:
     """Open a run: the one way every command and the server load SAEs, their model and the index.
 
@@ -227,13 +244,20 @@ def open_run(
     - `model`: a model name or a loaded model; None: `model_for` (the run's, else the SAEs').
     - `index`: the feature index to read; None: `RUN/features.sqlite`, or the `features.sqlite` a
       lone SAE folder holds (what `gemmascope index SAE_DIR` writes).
+    - `clt_layers`: also every layer of the run's CLTs as a dictionary of its own (`clt.layer_sae`,
+      keyed `runs.clt_layer_id`: what graph nodes name), for their feature pages; a run of CLTs
+      alone opens with their layers only.
     Weights load here; the model loads on first use of `.model`, the index on first use."""
     run = Path(run_dir) if run_dir is not None else None
+    clts = find_clts(run) if clt_layers and run is not None else []  # none under an SAE folder
     if saes is None:
         if run is None:
             raise ConfigError("open a run folder, or name the SAEs to open")
-        run, found = resolve_saes(run)
-        saes = [str(folder) for folder in found]
+        if clts and not find_saes(run):
+            saes = []
+        else:
+            run, found = resolve_saes(run)
+            saes = [str(folder) for folder in found]
     elif run is not None and not (run / SAES).is_dir() and is_sae_folder(run):
         run = run_of(run)
     folders: dict[str, Path] = {}
@@ -249,6 +273,8 @@ def open_run(
                 )
             continue
         folders[key], loaded[key] = folder, _load(spec, folder, device)  # resolved once
+    for key, folder, sae in _clt_layers(run, clts, device) if run is not None else ():
+        folders[key], loaded[key] = folder, sae
     if run is None and folders:
         run = run_of(next(iter(folders.values())))
     if index is None and run is not None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from gemmascope.clt import CrossLayerTranscoder, check_model
 from gemmascope.errors import ConfigError, SiteError, StoreError
 from gemmascope.models import LanguageModel
+from gemmascope.runs import clt_layer_id
 from gemmascope.sae import SAE, encode_inputs, massive_mask
 
 Replacing = Sequence[SAE] | CrossLayerTranscoder  # what a graph may be drawn over
@@ -36,7 +37,7 @@ class Dictionary:
     decoders: list[Tensor]  # per layer [width_L, n_targets_L, d]
     skips: list[Tensor | None]  # per layer [d, d] (x @ W_skip), or None
     source: Replacing
-    names: list[str]  # per layer, what the graph files record as its transcoders (a CLT: FOLDER:layer_L)
+    names: list[str]  # per layer, what the graph files record as its transcoders (a CLT's: runs.clt_layer_id)
 
     @property
     def n_layers(self) -> int:
@@ -84,7 +85,7 @@ def dictionary_of(model: LanguageModel, replacing: Replacing) -> Dictionary:
             decoders=[_cpu(clt.decoder(s)) for s in range(clt.n_layers)],
             skips=[None if clt.W_skip is None else _cpu(clt.W_skip[s]) for s in range(clt.n_layers)],
             source=clt,
-            names=[f"{clt.cfg.extra.get('folder', 'clt')}:layer_{s}" for s in range(clt.n_layers)],
+            names=[clt_layer_id(clt.cfg.extra.get("folder", "clt"), s) for s in range(clt.n_layers)],
         )
     transcoders = list(replacing)
     if len(transcoders) != model.n_layers:

@@ -137,7 +137,8 @@ def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> i
     transcoders: Replacing
     if args.clt is not None:
         clt = run_clt(args.run_dir, args.clt or None)  # before the model loads: a missing CLT is named now
-        opened = open_run(args.run_dir, [], model=args.model or clt.cfg.model_name or None)
+        # its layers as dictionaries (clt_layers): the index's explanations label the graph's nodes
+        opened = open_run(args.run_dir, [], model=args.model or clt.cfg.model_name or None, clt_layers=True)
         transcoders = clt
     else:
         transcoder_folders = [

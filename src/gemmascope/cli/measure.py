@@ -190,7 +190,8 @@ def run_index(args: argparse.Namespace) -> int:
     if args.llm_url and not args.llm_model:
         raise ConfigError("--llm-url needs --llm-model, the model name the endpoint serves")
     latents = parse_ranges(args.llm_latents, "--llm-latents") if args.llm_latents else None
-    opened = open_run(path, model=args.model)  # the model: --model, the run's, or the one the SAEs name
+    # the model: --model, the run's, or the one the SAEs name; a run's CLTs indexed layer by layer
+    opened = open_run(path, model=args.model, clt_layers=True)
     run_dir = opened.run_dir
     db = Path(args.db) if args.db else (run_dir or path) / FEATURES_DB
     if args.site:

@@ -195,6 +195,12 @@ def args_suite(p: argparse.ArgumentParser) -> None:
         help="also (or, without --sites, only) train a cross-layer transcoder over every layer from the same "
         "harvest (as --transcoders clt): its replacement model in report/clt.json",
     )
+    p.add_argument(
+        "--clt-penalty",
+        default=None,
+        help="the CLTs' sparsity penalty, comma-separated (one CLT each): l0 (Gemma Scope 2's quadratic "
+        "target-L0 penalty, the default) or tanh (Anthropic's tanh(c·‖W_dec‖·a), λ steered to the target)",
+    )
     p.add_argument("--layers", default="all", help="'all', '6', '2,6,10' or '0-17'")
     p.add_argument(
         "--widths",
@@ -258,6 +264,8 @@ def run_suite(args: argparse.Namespace) -> int:
     transcoders = parse_list(args.transcoders, "--transcoders") if args.transcoders else []
     if args.clt and "clt" not in transcoders:
         transcoders.append("clt")
+    if args.clt_penalty is not None:
+        plan_args["clt_penalties"] = parse_list(args.clt_penalty, "--clt-penalty")
     if args.sites is not None or transcoders:
         plan_args["kinds"] = parse_list(args.sites, "--sites")
     plan = SuitePlan(

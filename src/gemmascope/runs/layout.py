@@ -82,6 +82,16 @@ def sae_id(folder: Path | str) -> str:
     return Path(folder).name
 
 
+def clt_layer_id(folder: Path | str, layer: int) -> str:
+    """The id of one layer of a CLT folder as a dictionary of its own (`clt.layer_sae`), in the form
+    of `sae_id`: `clt.3.w1024.l0_10_skip` for layer 3 of `clts/width_1024/l0_10_skip`."""
+    parts = Path(folder).parts
+    m_width = re.fullmatch(r"width_(\w+)", parts[-2]) if len(parts) >= 2 else None
+    if m_width and parts[-1].startswith("l0_"):
+        return f"clt.{layer}.w{m_width.group(1)}.{parts[-1]}"
+    return f"clt.{layer}.{Path(folder).name}"
+
+
 def sae_order(name: Path | str) -> tuple[tuple[int, int | str], ...]:
     """The one order SAEs are listed in (run folders, the index, the API, the pages, the CLI): by
     site, layer, width and L0 as an SAE id or folder names them, numbers compared as numbers

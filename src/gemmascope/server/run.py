@@ -93,7 +93,8 @@ class Run:
                 f"run folder {str(self.run_dir)!r} holds no SAEs and no cross-layer transcoder: expected "
                 "saes/SITE/layer_L/width_W/l0_K/cfg.json or clts/width_W/l0_K/"
             )  # a run of a CLT alone is served for its Graph page
-        self.opened: OpenRun = open_run(self.run_dir, [*own, *extra], model=model)
+        # a CLT's layers are served as dictionaries of their own: graph nodes link to their pages
+        self.opened: OpenRun = open_run(self.run_dir, [*own, *extra], model=model, clt_layers=True)
         served = {_url_id(self.opened.named[folder]) for folder in own}
         for spec in extra:
             url = _url_id(self.opened.named[spec])

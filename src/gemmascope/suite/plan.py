@@ -54,6 +54,7 @@ class SuitePlan:
     l0_coeffs: list[float] = field(default_factory=list)
     architecture: str = "jumprelu"
     transcoders: list[str] = field(default_factory=list)  # some of TRANSCODER_KINDS
+    clt_penalties: list[str] = field(default_factory=lambda: ["l0"])  # one CLT each (train.clt.CLT_PENALTIES)
     tokens: int = 200_000
     train_tokens: int | None = None  # None: `tokens`
     finetune_tokens: int = 0  # > 0: each SAE then fine-tuned end to end on this many tokens (train/)
@@ -74,6 +75,7 @@ class SuitePlan:
         from gemmascope.activations import dtype_name
         from gemmascope.evals.core import MIN_EVAL_TOKENS
         from gemmascope.models import reading_dtype
+        from gemmascope.train.clt import CLT_PENALTIES
 
         check_fields(self, "suite plan")
         bad = [k for k in self.kinds if k not in SITE_KINDS]
@@ -86,6 +88,11 @@ class SuitePlan:
         if bad:
             raise ConfigError(
                 f"unknown transcoder kinds {bad}: expected some of {', '.join(TRANSCODER_KINDS)}"
+            )
+        bad = [k for k in self.clt_penalties if k not in CLT_PENALTIES]
+        if bad or not self.clt_penalties:
+            raise ConfigError(
+                f"CLT penalties {self.clt_penalties}: expected some of {', '.join(CLT_PENALTIES)}"
             )
         dtype_name(self.dtype)
         reading_dtype(self.model_dtype)
@@ -150,7 +157,7 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int] | None:
 # Fields of a plan that name the run folder's model and text: never changed, even with --extend.
 _IDENTITY = ("model", "corpus", "context_len")
 # Fields --extend adds to (the union of the old and the new); every other field must match.
-_EXTENSIBLE = ("kinds", "layers", "widths", "target_l0s", "l0_coeffs", "transcoders")
+_EXTENSIBLE = ("kinds", "layers", "widths", "target_l0s", "l0_coeffs", "transcoders", "clt_penalties")
 _FREE = ("keep_activations", "model_dtype")  # may differ from run to run
 
 

@@ -9,6 +9,7 @@ Calls only the public functions of the pipeline modules; knows nothing of their 
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from gemmascope.runs import (
     lock,
     read_json,
     sae_id,
+    stored_path,
     write_atomic,
 )
 from gemmascope.sae import architecture
@@ -238,30 +240,35 @@ class _Stages:
         return folders
 
     def clts(self) -> None:
-        """One cross-layer transcoder per (width, target L0) from the harvest of every layer's MLP
-        (`train.clt.train_clt`, resumed per CLT), then the replacement model of each, with every MLP
-        replaced (`evals.evaluate_replacement`), written to `report/clt.json`."""
+        """One cross-layer transcoder per (width, target L0, penalty) from the harvest of every
+        layer's MLP (`train.clt.train_clt`, resumed per CLT), the feature index of their layers
+        (`index_clts`), then the replacement model of each, with every MLP replaced
+        (`evals.evaluate_replacement`), written to `report/clt.json`."""
         from gemmascope.evals import evaluate_replacement
         from gemmascope.formats.clt import load_clt
         from gemmascope.train.clt import CLTSpec, train_clt
 
         run_dir, plan, state = self.run_dir, self.plan, self.state
         rows = []
-        for width in plan.widths:
-            for target in plan.target_l0s:
-                name = f"clt/width_{width}/target_{target:g}"
-                tokens = plan.train_tokens or plan.tokens
-                key = {"tokens": tokens, "seed": plan.seed, "batch_size": plan.batch_size}
-                folder = state.get(name, key, str)
-                if folder is None:
-                    self.stage(f"train/{name}")
-                    spec = CLTSpec(
-                        width=width, target_l0=target, tokens=tokens, seed=plan.seed,
-                        batch_size=plan.batch_size or CLTSpec.batch_size,
-                    )  # fmt: skip
-                    folder = _rel(run_dir, [train_clt(run_dir, spec, restart=True)])[0]
-                    state.finish(name, folder, key)
-                rows.append(folder)
+        tokens = plan.train_tokens or plan.tokens
+        key = {"tokens": tokens, "seed": plan.seed, "batch_size": plan.batch_size}
+        for width, target, penalty in itertools.product(plan.widths, plan.target_l0s, plan.clt_penalties):
+            name = f"clt/width_{width}/target_{target:g}" + ("" if penalty == "l0" else f"/{penalty}")
+            folder = state.get(name, key, str)
+            if folder is None:
+                self.stage(f"train/{name}")
+                spec = CLTSpec(
+                    width=width, target_l0=target, tokens=tokens, seed=plan.seed, penalty=penalty,
+                    batch_size=plan.batch_size or CLTSpec.batch_size,
+                )  # fmt: skip
+                folder = _rel(run_dir, [train_clt(run_dir, spec, restart=True)])[0]
+                state.finish(name, folder, key)
+            rows.append(folder)
+        index_key = {"clts": rows, "tokens": plan.index_tokens}
+        if state.get("clt_index", index_key) is None:  # feature pages of every CLT layer's latents
+            self.stage("clt_index")
+            index_clts(run_dir, self.model, self.reader, plan.index_tokens, plan.corpus, plan.context_len)
+            state.finish("clt_index", True, index_key)
         eval_key = {"clts": rows, "tokens": plan.eval_tokens}
         if state.get("clt_replacement", eval_key) is None:
             self.stage("clt_replacement")
@@ -418,6 +425,26 @@ def _index(
         context_len=plan.context_len,
         reader=reader,
     )
+
+
+def index_clts(
+    run_dir: Path, model: LanguageModel, reader: LanguageModel, n_tokens: int, corpus: str, context_len: int
+) -> list[str]:
+    """Index every layer of the run's CLTs as a dictionary of its own (`opening.open_run` with
+    `clt_layers`: `clt.layer_sae`) into the run's feature index, beside its SAEs, so graph nodes
+    open feature pages and carry explanations. Layers the index already holds from these very
+    weights are kept. Returns the ids indexed now."""
+    from gemmascope.features import build_index
+    from gemmascope.opening import open_run
+
+    opened = open_run(run_dir, [], model=model, clt_layers=True)
+    todo = {key: sae for key, sae in opened.saes.items() if opened.not_indexed(key) is not None}
+    if todo:
+        build_index(
+            model, todo, run_dir / FEATURES_DB, n_tokens=n_tokens, corpus=corpus, context_len=context_len,
+            folders={key: stored_path(run_dir, opened.folders[key]) for key in todo}, reader=reader,
+        )  # fmt: skip
+    return list(todo)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,11 +102,14 @@ class CLTSpec:
 
     def checkpoint_name(self) -> str:
         """Its checkpoint's folder under `checkpoints/` (one unfinished CLT per width, target and penalty)."""
-        return f"clt_width_{self.width}_target_{self.target_l0:g}" + ("" if self.penalty == "l0" else "_tanh")
+        return f"clt_width_{self.width}_target_{self.target_l0:g}" + (
+            "" if self.penalty == "l0" else f"_{self.penalty}"
+        )
 
     def folder(self, l0: float) -> str:
         """The CLT's folder in the run, named by its held-out L0 per layer as SAEs are."""
-        return f"{CLTS}/width_{self.width}/l0_{round(l0)}" + ("_skip" if self.affine_skip else "")
+        suffix = ("_skip" if self.affine_skip else "") + ("" if self.penalty == "l0" else f"_{self.penalty}")
+        return f"{CLTS}/width_{self.width}/l0_{round(l0)}{suffix}"
 
 
 def mlp_sites(store: ActivationStore) -> tuple[list[Site], list[Site]]:
