@@ -157,7 +157,7 @@ def test_positions_restrict_the_edit_to_those_tokens(tiny_model, sae2, mode):
 def test_positions_count_on_over_generated_tokens(sae2):
     from gemmascope.steer import _site_edit
 
-    edit = _site_edit(sae2, [Intervention(sae2, 3, "add", 1.0, positions=(1, 5))])
+    edit = _site_edit(sae2, [Intervention(sae2, 3, "add", 1.0, positions=(1, 5))], sae2.W_dec)
     prompt, step = torch.zeros(1, 4, 64), torch.zeros(1, 1, 64)
     changed = lambda out: [bool(v) for v in (out.abs().sum(-1) > 0)[0]]  # noqa: E731
     assert changed(edit(prompt, prompt)) == [False, True, False, False]  # positions 0..3
@@ -541,3 +541,38 @@ def test_cli_steer_at_positions(run_with_sae, cli_model, capsys):
     assert near["default"] != near["steered"]
     assert main([*argv, "--positions", "1,x"]) == 2
     assert "--positions" in capsys.readouterr().err
+
+
+def test_a_clt_layer_steers_and_ablates_each_later_layer_by_its_own_part(tiny_model):
+    """A CLT layer served as a dictionary (`clt.layer_sae`) writes each later layer's MLP output by
+    its part, as the CLT does, not its summed write at its own layer: against hooks adding the parts."""
+    from contextlib import ExitStack
+
+    from test_clt import random_clt
+
+    from gemmascope.clt import layer_sae
+    from gemmascope.sites import edit_site
+
+    clt = random_clt(w=32)
+    sae, latent, strength = layer_sae(clt, 1), 5, 3.0
+
+    def with_parts(scale: torch.Tensor | float) -> torch.Tensor:
+        with ExitStack() as stack:
+            for t in range(clt.n_layers - 1):
+                part = clt.decoder(1)[latent, t].detach()
+                stack.enter_context(
+                    edit_site(tiny_model, Site("mlp_out", 1 + t), lambda a, p=part: a + scale * p)
+                )
+            return logits(tiny_model)
+
+    with steering(tiny_model, [Intervention(sae, latent, "add", strength)]):
+        steered = logits(tiny_model)
+    torch.testing.assert_close(steered, with_parts(strength), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(steered, logits(tiny_model), atol=1e-3)
+    x = capture(tiny_model, tiny_model.to_tokens(PROMPT), [Site("mlp_in", 1)])[Site("mlp_in", 1)]
+    f = sae.encode(x)[..., latent : latent + 1]  # [1, pos, 1]
+    assert (f > 0).any()
+    with steering(tiny_model, [Intervention(sae, latent, "ablate")]):
+        ablated = logits(tiny_model)
+    torch.testing.assert_close(ablated, with_parts(-f[0]), rtol=1e-4, atol=1e-4)
+    assert hook_count(tiny_model) == 0

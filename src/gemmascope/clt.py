@@ -30,7 +30,7 @@ from gemmascope.architectures.jumprelu import JumpReLUSAE, jumprelu, step
 from gemmascope.errors import ConfigError, SiteError
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAEConfig
-from gemmascope.sites import Site, edit_site, site_d_in
+from gemmascope.sites import Site, edit_site, parse_site, site_d_in
 from gemmascope.sparse_step import csr_rows, kept_pairs
 
 
@@ -125,14 +125,26 @@ def clt_sites(clt: CrossLayerTranscoder) -> tuple[list[Site], list[Site]]:
     return [Site("mlp_in", layer) for layer in layers], [Site("mlp_out", layer) for layer in layers]
 
 
+class CLTLayerSAE(JumpReLUSAE):
+    """One layer of a CLT as a dictionary of its own (`layer_sae`): `parts [width, n_layers − L,
+    d_model]` are its decoders into layer L's MLP output and every later one's (the CLT's own
+    tensor, not copied), which steering and ablation write each at its layer (`writes`)."""
+
+    parts: Tensor
+
+    def writes(self) -> list[tuple[str, Tensor]]:
+        layer = parse_site(self.cfg.site).layer
+        return [(str(Site("mlp_out", layer + t)), self.parts[:, t]) for t in range(self.parts.shape[1])]
+
+
 @torch.no_grad()
-def layer_sae(clt: CrossLayerTranscoder, layer: int) -> JumpReLUSAE:
+def layer_sae(clt: CrossLayerTranscoder, layer: int) -> CLTLayerSAE:
     """Layer `layer`'s latents as one JumpReLU transcoder `mlp_in.L -> mlp_out.L`, for what reads one
     dictionary at one site (the feature index and its pages, the microscope, steering). Its encoder
-    is the CLT's (the same activations, `b_in` folded); its decoder row is all that the latent writes
-    into the residual stream, its decoders over every layer it reaches summed, so the logit lens and
-    a steer take the whole write (a steer adds it at layer L, where the later layers' parts would
-    come later). Not a reconstruction of layer L's MLP output alone."""
+    is the CLT's (the same activations, `b_in` folded); its `W_dec` row is all that the latent writes
+    into the residual stream, its decoders over every layer it reaches summed (what the logit lens
+    reads); steering and ablation write each part at its own layer (`CLTLayerSAE.writes`). Not a
+    reconstruction of layer L's MLP output alone."""
     d, w = clt.cfg.d_model, clt.width
     cfg = SAEConfig(
         architecture="jumprelu", d_in=d, d_sae=w, model_name=clt.cfg.model_name,
@@ -140,12 +152,13 @@ def layer_sae(clt: CrossLayerTranscoder, layer: int) -> JumpReLUSAE:
         out_site=str(Site("mlp_out", layer)),
         extra={"clt": clt.cfg.extra.get("folder", ""), "clt_layer": layer, "decoder": "summed over the layers it writes"},
     )  # fmt: skip
-    sae = JumpReLUSAE(cfg)
+    sae = CLTLayerSAE(cfg)
+    sae.register_buffer("parts", clt.decoder(layer).detach().float(), persistent=False)
     W_enc = clt.W_enc[layer].detach().float()
     sae.W_enc.copy_(W_enc)
     sae.b_enc.copy_(clt.b_enc[layer].float() - clt.b_in[layer].float() @ W_enc)
     sae.threshold.copy_(clt.threshold[layer].float())
-    sae.W_dec.copy_(clt.decoder(layer).float().sum(1))
+    sae.W_dec.copy_(sae.parts.sum(1))
     sae.b_dec.copy_(clt.b_dec[layer].float())
     return sae.eval()
 

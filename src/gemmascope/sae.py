@@ -150,6 +150,12 @@ class SAE(nn.Module):
         """`[..., d_sae] -> [..., d_in]`: reconstruction from latent activations."""
         return f @ self.W_dec + self.b_dec
 
+    def writes(self) -> list[tuple[str, Tensor]]:
+        """Where a latent's activation is written and by which decoder `[d_sae, d_model]`: its
+        output site (an SAE's own site) by `W_dec`; steering and ablation edit there. A CLT layer
+        (`clt.layer_sae`) writes each later layer's MLP output by its own part."""
+        return [(self.cfg.out_site or self.cfg.site, self.W_dec)]
+
     def forward(self, x: Tensor) -> Tensor:
         """`[..., d_in] -> [..., d_in]`: the reconstruction of `x` (a transcoder: its prediction of
         the output site's activation, skip connection included)."""

@@ -118,10 +118,13 @@ def check_intervention(model: LanguageModel, iv: Intervention) -> Site:
     return sae_site(model, iv.sae)
 
 
-def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Tensor, Tensor], Tensor]:
+def _site_edit(
+    sae: SAE, interventions: Sequence[Intervention], W_dec: Tensor
+) -> Callable[[Tensor, Tensor], Tensor]:
     """The function `edit(source, act)` of the SAE's input `source` and the activation `act`
     `[batch, pos, d_in]` it edits (the same tensor for an SAE; for a transcoder its input site's and
-    its output site's of one pass) that applies one SAE's interventions.
+    its output site's of one pass) that applies one SAE's interventions through the decoder
+    `W_dec [d_sae, d_in]` of that output site (`SAE.writes`).
 
     Clamp/ablate: with latents `f = encode(x)` and edited latents `f'`, the spliced activation is
     `decode(f') + (x - decode(f))`. We compute it as `x + (f' - f)[:, :, idx] @ W_dec[idx]` over the
@@ -131,7 +134,7 @@ def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Ten
     at its `positions` only (all when None); the count of positions starts again at every forward
     pass over more than one token (a new prompt) and runs on over one-token passes (generation).
     """
-    W_dec = sae.W_dec.detach()
+    W_dec = W_dec.detach()
     splice = [iv for iv in interventions if iv.mode in ("clamp", "ablate")]
     adds = [iv for iv in interventions if iv.mode == "add"]
     idx = sorted({iv.latent for iv in splice})
@@ -170,8 +173,8 @@ def _site_edit(sae: SAE, interventions: Sequence[Intervention]) -> Callable[[Ten
             steer = torch.zeros(length, W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)  # [pos, d_in]
             for iv in adds:
                 direction = W_dec[iv.latent]
-                if iv.normalize:
-                    direction = direction / direction.norm().clamp_min(1e-12)
+                if iv.normalize:  # by the latent's whole write (a CLT layer's parts: their sum, `W_dec`)
+                    direction = direction / sae.W_dec[iv.latent].detach().norm().clamp_min(1e-12)
                 steer += where(iv, start, length)[:, None] * (float(iv.value or 0.0) * direction)
             out = out + steer.to(act.dtype)
         return out
@@ -190,19 +193,20 @@ def steering(model: LanguageModel, interventions: Sequence[Intervention]) -> Ite
     the interventions applied at their SAEs' sites. Several latents and several SAEs may be given;
     one hook per SAE, stacked in the order the SAEs first appear. All are validated before any hook
     is placed, and every hook is removed on exit, also when the body raises. A transcoder's latents
-    are read at its input site and edited where it writes (its layer's MLP output)."""
+    are read at its input site and edited where it writes (its layer's MLP output; a CLT layer's,
+    every later layer's MLP output by its part: `SAE.writes`)."""
     groups: dict[int, tuple[SAE, Site, list[Intervention]]] = {}
     for iv in interventions:
         site = check_intervention(model, iv)
         groups.setdefault(id(iv.sae), (iv.sae, site, []))[2].append(iv)
     with ExitStack() as stack:
         for sae, site, ivs in groups.values():
-            edit = _site_edit(sae, ivs)
-            if sae.is_transcoder:
-                out_site = parse_site(sae.cfg.out_site, model.n_layers)
-                stack.enter_context(edit_from(model, site, out_site, edit))
-            else:
-                stack.enter_context(edit_site(model, site, _on_itself(edit)))
+            if not sae.is_transcoder:
+                stack.enter_context(edit_site(model, site, _on_itself(_site_edit(sae, ivs, sae.W_dec))))
+                continue
+            for out_site, W_dec in sae.writes():
+                edit = _site_edit(sae, ivs, W_dec)
+                stack.enter_context(edit_from(model, site, parse_site(out_site, model.n_layers), edit))
         yield
 
 
