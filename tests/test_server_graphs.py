@@ -254,3 +254,32 @@ def test_a_run_of_a_cross_layer_transcoder_alone_serves_its_graphs_and_its_laten
         page = c.get(f"/v1/feature/{layers[int(node['layer'])]}/{node['node_id'].split('_')[1]}")
         assert page.status_code == 200 and page.json()["top_examples"], page.text
         assert c.get("/").status_code == 200 and c.get("/graph").status_code == 200
+
+
+def test_a_damaged_clt_is_left_out_and_an_older_index_still_reports(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel, capsys
+) -> None:
+    """One CLT folder that cannot be read keeps neither the run's SAEs nor its other CLTs from
+    opening (a warning names it); `gemmascope index RUN --no-build` on an index built before the run
+    had CLTs reports the SAEs it holds instead of failing on CLT layers it never held."""
+    from test_clt import random_clt
+
+    from gemmascope.cli import main
+    from gemmascope.formats.clt import save_clt
+    from gemmascope.opening import open_run
+
+    run = tmp_path / "run"
+    shutil.copytree(graph_run_dir(tmp_path_factory, tiny_model), run)  # indexed before any CLT
+    save_clt(random_clt(w=32), run / "clts" / "width_32" / "l0_5_skip")
+    bad = save_clt(random_clt(w=16), run / "clts" / "width_16" / "l0_5_skip")
+    (bad / "W_enc_0.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="left out the CLT .*width_16"):
+        opened = open_run(run, model=tiny_model, clt_layers=True)
+    assert sum(k.startswith("mlp_in.") for k in opened.saes) == tiny_model.n_layers
+    assert [k for k in opened.saes if k.startswith("clt.")] == [
+        f"clt.{layer}.w32.l0_5_skip" for layer in range(tiny_model.n_layers)
+    ]
+    with pytest.warns(UserWarning, match="width_16"):
+        assert main(["index", str(run), "--model", "tiny-gemma3", "--no-build"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp_in.0.w64.l0_5_skip_transcoder: " in out and "clt." not in out.split("feature index:")[0]

@@ -30,7 +30,7 @@ from gemmascope.architectures.jumprelu import JumpReLUSAE, jumprelu, step
 from gemmascope.errors import ConfigError, SiteError
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAEConfig
-from gemmascope.sites import Site, edit_site, parse_site, site_d_in
+from gemmascope.sites import Site, edit_site, site_d_in
 from gemmascope.sparse_step import csr_rows, kept_pairs
 
 
@@ -133,7 +133,7 @@ class CLTLayerSAE(JumpReLUSAE):
     parts: Tensor
 
     def writes(self) -> list[tuple[str, Tensor]]:
-        layer = parse_site(self.cfg.site).layer
+        layer = int(self.cfg.extra["clt_layer"])
         return [(str(Site("mlp_out", layer + t)), self.parts[:, t]) for t in range(self.parts.shape[1])]
 
 

@@ -41,12 +41,20 @@ if TYPE_CHECKING:
 
 def _clt_layers(run_dir: Path, clts: list[Path], device: str | None) -> Iterable[tuple[str, Path, SAE]]:
     """`(key, folder, SAE)` of every layer of each CLT folder of the run (`clt.layer_sae`), the CLT
-    itself not kept."""
+    itself not kept. A CLT folder that cannot be read is left out with a warning naming it and why,
+    so one damaged CLT does not keep the run's SAEs (and its other CLTs) from opening."""
+    import warnings
+
     from gemmascope.clt import layer_sae
+    from gemmascope.errors import GemmaScopeError
     from gemmascope.formats.clt import load_clt
 
     for folder in clts:
-        clt = load_clt(folder)
+        try:
+            clt = load_clt(folder)
+        except GemmaScopeError as e:
+            warnings.warn(f"left out the CLT {str(folder)!r}: {e}", stacklevel=2)
+            continue
         rel = folder.relative_to(run_dir)
         clt.cfg.extra["folder"] = str(rel)
         for layer in range(clt.n_layers):
@@ -274,6 +282,11 @@ def open_run(
             continue
         folders[key], loaded[key] = folder, _load(spec, folder, device)  # resolved once
     for key, folder, sae in _clt_layers(run, clts, device) if run is not None else ():
+        if key in folders:
+            raise ConfigError(
+                f"CLT folders {str(folders[key])!r} and {str(folder)!r} both name a layer {key!r}: "
+                "expected clts/width_W/l0_K... folders of distinct names"
+            )
         folders[key], loaded[key] = folder, sae
     if run is None and folders:
         run = run_of(next(iter(folders.values())))

@@ -26,7 +26,8 @@ from gemmascope.errors import ConfigError, StoreError
 from gemmascope.opening import OpenRun
 from gemmascope.runs import EFFECTS, check_name, read_json, write_atomic
 
-VERSION = 1  # of the measurement: a cache entry of another version is measured again
+VERSION = 2  # of the measurement: a cache entry of another version is measured again (2: a CLT layer
+# writes each later layer by its own decoder part, `SAE.writes`)
 
 
 def cache_path(run_dir: Path, key: str, latent: int) -> Path:

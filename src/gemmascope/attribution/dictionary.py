@@ -154,7 +154,7 @@ def transcoder_set(
         if "transcoder" not in key or (choose and choose not in key):
             continue
         sae = saes[key] if saes is not None else load_sae(folders[key])
-        if not sae.is_transcoder:
+        if not sae.is_transcoder or "clt_layer" in sae.cfg.extra:  # a CLT's layer is not one of a set
             continue
         sae.cfg.extra["folder"] = key
         by_layer.setdefault(parse_site(sae.cfg.site).layer, []).append((key, sae))

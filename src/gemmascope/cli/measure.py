@@ -194,9 +194,20 @@ def run_index(args: argparse.Namespace) -> int:
     opened = open_run(path, model=args.model, clt_layers=True)
     run_dir = opened.run_dir
     db = Path(args.db) if args.db else (run_dir or path) / FEATURES_DB
+    if args.relabel or args.no_build:  # CLT layers an older index never held are left as they are
+        from gemmascope.features import FeatureIndex
+
+        held = (
+            {row["sae_id"] for row in FeatureIndex(db).saes(include_incomplete=True)}
+            if db.is_file()
+            else set()
+        )
+        for key in [k for k, sae in opened.saes.items() if "clt_layer" in sae.cfg.extra and k not in held]:
+            del opened.saes[key]
     if args.site:
         for sae in opened.saes.values():
-            sae.cfg.site = args.site
+            if "clt_layer" not in sae.cfg.extra:  # a CLT layer's site is its layer's MLP input
+                sae.cfg.site = args.site
     with lock(run_dir, "index") if run_dir is not None else nullcontext():
         if args.relabel:
             from gemmascope.features.build import relabel
