@@ -240,7 +240,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default="quality")
     parser.add_argument(
-        "--feedings", default="shuffled,sequences", help="how sparsify is fed: shuffled tokens, sequences"
+        "--feedings",
+        default="shuffled,sequences",
+        help="how sparsify is fed: shuffled tokens, sequences (empty: ours alone, beside --keep-rows)",
     )
     parser.add_argument("--sequence-len", type=int, default=128, help="tokens per sequence fed to sparsify")
     parser.add_argument(
@@ -269,7 +271,7 @@ def main() -> None:
                 trained = train_ours(
                     run_dir, site, budget, args.width, args.l0, args.archs.split(","), args.seed, rep
                 )
-                for feeding in args.feedings.split(","):
+                for feeding in filter(None, args.feedings.split(",")):  # "": ours alone
                     length = {"shuffled": 1, "sequences": args.sequence_len}[feeding]
                     theirs, stages, info = train_theirs(
                         store, site, budget, args.width, args.l0, args.seed, length
