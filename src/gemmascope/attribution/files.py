@@ -31,12 +31,15 @@ SCHEMA_VERSION = 1  # circuit-tracer's frontend schema
 
 def transcoder_digest(transcoders: Replacing) -> str:
     """A short digest of a transcoder set's weights' identity (train ids, else sizes and sites), or a
-    CLT's (its config and decoders' sum), so a graph file can say which set it was drawn from."""
+    CLT's (its config and decoders' sum), so a graph file can say which set it was drawn from. A
+    CLT's carries the name of its layers' ids (`runs.clt_layer_id`, "clt-layers"): graphs drawn
+    before its nodes were named after those ids (whose links to feature pages do not open) are drawn
+    again."""
     if isinstance(transcoders, CrossLayerTranscoder):
         cfg = transcoders.cfg
         weight = sum(float(w.detach().abs().sum()) for w in transcoders.W_dec)
         return hashlib.sha256(
-            f"clt:{cfg.n_layers}:{cfg.width}:{cfg.model_name}:{weight}".encode()
+            f"clt-layers:{cfg.n_layers}:{cfg.width}:{cfg.model_name}:{weight}".encode()
         ).hexdigest()[:16]
     parts = [
         f"{tc.cfg.site}>{tc.cfg.out_site}:{tc.d_sae}:{tc.cfg.extra.get('train_id') or float(tc.W_dec.detach().abs().sum()):}"
