@@ -252,6 +252,32 @@ def test_logit_lens_equals_the_direct_matrix_product(
     assert torch.allclose(up_vals, direct.topk(3, dim=1).values, atol=1e-4)
 
 
+def test_latents_promoting_a_word_rank_by_the_standardised_logit_lens(
+    tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE]
+) -> None:
+    """`promoting` equals the z-score of each latent's full logit lens over the vocabulary (computed
+    here the slow way), best token of the word's forms first; hidden latents are left out."""
+    from gemmascope.features import promoting, word_token_ids
+
+    sae = saes["resid_post.1.w96"]
+    ids = word_token_ids(tiny_model, "dog")
+    assert len(ids) >= 2  # ' dog', 'dog', ' Dog', ... in the bundled tokenizer
+    assert tiny_model.tokenizer.decode(ids[:1]).strip().lower() == "dog"
+    assert word_token_ids(tiny_model, "qqxqzvbrtl") == []
+    lens = sae.W_dec.detach() @ tiny_model.hf.lm_head.weight.detach().t()  # [d_sae, vocab]
+    z = (lens - lens.mean(1, keepdim=True)) / lens.std(1, unbiased=False, keepdim=True)
+    best, which = z[:, ids].max(1)
+    got = promoting(tiny_model, sae, Site("resid_post", 1), ids, k=5)
+    assert [g["index"] for g in got] == best.topk(5).indices.tolist()
+    assert [g["z"] for g in got] == pytest.approx(best.topk(5).values.tolist(), rel=1e-3)
+    assert [g["token_id"] for g in got] == [ids[int(which[g["index"]])] for g in got]
+    hidden = torch.zeros(sae.d_sae, dtype=torch.bool)
+    hidden[got[0]["index"]] = True
+    again = promoting(tiny_model, sae, Site("resid_post", 1), ids, hidden, k=5)
+    assert [g["index"] for g in again] == [g["index"] for g in got[1:]] + [best.topk(6).indices[5].item()]
+    assert promoting(tiny_model, sae, Site("resid_post", 1), [], k=5) == []
+
+
 def test_neighbours_are_the_highest_decoder_cosines(built: Path, saes: dict[str, JumpReLUSAE]) -> None:
     sae = saes["resid_post.3.w64"]
     w = sae.W_dec.detach()

@@ -357,6 +357,17 @@ def test_search_by_text_token_explanation_and_id(
         {"sae_id": h["sae_id"], "index": h["index"]} for h in hits["results"]
     ]
 
+    promotes = client.post("/v1/search/text", json={"query": "dog", "mode": "promotes", "k": 4}).json()
+    assert len(promotes["results"]) == 4 and {r["sae_id"] for r in promotes["results"]} <= set(ids)
+    assert [r["z"] for r in promotes["results"]] == sorted(
+        (r["z"] for r in promotes["results"]), reverse=True
+    )
+    assert all(
+        r["token"] in promotes["tokens"] and r["token"].strip().lower() == "dog" for r in promotes["results"]
+    )
+    unknown = client.post("/v1/search/text", json={"query": "qqxqzvbrtl", "mode": "promotes"})
+    assert unknown.status_code == 400 and "single token" in unknown.json()["error"]
+
     by_id = client.post("/v1/search/text", json={"query": f"{ids[1]}#7", "mode": "id"}).json()
     assert by_id["results"] == [{"sae_id": ids[1], "index": 7, "explanation": explanation}]
     bare = client.post("/v1/search/text", json={"query": "7", "mode": "id"}).json()

@@ -283,3 +283,27 @@ def test_a_damaged_clt_is_left_out_and_an_older_index_still_reports(
         assert main(["index", str(run), "--model", "tiny-gemma3", "--no-build"]) == 0
     out = capsys.readouterr().out
     assert "mlp_in.0.w64.l0_5_skip_transcoder: " in out and "clt." not in out.split("feature index:")[0]
+
+
+def test_the_command_line_takes_a_clt_layer_by_its_id(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel, capsys
+) -> None:
+    """`inspect` and `steer --sae clt.L.wW.l0_K` open that one layer of the run's CLT (as the pages
+    do); a layer the run lacks is a one-line error naming the ids it has."""
+    from test_clt import random_clt
+
+    from gemmascope.cli import main
+    from gemmascope.formats.clt import save_clt
+
+    run = tmp_path / "run"
+    shutil.copytree(graph_run_dir(tmp_path_factory, tiny_model), run)
+    save_clt(random_clt(w=32), run / "clts" / "width_32" / "l0_5_skip")
+    common = ["--run", str(run), "--model", "tiny-gemma3"]
+    assert main(["inspect", PROMPT, "--sae", "clt.2.w32.l0_5_skip", *common]) == 0
+    assert "top 5 features of clt.2.w32.l0_5_skip per token" in capsys.readouterr().out
+    steer = ["steer", PROMPT, "--feature", "5", "--strength", "3", "--max-new-tokens", "3", *common]
+    assert main([*steer, "--sae", "clt.1.w32.l0_5_skip"]) == 0
+    assert "SAEs clt.1.w32.l0_5_skip" in capsys.readouterr().out
+    assert main([*steer, "--sae", "clt.9.w32.l0_5_skip"]) == 2
+    err = capsys.readouterr().err
+    assert "no CLT layer 'clt.9.w32.l0_5_skip'" in err and "clt.LAYER.w32.l0_5_skip" in err

@@ -39,10 +39,13 @@ if TYPE_CHECKING:
     from gemmascope.sae import SAE
 
 
-def _clt_layers(run_dir: Path, clts: list[Path], device: str | None) -> Iterable[tuple[str, Path, SAE]]:
-    """`(key, folder, SAE)` of every layer of each CLT folder of the run (`clt.layer_sae`), the CLT
-    itself not kept. A CLT folder that cannot be read is left out with a warning naming it and why,
-    so one damaged CLT does not keep the run's SAEs (and its other CLTs) from opening."""
+def _clt_layers(
+    run_dir: Path, clts: list[Path], device: str | None, keep: set[str] | None = None
+) -> Iterable[tuple[str, Path, SAE]]:
+    """`(key, folder, SAE)` of every layer of each CLT folder of the run (`clt.layer_sae`; only the
+    keys in `keep` when given), the CLT itself not kept. A CLT folder that cannot be read is left
+    out with a warning naming it and why, so one damaged CLT does not keep the run's SAEs (and its
+    other CLTs) from opening."""
     import warnings
 
     from gemmascope.clt import layer_sae
@@ -58,7 +61,27 @@ def _clt_layers(run_dir: Path, clts: list[Path], device: str | None) -> Iterable
         rel = folder.relative_to(run_dir)
         clt.cfg.extra["folder"] = str(rel)
         for layer in range(clt.n_layers):
-            yield clt_layer_id(rel, layer), folder, layer_sae(clt, layer).to(device or "cpu")
+            if keep is None or clt_layer_id(rel, layer) in keep:
+                yield clt_layer_id(rel, layer), folder, layer_sae(clt, layer).to(device or "cpu")
+
+
+def _is_clt_layer(spec: str | None, run_dir: Path | None) -> bool:
+    """Whether `--sae` names one layer of a CLT of the run (`runs.clt_layer_id`: `clt.3.w1024...`)."""
+    return run_dir is not None and spec is not None and spec.startswith("clt.") and not Path(spec).is_dir()
+
+
+def _check_named_layers(named: set[str], loaded: dict[str, SAE], run: Path | None, flag: str) -> None:
+    """A StoreError naming the CLT layers the run has when `--sae` names one it lacks."""
+    missing = sorted(named - set(loaded))
+    if missing and run is not None:
+        have = [
+            clt_layer_id(folder.relative_to(run), 0).replace("clt.0.", "clt.LAYER.", 1)
+            for folder in find_clts(run)
+        ]
+        raise StoreError(
+            f"no CLT layer {missing[0]!r} in {str(run)!r}: "
+            + (f"expected {flag} {' or '.join(have)}" if have else "the run has no cross-layer transcoder")
+        )
 
 
 def is_release_spec(spec: str) -> bool:
@@ -271,7 +294,8 @@ def open_run(
     folders: dict[str, Path] = {}
     loaded: dict[str, SAE] = {}
     named: dict[str | None, str] = {}
-    for spec in saes:
+    named_layers = {spec for spec in saes if spec is not None and _is_clt_layer(spec, run)}
+    for spec in [spec for spec in saes if spec not in named_layers]:
         key, folder = resolve_sae(spec, run, flag)
         named[spec] = key
         if key in folders:
@@ -281,13 +305,18 @@ def open_run(
                 )
             continue
         folders[key], loaded[key] = folder, _load(spec, folder, device)  # resolved once
-    for key, folder, sae in _clt_layers(run, clts, device) if run is not None else ():
+    if named_layers and not clts:  # CLT layers named on their own: those only
+        clts = find_clts(run) if run is not None else []
+    keep = None if clt_layers else named_layers
+    for key, folder, sae in _clt_layers(run, clts, device, keep) if run is not None else ():
         if key in folders:
             raise ConfigError(
                 f"CLT folders {str(folders[key])!r} and {str(folder)!r} both name a layer {key!r}: "
                 "expected clts/width_W/l0_K... folders of distinct names"
             )
         folders[key], loaded[key] = folder, sae
+    _check_named_layers(named_layers, loaded, run, flag)
+    named.update({spec: spec for spec in named_layers})
     if run is None and folders:
         run = run_of(next(iter(folders.values())))
     if index is None and run is not None:

@@ -73,6 +73,70 @@ def logit_lens(
     return torch.cat(up_ids), torch.cat(up_vals), torch.cat(down_ids), torch.cat(down_vals)
 
 
+def word_token_ids(model: LanguageModel, word: str) -> list[int]:
+    """The single-token forms of `word` (`' dog'`, `' Dog'`, `'dog'`, `'Dog'`, as given and
+    lower-cased), as token ids; empty when each takes several tokens."""
+    word = word.strip()
+    cases = {word, word.lower(), word.capitalize()}
+    forms = {prefix + w for w in cases for prefix in (" ", "")}
+    ids: set[int] = set()
+    for form in forms:
+        got = model.tokenizer(form, add_special_tokens=False)["input_ids"]
+        if len(got) == 1:
+            ids.add(int(got[0]))
+    return sorted(ids)
+
+
+_UNEMBEDDING_MOMENTS: dict[int, tuple[Tensor, Tensor]] = {}  # id(model) -> (mean, covariance)
+
+
+def unembedding_moments(model: LanguageModel) -> tuple[Tensor, Tensor]:
+    """The mean `[d_model]` and covariance `[d_model, d_model]` of the unembedding's columns (one per
+    vocabulary token), computed once per model: a direction's logit lens has mean `d @ mean` and
+    variance `d @ cov @ d` over the vocabulary, without the `[d_sae, vocab]` product."""
+    key = id(model)
+    if key not in _UNEMBEDDING_MOMENTS:
+        w_u = unembedding(model).float()  # [d_model, vocab]
+        mean = w_u.mean(1)
+        cov = (w_u @ w_u.t()) / w_u.shape[1] - torch.outer(mean, mean)
+        _UNEMBEDDING_MOMENTS.clear()  # one model at a time
+        _UNEMBEDDING_MOMENTS[key] = (mean, cov)
+    return _UNEMBEDDING_MOMENTS[key]
+
+
+@torch.no_grad()
+def promoting(
+    model: LanguageModel,
+    sae: SAE,
+    site: Site,
+    token_ids: list[int],
+    hidden: Tensor | None = None,
+    k: int = 20,
+) -> list[dict[str, Any]]:
+    """The latents whose decoder direction promotes one of `token_ids` most, relative to the rest of
+    the vocabulary: each latent's logit lens standardised over the vocabulary (z-score: the token's
+    logit less the lens' mean, over its standard deviation; exact, from `unembedding_moments`), its
+    best token of the list. A steering handle for a word: turned up, such a latent raises that
+    word's logit by more standard deviations than any other latent. `hidden [d_sae]` (bool): latents
+    left out (e.g. the dense ones). Returns `[{index, z, token_id}]`, best first."""
+    if not token_ids:
+        return []
+    directions = residual_directions(model, sae, site).float()  # [d_sae, d_model]
+    mean, cov = unembedding_moments(model)
+    w_u = unembedding(model).float()[:, token_ids]  # [d_model, n]
+    std = ((directions @ cov) * directions).sum(1).clamp_min(1e-12).sqrt()  # [d_sae]
+    z = (directions @ w_u - (directions @ mean)[:, None]) / std[:, None]  # [d_sae, n]
+    best, which = z.max(1)
+    if hidden is not None:
+        best = best.masked_fill(hidden, -torch.inf)
+    top = best.topk(min(k, best.shape[0]))
+    return [
+        {"index": int(i), "z": float(v), "token_id": int(token_ids[int(which[i])])}
+        for v, i in zip(top.values, top.indices, strict=True)
+        if torch.isfinite(v)
+    ]
+
+
 def decoder_neighbours(sae: SAE, k: int = 10) -> tuple[Tensor, Tensor]:
     """For each latent, the `k` other latents whose decoder rows have the highest cosine similarity
     with its own: indices `[d_sae, k]` and cosines `[d_sae, k]`, computed exactly a chunk of rows at

@@ -1,8 +1,11 @@
-"""Search over HTTP: `POST /v1/search/text` with its request body, in three modes: `text` (the features
+"""Search over HTTP: `POST /v1/search/text` with its request body, in four modes: `text` (the features
 that fire on a text, run through the model queue), `explanation` (words in the features'
-explanations, from the feature index) and `id` (a feature named `SAE_ID#INDEX` or by index).
+explanations, from the feature index), `promotes` (the features whose decoder promotes a word most,
+by the logit lens standardised over the vocabulary: handles to steer towards it) and `id` (a feature
+named `SAE_ID#INDEX` or by index).
 
-Knows nothing of how features are searched: it calls `features.search_text` and the feature index.
+Knows nothing of how features are searched: it calls `features.search_text`, `features.promoting`
+and the feature index.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import anyio
 from fastapi import APIRouter
 from pydantic import Field
 
-from gemmascope.features import HIDE_DENSE, search_text
+from gemmascope.features import HIDE_DENSE, dense_latents, promoting, search_text, word_token_ids
 from gemmascope.limits import (
     MAX_TOP,
     MIN_CONTRAST_PROMPTS,
@@ -25,6 +28,7 @@ from gemmascope.server.errors import ApiError
 from gemmascope.server.lookup import Body, QueueDep, RunDep, feature_or_4xx, sae_or_404
 from gemmascope.server.model_queue import ModelQueue
 from gemmascope.server.run import Run
+from gemmascope.sites import parse_site
 
 SEARCH_TOP = 20  # results a search or a contrast lists by default
 
@@ -33,11 +37,13 @@ router = APIRouter()
 
 class SearchRequest(Body):
     query: str = Field(max_length=REQUEST_PROMPT_CHARS)
-    mode: Literal["text", "explanation", "id"] = "text"
-    sae_id: str | None = None  # text: default the run's first SAE; explanation / id: default every SAE
+    mode: Literal["text", "explanation", "promotes", "id"] = "text"
+    sae_id: str | None = None  # text: default the run's first SAE; the other modes: default every SAE
     token: str | None = Field(None, max_length=200)  # text mode: only the positions of this token
     k: int = Field(SEARCH_TOP, ge=1, le=MAX_TOP)
-    hide_dense: float = Field(HIDE_DENSE, ge=0.0, le=1.0)  # text mode: hide features firing on more than this
+    hide_dense: float = Field(
+        HIDE_DENSE, ge=0.0, le=1.0
+    )  # text, promotes: hide features firing on more than this
 
 
 @router.post("/v1/search/text")
@@ -51,6 +57,8 @@ async def search(body: SearchRequest, run: RunDep, queue: QueueDep) -> dict[str,
         return _by_id(run, query, body.sae_id)
     if body.mode == "explanation":
         return _by_explanation(run, query, body)
+    if body.mode == "promotes":
+        return await _by_promotes(run, queue, query, body)
     return await _by_text(run, queue, query, body)
 
 
@@ -85,6 +93,37 @@ def _by_explanation(run: Run, query: str, body: SearchRequest) -> dict[str, Any]
         raise ApiError(404, str(run.not_indexed(entry)))
     hits = run.feature_index().search_explanations(entry.id if entry else None, query, limit=body.k)
     return {"mode": "explanation", "results": [hit for hit in hits if hit["sae_id"] in run.saes]}
+
+
+async def _by_promotes(run: Run, queue: ModelQueue, query: str, body: SearchRequest) -> dict[str, Any]:
+    """The features of one SAE (`sae_id`) or every SAE whose logit lens promotes the word `query`
+    most (any of its single-token forms), dense ones hidden where the index knows densities."""
+    entries = [sae_or_404(run, body.sae_id)] if body.sae_id else list(run.saes.values())
+
+    def work() -> tuple[dict[int, str], list[dict[str, Any]]]:
+        ids = word_token_ids(run.model, query)
+        hits = []
+        for entry in entries:
+            hidden = dense_latents(run.column(entry, "density"), body.hide_dense)
+            site = parse_site(entry.sae.cfg.out_site or entry.sae.cfg.site)
+            hits += [
+                {"sae_id": entry.id, **h} for h in promoting(run.model, entry.sae, site, ids, hidden, body.k)
+            ]
+        return dict(zip(ids, run.token_strings(ids), strict=True)), sorted(hits, key=lambda h: -h["z"])[
+            : body.k
+        ]
+
+    texts, hits = await queue.run(work)
+    if not texts:
+        raise ApiError(
+            400, f"{query!r} is not one token of the model's vocabulary in any of its forms (with or without a "
+            "leading space, capitalised or not): expected a word the model has as a single token",
+        )  # fmt: skip
+    for hit in hits:
+        hit["token"] = texts[hit.pop("token_id")]
+        explained = run.explanations(run.saes[hit["sae_id"]], [hit["index"]])
+        hit["explanation"] = explained.get(hit["index"])
+    return {"mode": "promotes", "tokens": list(texts.values()), "results": hits}
 
 
 async def _by_text(run: Run, queue: ModelQueue, query: str, body: SearchRequest) -> dict[str, Any]:

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const HINTS = {
   text: "Features with the strongest activation anywhere in the text; give a token to search only where it occurs.",
   explanation: "Words to look for in the features' explanations.",
+  promotes: "A word (one token of the model's vocabulary): the features whose decoder raises its logit most, in standard deviations of their logit lens over the vocabulary, dense ones hidden. Handles to steer towards it.",
   id: "SAE_ID#INDEX, or a feature index (looked up in the chosen SAE, or every SAE).",
 };
 
@@ -15,22 +16,24 @@ const mode = () => document.querySelector("input[name=mode]:checked").value;
 async function search() {
   const body = {query: $("query").value, mode: mode(), sae_id: $("sae").value || null};  // k: the server's default
   if (mode() === "text" && $("token").value.trim()) body.token = $("token").value;
-  if (mode() === "text" && $("show-dense").checked) body.hide_dense = 1.0;  // else the server's default
+  if (["text", "promotes"].includes(mode()) && $("show-dense").checked) body.hide_dense = 1.0;  // else the server's default
   $("status").textContent = body.mode === "text" ? "running the model…" : "";
   const data = await GS.busy($("search"), $("error"), () => GS.api("/v1/search/text", body));
   $("status").textContent = "";
   if (!data) return;
   const table = $("results");
   table.innerHTML = "";
-  const showAct = data.mode === "text";
+  const showAct = data.mode === "text" || data.mode === "promotes";
+  const valueHead = data.mode === "promotes" ? "z (lens)" : "activation";
+  const tokenHead = data.mode === "promotes" ? "promotes" : "on token";
   table.append(GS.el("tr", {}, GS.el("th", {}, "feature"), GS.el("th", {}, "SAE"), GS.el("th", {}, "explanation"),
-    showAct ? GS.el("th", {class: "num"}, "activation") : null, showAct ? GS.el("th", {}, "on token") : null));
+    showAct ? GS.el("th", {class: "num"}, valueHead) : null, showAct ? GS.el("th", {}, tokenHead) : null));
   for (const r of data.results) {
     table.append(GS.el("tr", {class: "result"},
       GS.el("td", {}, GS.el("a", {href: GS.featureUrl(r.sae_id, r.index), class: "mono"}, `#${r.index}`)),
       GS.el("td", {class: "mono small"}, r.sae_id),
       GS.el("td", {}, r.explanation || ""),
-      showAct ? GS.el("td", {class: "num"}, GS.fmt(r.value, 3)) : null,
+      showAct ? GS.el("td", {class: "num"}, GS.fmt(data.mode === "promotes" ? r.z : r.value, 3)) : null,
       showAct ? GS.el("td", {class: "mono small"}, r.token === undefined ? "" : JSON.stringify(r.token)) : null));
   }
   $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
@@ -73,7 +76,7 @@ async function runContrast() {
 function onMode() {
   $("hint").textContent = HINTS[mode()];
   $("token-label").hidden = mode() !== "text";
-  $("dense-label").hidden = mode() !== "text";
+  $("dense-label").hidden = !["text", "promotes"].includes(mode());
   const all = $("sae").querySelector("option[value='']");
   if (all) all.disabled = mode() === "text";
   if (mode() === "text" && !$("sae").value) $("sae").selectedIndex = 1;
