@@ -292,7 +292,11 @@ def test_attribute_command(
     out = capsys.readouterr().out
     picked = strongest(graph, 3, 1, [j for j in range(graph.n_features) if prune(graph).nodes[j]])
     assert len(picked) == 3
-    assert " ".join(f"{layer}_{latent}_{pos}" for layer, pos, latent in picked) in out
+    data = json.loads((run / "graphs" / "cat.json").read_text())
+    for layer, pos, latent in picked:  # a line each: the node, its token and its label
+        node = next(n for n in data["nodes"] if n["node_id"] == f"{layer}_{latent}_{pos}")
+        token = data["metadata"]["prompt_tokens"][pos]
+        assert f"  {node['node_id']:<14} {token!r:<14} {node['clerp']}" in out
     assert f"lead of {graph.logit_tokens[0]!r} over {rival!r}: predicted" in out
     assert main(["attribute", str(run), PROMPT, "--against", rival, "--model", "tiny-gemma3"]) == 2
     assert "give --ablate-top N too" in capsys.readouterr().err

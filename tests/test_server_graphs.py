@@ -234,10 +234,21 @@ def test_a_run_of_a_cross_layer_transcoder_alone_serves_its_graphs_and_its_laten
     (run / "run.json").write_text(json.dumps({"model": tiny_model.name}))
     with pytest.raises(StoreError, match="holds no SAEs and no cross-layer transcoder"):
         create_app(run, model=tiny_model)
-    save_clt(random_clt(w=32), run / "clts" / "width_32" / "l0_5_skip")
-    layers = [f"clt.{layer}.w32.l0_5_skip" for layer in range(tiny_model.n_layers)]
+    clt = random_clt(w=32)
+    n = tiny_model.n_layers
+    clt.cfg.extra["heldout"] = {
+        "tokens": 512,
+        "fvu": [0.1 * i for i in range(n)],
+        "l0": [5.0] * n,
+        "dead": [0.0] * n,
+    }
+    save_clt(clt, run / "clts" / "width_32" / "l0_5_skip")
+    layers = [f"clt.{layer}.w32.l0_5_skip" for layer in range(n)]
     with TestClient(create_app(run, model=tiny_model)) as c:
-        assert [s["id"] for s in c.get("/v1/saes").json()["saes"]] == layers
+        listed = c.get("/v1/saes").json()["saes"]
+        assert [s["id"] for s in listed] == layers
+        assert listed[2]["architecture"] == "jumprelu (CLT layer)"  # its training's held-out figures
+        assert listed[2]["eval"] == {"l0": 5.0, "fvu": pytest.approx(0.2), "frac_dead": 0.0, "n_tokens": 512}
         listed = c.get("/v1/graph/list").json()
         assert listed["available"] and listed["dictionary"].startswith("cross-layer transcoder")
         out = c.post("/v1/graph/generate", json={"prompt": PROMPT, "slug": "clt-only"})

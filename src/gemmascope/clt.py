@@ -137,6 +137,19 @@ class CLTLayerSAE(JumpReLUSAE):
         return [(str(Site("mlp_out", layer + t)), self.parts[:, t]) for t in range(self.parts.shape[1])]
 
 
+def _layer_heldout(heldout: Any, layer: int) -> dict[str, float]:
+    """Layer `layer`'s held-out figures of a trained CLT (`train_clt`'s per-layer lists `fvu`, `l0`,
+    `dead` over `tokens`), {} when it has none."""
+    if not isinstance(heldout, dict):
+        return {}
+    out = {
+        name: float(heldout[name][layer])
+        for name in ("fvu", "l0", "dead")
+        if len(heldout.get(name) or []) > layer
+    }
+    return {**out, "tokens": float(heldout.get("tokens") or 0)} if out else {}
+
+
 @torch.no_grad()
 def layer_sae(clt: CrossLayerTranscoder, layer: int) -> CLTLayerSAE:
     """Layer `layer`'s latents as one JumpReLU transcoder `mlp_in.L -> mlp_out.L`, for what reads one
@@ -150,7 +163,8 @@ def layer_sae(clt: CrossLayerTranscoder, layer: int) -> CLTLayerSAE:
         architecture="jumprelu", d_in=d, d_sae=w, model_name=clt.cfg.model_name,
         site=str(Site("mlp_in", layer)), hook_name=Site("mlp_in", layer).hook_name,
         out_site=str(Site("mlp_out", layer)),
-        extra={"clt": clt.cfg.extra.get("folder", ""), "clt_layer": layer, "decoder": "summed over the layers it writes"},
+        extra={"clt": clt.cfg.extra.get("folder", ""), "clt_layer": layer, "decoder": "summed over the layers it writes",
+               "heldout": _layer_heldout(clt.cfg.extra.get("heldout"), layer)},
     )  # fmt: skip
     sae = CLTLayerSAE(cfg)
     sae.register_buffer("parts", clt.decoder(layer).detach().float(), persistent=False)

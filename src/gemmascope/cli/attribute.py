@@ -61,7 +61,7 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--ablate-top", type=int, default=0, metavar="N",
-        help="also switch off the N nodes the graph says hold the answer up most (each on its own)",
+        help="also switch off, together, the N nodes whose switching off the graph predicts lowers the answer most (ranked one by one)",
     )  # fmt: skip
     p.add_argument(
         "--against", default=None, metavar="TOKEN",
@@ -174,15 +174,29 @@ def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> i
         if picked:
             print(
                 f"the {len(picked)} nodes (besides --ablate) the graph says hold up {graph.logit_tokens[0]!r} "
-                f"({lead}) most: "
-                + " ".join(feature_node_id(layer, latent, pos) for layer, pos, latent in picked)
+                f"({lead}) most, switched off together:"
             )
+            _print_nodes(drawn.data, [feature_node_id(layer, latent, pos) for layer, pos, latent in picked])
         else:
             print(f"no node of the pruned graph holds up {graph.logit_tokens[0]!r} ({lead}) on its own")
         nodes += picked
     if nodes:
         _print_intervention(args, intervene_nodes(model, transcoders, graph, nodes, args.value), len(nodes))
     return 0
+
+
+def _print_nodes(data: dict[str, Any], ids: list[str], shown: int = 16) -> None:
+    """One line per feature node: its id, token and label as the graph file holds them (`shown` at
+    most, then how many more)."""
+    nodes = {n.get("node_id"): n for n in data["nodes"]}
+    prompt = data["metadata"].get("prompt_tokens") or []
+    for node_id in ids[:shown]:
+        n = nodes.get(node_id, {})
+        pos = int(node_id.rsplit("_", 1)[1])
+        token = prompt[pos] if pos < len(prompt) else ""
+        print(f"  {node_id:<14} {token!r:<14} {n.get('clerp') or ''}")
+    if len(ids) > shown:
+        print(f"  ... and {len(ids) - shown} more: " + " ".join(ids[shown:]))
 
 
 def _print_intervention(args: argparse.Namespace, out: dict[str, Any], n_nodes: int) -> None:

@@ -56,7 +56,9 @@ class LoadedSAE:
             "kind": self.kind,
             "layer": self.layer,
             "hook_name": cfg.hook_name,
-            "architecture": cfg.architecture,
+            "architecture": f"{cfg.architecture} (CLT layer)"
+            if "clt_layer" in cfg.extra
+            else cfg.architecture,
             "d_in": self.sae.d_in,
             "d_sae": self.sae.d_sae,
             "width": self.sae.d_sae,
@@ -112,7 +114,9 @@ class Run:
             sae.eval()
             site = sae_site(self.model, sae, key)  # the model has this site, of this width
             url = _url_id(key)
-            result = evals.get(key) or _eval_summary(self.opened.folders[key] / EVAL_FILE)
+            result = (
+                evals.get(key) or _eval_summary(self.opened.folders[key] / EVAL_FILE) or _clt_layer_eval(sae)
+            )
             self.saes[url] = LoadedSAE(url, sae, str(site), site.kind, site.layer, result, key)
         self.model_lock = threading.Lock()
         self.graph_clt: str | None = (
@@ -220,6 +224,15 @@ def _eval_summary(path: Path) -> dict[str, Any]:
         return summary(result) if result else {}
     except (KeyError, TypeError):
         return {}
+
+
+def _clt_layer_eval(sae: SAE) -> dict[str, Any]:
+    """A CLT layer's held-out figures from its training (`clt.layer_sae`'s `heldout`: FVU of its
+    layer's MLP output with every earlier layer's writes, L0, dead), in the eval's column names; {}
+    for anything else."""
+    heldout = sae.cfg.extra.get("heldout") or {}
+    names = {"l0": "l0", "fvu": "fvu", "dead": "frac_dead", "tokens": "n_tokens"}
+    return {names[k]: (int(v) if k == "tokens" else v) for k, v in heldout.items() if k in names}
 
 
 def _read_json(path: Path) -> Any:
