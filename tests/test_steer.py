@@ -525,6 +525,14 @@ def test_cli_steer_default_strength_from_the_feature_index(run_with_sae, cli_mod
     assert main([*argv, "--max-new-tokens", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["interventions"] == [f"add resid_post.2#3 by {max_act:g}", "add resid_post.2#4 by 2"]
+    # a strength beyond the server's bound (100 x the latent's max activation) is refused, as there
+    beyond = ["steer", PROMPT, "--sae", str(folder), "--feature", "3", "--strength", f"{101 * max_act:g}"]
+    assert main(beyond) == 2
+    assert (
+        f"is out of range: expected within ±{100 * max_act:g} (100 x its max activation"
+        in capsys.readouterr().err
+    )
+    assert main(["steer", PROMPT, "--sae", str(folder), "--feature", "3", "--strength", "1e30"]) == 2
 
 
 def test_cli_steer_at_positions(run_with_sae, cli_model, capsys):

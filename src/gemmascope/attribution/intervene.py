@@ -40,8 +40,9 @@ def feature_index(graph: Graph, nodes: Sequence[Node]) -> Tensor:
     lookup = {tuple(int(v) for v in row): i for i, row in enumerate(graph.features.tolist())}
     missing = [n for n in nodes if tuple(n) not in lookup]
     if missing:
+        named = ", ".join(f"{layer}_{latent}_{pos}" for layer, pos, latent in missing)
         raise ConfigError(
-            f"feature nodes {missing} (layer, position, latent) are not active features of the graph of "
+            f"feature nodes {named} (LAYER_LATENT_POSITION) are not active features of the graph of "
             f"{graph.prompt!r}; pick nodes the graph shows"
         )
     if not nodes:

@@ -159,6 +159,7 @@ def run_steer(args: argparse.Namespace) -> int:
             return float(column[iv.latent])
 
         interventions = fill_strengths(interventions, max_activation)
+    _check_strengths(opened, interventions, ids)
     measuring = _measure_request(args)
     model = opened.model
     pair = generate_pair(
@@ -178,6 +179,29 @@ def run_steer(args: argparse.Namespace) -> int:
     if measured is not None:
         _print_measured(measured)
     return 0
+
+
+def _check_strengths(opened: Any, interventions: list[Any], ids: dict[int, str]) -> None:
+    """A ConfigError for a strength beyond the server's bound: `limits.STRENGTH_FACTOR` times the
+    latent's max activation in the index (`STRENGTH_LIMIT` when it is not indexed)."""
+    from gemmascope.limits import STRENGTH_FACTOR, STRENGTH_LIMIT
+
+    for iv in interventions:
+        if iv.value is None:
+            continue
+        key = ids[id(iv.sae)]
+        column = opened.column(key, "max_act") if opened.index() is not None else None
+        top = float(column[iv.latent]) if column is not None else 0.0
+        limit = STRENGTH_FACTOR * top if top > 0 else STRENGTH_LIMIT
+        if abs(iv.value) > limit:
+            why = (
+                f"{STRENGTH_FACTOR:g} x its max activation {top:g}"
+                if top > 0
+                else "its max activation is unknown"
+            )
+            raise ConfigError(
+                f"--strength {iv.value:g} for {key}#{iv.latent} is out of range: expected within ±{limit:g} ({why})"
+            )
 
 
 def _measure_request(args: argparse.Namespace) -> dict[str, Any] | None:
