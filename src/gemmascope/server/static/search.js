@@ -34,7 +34,7 @@ async function search() {
       GS.el("td", {class: "mono small"}, r.sae_id),
       GS.el("td", {}, r.explanation || ""),
       showAct ? GS.el("td", {class: "num"}, GS.fmt(data.mode === "promotes" ? r.z : r.value, 3)) : null,
-      showAct ? GS.el("td", {class: "mono small"}, r.token === undefined ? "" : JSON.stringify(r.token)) : null));
+      showAct ? GS.el("td", {class: "mono small nowrap"}, r.token === undefined ? "" : JSON.stringify(r.token)) : null));
   }
   $("results-title").textContent = `${data.results.length} result${data.results.length === 1 ? "" : "s"}`;
   if (!data.results.length && data.mode === "text" && !$("show-dense").checked) {
