@@ -43,6 +43,7 @@ from gemmascope.effects import side_effects  # noqa: E402
 from gemmascope.features import FeatureIndex  # noqa: E402
 from gemmascope.features.contrast import contrast  # noqa: E402
 from gemmascope.features.encode import encode  # noqa: E402
+from gemmascope.features.lens import word_token_ids  # noqa: E402
 from gemmascope.models import LanguageModel, prompt_tokens  # noqa: E402
 from gemmascope.opening import open_run  # noqa: E402
 from gemmascope.sae import SAE  # noqa: E402
@@ -87,14 +88,9 @@ def mentions(text: str, words: list[str]) -> bool:
 
 
 def concept_token_ids(model: LanguageModel, words: list[str]) -> list[int]:
-    """The single-token forms of the concept's words (' dog', ' Dog', 'dog', ...) as token ids."""
-    ids: set[int] = set()
-    for w in words:
-        for form in (f" {w}", f" {w.capitalize()}", w, w.capitalize()):
-            got = model.tokenizer(form, add_special_tokens=False)["input_ids"]
-            if len(got) == 1:
-                ids.add(int(got[0]))
-    return sorted(ids)
+    """The single-token forms of the concept's words (' dog', ' Dog', 'dog', ...) as token ids
+    (`features.word_token_ids` of each)."""
+    return sorted({i for w in words for i in word_token_ids(model, w)})
 
 
 def best_threshold(pos: torch.Tensor, neg: torch.Tensor) -> float:

@@ -9,11 +9,13 @@ sets of 32 prompts; watched tokens cost nothing); where a length multiplies mode
 generated tokens, prompts of a set, strengths of a sweep), the library's value and a request's
 stand side by side here.
 
-Knows nothing: plain numbers, imported by models, features, steer, effects, attribution, server, cli
+Knows nothing: plain numbers (and `strength_limit`, the one rule over two of them), imported by models, features, steer, effects, attribution, server, cli
 (`cli.options.read_lines` bounds the text files a user names with `MAX_TEXT_FILE_*`).
 """
 
 from __future__ import annotations
+
+import math
 
 # Prompt length, in tokens after BOS
 MAX_PROMPT_TOKENS = 512  # one prompt run by the library or the CLI (microscope, search, steering)
@@ -56,6 +58,14 @@ MAX_TOP_PER_TOKEN = 20  # features per token in the microscope
 # Steering strengths an HTTP request may ask for
 STRENGTH_FACTOR = 100.0  # |strength| <= this x the feature's max activation
 STRENGTH_LIMIT = 10_000.0  # |strength| bound when the feature's max activation is unknown
+
+
+def strength_limit(max_activation: float | None) -> float:
+    """The bound on |strength| of a feature with this max activation: `STRENGTH_FACTOR` times it,
+    `STRENGTH_LIMIT` when it is unknown (None, zero or not finite)."""
+    if max_activation is not None and math.isfinite(max_activation) and max_activation > 0:
+        return STRENGTH_FACTOR * max_activation
+    return STRENGTH_LIMIT
 
 
 def served() -> dict[str, float | int]:

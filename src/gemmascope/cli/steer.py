@@ -182,9 +182,9 @@ def run_steer(args: argparse.Namespace) -> int:
 
 
 def _check_strengths(opened: Any, interventions: list[Any], ids: dict[int, str]) -> None:
-    """A ConfigError for a strength beyond the server's bound: `limits.STRENGTH_FACTOR` times the
-    latent's max activation in the index (`STRENGTH_LIMIT` when it is not indexed)."""
-    from gemmascope.limits import STRENGTH_FACTOR, STRENGTH_LIMIT
+    """A ConfigError for a strength beyond the server's bound (`limits.strength_limit` of the
+    latent's max activation in the index)."""
+    from gemmascope.limits import STRENGTH_FACTOR, strength_limit
 
     for iv in interventions:
         if iv.value is None:
@@ -192,7 +192,7 @@ def _check_strengths(opened: Any, interventions: list[Any], ids: dict[int, str])
         key = ids[id(iv.sae)]
         column = opened.column(key, "max_act") if opened.index() is not None else None
         top = float(column[iv.latent]) if column is not None else 0.0
-        limit = STRENGTH_FACTOR * top if top > 0 else STRENGTH_LIMIT
+        limit = strength_limit(top)
         if abs(iv.value) > limit:
             why = (
                 f"{STRENGTH_FACTOR:g} x its max activation {top:g}"

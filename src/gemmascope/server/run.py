@@ -11,7 +11,6 @@ looked up by id in a table built at start-up, and report files by exact name in 
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.limits import REQUEST_PROMPT_CHARS, REQUEST_PROMPT_TOKENS, STRENGTH_FACTOR, STRENGTH_LIMIT
+from gemmascope.limits import REQUEST_PROMPT_CHARS, REQUEST_PROMPT_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.opening import OpenRun, open_run
 from gemmascope.runs import EVAL_FILE, EVALS_JSON, GRAPHS, REPORT, find_clts, find_saes
@@ -203,11 +202,6 @@ class Run:
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return token_texts(self.model.tokenizer, ids)
-
-    def strength_limit(self, max_activation: float | None) -> float:
-        if max_activation is not None and math.isfinite(max_activation) and max_activation > 0:
-            return STRENGTH_FACTOR * max_activation
-        return STRENGTH_LIMIT
 
 
 def _url_id(key: str) -> str:

@@ -119,10 +119,13 @@ async def _by_promotes(run: Run, queue: ModelQueue, query: str, body: SearchRequ
             400, f"{query!r} is not one token of the model's vocabulary in any of its forms (with or without a "
             "leading space, capitalised or not): expected a word the model has as a single token",
         )  # fmt: skip
+    explained = {
+        key: run.explanations(run.saes[key], [h["index"] for h in hits if h["sae_id"] == key])
+        for key in {h["sae_id"] for h in hits}
+    }
     for hit in hits:
         hit["token"] = texts[hit.pop("token_id")]
-        explained = run.explanations(run.saes[hit["sae_id"]], [hit["index"]])
-        hit["explanation"] = explained.get(hit["index"])
+        hit["explanation"] = explained[hit["sae_id"]].get(hit["index"])
     return {"mode": "promotes", "tokens": list(texts.values()), "results": hits}
 
 

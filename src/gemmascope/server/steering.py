@@ -2,7 +2,7 @@
 same seed and sampling settings, with up to `limits.MAX_STEER_FEATURES` interventions) and `POST
 /v1/steer/measure` (watched tokens, the cost, a sweep), with their request bodies, and `GET
 /v1/feature/{sae_id}/{index}/outputs` (what turning a feature up does to the output, measured). A feature's
-strength defaults to its max activation in the feature index and is bounded by `Run.strength_limit`;
+strength defaults to its max activation in the feature index and is bounded by `limits.strength_limit`;
 the sampling defaults are `steer`'s, the bounds `limits`'. The model work waits in the model queue.
 
 Knows nothing of how steering works: it calls `steer.fill_strengths`, `steer.generate_pair`,
@@ -28,6 +28,7 @@ from gemmascope.limits import (
     REQUEST_PROMPT_TOKENS,
     REQUEST_SIDE_EFFECT_TOKENS,
     REQUEST_SWEEP,
+    strength_limit,
 )
 from gemmascope.server.errors import ApiError, public_message
 from gemmascope.server.lookup import Body, Number, QueueDep, RunDep, feature_or_4xx, sae_or_404
@@ -137,11 +138,11 @@ async def steer_measure(body: MeasureRequest, run: RunDep, queue: QueueDep) -> d
         run.check_text(prompt)
     interventions = [_intervention(run, feat, body.normalize) for feat in body.features]
     if body.strengths is not None:
-        bad = [s for s in body.strengths if not math.isfinite(s) or abs(s) > run.strength_limit(None)]
+        bad = [s for s in body.strengths if not math.isfinite(s) or abs(s) > strength_limit(None)]
         if bad:
             raise ApiError(
                 400,
-                f"sweep strengths {bad} are out of range: expected numbers within ±{run.strength_limit(None):g}",
+                f"sweep strengths {bad} are out of range: expected numbers within ±{strength_limit(None):g}",
             )
 
     def work() -> dict[str, Any]:
@@ -177,7 +178,7 @@ async def feature_outputs(run: RunDep, queue: QueueDep, sae_id: str, index: str)
 
 def _intervention(run: Run, feat: SteerFeature, normalize: bool) -> Intervention:
     """The intervention a requested feature asks for, its strength defaulted to the feature's max
-    activation (400 when that is unknown) and bounded by `run.strength_limit` (400 beyond it)."""
+    activation (400 when that is unknown) and bounded by `limits.strength_limit` (400 beyond it)."""
     entry = sae_or_404(run, feat.sae_id)
     i = feature_or_4xx(entry, feat.index)
     max_acts = run.column(entry, "max_act")
@@ -194,7 +195,7 @@ def _intervention(run: Run, feat: SteerFeature, normalize: bool) -> Intervention
             400, f"give a strength for {entry.id}#{i}: its max activation (the default) is unknown"
         )
     if iv.value is not None:
-        limit = run.strength_limit(max_act)
+        limit = strength_limit(max_act)
         if not math.isfinite(iv.value) or abs(iv.value) > limit:
             raise ApiError(
                 400,
