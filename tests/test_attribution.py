@@ -13,9 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemmascope.attribution import attribute, capture_prompt, intervene, prune, scores, transcoder_set
+from gemmascope.attribution import (
+    attribute,
+    capture_prompt,
+    draw_graph,
+    graph_name,
+    graph_slug,
+    intervene,
+    prune,
+    scores,
+    transcoder_set,
+)
 from gemmascope.attribution.dictionary import dictionary_of
-from gemmascope.attribution.files import graph_json, plot_graph, read_graph, transcoder_digest, write_graph
+from gemmascope.attribution.files import (
+    KEY_WIDTH,
+    _key_label,
+    graph_json,
+    plot_graph,
+    read_graph,
+    transcoder_digest,
+    write_graph,
+)
 from gemmascope.attribution.intervene import measure, predict, strongest
 from gemmascope.cli import main
 from gemmascope.clt import CLTConfig, CrossLayerTranscoder
@@ -306,6 +324,38 @@ def test_attribute_command(
     args = ["attribute", str(run), PROMPT, "--ablate-top", "2", "--value", "3", "--model", "tiny-gemma3"]
     assert main(args) == 2
     assert "--value 3 sets --ablate nodes" in capsys.readouterr().err
+    # a name holding another prompt's graph is refused before the model runs; that graph stays
+    before = (run / "graphs" / "cat.json").read_bytes()
+    assert main(["attribute", str(run), "A dog ran", "--slug", "cat", "--model", "tiny-gemma3"]) == 2
+    assert f"graph name 'cat' already holds the graph of {PROMPT!r}" in capsys.readouterr().err
+    assert (run / "graphs" / "cat.json").read_bytes() == before
+
+
+def test_a_graph_never_replaces_another_prompts_graph(
+    tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], tmp_path: Path
+) -> None:
+    first = draw_graph(tiny_model, transcoders, PROMPT, tmp_path, png=False, progress=False)
+    assert first.path.name == "the-cat-sat-on-the-mat-and.json"
+    kept = first.path.read_bytes()
+    other = PROMPT.upper() + "?"  # the same words: the same slug
+    assert graph_slug(other) == first.path.stem
+    second = draw_graph(tiny_model, transcoders, other, tmp_path, png=False, progress=False)
+    assert second.path != first.path and second.path.stem.startswith(first.path.stem)
+    assert first.path.read_bytes() == kept and read_graph(second.path)["metadata"]["prompt"] == other
+    assert graph_name(tmp_path, other) == second.path.stem  # drawn again under its own name
+    assert graph_name(tmp_path, PROMPT) == first.path.stem
+    with pytest.raises(ConfigError, match="already holds the graph of"):
+        draw_graph(tiny_model, transcoders, other, tmp_path, slug=first.path.stem, progress=False)
+    first.path.write_text("{damaged")  # a damaged file is replaced
+    assert graph_name(tmp_path, other, first.path.stem) == first.path.stem
+
+
+def test_the_pictures_key_keeps_a_labels_start_on_two_lines() -> None:
+    label = 'in text with "symptoms", "disease"; promotes "Coronavirus", "COVID", "pandemic"; fires on many different tokens (2.5% of all)'
+    lines = _key_label(label)
+    assert len(lines) == 2 and all(len(line) <= KEY_WIDTH for line in lines)
+    assert lines[0].startswith('in text with "symptoms"') and lines[1].endswith("...")
+    assert _key_label('fires on "cat"') == ['fires on "cat"'] and _key_label("") == []
 
 
 def random_clt(model: LanguageModel, seed: int = 0) -> CrossLayerTranscoder:

@@ -60,7 +60,7 @@ def demo_graphs(
     its nodes labelled from the feature pages of every layer's latents (`suite.run.index_clts`).
     Returns the graph files."""
     from gemmascope.activations import harvest
-    from gemmascope.attribution import draw_graph, graph_slug, read_graph, transcoder_digest
+    from gemmascope.attribution import draw_graph, graph_name, read_graph, transcoder_digest
     from gemmascope.attribution.dictionary import run_clt
     from gemmascope.errors import GemmaScopeError, StoreError
     from gemmascope.models import reading_dtype
@@ -95,7 +95,7 @@ def demo_graphs(
     digest = transcoder_digest(clt)
     drawn = []
     for prompt in GRAPH_PROMPTS:
-        path = run_dir / GRAPHS / f"{graph_slug(prompt)}.json"
+        path = run_dir / GRAPHS / f"{graph_name(run_dir / GRAPHS, prompt)}.json"
         try:
             read_graph(path, digest)  # drawn over this very CLT: kept
         except GemmaScopeError:

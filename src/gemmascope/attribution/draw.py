@@ -19,10 +19,9 @@ import torch
 
 from gemmascope.attribution.dictionary import Replacing
 from gemmascope.attribution.files import (
-    check_slug,
     feature_node_id,
     graph_json,
-    graph_slug,
+    graph_name,
     plot_graph,
     pruned_explanations,
     transcoder_digest,
@@ -118,9 +117,9 @@ def draw_graph(
     """Attribute `prompt` over `transcoders` (one per layer, or a CLT; `graph.attribute`), prune it
     (`graph.prune`), name its kept features by `explain(sae_id, latents)`, and write
     `graph_dir/SLUG.json` (and `SLUG.png` with `png`). `slug` defaults to one made from the prompt
-    (`files.graph_slug`); `digest` to the set's (`files.transcoder_digest`). ConfigError: a bad slug,
+    (`files.graph_name`: never another prompt's graph's); `digest` to the set's (`files.transcoder_digest`). ConfigError: a bad slug,
     threshold or node cap, an empty prompt or one over `max_tokens` tokens."""
-    slug = check_slug(slug or graph_slug(prompt))
+    slug = graph_name(graph_dir, prompt, slug)
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} {value} must be between 0 and 1 (a share of the influence)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from gemmascope.errors import ConfigError, FormatError, StoreError
 from gemmascope.runs import write_atomic
 
 SCHEMA_VERSION = 1  # circuit-tracer's frontend schema
+KEY_WIDTH = 52  # characters of a label's line in the PNG's key of features
 
 
 def transcoder_digest(transcoders: Replacing) -> str:
@@ -193,6 +195,32 @@ def check_slug(slug: str) -> str:
             f"graph name {slug!r} is not valid: expected lower-case letters, digits and '-' (at most 64)"
         )
     return slug
+
+
+def graph_name(graph_dir: Path | str, prompt: str, slug: str | None = None) -> str:
+    """The name `prompt`'s graph is written under in `graph_dir`, losing no other prompt's graph:
+    `slug` when given (a ConfigError when its file holds another prompt's graph), else
+    `graph_slug(prompt)`, or, where that file holds another prompt's graph ("The capital of France
+    is" and "the capital of france is?" make one slug), the same with the prompt's hash. A graph of
+    the same prompt is drawn again under its name; a damaged file is replaced."""
+    name = check_slug(slug or graph_slug(prompt))
+    held = _held_prompt(Path(graph_dir) / f"{name}.json")
+    if held is None or held == prompt:
+        return name
+    if slug is not None:
+        raise ConfigError(
+            f"graph name {slug!r} already holds the graph of {held!r} in {str(graph_dir)!r}: "
+            f"pick another name, or remove {name}.json to draw {prompt!r} under it"
+        )
+    return check_slug(f"{name[:57].strip('-')}-{hashlib.sha256(prompt.encode()).hexdigest()[:6]}")
+
+
+def _held_prompt(path: Path) -> str | None:
+    """The prompt of the graph file at `path`; None when there is none or it cannot be read."""
+    try:
+        return str(read_graph(path)["metadata"]["prompt"])
+    except FormatError:  # none there, or damaged
+        return None
 
 
 def pruned_explanations(
@@ -367,13 +395,26 @@ def _draw_key(
         ax.annotate(
             str(number), (x, y), (4, 4), textcoords="offset points", fontsize=7, color="#7b341e", zorder=4
         )
-        line = f"{number}. L{n['layer']}/{n['node_id'].split('_')[1]} at {tokens[n['ctx_idx']]!r}"
-        key.append(line + (f": {n['clerp'][:36]}" if n.get("clerp") else ""))
+        key.append(f"{number}. L{n['layer']}/{n['node_id'].split('_')[1]} at {tokens[n['ctx_idx']]!r}")
+        key += [f"     {line}" for line in _key_label(n.get("clerp") or "")]
     if key:
         ax.text(
             1.02, 1.0, "Most influential features\n" + "\n".join(key), transform=ax.transAxes, fontsize=7.5,
-            va="top", ha="left", color="#7b341e", linespacing=1.5,
+            va="top", ha="left", color="#7b341e", linespacing=1.35,
         )  # fmt: skip
+
+
+def _key_label(label: str, width: int = KEY_WIDTH, lines: int = 2) -> list[str]:
+    """A feature's label in the key: wrapped at word breaks into at most `lines` lines of `width`
+    characters, the last ending in "..." when the label is longer (labels lead with what a latent is
+    about, so the start is what to keep)."""
+    wrapped = textwrap.wrap(label, width, break_long_words=True)
+    if len(wrapped) > lines:
+        wrapped = [
+            *wrapped[: lines - 1],
+            textwrap.shorten(" ".join(wrapped[lines - 1 :]), width, placeholder="..."),
+        ]
+    return wrapped
 
 
 def _title(data: dict[str, Any]) -> str:

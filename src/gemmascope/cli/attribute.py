@@ -77,9 +77,9 @@ def args_attribute(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     """The --ablate nodes, and every option checked before the model loads."""
-    from gemmascope.attribution import MAX_FEATURE_NODES, check_slug, parse_node
+    from gemmascope.attribution import MAX_FEATURE_NODES, graph_name, parse_node
     from gemmascope.limits import MAX_PROMPT_TOKENS
-    from gemmascope.runs import CLTS, SAES
+    from gemmascope.runs import CLTS, GRAPHS, SAES
 
     needed = CLTS if args.clt is not None else SAES
     if not (Path(args.run_dir) / needed).is_dir():
@@ -89,8 +89,8 @@ def _check(args: argparse.Namespace) -> list[tuple[int, int, int]]:
             + (f"; train one: gemmascope suite {args.run_dir} --clt" if args.clt is not None else "")
             + ")"
         )
-    if args.slug is not None:
-        check_slug(args.slug)
+    if args.slug is not None:  # a bad name, or one holding another prompt's graph: refused now
+        graph_name(Path(args.run_dir) / GRAPHS, args.prompt, args.slug)
     nodes = []
     for spec in args.ablate:
         try:

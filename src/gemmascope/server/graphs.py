@@ -30,7 +30,7 @@ from gemmascope.attribution import (
     attribute,
     check_slug,
     draw_graph,
-    graph_slug,
+    graph_name,
     intervene_nodes,
     parse_node,
     read_graph,
@@ -156,9 +156,9 @@ class GraphRequest(Body):
 async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> dict[str, Any]:
     run.check_text(body.prompt)
     state, transcoders = _transcoders_or_409(run)
-    slug = check_slug(body.slug or graph_slug(body.prompt))
     folder = run.graph_dir()
     assert folder is not None  # transcoders were found in the run folder
+    slug = graph_name(folder, body.prompt, body.slug)
 
     def work() -> dict[str, Any]:
         drawn = draw_graph(
