@@ -327,6 +327,47 @@ def test_graph_page_draws_errors_beneath_features_and_output_labels_whole(
     context.close()
 
 
+def test_graph_page_fills_the_width_and_redraws_a_stale_graphs_own_prompt(
+    browser: Any, graph_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel
+) -> None:
+    """A short prompt's graph spreads its positions over the page's width (the crowded ones wider),
+    not a fixed 92 px each; a graph drawn from another transcoder set says so and puts its own
+    prompt in the box, so "draw it again here" redraws that prompt."""
+    import json
+
+    from test_server_graphs import graph_run_dir
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    listed = page.request.get(graph_url + "/v1/graph/list").json()
+    slug = next((g["slug"] for g in listed["graphs"] if g["prompt"] == GRAPH_PROMPT), None)
+    if slug is None:
+        slug = page.request.post(graph_url + "/v1/graph/generate", data={"prompt": GRAPH_PROMPT}).json()[
+            "slug"
+        ]
+    page.goto(f"{graph_url}/graph/{slug}")
+    page.wait_for_selector("svg#graph .node")
+    width, room = page.evaluate(
+        """() => [Number(document.querySelector("svg#graph").getAttribute("width")),
+                  document.querySelector(".graph-wrap").clientWidth]"""
+    )
+    assert 0.9 * room <= width <= 1.1 * room, (width, room)  # a long output label may widen it
+    run = graph_run_dir(tmp_path_factory, tiny_model)
+    data = json.loads((run / "graphs" / f"{slug}.json").read_text())
+    data["metadata"]["prompt"] = "A stale graph of another prompt"
+    data["metadata"]["gemmascope"]["transcoder_digest"] = "0123456789abcdef"
+    stale = run / "graphs" / "stale-one.json"
+    stale.write_text(json.dumps(data))
+    try:
+        page.goto(f"{graph_url}/graph/stale-one")
+        page.wait_for_selector("#error:has-text('another transcoder set')")
+        assert page.input_value("#prompt") == "A stale graph of another prompt"
+    finally:
+        stale.unlink()
+    context.close()
+
+
 def test_a_feature_with_few_examples_says_so_and_an_empty_search_offers_dense_features(
     page: Any, base_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel
 ) -> None:

@@ -55,14 +55,15 @@ function kindOf(n) {
 }
 
 const ERROR_SLOT = 10; // an error square sits at the left of its cell, beside the cell's features
+const COL_W = 92, COL_MIN = 56, NODE_GAP = 18; // a position's column: its width on average and at least; px between features
+const LOGIT_ROOM = 210; // right of the positions: the output tokens and their labels
 
 function layout(data) {
   const meta = data.metadata;
   const tokens = meta.prompt_tokens;
   const logits = data.nodes.filter((n) => kindOf(n) === "logit");
   const nLayers = logits.length ? Number(logits[0].layer) - 1 : 1;
-  const colW = 92, rowH = 34, left = 56, top = 24;
-  const width = left + colW * (tokens.length + 1.6);
+  const rowH = 34, left = 56, top = 24;
   const height = Math.max(top + rowH * (nLayers + 2) + 70, top + 26 * logits.length + 24);
   const yOf = (layer) => layer === "E" ? top + rowH * (nLayers + 1) : top + rowH * (nLayers - Number(layer));
   const cells = new Map();
@@ -72,22 +73,40 @@ function layout(data) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
+  // the positions share the width the page gives (COL_W each at least, scrolling beyond), each by
+  // the square root of its most crowded cell's features: the last position, where the answer is
+  // computed, and the content words hold most; "<bos>" and "of" few
+  const crowd = tokens.map(() => 0);
+  for (const [key, list] of cells) {
+    const i = Number(key.split("|")[0]);
+    crowd[i] = Math.max(crowd[i], list.filter((n) => kindOf(n) !== "error").length);
+  }
+  const wrap = document.querySelector(".graph-wrap");
+  const avail = Math.max(COL_W * tokens.length, (wrap ? wrap.clientWidth : 1000) - left - LOGIT_ROOM - 2);
+  const share = crowd.map((c) => Math.sqrt(Math.max(c, 4)));
+  const total = share.reduce((a, b) => a + b, 0);
+  const colWs = share.map((w) => Math.max(COL_MIN, (avail * w) / total));
+  const colX = [left];
+  colWs.forEach((w) => colX.push(colX[colX.length - 1] + w));
+  const right = colX[tokens.length];
+  const width = right + LOGIT_ROOM;
   const pos = new Map();
   for (const [key, list] of cells) {
-    const cellLeft = left + colW * Number(key.split("|")[0]);
+    const i = Number(key.split("|")[0]);
+    const cellLeft = colX[i], colW = colWs[i];
     const errors = list.filter((n) => kindOf(n) === "error");
     const rest = list.filter((n) => kindOf(n) !== "error");
     errors.forEach((n) => pos.set(n.node_id, [cellLeft + ERROR_SLOT, yOf(n.layer)]));
     rest.sort((a, b) => (a.influence || 0) - (b.influence || 0));
     const shift = errors.length ? ERROR_SLOT : 0; // the features' centre, moved off the error's slot
-    const spread = Math.min(18, (colW - 14 - 2 * shift) / Math.max(rest.length, 1));
+    const spread = Math.min(NODE_GAP, (colW - 14 - 2 * shift) / Math.max(rest.length, 1));
     rest.forEach((n, k) => {
       pos.set(n.node_id, [cellLeft + colW / 2 + shift + (k - (rest.length - 1) / 2) * spread, yOf(n.layer)]);
     });
   }
   logits.sort((a, b) => b.token_prob - a.token_prob);
-  logits.forEach((n, k) => pos.set(n.node_id, [left + colW * (tokens.length + 0.7), top + 10 + k * 26]));
-  return {tokens, nLayers, width, height, pos, colW, rowH, left, top, yOf};
+  logits.forEach((n, k) => pos.set(n.node_id, [right + COL_W * 0.7, top + 10 + k * 26]));
+  return {tokens, nLayers, width, height, pos, colX, colWs, right, rowH, left, top, yOf};
 }
 
 function radius(n) {
@@ -100,7 +119,7 @@ function radius(n) {
 function axes(box, L) {
   for (let layer = 0; layer < L.nLayers; layer++) {
     const y = L.yOf(String(layer));
-    box.append(svg("line", {x1: L.left, x2: L.left + L.colW * L.tokens.length, y1: y, y2: y, class: "faint"}));
+    box.append(svg("line", {x1: L.left, x2: L.right, y1: y, y2: y, class: "faint"}));
     const label = svg("text", {x: 8, y: y + 4, class: "axis"});
     label.textContent = `L${layer}`;
     box.append(label);
@@ -109,7 +128,7 @@ function axes(box, L) {
   emb.textContent = "emb";
   box.append(emb);
   L.tokens.forEach((t, i) => {
-    const text = svg("text", {x: L.left + L.colW * (i + 0.5), y: L.height - 30, class: "axis", "text-anchor": "middle"});
+    const text = svg("text", {x: L.colX[i] + L.colWs[i] / 2, y: L.height - 30, class: "axis", "text-anchor": "middle"});
     text.textContent = GS.tokenText(t, true).slice(0, 12);
     box.append(text);
   });
@@ -296,6 +315,9 @@ async function main() {
     state.data = await GS.api(`/v1/graph/${state.slug}`);
   } catch (e) {
     $("error").textContent = e.message;
+    // a graph drawn from another transcoder set: its prompt in the box, so "draw it again" redraws it
+    const listed = info && info.graphs.find((g) => g.slug === state.slug && g.prompt);
+    if (listed) $("prompt").value = listed.prompt;
     return;
   }
   const meta = state.data.metadata, ours = meta.gemmascope || {};
