@@ -280,11 +280,8 @@ def test_graph_page_from_the_microscope_hover_select_and_intervene(browser: Any,
 GRAPH_PROMPT = "The cat sat on the mat and"
 
 
-def test_graph_page_draws_errors_beneath_features_and_output_labels_whole(
-    browser: Any, graph_url: str
-) -> None:
-    """No error or token square is drawn over a feature node (a click at a feature's centre reaches a
-    feature), and every output label lies inside the drawing."""
+def open_graph(browser: Any, graph_url: str) -> tuple[Any, Any, str]:
+    """A new page (1400 x 1000) showing GRAPH_PROMPT's graph, drawn when the run lacks it."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -296,6 +293,15 @@ def test_graph_page_draws_errors_beneath_features_and_output_labels_whole(
         ]
     page.goto(f"{graph_url}/graph/{slug}")
     page.wait_for_selector("svg#graph .node")
+    return context, page, slug
+
+
+def test_graph_page_draws_errors_beneath_features_and_output_labels_whole(
+    browser: Any, graph_url: str
+) -> None:
+    """No error or token square is drawn over a feature node (a click at a feature's centre reaches a
+    feature), and every output label lies inside the drawing."""
+    context, page, slug = open_graph(browser, graph_url)
     found = page.evaluate(
         """() => {
         const nodes = [...document.querySelectorAll("svg#graph .node")];
@@ -337,17 +343,7 @@ def test_graph_page_fills_the_width_and_redraws_a_stale_graphs_own_prompt(
 
     from test_server_graphs import graph_run_dir
 
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    listed = page.request.get(graph_url + "/v1/graph/list").json()
-    slug = next((g["slug"] for g in listed["graphs"] if g["prompt"] == GRAPH_PROMPT), None)
-    if slug is None:
-        slug = page.request.post(graph_url + "/v1/graph/generate", data={"prompt": GRAPH_PROMPT}).json()[
-            "slug"
-        ]
-    page.goto(f"{graph_url}/graph/{slug}")
-    page.wait_for_selector("svg#graph .node")
+    context, page, slug = open_graph(browser, graph_url)
     width, room = page.evaluate(
         """() => [Number(document.querySelector("svg#graph").getAttribute("width")),
                   document.querySelector(".graph-wrap").clientWidth]"""
