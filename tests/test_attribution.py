@@ -5,6 +5,7 @@ measured), the `attribute` command, and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -346,6 +347,11 @@ def test_a_graph_never_replaces_another_prompts_graph(
     assert graph_name(tmp_path, PROMPT) == first.path.stem
     with pytest.raises(ConfigError, match="already holds the graph of"):
         draw_graph(tiny_model, transcoders, other, tmp_path, slug=first.path.stem, progress=False)
+    third = PROMPT + "!"  # its hashed name holding yet another prompt's graph: refused, not replaced
+    hashed = f"{first.path.stem}-{hashlib.sha256(third.encode()).hexdigest()[:6]}"
+    (tmp_path / f"{hashed}.json").write_bytes(second.path.read_bytes())
+    with pytest.raises(ConfigError, match=f"graph name '{hashed}' already holds the graph of"):
+        graph_name(tmp_path, third)
     first.path.write_text("{damaged")  # a damaged file is replaced
     assert graph_name(tmp_path, other, first.path.stem) == first.path.stem
 

@@ -100,6 +100,30 @@ def test_bad_requests(client: TestClient, path: str, body: Any, status: int, fra
     assert client.get("/health").status_code == 200  # still serving
 
 
+def test_a_drawn_graph_never_replaces_another_prompts(
+    client: TestClient,
+    drawn: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: LanguageModel,
+) -> None:
+    folder = graph_run_dir(tmp_path_factory, tiny_model) / "graphs"
+    kept = (folder / f"{drawn['slug']}.json").read_bytes()
+    out = client.post("/v1/graph/generate", json={"prompt": "A dog ran", "slug": drawn["slug"]})
+    assert out.status_code == 400 and "already holds the graph of" in out.json()["error"]
+    assert str(folder) not in out.json()["error"]  # no server path
+    other = PROMPT.upper() + "?"  # the same words: the same default name
+    out = client.post("/v1/graph/generate", json={"prompt": other})
+    assert out.status_code == 200, out.text
+    slug = out.json()["slug"]
+    try:
+        assert slug != drawn["slug"] and slug.startswith(drawn["slug"])
+        assert client.get(f"/v1/graph/{slug}").json()["metadata"]["prompt"] == other
+        assert (folder / f"{drawn['slug']}.json").read_bytes() == kept
+    finally:
+        (folder / f"{slug}.json").unlink()
+        (folder / f"{slug}.png").unlink(missing_ok=True)
+
+
 def test_bad_interventions(client: TestClient, drawn: dict[str, Any]) -> None:
     url = f"/v1/graph/{drawn['slug']}/intervene"
     assert "not a feature node" in client.post(url, json={"nodes": ["E_2_0"]}).json()["error"]

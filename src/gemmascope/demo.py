@@ -100,7 +100,9 @@ def demo_graphs(
             read_graph(path, digest)  # drawn over this very CLT: kept
         except GemmaScopeError:
             say(f"drawing the graph of {prompt!r} over {clt.cfg.extra['folder']}")
-            draw_graph(model, clt, prompt, run_dir / GRAPHS, run=str(run_dir), digest=digest, explain=explain)
+            path = draw_graph(
+                model, clt, prompt, run_dir / GRAPHS, run=str(run_dir), digest=digest, explain=explain
+            ).path
         drawn.append(path)
     return drawn
 

@@ -117,8 +117,9 @@ def draw_graph(
     """Attribute `prompt` over `transcoders` (one per layer, or a CLT; `graph.attribute`), prune it
     (`graph.prune`), name its kept features by `explain(sae_id, latents)`, and write
     `graph_dir/SLUG.json` (and `SLUG.png` with `png`). `slug` defaults to one made from the prompt
-    (`files.graph_name`: never another prompt's graph's); `digest` to the set's (`files.transcoder_digest`). ConfigError: a bad slug,
-    threshold or node cap, an empty prompt or one over `max_tokens` tokens."""
+    (`files.graph_name`: never another prompt's graph's); `digest` to the set's
+    (`files.transcoder_digest`). ConfigError: a bad slug or one holding another prompt's graph, a
+    threshold or node cap out of range, an empty prompt or one over `max_tokens` tokens."""
     slug = graph_name(graph_dir, prompt, slug)
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:

@@ -202,17 +202,21 @@ def graph_name(graph_dir: Path | str, prompt: str, slug: str | None = None) -> s
     `slug` when given (a ConfigError when its file holds another prompt's graph), else
     `graph_slug(prompt)`, or, where that file holds another prompt's graph ("The capital of France
     is" and "the capital of france is?" make one slug), the same with the prompt's hash. A graph of
-    the same prompt is drawn again under its name; a damaged file is replaced."""
+    the same prompt is drawn again under its name; a damaged file is replaced. (A CLI run and a
+    server drawing into one folder at once are not guarded against each other.)"""
     name = check_slug(slug or graph_slug(prompt))
     held = _held_prompt(Path(graph_dir) / f"{name}.json")
     if held is None or held == prompt:
         return name
-    if slug is not None:
-        raise ConfigError(
-            f"graph name {slug!r} already holds the graph of {held!r} in {str(graph_dir)!r}: "
-            f"pick another name, or remove {name}.json to draw {prompt!r} under it"
-        )
-    return check_slug(f"{name[:57].strip('-')}-{hashlib.sha256(prompt.encode()).hexdigest()[:6]}")
+    if not slug:  # a default name (at most 48 characters) with the prompt's hash: at most 55
+        name = f"{name}-{hashlib.sha256(prompt.encode()).hexdigest()[:6]}"
+        held = _held_prompt(Path(graph_dir) / f"{name}.json")
+        if held is None or held == prompt:
+            return name
+    raise ConfigError(
+        f"graph name {name!r} already holds the graph of {held!r}: pick another name, or remove "
+        f"graphs/{name}.json to draw {prompt!r} under it"
+    )
 
 
 def _held_prompt(path: Path) -> str | None:
@@ -400,7 +404,7 @@ def _draw_key(
     if key:
         ax.text(
             1.02, 1.0, "Most influential features\n" + "\n".join(key), transform=ax.transAxes, fontsize=7.5,
-            va="top", ha="left", color="#7b341e", linespacing=1.35,
+            va="top", ha="left", color="#7b341e", linespacing=1.35, parse_math=False,
         )  # fmt: skip
 
 
@@ -408,13 +412,7 @@ def _key_label(label: str, width: int = KEY_WIDTH, lines: int = 2) -> list[str]:
     """A feature's label in the key: wrapped at word breaks into at most `lines` lines of `width`
     characters, the last ending in "..." when the label is longer (labels lead with what a latent is
     about, so the start is what to keep)."""
-    wrapped = textwrap.wrap(label, width, break_long_words=True)
-    if len(wrapped) > lines:
-        wrapped = [
-            *wrapped[: lines - 1],
-            textwrap.shorten(" ".join(wrapped[lines - 1 :]), width, placeholder="..."),
-        ]
-    return wrapped
+    return textwrap.wrap(label, width, max_lines=lines, placeholder="...")
 
 
 def _title(data: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 from pydantic import Field
 
@@ -158,20 +159,21 @@ async def graph_generate(body: GraphRequest, run: RunDep, queue: QueueDep) -> di
     state, transcoders = _transcoders_or_409(run)
     folder = run.graph_dir()
     assert folder is not None  # transcoders were found in the run folder
-    slug = graph_name(folder, body.prompt, body.slug)
+    if body.slug is not None:  # a bad name, or one holding another prompt's graph: refused now
+        await anyio.to_thread.run_sync(lambda: graph_name(folder, body.prompt, body.slug))
 
     def work() -> dict[str, Any]:
-        drawn = draw_graph(
-            run.model, transcoders, body.prompt, folder, slug=slug, node_threshold=body.node_threshold,
+        drawn = draw_graph(  # the name is found here, when no other graph is being drawn
+            run.model, transcoders, body.prompt, folder, slug=body.slug, node_threshold=body.node_threshold,
             edge_threshold=body.edge_threshold, max_feature_nodes=body.max_feature_nodes,
             max_tokens=REQUEST_GRAPH_TOKENS, explain=run.opened.explanations, run=str(run.run_dir),
             digest=state.digest, progress=False,
         )  # fmt: skip
-        state.keep(slug, drawn.graph)
+        state.keep(drawn.path.stem, drawn.graph)
         return drawn.data
 
     data = await queue.run(work)
-    return {"slug": slug, "metadata": data["metadata"]}
+    return {"slug": data["metadata"]["slug"], "metadata": data["metadata"]}
 
 
 @router.get("/v1/graph/{slug}")

@@ -73,9 +73,9 @@ function layout(data) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
-  // the positions share the width the page gives (COL_W each at least, scrolling beyond), each by
-  // the square root of its most crowded cell's features: the last position, where the answer is
-  // computed, and the content words hold most; "<bos>" and "of" few
+  // the positions share the width the page gives (on average COL_W each at least, COL_MIN each at
+  // least; the page scrolls beyond), each by the square root of its most crowded cell's features:
+  // the last position, where the answer is computed, and the content words hold most; "<bos>" few
   const crowd = tokens.map(() => 0);
   for (const [key, list] of cells) {
     const i = Number(key.split("|")[0]);
@@ -129,7 +129,7 @@ function axes(box, L) {
   box.append(emb);
   L.tokens.forEach((t, i) => {
     const text = svg("text", {x: L.colX[i] + L.colWs[i] / 2, y: L.height - 30, class: "axis", "text-anchor": "middle"});
-    text.textContent = GS.tokenText(t, true).slice(0, 12);
+    text.textContent = GS.tokenText(t, true).slice(0, Math.max(3, Math.floor(L.colWs[i] / 7.5))); // 12px mono
     box.append(text);
   });
 }
