@@ -56,6 +56,12 @@ def drawn(client: TestClient) -> dict[str, Any]:
     return dict(out.json())
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: LanguageModel) -> Path:
+    """The graphs folder of the run the client serves."""
+    return graph_run_dir(tmp_path_factory, tiny_model) / "graphs"
+
+
 def test_draw_list_read_and_page(client: TestClient, drawn: dict[str, Any]) -> None:
     assert drawn["slug"] == "the-cat-sat-on-the-mat-and"
     listed = client.get("/v1/graph/list").json()
@@ -101,12 +107,8 @@ def test_bad_requests(client: TestClient, path: str, body: Any, status: int, fra
 
 
 def test_a_drawn_graph_never_replaces_another_prompts(
-    client: TestClient,
-    drawn: dict[str, Any],
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: LanguageModel,
+    client: TestClient, drawn: dict[str, Any], folder: Path
 ) -> None:
-    folder = graph_run_dir(tmp_path_factory, tiny_model) / "graphs"
     kept = (folder / f"{drawn['slug']}.json").read_bytes()
     out = client.post("/v1/graph/generate", json={"prompt": "A dog ran", "slug": drawn["slug"]})
     assert out.status_code == 400 and "already holds the graph of" in out.json()["error"]
@@ -137,12 +139,8 @@ def test_bad_interventions(client: TestClient, drawn: dict[str, Any]) -> None:
 
 
 def test_a_damaged_graph_file_is_listed_as_damaged_and_hides_no_other(
-    client: TestClient,
-    drawn: dict[str, Any],
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: LanguageModel,
+    client: TestClient, drawn: dict[str, Any], folder: Path
 ) -> None:
-    folder = graph_run_dir(tmp_path_factory, tiny_model) / "graphs"
     damaged = {"bad-json": "{oops", "bad-kind": '{"metadata": 3, "nodes": [], "links": []}'}
     for slug, text in damaged.items():
         (folder / f"{slug}.json").write_text(text)
