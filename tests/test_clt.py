@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,39 @@ def test_an_official_layout_folder_loads(tmp_path: Path) -> None:
     assert (clt.n_layers, clt.width, clt.cfg.d_model, clt.cfg.affine_skip) == (N, W, D, True)
     (folder / "params_layer_2.safetensors").unlink()
     with pytest.raises(FormatError, match=r"lacks the files of layers \[2\]"):
+        load_clt(folder)
+
+
+def test_a_circuit_tracer_config_listing_the_layers_files_loads_and_names_what_is_missing(
+    tmp_path: Path,
+) -> None:
+    clt = random_clt()
+    files = export_gemma_scope_2(clt, tmp_path / "files")
+    folder = tmp_path / "clt"
+    folder.mkdir()
+    listed = [f"../files/params_layer_{i}.safetensors" for i in range(N)]
+
+    def config(entries: list[str], kind: str = "cross_layer_transcoder") -> None:
+        lines = [f"model_kind: {kind}", "feature_input_hook: mlp.hook_in", "transcoders:"]
+        (folder / "config.yaml").write_text("\n".join(lines + [f"  - {e}" for e in entries]) + "\n")
+
+    config(listed)
+    loaded = load_clt(folder)
+    assert torch.equal(loaded.decoder(1), clt.decoder(1)) and torch.equal(loaded.W_skip, clt.W_skip)
+    for entries, kind, expected in [
+        ([*listed[:2], "hf://google/gemma-scope-2/p.safetensors", *listed[3:]], "cross_layer_transcoder",
+         "lists 1 of its 4 layer files that are not here (first 'hf://google"),
+        (listed, "transcoder_set", "says model_kind 'transcoder_set': expected cross_layer_transcoder"),
+    ]:  # fmt: skip
+        config(entries, kind)
+        with pytest.raises(FormatError, match=re.escape(expected)):
+            load_clt(folder)
+    config(listed)
+    (files / "params_layer_3.safetensors").unlink()
+    with pytest.raises(FormatError, match=re.escape("(first '../files/params_layer_3.safetensors')")):
+        load_clt(folder)
+    (folder / "config.yaml").write_text("model_kind: [unclosed\n")
+    with pytest.raises(FormatError, match="cannot read"):
         load_clt(folder)
 
 

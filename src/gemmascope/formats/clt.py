@@ -12,8 +12,10 @@
   `affine_skip_connection [d_model, d_model]`, plus `config.json`. Its zeros nearly double the
   decoders' bytes, so the run folder keeps circuit-tracer's layout.
 
-`load_clt` reads either (an official Gemma Scope 2 release folder too). Every loader checks files,
-keys, shapes and finiteness and raises FormatError naming the file and what was expected.
+`load_clt` reads either (an official Gemma Scope 2 release folder too), and a folder whose
+circuit-tracer `config.yaml` lists the layers' Gemma Scope 2 files (`transcoders:`, as circuit-tracer
+configs name them; local paths, from the folder). Every loader checks files, keys, shapes and
+finiteness and raises FormatError naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -100,6 +103,10 @@ def load_clt(folder: Path | str, device: str = "cpu") -> CrossLayerTranscoder:
     folder = Path(folder)
     if not folder.is_dir():
         raise FormatError(f"no CLT folder at {str(folder)!r}")
+    meta = _read_json(folder / CLT_JSON) or _read_json(folder / GS2_CONFIG)
+    listed = _listed_files(folder)
+    if listed is not None:
+        return _build(folder, [_read_gs2(p, i, len(listed)) for i, p in enumerate(listed)], meta, device)
     ct, gs2 = (
         _layers(folder, r"W_enc_(\d+)\.safetensors"),
         _layers(folder, r"params_layer_(\d+)\.safetensors"),
@@ -113,9 +120,43 @@ def load_clt(folder: Path | str, device: str = "cpu") -> CrossLayerTranscoder:
     if layers != list(range(len(layers))):
         missing = sorted(set(range(max(layers) + 1)) - set(layers))
         raise FormatError(f"CLT folder {str(folder)!r} lacks the files of layers {missing}")
-    meta = _read_json(folder / CLT_JSON) or _read_json(folder / GS2_CONFIG)
-    tensors = [_read_ct(folder, i) if ct else _read_gs2(folder, i, len(layers)) for i in layers]
+    tensors = [
+        _read_ct(folder, i) if ct else _read_gs2(folder / f"params_layer_{i}.safetensors", i, len(layers))
+        for i in layers
+    ]
     return _build(folder, tensors, meta, device)
+
+
+def _listed_files(folder: Path) -> list[Path] | None:
+    """The layer files the circuit-tracer `config.yaml` of `folder` lists (`transcoders:`, Gemma Scope
+    2's per-layer files in layer order; a relative path from the folder), or None when it lists
+    none (our own config.yaml, or none). FormatError: a config that cannot be read, a `model_kind`
+    other than a CLT's, or files that are not here (an hf:// one too: nothing is downloaded)."""
+    path = folder / CT_YAML
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise FormatError(f"cannot read {str(path)!r}: {err}") from err
+    if not isinstance(config, dict):
+        raise FormatError(f"{str(path)!r} is not a circuit-tracer config: expected model_kind and hooks")
+    kind = config.get("model_kind")
+    if kind not in (None, "cross_layer_transcoder"):
+        raise FormatError(f"{str(path)!r} says model_kind {kind!r}: expected cross_layer_transcoder")
+    entries = config.get("transcoders")
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
+        raise FormatError(f"{str(path)!r}: transcoders must be a list of file paths, one per layer")
+    files = [folder / e for e in entries]  # an absolute path stays itself
+    missing = [e for e, f in zip(entries, files, strict=True) if e.startswith("hf://") or not f.is_file()]
+    if missing:
+        raise FormatError(
+            f"{str(path)!r} lists {len(missing)} of its {len(entries)} layer files that are not here "
+            f"(first {missing[0]!r}); nothing is downloaded: put them beside config.yaml"
+        )
+    return files
 
 
 def _build(
@@ -167,8 +208,9 @@ def _read_ct(folder: Path, i: int) -> dict[str, Tensor]:
     return out
 
 
-def _read_gs2(folder: Path, i: int, n: int) -> dict[str, Tensor]:
-    params = _read(folder / f"params_layer_{i}.safetensors")
+def _read_gs2(path: Path, i: int, n: int) -> dict[str, Tensor]:
+    """Layer `i`'s tensors from Gemma Scope 2's file of it (of a CLT of `n` layers)."""
+    params = _read(path)
     names = {"w_enc": "W_enc", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold",
              "affine_skip_connection": "W_skip"}  # fmt: skip
     out = {ours: params[theirs] for theirs, ours in names.items() if theirs in params}
@@ -176,7 +218,7 @@ def _read_gs2(folder: Path, i: int, n: int) -> dict[str, Tensor]:
         w_dec = params["w_dec"]
         if w_dec.dim() != 3 or w_dec.shape[1] != n:
             raise FormatError(
-                f"{str(folder / f'params_layer_{i}.safetensors')!r}: w_dec has shape {tuple(w_dec.shape)}, "
+                f"{str(path)!r}: w_dec has shape {tuple(w_dec.shape)}, "
                 f"expected [width, {n}, d_model] (a decoder to each of the {n} layers)"
             )
         out["W_dec"] = w_dec[:, i:]
