@@ -55,7 +55,7 @@ function kindOf(n) {
 }
 
 const ERROR_SLOT = 10; // an error square sits at the left of its cell, beside the cell's features
-const COL_W = 92, COL_MIN = 56, NODE_GAP = 18; // a position's column: its width on average and at least; px between features
+const COL_W = 92, COL_MIN = 56, NODE_GAP = 18; // px: the outputs' offset; a position's least width; between features
 const LOGIT_ROOM = 210; // right of the positions: the output tokens and their labels
 
 function layout(data) {
@@ -73,8 +73,8 @@ function layout(data) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
-  // the positions share the width the page gives (on average COL_W each at least, COL_MIN each at
-  // least; the page scrolls beyond), each by the square root of its most crowded cell's features:
+  // the positions share the width the page gives (COL_MIN each, the rest each by the square root of
+  // its most crowded cell's features; a long prompt scrolls, ending at the answer's position):
   // the last position, where the answer is computed, and the content words hold most; "<bos>" few
   const crowd = tokens.map(() => 0);
   for (const [key, list] of cells) {
@@ -82,10 +82,10 @@ function layout(data) {
     crowd[i] = Math.max(crowd[i], list.filter((n) => kindOf(n) !== "error").length);
   }
   const wrap = document.querySelector(".graph-wrap");
-  const avail = Math.max(COL_W * tokens.length, (wrap ? wrap.clientWidth : 1000) - left - LOGIT_ROOM - 2);
+  const avail = Math.max(COL_MIN * tokens.length, (wrap ? wrap.clientWidth : 1000) - left - LOGIT_ROOM - 2);
   const share = crowd.map((c) => Math.sqrt(Math.max(c, 4)));
   const total = share.reduce((a, b) => a + b, 0);
-  const colWs = share.map((w) => Math.max(COL_MIN, (avail * w) / total));
+  const colWs = share.map((w) => COL_MIN + ((avail - COL_MIN * tokens.length) * w) / total);
   const colX = [left];
   colWs.forEach((w) => colX.push(colX[colX.length - 1] + w));
   const right = colX[tokens.length];
@@ -195,6 +195,8 @@ function render(data) {
   }
   box.append(layers.error, layers.feature, layers.logit);
   fitLabels(box, L);
+  const wrap = box.parentElement;
+  wrap.scrollLeft = wrap.scrollWidth; // a long prompt: its last position and the outputs in view
 }
 
 // Widen the drawing to its longest output label, so none is cut off at the right edge.
