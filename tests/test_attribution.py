@@ -29,6 +29,7 @@ from gemmascope.attribution.dictionary import dictionary_of
 from gemmascope.attribution.files import (
     KEY_WIDTH,
     _key_label,
+    _title,
     graph_json,
     plot_graph,
     read_graph,
@@ -330,6 +331,12 @@ def test_attribute_command(
     assert main(["attribute", str(run), "A dog ran", "--slug", "cat", "--model", "tiny-gemma3"]) == 2
     assert f"graph name 'cat' already holds the graph of {PROMPT!r}" in capsys.readouterr().err
     assert (run / "graphs" / "cat.json").read_bytes() == before
+    # the same words as a graph drawn before: another name, and the command says which and why
+    assert main(["attribute", str(run), PROMPT.upper() + "?", "--model", "tiny-gemma3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"{graph_slug(PROMPT)!r} holds another prompt's graph" in out and "  (named 'the-cat-sat-on-" in out
+    )
 
 
 def test_a_graph_never_replaces_another_prompts_graph(
@@ -354,6 +361,16 @@ def test_a_graph_never_replaces_another_prompts_graph(
         graph_name(tmp_path, third)
     first.path.write_text("{damaged")  # a damaged file is replaced
     assert graph_name(tmp_path, other, first.path.stem) == first.path.stem
+
+
+def test_the_pictures_title_keeps_a_newline_output_on_one_line(
+    tiny_model: LanguageModel, transcoders: list[JumpReLUSAE]
+) -> None:
+    data = graph_json(attribute(tiny_model, transcoders, PROMPT, progress=False), "cat", explanations={})
+    top = next(n for n in data["nodes"] if n["feature_type"] == "logit" and n["is_target_logit"])
+    top["clerp"] = 'Output "\n\n" (p=0.632)'
+    first = _title(data).split("\n")[0]
+    assert first.startswith(f'{PROMPT!r} -> "\\n\\n" (p=0.632), ')  # the title's first line, whole
 
 
 def test_the_pictures_key_keeps_a_labels_start_on_two_lines() -> None:

@@ -329,7 +329,7 @@ def plot_graph(
     ax.set_yticks([-1, *range(n_layers), n_layers + 1])
     ax.set_yticklabels(["emb", *[f"L{i}" for i in range(n_layers)], "logit"], fontsize=8)
     ax.set_ylim(-1.8, n_layers + 2)
-    ax.set_title(title or _title(data), fontsize=10, loc="left")
+    ax.set_title(title or _title(data), fontsize=10, loc="left", parse_math=False)
     ax.grid(axis="y", alpha=0.2)
     path = Path(path)
     with warnings.catch_warnings():  # a token in a script the font lacks is drawn as a box, fine
@@ -375,8 +375,10 @@ def _draw_nodes(ax: Any, nodes: list[dict[str, Any]], xy: dict[str, tuple[float,
         elif kind == "logit":
             ax.scatter([x], [y], s=60 + 600 * n["token_prob"], marker="D", color="#2f855a", zorder=3)
             if n["is_target_logit"]:  # the top output is named here, the next ones in the title
-                label = n["clerp"].removeprefix("Output ")
-                ax.annotate(label, (x, y), (-30, 12), textcoords="offset points", fontsize=9)
+                label = _one_line(n["clerp"].removeprefix("Output "))
+                ax.annotate(
+                    label, (x, y), (-30, 12), textcoords="offset points", fontsize=9, parse_math=False
+                )
         elif kind == "mlp reconstruction error":
             ax.scatter([x], [y], s=50, marker="s", color="#a0aec0", edgecolor="#4a5568", zorder=3)
         else:
@@ -415,6 +417,12 @@ def _key_label(label: str, width: int = KEY_WIDTH, lines: int = 2) -> list[str]:
     return textwrap.wrap(label, width, max_lines=lines, placeholder="...")
 
 
+def _one_line(text: str) -> str:
+    """`text` with newlines and tabs written as \\n and \\t (an output token such as "\\n\\n" would
+    break the picture's title across lines)."""
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
 def _title(data: dict[str, Any]) -> str:
     """The prompt, the top outputs, the scores and how much of the graph is shown."""
     meta = data["metadata"]
@@ -422,7 +430,7 @@ def _title(data: dict[str, Any]) -> str:
     outputs = sorted(
         (n for n in data["nodes"] if n["feature_type"] == "logit"), key=lambda n: -n["token_prob"]
     )
-    said = ", ".join(n["clerp"].removeprefix("Output ") for n in outputs[:3])
+    said = ", ".join(_one_line(n["clerp"].removeprefix("Output ")) for n in outputs[:3])
     return (
         f"{meta['prompt']!r} -> {said}\nreplacement {ours.get('replacement_score', float('nan')):.2f}, "
         f"completeness {ours.get('completeness_score', float('nan')):.2f}\nshown: the {len(data['nodes'])} "

@@ -128,7 +128,13 @@ def run_attribute(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> int:
-    from gemmascope.attribution import draw_graph, feature_node_id, intervene_nodes, transcoder_set
+    from gemmascope.attribution import (
+        draw_graph,
+        feature_node_id,
+        graph_slug,
+        intervene_nodes,
+        transcoder_set,
+    )
     from gemmascope.attribution.dictionary import Replacing, run_clt
     from gemmascope.limits import MAX_GRAPH_TOKENS
     from gemmascope.opening import open_run
@@ -159,8 +165,13 @@ def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> i
     graph, ours = drawn.graph, drawn.data["metadata"]["gemmascope"]
     outputs = list(zip(graph.logit_tokens, graph.logit_probs.tolist(), strict=True))[:5]
     print(f"{args.prompt!r} -> " + ", ".join(f"{t!r} {p:.2f}" for t, p in outputs))
+    capped = (
+        " (the cap: the most influential kept; --max-feature-nodes)"
+        if graph.n_features == graph.max_feature_nodes
+        else ""
+    )
     print(
-        f"{graph.n_features} active features, {ours['n_pruned_nodes']} nodes and {ours['n_links']} edges after pruning; "
+        f"{graph.n_features} active features{capped}, {ours['n_pruned_nodes']} nodes and {ours['n_links']} edges after pruning; "
         f"replacement score {ours['replacement_score']:.3f}, completeness {ours['completeness_score']:.3f}; "
         f"{graph.seconds:.1f} s"
     )
@@ -168,6 +179,8 @@ def _attribute(args: argparse.Namespace, nodes: list[tuple[int, int, int]]) -> i
     for n in drawn.influential(12):
         print(f"  {n['node_id']:<14} {n['token']!r:<14} {n['activation']:>7.2f}  {n['explanation']}")
     print(f"graph: {drawn.path} (circuit-tracer / Neuronpedia JSON), {drawn.png}")
+    if args.slug is None and drawn.path.stem != graph_slug(args.prompt):
+        print(f"  (named {drawn.path.stem!r}: {graph_slug(args.prompt)!r} holds another prompt's graph)")
     if args.ablate_top:
         picked = [n for n in drawn.strongest(args.ablate_top, args.against) if n not in nodes]
         lead = f"its lead over {args.against!r}" if args.against is not None else "its logit"

@@ -30,10 +30,12 @@ async function listGraphs() {
   } else if (info.dictionary) {
     box.append(GS.el("div", {class: "muted"}, `New graphs are drawn over ${info.dictionary}.`));
   }
+  const seen = new Set(), twice = new Set(); // a prompt drawn under two names: each shows its name
+  for (const g of info.graphs) (seen.has(g.prompt) ? twice : seen).add(g.prompt);
   if (info.graphs.length) {
     box.append(GS.el("div", {class: "muted"}, "Graphs of this run: "),
-      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px", title: g.damaged || ""},
-        g.damaged ? `${g.slug} (damaged)` : g.prompt)));
+      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px", title: g.damaged || g.slug},
+        g.damaged ? `${g.slug} (damaged)` : twice.has(g.prompt) ? `${g.prompt} (${g.slug})` : g.prompt)));
   }
   return info;
 }
@@ -56,6 +58,7 @@ function kindOf(n) {
 
 const ERROR_SLOT = 10; // an error square sits at the left of its cell, beside the cell's features
 const COL_W = 92, COL_MIN = 56, NODE_GAP = 18; // px: the outputs' offset; a position's least width; between features
+const MIN_GAP = 8, CELL_PAD = 14 + 2 * ERROR_SLOT; // px: features at the closest; a cell's margins and error slot
 const LOGIT_ROOM = 210; // right of the positions: the output tokens and their labels
 
 function layout(data) {
@@ -73,8 +76,8 @@ function layout(data) {
     if (!cells.has(key)) cells.set(key, []);
     cells.get(key).push(n);
   }
-  // the positions share the width the page gives (COL_MIN each, the rest each by the square root of
-  // its most crowded cell's features; a long prompt scrolls, ending at the answer's position):
+  // each position gets what its most crowded cell needs, and the page's width left over by the
+  // square root of that cell's features (a long or crowded graph scrolls, ending at the answer):
   // the last position, where the answer is computed, and the content words hold most; "<bos>" few
   const crowd = tokens.map(() => 0);
   for (const [key, list] of cells) {
@@ -83,9 +86,12 @@ function layout(data) {
   }
   const wrap = document.querySelector(".graph-wrap");
   const avail = Math.max(COL_MIN * tokens.length, (wrap ? wrap.clientWidth : 1000) - left - LOGIT_ROOM - 2);
+  // what a position needs: its most crowded cell's features in three rows, MIN_GAP apart
+  const need = crowd.map((c) => Math.max(COL_MIN, CELL_PAD + Math.ceil(c / 3) * MIN_GAP));
+  const spare = Math.max(0, avail - need.reduce((a, b) => a + b, 0));
   const share = crowd.map((c) => Math.sqrt(Math.max(c, 4)));
   const total = share.reduce((a, b) => a + b, 0);
-  const colWs = share.map((w) => COL_MIN + ((avail - COL_MIN * tokens.length) * w) / total);
+  const colWs = need.map((w, i) => w + (spare * share[i]) / total);
   const colX = [left];
   colWs.forEach((w) => colX.push(colX[colX.length - 1] + w));
   const right = colX[tokens.length];
@@ -99,14 +105,27 @@ function layout(data) {
     errors.forEach((n) => pos.set(n.node_id, [cellLeft + ERROR_SLOT, yOf(n.layer)]));
     rest.sort((a, b) => (a.influence || 0) - (b.influence || 0));
     const shift = errors.length ? ERROR_SLOT : 0; // the features' centre, moved off the error's slot
-    const spread = Math.min(NODE_GAP, (colW - 14 - 2 * shift) / Math.max(rest.length, 1));
+    // a crowded cell takes up to three rows, and its circles shrink below their spacing, so no
+    // circle covers another's centre (where a hover or click lands)
+    const room = colW - 14 - 2 * shift;
+    const rows = [1, 2, 3].find((r) => Math.ceil(rest.length / r) * NODE_GAP <= room) || 3;
+    const perRow = Math.ceil(rest.length / rows);
+    const spread = Math.min(NODE_GAP, room / Math.max(perRow, 1));
+    const rMax = Math.max(1.5, Math.min([13, 8, 4.8][rows - 1], 0.9 * spread));
     rest.forEach((n, k) => {
-      pos.set(n.node_id, [cellLeft + colW / 2 + shift + (k - (rest.length - 1) / 2) * spread, yOf(n.layer)]);
+      const j = Math.floor(k / rows), dy = [[0], [-8.5, 8.5], [-10, 0, 10]][rows - 1][k % rows];
+      pos.set(n.node_id, [cellLeft + colW / 2 + shift + (j - (perRow - 1) / 2) * spread, yOf(n.layer) + dy, rMax]);
     });
   }
   logits.sort((a, b) => b.token_prob - a.token_prob);
   logits.forEach((n, k) => pos.set(n.node_id, [right + COL_W * 0.7, top + 10 + k * 26]));
   return {tokens, nLayers, width, height, pos, colX, colWs, right, rowH, left, top, yOf};
+}
+
+// A token as a label: newlines and tabs shown, and a token of blanks as "␣" (one a blank), not nothing.
+function visible(t) {
+  const text = GS.tokenText(t, true);
+  return text.trim() ? text : text.replace(/ /g, "␣") || "∅";
 }
 
 function radius(n) {
@@ -117,19 +136,24 @@ function radius(n) {
 }
 
 function axes(box, L) {
+  const names = $("graph-axis"); // beside the scrolling drawing, not in it
+  names.innerHTML = "";
+  names.setAttribute("width", L.left - 6);
+  names.setAttribute("height", L.height);
+  names.append(svg("rect", {x: 0, y: 0, width: L.left - 6, height: L.height, fill: "#fcfcfd"}));
   for (let layer = 0; layer < L.nLayers; layer++) {
     const y = L.yOf(String(layer));
     box.append(svg("line", {x1: L.left, x2: L.right, y1: y, y2: y, class: "faint"}));
     const label = svg("text", {x: 8, y: y + 4, class: "axis"});
     label.textContent = `L${layer}`;
-    box.append(label);
+    names.append(label);
   }
   const emb = svg("text", {x: 8, y: L.yOf("E") + 4, class: "axis"});
   emb.textContent = "emb";
-  box.append(emb);
+  names.append(emb);
   L.tokens.forEach((t, i) => {
     const text = svg("text", {x: L.colX[i] + L.colWs[i] / 2, y: L.height - 30, class: "axis", "text-anchor": "middle"});
-    text.textContent = GS.tokenText(t, true).slice(0, Math.max(3, Math.floor(L.colWs[i] / 7.5))); // 12px mono
+    text.textContent = visible(t).slice(0, Math.max(3, Math.floor(L.colWs[i] / 7.5))); // 12px mono
     box.append(text);
   });
 }
@@ -152,8 +176,8 @@ function edgeLayer(data, L) {
   return edges;
 }
 
-function nodeShape(n, x, y) {
-  const r = radius(n), kind = kindOf(n);
+function nodeShape(n, x, y, rMax) {
+  const r = Math.min(radius(n), rMax || Infinity), kind = kindOf(n);
   let shape;
   if (kind === "error" || kind === "token") {
     shape = svg("rect", {x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: 2,
@@ -184,12 +208,14 @@ function render(data) {
   box.append(edgeLayer(data, L));
   const layers = {error: svg("g", {class: "squares"}), feature: svg("g", {class: "features"}), logit: svg("g", {class: "outputs"})};
   layers.token = layers.error;
-  for (const n of data.nodes) {
-    const [x, y] = L.pos.get(n.node_id);
-    layers[kindOf(n)].append(nodeShape(n, x, y));
+  // the least influential first, so the most influential are drawn on top of any they touch
+  const order = [...data.nodes].sort((a, b) => (b.influence ?? 1) - (a.influence ?? 1));
+  for (const n of order) {
+    const [x, y, rMax] = L.pos.get(n.node_id);
+    layers[kindOf(n)].append(nodeShape(n, x, y, rMax));
     if (kindOf(n) === "logit") {
       const label = svg("text", {x: x + radius(n) + 6, y: y + 4, class: "axis output-label"});
-      label.textContent = `${GS.tokenText(n.clerp.replace(/^Output "/, "").replace(/" \(p=.*$/, ""), true)} ${GS.fmt(n.token_prob, 2)}`;
+      label.textContent = `${visible(n.clerp.replace(/^Output "/, "").replace(/" \(p=.*$/, ""))} ${GS.fmt(n.token_prob, 2)}`;
       layers.logit.append(label);
     }
   }
@@ -218,7 +244,9 @@ async function showTip(n, ev) {
   const tip = $("tip");
   const wrap = tip.parentElement.getBoundingClientRect();
   tip.style.left = `${Math.min(ev.clientX - wrap.left + 14, wrap.width - 370)}px`;
-  tip.style.top = `${ev.clientY - wrap.top + 14}px`;
+  const below = ev.clientY - wrap.top < wrap.height / 2; // else above the pointer: the box clips it
+  tip.style.top = below ? `${ev.clientY - wrap.top + 14}px` : "auto";
+  tip.style.bottom = below ? "auto" : `${wrap.bottom - ev.clientY + 14}px`;
   tip.hidden = false;
   tip.innerHTML = "";
   const tokens = state.data.metadata.prompt_tokens;
