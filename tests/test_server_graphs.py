@@ -175,20 +175,18 @@ def test_no_request_ever_gets_a_plain_text_500(
 
 
 def test_a_graph_of_another_transcoder_set_is_refused(
-    client: TestClient,
-    drawn: dict[str, Any],
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_model: LanguageModel,
+    client: TestClient, drawn: dict[str, Any], folder: Path
 ) -> None:
-    run = graph_run_dir(tmp_path_factory, tiny_model)
-    source = run / "graphs" / f"{drawn['slug']}.json"
-    other = run / "graphs" / "other.json"
+    source = folder / f"{drawn['slug']}.json"
+    other = folder / "other.json"
     data = json.loads(source.read_text())
     data["metadata"]["gemmascope"]["transcoder_digest"] = "0123456789abcdef"
     other.write_text(json.dumps(data))
     try:
         out = client.get("/v1/graph/other")
         assert out.status_code == 409 and "another transcoder set" in out.json()["error"]
+        listed = {g["slug"]: g["stale"] for g in client.get("/v1/graph/list").json()["graphs"]}
+        assert listed["other"] and not listed[drawn["slug"]]  # the list says so before it is opened
     finally:
         other.unlink()
 

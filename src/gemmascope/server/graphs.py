@@ -138,7 +138,9 @@ def graph_list(run: RunDep) -> dict[str, Any]:
             why = public_message(str(err), run.run_dir)  # no server path, as in every error
             graphs.append({"slug": path.stem, "prompt": None, "scores": {}, "damaged": why})
             continue
-        graphs.append({"slug": path.stem, "prompt": meta["prompt"], "scores": meta.get("gemmascope") or {}})
+        ours = meta.get("gemmascope") or {}
+        stale = state.transcoders is not None and ours.get("transcoder_digest") != state.digest
+        graphs.append({"slug": path.stem, "prompt": meta["prompt"], "scores": ours, "stale": stale})
     return {
         "available": state.transcoders is not None, "why_not": state.problem, "dictionary": state.name(),
         "graphs": graphs,

@@ -34,8 +34,9 @@ async function listGraphs() {
   for (const g of info.graphs) (seen.has(g.prompt) ? twice : seen).add(g.prompt);
   if (info.graphs.length) {
     box.append(GS.el("div", {class: "muted"}, "Graphs of this run: "),
-      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px", title: g.damaged || g.slug},
-        g.damaged ? `${g.slug} (damaged)` : twice.has(g.prompt) ? `${g.prompt} (${g.slug})` : g.prompt)));
+      ...info.graphs.map((g) => GS.el("a", {href: `/graph/${g.slug}`, style: "margin-right: 12px",
+        title: g.damaged || (g.stale ? "drawn over another transcoder set: open it to draw it again" : g.slug)},
+        g.damaged ? `${g.slug} (damaged)` : (twice.has(g.prompt) ? `${g.prompt} (${g.slug})` : g.prompt) + (g.stale ? " (old)" : ""))));
   }
   return info;
 }
