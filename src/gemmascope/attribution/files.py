@@ -29,6 +29,10 @@ from gemmascope.runs import write_atomic
 
 SCHEMA_VERSION = 1  # circuit-tracer's frontend schema
 KEY_WIDTH = 52  # characters of a label's line in the PNG's key of features
+LEGEND = (  # the PNG's shapes and colours, as the web page's caption says them
+    "circles: features (larger: more active,\n  darker: more influential)\ngrey squares: errors"
+    "\ndark squares: tokens\ndiamonds: outputs\nblue edges excite, red inhibit"
+)
 
 
 def transcoder_digest(transcoders: Replacing) -> str:
@@ -324,6 +328,7 @@ def plot_graph(
     _draw_edges(ax, data["links"], xy)
     _draw_nodes(ax, data["nodes"], xy)
     _draw_key(ax, data["nodes"], xy, tokens)
+    ax.text(1.02, 0.0, LEGEND, transform=ax.transAxes, fontsize=7.5, va="bottom", ha="left", color="#4a5568")
     ax.set_xticks(range(len(tokens)))
     ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=30, ha="right", fontsize=9)
     ax.set_yticks([-1, *range(n_layers), n_layers + 1])
