@@ -374,7 +374,7 @@ def test_the_pictures_title_keeps_a_newline_output_on_one_line(
 
 
 def test_the_pictures_key_keeps_a_labels_start_on_two_lines() -> None:
-    label = 'in text with "symptoms", "disease"; promotes "Coronavirus", "COVID", "pandemic"; fires on many different tokens (2.5% of all)'
+    label = 'in text with "symptoms", "disease"; promotes "Coronavirus", "COVID", "pandemic"; fires on varied tokens (2.5% of all tokens)'
     lines = _key_label(label)
     assert len(lines) == 2 and all(len(line) <= KEY_WIDTH for line in lines)
     assert lines[0].startswith('in text with "symptoms"') and lines[1].endswith("...")

@@ -344,6 +344,34 @@ def test_refit_solves_each_layers_own_decoder_given_the_earlier_writes(
     assert all(a < b for a, b in zip(after, before, strict=True))
 
 
+def test_decoders_step_in_each_output_dimension_by_its_spread() -> None:
+    """A dimension of a layer's MLP output that does not vary is written by no latent (start and
+    steps sized by its spread, 0): plain sign descent put as much into it as into any other, and in
+    Gemma 3 such dimensions are those the final norm multiplies by up to 300. Decoders into later
+    layers start at 0."""
+    import gemmascope.train.clt as training
+
+    torch.manual_seed(0)
+    n, d, w, b = 3, 16, 24, 256
+    xs = torch.randn(n, b, d)
+    ys = torch.randn(n, b, d) * torch.linspace(0.5, 2.0, d)  # spreads differ by dimension
+    ys[2, :, 5] = 0.7  # layer 2's dimension 5 never varies
+    spec = CLTSpec(width=w, target_l0=4, batch_size=b)
+    clt = CrossLayerTranscoder(CLTConfig(n, d, w, "", affine_skip=True))
+    training._init(clt, xs, ys, spec)
+    assert float(clt.decoder(0).detach()[:, 1:].abs().max()) == 0.0
+    opt = training._optimizer(clt, spec, ys)
+    last_fired = torch.zeros(n, w, dtype=torch.long)
+    for i in range(5):
+        training._step(clt, opt, xs, torch.randn(n, b, d) * ys.std(1, keepdim=True) + ys, spec, last_fired, i)
+    for s in range(n):
+        into = clt.decoder(s).detach()[:, 2 - s]  # [w, d]: what layer s's latents write into layer 2
+        assert float(into[:, 5].abs().max()) == 0.0
+        assert float(into[:, 4].abs().max()) > 0.0
+    wide, narrow = clt.decoder(0).detach()[:, 1, -1], clt.decoder(0).detach()[:, 1, 0]  # spreads 2.0 and 0.5
+    assert 2 < float(wide.pow(2).mean() / narrow.pow(2).mean()) ** 0.5 < 8
+
+
 @pytest.fixture(scope="module")
 def mlp_run(tiny_model: LanguageModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("clt_run")

@@ -457,7 +457,7 @@ def test_a_broad_latent_is_labelled_by_what_it_fires_on_not_by_its_peak() -> Non
     from gemmascope.features import baseline_explanation
 
     broad = _page(["ocean"] * 20, [(900, ["as", "in", "house", "level", "name"]), (10, ["ocean"] * 5)])
-    assert baseline_explanation(broad) == 'fires on many different tokens (4% of all), most strongly "ocean"'
+    assert baseline_explanation(broad) == 'fires on varied tokens (4% of all tokens), most strongly "ocean"'
     narrow = _page(["the"] * 20, [(900, ["the", "the", "the", "The", "a"]), (10, ["the"] * 5)])
     assert baseline_explanation(narrow) == 'fires on "the"'
     # the token most firings are on is named beside the strongest, once seen in two windows
@@ -541,15 +541,15 @@ def test_a_broad_latent_is_labelled_by_the_words_its_windows_are_about() -> None
     assert context_words(page, corpus) == ["virus", "fever"]  # "which": in every text of the corpus
     label = baseline_explanation(page, corpus)
     assert label.startswith(  # what a broad latent is about leads: a list cutting labels short keeps it
-        'in text with "virus", "fever"; fires on many different tokens (3% of all), most strongly'
+        'in text with "virus", "fever"; fires on varied tokens (3% of all tokens), most strongly'
     )
     page["logit_lens"] = {"promoted": [{"token": t, "value": 1.0} for t in [" virus", " Virus", " fever"]]}
     assert baseline_explanation(page, corpus).startswith(
-        'in text with "virus", "fever"; promotes "virus", "fever"; fires on many different tokens'
+        'in text with "virus", "fever"; promotes "virus", "fever"; fires on varied tokens'
     )
     del page["logit_lens"]
     assert baseline_explanation(page, set(corpus)).startswith(
-        "fires on many different tokens (3% of all), most"
+        "fires on varied tokens (3% of all tokens), most"
     )
     # the same text shifted by a token, eight times, is one window: too few to name anything
     same = [window(["the", "virus", "which", "fever", *fillers[0]][i % 2 :], 0) for i in range(8)]

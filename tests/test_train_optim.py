@@ -50,6 +50,17 @@ def test_the_average_converges_where_sign_steps_oscillate() -> None:
     assert averaged_error < 0.1  # plain sign steps of 0.5 never get closer than 0.1..0.25 of 0.2
 
 
+def test_a_groups_scale_sizes_each_columns_step() -> None:
+    """The first step of z: lr times the sign times the column's scale (a CLT's decoders step in
+    each output dimension by that dimension's spread)."""
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    scale = torch.tensor([1.0, 0.5, 0.0, 2.0])
+    opt = ScheduleFreeSign([{"params": [p], "scale": scale}], lr=0.1, momentum=0.0)
+    p.grad = -torch.ones(3, 4)
+    opt.step()
+    assert torch.allclose(p.detach(), 0.1 * scale.expand(3, 4))  # with β = 0, y is z
+
+
 def test_no_step_while_the_average_is_in_place() -> None:
     p = torch.nn.Parameter(torch.ones(2))
     opt = ScheduleFreeSign([{"params": [p]}], lr=0.1)

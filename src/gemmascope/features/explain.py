@@ -156,10 +156,10 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
     reader can check). When the named tokens cover less than `BROAD_SHARE` of its firings (a broad
     latent), what it is about leads: the words its windows are about (`context_words`, when
     `known_tokens` is the `CorpusWords` of the index corpus) and what it promotes, then that it
-    fires on many different tokens (on what share of all tokens) and its strongest ones, so a label
+    fires on varied tokens (on what share of all tokens) and its strongest ones, so a label
     never claims a broad latent is about its peak tokens, and a list that cuts labels short (the
     microscope's) still shows its subject: `in text with "symptoms", "disease"; promotes
-    "coronavirus"; fires on many different tokens (2.5% of all), most strongly "infectious"`."""
+    "coronavirus"; fires on varied tokens (2.5% of all tokens), most strongly "infectious"`."""
     examples = feature.get("top_examples") or []
     if not examples:
         return "never fires on the index corpus"
@@ -192,7 +192,7 @@ def baseline_explanation(feature: Mapping[str, Any], known_tokens: Collection[st
         lead = ([f"in text with {', '.join(_quote(w) for w in about)}"] if about else []) + promotes
         promotes = []
         parts = [
-            f"fires on many different tokens ({100 * density:.2g}% of all), most strongly "
+            f"fires on varied tokens ({100 * density:.2g}% of all tokens), most strongly "
             + ", ".join(_quote(t) for t in strongest)
         ]
     if before:

@@ -6,7 +6,9 @@ same way on held-out tokens; the saved, folded CLT under `clts/` of the run fold
 
 The recipe (RECIPE.md, "SAEs worth reading", carried over to a CLT): sign descent with schedule-free
 averaging (`optim.ScheduleFreeSign`: encoders and decoders at lr, every latent's decoders over all the
-layers it writes kept at unit norm as one row, thresholds at a tenth of lr over a floor), b_enc
+layers it writes kept at unit norm as one row, each decoder column started and stepped in proportion
+to the spread of the output dimension it writes, `_column_scales`, and the decoders into later
+layers started at 0; thresholds at a tenth of lr over a floor), b_enc
 fixed at 0, b_in and b_dec at the data means, the affine skip per layer fitted by ridge regression
 on the first batch and then fixed, thresholds started where each layer fires `target_l0` latents per
 token, Gemma Scope 2's quadratic target-L0 penalty on each layer's L0 (the L0 counts a latent once
@@ -171,7 +173,7 @@ def train_clt(
     xs, ys = stack_sites(first, ins, device), stack_sites(first, outs, device)
     _init(clt, xs, ys, spec)
     tanh = _Tanh.start(clt, xs) if spec.penalty == "tanh" else None  # c from the start, as the run began
-    opt = _optimizer(clt, spec)
+    opt = _optimizer(clt, spec, ys)
     last_fired = torch.zeros(n, spec.width, dtype=torch.long, device=device)
     start, log = _restore(resumed, clt, opt, last_fired, tanh)
     del resumed  # its copy of the weights
@@ -290,12 +292,15 @@ def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec) -> str:
 
 
 def _init(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, spec: CLTSpec) -> None:
-    """The recipe's start on a first batch `xs`, `ys [n, B, d]` (already / C): random unit decoder
-    rows, encoder columns at the sign optimiser's norm, b_in and b_dec at the means, the skip by
+    """The recipe's start on a first batch `xs`, `ys [n, B, d]` (already / C): unit decoder rows,
+    random into the latent's own layer (each dimension by its spread, `_column_scales`) and 0 into
+    later layers, encoder columns at the sign optimiser's norm, b_in and b_dec at the means, the skip by
     ridge regression, each layer's thresholds where `target_l0` of its latents fire per token."""
+    scales = _column_scales(ys)
     with torch.no_grad():
         for s in range(clt.n_layers):
-            w_dec = torch.randn_like(clt.W_dec[s])
+            w_dec = torch.randn_like(clt.W_dec[s]) * scales[s:].flatten()
+            w_dec[:, clt.cfg.d_model :] = 0  # later layers are written where training finds it pays
             clt.W_dec[s].copy_(w_dec / w_dec.norm(dim=-1, keepdim=True))
             w_enc = torch.randn_like(clt.W_enc[s])
             clt.W_enc[s].copy_(w_enc / w_enc.norm(dim=0) * SHORT_RUN.signum_enc_init_norm)
@@ -311,23 +316,42 @@ def _init(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, spec: CLTSpec) -> N
             clt.threshold[s].copy_((0.5 * (top[k - 1] + top[k])).clamp_min(THRESHOLD_FLOOR))
 
 
-def _optimizer(clt: CrossLayerTranscoder, spec: CLTSpec) -> ScheduleFreeSign:
+def _optimizer(clt: CrossLayerTranscoder, spec: CLTSpec, ys: Tensor) -> ScheduleFreeSign:
     """Sign descent over the encoders, the decoders (unit rows) and the thresholds (a tenth of lr,
-    kept over the floor); b_enc, b_dec and the skip fixed."""
+    kept over the floor); b_enc, b_dec and the skip fixed. Each decoder column steps by the spread
+    of the output dimension it writes on the first batch `ys [n, B, d]`, over its layer's mean
+    spread (`_column_scales`)."""
     for p in [*clt.b_enc, clt.b_dec] + ([clt.W_skip] if clt.W_skip is not None else []):
         p.requires_grad_(False)
     threshold_lr = spec.lr * spec.threshold_lr_ratio
+    scales = _column_scales(ys)
     groups: list[dict[str, Any]] = [
         {"params": list(clt.W_enc), "lr": spec.lr},
         # a sign step moves each of a row's (n − s)·d elements by lr: at lr / √(n − s) the row of
         # a latent writing n − s layers moves as far per step as a one-layer transcoder's does
         *(
-            {"params": [w], "lr": spec.lr / (clt.n_layers - s) ** 0.5, "unit_rows": True}
+            {
+                "params": [w],
+                "lr": spec.lr / (clt.n_layers - s) ** 0.5,
+                "unit_rows": True,
+                "scale": scales[s:].flatten(),
+            }
             for s, w in enumerate(clt.W_dec)
         ),
         {"params": list(clt.threshold), "lr": threshold_lr, "floor": THRESHOLD_FLOOR},
     ]
     return ScheduleFreeSign(groups, lr=spec.lr)
+
+
+def _column_scales(ys: Tensor) -> Tensor:
+    """`[n, d]`: each layer's MLP-output dimensions' standard deviations on `ys [n, B, d]`, over
+    their layer's mean. Plain sign descent moves every decoder element alike, so the decoders into
+    later layers (which the decoder refit leaves as trained) carried the same noise into every
+    dimension: where the output barely varies that noise was 100 times the signal, and in Gemma 3
+    those are the dimensions the final norm multiplies by up to 300 (BENCHMARKS, "The CLT's
+    decoder noise")."""
+    spread = ys.float().std(1)  # [n, d]
+    return spread / spread.mean(1, keepdim=True).clamp_min(1e-12)
 
 
 def _step(

@@ -15,7 +15,9 @@ learning-rate decay, so a run needs no schedule and can stop at any step. Sign d
 parameter by the same amount whatever its gradient's scale, so a rarely firing latent learns as fast
 as a common one; eai-sparsify trains its TopK SAEs this way. Rows of a group with `unit_rows` (the
 decoder) are put back on the unit sphere after each step, and a group's `floor` (the thresholds') is
-kept, in `z`, `x` and `y` alike.
+kept, in `z`, `x` and `y` alike. A group's `scale` (a tensor broadcast over the last dimension)
+sizes each column's step: a CLT's decoders step in each output dimension by that dimension's spread
+(`train.clt`), so a dimension where the MLP output barely varies is not written at the others' pace.
 
 Knows nothing of SAEs beyond their parameter names and what their architecture says (its fixed
 biases, its own groups: `sae.Architecture`), of the loss or of the loop.
@@ -37,7 +39,9 @@ class ScheduleFreeSign(torch.optim.Optimizer):
     def __init__(self, params: list[dict[str, Any]], lr: float, momentum: float = 0.95) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum {momentum!r} must be in [0, 1)")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "unit_rows": False, "floor": None})
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "unit_rows": False, "floor": None, "scale": None}
+        )
         self.averaging = False
 
     @torch.no_grad()
@@ -59,7 +63,8 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                     state["z"] = p.detach().clone()
                     state["x"] = p.detach().clone()
                 z, x = state["z"], state["x"]
-                z.add_(p.grad.sign(), alpha=-lr)
+                sign = p.grad.sign() if group["scale"] is None else p.grad.sign() * group["scale"]
+                z.add_(sign, alpha=-lr)
                 x.lerp_(z, c)
                 p.copy_(torch.lerp(z, x, beta))
                 for point in (z, x, p):  # the constraints hold at all three points, so in the average too
