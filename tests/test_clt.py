@@ -370,6 +370,12 @@ def test_decoders_step_in_each_output_dimension_by_its_spread() -> None:
         assert float(into[:, 4].abs().max()) > 0.0
     wide, narrow = clt.decoder(0).detach()[:, 1, -1], clt.decoder(0).detach()[:, 1, 0]  # spreads 2.0 and 0.5
     assert 2 < float(wide.pow(2).mean() / narrow.pow(2).mean()) ** 0.5 < 8
+    # a layer that never varies on the batch, or a batch of one token: plain steps, no 0 / 0
+    ys[1] = 0.3
+    assert torch.equal(training._column_scales(ys)[1], torch.ones(d))
+    assert torch.equal(training._column_scales(ys[:, :1]), torch.ones(n, d))
+    training._init(clt, xs, ys, spec)
+    assert all(bool(torch.isfinite(w).all()) for w in clt.W_dec)
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,11 @@ def test_a_groups_scale_sizes_each_columns_step() -> None:
     p.grad = -torch.ones(3, 4)
     opt.step()
     assert torch.allclose(p.detach(), 0.1 * scale.expand(3, 4))  # with β = 0, y is z
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["scale"]  # a checkpoint written before groups had a scale
+    opt.load_state_dict(saved)
+    opt.step()  # resumes with plain steps
+    assert torch.allclose(p.detach(), 0.1 * scale.expand(3, 4) + 0.1)
 
 
 def test_no_step_while_the_average_is_in_place() -> None:

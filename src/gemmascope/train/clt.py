@@ -301,7 +301,7 @@ def _init(clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, spec: CLTSpec) -> N
         for s in range(clt.n_layers):
             w_dec = torch.randn_like(clt.W_dec[s]) * scales[s:].flatten()
             w_dec[:, clt.cfg.d_model :] = 0  # later layers are written where training finds it pays
-            clt.W_dec[s].copy_(w_dec / w_dec.norm(dim=-1, keepdim=True))
+            clt.W_dec[s].copy_(w_dec / w_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
             w_enc = torch.randn_like(clt.W_enc[s])
             clt.W_enc[s].copy_(w_enc / w_enc.norm(dim=0) * SHORT_RUN.signum_enc_init_norm)
             clt.b_in[s].copy_(xs[s].mean(0))
@@ -327,8 +327,9 @@ def _optimizer(clt: CrossLayerTranscoder, spec: CLTSpec, ys: Tensor) -> Schedule
     scales = _column_scales(ys)
     groups: list[dict[str, Any]] = [
         {"params": list(clt.W_enc), "lr": spec.lr},
-        # a sign step moves each of a row's (n − s)·d elements by lr: at lr / √(n − s) the row of
-        # a latent writing n − s layers moves as far per step as a one-layer transcoder's does
+        # a sign step moves each of a row's (n − s)·d elements by lr times its column's scale (mean 1
+        # over a layer): at lr / √(n − s) the row of a latent writing n − s layers moves about as
+        # far per step as a one-layer transcoder's does
         *(
             {
                 "params": [w],
@@ -350,8 +351,10 @@ def _column_scales(ys: Tensor) -> Tensor:
     dimension: where the output barely varies that noise was 100 times the signal, and in Gemma 3
     those are the dimensions the final norm multiplies by up to 300 (BENCHMARKS, "The CLT's
     decoder noise")."""
-    spread = ys.float().std(1)  # [n, d]
-    return spread / spread.mean(1, keepdim=True).clamp_min(1e-12)
+    spread = ys.float().std(1, unbiased=False)  # [n, d]
+    mean = spread.mean(1, keepdim=True)
+    # a layer that does not vary at all on the batch (or a batch of one token): plain steps
+    return torch.where(mean > 0, spread / mean.clamp_min(1e-30), torch.ones_like(spread))
 
 
 def _step(

@@ -6,7 +6,8 @@ Schedule-free averaging (Defazio et al. 2024, "The Road Less Scheduled") keeps t
 parameter: `z`, which takes the plain steps, and `x`, the running average of the `z`s; the gradient
 is taken at `y = (1 - β) z + β x`, the value the parameter holds while training. Each step here:
 
-    z ← z − lr · sign(∂loss/∂y)                   (sign descent: every element moves by lr)
+    z ← z − lr · sign(∂loss/∂y)                   (sign descent: every element moves by lr,
+                                                   times its column's `scale` where a group has one)
     x ← x + c (z − x),  c = lr² / Σ lr²          (the average, lr-weighted, as the reference does)
     y ← (1 − β) z + β x
 
@@ -63,7 +64,8 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                     state["z"] = p.detach().clone()
                     state["x"] = p.detach().clone()
                 z, x = state["z"], state["x"]
-                sign = p.grad.sign() if group["scale"] is None else p.grad.sign() * group["scale"]
+                scale = group.get("scale")  # absent from checkpoints written before it existed
+                sign = p.grad.sign() if scale is None else p.grad.sign() * scale.to(p.grad.device)
                 z.add_(sign, alpha=-lr)
                 x.lerp_(z, c)
                 p.copy_(torch.lerp(z, x, beta))
