@@ -70,6 +70,8 @@ def sparsify_tokens(store: ActivationStore, site: str, tokens: int, seed: int = 
 
 
 ARCHS = ("jumprelu", "matryoshka", "topk", "batchtopk")
+# also: "jumprelu-float32", the default JumpReLU with its step's encoder product in float32
+# (`TrainConfig.step_dtype`; auto takes bfloat16 where the CPU computes it natively)
 
 
 Trained = tuple[SAE, dict[str, dict[str, float]]]  # the SAE, {stage: {"wall", "cpu"}} with "total"
@@ -87,6 +89,7 @@ def train_ours(
     trains again under another run name (a finished run of the same name is returned untrained)."""
     specs = {
         "jumprelu": ("ours jumprelu", TrainSpec(site, width, target_l0=l0)),
+        "jumprelu-float32": ("ours jumprelu, float32 step", TrainSpec(site, width, target_l0=l0)),
         "matryoshka": ("ours jumprelu matryoshka", TrainSpec(site, width, target_l0=l0, matryoshka=True)),
         "topk": ("ours topk", TrainSpec(site, width, "topk", k=l0)),
         "batchtopk": ("ours batchtopk", TrainSpec(site, width, "batchtopk", k=l0)),
@@ -101,7 +104,10 @@ def train_ours(
             + (f"_seed{seed}" if seed else "")
             + (f"_rep{rep}" if rep else "")
         )
-        [folder] = train_saes(run_dir, [spec], budget, TrainConfig(name=name, seed=seed))
+        step_dtype = "float32" if arch.endswith("-float32") else "auto"
+        [folder] = train_saes(
+            run_dir, [spec], budget, TrainConfig(name=name, seed=seed, step_dtype=step_dtype)
+        )
         total = timed(wall, cpu)
         sae = load_sae(folder)
         # a finished run of the same name returns its SAE untrained: its stages are that run's

@@ -486,6 +486,8 @@ def test_a_clt_needs_every_layers_mlp_input_and_output(tmp_path: Path, tiny_mode
         train_clt(run_dir, CLTSpec(width=16, target_l0=40), progress=False)
     with pytest.raises(ConfigError, match="CLT penalty 'l1': expected one of l0, tanh"):
         train_clt(run_dir, CLTSpec(width=16, target_l0=4, penalty="l1"), progress=False)
+    with pytest.raises(ConfigError, match="CLT step_dtype 'half': expected one of auto, float32, bfloat16"):
+        train_clt(run_dir, CLTSpec(width=16, target_l0=4, step_dtype="half"), progress=False)
     ActivationStore(run_dir)  # the store is untouched
 
 

@@ -219,14 +219,19 @@ def test_row_blocks_give_the_same_step(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(blocks[3][name], whole[3][name])
 
 
-def test_kept_pairs_are_the_dense_pairs_above_the_bound() -> None:
-    g = torch.Generator().manual_seed(7)
+def random_encoder(seed: int, tokens: int, d_in: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs `[tokens, d_in]`, W_enc `[d_in, 96]`, b_enc and a lower bound `[96]`."""
+    g = torch.Generator().manual_seed(seed)
     x, W_enc, b_enc = (
-        torch.randn(50, 8, generator=g),
-        torch.randn(8, 96, generator=g),
+        torch.randn(tokens, d_in, generator=g),
+        torch.randn(d_in, 96, generator=g),
         torch.randn(96, generator=g),
     )
-    low = torch.rand(96, generator=g) * 2
+    return x, W_enc, b_enc, torch.rand(96, generator=g) * 2
+
+
+def test_kept_pairs_are_the_dense_pairs_above_the_bound() -> None:
+    x, W_enc, b_enc, low = random_encoder(7, 50, 8)
     rows, cols, pre_acts = kept_pairs(x, W_enc, b_enc, low, block_elements=96 * 9)
     dense = x @ W_enc + b_enc
     # the kept set is decided on the product before the bias; only pairs within rounding of `low` may differ
@@ -234,6 +239,36 @@ def test_kept_pairs_are_the_dense_pairs_above_the_bound() -> None:
     assert abs(len(rows) - len(want)) <= 2
     assert torch.equal(rows * 96 + cols, (rows * 96 + cols).sort().values)  # row-major order
     torch.testing.assert_close(pre_acts, dense[rows, cols])
+
+
+def test_kept_pairs_in_bfloat16_are_the_bfloat16_products_above_the_bound() -> None:
+    x, W_enc, b_enc, low = random_encoder(8, 64, 32)
+    rows, cols, pre_acts = kept_pairs(x, W_enc, b_enc, low, block_elements=96 * 9, dtype=torch.bfloat16)
+    product = (x.bfloat16() @ W_enc.bfloat16()).float()  # [64, 96]
+    want = (product > low - b_enc).nonzero()  # held to the float32 bound, not to a rounded one
+    assert torch.equal(torch.stack([rows, cols], 1), want)
+    assert pre_acts.dtype == torch.float32
+    torch.testing.assert_close(pre_acts, product[rows, cols] + b_enc[cols])
+    # and within bfloat16's rounding of the float32 pre-activations
+    torch.testing.assert_close(pre_acts, (x @ W_enc + b_enc)[rows, cols], atol=0.1, rtol=0.02)
+
+
+def test_a_bfloat16_step_trains_as_well_as_float32(tiny_model: LanguageModel, tmp_path: Path) -> None:
+    harvest(tiny_model, ["resid_post.2"], tmp_path / "store", n_tokens=4096, context_len=64, progress=False)
+    figures = {}
+    for dtype in ("float32", "bfloat16"):
+        run_dir = tmp_path / dtype
+        shutil.copytree(tmp_path / "store" / "activations", run_dir / "activations")
+        cfg = TrainConfig(batch_size=256, checkpoint_every=100, step_dtype=dtype, refit_tokens=0)
+        (folder,) = train_saes(
+            run_dir, [TrainSpec("resid_post.2", 128, target_l0=20)], 256 * 12, cfg, progress=False
+        )
+        extra = load_sae(folder).cfg.extra
+        assert extra["step_dtype"] == dtype
+        figures[dtype] = extra
+    # not the same weights (another product's rounding), the same quality
+    assert figures["bfloat16"]["fvu"] == pytest.approx(figures["float32"]["fvu"], rel=0.05)
+    assert figures["bfloat16"]["l0"] == pytest.approx(figures["float32"]["l0"], rel=0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +319,8 @@ def test_fast_training_run_ends_where_the_reference_run_ends(
     for fast in (False, True):
         run_dir = tmp_path / f"fast_{fast}"
         shutil.copytree(tmp_path / "store" / "activations", run_dir / "activations")
-        cfg = TrainConfig(batch_size=256, lr=1e-3, fast=fast, checkpoint_every=100)
+        # float32: the fast step's arithmetic is the reference's (bfloat16's product is tested below)
+        cfg = TrainConfig(batch_size=256, lr=1e-3, fast=fast, checkpoint_every=100, step_dtype="float32")
         specs = [TrainSpec("resid_post.2", 256, l0_coeff=1e-3), TrainSpec("resid_post.2", 128, target_l0=20)]
         folders = train_saes(run_dir, specs, tokens=256 * 12, config=cfg, progress=False)
         saes[fast] = [load_sae(f) for f in folders]

@@ -459,8 +459,24 @@ def test_bad_settings_are_clear_errors(run_dir: Path) -> None:
         train_saes(run_dir, [spec], 1024, small_config(lr=0.0), progress=False)
     with pytest.raises(ConfigError, match="asked for twice"):
         train_saes(run_dir, [spec, spec], 1024, small_config(), progress=False)
+    with pytest.raises(ConfigError, match="--step-dtype 'half': expected one of auto, float32, bfloat16"):
+        train_saes(run_dir, [spec], 1024, small_config(step_dtype="half"), progress=False)
     with pytest.raises(StoreError, match="no activation store"):
         train_saes(run_dir.parent / "nowhere", [spec], 1024, small_config(), progress=False)
+
+
+def test_a_float32_step_keeps_the_run_key_runs_had_before_the_step_dtype(run_dir: Path) -> None:
+    """Runs trained before `step_dtype` existed (float32 products) still resume and stay finished;
+    a bfloat16 step is another run."""
+    store = ActivationStore(run_dir)
+    spec = TrainSpec(SITE, 32, l0_coeff=1e-3)
+    settings = {}
+    for dtype in ("float32", "bfloat16"):
+        plan = train_config.resolve(store, [spec], 1024, small_config(step_dtype=dtype))
+        settings[dtype] = json.loads(train_checkpoint.run_key(store, plan.specs, 1024, plan.config))["config"]
+    assert "step_dtype" not in settings["float32"]
+    assert settings["bfloat16"].pop("step_dtype") == "bfloat16"
+    assert settings["bfloat16"] == settings["float32"]
 
 
 def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

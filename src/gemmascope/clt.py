@@ -319,14 +319,20 @@ class CLTTerms:
 
 
 def clt_terms(
-    clt: CrossLayerTranscoder, xs: Tensor, ys: Tensor, bandwidth: float, tanh_c: Tensor | None = None
+    clt: CrossLayerTranscoder,
+    xs: Tensor,
+    ys: Tensor,
+    bandwidth: float,
+    tanh_c: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> CLTTerms:
     """The terms of `xs [n_layers, B, d_model]` (every layer's MLP input) and `ys [n_layers, B,
     d_model]` (its MLP output), both as training scales them. Per source layer only the (token,
     latent) pairs over θ − ε are kept (`sparse_step.kept_pairs`); their JumpReLU values (θ's
     pseudo-gradient by the rectangle kernel, as the SAEs') are decoded into every later layer by one
     sparse product (`_SparseDecode`), so the decoder's cost is the active latents times the layers
-    they write, not the width times them. `tanh_c [n_layers]`: the tanh penalty's scale per layer."""
+    they write, not the width times them. `tanh_c [n_layers]`: the tanh penalty's scale per layer;
+    `dtype`: the encoder products' arithmetic (`kept_pairs`; None: float32)."""
     n, batch = clt.n_layers, xs.shape[1]
     residual = ys - clt.b_dec[:, None]  # [n, B, d]: what the latents (and the skip) must give
     if clt.W_skip is not None:
@@ -336,7 +342,8 @@ def clt_terms(
     for s in range(n):
         x_centered = xs[s] - clt.b_in[s]
         with torch.no_grad():
-            rows, cols, pre = kept_pairs(x_centered, clt.W_enc[s], clt.b_enc[s], clt.threshold[s] - bandwidth)
+            low = clt.threshold[s] - bandwidth
+            rows, cols, pre = kept_pairs(x_centered, clt.W_enc[s], clt.b_enc[s], low, dtype=dtype)
         pre = _EncoderAtPairs.apply(pre, clt.W_enc[s], clt.b_enc[s], x_centered, rows, cols)  # [nnz]
         theta = clt.threshold[s][cols]
         values = jumprelu(pre, theta, bandwidth)
@@ -345,10 +352,13 @@ def clt_terms(
             tanhs.append(torch.tanh(tanh_c[s] * values).sum() / batch)
         fired.append(torch.bincount(cols[pre > theta], minlength=clt.width).to(torch.float32))
         out = _SparseDecode.apply(values, rows, cols, clt.W_dec[s], batch)  # [B, (n − s)·d]
-        out = out.view(batch, n - s, -1)
-        for t in range(s, n):
-            predicted[t] = predicted[t] + out[:, t - s]
-    errors = torch.stack([(residual[t] - predicted[t]).pow(2).sum(-1).mean() for t in range(n)])
+        # unbind, not a slice per layer: each slice's backward would zero a whole [B, n − s, d]
+        # (n² of them a step, most of a step's time); unbind's is one stack
+        for t, part in enumerate(out.view(batch, n - s, -1).unbind(1), start=s):
+            predicted[t] = predicted[t] + part
+    errors = torch.stack(
+        [(target - predicted[t]).pow(2).sum(-1).mean() for t, target in enumerate(residual.unbind(0))]
+    )
     tanh = torch.stack(tanhs) if tanhs else torch.zeros(n, device=xs.device)
     return CLTTerms(errors.sum(), torch.stack(l0s), torch.stack(fired), errors.detach(), tanh)
 

@@ -312,6 +312,8 @@ def reading_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
         return getattr(torch, name)
     device = torch.device(device)
     if device.type == "cuda":  # native from Ampere (compute capability 8) on; emulated before
+        if not torch.cuda.is_available():
+            return torch.float32  # whoever runs on it says the GPU is missing
         return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float32
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else torch.float32
 

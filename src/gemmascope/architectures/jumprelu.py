@@ -243,7 +243,7 @@ class JumpReLU(Architecture):
         x = batch.x
         if settings.fast:
             recon, l0, fired = sparse_step.jumprelu_terms_sparse(
-                sae, x, settings.bandwidth, batch.prefixes, batch.target
+                sae, x, settings.bandwidth, batch.prefixes, batch.target, getattr(torch, settings.step_dtype)
             )
         else:
             recon, l0, fired = jumprelu_terms(sae, x, settings.bandwidth, batch.target, batch.prefixes)

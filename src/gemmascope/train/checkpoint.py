@@ -33,6 +33,8 @@ def run_key(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
         # refit_dtype: the refit's arithmetic, not the run (runs from before it keep resuming)
         if f.name not in ("checkpoint_every", "log_every", "name", "parallel", "device", "refit_dtype")
     }
+    if settings.get("step_dtype") == "float32":
+        del settings["step_dtype"]  # the steps as before it existed: those runs keep resuming
     data = {
         s: [e["sha256"] for e in store.manifest(s)["shards"]]
         for s in sorted({n for t in specs for n in t.sites})

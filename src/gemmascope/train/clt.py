@@ -43,6 +43,7 @@ from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
 from gemmascope.clt import CLTConfig, CLTTerms, CrossLayerTranscoder, clt_terms, fold_scales, stack_sites
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.formats.clt import CLT_JSON, save_clt
+from gemmascope.models import MODEL_DTYPES, reading_dtype
 from gemmascope.runs import CHECKPOINTS, CLTS, HELDOUT, free_folder
 from gemmascope.sites import Site
 from gemmascope.train.checkpoint import Checkpoint
@@ -77,6 +78,7 @@ class CLTSpec:
     # "l0": Gemma Scope 2's quadratic target-L0 penalty per layer; "tanh": Anthropic's λ Σ tanh(c·‖W_dec‖·a)
     # per layer, λ steered to the target L0 (`_Tanh`)
     penalty: str = "l0"
+    step_dtype: str = "auto"  # the steps' encoder products, as `TrainConfig.step_dtype`
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end), for resume
 
     def check(self) -> None:
@@ -96,6 +98,10 @@ class CLTSpec:
                 raise ConfigError(f"CLT {name} {getattr(self, name)!r} must be at least 1")
         if self.tokens is not None and self.tokens < self.batch_size:
             raise ConfigError(f"CLT tokens {self.tokens} must be at least one batch ({self.batch_size})")
+        if self.step_dtype not in MODEL_DTYPES:
+            raise ConfigError(
+                f"CLT step_dtype {self.step_dtype!r}: expected one of {', '.join(MODEL_DTYPES)}"
+            )
         if self.penalty not in CLT_PENALTIES:
             raise ConfigError(f"CLT penalty {self.penalty!r}: expected one of {', '.join(CLT_PENALTIES)}")
         for name in ("lr", "threshold_lr_ratio", "bandwidth"):
@@ -155,7 +161,8 @@ def train_clt(
         raise StoreError(
             f"the store holds {available} usable tokens, less than one batch ({spec.batch_size})"
         )
-    key = _run_key(store, ins + outs, spec)
+    dtype = reading_dtype(spec.step_dtype, device)
+    key = _run_key(store, ins + outs, spec, dtype)
     ckpt = Checkpoint(run_dir / CHECKPOINTS / spec.checkpoint_name(), key, CLT_JSON)
     done = ckpt.finished_outputs()
     if done is not None:
@@ -191,7 +198,7 @@ def train_clt(
                     f"the activation store gave {step_index} batches, fewer than the {steps} planned"
                 )
             xs, ys = stack_sites(batch, ins, device), stack_sites(batch, outs, device)
-        row = _step(clt, opt, xs, ys, spec, last_fired, step_index, tanh)
+        row = _step(clt, opt, xs, ys, spec, last_fired, step_index, tanh, dtype)
         if step_index % 10 == 0 or step_index == steps - 1:
             log.append(row)
             bar.set_postfix_str(f"L0 {row['l0_mean']:.0f} FVU {row['fvu_mean']:.3f}")
@@ -284,9 +291,12 @@ def _saved_by(folder: Path, key: str) -> bool:
         return False  # not ours, or not a CLT we can read: left alone
 
 
-def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec) -> str:
-    """What makes two CLT runs the same run: the spec (not how often it checkpoints) and the data."""
-    settings = {k: v for k, v in asdict(spec).items() if k != "checkpoint_every"}
+def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec, dtype: torch.dtype) -> str:
+    """What makes two CLT runs the same run: the spec (not how often it checkpoints) with the steps'
+    arithmetic as resolved (`dtype`; float32 left out, as runs before it keep their key), and the data."""
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("checkpoint_every", "step_dtype")}
+    if dtype != torch.float32:
+        settings["step_dtype"] = str(dtype).removeprefix("torch.")
     data = {str(s): [e["sha256"] for e in store.manifest(s)["shards"]] for s in sites}
     return json.dumps({"config": settings, "data": data}, sort_keys=True)
 
@@ -366,9 +376,11 @@ def _step(
     last_fired: Tensor,
     step_index: int,
     tanh: _Tanh | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """One optimiser step (the `tanh` penalty's, else the quadratic target-L0's); updates `last_fired [n, width]` (the last step each latent fired)."""
-    terms = clt_terms(clt, xs, ys, spec.bandwidth, tanh.c if tanh else None)
+    """One optimiser step (the `tanh` penalty's, else the quadratic target-L0's) with the encoder
+    products in `dtype`; updates `last_fired [n, width]` (the last step each latent fired)."""
+    terms = clt_terms(clt, xs, ys, spec.bandwidth, tanh.c if tanh else None, dtype)
     if tanh is None:
         sparsity = spec.target_l0_coeff * (terms.l0 / spec.target_l0 - 1).pow(2).sum()
     else:

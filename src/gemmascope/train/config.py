@@ -18,7 +18,7 @@ from typing import Any
 from gemmascope.activations import ActivationStore
 from gemmascope.architectures.jumprelu import THRESHOLD_FLOOR
 from gemmascope.errors import ConfigError, StoreError
-from gemmascope.models import MODEL_DTYPES
+from gemmascope.models import MODEL_DTYPES, reading_dtype
 from gemmascope.runs import check_name
 from gemmascope.sae import architecture
 from gemmascope.sites import parse_site
@@ -228,6 +228,15 @@ class TrainConfig:
             choices=MODEL_DTYPES,
         ),
     )
+    step_dtype: str = field(
+        default="auto",
+        metadata=_opt(
+            "dtype of the training step's encoder product: auto (bfloat16 where the device computes it "
+            "natively, as --model-dtype: the steps about 1.15x faster, the same held-out FVU), float32 "
+            "(the product as inference takes it), bfloat16",
+            choices=MODEL_DTYPES,
+        ),
+    )
     seed: int = field(default=0, metadata=_opt("seed of the initialisation and the batch order"))
     buffer_tokens: int = field(default=2**18, metadata=_opt("activations shuffled together"))
     fast: bool = field(default=True, metadata=_opt("the sparse JumpReLU step (--no-fast: the plain one)"))
@@ -343,6 +352,7 @@ def _resolved_config(cfg: TrainConfig, steps: int) -> TrainConfig:
         dead_window_tokens=dead_window,
         dead_preact_coeff=_on_with_signum(cfg.dead_preact_coeff, SHORT_RUN.dead_preact_coeff, signum),
         dense_coeff=_on_with_signum(cfg.dense_coeff, SHORT_RUN.dense_coeff, signum),
+        step_dtype=str(reading_dtype(cfg.step_dtype, cfg.device)).removeprefix("torch."),
     )
 
 
@@ -397,8 +407,11 @@ def checked_config(cfg: TrainConfig) -> None:
     for name in ("batch_size", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name.replace('_', ' ')} {getattr(cfg, name)} must be at least 1")
-    if cfg.refit_dtype not in MODEL_DTYPES:
-        raise ConfigError(f"--refit-dtype {cfg.refit_dtype!r}: expected one of {', '.join(MODEL_DTYPES)}")
+    for name in ("refit_dtype", "step_dtype"):
+        if getattr(cfg, name) not in MODEL_DTYPES:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {', '.join(MODEL_DTYPES)}"
+            )
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate {cfg.lr!r} must be a finite number > 0")
     if not (math.isfinite(cfg.bandwidth) and cfg.bandwidth > 0):

@@ -44,6 +44,7 @@ class ScheduleFreeSign(torch.optim.Optimizer):
             params, {"lr": lr, "momentum": momentum, "unit_rows": False, "floor": None, "scale": None}
         )
         self.averaging = False
+        self._buffers: dict[torch.device, Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -65,15 +66,26 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                     state["x"] = p.detach().clone()
                 z, x = state["z"], state["x"]
                 scale = group.get("scale")  # absent from checkpoints written before it existed
-                sign = p.grad.sign() if scale is None else p.grad.sign() * scale.to(p.grad.device)
+                sign = self._scratch(p)  # no new [rows, cols] tensor a step, no change to the gradient
+                torch.sign(p.grad, out=sign)
+                if scale is not None:
+                    sign.mul_(scale.to(p.grad.device))
                 z.add_(sign, alpha=-lr)
                 x.lerp_(z, c)
-                p.copy_(torch.lerp(z, x, beta))
+                torch.lerp(z, x, beta, out=p)
                 for point in (z, x, p):  # the constraints hold at all three points, so in the average too
                     if group["unit_rows"]:
                         _unit_rows(point)
                     if group["floor"] is not None:
                         point.clamp_(min=group["floor"])
+
+    def _scratch(self, p: Tensor) -> Tensor:
+        """A buffer shaped as `p` for its step's sign: a view of one flat buffer the size of the
+        largest parameter, kept between steps (not state: checkpoints do not carry it)."""
+        flat = self._buffers.get(p.device)
+        if flat is None or flat.numel() < p.numel() or flat.dtype != p.dtype:
+            flat = self._buffers[p.device] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        return flat[: p.numel()].view(p.shape)
 
     @torch.no_grad()
     def swap_in_average(self) -> None:

@@ -217,8 +217,9 @@ def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
     if W_dec.grad is not None:
         with torch.no_grad():  # outside no_grad the gradient would grow an autograd graph each step
             w = W_dec.detach()
-            along = (W_dec.grad * w).sum(-1, keepdim=True) / w.pow(2).sum(-1, keepdim=True).clamp_min(1e-24)
-            W_dec.grad -= along * w
+            norm2 = torch.linalg.vector_norm(w, dim=-1).square().clamp_min(1e-24)  # [rows]
+            along = torch.linalg.vecdot(W_dec.grad, w) / norm2  # [rows]
+            W_dec.grad.addcmul_(along[:, None], w, value=-1.0)
 
 
 def matryoshka_prefixes(width: int) -> tuple[int, ...]:

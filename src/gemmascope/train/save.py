@@ -144,6 +144,7 @@ def _record(t: Trainee, plan: Plan, train_id: str, figures: dict[str, Any]) -> d
         "adam_eps": ADAM_EPS,
         "seed": cfg.seed,
         "fast": cfg.fast,
+        "step_dtype": cfg.step_dtype,
         "matryoshka_prefixes": list(spec.prefixes) if spec.prefixes else None,
         "published": PUBLISHED.to_json(),
     }
