@@ -206,6 +206,21 @@ def test_graph_files(tiny_model: LanguageModel, transcoders: list[JumpReLUSAE], 
     assert plot_graph(data, tmp_path / "cat.png").stat().st_size > 20_000
 
 
+def test_the_pictures_outputs_stand_apart_the_likeliest_rightmost() -> None:
+    from gemmascope.attribution.files import _layout
+
+    outputs = [
+        {"node_id": f"19_{k}_5", "ctx_idx": 5, "layer": "19", "feature_type": "logit", "token_prob": p}
+        for k, p in enumerate([0.05, 0.3, 0.01, 0.1, 0.02, 0.04, 0.03, 0.2, 0.06, 0.07])
+    ]
+    feature = {"node_id": "3_7_5", "ctx_idx": 5, "layer": "3", "feature_type": "cross layer transcoder"}
+    xy = _layout([*outputs, feature])
+    xs = sorted(xy[n["node_id"]][0] for n in outputs)
+    assert min(b - a for a, b in zip(xs[:-1], xs[1:], strict=True)) >= 0.5  # a diamond and its label each
+    assert xs[0] >= -0.5 and xy["19_1_5"][0] == xs[-1] == 5.0  # inside the plot; p = 0.3 rightmost
+    assert xy["3_7_5"] == (5.0, 3.0)
+
+
 def test_interventions_predicted_and_measured(
     tiny_model: LanguageModel, transcoders: list[JumpReLUSAE]
 ) -> None:

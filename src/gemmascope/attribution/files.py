@@ -333,7 +333,8 @@ def plot_graph(
     ax.set_xticklabels([repr(t)[1:-1] for t in tokens], rotation=30, ha="right", fontsize=9)
     ax.set_yticks([-1, *range(n_layers), n_layers + 1])
     ax.set_yticklabels(["emb", *[f"L{i}" for i in range(n_layers)], "logit"], fontsize=8)
-    ax.set_ylim(-1.8, n_layers + 2)
+    ax.set_ylim(-1.8, n_layers + 3.2)  # room above the outputs for their slanted labels
+    ax.set_xlim(-0.7, len(tokens) - 0.1)  # and right of the likeliest one, before the key
     ax.set_title(title or _title(data), fontsize=10, loc="left", parse_math=False)
     ax.grid(axis="y", alpha=0.2)
     path = Path(path)
@@ -343,15 +344,25 @@ def plot_graph(
     return path
 
 
+OUTPUT_SPACING = 0.6  # positions between two outputs on the logit row: each its own label
+
+
 def _layout(nodes: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Each node's (x, y): its position across, its layer up (the embedding at -1), nodes sharing a
-    cell spread side by side, the most influential in the middle-left."""
+    cell spread side by side, the most influential in the middle-left. The outputs (all at the last
+    position) spread leftwards along their own row, the likeliest rightmost, so none hides another."""
     xy: dict[str, tuple[float, float]] = {}
     by_cell: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for n in nodes:
         by_cell.setdefault((n["ctx_idx"], n["layer"]), []).append(n)
     for (ctx, layer), cell in by_cell.items():
         y = -1.0 if layer == "E" else float(layer)
+        if cell[0]["feature_type"] == "logit":
+            cell.sort(key=lambda n: n["token_prob"])
+            step = min(OUTPUT_SPACING, (ctx + 0.5) / max(len(cell) - 1, 1))
+            for k, n in enumerate(cell):
+                xy[n["node_id"]] = (ctx - (len(cell) - 1 - k) * step, y)
+            continue
         cell.sort(key=lambda n: n.get("influence") or 0)
         spread = 0.8 / max(len(cell), 1)
         for k, n in enumerate(cell):
@@ -377,13 +388,13 @@ def _draw_nodes(ax: Any, nodes: list[dict[str, Any]], xy: dict[str, tuple[float,
         kind = n["feature_type"]
         if kind == "embedding":
             ax.scatter([x], [y], s=120, marker="s", color="#4a5568", zorder=3)
-        elif kind == "logit":
-            ax.scatter([x], [y], s=60 + 600 * n["token_prob"], marker="D", color="#2f855a", zorder=3)
-            if n["is_target_logit"]:  # the top output is named here, the next ones in the title
-                label = _one_line(n["clerp"].removeprefix("Output "))
-                ax.annotate(
-                    label, (x, y), (-30, 12), textcoords="offset points", fontsize=9, parse_math=False
-                )
+        elif kind == "logit":  # each output named above its diamond, the graph's own in bold
+            ax.scatter([x], [y], s=40 + 400 * n["token_prob"], marker="D", color="#2f855a", zorder=3)
+            label = _one_line(n["clerp"].removeprefix("Output "))
+            ax.annotate(
+                label, (x, y), (-2, 9), textcoords="offset points", fontsize=7.5, rotation=35,
+                fontweight="bold" if n["is_target_logit"] else "normal", parse_math=False,
+            )  # fmt: skip
         elif kind == "mlp reconstruction error":
             ax.scatter([x], [y], s=50, marker="s", color="#a0aec0", edgecolor="#4a5568", zorder=3)
         else:
