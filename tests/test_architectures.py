@@ -540,3 +540,19 @@ def test_a_new_architecture_is_one_class_and_one_registry_call(
     # the command line offers it too
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
     assert "shiftrelu" in train_help
+
+
+def test_jumprelu_terms_read_a_step_dtype_of_auto_as_the_device_computes_it() -> None:
+    """`step_dtype` "auto" (a TrainConfig not resolved by `train.config.resolve`) is a dtype too."""
+    from gemmascope.sae import TrainBatch
+    from gemmascope.train import TrainConfig, TrainSpec
+
+    sae = random_jumprelu()
+    batch = TrainBatch(
+        x=torch.randn(32, 8), target=None, dead=torch.zeros(16, dtype=torch.bool), density=-torch.ones(16)
+    )
+    for step_dtype in ("auto", "float32", "bfloat16"):
+        terms = architecture("jumprelu").terms(
+            sae, batch, TrainSpec(SITE, 16, target_l0=4), TrainConfig(step_dtype=step_dtype)
+        )
+        assert torch.isfinite(terms.recon) and terms.l0 >= 0

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from gemmascope import sparse_step
 from gemmascope.errors import ConfigError
+from gemmascope.models import reading_dtype
 from gemmascope.sae import (
     SAE,
     Architecture,
@@ -243,7 +244,12 @@ class JumpReLU(Architecture):
         x = batch.x
         if settings.fast:
             recon, l0, fired = sparse_step.jumprelu_terms_sparse(
-                sae, x, settings.bandwidth, batch.prefixes, batch.target, getattr(torch, settings.step_dtype)
+                sae,
+                x,
+                settings.bandwidth,
+                batch.prefixes,
+                batch.target,
+                reading_dtype(settings.step_dtype, x.device),
             )
         else:
             recon, l0, fired = jumprelu_terms(sae, x, settings.bandwidth, batch.target, batch.prefixes)
