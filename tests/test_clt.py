@@ -525,3 +525,20 @@ def test_suite_with_clt_trains_one_clt_beside_the_transcoders_from_one_harvest(
     err = capsys.readouterr().err
     assert "CLT penalties ['l0', 'l1']: expected some of l0, tanh" in err and "Traceback" not in err
     assert not (tmp_path / "r2" / "run.json").exists()
+
+
+def test_a_float32_clt_step_keeps_the_run_key_clts_had_before_the_step_dtype() -> None:
+    import gemmascope.train.clt as training
+
+    class Store:  # what the key reads of a store: each site's shard digests
+        def manifest(self, site: Site) -> dict[str, Any]:
+            return {"shards": [{"sha256": f"digest of {site}"}]}
+
+    sites = [Site("mlp_in", 0), Site("mlp_out", 0)]
+    keys = {
+        dtype: json.loads(training._run_key(Store(), sites, CLTSpec(step_dtype=dtype)))  # type: ignore[arg-type]
+        for dtype in ("float32", "bfloat16")
+    }
+    assert "step_dtype" not in keys["float32"]["config"]
+    assert keys["bfloat16"]["config"].pop("step_dtype") == "bfloat16"
+    assert keys["bfloat16"] == keys["float32"]

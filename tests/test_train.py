@@ -477,6 +477,19 @@ def test_a_float32_step_keeps_the_run_key_runs_had_before_the_step_dtype(run_dir
     assert "step_dtype" not in settings["float32"]
     assert settings["bfloat16"].pop("step_dtype") == "bfloat16"
     assert settings["bfloat16"] == settings["float32"]
+    # a step that never takes the fast JumpReLU product (TopK; --no-fast) stays float32, key and all
+    for spec_, cfg in ((TrainSpec(SITE, 32, "topk", k=4), small_config(step_dtype="bfloat16")),
+                       (spec, small_config(step_dtype="bfloat16", fast=False))):  # fmt: skip
+        plan = train_config.resolve(store, [spec_], 1024, cfg)
+        assert plan.config.step_dtype == "float32"
+        assert (
+            "step_dtype"
+            not in json.loads(train_checkpoint.run_key(store, plan.specs, 1024, plan.config))["config"]
+        )
+    # a checkpoint of a run from before the option names the way to resume it
+    assert "--step-dtype float32" in train_checkpoint._key_difference(
+        json.dumps({"config": {}}), json.dumps({"config": {"step_dtype": "bfloat16"}})
+    )
 
 
 def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,11 @@ The reference does six dense products of 2·B·d_in·d_sae FLOPs (encoder and de
 each backward) and keeps several [B, d_sae] tensors; this does one and keeps none, so its limit is
 the dense matmul rate / (2·d_in·d_sae) tokens per second (see benchmarks/train_step.py). With
 `dtype` bfloat16 (`TrainConfig.step_dtype`, auto where the device computes it natively) that one
-product runs in bfloat16 (7 times float32's rate on a CPU with AMX) and the rest stays float32.
+product runs in bfloat16 (7 times float32's rate on a CPU with AMX) and the rest stays float32:
+the kept pairs and their values are then the bfloat16 product's (within about 2^-8 of float32's,
+near the kernel's width ε = 3e-3 for pre-activations around 0.5: measured harmless with the default
+recipe, BENCHMARKS "The step's encoder product in bfloat16"; not measured with a smaller ε or Adam,
+where float32 is the safe choice). "Same values, same gradients" above holds in float32.
 The same code runs on CPU (MKL sparse kernels) and on CUDA (cuSPARSE through torch.sparse).
 
 Knows nothing of the training loop, the optimiser or files; the JumpReLU architecture

@@ -141,7 +141,10 @@ def _key_difference(old: str | None, new: str) -> str:
             for k in sorted(set(ca) | set(cb))
             if ca.get(k) != cb.get(k)
         ]
-    return "differs in " + ", ".join(diffs)
+    hint = ""
+    if any(d.startswith("step_dtype: None") for d in diffs):
+        hint = " (trained before --step-dtype existed, in float32: resume it with --step-dtype float32)"
+    return "differs in " + ", ".join(diffs) + hint
 
 
 class TrainingLog:

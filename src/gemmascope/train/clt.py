@@ -27,6 +27,7 @@ Knows nothing of files beyond `formats.clt`, the activation store and its own ch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -161,8 +162,8 @@ def train_clt(
         raise StoreError(
             f"the store holds {available} usable tokens, less than one batch ({spec.batch_size})"
         )
-    dtype = reading_dtype(spec.step_dtype, device)
-    key = _run_key(store, ins + outs, spec, dtype)
+    spec = _resolved(spec, device)  # its step_dtype for the device (auto: bfloat16 where native)
+    key = _run_key(store, ins + outs, spec)
     ckpt = Checkpoint(run_dir / CHECKPOINTS / spec.checkpoint_name(), key, CLT_JSON)
     done = ckpt.finished_outputs()
     if done is not None:
@@ -198,7 +199,7 @@ def train_clt(
                     f"the activation store gave {step_index} batches, fewer than the {steps} planned"
                 )
             xs, ys = stack_sites(batch, ins, device), stack_sites(batch, outs, device)
-        row = _step(clt, opt, xs, ys, spec, last_fired, step_index, tanh, dtype)
+        row = _step(clt, opt, xs, ys, spec, last_fired, step_index, tanh, getattr(torch, spec.step_dtype))
         if step_index % 10 == 0 or step_index == steps - 1:
             log.append(row)
             bar.set_postfix_str(f"L0 {row['l0_mean']:.0f} FVU {row['fvu_mean']:.3f}")
@@ -291,12 +292,19 @@ def _saved_by(folder: Path, key: str) -> bool:
         return False  # not ours, or not a CLT we can read: left alone
 
 
-def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec, dtype: torch.dtype) -> str:
-    """What makes two CLT runs the same run: the spec (not how often it checkpoints) with the steps'
-    arithmetic as resolved (`dtype`; float32 left out, as runs before it keep their key), and the data."""
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("checkpoint_every", "step_dtype")}
-    if dtype != torch.float32:
-        settings["step_dtype"] = str(dtype).removeprefix("torch.")
+def _resolved(spec: CLTSpec, device: str) -> CLTSpec:
+    """`spec` with its `step_dtype` as the device takes it (`models.reading_dtype`)."""
+    return dataclasses.replace(
+        spec, step_dtype=str(reading_dtype(spec.step_dtype, device)).removeprefix("torch.")
+    )
+
+
+def _run_key(store: ActivationStore, sites: list[Site], spec: CLTSpec) -> str:
+    """What makes two CLT runs the same run: the spec (not how often it checkpoints; its step_dtype
+    as resolved, float32 left out as runs before it keep their key) and the data."""
+    settings = {k: v for k, v in asdict(spec).items() if k != "checkpoint_every"}
+    if settings["step_dtype"] == "float32":
+        del settings["step_dtype"]
     data = {str(s): [e["sha256"] for e in store.manifest(s)["shards"]] for s in sites}
     return json.dumps({"config": settings, "data": data}, sort_keys=True)
 

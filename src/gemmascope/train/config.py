@@ -232,7 +232,8 @@ class TrainConfig:
         default="auto",
         metadata=_opt(
             "dtype of the training step's encoder product: auto (bfloat16 where the device computes it "
-            "natively, as --model-dtype: the steps about 1.15x faster, the same held-out FVU), float32 "
+            "natively, as --model-dtype: the steps about 1.15x faster, the same held-out FVU with the default "
+            "recipe; a smaller --bandwidth or Adam was not measured: use float32 there), float32 "
             "(the product as inference takes it), bfloat16",
             choices=MODEL_DTYPES,
         ),
@@ -294,7 +295,9 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
         raise StoreError(
             f"the activation store holds {available} usable tokens, less than one batch ({cfg.batch_size})"
         )
-    config = _resolved_config(cfg, steps)
+    # only the fast JumpReLU step reads step_dtype: other runs keep float32 (and their run keys)
+    fast_step = cfg.fast and any(architecture(s.architecture).fast_step for s in specs)
+    config = _resolved_config(cfg, steps, fast_step)
     transcoder_lr = (
         SHORT_RUN.lr_signum_transcoder if cfg.optimizer == "signum" and cfg.lr is None else config.lr
     )
@@ -313,8 +316,9 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
     )
 
 
-def _resolved_config(cfg: TrainConfig, steps: int) -> TrainConfig:
-    """`cfg` with every None worked out for its optimiser and `steps` (see `resolve`)."""
+def _resolved_config(cfg: TrainConfig, steps: int, fast_step: bool = True) -> TrainConfig:
+    """`cfg` with every None worked out for its optimiser and `steps` (see `resolve`), and its
+    `step_dtype` for the device (float32 where no spec takes the fast step, `fast_step` False)."""
     signum = cfg.optimizer == "signum"
     lr = cfg.lr
     if lr is None:
@@ -352,7 +356,9 @@ def _resolved_config(cfg: TrainConfig, steps: int) -> TrainConfig:
         dead_window_tokens=dead_window,
         dead_preact_coeff=_on_with_signum(cfg.dead_preact_coeff, SHORT_RUN.dead_preact_coeff, signum),
         dense_coeff=_on_with_signum(cfg.dense_coeff, SHORT_RUN.dense_coeff, signum),
-        step_dtype=str(reading_dtype(cfg.step_dtype, cfg.device)).removeprefix("torch."),
+        step_dtype=str(reading_dtype(cfg.step_dtype, cfg.device)).removeprefix("torch.")
+        if fast_step
+        else "float32",
     )
 
 
