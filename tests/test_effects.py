@@ -119,121 +119,15 @@ def test_cli_steer_watch_and_sweep(run_with_sae, cli_model, capsys) -> None:  # 
     assert "--watch" in capsys.readouterr().err
 
 
-A = ["The cat sat on the mat.", "A cat chased the mouse.", "My cat sleeps all day."]
-B = ["Stocks fell on Monday.", "The bank raised rates.", "Markets rallied in May."]
-HELD_A, HELD_B = ["The kitten played with yarn."], ["The market closed lower.", "Bonds rose today."]
-
-
-def test_bias_experiment_ablates_the_contrast_picks_and_measures_the_gap(tiny_model, sae1, sae2) -> None:  # noqa: F811
-    from gemmascope.effects import MIN_BIAS, bias_experiment
-    from gemmascope.features.contrast import contrast
-
-    saes = {"one": sae1, "two": sae2}
-    watch = [" the", " a"]
-    out = bias_experiment(
-        tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(1, 3), hide_dense=None, side_effect_tokens=256
-    )
-    picked = out["picked"]
-    effects = [h["effect"] for h in picked]
-    assert len(picked) == 3 and effects == sorted(effects, reverse=True)
-    best = {
-        side: contrast(tiny_model, saes, x, y, top=1, hide_dense=None)["results"][0]
-        for side, (x, y) in (("A", (A, B)), ("B", (B, A)))
-    }
-    assert max(best.values(), key=lambda h: h["effect"])["index"] == picked[0]["index"]
-    for h in picked:  # the columns always mean set A and set B
-        assert (h["mean_a"] > h["mean_b"]) == (h["side"] == "A")
-
-    def gap(prompts, ivs):
-        m = measure(tiny_model, ivs, prompts, watch, side_effect_tokens=None)["watch"]
-        return m[0]["p_intervened"] - m[1]["p_intervened"]
-
-    assert [r["n_latents"] for r in out["rows"]] == [0, 1, 3]
-    clean = out["rows"][0]
-    assert clean["delta_lm_loss"] == 0
-    for row in out["rows"]:  # each row is the gap with the top k picks ablated, measured independently
-        ivs = [Intervention(saes[h["sae_id"]], h["index"], "ablate") for h in picked[: row["n_latents"]]]
-        assert row["gap_a"] == pytest.approx(gap(HELD_A, ivs), abs=1e-6)
-        assert row["gap_b"] == pytest.approx(gap(HELD_B, ivs), abs=1e-6)
-        assert row["bias"] == pytest.approx(row["gap_a"] - row["gap_b"])
-        if abs(clean["bias"]) >= MIN_BIAS:
-            assert row["bias_removed"] == pytest.approx(1 - row["bias"] / clean["bias"])
-        else:  # the random model shows next to no bias: nothing to remove, no ratio of noise
-            assert row["bias_removed"] is None
-    assert out["rows"][2]["kl"] > 0
-    with pytest.raises(ConfigError, match="watches two different tokens"):
-        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, [" the"])
-    with pytest.raises(ConfigError, match="watches two different tokens"):
-        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, [" the", " the"])
-    with pytest.raises(ConfigError, match="at least 128"):
-        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, side_effect_tokens=10)
-    free = bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(1,), side_effect_tokens=0)
-    assert free["rows"][1]["delta_lm_loss"] is None and free["rows"][1]["gap_a"] == out["rows"][1]["gap_a"]
-    with pytest.raises(ConfigError, match="each at least 1"):
-        bias_experiment(tiny_model, saes, A, B, HELD_A, HELD_B, watch, ablate=(0,))
-    with pytest.raises(ConfigError, match="held-out set A has no prompt"):
-        bias_experiment(tiny_model, saes, A, B, [], HELD_B, watch)
-    with pytest.raises(ConfigError, match="prompt set B has 1 prompts"):
-        bias_experiment(tiny_model, saes, A, B[:1], HELD_A, HELD_B, watch)
-
-
-def test_cli_bias_prints_the_table_and_writes_the_report(run_with_sae, cli_model, capsys, tmp_path) -> None:  # noqa: F811
-    from gemmascope.cli import main
-
-    files = {}
-    for name, lines in (("ha", HELD_A), ("hb", HELD_B)):
-        files[name] = tmp_path / f"{name}.txt"
-        files[name].write_text("\n".join(lines) + "\n")
-    base = [
-        "bias",
-        str(run_with_sae),
-        *[x for a in A for x in ("--a", a)],
-        *[x for b in B for x in ("--b", b)],
-    ]
-    base += ["--heldout-a", str(files["ha"]), "--heldout-b", str(files["hb"]), "--show-dense"]
-    assert main([*base, "--watch", " the", "--watch", " a", "--ablate", "1,2", "--side-effects", "256"]) == 0
-    out = capsys.readouterr().out
-    assert "bias = gap(A) - gap(B)" in out and "removed" in out
-    saved = json.loads((run_with_sae / "report" / "bias.json").read_text())
-    assert [r["n_latents"] for r in saved["rows"]] == [0, 1, 2]
-    assert (run_with_sae / "report" / "bias.png").stat().st_size > 1000
-    cli_model.clear()
-    for bad, message in (
-        (["--watch", " the"], "give two different --watch tokens"),
-        (["--watch", " a", "--watch", " a"], "give two different --watch tokens"),
-        (["--watch", " the", "--watch", " a", "--ablate", "0,2"], "each at least 1"),
-        (["--watch", " the", "--watch", " a", "--side-effects", "50"], "0 (no cost) or at least 128"),
-    ):
-        assert main([*base, *bad]) == 2
-        assert message in capsys.readouterr().err
-    one_a = ["bias", str(run_with_sae), "--a", A[0], *[x for b in B for x in ("--b", b)], *base[-5:]]
-    assert main([*one_a, "--watch", " the", "--watch", " a"]) == 2
-    assert "--a / --a-file gives 1 prompt(s)" in capsys.readouterr().err
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n")
-    assert (
-        main([*base[:-3], "--heldout-b", str(empty), "--show-dense", "--watch", " the", "--watch", " a"]) == 2
-    )
-    assert "holds no prompt" in capsys.readouterr().err
-    assert cli_model == []  # every bad input refused before the model loads
-    assert main([*base, "--watch", " the", "--watch", " two words"]) == 2
-    assert "not one" in capsys.readouterr().err
-    assert (
-        main([*base[:-3], "--heldout-b", str(tmp_path / "missing.txt"), "--watch", " the", "--watch", " a"])
-        == 2
-    )
-    assert "missing.txt" in capsys.readouterr().err
-
-
 def test_next_token_probabilities_of_a_batch_of_prompts_are_each_prompt_alone(tiny_model, sae2) -> None:  # noqa: F811
     """Prompts of different lengths in one right-padded forward pass, unembedded at each one's last
     token, give what each gives alone (steered too)."""
-    from gemmascope.effects import _next_probs
+    from gemmascope.effects import next_probs
     from gemmascope.steer import next_token_logprobs
 
     prompts = [PROMPT, "A cat", "The cat sat on the mat and looked at the"]
     for ivs in ([], [Intervention(sae2, 3, "add", 40.0)]):
-        batched = _next_probs(tiny_model, prompts, ivs)
+        batched = next_probs(tiny_model, prompts, ivs)
         for k, prompt in enumerate(prompts):
             alone = next_token_logprobs(tiny_model, prompt, ivs).exp().float()
             assert batched[k] == pytest.approx(alone, abs=1e-6)

@@ -19,7 +19,7 @@ CONTRACTS = PACKAGE.parents[1] / "docs" / "CONTRACTS.md"
 LAYERS = [
     "errors", "limits", "values", "ranks", "corpus", "models", "warm", "sites", "sae", "sparse_step", "architectures",
     "clt", "gemmascope", "runs", "formats", "releases", "activations", "evals", "features", "train", "steer",
-    "effects", "attribution", "opening", "outputs", "server", "suite", "demo", "cli",
+    "effects", "bias", "attribution", "opening", "outputs", "server", "suite", "demo", "cli",
 ]  # fmt: skip
 
 

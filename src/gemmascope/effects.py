@@ -2,10 +2,9 @@
 chosen next tokens over a set of prompts, which tokens gain and lose probability mass, what it
 costs on held-out text (ΔLM loss and KL of the intervened model), and all of that along a sweep
 of strengths. Owns `watch_ids` (watched strings as single tokens, or a clear error saying how they
-tokenise), `measure`, `sweep`, `output_effects` (what turning one latent up does to the next token
-over neutral prompts: a feature page's measured counterpart of the logit lens) and `bias_experiment`
-(pick latents by contrast, ablate them, and measure the watched-token gap between two held-out
-prompt sets next to the cost).
+tokenise), `measure`, `sweep` and `output_effects` (what turning one latent up does to the next
+token over neutral prompts: a feature page's measured counterpart of the logit lens); the bias
+experiment built on them is `bias`'s.
 
 Knows nothing of HTTP or files; the interventions are `steer.Intervention`s applied with
 `steer.steering`, the held-out rows and the loss arithmetic are `evals`'.
@@ -13,7 +12,7 @@ Knows nothing of HTTP or files; the interventions are `steer.Intervention`s appl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ from torch import Tensor
 
 from gemmascope.errors import ConfigError
 from gemmascope.evals import NextTokenStats, edited_batches, eval_token_ids
-from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.limits import MAX_MEASURE_PROMPTS, MAX_SWEEP, MAX_TOP, MAX_WATCH, MIN_SIDE_EFFECT_TOKENS
 from gemmascope.models import LanguageModel, prompt_tokens, token_texts
 from gemmascope.sae import SAE
@@ -29,7 +27,6 @@ from gemmascope.steer import Intervention, check_intervention, generate_pair, st
 
 DEFAULT_SIDE_EFFECT_TOKENS = 2048  # held-out tokens the cost is measured on
 PROMPT_BATCH = 16  # prompts in one forward pass
-MIN_BIAS = 0.01  # a gap difference below this (one point of probability) leaves nothing to remove
 
 
 def watch_ids(model: LanguageModel, watch: Sequence[str]) -> list[int]:
@@ -50,7 +47,7 @@ def watch_ids(model: LanguageModel, watch: Sequence[str]) -> list[int]:
     return out
 
 
-def _check_prompts(prompts: Sequence[str]) -> None:
+def check_prompts(prompts: Sequence[str]) -> None:
     if not prompts or len(prompts) > MAX_MEASURE_PROMPTS:
         raise ConfigError(f"give 1..{MAX_MEASURE_PROMPTS} prompts to measure on, got {len(prompts)}")
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
@@ -58,30 +55,40 @@ def _check_prompts(prompts: Sequence[str]) -> None:
         raise ConfigError(f"prompt {empty[0] + 1} of the set is empty: expected text")
 
 
-@torch.no_grad()
-def _next_probs(
-    model: LanguageModel, prompts: Sequence[str], interventions: Sequence[Intervention]
-) -> Tensor:
-    """`[n_prompts, vocab]` next-token probabilities after each prompt, with the interventions: one
-    forward pass per `PROMPT_BATCH` prompts, right-padded (under the causal mask no token sees the
-    padding after it, so each prompt's tokens are computed as alone) and unembedded at each prompt's
-    last token only (the unembedding of a 262k vocabulary is most of the cost)."""
+def prompt_batches(model: LanguageModel, prompts: Sequence[str]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The prompts `PROMPT_BATCH` at a time, right-padded (under the causal mask no token sees the
+    padding after it, so each prompt's tokens are computed as alone): `(ids [batch, T], last [batch],
+    kept [n])`, each prompt's last position and the sorted positions to unembed (`logits_to_keep`;
+    the unembedding of a 262k vocabulary is most of the cost). Pick a prompt's logits from
+    `logits [batch, n, vocab]` with `last_logits`."""
     rows = [prompt_tokens(model, prompt)[0] for prompt in prompts]
     pad = model.tokenizer.pad_token_id or 0
+    for start in range(0, len(rows), PROMPT_BATCH):
+        batch = rows[start : start + PROMPT_BATCH]
+        ids = torch.full((len(batch), max(len(r) for r in batch)), pad, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)] = r
+        last = torch.tensor([len(r) - 1 for r in batch])
+        yield ids.to(model.device), last, last.unique().to(model.device)
+
+
+def last_logits(logits: Tensor, last: Tensor, kept: Tensor) -> Tensor:
+    """`[batch, vocab]`: each prompt's logits at its last position, of `logits [batch, n, vocab]`
+    unembedded at `kept` (`prompt_batches`)."""
+    at = torch.searchsorted(kept.cpu(), last).to(logits.device)
+    return logits[torch.arange(len(last), device=logits.device), at]
+
+
+@torch.no_grad()
+def next_probs(model: LanguageModel, prompts: Sequence[str], interventions: Sequence[Intervention]) -> Tensor:
+    """`[n_prompts, vocab]` next-token probabilities after each prompt, with the interventions: one
+    forward pass per `PROMPT_BATCH` prompts (`prompt_batches`), unembedded at each prompt's last
+    token only."""
     out = []
     with steering(model, interventions):
-        for start in range(0, len(rows), PROMPT_BATCH):
-            batch = rows[start : start + PROMPT_BATCH]
-            ids = torch.full((len(batch), max(len(r) for r in batch)), pad, dtype=torch.long)
-            for i, r in enumerate(batch):
-                ids[i, : len(r)] = r
-            last = torch.tensor([len(r) - 1 for r in batch])
-            kept = last.unique()  # sorted: the positions unembedded
-            logits = model.hf(
-                input_ids=ids.to(model.device), use_cache=False, logits_to_keep=kept.to(model.device)
-            ).logits  # [batch, len(kept), vocab]
-            at = logits[torch.arange(len(batch)), torch.searchsorted(kept, last).to(logits.device)]
-            out.append(torch.softmax(at.float(), -1).cpu())
+        for ids, last, kept in prompt_batches(model, prompts):
+            logits = model.hf(input_ids=ids, use_cache=False, logits_to_keep=kept).logits
+            out.append(torch.softmax(last_logits(logits, last, kept).float(), -1).cpu())
     return torch.cat(out)
 
 
@@ -128,12 +135,12 @@ def measure(
     watched token without and with them; the `top` tokens whose probability rose and fell most
     (by mass, averaged over the prompts, so rare junk tokens with large log-prob changes do not
     lead); and, unless `side_effect_tokens` is None, the cost on held-out text (`side_effects`)."""
-    _check_prompts(prompts)
+    check_prompts(prompts)
     ids = watch_ids(model, watch)
     for iv in interventions:
         check_intervention(model, iv)
-    clean = _next_probs(model, prompts, [])
-    steered = _next_probs(model, prompts, interventions)
+    clean = next_probs(model, prompts, [])
+    steered = next_probs(model, prompts, interventions)
     shift = (steered - clean).mean(0)  # [vocab] mean change of probability mass
 
     def tokens(order: Tensor) -> list[dict[str, Any]]:
@@ -202,13 +209,13 @@ def output_effects(
     is about lead, not those already likely; the floor keeps tokens that stay negligible out).
     Returns `{latent, strength, prompts, rose: [{token, token_id, p_clean, p_steered, log_ratio}],
     fell: [...], kl}` (kl: the mean KL(clean ‖ steered) of the next token, nats)."""
-    _check_prompts(prompts)
+    check_prompts(prompts)
     if not 1 <= top <= MAX_TOP:
         raise ConfigError(f"top={top} is out of range: expected 1..{MAX_TOP}")
     turned_up = [Intervention(sae, latent, "add", float(strength))]
     check_intervention(model, turned_up[0])
-    clean = _next_probs(model, prompts, [])
-    steered = _next_probs(model, prompts, turned_up)
+    clean = next_probs(model, prompts, [])
+    steered = next_probs(model, prompts, turned_up)
     p_clean, p_steered = clean.mean(0), steered.mean(0)  # [vocab]
     ratio = (p_steered + OUTPUT_FLOOR).log() - (p_clean + OUTPUT_FLOOR).log()
 
@@ -272,121 +279,6 @@ def sweep(
             }
         )
     return rows
-
-
-def _gap(
-    model: LanguageModel, prompts: Sequence[str], ids: Sequence[int], ivs: Sequence[Intervention]
-) -> float:
-    """Mean over the prompts of p(first watched token) - p(second) as the next token."""
-    probs = _next_probs(model, prompts, ivs)
-    return float((probs[:, ids[0]] - probs[:, ids[1]]).mean())
-
-
-def _separating_latents(
-    model: LanguageModel,
-    saes: Mapping[str, SAE],
-    prompts_a: Sequence[str],
-    prompts_b: Sequence[str],
-    top: int,
-    pool: str,
-    densities: Mapping[str, Tensor] | None,
-    hide_dense: float | None,
-) -> list[dict[str, Any]]:
-    """The `top` latents of `features.contrast.contrast` that separate A from B in either direction,
-    by effect size, each with "side" (the set it fires more on) and A's numbers under `_a`; a
-    ConfigError when none does."""
-    from gemmascope.features.contrast import contrast
-
-    def hits(a: Sequence[str], b: Sequence[str]) -> list[dict[str, Any]]:
-        found = contrast(model, saes, a, b, pool=pool, top=top, densities=densities, hide_dense=hide_dense)
-        return list(found["results"])
-
-    found = [{**hit, "side": "A"} for hit in hits(prompts_a, prompts_b)]
-    for hit in hits(prompts_b, prompts_a):  # firing more on B: the same columns, A's numbers under _a
-        swapped = {
-            "mean_a": hit["mean_b"],
-            "mean_b": hit["mean_a"],
-            "fired_a": hit["fired_b"],
-            "fired_b": hit["fired_a"],
-        }
-        found.append({**hit, **swapped, "side": "B"})
-    picked = sorted(found, key=lambda h: h["effect"], reverse=True)[:top]
-    if not picked:
-        raise ConfigError("no latent separates the two prompt sets: nothing to ablate")
-    return picked
-
-
-def bias_experiment(
-    model: LanguageModel,
-    saes: Mapping[str, SAE],
-    prompts_a: Sequence[str],
-    prompts_b: Sequence[str],
-    heldout_a: Sequence[str],
-    heldout_b: Sequence[str],
-    watch: Sequence[str],
-    *,
-    ablate: Sequence[int] = (1, 2, 4, 8),
-    pool: str = "max",
-    densities: Mapping[str, Tensor] | None = None,
-    hide_dense: float | None = HIDE_DENSE,
-    side_effect_tokens: int | None = DEFAULT_SIDE_EFFECT_TOKENS,
-) -> dict[str, Any]:
-    """The articles' bias experiment. The model's bias is how differently it prefers `watch[0]`
-    over `watch[1]` (e.g. " she" over " he") after prompts of kind A and of kind B: the gap
-    g = mean p(watch[0]) - p(watch[1]) over a prompt set, and the bias = g(A) - g(B). The latents
-    are picked by `features.contrast.contrast` on `prompts_a` against `prompts_b`, both directions,
-    ranked by effect size; for each k in `ablate` the top k are ablated (every position, every SAE
-    of `saes` at once) and the bias is measured on the held-out sets `heldout_a`, `heldout_b` (not
-    the ones the latents were picked on), next to the cost on held-out text (`side_effects`; None
-    or 0 tokens: not measured). `bias_removed` is None when the model shows less than
-    MIN_BIAS of bias to begin with (nothing to remove).
-
-    Returns `{"watch", "picked": [contrast rows (effect size, A's and B's mean and firing count),
-    with "side": the set a latent fires more on], "rows": [{"n_latents",
-    "gap_a", "gap_b", "bias", "bias_removed", "delta_lm_loss", "kl"}]}`, the first row (k = 0)
-    being the model as it is."""
-    if len(watch) != 2 or watch[0] == watch[1]:
-        raise ConfigError(
-            f"a bias experiment watches two different tokens (e.g. ' she', ' he'), got {list(watch)}"
-        )
-    if not ablate or any(k < 1 for k in ablate) or len(ablate) > 16:
-        raise ConfigError(f"ablate takes 1..16 counts of latents, each at least 1; got {list(ablate)}")
-    for name, prompts in (("A", heldout_a), ("B", heldout_b)):
-        if not prompts:
-            raise ConfigError(f"held-out set {name} has no prompt: the bias is measured on it")
-        _check_prompts(prompts)
-    if side_effect_tokens and side_effect_tokens < MIN_SIDE_EFFECT_TOKENS:
-        raise ConfigError(
-            f"side effects need at least {MIN_SIDE_EFFECT_TOKENS} held-out tokens (0: not measured), "
-            f"got {side_effect_tokens}"
-        )
-    ids = watch_ids(model, watch)
-    top = max(ablate)
-    picked = _separating_latents(model, saes, prompts_a, prompts_b, top, pool, densities, hide_dense)
-    rows = []
-    clean_bias = None
-    for k in (0, *sorted(set(ablate))):
-        ivs = [Intervention(saes[h["sae_id"]], h["index"], "ablate") for h in picked[:k]]
-        gap_a, gap_b = _gap(model, heldout_a, ids, ivs), _gap(model, heldout_b, ids, ivs)
-        bias = gap_a - gap_b
-        clean_bias = bias if clean_bias is None else clean_bias
-        cost: dict[str, float | None] = {"delta_lm_loss": 0.0, "kl": 0.0} if not ivs else {}
-        if ivs and side_effect_tokens:
-            cost = dict(side_effects(model, ivs, side_effect_tokens))
-        rows.append(
-            {
-                "n_latents": min(k, len(picked)),
-                "gap_a": gap_a,
-                "gap_b": gap_b,
-                "bias": bias,
-                "bias_removed": 1 - bias / clean_bias if abs(clean_bias) >= MIN_BIAS else None,
-                "delta_lm_loss": cost.get("delta_lm_loss"),
-                "kl": cost.get("kl"),
-            }
-        )
-        if k >= len(picked):
-            break
-    return {"watch": list(watch), "pool": pool, "picked": picked, "rows": rows}
 
 
 def measure_and_sweep(

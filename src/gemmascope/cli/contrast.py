@@ -1,8 +1,8 @@
 """`gemmascope contrast` (the latents that separate two prompt sets, over every SAE of a run) and
-`gemmascope bias` (pick latents by contrast, ablate them, measure the watched-token gap between two
-held-out sets and its cost; written to `RUN/report/bias.json` and `bias.png`). Option parsing and
-printing over `opening.open_run`, `features.contrast.contrast`, `effects.bias_experiment` and
-`evals.report.write_bias`.
+`gemmascope bias` (pick latents by their attributed effect on the bias or by contrast, ablate them,
+measure the watched-token gap between two held-out sets and its cost; written to
+`RUN/report/bias.json` and `bias.png`). Option parsing and printing over `opening.open_run`,
+`features.contrast.contrast`, `bias.bias_experiment` and `evals.report.write_bias`.
 """
 
 from __future__ import annotations
@@ -57,17 +57,22 @@ def _densities(opened: OpenRun) -> dict[str, Any] | None:
 
 
 def _latent_table(
-    rows: list[dict[str, Any]], opened: OpenRun, n_a: int, n_b: int, side: bool = False
+    rows: list[dict[str, Any]],
+    opened: OpenRun,
+    n_a: int,
+    n_b: int,
+    side: bool = False,
+    effect: str = "effect",
 ) -> None:
     width = max([28, *(len(h["sae_id"]) for h in rows)])
     print(
-        f"{'sae':<{width}} {'latent':>7} {'effect':>7} {'mean A':>8} {'mean B':>8} {'fired A':>8} {'fired B':>8} "
+        f"{'sae':<{width}} {'latent':>7} {effect:>7} {'mean A':>8} {'mean B':>8} {'fired A':>8} {'fired B':>8} "
         f"{'density':>9}{'  side' if side else ''}"
     )
     for h in rows:
         density = "-" if h["density"] is None else f"{h['density']:.2e}"
         print(
-            f"{h['sae_id']:<{width}} {h['index']:>7} {h['effect']:>7.2f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
+            f"{h['sae_id']:<{width}} {h['index']:>7} {h['effect']:>7.{3 if effect == 'removes' else 2}f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
             f"{h['fired_a']:>5}/{n_a:<2} {h['fired_b']:>5}/{n_b:<2} {density:>9}  "
             f"{h['side'] + '  ' if side else ''}{opened.explanation(h['sae_id'], h['index'])}"
         )
@@ -98,9 +103,16 @@ def run_contrast(args: argparse.Namespace) -> int:
 
 
 def args_bias(p: argparse.ArgumentParser) -> None:
+    from gemmascope.bias import PICKS
     from gemmascope.effects import DEFAULT_SIDE_EFFECT_TOKENS
 
     _contrast_args(p)
+    p.add_argument(
+        "--pick", choices=PICKS, default=PICKS[0],
+        help="how latents are picked on --a/--b: attribution (default; those whose ablation is estimated, "
+        "activation times gradient, to remove most of the log-odds bias there) or contrast (those firing most "
+        "differently on the two sets, --pool pooled)",
+    )  # fmt: skip
     p.add_argument(
         "--heldout-a", required=True, help="held-out prompts of kind A, one per line (measured on)"
     )
@@ -154,7 +166,7 @@ def _bias_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_bias(args: argparse.Namespace) -> int:
-    from gemmascope.effects import bias_experiment
+    from gemmascope.bias import bias_experiment
     from gemmascope.evals.report import write_bias
 
     req = _bias_request(args)
@@ -163,7 +175,7 @@ def run_bias(args: argparse.Namespace) -> int:
         densities = _densities(opened)
         out = bias_experiment(
             opened.model, opened.saes, req["prompts_a"], req["prompts_b"], req["heldout_a"], req["heldout_b"],
-            args.watch, ablate=req["ablate"], pool=args.pool, densities=densities,
+            args.watch, ablate=req["ablate"], pick=args.pick, pool=args.pool, densities=densities,
             hide_dense=None if args.show_dense else args.dense, side_effect_tokens=args.side_effects,
         )  # fmt: skip
         if opened.run_dir is not None:
@@ -180,21 +192,40 @@ def _print_bias(
 ) -> None:
     n_a, n_b = len(req["prompts_a"]), len(req["prompts_b"])
     first, second = (repr(w) for w in args.watch)
-    print(f"latents picked by contrast of A ({n_a} prompts) and B ({n_b}), {args.pool}-pooled:")
-    _latent_table(out["picked"], opened, n_a, n_b, side=True)
+    if args.pick == "contrast":
+        print(f"latents picked by contrast of A ({n_a} prompts) and B ({n_b}), {args.pool}-pooled:")
+        _latent_table(out["picked"], opened, n_a, n_b, side=True)
+    else:
+        print(
+            f"latents picked by attribution on A ({n_a} prompts) and B ({n_b}): proposed by activation x gradient, "
+            "'removes' the log-odds bias (nats) each removes there ablated alone, measured; means and firing "
+            "max-pooled:"
+        )
+        _latent_table(out["picked"], opened, n_a, n_b, side=True, effect="removes")
     print(
         f"\nbias = gap(A) - gap(B), gap = mean p({first}) - p({second}) over the held-out prompts "
-        f"({len(req['heldout_a'])} A, {len(req['heldout_b'])} B); top latents ablated at every position:"
+        f"({len(req['heldout_a'])} A, {len(req['heldout_b'])} B); top latents ablated at every token after BOS:"
     )
-    print(f"{'ablated':>8} {'gap A':>8} {'gap B':>8} {'bias':>8} {'removed':>8} {'ΔLM loss':>9} {'KL':>7}")
+    print(
+        f"{'ablated':>8} {'gap A':>8} {'gap B':>8} {'bias':>8} {'removed':>8} {'log-odds':>9} {'removed':>8} "
+        f"{'ΔLM loss':>9} {'KL':>7}"
+    )
+
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
     for r in out["rows"]:
-        removed = "-" if r["bias_removed"] is None else f"{r['bias_removed']:.0%}"
         dlm = "-" if r["delta_lm_loss"] is None else f"{r['delta_lm_loss']:+.4f}"
         kl = "-" if r["kl"] is None else f"{r['kl']:.4f}"
         print(
             f"{r['n_latents']:>8} {r['gap_a']:>+8.4f} {r['gap_b']:>+8.4f} {r['bias']:>+8.4f} "
-            f"{removed:>8} {dlm:>9} {kl:>7}"
+            f"{share(r['bias_removed']):>8} {r['log_odds_bias']:>+9.3f} {share(r['log_odds_removed']):>8} "
+            f"{dlm:>9} {kl:>7}"
         )
+    print(
+        f"(log-odds: the same bias as mean log p({first}) - log p({second}), in nats: ablations that only make "
+        "both tokens rarer shrink the gaps, not the log-odds)"
+    )
     if no_index:
         print("(no feature index: dense latents were not hidden; build one with 'gemmascope index')")
     for path in out.get("files", []):

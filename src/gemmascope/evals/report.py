@@ -416,7 +416,7 @@ def plot_training_log(rows: Iterable[Mapping[str, Any]], png_path: str | Path) -
 
 
 def write_bias(run_dir: str | Path, out: Mapping[str, Any]) -> list[Path]:
-    """`run_dir/report/bias.json` (a bias experiment, `effects.bias_experiment`) and `bias.png`
+    """`run_dir/report/bias.json` (a bias experiment, `bias.bias_experiment`) and `bias.png`
     (`plot_bias`), which the SAEs page shows."""
     folder = Path(run_dir) / REPORT
     return [
@@ -426,23 +426,28 @@ def write_bias(run_dir: str | Path, out: Mapping[str, Any]) -> list[Path]:
 
 
 def plot_bias(out: Mapping[str, Any], path: str | Path) -> Path:
-    """The bias experiment's bias and gaps against the number of latents ablated, with its cost
-    (ΔLM loss, right axis) when measured."""
+    """The bias experiment against the number of latents ablated: the bias and gaps in probability
+    (left), the bias in log-odds with the cost (ΔLM loss, right axis) when measured (right)."""
     rows = out["rows"]
     k = [r["n_latents"] for r in rows]
-    fig = _figure(6.4, 3.8)
-    ax = fig.add_subplot(1, 1, 1)
+    first, second = out["watch"]
+    fig = _figure(10.4, 3.8)
+    ax = fig.add_subplot(1, 2, 1)
     ax.plot(k, [r["bias"] for r in rows], marker="o", label="bias: gap(A) - gap(B)")
     ax.plot(k, [r["gap_a"] for r in rows], ls="--", color="tab:purple", label="gap(A)")
     ax.plot(k, [r["gap_b"] for r in rows], ls=":", color="tab:green", label="gap(B)")
-    ax.set_xlabel("top contrast latents ablated")
-    first, second = out["watch"]
     ax.set_ylabel(f"p({first!r}) - p({second!r})")
-    ax.axhline(0, color="grey", lw=0.5)
+    odds = fig.add_subplot(1, 2, 2)
+    odds.plot(k, [r["log_odds_bias"] for r in rows], marker="o", color="tab:orange", label="log-odds bias")
+    odds.set_ylabel(f"log p({first!r}) - log p({second!r}): A - B (nats)")
+    odds.set_ylim(bottom=0 if min(r["log_odds_bias"] for r in rows) >= 0 else None)
+    for axis in (ax, odds):
+        axis.set_xlabel(f"top latents ablated (picked by {out.get('pick', 'contrast')})")
+        axis.axhline(0, color="grey", lw=0.5)
     if all(r["delta_lm_loss"] is not None for r in rows):
-        cost = ax.twinx()
+        cost = odds.twinx()
         cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
         cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
-    fig.legend(loc="upper center", ncol=4, fontsize=7, frameon=False)
+    fig.legend(loc="upper center", ncol=5, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return save_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -40,6 +40,19 @@ def separation(a: Tensor, b: Tensor) -> Tensor:
     return (a.mean(0) - b.mean(0)) / sd
 
 
+def check_sets(prompts_a: Sequence[str], prompts_b: Sequence[str]) -> None:
+    """A ConfigError unless each set holds MIN_CONTRAST_PROMPTS to MAX_CONTRAST_PROMPTS non-empty
+    prompts."""
+    for name, prompts in (("A", prompts_a), ("B", prompts_b)):
+        if isinstance(prompts, str) or not MIN_CONTRAST_PROMPTS <= len(prompts) <= MAX_CONTRAST_PROMPTS:
+            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+            raise ConfigError(
+                f"prompt set {name} has {got}: expected {MIN_CONTRAST_PROMPTS} to {MAX_CONTRAST_PROMPTS} prompts"
+            )
+        if any(not p.strip() for p in prompts):
+            raise ConfigError(f"prompt set {name} has an empty prompt")
+
+
 def contrast(
     model: LanguageModel,
     saes: Mapping[str, SAE],
@@ -56,14 +69,7 @@ def contrast(
     best first: `{"results": [{sae_id, index, effect, mean_a, mean_b, fired_a, fired_b, density}],
     "n_a", "n_b", "pool", "hidden_dense"}` (the number of latents left out for being denser than
     `hide_dense`). Swap the sets for the other direction."""
-    for name, prompts in (("A", prompts_a), ("B", prompts_b)):
-        if isinstance(prompts, str) or not MIN_CONTRAST_PROMPTS <= len(prompts) <= MAX_CONTRAST_PROMPTS:
-            got = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise ConfigError(
-                f"prompt set {name} has {got}: expected {MIN_CONTRAST_PROMPTS} to {MAX_CONTRAST_PROMPTS} prompts"
-            )
-        if any(not p.strip() for p in prompts):
-            raise ConfigError(f"prompt set {name} has an empty prompt")
+    check_sets(prompts_a, prompts_b)
     if not saes:
         raise ConfigError("no SAE to search: give at least one")
     if top < 1:
