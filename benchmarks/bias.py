@@ -20,14 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from gemmascope.bias import ablation, bias_experiment, watched_gaps
-from gemmascope.effects import prompt_batches, watch_ids
+from gemmascope.effects import watch_ids
 from gemmascope.opening import open_run
-from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import edit_site
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "bias"
 RESULTS = Path(__file__).parent / "results"
@@ -35,46 +30,6 @@ RESULTS = Path(__file__).parent / "results"
 
 def lines(name: str) -> list[str]:
     return [line.strip() for line in (EXAMPLES / name).read_text().splitlines() if line.strip()]
-
-
-def last_token_acts(model: Any, sae: SAE, prompts: list[str]) -> Tensor:
-    """`[n_prompts, d_in]`: the activation at the SAE's site at each prompt's last token."""
-    site, out, held = sae_site(model, sae), [], {}
-    for ids, last, kept in prompt_batches(model, prompts):
-        with torch.no_grad(), edit_site(model, site, lambda act: held.__setitem__("x", act)):
-            model.hf(input_ids=ids, use_cache=False, logits_to_keep=kept)
-        out.append(held["x"][torch.arange(len(last)), last].float())
-    return torch.cat(out)
-
-
-def direction_kept(model: Any, sae: SAE, opened: Any, key: str) -> dict[str, Any]:
-    """The difference-of-means direction at the last token, fitted on the picking prompts; on the
-    held-out and unseen prompts, the separation (mean A - mean B of the projections) of the
-    activation, of the SAE's reconstruction and of its error; the latents whose decoded share of the
-    reconstruction's separation is largest."""
-    fit_a, fit_b = (last_token_acts(model, sae, lines(f"{k}.txt")) for k in ("female", "male"))
-    direction = fit_a.mean(0) - fit_b.mean(0)
-    direction = direction / direction.norm()
-    a = last_token_acts(model, sae, lines("heldout_female.txt") + lines("unseen_female.txt"))
-    b = last_token_acts(model, sae, lines("heldout_male.txt") + lines("unseen_male.txt"))
-    with torch.no_grad():
-        f_a, f_b = encode_inputs(sae, a), encode_inputs(sae, b)
-        rec_a, rec_b = sae.decode(f_a).float(), sae.decode(f_b).float()
-        share = (f_a.mean(0) - f_b.mean(0)).float() * (sae.W_dec.float() @ direction)  # [d_sae]
-
-    def separation(x: Tensor, y: Tensor) -> float:
-        return float((x @ direction).mean() - (y @ direction).mean())
-
-    top = share.topk(8)
-    return {
-        "activation": separation(a, b),
-        "reconstruction": separation(rec_a, rec_b),
-        "error": separation(a - rec_a, b - rec_b),
-        "top_latents": [
-            {"index": int(i), "share": float(v), "label": opened.explanation(key, int(i))}
-            for v, i in zip(top.values, top.indices, strict=True)
-        ],
-    }
 
 
 def main() -> None:
@@ -118,15 +73,15 @@ def main() -> None:
         print(
             f"  #{h['index']}: removes {h['effect']:.3f} nats measured alone, {h['estimated']:.3f} estimated"
         )
-    result["direction"] = {}
-    for key, sae in opened.saes.items():
-        kept = direction_kept(model, sae, opened, key)
-        result["direction"][key] = kept
+    result["direction"] = result["picks"]["attribution"]["direction"]
+    for key, kept in result["direction"].items():
         print(
             f"{key}: held-out separation along the probe direction {kept['activation']:.1f}; "
-            f"reconstruction {kept['reconstruction']:.1f} ({kept['reconstruction'] / kept['activation']:.0%}), "
-            f"error {kept['error']:.1f}"
+            f"reconstruction {kept['reconstruction']:.1f} ({kept['kept']:.0%}), error {kept['error']:.1f}"
         )
+        for c in kept["carriers"]:
+            c["label"] = opened.explanation(key, c["index"])
+            print(f"  #{c['index']} carries {c['separation']:.1f}: {c['label'][:100]}")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{args.out}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -18,6 +18,7 @@ from gemmascope.bias import (
     ablation,
     ablation_estimates,
     bias_experiment,
+    direction_kept,
     watched_gaps,
 )
 from gemmascope.effects import measure, next_probs
@@ -208,7 +209,9 @@ def test_cli_bias_prints_the_table_and_writes_the_report(run_with_sae, cli_model
     assert main([*base, "--watch", " the", "--watch", " a", "--ablate", "1,2", "--side-effects", "256"]) == 0
     out = capsys.readouterr().out
     assert "bias = gap(A) - gap(B)" in out and "log-odds" in out and "picked by attribution" in out
+    assert "its reconstruction keeps" in out and "the latents carrying most of it: #" in out
     saved = json.loads((run_with_sae / "report" / "bias.json").read_text())
+    assert all(0 <= len(d["carriers"]) <= 8 for d in saved["direction"].values()) and saved["direction"]
     assert [r["n_latents"] for r in saved["rows"]] == [0, 1, 2]
     assert (run_with_sae / "report" / "bias.png").stat().st_size > 1000
     assert (
@@ -257,3 +260,41 @@ def test_cli_bias_prints_the_table_and_writes_the_report(run_with_sae, cli_model
         == 2
     )
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_direction_kept_splits_the_separation_in_reconstruction_and_error(tiny_model, sae1, sae2) -> None:  # noqa: F811
+    """Along the difference of means of A and B at the last token, the held-out separation of the
+    activation is its reconstruction's plus its error's, computed here prompt by prompt; the
+    carriers are the latents with the largest decoded part of it; transcoders are left out."""
+    from gemmascope.models import prompt_tokens
+    from gemmascope.sites import capture
+
+    tc = random_transcoders(tiny_model)[1]
+    out = direction_kept(tiny_model, {"one": sae1, "two": sae2, "tc": tc}, A, B, HELD_A, HELD_B)
+    assert set(out) == {"one", "two"}
+    for key, sae in (("one", sae1), ("two", sae2)):
+        site = sae_site(tiny_model, sae)
+
+        def last(prompts, site=site):
+            return torch.stack(
+                [capture(tiny_model, prompt_tokens(tiny_model, p), [site])[site][0, -1] for p in prompts]
+            )
+
+        direction = last(A).mean(0) - last(B).mean(0)
+        direction = direction / direction.norm()
+        x_a, x_b = last(HELD_A), last(HELD_B)
+        with torch.no_grad():
+            f_a, f_b = sae.encode(x_a), sae.encode(x_b)
+            rec_a, rec_b = sae.decode(f_a), sae.decode(f_b)
+        got = out[key]
+        assert got["activation"] == pytest.approx(
+            float((x_a @ direction).mean() - (x_b @ direction).mean()), rel=1e-4
+        )
+        assert got["reconstruction"] == pytest.approx(
+            float((rec_a @ direction).mean() - (rec_b @ direction).mean()), rel=1e-4, abs=1e-5
+        )
+        assert got["reconstruction"] + got["error"] == pytest.approx(got["activation"], rel=1e-5)
+        assert got["kept"] == pytest.approx(got["reconstruction"] / got["activation"])
+        share = (f_a.mean(0) - f_b.mean(0)) * (sae.W_dec.detach() @ direction)
+        assert float(share.sum()) == pytest.approx(got["reconstruction"], rel=1e-4, abs=1e-5)
+        assert [c["index"] for c in got["carriers"]] == share.topk(len(got["carriers"])).indices.tolist()

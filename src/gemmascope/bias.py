@@ -40,13 +40,14 @@ from gemmascope.features.prompt import HIDE_DENSE
 from gemmascope.limits import MAX_PROMPT_TOKENS, MIN_SIDE_EFFECT_TOKENS
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAE, encode_inputs, sae_site
-from gemmascope.sites import Site, edit_site, parse_site
+from gemmascope.sites import Site, capture, edit_site, parse_site
 from gemmascope.steer import Intervention
 
 MIN_BIAS = 0.01  # a gap difference below this (one point of probability) leaves nothing to remove
 MIN_LOG_ODDS = 0.05  # nor a log-odds difference below this (nats)
 PICKS = ("attribution", "contrast")
 AFTER_BOS = tuple(range(1, MAX_PROMPT_TOKENS + 1))  # every prompt token but BOS
+TOP_CARRIERS = 8  # latents listed as carrying the A-B direction
 CANDIDATES = 4  # attribution proposes this many latents per one picked; each is then measured
 
 
@@ -161,6 +162,65 @@ def ablation_estimates(
     )
 
 
+def _last_token_acts(
+    model: LanguageModel, sites: Sequence[Site], prompts: Sequence[str]
+) -> dict[Site, Tensor]:
+    """`{site: [n_prompts, d]}`: each site's activation at each prompt's last token (float32)."""
+    out: dict[Site, list[Tensor]] = {site: [] for site in sites}
+    for batch_ids, last, _ in prompt_batches(model, prompts):
+        acts = capture(model, batch_ids, list(sites))
+        for site in sites:
+            out[site].append(acts[site][torch.arange(len(last)), last.to(acts[site].device)].cpu())
+    return {site: torch.cat(v) for site, v in out.items()}
+
+
+def _separation(a: Tensor, b: Tensor, direction: Tensor) -> float:
+    """Mean projection of `a [n_a, d]` on `direction [d]` minus that of `b [n_b, d]`."""
+    return float((a.double() @ direction.double()).mean() - (b.double() @ direction.double()).mean())
+
+
+@torch.no_grad()
+def direction_kept(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
+    heldout_a: Sequence[str],
+    heldout_b: Sequence[str],
+) -> dict[str, dict[str, Any]]:
+    """How much of what tells A from B an SAE can reach at all. Per SAE (transcoders left out): the
+    unit difference of means of the activation at its site at the last token, fitted on `prompts_a`
+    against `prompts_b`; along it, the held-out separation (mean projection over `heldout_a` minus
+    over `heldout_b`) of the activation, of the SAE's reconstruction (`encode_inputs`, decoded) and
+    of its error term (the two sum to the first), `kept`, the reconstruction's share, and
+    `carriers`, the TOP_CARRIERS latents whose decoded part of it is largest (`{index,
+    separation}`: each latent's mean activation difference times its decoder's projection; over
+    every latent they sum to the reconstruction's). Ablating latents moves only that part."""
+    plain = {key: sae for key, sae in saes.items() if not sae.is_transcoder}
+    sites = sorted({sae_site(model, sae, key) for key, sae in plain.items()}, key=str)
+    sets = [_last_token_acts(model, sites, p) for p in (prompts_a, prompts_b, heldout_a, heldout_b)]
+    out: dict[str, dict[str, Any]] = {}
+    for key, sae in plain.items():
+        fit_a, fit_b, x_a, x_b = (acts[sae_site(model, sae, key)] for acts in sets)
+        direction = fit_a.mean(0) - fit_b.mean(0)
+        direction = direction / direction.norm().clamp_min(1e-12)
+
+        f_a, f_b = (encode_inputs(sae, x) for x in (x_a, x_b))  # [n, d_sae]
+        rec_a, rec_b = (sae.decode(f).float().cpu() for f in (f_a, f_b))
+        total, kept = _separation(x_a, x_b, direction), _separation(rec_a, rec_b, direction)
+        along = (sae.W_dec.detach().float() @ direction.to(sae.W_dec.device)).cpu()  # [d_sae]
+        per_latent = (f_a.float().mean(0) - f_b.float().mean(0)).cpu() * along  # sums to `kept`
+        top = per_latent.topk(min(TOP_CARRIERS, sae.d_sae))
+        out[key] = {
+            "activation": total,
+            "reconstruction": kept,
+            "error": _separation(x_a - rec_a, x_b - rec_b, direction),
+            "kept": kept / total if abs(total) > 1e-12 else float("nan"),
+            "carriers": [{"index": int(i), "separation": float(v)} for v, i in zip(*top, strict=True)],
+        }
+    return out
+
+
 def _attributed_latents(
     model: LanguageModel,
     saes: Mapping[str, SAE],
@@ -244,6 +304,51 @@ def _check_experiment(
         )
 
 
+def _ablation_rows(
+    model: LanguageModel,
+    saes: Mapping[str, SAE],
+    picked: Sequence[Mapping[str, Any]],
+    ablate: Sequence[int],
+    heldout_a: Sequence[str],
+    heldout_b: Sequence[str],
+    ids: Sequence[int],
+    side_effect_tokens: int | None,
+) -> list[dict[str, Any]]:
+    """`bias_experiment`'s rows: for k = 0 and each k of `ablate`, the top k of `picked` ablated,
+    both biases on the held-out sets and the cost."""
+    rows = []
+    clean_bias = clean_odds = 0.0
+    for k in (0, *sorted(set(ablate))):
+        ivs = [ablation(saes[h["sae_id"]], h["index"]) for h in picked[:k]]
+        (gap_a, odds_a), (gap_b, odds_b) = (
+            watched_gaps(model, held, ids, ivs) for held in (heldout_a, heldout_b)
+        )
+        bias, odds_bias = gap_a - gap_b, odds_a - odds_b
+        if k == 0:
+            clean_bias, clean_odds = bias, odds_bias
+        cost: dict[str, float | None] = {"delta_lm_loss": 0.0, "kl": 0.0} if not ivs else {}
+        if ivs and side_effect_tokens:
+            cost = dict(side_effects(model, ivs, side_effect_tokens))
+        rows.append(
+            {
+                "n_latents": min(k, len(picked)),
+                "gap_a": gap_a,
+                "gap_b": gap_b,
+                "bias": bias,
+                "bias_removed": 1 - bias / clean_bias if abs(clean_bias) >= MIN_BIAS else None,
+                "log_odds_a": odds_a,
+                "log_odds_b": odds_b,
+                "log_odds_bias": odds_bias,
+                "log_odds_removed": 1 - odds_bias / clean_odds if abs(clean_odds) >= MIN_LOG_ODDS else None,
+                "delta_lm_loss": cost.get("delta_lm_loss"),
+                "kl": cost.get("kl"),
+            }
+        )
+        if k >= len(picked):
+            break
+    return rows
+
+
 def bias_experiment(
     model: LanguageModel,
     saes: Mapping[str, SAE],
@@ -277,8 +382,8 @@ def bias_experiment(
     the log-odds bias removed on the picking prompts, estimated; contrast: effect size), A's and B's
     mean max-pooled activation and firing count, density, "side": the set a latent fires more on],
     "rows": [{"n_latents", "gap_a", "gap_b", "bias", "bias_removed", "log_odds_a", "log_odds_b",
-    "log_odds_bias", "log_odds_removed", "delta_lm_loss", "kl"}]}`, the first row (k = 0) being the
-    model as it is."""
+    "log_odds_bias", "log_odds_removed", "delta_lm_loss", "kl"}], "direction": `direction_kept`}`,
+    the first row (k = 0) being the model as it is."""
     _check_experiment(watch, pick, ablate, heldout_a, heldout_b, side_effect_tokens)
     ids = watch_ids(model, watch)
     top = max(ablate)
@@ -293,32 +398,13 @@ def bias_experiment(
         raise ConfigError(
             f"no latent {'separates' if pick == 'contrast' else 'carries'} the two prompt sets: nothing to ablate"
         )
-    rows = []
-    clean_bias = clean_odds = 0.0
-    for k in (0, *sorted(set(ablate))):
-        ivs = [ablation(saes[h["sae_id"]], h["index"]) for h in picked[:k]]
-        (gap_a, odds_a), (gap_b, odds_b) = (watched_gaps(model, h, ids, ivs) for h in (heldout_a, heldout_b))
-        bias, odds_bias = gap_a - gap_b, odds_a - odds_b
-        if k == 0:
-            clean_bias, clean_odds = bias, odds_bias
-        cost: dict[str, float | None] = {"delta_lm_loss": 0.0, "kl": 0.0} if not ivs else {}
-        if ivs and side_effect_tokens:
-            cost = dict(side_effects(model, ivs, side_effect_tokens))
-        rows.append(
-            {
-                "n_latents": min(k, len(picked)),
-                "gap_a": gap_a,
-                "gap_b": gap_b,
-                "bias": bias,
-                "bias_removed": 1 - bias / clean_bias if abs(clean_bias) >= MIN_BIAS else None,
-                "log_odds_a": odds_a,
-                "log_odds_b": odds_b,
-                "log_odds_bias": odds_bias,
-                "log_odds_removed": 1 - odds_bias / clean_odds if abs(clean_odds) >= MIN_LOG_ODDS else None,
-                "delta_lm_loss": cost.get("delta_lm_loss"),
-                "kl": cost.get("kl"),
-            }
-        )
-        if k >= len(picked):
-            break
-    return {"watch": list(watch), "pick": pick, "pool": pool, "picked": picked, "rows": rows}
+    rows = _ablation_rows(model, saes, picked, ablate, heldout_a, heldout_b, ids, side_effect_tokens)
+    kept = direction_kept(model, saes, prompts_a, prompts_b, heldout_a, heldout_b)
+    return {
+        "watch": list(watch),
+        "pick": pick,
+        "pool": pool,
+        "picked": picked,
+        "rows": rows,
+        "direction": kept,
+    }

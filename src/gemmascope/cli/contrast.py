@@ -226,6 +226,13 @@ def _print_bias(
         f"(log-odds: the same bias as mean log p({first}) - log p({second}), in nats: ablations that only make "
         "both tokens rarer shrink the gaps, not the log-odds)"
     )
+    for key, kept in out["direction"].items():
+        carriers = ", ".join(f"#{c['index']}" for c in kept["carriers"][:3])
+        print(
+            f"{key}: along the difference of means of A and B at the last token, its reconstruction keeps "
+            f"{kept['kept']:.0%} of the held-out separation, its error term the rest (ablating latents reaches only "
+            f"the first); the latents carrying most of it: {carriers}"
+        )
     if no_index:
         print("(no feature index: dense latents were not hidden; build one with 'gemmascope index')")
     for path in out.get("files", []):

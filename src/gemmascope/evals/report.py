@@ -425,6 +425,9 @@ def write_bias(run_dir: str | Path, out: Mapping[str, Any]) -> list[Path]:
     ]
 
 
+MIN_COST_SPAN = 0.05  # nats: the bias plot's cost axis reaches at least this high
+
+
 def plot_bias(out: Mapping[str, Any], path: str | Path) -> Path:
     """The bias experiment against the number of latents ablated: the bias and gaps in probability
     (left), the bias in log-odds with the cost (ΔLM loss, right axis) when measured (right)."""
@@ -446,8 +449,11 @@ def plot_bias(out: Mapping[str, Any], path: str | Path) -> Path:
         axis.axhline(0, color="grey", lw=0.5)
     if all(r["delta_lm_loss"] is not None for r in rows):
         cost = odds.twinx()
-        cost.plot(k, [r["delta_lm_loss"] for r in rows], marker="s", color="tab:red", label="ΔLM loss (cost)")
+        costs = [r["delta_lm_loss"] for r in rows]
+        cost.plot(k, costs, marker="s", color="tab:red", label="ΔLM loss (cost)")
         cost.set_ylabel("ΔLM loss on held-out text (nats)", color="tab:red")
+        low, high = min(0.0, *costs), max(MIN_COST_SPAN, *costs)  # a cost of thousandths looks it
+        cost.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     fig.legend(loc="upper center", ncol=5, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return save_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
