@@ -63,6 +63,7 @@ def _latent_table(
     n_b: int,
     side: bool = False,
     effect: str = "effect",
+    digits: int = 2,
 ) -> None:
     width = max([28, *(len(h["sae_id"]) for h in rows)])
     print(
@@ -72,7 +73,7 @@ def _latent_table(
     for h in rows:
         density = "-" if h["density"] is None else f"{h['density']:.2e}"
         print(
-            f"{h['sae_id']:<{width}} {h['index']:>7} {h['effect']:>7.{3 if effect == 'removes' else 2}f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
+            f"{h['sae_id']:<{width}} {h['index']:>7} {h['effect']:>7.{digits}f} {h['mean_a']:>8.2f} {h['mean_b']:>8.2f} "
             f"{h['fired_a']:>5}/{n_a:<2} {h['fired_b']:>5}/{n_b:<2} {density:>9}  "
             f"{h['side'] + '  ' if side else ''}{opened.explanation(h['sae_id'], h['index'])}"
         )
@@ -109,9 +110,9 @@ def args_bias(p: argparse.ArgumentParser) -> None:
     _contrast_args(p)
     p.add_argument(
         "--pick", choices=PICKS, default=PICKS[0],
-        help="how latents are picked on --a/--b: attribution (default; those whose ablation is estimated, "
-        "activation times gradient, to remove most of the log-odds bias there) or contrast (those firing most "
-        "differently on the two sets, --pool pooled)",
+        help="how latents are picked on --a/--b: attribution (default; proposed by activation times gradient of "
+        "the log-odds, kept by the log-odds bias each removes there ablated alone) or contrast (those firing "
+        "most differently on the two sets, --pool pooled)",
     )  # fmt: skip
     p.add_argument(
         "--heldout-a", required=True, help="held-out prompts of kind A, one per line (measured on)"
@@ -201,7 +202,7 @@ def _print_bias(
             "'removes' the log-odds bias (nats) each removes there ablated alone, measured; means and firing "
             "max-pooled:"
         )
-        _latent_table(out["picked"], opened, n_a, n_b, side=True, effect="removes")
+        _latent_table(out["picked"], opened, n_a, n_b, side=True, effect="removes", digits=3)
     print(
         f"\nbias = gap(A) - gap(B), gap = mean p({first}) - p({second}) over the held-out prompts "
         f"({len(req['heldout_a'])} A, {len(req['heldout_b'])} B); top latents ablated at every token after BOS:"
