@@ -149,6 +149,54 @@ def test_hf_source_without_datasets_says_what_to_install() -> None:
         pytest.skip("datasets is installed")
 
 
+def test_joined_sources_interleave_in_proportion_and_keep_each_documents_split(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps({"text": f"a{i:03d}", "title": f"a{i}"}) for i in range(300)))
+    b.write_text("\n".join(json.dumps({"text": f"b{i:03d}", "title": f"b{i}"}) for i in range(100)))
+    joined = load_corpus(f"{a}+{b}", "all")
+    assert sorted(d.text for d in joined) == sorted(
+        [f"a{i:03d}" for i in range(300)] + [f"b{i:03d}" for i in range(100)]
+    )
+    for n in (4, 40, 200):  # any prefix holds each source in its share of the whole, 3 : 1
+        assert sum(d.text.startswith("b") for d in joined[:n]) == n // 4
+    assert [d.text for d in joined if d.text.startswith("a")] == [
+        f"a{i:03d}" for i in range(300)
+    ]  # each in order
+    heldout = {d.title for d in load_corpus(f"{a} + {b}", "heldout")}  # parts stripped
+    assert heldout == {d.title for d in load_corpus(str(a), "heldout")} | {
+        d.title for d in load_corpus(str(b), "heldout")
+    }
+    assert source_name(f"{a}+{tmp_path}/x/../b.jsonl") == f"{a}+{b}"
+
+
+def test_joined_sources_interleave_by_text_length(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(
+        "\n".join(json.dumps({"text": "L" * 1000 if i == 0 else f"s{i}".ljust(10)}) for i in range(10))
+    )
+    b.write_text("\n".join(json.dumps({"text": f"b{i}".ljust(100)}) for i in range(10)))
+    order = [d.text[:2] for d in load_corpus(f"{a}+{b}", "all")]
+    # its middle, at 500 of a's 1,090 characters (0.46), comes after 5 of b's 10 equal documents
+    assert order.index("LL") == 5
+
+
+def test_joined_source_errors_name_the_whole_source(tmp_path: Path) -> None:
+    a = tmp_path / "a.jsonl"
+    a.write_text(json.dumps({"text": "alpha"}))
+    for source, match in (
+        (f"{a}+", "empty part"),
+        (f"{a}+{tmp_path}/x/../a.jsonl", "names a source twice"),
+        (f"{a}+{tmp_path / 'missing.jsonl'}", "in corpus .*missing.jsonl.*not found"),
+    ):
+        with pytest.raises(CorpusError, match=match):
+            load_corpus(source, "all")
+    with pytest.raises(CorpusError, match="empty part"):
+        source_name("wiki+")
+    plus = tmp_path / "c++.jsonl"  # an existing file whose name holds a '+' is one source
+    plus.write_text(json.dumps({"text": "cpp"}))
+    assert [d.text for d in load_corpus(str(plus), "all")] == ["cpp"]
+
+
 def test_source_name_resolves_paths(tmp_path: Path) -> None:
     assert source_name("wiki") == "wiki"
     assert source_name("hf:a/b:c") == "hf:a/b:c"

@@ -17,7 +17,7 @@ CONTRACTS = PACKAGE.parents[1] / "docs" / "CONTRACTS.md"
 # loads, inside a function or for types, only the layers before its own ("gemmascope" is the package
 # itself: its version, and the architectures it registers).
 LAYERS = [
-    "errors", "limits", "values", "ranks", "corpus", "models", "warm", "sites", "sae", "sparse_step", "architectures",
+    "errors", "limits", "values", "ranks", "corpus", "models", "warm", "sampled", "sites", "sae", "sparse_step", "architectures",
     "clt", "gemmascope", "runs", "formats", "releases", "activations", "evals", "features", "train", "steer",
     "effects", "bias", "attribution", "opening", "outputs", "server", "suite", "demo", "cli",
 ]  # fmt: skip

@@ -200,6 +200,25 @@ def test_demo_graphs_out_of_range_are_refused_before_anything_runs(
         assert not run_dir.exists()
 
 
+def test_a_bad_corpus_is_refused_before_a_model_loads_or_a_run_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text('{"text": "one short document", "title": "a"}\n')  # one split of it is empty
+    for command in (["demo", "--no-serve"], ["suite", "--layers", "1"]):
+        for corpus, said in (
+            (str(tmp_path / "missing.jsonl"), "not found"),
+            (f"wiki+{tmp_path / 'missing.jsonl'}", "in corpus 'wiki+"),
+            (str(tiny), "split of corpus"),
+        ):
+            run_dir = tmp_path / "run"
+            argv = [command[0], *(["--run-dir", str(run_dir)] if command[0] == "demo" else [str(run_dir)])]
+            code = main([*argv, *command[1:], "--model", "no-such-model", "--corpus", corpus])
+            err = capsys.readouterr().err
+            assert code == 2 and said in err and "Traceback" not in err, err
+            assert not run_dir.exists()
+
+
 def _one_sae_plan(**kw: object) -> SuitePlan:
     return _tiny_plan(**{"kinds": ["resid_post"], "layers": [1], "widths": [32], "tokens": 2048, **kw})
 

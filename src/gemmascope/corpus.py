@@ -57,6 +57,10 @@ def load_corpus(source: str = DEFAULT_CORPUS, split: str = "train") -> list[Docu
       - a `.parquet` file: a `text` column, optional `title` and `topic` columns (needs pyarrow);
       - `"hf:NAME"` or `"hf:NAME:CONFIG"`: the `train` split of a Hugging Face dataset with a `text`
         column (needs `datasets`, and the dataset cached or the hub reachable).
+      - several of the above joined by `+` (`"wiki+sampled.jsonl"`; a file whose own name holds a
+        `+` is read as one source when it exists): their documents interleaved by text length, so that
+        each source's share of the text in any prefix is about its share of the whole (a harvest of the
+        first N tokens mixes them); each document keeps its own split.
 
     `split` is `"train"`, `"heldout"` or `"all"`. The split is fixed and independent of the source's
     order: a document is held out when the first 8 bytes of the SHA-256 of its title (of its text when
@@ -87,12 +91,35 @@ def is_heldout(doc: Document) -> bool:
 
 def source_name(source: str) -> str:
     """A canonical name for a source, recorded in run folders: file paths resolved to absolute."""
+    if _is_joined(source):
+        return "+".join(source_name(part) for part in _parts(source))
     if source == DEFAULT_CORPUS or source.startswith("hf:"):
         return source
     return str(Path(source).expanduser().resolve())
 
 
+def _is_joined(source: str) -> bool:
+    return "+" in source and not Path(source).expanduser().exists()
+
+
+def _parts(source: str) -> list[str]:
+    """The sources a `+`-joined source names, or a CorpusError naming the whole of it."""
+    parts = [part.strip() for part in source.split("+")]
+    if not all(parts):
+        raise CorpusError(f"corpus {source!r} has an empty part: expected sources joined by '+'")
+    names = [source_name(part) for part in parts]
+    if len(set(names)) < len(names):
+        raise CorpusError(f"corpus {source!r} names a source twice: expected each source once")
+    return parts
+
+
 def _read_source(source: str) -> list[Document]:
+    if _is_joined(source):
+        parts = _parts(source)
+        try:
+            return _interleave([_read_source(part) for part in parts])
+        except CorpusError as err:
+            raise CorpusError(f"in corpus {source!r}: {err}") from None
     if source == DEFAULT_CORPUS:
         return list(_wiki_documents())
     if source.startswith("hf:"):
@@ -113,6 +140,19 @@ def _read_source(source: str) -> list[Document]:
     if suffix == ".parquet":
         return _read_parquet(path)
     raise CorpusError(f"corpus file {str(path)!r} has suffix {suffix!r}: expected .txt, .jsonl or .parquet")
+
+
+def _interleave(parts: list[list[Document]]) -> list[Document]:
+    """Several sources' documents in one order by text length: a document sits at the middle of its
+    span within its own source's text, as a share of that text, so every source's documents keep
+    their order and any prefix holds about each source's share of the characters."""
+    keyed = []
+    for p, docs in enumerate(parts):
+        total, before = max(sum(len(d.text) for d in docs), 1), 0
+        for i, doc in enumerate(docs):
+            keyed.append(((2 * before + len(doc.text)) / (2 * total), p, i))
+            before += len(doc.text)
+    return [parts[p][i] for _, p, i in sorted(keyed)]
 
 
 @lru_cache(maxsize=1)

@@ -2,9 +2,9 @@
 pipeline modules; no pipeline lives here. `pipeline` holds the subcommands that write into a run
 folder (demo, suite, harvest, train, convert), `measure` those that measure SAEs and index their
 features (eval, index); those that look inside the model through them have one module each:
-`inspect`, `contrast` (contrast, bias), `attribute`, `steer`, `serve`. `options` holds the shared
-option groups, the one comma-list parser, the one number type and the one bounded reader of the
-text files a user names. A `GemmaScopeError`, or a command line argparse refuses, is printed as one
+`inspect`, `contrast` (contrast, bias), `attribute`, `steer`, `serve`; `corpus` writes a corpus of
+the model's own text (sample-corpus). `options` holds the shared option groups, the one comma-list
+parser, the one number type and the one bounded reader of the text files a user names. A `GemmaScopeError`, or a command line argparse refuses, is printed as one
 line (no traceback, no usage dump) and exits with status 2. A command a running server of the same
 run can answer is run by it (`warm`, `server.commands`).
 
@@ -22,7 +22,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gemmascope.cli import attribute, contrast, inspect, measure, pipeline, serve, steer
+from gemmascope.cli import attribute, contrast, corpus, inspect, measure, pipeline, serve, steer
 from gemmascope.errors import ConfigError, GemmaScopeError
 
 # Each subcommand is a pair of functions: `args_NAME(parser)` adds its arguments and sets
@@ -59,6 +59,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "convert": (
         "convert SAEs between formats (native, Gemma Scope npz / safetensors)",
         pipeline.args_convert,
+    ),
+    "sample-corpus": (
+        "a corpus of the model's own text about a list of subjects, to train on beside another (--corpus wiki+FILE)",
+        corpus.args_sample_corpus,
     ),
 }
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 
-from gemmascope.corpus import DEFAULT_CORPUS
+from gemmascope.corpus import DEFAULT_CORPUS, load_corpus
 from gemmascope.errors import ConfigError
 from gemmascope.limits import MAX_TEXT_FILE_BYTES, MAX_TEXT_FILE_LINES
 from gemmascope.models import BUNDLED_MODEL, MODEL_DTYPES
@@ -133,7 +133,8 @@ def add_corpus(p: argparse.ArgumentParser, split: str | None = None, context: bo
     p.add_argument(
         "--corpus",
         default=DEFAULT_CORPUS,
-        help=f"{DEFAULT_CORPUS!r} (the bundled Wikipedia summaries), a .txt/.jsonl/.parquet file or hf:NAME",
+        help=f"{DEFAULT_CORPUS!r} (the bundled Wikipedia summaries), a .txt/.jsonl/.parquet file or hf:NAME, "
+        "or several joined by '+' (wiki+sampled.jsonl: see sample-corpus)",
     )
     if split is not None:
         p.add_argument(
@@ -141,6 +142,13 @@ def add_corpus(p: argparse.ArgumentParser, split: str | None = None, context: bo
         )
     if context:
         p.add_argument("--context-len", type=int, default=128, help="tokens per row (default 128)")
+
+
+def check_corpus(source: str) -> None:
+    """Read a corpus's train and held-out splits, so a bad `--corpus` is one line before a model loads
+    or a run folder is written."""
+    for split in ("train", "heldout"):
+        load_corpus(source, split)
 
 
 def add_sae_choice(p: argparse.ArgumentParser) -> None:

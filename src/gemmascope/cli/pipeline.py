@@ -16,6 +16,7 @@ from gemmascope.cli.options import (
     add_model,
     add_model_dtype,
     add_serving,
+    check_corpus,
     given,
     number,
     parse_list,
@@ -268,6 +269,7 @@ def run_suite(args: argparse.Namespace) -> int:
         plan_args["clt_penalties"] = parse_list(args.clt_penalty, "--clt-penalty")
     if args.sites is not None or transcoders:
         plan_args["kinds"] = parse_list(args.sites, "--sites")
+    check_corpus(args.corpus)
     plan = SuitePlan(
         model=args.model,
         transcoders=transcoders,
@@ -318,6 +320,7 @@ def args_demo(p: argparse.ArgumentParser) -> None:
         "--index-tokens", type=int, default=99_712, help="default: the whole held-out split (779 rows of 128)"
     )
     add_model_dtype(p)
+    add_corpus(p, context=False)
     p.add_argument(
         "--graphs",
         action="store_true",
@@ -344,6 +347,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from gemmascope.demo import GraphPlan, run_demo
     from gemmascope.suite import SuitePlan, parse_l0s
 
+    check_corpus(args.corpus)
     plan = SuitePlan(
         model=args.model,
         kinds=["resid_post"],
@@ -356,6 +360,7 @@ def run_demo(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         index_tokens=args.index_tokens,
         model_dtype=args.model_dtype,
+        corpus=args.corpus,
     )
     graphs = None
     asked = {k: v for k, v in (("tokens", args.graph_tokens), ("width", args.graph_width)) if v is not None}
