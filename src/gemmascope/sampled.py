@@ -159,8 +159,9 @@ def sample_corpus(
     seed: int = 0,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Write about `n_tokens` sampled tokens (the openings not counted; at `temperature`, 1 being the
-    model's own distribution over `vocabulary`'s tokens) as a `.jsonl` corpus at `out_path`: rounds
+    """Write at least `n_tokens` sampled tokens (the openings not counted; the last batch whole; at
+    `temperature`, 1 being the model's own distribution over `vocabulary`'s tokens) as a `.jsonl`
+    corpus at `out_path`: rounds
     over every subject x opening in a seeded order, `batch_size` samples at a time, each document
     {"text": opening + sample, "title", "subject"}. Written to `OUT.partial` and linked into place at
     the end, so a failed or killed run leaves no half corpus under the name; an existing file is

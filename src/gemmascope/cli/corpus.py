@@ -18,7 +18,10 @@ def args_sample_corpus(p: argparse.ArgumentParser) -> None:
         help="a text file, one subject a line (examples/corpus_subjects.txt: 253 everyday ones)",
     )
     p.add_argument(
-        "--tokens", type=int, required=True, help="sampled tokens to write (about 230 a second on 2 cores)"
+        "--tokens",
+        type=int,
+        required=True,
+        help="sampled tokens to write, at least (the last batch is written whole); about 230 a second on 2 cores",
     )
     add_model(p)
     p.add_argument(
