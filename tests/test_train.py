@@ -492,6 +492,28 @@ def test_a_float32_step_keeps_the_run_key_runs_had_before_the_step_dtype(run_dir
     )
 
 
+def test_the_density_limit_falls_as_the_budget_grows(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unless given, the dense penalty's limit is the short-run one below `dense_long_tokens`
+    training tokens and the lower long-run one from there; a given limit is kept, a bad one refused."""
+    from gemmascope.train import recipe
+
+    store = ActivationStore(run_dir)
+    spec = TrainSpec(SITE, 32, target_l0=4)
+    short = train_config.resolve(store, [spec], 1024, small_config())
+    assert short.config.dense_density == recipe.SHORT_RUN.dense_density == 0.095
+    monkeypatch.setattr(
+        train_config, "SHORT_RUN", dataclasses.replace(recipe.SHORT_RUN, dense_long_tokens=2048)
+    )
+    assert train_config.resolve(store, [spec], 1024, small_config()).config.dense_density == 0.095
+    long = train_config.resolve(store, [spec], 2048, small_config())
+    assert long.config.dense_density == recipe.SHORT_RUN.dense_density_long == 0.03
+    assert (
+        train_config.resolve(store, [spec], 2048, small_config(dense_density=0.2)).config.dense_density == 0.2
+    )
+    with pytest.raises(ConfigError, match="dense_density"):
+        train_config.resolve(store, [spec], 2048, small_config(dense_density=0.0))
+
+
 def test_non_finite_activations_are_a_clear_error(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = ActivationStore.batches
 

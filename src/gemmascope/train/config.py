@@ -193,8 +193,12 @@ class TrainConfig:
             "0 with adam; 0: off)"
         ),
     )
-    dense_density: float = field(
-        default=_R.dense_density, metadata=_opt("density over which latents are penalised")
+    dense_density: float | None = field(
+        default=None,
+        metadata=_opt(
+            f"density over which latents are penalised (default: {_R.dense_density:g}, or "
+            f"{_R.dense_density_long:g} from {_R.dense_long_tokens:,} training tokens)"
+        ),
     )
     auxk_coeff: float = field(
         default=_R.auxk_coeff, metadata=_opt("TopK / BatchTopK AuxK coefficient (0: off)")
@@ -273,7 +277,8 @@ def resolve(store: ActivationStore, specs: list[TrainSpec], tokens: int, cfg: Tr
     """The one place a run's open values become numbers: every spec checked (sites in canonical
     form), the settings checked, and each None of `cfg` and of a spec's `lr` replaced by the recipe's
     value for the optimiser and the run length: lr (`lr_signum`; a signum transcoder's
-    `lr_signum_transcoder`; Adam's `lr`, or `lr_long` past `long_run_steps` steps), the dead and dense
+    `lr_signum_transcoder`; Adam's `lr`, or `lr_long` past `long_run_steps` steps), the dense
+    penalty's limit (lower from `dense_long_tokens` training tokens on), the dead and dense
     penalties' coefficients (on with signum, off with Adam), the warm-ups and lr decay (fractions of
     the steps, at most the published step counts; none for signum's lr) and the dead window."""
     specs = [checked_spec(spec, store) for spec in specs]
@@ -356,10 +361,19 @@ def _resolved_config(cfg: TrainConfig, steps: int, fast_step: bool = True) -> Tr
         dead_window_tokens=dead_window,
         dead_preact_coeff=_on_with_signum(cfg.dead_preact_coeff, SHORT_RUN.dead_preact_coeff, signum),
         dense_coeff=_on_with_signum(cfg.dense_coeff, SHORT_RUN.dense_coeff, signum),
+        dense_density=_dense_density(cfg.dense_density, steps * cfg.batch_size),
         step_dtype=str(reading_dtype(cfg.step_dtype, cfg.device)).removeprefix("torch.")
         if fast_step
         else "float32",
     )
+
+
+def _dense_density(value: float | None, tokens: int) -> float:
+    """The dense penalty's limit: as given, else the recipe's for a run of `tokens` training tokens
+    (lower from `dense_long_tokens` on)."""
+    if value is not None:
+        return value
+    return SHORT_RUN.dense_density_long if tokens >= SHORT_RUN.dense_long_tokens else SHORT_RUN.dense_density
 
 
 def _on_with_signum(value: float | None, recipe: float, signum: bool) -> float:
@@ -438,7 +452,8 @@ def checked_config(cfg: TrainConfig) -> None:
     for name in ("dead_preact_coeff", "dense_coeff", "auxk_coeff", "target_l0_coeff"):
         if getattr(cfg, name) is not None:
             finite(name, getattr(cfg, name), 0.0)
-    finite("dense_density", cfg.dense_density, 1e-6, 1.0)
+    if cfg.dense_density is not None:
+        finite("dense_density", cfg.dense_density, 1e-6, 1.0)
     if cfg.refit_tokens < 0:
         raise ConfigError(f"refit_tokens {cfg.refit_tokens!r} must be 0 (no refit) or a number of tokens")
     if cfg.spike_factor != 0:

@@ -132,9 +132,19 @@ class ShortRun:
     loss 0.79 -> 0.67 (the dense latents spent the dictionary on directions the next-token prediction
     barely reads). On with the sign optimiser, off with Adam."""
     dense_density: float = 0.095
-    """The dense penalty's limit, just under Gemma Scope 2's ~10%: with the refit, held-out FVU /
-    share of L0 on latents over 10%: 5% 0.082 / 0.00, 7.5% 0.076 / 0.005, 9% 0.074 / 0.04, 9.5% 0.073
-    / 0.14, 10% 0.072 / 0.30: 9.5% is the highest limit that keeps that share under 20%."""
+    """The dense penalty's limit for runs under `dense_long_tokens` training tokens, just under Gemma
+    Scope 2's ~10%: with the refit, held-out FVU / share of L0 on latents over 10% (resid_post.6, 300k
+    tokens): 5% 0.082 / 0.00, 7.5% 0.076 / 0.005, 9% 0.074 / 0.04, 9.5% 0.073 / 0.14, 10% 0.072 /
+    0.30: 9.5% is the highest limit that keeps that share under 20%."""
+    dense_density_long: float = 0.03
+    """The limit from `dense_long_tokens` training tokens on: the topic latents of a middle layer are
+    context latents that settle just under the limit, and a lower one splits them into narrower ones.
+    resid_post.12, 1.46M tokens (Wikipedia + sampled text), limit 9.5% / 5% / 3% / 2%: held-out ΔLM
+    loss 0.523 / 0.526 / 0.517 / 0.499, FVU 0.174 / 0.185 / 0.193 / 0.200, share of L0 on latents
+    over 10% 0.21 / 0.009 / 0 / 0, concepts detected at F1 >= 0.8 (BENCHMARKS.md "Concepts") 5 / 9 /
+    9 / 7 of 14. At 300k tokens 9.5% and 3% draw level (ΔLM 0.733 / 0.740, 6 / 7 of 14)."""
+    dense_long_tokens: int = 1_000_000
+    """Runs of at least this many training tokens take `dense_density_long`."""
     auxk_coeff: float = 1 / 32
     """sparsify's AuxK for TopK and BatchTopK: the k_aux most active dead latents reconstruct what the
     live ones miss."""
