@@ -261,14 +261,14 @@ class JumpReLU(Architecture):
         else:
             sparsity = float(spec.l0_coeff or 0.0) * l0
         extra: Tensor | float = 0.0
-        limit = settings.dense_density
-        assert limit is not None, "train.config.resolve sets the density limit"
-        dense = batch.density > limit
         if settings.dead_preact_coeff and batch.dead.any():
             extra = extra + settings.dead_preact_coeff * dead_preact_loss(sae, x, batch.dead)
-        if settings.dense_coeff and dense.any():
-            penalty = dense_penalty(sae, x, dense, limit, settings.bandwidth, batch.share)
-            extra = extra + settings.dense_coeff * penalty
+        limit = settings.dense_density  # None, as the coefficient, where the settings are not resolved
+        if settings.dense_coeff and limit is not None:
+            dense = batch.density > limit
+            if dense.any():
+                penalty = dense_penalty(sae, x, dense, limit, settings.bandwidth, batch.share)
+                extra = extra + settings.dense_coeff * penalty
         return Terms(recon, l0, fired, sparsity, extra)
 
     def after_step(self, sae: SAE, terms: Terms) -> None:
