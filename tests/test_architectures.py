@@ -542,6 +542,26 @@ def test_a_new_architecture_is_one_class_and_one_registry_call(
     assert "shiftrelu" in train_help
 
 
+def test_jumprelu_dense_penalty_needs_a_resolved_limit_and_coefficient() -> None:
+    """Latents over the density limit add the dense penalty; a limit or coefficient left unresolved
+    (None, as `TrainConfig` holds them before `train.config.resolve`) adds none."""
+    from gemmascope.sae import TrainBatch
+    from gemmascope.train import TrainConfig, TrainSpec
+
+    sae = random_jumprelu()
+    batch = TrainBatch(
+        x=torch.randn(32, 8),
+        target=None,
+        dead=torch.zeros(16, dtype=torch.bool),
+        density=torch.full((16,), 0.5),
+    )
+    spec = TrainSpec(SITE, 16, target_l0=4)
+    terms = architecture("jumprelu").terms
+    assert float(terms(sae, batch, spec, TrainConfig(dense_coeff=1.0, dense_density=0.1)).extra) > 0
+    assert float(terms(sae, batch, spec, TrainConfig(dense_coeff=1.0, dense_density=None)).extra) == 0
+    assert float(terms(sae, batch, spec, TrainConfig(dense_coeff=None, dense_density=0.1)).extra) == 0
+
+
 def test_jumprelu_terms_read_a_step_dtype_of_auto_as_the_device_computes_it() -> None:
     """`step_dtype` "auto" (a TrainConfig not resolved by `train.config.resolve`) is a dtype too."""
     from gemmascope.sae import TrainBatch

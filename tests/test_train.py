@@ -501,6 +501,9 @@ def test_the_density_limit_falls_as_the_budget_grows(run_dir: Path, monkeypatch:
     spec = TrainSpec(SITE, 32, target_l0=4)
     short = train_config.resolve(store, [spec], 1024, small_config())
     assert short.config.dense_density == recipe.SHORT_RUN.dense_density == 0.095
+    # a short run's key holds the limit it held before the switch: its checkpoints still resume
+    key = json.loads(train_checkpoint.run_key(store, short.specs, 1024, short.config))["config"]
+    assert key["dense_density"] == 0.095
     monkeypatch.setattr(
         train_config, "SHORT_RUN", dataclasses.replace(recipe.SHORT_RUN, dense_long_tokens=2048)
     )

@@ -137,8 +137,9 @@ class ShortRun:
     tokens): 5% 0.082 / 0.00, 7.5% 0.076 / 0.005, 9% 0.074 / 0.04, 9.5% 0.073 / 0.14, 10% 0.072 /
     0.30: 9.5% is the highest limit that keeps that share under 20%."""
     dense_density_long: float = 0.03
-    """The limit from `dense_long_tokens` training tokens on: the topic latents of a middle layer are
-    context latents that settle just under the limit, and a lower one splits them into narrower ones.
+    """The limit from `dense_long_tokens` training tokens (steps x batch) on: the topic latents of a
+    middle layer are context latents that settle just under the limit, and a lower one splits them
+    into narrower ones at no ΔLM cost (one draw per limit: level within noise).
     resid_post.12, 1.46M tokens (Wikipedia + sampled text), limit 9.5% / 5% / 3% / 2%: held-out ΔLM
     loss 0.523 / 0.526 / 0.517 / 0.499, FVU 0.174 / 0.185 / 0.193 / 0.200, share of L0 on latents
     over 10% 0.21 / 0.009 / 0 / 0, concepts detected at F1 >= 0.8 (BENCHMARKS.md "Concepts") 5 / 9 /
