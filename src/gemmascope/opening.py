@@ -90,8 +90,9 @@ def is_release_spec(spec: str) -> bool:
 
 
 def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> tuple[str, Path]:
-    """`(sae_id, folder)` of an SAE given as a folder, as an SAE id of `run_dir` (`spec` may be
-    None when the run holds one SAE), or as an official release's `RELEASE/ID` (e.g.
+    """`(sae_id, folder)` of an SAE given as a folder, as an SAE id of `run_dir` or the front of
+    one that only one of its SAEs has (`resid_post.12`; `spec` may be None when the run holds one
+    SAE), or as an official release's `RELEASE/ID` (e.g.
     `gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small`: from $GEMMASCOPE_RELEASES or the
     hub, `releases.release_file`)."""
     if spec is not None and Path(spec).is_dir():
@@ -111,8 +112,14 @@ def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> 
         return next(iter(found.items()))
     if spec in found:
         return spec, found[spec]
+    # The front of an id names the SAE when one SAE has it: `resid_post.12` (the L0 the training
+    # reached ends the id, so commands written before a run cannot know it).
+    fronted = [key for key in found if spec is not None and key.startswith(spec + ".")]
+    if len(fronted) == 1:
+        return fronted[0], found[fronted[0]]
     raise StoreError(
         f"no SAE {spec!r} in {str(run_dir)!r}: expected {flag} with one of {', '.join(sorted(found, key=sae_order)) or 'none'}"
+        + " (or the front of one that no other id shares, e.g. resid_post.12)"
     )
 
 

@@ -155,7 +155,8 @@ def add_sae_choice(p: argparse.ArgumentParser) -> None:
     """--sae (a folder or an SAE id of --run), --run and --db, as inspect uses them."""
     p.add_argument(
         "--sae",
-        help="an SAE folder, an SAE id of the run given with --run, or an official RELEASE/ID "
+        help="an SAE folder, an SAE id of the run given with --run (or the front of one no other "
+        "shares: resid_post.12), or an official RELEASE/ID "
         "(e.g. gemma-scope-2-270m-pt/resid_post/layer_6_width_16k_l0_small)",
     )
     p.add_argument("--run", dest="run_dir", help="a run folder (its SAEs and its features.sqlite)")

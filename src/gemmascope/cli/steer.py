@@ -34,7 +34,8 @@ def args_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text to complete")
     p.add_argument(
         "--sae", action=InOrder, required=True, metavar="SAE",
-        help="an SAE folder, an SAE id of --run (e.g. resid_post.6.w4096.l0_52) or an official RELEASE/ID; "
+        help="an SAE folder, an SAE id of --run (e.g. resid_post.6.w4096.l0_52, or resid_post.6 where no "
+        "other id starts so) or an official RELEASE/ID; "
         "repeatable",
     )  # fmt: skip
     p.add_argument(
