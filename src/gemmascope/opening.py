@@ -114,12 +114,16 @@ def resolve_sae(spec: str | None, run_dir: Path | None, flag: str = "--sae") -> 
         return spec, found[spec]
     # The front of an id names the SAE when one SAE has it: `resid_post.12` (the L0 the training
     # reached ends the id, so commands written before a run cannot know it).
-    fronted = [key for key in found if spec is not None and key.startswith(spec + ".")]
+    fronted = sorted((key for key in found if spec is not None and key.startswith(spec + ".")), key=sae_order)
     if len(fronted) == 1:
         return fronted[0], found[fronted[0]]
+    if fronted:
+        raise StoreError(
+            f"{flag} {spec!r} fits {len(fronted)} SAEs of {str(run_dir)!r}: name one of {', '.join(fronted)}"
+        )
     raise StoreError(
         f"no SAE {spec!r} in {str(run_dir)!r}: expected {flag} with one of {', '.join(sorted(found, key=sae_order)) or 'none'}"
-        + " (or the front of one that no other id shares, e.g. resid_post.12)"
+        + (" (or the front of one that no other id shares)" if found else "")
     )
 
 
@@ -277,7 +281,8 @@ def open_run(
     - `run_dir`: a run folder, or one SAE folder (its run, if it is in one, becomes the run folder);
       None when the SAEs are named on their own.
     - `saes`: None for every finished SAE of `run_dir`; else the SAEs as `--sae` names them (an SAE
-      folder, an SAE id of `run_dir`, an official `RELEASE/ID`; None: the run's only SAE), in order,
+      folder, an SAE id of `run_dir` or its front, an official `RELEASE/ID`; None: the run's only
+      SAE), in order,
       each once. Keys are `sae_id`s (a release's `RELEASE/ID`).
     - `model`: a model name or a loaded model; None: `model_for` (the run's, else the SAEs').
     - `index`: the feature index to read; None: `RUN/features.sqlite`, or the `features.sqlite` a
