@@ -2,11 +2,13 @@
 each SAE of a run, how well the tool's own contrast search finds a latent for the concept, and what
 that latent is worth.
 
-    python benchmarks/concepts.py RUN_DIR [--sae ID ...] [--concepts dog,cat] [--strengths 0.25,0.5,1,2]
+    python benchmarks/concepts.py RUN_DIR [--sae ID ...] [--joint] [--concepts dog,cat] [--strengths 0.25,0.5,1,2]
         [--seeds 3] [--max-new-tokens 30] [--side-effect-tokens 1024] [--out benchmarks/results/concepts.json]
         [--plot docs/concepts.png] [--quick]
 
-Per concept (files in examples/concepts/CONCEPT/: selection.txt, heldout.txt, words.txt) and SAE:
+Per concept (files in examples/concepts/CONCEPT/: selection.txt, heldout.txt, words.txt) and SAE
+(with --joint: per concept, one pick over all the SAEs at once, the search ranking every SAE's
+latents by the same scale-free separation, as `gemmascope contrast RUN` does):
 (a) detection: the top latent of `features.contrast` (max-pooled, dense latents hidden by the run's
     feature index) between the concept's selection sentences and every other concept's selection
     sentences plus examples/concepts/other_selection.txt; a threshold on its max-pooled activation
@@ -161,9 +163,12 @@ def page_names_concept(index: FeatureIndex | None, key: str, latent: int, words:
 
 
 def measure_sae(
-    model: LanguageModel, key: str, sae: SAE, index: FeatureIndex | None, sets: dict[str, Any], args: Any
+    model: LanguageModel, saes: dict[str, SAE], index: FeatureIndex | None, sets: dict[str, Any], args: Any
 ) -> list[dict[str, Any]]:
-    densities = {key: index.densities(key)} if index is not None else None
+    """The rows of one pick: the contrast search over `saes` (one SAE, or with --joint every SAE of
+    the run at once, as `gemmascope contrast RUN` searches), its top latent measured in its SAE."""
+    pick = "joint" if len(saes) > 1 else next(iter(saes))
+    densities = {k: index.densities(k) for k in saes} if index is not None else None
     names = list(sets["concepts"])
     heldout_texts = [t for n in names for t in sets["concepts"][n]["heldout"]] + sets["other_heldout"]
     heldout_owner = [n for n in names for _ in sets["concepts"][n]["heldout"]] + ["other"] * len(
@@ -173,27 +178,26 @@ def measure_sae(
     select_owner = [n for n in names for _ in sets["concepts"][n]["selection"]] + ["other"] * len(
         sets["other_selection"]
     )
-    pooled_held = encode(model, {key: sae}, heldout_texts, pool="max").pooled["max"][key]  # [n, d_sae]
-    pooled_sel = encode(model, {key: sae}, select_texts, pool="max").pooled["max"][key]
+    pooled_held = encode(model, saes, heldout_texts, pool="max").pooled["max"]  # {id: [n, d_sae]}
+    pooled_sel = encode(model, saes, select_texts, pool="max").pooled["max"]
     baseline = completions(model, sets["prompts"], [], args.seeds, args.max_new_tokens)
     rows = []
     for name in sets["measured"]:
         concept = sets["concepts"][name]
         others = [t for n in names if n != name for t in sets["concepts"][n]["selection"][:B_PER_CONCEPT]]
         others += sets["other_selection"]
-        found = contrast(
-            model, {key: sae}, concept["selection"], others, pool="max", top=5, densities=densities
-        )
+        found = contrast(model, saes, concept["selection"], others, pool="max", top=5, densities=densities)
         if not found["results"]:
-            rows.append({"concept": name, "sae_id": key, "latent": None})
+            rows.append({"concept": name, "pick": pick, "sae_id": pick, "latent": None})
             continue
         top = found["results"][0]
-        latent = int(top["index"])
+        key, latent = str(top["sae_id"]), int(top["index"])
+        sae = saes[key]
         is_pos_sel = torch.tensor([o == name for o in select_owner])
         is_pos_held = torch.tensor([o == name for o in heldout_owner])
-        sel = pooled_sel[:, latent]
+        sel = pooled_sel[key][:, latent]
         threshold = best_threshold(sel[is_pos_sel], sel[~is_pos_sel])
-        held = pooled_held[:, latent]
+        held = pooled_held[key][:, latent]
         f1 = f1_score(held[is_pos_held], held[~is_pos_held], threshold)
         page = page_names_concept(index, key, latent, concept["words"])
         unit = page.get("max_act") or float(top["mean_a"]) or 1.0
@@ -221,6 +225,7 @@ def measure_sae(
         best = max(ok, key=lambda r: (r["mention_share"], -r["delta_lm_loss"])) if ok else None
         row = {
             "concept": name,
+            "pick": pick,
             "sae_id": key,
             "latent": latent,
             "contrast": top,
@@ -261,12 +266,12 @@ HEADER = (
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in rows if r.get("latent") is not None]
-    keys = sorted({r["sae_id"] for r in rows})
+    keys = sorted({r.get("pick", r["sae_id"]) for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / max(len(keys), 1)
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     for k, key in enumerate(keys):
-        f1 = {r["concept"]: r["f1_heldout"] for r in rows if r["sae_id"] == key}
+        f1 = {r["concept"]: r["f1_heldout"] for r in rows if r.get("pick", r["sae_id"]) == key}
         axes[0].bar(
             [i + k * width for i in range(len(concepts))], [f1.get(c, 0) for c in concepts], width, label=key
         )
@@ -300,6 +305,9 @@ def main() -> None:
     )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--sae", action="append", help="SAE ids of the run (default: every SAE)")
+    parser.add_argument(
+        "--joint", action="store_true", help="one pick per concept over all the SAEs at once, not one per SAE"
+    )
     parser.add_argument("--concepts", default=",".join(CONCEPTS))
     parser.add_argument("--strengths", default=",".join(map(str, STRENGTHS)))
     parser.add_argument("--seeds", type=int, default=3)
@@ -322,8 +330,9 @@ def main() -> None:
     started = time.monotonic()
     print(HEADER)
     rows = []
-    for key, sae in run.saes.items():
-        rows += measure_sae(model, key, sae, index, sets, args)
+    picks = [dict(run.saes)] if args.joint else [{key: sae} for key, sae in run.saes.items()]
+    for saes in picks:
+        rows += measure_sae(model, saes, index, sets, args)
     seconds = time.monotonic() - started
     print_targets(rows)
     out = {"run": str(args.run_dir), "strengths": args.strengths, "seeds": args.seeds, "seconds": seconds,
@@ -336,8 +345,8 @@ def main() -> None:
 
 
 def print_targets(rows: list[dict[str, Any]]) -> None:
-    for key in sorted({r["sae_id"] for r in rows}):
-        mine = [r for r in rows if r["sae_id"] == key and r.get("latent") is not None]
+    for key in sorted({r.get("pick", r["sae_id"]) for r in rows}):
+        mine = [r for r in rows if r.get("pick", r["sae_id"]) == key and r.get("latent") is not None]
         detected = [r["concept"] for r in mine if r["f1_heldout"] >= F1_TARGET]
         steered = [r["concept"] for r in mine if r["best"] and r["best"]["mention_share"] >= 0.5]
         named = [r["concept"] for r in mine if r["page"].get("names")]
