@@ -266,12 +266,12 @@ HEADER = (
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in rows if r.get("latent") is not None]
-    keys = sorted({r.get("pick", r["sae_id"]) for r in rows})
+    keys = sorted({r["pick"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / max(len(keys), 1)
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     for k, key in enumerate(keys):
-        f1 = {r["concept"]: r["f1_heldout"] for r in rows if r.get("pick", r["sae_id"]) == key}
+        f1 = {r["concept"]: r["f1_heldout"] for r in rows if r["pick"] == key}
         axes[0].bar(
             [i + k * width for i in range(len(concepts))], [f1.get(c, 0) for c in concepts], width, label=key
         )
@@ -345,8 +345,8 @@ def main() -> None:
 
 
 def print_targets(rows: list[dict[str, Any]]) -> None:
-    for key in sorted({r.get("pick", r["sae_id"]) for r in rows}):
-        mine = [r for r in rows if r.get("pick", r["sae_id"]) == key and r.get("latent") is not None]
+    for key in sorted({r["pick"] for r in rows}):
+        mine = [r for r in rows if r["pick"] == key and r.get("latent") is not None]
         detected = [r["concept"] for r in mine if r["f1_heldout"] >= F1_TARGET]
         steered = [r["concept"] for r in mine if r["best"] and r["best"]["mention_share"] >= 0.5]
         named = [r["concept"] for r in mine if r["page"].get("names")]
