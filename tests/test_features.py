@@ -228,6 +228,8 @@ def test_histogram_counts_add_up_to_the_density(
 def test_logit_lens_equals_the_direct_matrix_product(
     tiny_model: LanguageModel, built: Path, saes: dict[str, JumpReLUSAE]
 ) -> None:
+    from gemmascope.features.lens import lens_agreement
+
     sid = "resid_post.1.w96"
     sae = saes[sid]
     w_u = tiny_model.hf.lm_head.weight.detach().t()  # [d_model, vocab]
@@ -244,12 +246,40 @@ def test_logit_lens_equals_the_direct_matrix_product(
     assert [p["value"] for p in feature["logit_lens"]["suppressed"]] == pytest.approx(
         down_vals[5].tolist(), abs=1e-4
     )
+    assert feature["logit_lens"]["agreement"] == pytest.approx(
+        float(lens_agreement(tiny_model, up_ids[5:6])[0]), abs=1e-3
+    )
     # attn_out latents are read through the attention output projection
     attn = random_sae(2, 16, 3, d_in=64, kind="attn_out")
     o_proj = tiny_model.hf.model.layers[2].self_attn.o_proj.weight.detach()
     direct = attn.W_dec.detach() @ o_proj.t() @ w_u
     up_ids, up_vals, _, _ = logit_lens(tiny_model, attn, Site("attn_out", 2), k=3)
     assert torch.allclose(up_vals, direct.topk(3, dim=1).values, atol=1e-4)
+
+
+def test_logit_lens_reads_through_the_final_norms_gain(
+    tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE]
+) -> None:
+    """The lens is what the output reads: W_dec @ diag(1 + w) @ W_U for Gemma's final RMSNorm weight w
+    (the tiny model's w is 0, a trained Gemma's is not: 0.19 to 301 in Gemma 3 270M)."""
+    from gemmascope.models import final_norm_gain
+
+    sae = saes["resid_post.1.w96"]
+    norm = tiny_model.hf.model.norm.weight
+    before = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)) * 3)
+        gain = 1.0 + norm.detach()
+        assert torch.allclose(final_norm_gain(tiny_model.hf), gain, atol=1e-5)
+        w_u = tiny_model.hf.lm_head.weight.detach().t()
+        folded = sae.W_dec.detach() @ (gain[:, None] * w_u)
+        up_ids, up_vals, _, _ = logit_lens(tiny_model, sae, Site("resid_post", 1), k=10)
+        assert torch.allclose(up_vals, folded.topk(10, dim=1).values, atol=1e-4)
+        assert not torch.equal(up_ids, (sae.W_dec.detach() @ w_u).topk(10, dim=1).indices)
+    finally:
+        with torch.no_grad():
+            norm.copy_(before)
 
 
 def test_latents_promoting_a_word_rank_by_the_standardised_logit_lens(
@@ -502,26 +532,62 @@ def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
     lens = [" patients", " software", " blackjack", " sea"]  # plain words, none said twice: a random lens
     page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in lens]
     assert coherent_lens(page, known) == []
+    # readable words whose embeddings do not agree (the page's `agreement` under LENS_AGREES): noise
+    page["logit_lens"]["promoted"] = [{"token": t, "value": 1.0} for t in [" ships", " Ships", " sea"]]
+    page["logit_lens"]["agreement"] = 0.4
+    assert coherent_lens(page, known) == [" ships", " Ships", " sea"]
+    page["logit_lens"]["agreement"] = 0.1
+    assert coherent_lens(page, known) == []
+    assert baseline_explanation(page, known) == 'fires on "sea"'
 
 
-def test_relabel_writes_the_labels_a_build_writes(
-    built: Path, tiny_model: LanguageModel, tmp_path: Path
+def test_lens_agreement_is_the_mean_cosine_of_centred_output_embeddings(tiny_model: LanguageModel) -> None:
+    """`lens_agreement` computed the slow way: every ordered pair of distinct tokens of a row; a row
+    of one token repeated agrees fully, and the built pages carry it for their promoted tokens."""
+    from gemmascope.features.lens import lens_agreement
+
+    w = tiny_model.hf.get_output_embeddings().weight.detach()
+    centred = w - w.mean(0)
+    ids = torch.tensor([[5, 17, 300, 4000], [9, 9, 9, 9], [11, 12, 13, 14]])
+    expected = []
+    for row in ids.tolist():
+        cos = [
+            float(torch.cosine_similarity(centred[a], centred[b], dim=0))
+            for i, a in enumerate(row)
+            for j, b in enumerate(row)
+            if i != j
+        ]
+        expected.append(sum(cos) / len(cos))
+    got = lens_agreement(tiny_model, ids)
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert got[1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_relabel_writes_the_weights_part_and_labels_a_build_writes(
+    built: Path, tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE], tmp_path: Path
 ) -> None:
-    """`gemmascope index --relabel`: the baseline explanations of an existing index written again
-    from its stored pages, as the build writes them, without a model pass."""
+    """`gemmascope index --relabel`: the logit lens, neighbours and baseline explanations of an
+    existing index written again from the SAE's weights and its stored pages, as the build writes
+    them, without a pass over the corpus; another SAE's weights are refused, nothing written."""
     import shutil
 
     from gemmascope.features.build import relabel
 
+    sid = "resid_post.1.w96"
     db = tmp_path / "features.sqlite"
     shutil.copy(built, db)
     index = FeatureIndex(db)
-    labels = index.best_explanations("resid_post.1.w96", range(96))
-    index.set_explanations("resid_post.1.w96", [(i, "stale", None) for i in range(96)])
+    pages = [index.feature(sid, i) for i in range(96)]
+    index.patch_features(sid, {i: {"logit_lens": {"promoted": [], "suppressed": []}} for i in range(96)})
+    index.set_explanations(sid, [(i, "stale", None) for i in range(96)])
     index.close()
-    assert relabel(tiny_model, db, "resid_post.1.w96") == 96
-    assert FeatureIndex(db).best_explanations("resid_post.1.w96", range(96)) == labels
-    assert set(FeatureIndex(db).best_explanations("resid_post.3.w64", range(64)).values()) != {"stale"}
+    with pytest.raises(StoreError, match="other weights"):
+        relabel(tiny_model, db, sid, saes["resid_post.3.w64"])
+    assert set(FeatureIndex(db).best_explanations(sid, range(96)).values()) == {"stale"}
+    assert relabel(tiny_model, db, sid, saes[sid]) == 96
+    again = FeatureIndex(db)
+    assert [again.feature(sid, i) for i in range(96)] == pages  # the lens, neighbours and labels
+    assert set(again.best_explanations("resid_post.3.w64", range(64)).values()) != {"stale"}
 
 
 def test_a_broad_latent_is_labelled_by_the_words_its_windows_are_about() -> None:

@@ -238,6 +238,28 @@ def output_layer(hf: nn.Module) -> nn.Linear:
     return linear
 
 
+def final_norm_gain(hf: nn.Module) -> Tensor:
+    """`[d_model]`: the per-dimension gain of the norm between the last layer and the output layer
+    (`model.norm`; Gemma's RMSNorm multiplies by 1 + weight, 0.19 to 301 in Gemma 3 270M), read as
+    that norm's output for a constant vector of RMS 1,024 (a power of two: no rounding, and the
+    norm's epsilon is lost beside it), so any RMSNorm convention reads alike (a LayerNorm: its
+    weight); ones for a model without a final norm found. What a residual direction means to the
+    output is its product with this gain, then with the output layer."""
+    d = output_layer(hf).in_features
+    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
+        obj: Any = hf
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.LayerNorm) and obj.weight is not None:
+            return obj.weight.detach().float()
+        if isinstance(obj, nn.Module):
+            param = next(obj.parameters())
+            with torch.no_grad():
+                probe = torch.full((1, d), 1024.0, dtype=param.dtype, device=param.device)
+                return obj(probe)[0].detach().float()
+    return torch.ones(d)
+
+
 def cache_root() -> Path:
     """Where converted models live: $GEMMASCOPE_CACHE, else the user cache dir."""
     env = os.environ.get("GEMMASCOPE_CACHE")

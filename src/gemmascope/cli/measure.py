@@ -213,7 +213,7 @@ def run_index(args: argparse.Namespace) -> int:
             from gemmascope.features.build import relabel
 
             for key in opened.saes:
-                print(f"{key}: {relabel(opened.model, db, key)} latents labelled again")
+                print(f"{key}: {relabel(opened.model, db, key, opened.saes[key])} latents labelled again")
         elif not args.no_build:
             _build(args, opened, db)
         _report_index(args, opened.saes, db, latents)

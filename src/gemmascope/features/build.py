@@ -37,7 +37,7 @@ from tqdm import tqdm
 from gemmascope.corpus import DEFAULT_CORPUS, source_name, special_mask, token_rows
 from gemmascope.errors import ConfigError, CorpusError
 from gemmascope.features.explain import CorpusWords, baseline_explanation, lens_word
-from gemmascope.features.lens import decoder_neighbours, logit_lens
+from gemmascope.features.lens import decoder_neighbours, lens_agreement, logit_lens
 from gemmascope.features.pages import (
     N_BINS,
     N_INTERVALS,
@@ -45,6 +45,7 @@ from gemmascope.features.pages import (
     TOP_K,
     WINDOW,
     feature_pages,
+    lens_entries,
     token_strings,
     window_tokens,
 )
@@ -336,26 +337,54 @@ def lens_vocabulary(rows: Tensor, decode: dict[int, str], min_count: int = LENS_
     return CorpusWords({word: n for word, n in words.items() if n >= min_count})
 
 
-def relabel(model: LanguageModel, db_path: str | Path, sae_id: str) -> int:
-    """Write the baseline explanations of one SAE of an existing index again, from its stored pages
-    and the corpus rows its stats name (for the lens vocabulary), as the build writes them: what an
-    index built by an older labeller needs to show the current one's labels, without a model pass
-    (`gemmascope index RUN --relabel`). Holds the run folder's lock while it writes; a disk failure
-    is one StoreError. Returns the number of latents labelled."""
+def relabel(model: LanguageModel, db_path: str | Path, sae_id: str, sae: SAE) -> int:
+    """Write the weights part of one SAE's stored feature pages again (logit lens, neighbours: what
+    `sae`'s weights say, seconds) and its baseline explanations from those pages and the corpus rows
+    its stats name (for the lens vocabulary), as the build writes them: what an index built by an
+    older lens or labeller needs to show the current one's, without a pass over the corpus
+    (`gemmascope index RUN --relabel`). A StoreError when `sae` is not the SAE the index was built
+    from. Holds the run folder's lock while it writes; a disk failure is one StoreError. Returns the
+    number of latents labelled."""
     db_path = Path(db_path)
     with held_by_writer(db_path), disk_errors(db_path), FeatureIndex(db_path) as index:
+        index.check_sae(sae_id, sae)
         info = index.sae_info(sae_id)
         stats = info["stats"]
         ctx = int(stats["context_len"])
         rows = token_rows(model.tokenizer, int(stats["n_rows"]) * ctx, stats["corpus"], stats["split"], ctx)
-        known = lens_vocabulary(rows, token_strings(model, rows))
+        decode = token_strings(model, rows)
+        known = lens_vocabulary(rows, decode)
+        lens = weights_part(model, sae, sae_site(model, sae, sae_id))
+
+        def tok(i: int) -> str:
+            return decode[i] if i in decode else str(model.tokenizer.decode([i]))
+
         for start in range(0, info["d_sae"], PAGE_CHUNK):
             stop = min(info["d_sae"], start + PAGE_CHUNK)
+            index.patch_features(sae_id, {i: lens_entries(lens, i, tok) for i in range(start, stop)})
             labels = [
                 (i, baseline_explanation(index.feature(sae_id, i), known), None) for i in range(start, stop)
             ]
             index.set_explanations(sae_id, labels, BASELINE)
     return int(info["d_sae"])
+
+
+def weights_part(model: LanguageModel, sae: SAE, site: Site, progress: bool = False) -> dict[str, Any]:
+    """What a feature page shows of an SAE's weights, for every latent: the logit lens's top and
+    bottom `LOGIT_K` token ids and values and how much its top tokens agree (`lens_agreement`), the
+    `N_NEIGHBOURS` nearest latents and their cosines (`pages.lens_entries` turns latent i's into its
+    page's part)."""
+    up_ids, up_vals, down_ids, down_vals = logit_lens(model, sae, site, LOGIT_K, progress=progress)
+    nb_idx, nb_cos = decoder_neighbours(sae, N_NEIGHBOURS)
+    return {
+        "up_ids": up_ids.tolist(),
+        "up_vals": up_vals.tolist(),
+        "agreement": lens_agreement(model, up_ids).tolist(),
+        "down_ids": down_ids.tolist(),
+        "down_vals": down_vals.tolist(),
+        "nb_idx": nb_idx.tolist(),
+        "nb_cos": nb_cos.tolist(),
+    }
 
 
 def _write_pages(
@@ -366,16 +395,7 @@ def _write_pages(
     model, sae, rows = job.model, job.saes[sid], job.rows
     n_valid = int(job.keep.sum())
     t0 = time.perf_counter()
-    up_ids, up_vals, down_ids, down_vals = logit_lens(model, sae, job.sites[sid], LOGIT_K, progress=progress)
-    nb_idx, nb_cos = decoder_neighbours(sae, N_NEIGHBOURS)
-    lens = {
-        "up_ids": up_ids.tolist(),
-        "up_vals": up_vals.tolist(),
-        "down_ids": down_ids.tolist(),
-        "down_vals": down_vals.tolist(),
-        "nb_idx": nb_idx.tolist(),
-        "nb_cos": nb_cos.tolist(),
-    }
+    lens = weights_part(model, sae, job.sites[sid], progress)
     weights_s = time.perf_counter() - t0
     pass1, pass2 = passes.pass1[sid], passes.pass2[sid]
     known = lens_vocabulary(rows, decode)

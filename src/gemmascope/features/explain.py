@@ -33,6 +33,8 @@ BROAD_SHARE = 0.5  # a label's tokens cover at least this share of a latent's fi
 NAMED_SHARE = 0.1  # a token named as typical carries at least this share of the firings ...
 NAMED_SEEN = 2  # ... and was seen in at least this many of the page's windows (one sample is chance)
 LENS_COHERENT = 0.5  # the logit lens is named only when this share of its top tokens are readable words
+LENS_AGREES = 0.15  # ... and its top tokens agree this much (`lens.lens_agreement`; a random direction's
+# lens agrees less in 9 of 10 draws): a readable lens of unrelated words is noise the output reads
 PLAIN_WORD = 5  # letters of a plain (ASCII) word a lens may name though the index corpus lacks it
 CONTEXT_SHARE = 0.2  # a context word of a broad latent is in at least this share of its distinct windows ...
 CONTEXT_LIFT = 5.0  # ... this many times as often as a window of the corpus holds it
@@ -93,8 +95,13 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
     blanks); a few common words surviving in it say nothing. A topic latent's lens is often words
     the small index corpus never holds (" coronavirus", " temperatures", " tournament"): plain
     words a reader knows all the same, named when the lens says one of them in two forms (its first
-    `PLAIN_WORD` letters twice: " temperatures", " temperature"), as a random direction's does not."""
-    promoted = [p["token"] for p in (feature.get("logit_lens") or {}).get("promoted") or []]
+    `PLAIN_WORD` letters twice: " temperatures", " temperature"), as a random direction's does not.
+    A lens whose top tokens do not agree (its `agreement` under `LENS_AGREES`, where the page has
+    one: " energized", " BLINK", " Wolverine") is never named."""
+    lens = feature.get("logit_lens") or {}
+    promoted = [p["token"] for p in lens.get("promoted") or []]
+    if float(lens.get("agreement", 1.0)) < LENS_AGREES:
+        return []
 
     def readable(token: str) -> bool:
         if known_tokens is not None:
@@ -416,14 +423,12 @@ def explain_with_llm(
         )
         if texts:
             result["score"] = detection_score(endpoint, text, texts, truth)
-        index.set_explanation(sae_id, int(latent), text, explainer, result["score"], endpoint.model)
+        index.set_explanations(sae_id, [(int(latent), text, result["score"])], explainer, endpoint.model)
         baseline = next((e for e in feature["explanations"] if e["explainer"] == BASELINE), None)
         if baseline is not None:
             result["baseline"] = baseline["text"]
             if score_baseline and texts:
                 result["baseline_score"] = detection_score(endpoint, baseline["text"], texts, truth)
-                index.set_explanation(
-                    sae_id, int(latent), baseline["text"], BASELINE, result["baseline_score"]
-                )
+                index.set_explanations(sae_id, [(int(latent), baseline["text"], result["baseline_score"])])
         results.append(result)
     return results

@@ -107,7 +107,7 @@ def feature_pages(
     n_tokens: int,
     rows: Tensor,
     decode: dict[int, str],
-    lens: dict[str, list[list[Any]]],
+    lens: dict[str, list[Any]],
     model: LanguageModel,
     start: int,
     stop: int,
@@ -157,7 +157,7 @@ def feature_pages(
             "histogram": histogram,
             "top_examples": top[li],
             "intervals": intervals,
-            **_lens_entries(lens, i, tok),
+            **lens_entries(lens, i, tok),
         }
         yield i, fired / n_tokens, fired, float(max_act[li]), data
 
@@ -185,8 +185,9 @@ def _histogram(
     return {"edges": edges, "counts": c}, intervals
 
 
-def _lens_entries(lens: dict[str, list[list[Any]]], i: int, tok: Any) -> dict[str, Any]:
-    """Latent `i`'s logit lens (promoted and suppressed tokens) and decoder neighbours."""
+def lens_entries(lens: dict[str, list[Any]], i: int, tok: Any) -> dict[str, Any]:
+    """Latent `i`'s logit lens (promoted and suppressed tokens, the promoted ones' `agreement`) and
+    decoder neighbours."""
     return {
         "logit_lens": {
             "promoted": [
@@ -197,6 +198,7 @@ def _lens_entries(lens: dict[str, list[list[Any]]], i: int, tok: Any) -> dict[st
                 {"token": tok(t), "value": round(v, 4)}
                 for t, v in zip(lens["down_ids"][i], lens["down_vals"][i], strict=True)
             ],
+            "agreement": round(lens["agreement"][i], 3),
         },
         "neighbours": [
             {"index": j, "cosine": round(c_, 4)}

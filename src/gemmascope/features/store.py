@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,16 @@ class FeatureIndex:
                 ((key, i, d, n, m, pack_json(data)) for i, d, n, m, data in rows),
             )
 
+    def patch_features(self, sae_id: str, patches: Mapping[int, Mapping[str, Any]]) -> None:
+        """Replace fields of stored feature pages, `{index: {field: value}}`, the rest kept."""
+        read = "SELECT data FROM features WHERE sae_id = ? AND idx = ?"
+        with self._transaction() as db:
+            rows = [
+                (pack_json({**unpack_json(db.execute(read, (sae_id, i)).fetchone()[0]), **patch}), sae_id, i)
+                for i, patch in patches.items()
+            ]
+            db.executemany("UPDATE features SET data = ? WHERE sae_id = ? AND idx = ?", rows)
+
     def write_flow(self, rows: Iterable[tuple[str, int, str, int, float]]) -> None:
         """Rows `(sae_id, index, other_sae_id, other_index, corr)`."""
         with self._transaction() as db:
@@ -464,18 +474,6 @@ class FeatureIndex:
                 "UPDATE saes SET complete = 1, stats = ? WHERE sae_id = ?", (json.dumps(stats), sae_id)
             )
 
-    def set_explanation(
-        self,
-        sae_id: str,
-        index: int,
-        text: str,
-        explainer: str = BASELINE,
-        score: float | None = None,
-        model: str | None = None,
-    ) -> None:
-        """Store (or replace) one explainer's explanation of a latent, with its detection score."""
-        self.set_explanations(sae_id, [(index, text, score)], explainer, model)
-
     def set_explanations(
         self,
         sae_id: str,
@@ -483,6 +481,7 @@ class FeatureIndex:
         explainer: str = BASELINE,
         model: str | None = None,
     ) -> None:
+        """Store (or replace) one explainer's explanations `(index, text, detection score)`."""
         key = self._key(sae_id)
         widths = {r[0]: r[1] for r in self._query("SELECT sae_id, width FROM saes")}
         if key not in widths:
