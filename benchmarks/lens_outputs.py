@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from gemmascope.effects import output_effects
-from gemmascope.features.lens import logit_lens
+from gemmascope.features.lens import logit_lens, residual_directions
 from gemmascope.opening import open_run
-from gemmascope.sites import parse_site
+from gemmascope.sae import sae_site
 
 TOP = 10
 
@@ -41,14 +41,15 @@ def measure(run: Any, key: str, n: int, seed: int) -> dict[str, Any]:
     density, max_act = index.densities(key), index.column(key, "max_act")
     pool = [i for i in range(sae.d_sae) if 1e-4 <= float(density[i]) <= 0.05]
     latents = sorted(random.Random(seed).sample(pool, min(n, len(pool))))
-    site = parse_site(sae.cfg.site)
+    site = sae_site(model, sae, key)
     folded, _, _, _ = logit_lens(model, sae, site, TOP, latents=torch.tensor(latents))
-    w_u = model.hf.get_output_embeddings().weight.detach()  # [vocab, d]
+    directions = residual_directions(model, sae, site)  # [d_sae, d_model]: through W_O for attn_out
+    w_u = model.hf.get_output_embeddings().weight.detach()  # [vocab, d_model]
     rows = []
     for j, i in enumerate(tqdm(latents, desc=f"output effects of {key}", unit="latent")):
         measured = output_effects(model, sae, i, float(max_act[i]), top=TOP)
         rose = [r["token_id"] for r in measured["rose"]]
-        weights = (w_u @ sae.W_dec.detach()[i]).topk(TOP).indices.tolist()
+        weights = (w_u @ directions[i]).topk(TOP).indices.tolist()
         lenses = {"weights": weights, "folded": folded[j].tolist()}
         rows.append(
             {

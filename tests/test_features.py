@@ -277,9 +277,22 @@ def test_logit_lens_reads_through_the_final_norms_gain(
         up_ids, up_vals, _, _ = logit_lens(tiny_model, sae, Site("resid_post", 1), k=10)
         assert torch.allclose(up_vals, folded.topk(10, dim=1).values, atol=1e-4)
         assert not torch.equal(up_ids, (sae.W_dec.detach() @ w_u).topk(10, dim=1).indices)
+        # the word search reads the same lens
+        from gemmascope.features import promoting, word_token_ids
+
+        ids = word_token_ids(tiny_model, "dog")
+        z = (folded - folded.mean(1, keepdim=True)) / folded.std(1, unbiased=False, keepdim=True)
+        got = promoting(tiny_model, sae, Site("resid_post", 1), ids, k=5)
+        assert [g["index"] for g in got] == z[:, ids].max(1).values.topk(5).indices.tolist()
+        # a bfloat16 model's gain is read in float32: exactly 1 + its (rounded) weight
+        half = tiny_model.cast(torch.bfloat16)
+        assert torch.equal(final_norm_gain(half.hf), 1.0 + half.hf.model.norm.weight.detach().float())
     finally:
+        from gemmascope.features.lens import _UNEMBEDDING_MOMENTS
+
         with torch.no_grad():
             norm.copy_(before)
+        _UNEMBEDDING_MOMENTS.clear()  # the word search's moments, kept per model, were of the test's gain
 
 
 def test_latents_promoting_a_word_rank_by_the_standardised_logit_lens(
@@ -543,7 +556,7 @@ def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
 
 def test_lens_agreement_is_the_mean_cosine_of_centred_output_embeddings(tiny_model: LanguageModel) -> None:
     """`lens_agreement` computed the slow way: every ordered pair of distinct tokens of a row; a row
-    of one token repeated agrees fully, and the built pages carry it for their promoted tokens."""
+    of one token repeated agrees fully (the built pages' values: the direct-product test above)."""
     from gemmascope.features.lens import lens_agreement
 
     w = tiny_model.hf.get_output_embeddings().weight.detach()
@@ -580,6 +593,9 @@ def test_relabel_writes_the_weights_part_and_labels_a_build_writes(
     pages = [index.feature(sid, i) for i in range(96)]
     index.patch_features(sid, {i: {"logit_lens": {"promoted": [], "suppressed": []}} for i in range(96)})
     index.set_explanations(sid, [(i, "stale", None) for i in range(96)])
+    with pytest.raises(StoreError, match="latent 96 of 'resid_post.1.w96' has no page"):
+        index.patch_features(sid, {0: {"neighbours": []}, 96: {"neighbours": []}})
+    assert index.feature(sid, 0)["neighbours"] == pages[0]["neighbours"]  # nothing written
     index.close()
     with pytest.raises(StoreError, match="other weights"):
         relabel(tiny_model, db, sid, saes["resid_post.3.w64"])

@@ -253,9 +253,10 @@ def final_norm_gain(hf: nn.Module) -> Tensor:
         if isinstance(obj, nn.LayerNorm) and obj.weight is not None:
             return obj.weight.detach().float()
         if isinstance(obj, nn.Module):
-            param = next(obj.parameters())
-            with torch.no_grad():
-                probe = torch.full((1, d), 1024.0, dtype=param.dtype, device=param.device)
+            param = next(obj.parameters(), None)
+            device = param.device if param is not None else None
+            with torch.no_grad():  # a float32 probe: Gemma's and Llama's norms then compute in float32
+                probe = torch.full((1, d), 1024.0, dtype=torch.float32, device=device)
                 return obj(probe)[0].detach().float()
     return torch.ones(d)
 

@@ -172,7 +172,8 @@ def args_index(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relabel",
         action="store_true",
-        help="write the existing index's baseline explanations again with the current labeller (no model pass)",
+        help="write the existing index's logit lens, neighbours and labels again from the SAEs' weights "
+        "(no pass over the corpus)",
     )
     p.add_argument(
         "--llm-url", help="an OpenAI-compatible endpoint to write explanations, e.g. http://127.0.0.1:8080/v1"

@@ -46,6 +46,7 @@ from gemmascope.features.pages import (
     WINDOW,
     feature_pages,
     lens_entries,
+    lens_token,
     token_strings,
     window_tokens,
 )
@@ -354,11 +355,7 @@ def relabel(model: LanguageModel, db_path: str | Path, sae_id: str, sae: SAE) ->
         rows = token_rows(model.tokenizer, int(stats["n_rows"]) * ctx, stats["corpus"], stats["split"], ctx)
         decode = token_strings(model, rows)
         known = lens_vocabulary(rows, decode)
-        lens = weights_part(model, sae, sae_site(model, sae, sae_id))
-
-        def tok(i: int) -> str:
-            return decode[i] if i in decode else str(model.tokenizer.decode([i]))
-
+        lens, tok = weights_part(model, sae, sae_site(model, sae, sae_id)), lens_token(model, decode)
         for start in range(0, info["d_sae"], PAGE_CHUNK):
             stop = min(info["d_sae"], start + PAGE_CHUNK)
             index.patch_features(sae_id, {i: lens_entries(lens, i, tok) for i in range(start, stop)})

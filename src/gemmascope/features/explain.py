@@ -34,7 +34,7 @@ NAMED_SHARE = 0.1  # a token named as typical carries at least this share of the
 NAMED_SEEN = 2  # ... and was seen in at least this many of the page's windows (one sample is chance)
 LENS_COHERENT = 0.5  # the logit lens is named only when this share of its top tokens are readable words
 LENS_AGREES = 0.15  # ... and its top tokens agree this much (`lens.lens_agreement`; a random direction's
-# lens agrees less in 9 of 10 draws): a readable lens of unrelated words is noise the output reads
+# lens: 0.08 median, 0.16 at the 90th percentile): a readable lens of unrelated words is noise
 PLAIN_WORD = 5  # letters of a plain (ASCII) word a lens may name though the index corpus lacks it
 CONTEXT_SHARE = 0.2  # a context word of a broad latent is in at least this share of its distinct windows ...
 CONTEXT_LIFT = 5.0  # ... this many times as often as a window of the corpus holds it
@@ -287,7 +287,8 @@ def explain_prompt(feature: Mapping[str, Any], n_shown: int) -> str:
     ]
     for i, ex in enumerate((feature.get("top_examples") or [])[:n_shown], start=1):
         lines.append(f"{i}. {window_text(ex, mark=True)}")
-    promoted = (feature.get("logit_lens") or {}).get("promoted") or []
+    lens = feature.get("logit_lens") or {}
+    promoted = (lens.get("promoted") or []) if float(lens.get("agreement", 1.0)) >= LENS_AGREES else []
     if promoted:
         lines += [
             "",

@@ -28,10 +28,10 @@ def unembedding(model: LanguageModel) -> Tensor:
     in (`models.final_norm_gain`; TransformerLens folds its ln_final weights the same way). Gemma 3's
     final norm multiplies some dimensions by up to 301 and others by under 1, so `W_dec @ W_U` alone
     ranks tokens by dimensions the output barely reads: measured against what turning a latent up
-    does to the next token (`benchmarks/lens_outputs.py`), the folded lens agrees about half again
-    as often."""
-    w_u = model.hf.get_output_embeddings().weight.detach().t()
-    return final_norm_gain(model.hf).to(w_u)[:, None] * w_u
+    does to the next token (`benchmarks/lens_outputs.py`), the folded lens agrees about twice as
+    often. Float32."""
+    w_u = model.hf.get_output_embeddings().weight.detach().t().float()
+    return final_norm_gain(model.hf).to(w_u.device)[:, None] * w_u
 
 
 def residual_directions(model: LanguageModel, sae: SAE, site: Site) -> Tensor:
@@ -88,8 +88,8 @@ def lens_agreement(model: LanguageModel, token_ids: Tensor) -> Tensor:
     forms or its neighbours (" food", " foods", " meals": 0.50); a direction the output reads as
     noise picks unrelated tokens (" energized", " BLINK", " Wolverine": 0.08). A random direction's
     lens has 0.08 (median) and 0.16 (9 in 10 below) in Gemma 3 270M."""
-    w = model.hf.get_output_embeddings().weight.detach().float()  # [vocab, d]
-    e = w[token_ids] - w.mean(0)  # [n, k, d]
+    w = model.hf.get_output_embeddings().weight.detach()  # [vocab, d]
+    e = w[token_ids].float() - w.mean(0, dtype=torch.float32)  # [n, k, d]
     e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     k = token_ids.shape[1]
     if k < 2:

@@ -10,7 +10,7 @@ Knows the tokenizer (to show tokens) and the accumulators' fields; knows nothing
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -140,12 +140,7 @@ def feature_pages(
         model.tokenizer,
     )
     lo, hi = p2.lo[start:stop].cpu().tolist(), p2.hi[start:stop].cpu().tolist()
-
-    def tok(i: int) -> str:
-        if i not in decode:  # logit-lens tokens need not occur in the corpus
-            decode[i] = model.tokenizer.decode([i])
-        return decode[i]
-
+    tok = lens_token(model, decode)
     for li in range(stop - start):
         i = start + li
         fired = int(n_fired[li])
@@ -183,6 +178,18 @@ def _histogram(
         for j in range(N_INTERVALS)
     ]
     return {"edges": edges, "counts": c}, intervals
+
+
+def lens_token(model: LanguageModel, decode: dict[int, str]) -> Callable[[int], str]:
+    """A token id's text for a page's lens: from `decode` (the corpus's tokens), else decoded once
+    and kept there (logit-lens tokens need not occur in the corpus)."""
+
+    def tok(i: int) -> str:
+        if i not in decode:
+            decode[i] = str(model.tokenizer.decode([i]))
+        return decode[i]
+
+    return tok
 
 
 def lens_entries(lens: dict[str, list[Any]], i: int, tok: Any) -> dict[str, Any]:

@@ -433,12 +433,15 @@ class FeatureIndex:
 
     def patch_features(self, sae_id: str, patches: Mapping[int, Mapping[str, Any]]) -> None:
         """Replace fields of stored feature pages, `{index: {field: value}}`, the rest kept."""
-        read = "SELECT data FROM features WHERE sae_id = ? AND idx = ?"
+        key, rows = self._key(sae_id), []
         with self._transaction() as db:
-            rows = [
-                (pack_json({**unpack_json(db.execute(read, (sae_id, i)).fetchone()[0]), **patch}), sae_id, i)
-                for i, patch in patches.items()
-            ]
+            for i, patch in patches.items():
+                got = db.execute(
+                    "SELECT data FROM features WHERE sae_id = ? AND idx = ?", (key, i)
+                ).fetchone()
+                if got is None:
+                    raise StoreError(f"latent {i} of {sae_id!r} has no page in {self.where!r}: rebuild it")
+                rows.append((pack_json({**unpack_json(got[0]), **patch}), key, i))
             db.executemany("UPDATE features SET data = ? WHERE sae_id = ? AND idx = ?", rows)
 
     def write_flow(self, rows: Iterable[tuple[str, int, str, int, float]]) -> None:
