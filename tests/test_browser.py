@@ -111,6 +111,7 @@ def test_microscope_feature_page_and_steering(page: Any, base_url: str) -> None:
     hot = page.locator("#top-examples .example .tok.hot").first
     assert "rgba(249, 115, 22" in hot.evaluate("el => getComputedStyle(el).backgroundColor")
     assert page.locator("#lens-pos tr").count() == 11 and page.locator("#lens-neg tr").count() == 11
+    assert page.inner_text("#lens-agree").startswith("Its top tokens agree")
     # beside the logit lens, what turning the feature up does to the next token, measured
     page.wait_for_selector("#output-effects[data-loaded]")
     assert page.locator("#out-pos tr").count() == 11 and page.locator("#out-neg tr").count() == 11

@@ -115,6 +115,11 @@ function render(f) {
   }
   lensTable($("lens-pos"), f.logit_lens.promoted, "pos");
   lensTable($("lens-neg"), f.logit_lens.suppressed, "neg");
+  // how much the promoted tokens agree (features.lens.lens_agreement); labels leave out a lens under 0.15
+  const agree = f.logit_lens.agreement;
+  $("lens-agree").textContent = agree === undefined ? "" :
+    `Its top tokens agree ${GS.fmt(agree, 2)} (mean cosine of their embeddings; a random direction's: 0.08)` +
+    (agree < 0.15 ? ": too little to name in the label." : ".");
 
   const max = f.max_act || Math.max(0, ...f.top_examples.map((e) => e.value));
   const top = $("top-examples");
