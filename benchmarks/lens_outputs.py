@@ -8,7 +8,7 @@ shows as "measured output effects").
 
 Two lenses, the same top 10 each: "weights", `W_dec[i] @ W_U` (the output embedding alone), and
 "folded", the tool's lens (`features.logit_lens`: the final norm's per-dimension gain folded into
-`W_U`, `features.lens.unembedding`). Per SAE: the mean share of the measured top 10 that the lens's
+`W_U`, `features.lens.output_directions`). Per SAE: the mean share of the measured top 10 that the lens's
 top 10 holds, and the share of latents with at least 1 and at least 3 in common. Latents are drawn
 among those of density 1e-4 to 5% in the run's feature index (the max activation is the strength).
 

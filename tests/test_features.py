@@ -288,11 +288,8 @@ def test_logit_lens_reads_through_the_final_norms_gain(
         half = tiny_model.cast(torch.bfloat16)
         assert torch.equal(final_norm_gain(half.hf), 1.0 + half.hf.model.norm.weight.detach().float())
     finally:
-        from gemmascope.features.lens import _UNEMBEDDING_MOMENTS
-
         with torch.no_grad():
             norm.copy_(before)
-        _UNEMBEDDING_MOMENTS.clear()  # the word search's moments, kept per model, were of the test's gain
 
 
 def test_latents_promoting_a_word_rank_by_the_standardised_logit_lens(

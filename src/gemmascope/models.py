@@ -152,11 +152,7 @@ def token_texts(tokenizer: Any, ids: Sequence[int], decoded: Mapping[int, str] |
 def decoder_layers(hf: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a causal LM (Gemma, Llama-likes, GPT-2-likes)."""
     for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
-        obj: Any = hf
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
+        obj = _module_at(hf, path)
         if isinstance(obj, nn.ModuleList):
             return obj
     raise ModelError(f"cannot find the decoder layers of {type(hf).__name__}; expected a Gemma-like model")
@@ -238,6 +234,16 @@ def output_layer(hf: nn.Module) -> nn.Linear:
     return linear
 
 
+def _module_at(hf: nn.Module, path: str) -> Any:
+    """The attribute at a dotted `path` of `hf` ("model.norm"), or None where a part is missing."""
+    obj: Any = hf
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def final_norm_gain(hf: nn.Module) -> Tensor:
     """`[d_model]`: the per-dimension gain of the norm between the last layer and the output layer
     (`model.norm`; Gemma's RMSNorm multiplies by 1 + weight, 0.19 to 301 in Gemma 3 270M), read as
@@ -247,9 +253,7 @@ def final_norm_gain(hf: nn.Module) -> Tensor:
     output is its product with this gain, then with the output layer."""
     d = output_layer(hf).in_features
     for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
-        obj: Any = hf
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
+        obj = _module_at(hf, path)
         if isinstance(obj, nn.LayerNorm) and obj.weight is not None:
             return obj.weight.detach().float()
         if isinstance(obj, nn.Module):

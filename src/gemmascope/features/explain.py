@@ -87,6 +87,13 @@ def lens_word(token: str) -> str:
     return token.strip().lower()
 
 
+def agreeing_lens(feature: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The page's promoted lens tokens (`[{token, value}]`), or none when its `agreement` (where the
+    page has one) is under `LENS_AGREES`."""
+    lens = feature.get("logit_lens") or {}
+    return list(lens.get("promoted") or []) if float(lens.get("agreement", 1.0)) >= LENS_AGREES else []
+
+
 def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | None = None) -> list[str]:
     """The logit lens's promoted tokens a label may name: those a reader can check (their `lens_word`
     in `known_tokens`, the index corpus's words, when given, or a plain word of `PLAIN_WORD` letters
@@ -98,10 +105,7 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
     `PLAIN_WORD` letters twice: " temperatures", " temperature"), as a random direction's does not.
     A lens whose top tokens do not agree (its `agreement` under `LENS_AGREES`, where the page has
     one: " energized", " BLINK", " Wolverine") is never named."""
-    lens = feature.get("logit_lens") or {}
-    promoted = [p["token"] for p in lens.get("promoted") or []]
-    if float(lens.get("agreement", 1.0)) < LENS_AGREES:
-        return []
+    promoted = [p["token"] for p in agreeing_lens(feature)]
 
     def readable(token: str) -> bool:
         if known_tokens is not None:
@@ -287,8 +291,7 @@ def explain_prompt(feature: Mapping[str, Any], n_shown: int) -> str:
     ]
     for i, ex in enumerate((feature.get("top_examples") or [])[:n_shown], start=1):
         lines.append(f"{i}. {window_text(ex, mark=True)}")
-    lens = feature.get("logit_lens") or {}
-    promoted = (lens.get("promoted") or []) if float(lens.get("agreement", 1.0)) >= LENS_AGREES else []
+    promoted = agreeing_lens(feature)
     if promoted:
         lines += [
             "",

@@ -23,15 +23,20 @@ _CHUNK_ENTRIES = 1 << 24  # logits or cosines held at once (64 MiB of fp32)
 
 
 def unembedding(model: LanguageModel) -> Tensor:
-    """`[d_model, vocab]`: how the output reads a residual direction, `diag(g) W_U`: the model's
-    unembedding (the transposed output embedding) with the final norm's per-dimension gain `g` folded
-    in (`models.final_norm_gain`; TransformerLens folds its ln_final weights the same way). Gemma 3's
-    final norm multiplies some dimensions by up to 301 and others by under 1, so `W_dec @ W_U` alone
-    ranks tokens by dimensions the output barely reads: measured against what turning a latent up
-    does to the next token (`benchmarks/lens_outputs.py`), the folded lens agrees about twice as
-    often. Float32."""
-    w_u = model.hf.get_output_embeddings().weight.detach().t().float()
-    return final_norm_gain(model.hf).to(w_u.device)[:, None] * w_u
+    """`[d_model, vocab]`: the model's unembedding `W_U` (the transposed output embedding, a view)."""
+    return model.hf.get_output_embeddings().weight.detach().t()
+
+
+def output_directions(model: LanguageModel, sae: SAE, site: Site) -> Tensor:
+    """`[d_sae, d_model]`: each latent's residual direction as the output layer reads it, times the
+    final norm's per-dimension gain `g` (`models.final_norm_gain`), so that its product with `W_U` is
+    `W_dec[i] @ diag(g) W_U` (TransformerLens folds its ln_final weights the same way; folded into
+    the directions, not into the 262k-column `W_U`). Gemma 3's final norm multiplies some dimensions
+    by up to 301 and others by under 1, so `W_dec @ W_U` alone ranks tokens by dimensions the output
+    barely reads: measured against what turning a latent up does to the next token
+    (`benchmarks/lens_outputs.py`), the folded lens agrees about twice as often."""
+    directions = residual_directions(model, sae, site)
+    return directions * final_norm_gain(model.hf).to(directions)
 
 
 def residual_directions(model: LanguageModel, sae: SAE, site: Site) -> Tensor:
@@ -55,10 +60,10 @@ def logit_lens(
     progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The logit lens of latents (all by default, else `latents [n]`): `W_dec[i] @ diag(g) W_U`
-    (`unembedding`; through `W_O` for `attn_out`), computed exactly, a chunk of latents at a time.
+    (`output_directions`; through `W_O` for `attn_out`), computed exactly, a chunk of latents at a time.
     Returns the top-k promoted token ids and values `[n, k]` and the top-k suppressed token ids and
     values `[n, k]` (most negative first)."""
-    directions = residual_directions(model, sae, site)
+    directions = output_directions(model, sae, site)
     if latents is not None:
         directions = directions[latents]
     w_u = unembedding(model).to(directions.dtype)
@@ -88,12 +93,12 @@ def lens_agreement(model: LanguageModel, token_ids: Tensor) -> Tensor:
     forms or its neighbours (" food", " foods", " meals": 0.50); a direction the output reads as
     noise picks unrelated tokens (" energized", " BLINK", " Wolverine": 0.08). A random direction's
     lens has 0.08 (median) and 0.16 (9 in 10 below) in Gemma 3 270M."""
-    w = model.hf.get_output_embeddings().weight.detach()  # [vocab, d]
-    e = w[token_ids].float() - w.mean(0, dtype=torch.float32)  # [n, k, d]
-    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     k = token_ids.shape[1]
     if k < 2:
         return torch.ones(token_ids.shape[0])
+    w = model.hf.get_output_embeddings().weight.detach()  # [vocab, d]
+    e = w[token_ids].float() - w.mean(0, dtype=torch.float32)  # [n, k, d]
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return ((e @ e.transpose(1, 2)).sum((1, 2)) - (e * e).sum((1, 2))) / (k * (k - 1))
 
 
@@ -145,7 +150,7 @@ def promoting(
     left out (e.g. the dense ones). Returns `[{index, z, token_id}]`, best first."""
     if not token_ids:
         return []
-    directions = residual_directions(model, sae, site).float()  # [d_sae, d_model]
+    directions = output_directions(model, sae, site).float()  # [d_sae, d_model], the gain folded in
     mean, cov = unembedding_moments(model)
     w_u = unembedding(model).float()[:, token_ids]  # [d_model, n]
     std = ((directions @ cov) * directions).sum(1).clamp_min(1e-12).sqrt()  # [d_sae]
