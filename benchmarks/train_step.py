@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gemmascope.sae import JumpReLUSAE, SAEConfig
-from gemmascope.sparse_step import BLOCK_ELEMENTS, jumprelu_terms_sparse
+from gemmascope.sparse_step import BLOCK_ELEMENTS, jumprelu_terms_sparse, latent_major_encoder
 from gemmascope.train import (
     ADAM_BETAS,
     ADAM_EPS,
@@ -103,7 +103,8 @@ def train_step(
 ) -> float:
     """One trainer step on `x`; returns the batch's L0."""
     opt.zero_grad(set_to_none=True)
-    recon, l0, _ = terms(sae, x, BANDWIDTH)
+    recon, rate, _, _ = terms(sae, x, BANDWIDTH)
+    l0 = rate.sum()
     (recon + coeff * l0).backward()
     remove_parallel_grad(sae.W_dec)
     opt.step()
@@ -164,6 +165,8 @@ def measure(
     before the step (the step's working memory), and `resident_mib` what was resident."""
     x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1)).to(device) / d_in**0.5
     saes = {m: make_sae(d_in, width, x, l0_target) for m in methods}
+    if "fast" in saes:
+        latent_major_encoder(saes["fast"])  # as the trainer lays it out for the sparse step
     opts = {
         m: torch.optim.Adam(saes[m].parameters(), lr=7e-5, betas=ADAM_BETAS, eps=ADAM_EPS) for m in methods
     }
@@ -202,6 +205,8 @@ def memory_child(method: str, d_in: int, width: int, batch: int, l0: float, devi
     resident set; CUDA: allocator peak) and what was held just before the step, as JSON."""
     x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1)).to(device) / d_in**0.5
     sae = make_sae(d_in, width, x, l0)
+    if method == "fast":
+        latent_major_encoder(sae)
     opt = torch.optim.Adam(sae.parameters(), lr=7e-5, betas=ADAM_BETAS, eps=ADAM_EPS)
     sync(device)
     with PeakMemory(device) as mem:

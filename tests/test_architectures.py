@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gemmascope.activations import harvest
 from gemmascope.architectures import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
-from gemmascope.architectures.jumprelu import dead_preact_loss, dense_penalty, jumprelu, jumprelu_terms, step
+from gemmascope.architectures.jumprelu import dense_penalty, jumprelu, jumprelu_terms, step
 from gemmascope.architectures.topk import auxk_loss
 from gemmascope.errors import ConfigError
 from gemmascope.models import LanguageModel
@@ -32,6 +32,7 @@ from gemmascope.sae import (
     build_sae,
     register_architecture,
 )
+from gemmascope.sparse_step import jumprelu_terms_sparse
 
 EPS = 0.001
 SITE = "resid_post.2"
@@ -231,7 +232,8 @@ def test_relu_sae() -> None:
 def test_jumprelu_terms_values() -> None:
     sae = random_jumprelu()
     x = torch.randn(32, 8)
-    recon, l0, fired = jumprelu_terms(sae, x, EPS)
+    recon, rate, fired, _ = jumprelu_terms(sae, x, EPS)
+    l0 = rate.sum()
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # the pre-encoder bias
         active = pre > sae.threshold
@@ -251,8 +253,8 @@ def test_jumprelu_terms_gradients_equal_the_formulas() -> None:
     with torch.no_grad():
         pre0 = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         sae.threshold.copy_(pre0[0] + 0.0003)  # token 0 sits just below every θ (u = -0.3)
-    recon, l0, _ = jumprelu_terms(sae, x, EPS)
-    (recon + lam * l0).backward()
+    recon, rate, _, _ = jumprelu_terms(sae, x, EPS)
+    (recon + lam * rate.sum()).backward()
 
     with torch.no_grad():
         theta = sae.threshold.detach()
@@ -280,8 +282,8 @@ def test_jumprelu_terms_gradients_equal_the_formulas() -> None:
 
 def test_the_l0_term_sends_no_gradient_to_the_weights() -> None:
     sae = random_jumprelu(seed=2)
-    _, l0, _ = jumprelu_terms(sae, torch.randn(16, 8), EPS)
-    l0.backward()
+    _, rate, _, _ = jumprelu_terms(sae, torch.randn(16, 8), EPS)
+    rate.sum().backward()
     for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
         assert p.grad is None or not p.grad.any()
 
@@ -290,39 +292,45 @@ def test_the_l0_term_sends_no_gradient_to_the_weights() -> None:
 # The auxiliary terms against plain dense references
 
 
-def test_dead_preact_loss_and_gradient_equal_the_dense_reference() -> None:
-    """Computed on the dead columns only; the reference masks the full [batch, d_sae] matrix."""
+@pytest.mark.parametrize("terms", [jumprelu_terms, jumprelu_terms_sparse], ids=["reference", "sparse"])
+def test_dead_preact_loss_and_gradient_equal_the_dense_formula(terms: Any) -> None:
+    """The loss terms' `below`: computed on the dead columns only (the sparse step: from their own
+    small product); the formula masks the full [batch, d_sae] matrix."""
     sae, x = random_jumprelu(unit_rows=True), torch.randn(32, 8)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[1, 4, 9]] = True
-    fast = grads(sae, dead_preact_loss(sae, x, dead))
+    below = terms(sae, x, EPS, dead=dead.nonzero().squeeze(1))[3]
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [32, 16]
     reference = (torch.relu(sae.threshold - pre) * dead).sum(-1).mean()
-    assert float(dead_preact_loss(sae, x, dead).detach()) == pytest.approx(
-        float(reference.detach()), rel=1e-6
-    )
-    ref = grads(sae, reference)
+    assert float(below.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    fast, ref = grads(sae, below), grads(sae, reference)
     for name in fast:
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
     assert float(fast["threshold"][1]) > 0 and float(fast["threshold"][0]) == 0  # only dead thresholds move
     assert float(fast["W_dec"].abs().sum()) == 0  # the decoder is untouched
+    assert float(fast["W_enc"][:, 1].abs().sum()) > 0 and float(fast["W_enc"][:, 0].abs().sum()) == 0
+    assert float(terms(sae, x, EPS, dead=torch.zeros(0, dtype=torch.long))[3].detach()) == 0.0
 
 
-def test_dense_penalty_and_gradient_equal_the_dense_reference() -> None:
+@pytest.mark.parametrize("terms", [jumprelu_terms, jumprelu_terms_sparse], ids=["reference", "sparse"])
+def test_dense_penalty_and_gradient_equal_the_dense_formula(terms: Any) -> None:
+    """From the loss terms' own firing rates, with no product of its own."""
     sae, x = random_jumprelu(unit_rows=True), torch.randn(64, 8)
     dense = torch.zeros(16, dtype=torch.bool)
     dense[[0, 2, 7]] = True
     limit = 0.1
-    fast = grads(sae, dense_penalty(sae, x, dense, limit, EPS))
+    with torch.no_grad():  # some tokens within half a bandwidth of θ, so the kernel is exercised
+        pre0 = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        sae.threshold.copy_(pre0[0] + 0.0003)
+    penalty = dense_penalty(terms(sae, x, EPS)[1], dense, limit)
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     density = step(pre, sae.threshold, EPS).mean(0)  # [16]
     reference = (torch.relu(density - limit) * dense).sum()
-    assert float(dense_penalty(sae, x, dense, limit, EPS).detach()) == pytest.approx(
-        float(reference.detach()), rel=1e-6
-    )
-    ref = grads(sae, reference)
+    assert float(penalty.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    fast, ref = grads(sae, penalty), grads(sae, reference)
     for name in fast:
         torch.testing.assert_close(fast[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert float(fast["threshold"].abs().sum()) > 0
     assert float(fast["W_enc"].abs().sum()) == 0  # like the L0 term, it reaches only the thresholds
 
 

@@ -1,5 +1,5 @@
 """The fast JumpReLU step (sparse_step.py) against the plain reference (`jumprelu_terms`, in
-architectures/jumprelu.py): the same recon, l0 and fired, and the same gradient for every
+architectures/jumprelu.py): the same recon, firing rates, fired and dead-latent loss, and the same gradient for every
 parameter, within fp32 tolerance, on random data and on real activations; and a short training
 run with `fast=True` ending where the reference run ends."""
 
@@ -16,19 +16,27 @@ from torch import Tensor
 from gemmascope import sparse_step
 from gemmascope.activations import harvest
 from gemmascope.architectures import JumpReLUSAE
+from gemmascope.architectures.jumprelu import dense_penalty
 from gemmascope.formats import load_sae
 from gemmascope.models import LanguageModel
 from gemmascope.sae import SAEConfig
 from gemmascope.sites import Site, capture
-from gemmascope.sparse_step import jumprelu_terms_sparse, kept_pairs
+from gemmascope.sparse_step import jumprelu_terms_sparse, kept_pairs, latent_major_encoder
 from gemmascope.train import TrainConfig, TrainSpec, init_sae, jumprelu_terms, train_saes
+from gemmascope.train.optim import make_optimizer
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (recon, rate [d_sae], below) -> loss
 LOSSES: dict[str, LossFn] = {
-    "recon + lambda l0": lambda recon, l0: recon + 0.3 * l0,
-    "target-L0 penalty": lambda recon, l0: recon + 2.0 * (l0 / 10.0 - 1).pow(2),
-    "recon only": lambda recon, l0: recon,
-    "l0 only": lambda recon, l0: 0.5 * l0,
+    "recon + lambda l0": lambda recon, rate, below: recon + 0.3 * rate.sum(),
+    "target-L0 penalty": lambda recon, rate, below: recon + 2.0 * (rate.sum() / 10.0 - 1).pow(2),
+    "recon only": lambda recon, rate, below: recon,
+    "l0 only": lambda recon, rate, below: 0.5 * rate.sum(),
+    "the training loss": lambda recon, rate, below: (  # target L0, dense penalty, dead latents
+        recon
+        + 2.0 * (rate.sum() / 10.0 - 1).pow(2)
+        + dense_penalty(rate, rate.detach() > 0.04, 0.04)
+        + 0.5 * below
+    ),
 }
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
@@ -68,16 +76,18 @@ def run(
     loss: LossFn,
     prefixes: tuple[int, ...] | None = None,
 ):
-    """Values and gradients (of every parameter, and of x if it requires one) of one step."""
+    """Values and gradients (of every parameter, and of x if it requires one) of one step; every
+    seventh latent counts as dead."""
     sae.zero_grad(set_to_none=True)
     if x.grad is not None:
         x.grad = None
-    recon, l0, fired = fn(sae, x, eps, prefixes=prefixes)
-    loss(recon, l0).backward()
+    dead = torch.arange(0, sae.d_sae, 7)
+    recon, rate, fired, below = fn(sae, x, eps, prefixes=prefixes, dead=dead)
+    loss(recon, rate, below).backward()
     grads = {name: getattr(sae, name).grad for name in PARAMS}
     if x.requires_grad:
         grads["x"] = x.grad
-    return recon.detach(), l0.detach(), fired, grads
+    return recon.detach(), rate.detach(), fired, grads, below.detach()
 
 
 def assert_same_step(
@@ -90,8 +100,9 @@ def assert_same_step(
     ref = run(jumprelu_terms, sae, x, eps, loss, prefixes)
     fast = run(jumprelu_terms_sparse, sae, x, eps, loss, prefixes)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
-    assert fast[1] == ref[1], f"l0 {fast[1]} != reference {ref[1]}"
+    assert torch.equal(fast[1], ref[1]), "rates differ"
     assert torch.equal(fast[2], ref[2]), "fired differs"
+    torch.testing.assert_close(fast[4], ref[4], rtol=1e-5, atol=1e-6)
     for name, want in ref[3].items():
         got = fast[3][name]
         if want is None:  # the reference sends this parameter no gradient: neither may we, or zeros
@@ -148,7 +159,7 @@ def test_matryoshka_prefixes_equal_the_reference(loss_name: str) -> None:
 
 
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("loss_name", ["recon + lambda l0", "target-L0 penalty"])
+@pytest.mark.parametrize("loss_name", ["recon + lambda l0", "the training loss"])
 def test_a_transcoder_equals_the_reference(skip: bool, loss_name: str) -> None:
     """A transcoder (its own target, b_in as the pre-encoder bias, with or without the affine skip
     connection): the same values and gradients for every parameter, W_skip and x included."""
@@ -173,14 +184,14 @@ def test_a_transcoder_equals_the_reference(skip: bool, loss_name: str) -> None:
     for fn in (jumprelu_terms, jumprelu_terms_sparse):
         sae.zero_grad(set_to_none=True)
         x.grad = None
-        recon, l0, fired = fn(sae, x, 0.05, target=target)
-        LOSSES[loss_name](recon, l0).backward()
+        recon, rate, fired, below = fn(sae, x, 0.05, target=target, dead=torch.arange(0, d_sae, 7))
+        LOSSES[loss_name](recon, rate, below).backward()
         out.append(
-            (recon.detach(), l0.detach(), fired, {n: getattr(sae, n).grad for n in names} | {"x": x.grad})
+            (recon.detach(), rate.detach(), fired, {n: getattr(sae, n).grad for n in names} | {"x": x.grad})
         )
     ref, fast = out
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
-    assert fast[1] == ref[1] and torch.equal(fast[2], ref[2])
+    assert torch.equal(fast[1], ref[1]) and torch.equal(fast[2], ref[2])
     for name, want in ref[3].items():
         got = fast[3][name]
         assert got is not None and want is not None, name
@@ -200,8 +211,8 @@ def test_no_latent_active() -> None:
     x = torch.randn(40, 16)
     with torch.no_grad():
         sae.threshold.fill_(1e3)
-    recon, l0, fired = jumprelu_terms_sparse(sae, x, 0.001)
-    assert l0 == 0 and not fired.any()
+    recon, rate, fired, below = jumprelu_terms_sparse(sae, x, 0.001)
+    assert not rate.any() and not fired.any() and below == 0
     torch.testing.assert_close(recon, (x - sae.b_dec).pow(2).sum(-1).mean())
     assert_same_step(sae, x, 0.001)
 
@@ -214,7 +225,7 @@ def test_row_blocks_give_the_same_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sparse_step, "BLOCK_ELEMENTS", 7 * 256)  # blocks of 7 rows, the last one short
     blocks = run(jumprelu_terms_sparse, sae, x, 0.02, LOSSES["recon + lambda l0"])
     torch.testing.assert_close(blocks[0], whole[0])
-    assert blocks[1] == whole[1] and torch.equal(blocks[2], whole[2])
+    assert torch.equal(blocks[1], whole[1]) and torch.equal(blocks[2], whole[2])
     for name in PARAMS:
         torch.testing.assert_close(blocks[3][name], whole[3][name])
 
@@ -338,3 +349,25 @@ def test_fast_training_run_ends_where_the_reference_run_ends(
             assert float((diff <= 2e-4).float().mean()) >= 0.99, f"{name}: {int((diff > 2e-4).sum())} apart"
         assert fast.cfg.extra["l0"] == pytest.approx(ref.cfg.extra["l0"], rel=1e-3)
         assert fast.cfg.extra["fvu"] == pytest.approx(ref.cfg.extra["fvu"], rel=1e-3)
+
+
+def test_a_latent_major_encoder_takes_its_gradient_as_computed_and_steps_alike() -> None:
+    """`latent_major_encoder` stores W_enc as the transpose of a [d_sae, d_in] tensor, the layout of
+    the sparse step's encoder gradient, which autograd then keeps without a copy; the step's values
+    and gradients, and the sign optimiser's step, are those of the plain layout."""
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(3))
+    plain, relaid = random_sae(32, 256, seed=9), random_sae(32, 256, seed=9)
+    latent_major_encoder(relaid)
+    assert relaid.W_enc.stride() == (1, 32) and torch.equal(relaid.W_enc, plain.W_enc)
+    for sae in (plain, relaid):
+        set_thresholds_for_l0(sae, x, l0=15)
+    steps = [run(jumprelu_terms_sparse, sae, x, 0.02, LOSSES["the training loss"]) for sae in (plain, relaid)]
+    assert relaid.W_enc.grad is not None and relaid.W_enc.grad.stride() == relaid.W_enc.stride()
+    for name in PARAMS:
+        torch.testing.assert_close(steps[1][3][name], steps[0][3][name], rtol=0, atol=0)
+    for sae in (plain, relaid):
+        optimizer = make_optimizer(sae, "signum", 1e-2, 1e-3, (0.0, 0.999), 1e-8)
+        optimizer.step()
+        optimizer.step()
+    torch.testing.assert_close(relaid.W_enc, plain.W_enc, rtol=0, atol=0)
+    torch.testing.assert_close(relaid.W_dec, plain.W_dec, rtol=0, atol=0)

@@ -106,6 +106,7 @@ def test_fast_flag_uses_sparse_step_or_says_it_cannot(run_dir: Path) -> None:
     ref = jumprelu_terms(sae, x, EPS)
     fast = jumprelu_terms_sparse(sae, x, EPS)
     assert torch.allclose(ref[0], fast[0], rtol=1e-5) and torch.equal(ref[1], fast[1])
+    assert torch.equal(ref[2], fast[2])
 
 
 def test_a_fast_run_steps_every_sae_with_the_sparse_step(

@@ -11,7 +11,6 @@ Knows nothing of the training loop or of files: the loop calls `JumpReLU` throug
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,15 +126,20 @@ def jumprelu_terms(
     bandwidth: float,
     target: Tensor | None = None,
     prefixes: tuple[int, ...] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The two terms of the JumpReLU loss on a batch `x [batch, d_in]` already divided by C.
+    dead: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The terms of the JumpReLU loss on a batch `x [batch, d_in]` already divided by C.
 
     The encoder sees `sae.centered(x)` (the pre-encoder bias). Returns `recon` (mean over the batch
     of ‖target − x̂‖², summed over d_in; the target is `x` itself for an SAE, the output site's
     `target [batch, d_in]` for a transcoder, whose x̂ includes its skip connection; with Matryoshka
-    `prefixes`, `nested_recon`'s mean over the nested reconstructions), `l0` (mean over the batch of
-    Σᵢ H(preᵢ − θᵢ), whose gradient goes to θ only, through the rectangle-kernel pseudo-derivative)
-    and `fired [d_sae]` (float32: on how many tokens of the batch each latent was active).
+    `prefixes`, `nested_recon`'s mean over the nested reconstructions), `rate [d_sae]` (each latent's
+    firing rate on the batch, the mean of H(preᵢ − θᵢ), whose gradient goes to θ only, through the
+    rectangle-kernel pseudo-derivative; L0 is its sum, the dense penalty reads it too), `fired
+    [d_sae]` (float32: on how many tokens of the batch each latent was active) and `below` (Anthropic's
+    pre-activation loss on the `dead [n]` latents, indices: the batch mean of Σᵢ ReLU(θᵢ − preᵢ)
+    over them, decoder rows at unit norm; its gradient raises their pre-activations and lowers their
+    thresholds until they fire again; 0 without dead latents).
     This is the plain reference; `sparse_step.jumprelu_terms_sparse` is the fast path with
     the same values and gradients."""
     pre_acts = sae.pre_acts(sae.centered(x))  # [batch, d_sae]
@@ -143,42 +147,21 @@ def jumprelu_terms(
     y = x if target is None else target
     recon = nested_recon(f, sae.W_dec, y - sae.b_dec - sae.skip(x), prefixes)
     active = step(pre_acts, sae.threshold, bandwidth)  # [batch, d_sae] floats 0/1
-    l0 = active.sum(-1).mean()
     fired = (active > 0).sum(0, dtype=torch.float32)
-    return recon, l0, fired
+    below = pre_acts.new_zeros(())
+    if dead is not None and dead.numel():
+        below = torch.relu(sae.threshold[dead] - pre_acts[:, dead]).sum(-1).mean()
+    return recon, active.mean(0), fired, below
 
 
-def dead_preact_loss(sae: JumpReLUSAE, x: Tensor, dead: Tensor) -> Tensor:
-    """Anthropic's pre-activation loss on the `dead [d_sae]` (bool) latents only: the batch mean of
-    Σᵢ ReLU(θᵢ − preᵢ) over them (decoder rows have unit norm), on `x [batch, d_in]` (already / C).
-    Its gradient raises their pre-activations and lowers their thresholds until they fire again."""
-    index = dead.nonzero().squeeze(1)
-    pre_acts = sae.centered(x) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dead]
-    return torch.relu(sae.threshold[index] - pre_acts).sum(-1).mean()
-
-
-def dense_penalty(
-    sae: JumpReLUSAE,
-    x: Tensor,
-    dense: Tensor,
-    limit: float,
-    bandwidth: float,
-    share: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """Gemma Scope 2's penalty on latents that fire too often: Σᵢ ReLU(densityᵢ − `limit`) over the
-    `dense [d_sae]` (bool) latents, densityᵢ their firing rate on the batch `x [batch, d_in]` (already
-    / C), differentiable in θ through the straight-through step (as the L0 term). `share` turns a
-    data-parallel rank's densities into the whole batch's (the penalty is not linear in them).
-    Its gradient reaches the thresholds only (as the L0 term's), so the pre-activations are taken
-    without a graph: the step's zero gradient to them would otherwise cost a backward product and
-    a full-size encoder gradient each step (a fifth of a step's time at the 3% limit)."""
-    index = dense.nonzero().squeeze(1)
-    with torch.no_grad():
-        pre_acts = sae.centered(x) @ sae.W_enc[:, index] + sae.b_enc[index]  # [batch, n_dense]
-    density = step(pre_acts, sae.threshold[index], bandwidth).mean(0)  # [n_dense]
-    if share is not None:
-        density = share(density)
-    return torch.relu(density - limit).sum()
+def dense_penalty(rate: Tensor, dense: Tensor, limit: float) -> Tensor:
+    """Gemma Scope 2's penalty on latents that fire too often: Σᵢ ReLU(rateᵢ − `limit`) over the
+    `dense [d_sae]` (bool) latents, `rate [d_sae]` the batch's firing rates as the loss terms give
+    them (the whole batch's, data-parallel), differentiable in θ through the straight-through step
+    (as the L0 term, which is their sum). The rates come from the step's own pre-activations, so the
+    penalty costs no product of its own (it took one over the latents over the limit: hundreds of
+    them at the 3% limit, a tenth of a CPU step)."""
+    return torch.relu(rate[dense] - limit).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,33 +229,35 @@ class JumpReLU(Architecture):
     def terms(self, sae: SAE, batch: TrainBatch, spec: SpecLike, settings: SettingsLike) -> Terms:
         assert isinstance(sae, JumpReLUSAE)
         x = batch.x
+        dead = batch.dead.nonzero().squeeze(1) if settings.dead_preact_coeff else None  # [n_dead]
         if settings.fast:
-            recon, l0, fired = sparse_step.jumprelu_terms_sparse(
+            recon, rate, fired, below = sparse_step.jumprelu_terms_sparse(
                 sae,
                 x,
                 settings.bandwidth,
                 batch.prefixes,
                 batch.target,
                 reading_dtype(settings.step_dtype, x.device),
+                dead,
             )
         else:
-            recon, l0, fired = jumprelu_terms(sae, x, settings.bandwidth, batch.target, batch.prefixes)
+            recon, rate, fired, below = jumprelu_terms(
+                sae, x, settings.bandwidth, batch.target, batch.prefixes, dead
+            )
         if batch.share is not None:
-            l0 = batch.share(l0)  # the whole batch's L0: the target-L0 penalty is not linear in it
+            rate = batch.share(rate)  # the whole batch's: the penalties are not linear in it
+        l0 = rate.sum()
         sparsity: Tensor | float
         if spec.target_l0 is not None:  # Gemma Scope 2: quadratic penalty around L0*
             sparsity = settings.target_l0_coeff * (l0 / spec.target_l0 - 1).pow(2)
         else:
             sparsity = float(spec.l0_coeff or 0.0) * l0
-        extra: Tensor | float = 0.0
-        if settings.dead_preact_coeff and batch.dead.any():
-            extra = extra + settings.dead_preact_coeff * dead_preact_loss(sae, x, batch.dead)
+        extra: Tensor | float = (settings.dead_preact_coeff or 0.0) * below
         limit = settings.dense_density  # None, as the coefficient, where the settings are not resolved
         if settings.dense_coeff and limit is not None:
             dense = batch.density > limit
             if dense.any():
-                penalty = dense_penalty(sae, x, dense, limit, settings.bandwidth, batch.share)
-                extra = extra + settings.dense_coeff * penalty
+                extra = extra + settings.dense_coeff * dense_penalty(rate, dense, limit)
         return Terms(recon, l0, fired, sparsity, extra)
 
     def after_step(self, sae: SAE, terms: Terms) -> None:

@@ -170,7 +170,12 @@ class Parallel:
                 continue
             if p.grad is None:  # every rank must take part in every all-reduce
                 p.grad = torch.zeros_like(p)
-            self._all_reduce(p.grad).div_(self.world)
+            # the same memory seen in the order it is laid out (a latent-major encoder's gradient
+            # is a transpose): NCCL all-reduces contiguous tensors only
+            grad = p.grad
+            strides = grad.stride()
+            order = sorted(range(grad.dim()), key=lambda d: -strides[d])
+            self._all_reduce(grad.permute(order)).div_(self.world)
 
     def tokens(self, local: int) -> int:
         """Tokens in the whole step's batch: summed over the ranks, since the massive-activation filter

@@ -80,12 +80,13 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                         point.clamp_(min=group["floor"])
 
     def _scratch(self, p: Tensor) -> Tensor:
-        """A buffer shaped as `p` for its step's sign: a view of one flat buffer the size of the
-        largest parameter, kept between steps (not state: checkpoints do not carry it)."""
+        """A buffer shaped and laid out as `p` for its step's sign (an elementwise pass between two
+        layouts is a transposing copy): a view of one flat buffer the size of the largest parameter,
+        kept between steps (not state: checkpoints do not carry it)."""
         flat = self._buffers.get(p.device)
         if flat is None or flat.numel() < p.numel() or flat.dtype != p.dtype:
             flat = self._buffers[p.device] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-        return flat[: p.numel()].view(p.shape)
+        return flat[: p.numel()].as_strided(p.shape, p.stride())
 
     @torch.no_grad()
     def swap_in_average(self) -> None:

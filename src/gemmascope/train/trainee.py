@@ -22,6 +22,7 @@ from gemmascope.activations import ActivationStore
 from gemmascope.errors import TrainingError
 from gemmascope.sae import SAE, Architecture, SAEConfig, architecture, build_sae
 from gemmascope.sites import Site, parse_site
+from gemmascope.sparse_step import latent_major_encoder
 from gemmascope.train.config import TrainConfig, TrainSpec
 from gemmascope.train.distributed import Parallel
 from gemmascope.train.init import init_sae
@@ -117,6 +118,8 @@ def new_trainee(
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
     threshold = cfg.threshold_init if cfg.threshold_init is not None else THRESHOLD_INIT
     sae = init_sae(build_sae(sae_cfg), generator, threshold).to(device or "cpu")
+    if cfg.fast and architecture(spec.architecture).fast_step:
+        latent_major_encoder(sae)  # the layout of the sparse step's encoder gradient
     lr = spec.lr if spec.lr is not None else cfg.lr
     assert lr is not None, "config.resolve gives every spec its learning rate"
     optimizer = make_optimizer(sae, cfg.optimizer, lr, lr * cfg.threshold_lr_ratio, cfg.adam_betas, ADAM_EPS)
