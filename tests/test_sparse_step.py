@@ -371,3 +371,25 @@ def test_a_latent_major_encoder_takes_its_gradient_as_computed_and_steps_alike()
         optimizer.step()
     torch.testing.assert_close(relaid.W_enc, plain.W_enc, rtol=0, atol=0)
     torch.testing.assert_close(relaid.W_dec, plain.W_dec, rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_contiguous_optimizer_state_resumes_laid_out_as_the_parameters() -> None:
+    """A checkpoint written before the trainer stored W_enc latent-major holds contiguous optimiser
+    states; loaded into a latent-major trainee they take its layout (values unchanged), so its steps'
+    elementwise passes are not transposing ones."""
+    from gemmascope.train.trainee import _lay_out_as_parameters
+
+    sae = random_sae(16, 64, seed=2)
+    optimizer = make_optimizer(sae, "signum", 1e-2, 1e-3, (0.0, 0.999), 1e-8)
+    sae.W_enc.grad, sae.W_dec.grad = torch.randn(16, 64), torch.randn(64, 16)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    latent_major_encoder(sae)
+    optimizer = make_optimizer(sae, "signum", 1e-2, 1e-3, (0.0, 0.999), 1e-8)
+    optimizer.load_state_dict(saved)
+    before = {k: v.clone() for k, v in optimizer.state[sae.W_enc].items() if isinstance(v, Tensor)}
+    assert optimizer.state[sae.W_enc]["z"].stride() != sae.W_enc.stride()
+    _lay_out_as_parameters(optimizer)
+    for key, value in before.items():
+        assert optimizer.state[sae.W_enc][key].stride() == sae.W_enc.stride()
+        assert torch.equal(optimizer.state[sae.W_enc][key], value)

@@ -135,3 +135,27 @@ def test_a_floor_holds_at_every_point_so_the_average_keeps_it_too() -> None:
     assert min(float(state["z"].min()), float(state["x"].min()), float(theta.detach().min())) >= floor
     with averaged(opt):
         assert float(theta.detach().min()) >= floor
+
+
+def test_the_sign_step_is_the_same_whatever_the_parameters_layout() -> None:
+    """A contiguous parameter, its latent-major transpose and a strided view (every other column of
+    a wider tensor, which a flat scratch buffer cannot take) step to the same values."""
+    from gemmascope.train.optim import _dense
+
+    start, grad = torch.randn(6, 10), torch.randn(6, 10)
+    params = [
+        start.clone(),
+        start.t().contiguous().t(),
+        torch.zeros(6, 20)[:, ::2].copy_(start),  # a view of a leaf's storage, with gaps
+    ]
+    assert [_dense(p) for p in params] == [True, True, False]
+    results = []
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = grad.clone()
+        optimizer = ScheduleFreeSign([{"params": [p]}], lr=0.1)
+        optimizer.step()
+        optimizer.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)

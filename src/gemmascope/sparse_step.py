@@ -1,6 +1,6 @@
 """The fast JumpReLU training step. Owns `jumprelu_terms_sparse`, a drop-in for the plain reference
-`architectures.jumprelu.jumprelu_terms` (the same arguments; same values, same gradients within fp32
-rounding) for SAEs and transcoders alike, that does only one dense product: the encoder's. Everything
+`architectures.jumprelu.jumprelu_terms` (the same keyword arguments; same values, same gradients
+within fp32 rounding) for SAEs and transcoders alike, that does only one dense product: the encoder's. Everything
 else touches only the (token, latent) pairs that are active, or near enough to the threshold for its
 pseudo-gradient (RECIPE.md section 2). With u = x − (the pre-encoder bias: an SAE's b_dec, a
 transcoder's b_in) and r = y − b_dec − skip(x) what the latents must reconstruct (y = x for an SAE,
@@ -40,7 +40,8 @@ recipe, BENCHMARKS "The step's encoder product in bfloat16"; not measured with a
 where float32 is the safe choice). "Same values, same gradients" above holds in float32.
 The same code runs on CPU (MKL sparse kernels) and on CUDA (cuSPARSE through torch.sparse).
 
-Knows nothing of the training loop, the optimiser or files; the JumpReLU architecture
+Knows nothing of the training loop, the optimiser or files (it only says, `latent_major_encoder`, which
+layout of W_enc its gradient takes; the trainer applies it); the JumpReLU architecture
 (`architectures/jumprelu.py`) picks this or the reference with `TrainConfig.fast`. Takes any SAE with
 a per-latent `threshold` (a JumpReLU SAE or transcoder).
 """

@@ -172,10 +172,12 @@ class Parallel:
                 p.grad = torch.zeros_like(p)
             # the same memory seen in the order it is laid out (a latent-major encoder's gradient
             # is a transpose): NCCL all-reduces contiguous tensors only
-            grad = p.grad
-            strides = grad.stride()
-            order = sorted(range(grad.dim()), key=lambda d: -strides[d])
-            self._all_reduce(grad.permute(order)).div_(self.world)
+            strides = p.grad.stride()
+            grad = p.grad.permute(sorted(range(p.grad.dim()), key=lambda d: -strides[d]))
+            if grad.is_contiguous():
+                self._all_reduce(grad).div_(self.world)
+            else:  # not a permutation of a contiguous tensor: reduce a copy
+                p.grad.copy_(self._all_reduce(p.grad.contiguous()).div_(self.world))
 
     def tokens(self, local: int) -> int:
         """Tokens in the whole step's batch: summed over the ranks, since the massive-activation filter

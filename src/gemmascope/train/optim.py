@@ -83,6 +83,8 @@ class ScheduleFreeSign(torch.optim.Optimizer):
         """A buffer shaped and laid out as `p` for its step's sign (an elementwise pass between two
         layouts is a transposing copy): a view of one flat buffer the size of the largest parameter,
         kept between steps (not state: checkpoints do not carry it)."""
+        if not _dense(p):
+            return torch.empty_like(p)
         flat = self._buffers.get(p.device)
         if flat is None or flat.numel() < p.numel() or flat.dtype != p.dtype:
             flat = self._buffers[p.device] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
@@ -108,6 +110,18 @@ class ScheduleFreeSign(torch.optim.Optimizer):
             if "y" in state:
                 p.copy_(state.pop("y"))
         self.averaging = False
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether `t` covers exactly `numel` elements of its storage from its offset, in some order of
+    its dimensions (contiguous, or a transpose of a contiguous tensor): the layouts a flat buffer can
+    take with `as_strided`."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _unit_rows(w: Tensor) -> None:

@@ -82,6 +82,7 @@ class Trainee:
         state = copy.deepcopy(state)  # a kept state must not share tensors with the live SAE
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _lay_out_as_parameters(self.optimizer)
         device = self.sae.W_enc.device  # a checkpoint saved on another GPU loads onto ours
         self.since_fired = state["since_fired"].to(device)
         self.density = state["density"].to(device)
@@ -91,6 +92,16 @@ class Trainee:
     def keep_good(self) -> None:
         """Remember the current state as the one a spike goes back to."""
         self.good = copy.deepcopy(self.state())
+
+
+def _lay_out_as_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Each optimiser state tensor shaped as its parameter laid out as it too: a checkpoint written
+    before the trainer stored W_enc latent-major (`sparse_step.latent_major_encoder`) holds contiguous
+    states, which would make every later step's elementwise passes transposing ones."""
+    for p, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                entries[key] = torch.empty_like(p).copy_(value)
 
 
 def new_trainee(
