@@ -87,15 +87,36 @@ def test_sparse_codes_and_their_gram_equal_the_dense_ones(arch: str, monkeypatch
     codes = refit.sparse_codes(sae, x)
     assert torch.equal(codes.to_dense(), dense)
     assert torch.equal(refit.csr_codes(dense).to_dense(), dense)
-    total = torch.ones(32, 32)  # the Gram is added to what is there
-    refit._add_codes_gram(total, codes)
-    assert torch.allclose(total, 1 + dense.T @ dense, atol=1e-4, rtol=1e-5)
+    total = torch.ones(32, 32, dtype=torch.float64)  # the Gram is added to what is there
+    refit._add_codes_gram(total, [codes])
+    assert torch.allclose(total, 1 + dense.double().T @ dense.double(), atol=1e-9, rtol=1e-12)
     # the encoder's product in bfloat16: the same codes to its rounding, a pair at the threshold aside
     rounded = refit.sparse_codes(sae, x, torch.bfloat16).to_dense()
     both = (rounded != 0) & (dense != 0)
     assert ((rounded != 0) != (dense != 0)).float().mean() < 0.01
     bound = 2**-7 * (sae.centered(x).abs() @ sae.W_enc.abs())  # bfloat16's rounding of both factors
     assert ((rounded - dense).abs() <= bound)[both].all()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_gram_of_several_batches_is_their_stacked_codes_gram(threads: int) -> None:
+    """Batches of different sizes (one with no code at all), a latent that never fires, and the
+    latents cut into chunks over threads: the sum is FᵀF of all the codes, in float64."""
+    g = torch.Generator().manual_seed(5)
+    parts = []
+    for rows in (7, 1, 20, 4):
+        codes = torch.rand(rows, 50, generator=g) * (torch.rand(rows, 50, generator=g) < 0.2)
+        codes[:, 3] = 0
+        parts.append(codes if rows != 1 else torch.zeros(1, 50))
+    total = torch.full((50, 50), 2.0, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        refit._add_codes_gram(total, [refit.csr_codes(p) for p in parts])
+    finally:
+        torch.set_num_threads(before)
+    f = torch.cat(parts).double()
+    assert torch.allclose(total, 2 + f.T @ f, atol=1e-12)
 
 
 def trainee(store: ActivationStore, spec: TrainSpec, seed: int = 0) -> Trainee:

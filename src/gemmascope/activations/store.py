@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
-from gemmascope.activations.shards import IDENTITY, read_manifests, read_verified, verify_shard
+from gemmascope.activations.shards import IDENTITY, read_manifests, read_verified, shard_tensors, verify_shard
 from gemmascope.corpus import special_mask
 from gemmascope.errors import ConfigError, StoreError
 from gemmascope.runs import ACTIVATIONS
@@ -168,12 +167,16 @@ class ActivationStore:
         for entry in self._manifests[site]["shards"]:
             yield folder / entry["file"], entry
 
-    def _load(self, path: Path, entry: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        data = read_verified(path, entry)
-        try:
-            tensors = load_safetensors(data)
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise StoreError(f"cannot read shard {str(path)!r}: {err}") from err
+    def _load(
+        self, path: Path, entry: dict[str, Any], scratch: bytearray | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """A shard's `(acts [rows, ctx, d_in], token_ids [rows, ctx] int64)`, acts in the shard's dtype
+        and, with `scratch`, a view into it (`read_verified`)."""
+        tensors = shard_tensors(path, read_verified(path, entry, scratch))
+        if "acts" not in tensors or "token_ids" not in tensors:
+            raise StoreError(
+                f"cannot read shard {str(path)!r}: it lacks acts or token_ids; run harvest again"
+            )
         return tensors["acts"], tensors["token_ids"].long()
 
     def _shared_shards(self, sites: list[Site]) -> list[dict[str, Any]]:
@@ -195,57 +198,62 @@ class ActivationStore:
     def _shuffled(
         self, sites: list[Site], order: list[int], batch_size: int, buffer_tokens: int, gen: torch.Generator
     ) -> Iterator[dict[Site, Tensor]]:
-        """Batches from the shards in `order` through a buffer that is served down to half when full.
-        Shards wait in a list and are joined only when the buffer is served, so each token is copied
-        about twice, not once per shard read; the buffer and what stays of it are two tensors per
-        site reused from one fill to the next (a fresh 0.7 GB tensor a fill cost up to a second of
-        page faults)."""
-        parts: dict[Site, list[Tensor]] = {s: [] for s in sites}
-        room: dict[str, Tensor] = {}  # "buffer SITE", "rest SITE": the reused tensors
+        """Batches from the shards in `order` through a buffer that is served down to half when full:
+        each shard's non-special tokens are gathered straight into the buffer behind what stayed of
+        the last fill, which is moved to the front of a second buffer, the two swapped each fill
+        (both reused: a fresh 0.7 GB tensor a fill cost up to a second of page faults; each token is
+        copied from the shard once, and once each time it stays)."""
+        room: dict[str, Tensor] = {}  # "fill SITE", "next SITE": the two buffers
+        # each site's shard bytes, room for its largest shard from the start (never grown under a view)
+        scratch = {s: bytearray(max(int(e["bytes"]) for e in self._manifests[s]["shards"])) for s in sites}
+        shards = self._manifests[sites[0]]["shards"]
+        rows = buffer_tokens + max(int(shards[i]["n_non_special"]) for i in order)  # room for a fill
+        d_in = {s: int(self._manifests[s]["d_in"]) for s in sites}
         size = 0
         for position, index in enumerate(order):
-            chunk = self._non_special(sites, index)
-            for s in sites:
-                parts[s].append(chunk[s])
-            size += len(chunk[sites[0]])
+            need = size + int(shards[index]["n_non_special"])
+            buffer = {s: _reused(room, f"fill {s}", max(rows, need), d_in[s], keep=size) for s in sites}
+            size += self._non_special(sites, index, {s: buffer[s][size:] for s in sites}, scratch)
             last = position == len(order) - 1
             if size < buffer_tokens and not last:
                 continue
-            buffer = {
-                s: torch.cat(parts[s], out=_reused(room, f"buffer {s}", parts[s][0], size)) for s in sites
-            }
             n_out = (size - (0 if last else buffer_tokens // 2)) // batch_size * batch_size
             perm = torch.randperm(size, generator=gen)
             for start in range(0, n_out, batch_size):
                 take = perm[start : start + batch_size]
                 yield {s: buffer[s][take] for s in sites}
             rest = perm[n_out:]
-            parts = {
-                s: [
-                    torch.index_select(
-                        buffer[s], 0, rest, out=_reused(room, f"rest {s}", buffer[s], len(rest))
-                    )
-                ]
-                for s in sites
-            }
+            for s in sites:  # what stays goes to the front of the other buffer, which fills next
+                after = _reused(room, f"next {s}", max(rows, len(rest)), d_in[s])
+                torch.index_select(buffer[s][:size], 0, rest, out=after[: len(rest)])
+                room[f"fill {s}"], room[f"next {s}"] = after, room[f"fill {s}"]
             size = len(rest)
 
-    def _non_special(self, sites: list[Site], index: int) -> dict[Site, Tensor]:
-        """Shard `index` of each site as fp32 `[non-special tokens, d_in]`, the same positions per site."""
-        out: dict[Site, Tensor] = {}
+    def _non_special(
+        self, sites: list[Site], index: int, into: dict[Site, Tensor], scratch: dict[Site, bytearray]
+    ) -> int:
+        """Shard `index`'s non-special tokens of each site, as fp32, written to the first rows of
+        `into[site] [rows, d_in]` (the same positions for every site); returns how many."""
         keep: Tensor | None = None
         for site in sites:
             entry = self._manifests[site]["shards"][index]
-            acts, ids = self._load(self.root / site.folder / entry["file"], entry)
+            acts, ids = self._load(self.root / site.folder / entry["file"], entry, scratch[site])
             if keep is None:
-                keep = ~special_mask(ids, self.special_ids).reshape(-1)
-            out[site] = acts.reshape(-1, acts.shape[-1])[keep].float()
-        return out
+                keep = torch.nonzero(~special_mask(ids, self.special_ids).reshape(-1)).squeeze(1)
+            flat, out = acts.reshape(-1, acts.shape[-1]), into[site][: len(keep)]
+            if flat.dtype == out.dtype:
+                torch.index_select(flat, 0, keep, out=out)
+            else:  # a bfloat16 store
+                out.copy_(flat.index_select(0, keep))
+        return 0 if keep is None else len(keep)
 
 
-def _reused(room: dict[str, Tensor], key: str, like: Tensor, rows: int) -> Tensor:
-    """The first `rows` rows of `room[key]`, a tensor shaped as `like` past its first dimension,
-    grown when it has fewer."""
+def _reused(room: dict[str, Tensor], key: str, rows: int, d_in: int, keep: int = 0) -> Tensor:
+    """`room[key]`, a float32 `[at least rows, d_in]` tensor reused from call to call, made or grown
+    (its first `keep` rows kept) when it has fewer rows."""
     if key not in room or len(room[key]) < rows:
-        room[key] = like.new_empty((rows, *like.shape[1:]))
-    return room[key][:rows]
+        grown = torch.empty(rows, d_in)
+        if keep:
+            grown[:keep] = room[key][:keep]
+        room[key] = grown
+    return room[key]

@@ -39,6 +39,7 @@ from gemmascope.train.optim import averaged
 from gemmascope.train.recipe import (
     DENSITY_EVERY,
     FVU_MOMENTUM,
+    GOOD_EVERY,
     SHORT_RUN,
     lr_at,
     remove_parallel_grad,
@@ -217,7 +218,8 @@ def _train_steps(
     progress: bool,
 ) -> None:
     """The planned steps from `start` on: every SAE steps on each batch; a log row every
-    `cfg.log_every` steps and a checkpoint every `cfg.checkpoint_every` and at the end."""
+    `cfg.log_every` steps, a checkpoint every `cfg.checkpoint_every` and at the end, and the state a
+    spike goes back to every GOOD_EVERY steps and at each checkpoint."""
     cfg, par, n_steps = run.plan.config, run.par, run.plan.steps
     steps_done = start
     bar = tqdm(
@@ -241,11 +243,12 @@ def _train_steps(
             bar.set_postfix_str(_postfix(row, trainees))
             bar.update(1)
             steps_done = step_index + 1
-            if steps_done % cfg.checkpoint_every == 0 or steps_done == n_steps:
+            save = steps_done % cfg.checkpoint_every == 0 or steps_done == n_steps
+            if save or steps_done % GOOD_EVERY == 0:  # at every checkpoint too: a resumed run's is its own
                 for t in trainees:
                     t.keep_good()
-                if par.writes:
-                    ckpt.save(steps_done, [t.state() for t in trainees])
+            if save and par.writes:
+                ckpt.save(steps_done, [t.state() for t in trainees])
     if steps_done < n_steps:
         raise StoreError(
             f"the activation store gave {steps_done} batches of {cfg.batch_size}, fewer than the {n_steps} planned"
@@ -255,7 +258,7 @@ def _train_steps(
 def _train_step(run: _Run, t: Trainee, batch: dict[Site, Tensor], step_index: int) -> dict[str, float]:
     """One step of one SAE on its sites' part of the step's batch (already / C), with the massive
     activations left out; returns the step's log figures. A spike (see `trainee.spiked`) is not
-    stepped on: the SAE goes back to its last checkpoint with half the learning rate."""
+    stepped on: the SAE goes back to its last good state (every GOOD_EVERY steps) with half the lr."""
     plan, par = run.plan, run.par
     cfg = plan.config
     assert (

@@ -191,6 +191,7 @@ LR_WARMUP_START = 0.1  # the lr warm-up starts at 0.1 * lr (Gemma Scope section 
 DENSITY_EVERY = 1  # steps between updates of every latent's firing rate (read from the step's forward)
 DENSITY_MOMENTUM = 0.0  # of the running firing rate, per measurement (0: the last batch's rate)
 MAX_RECOVERIES = 3  # spikes the guard recovers from before it stops with a message (nothing saved)
+GOOD_EVERY = 50  # steps between the states a spike goes back to (kept in memory; and at each checkpoint)
 FVU_MOMENTUM = 0.95  # of the running batch FVU the guard compares with
 FINAL_FRACTION = 0.1  # L0, FVU and densities of a finished SAE are measured on this last part of training
 # ... unless the run has held-out activations (`runs.HELDOUT`): then on up to this many of them, which

@@ -8,9 +8,9 @@ A short run leaves the decoder far from that optimum (sign descent moves every w
 and the density penalty keeps moving the codes under it): at resid_post.6 of Gemma 3 270M, 300k
 tokens, the refit takes the held-out FVU from 0.102 to 0.082 and ΔLM loss from 0.62 to 0.48 at the
 same codes, so the same L0, density and dead latents (BENCHMARKS.md, "Training quality against
-sparsify"). SAEs wider than REFIT_MAX_LATENTS are saved as trained (the normal equations and their
-float32 sums take about 16 bytes per latent squared, with one batch's product beside). What is re-solved, on the SAE's training-space inputs (already / C, massive tokens left
-out as in training):
+sparsify"). SAEs wider than REFIT_MAX_LATENTS are saved as trained (the normal equations take 8
+bytes per latent squared, and the solve a copy of them). What is re-solved, on the SAE's
+training-space inputs (already / C, massive tokens left out as in training):
 - an SAE: `W_dec` (rows of the latents that fired), from `x − b_dec` (b_dec, the data mean, is also
   the pre-encoder bias, so it stays: the codes must not change);
 - a transcoder: `W_dec`, `b_dec` and, with the affine skip connection, `W_skip`, from its output;
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ REFIT_FLUSH = 16  # batches summed in float32 before they join the float64 sums
 # `sparse_codes` encodes this many [tokens, d_sae] pre-activations at a time (8 MB: 512 tokens at
 # width 4,096), read for their nonzeros while in cache
 REFIT_BLOCK_ELEMENTS = 2**21
-REFIT_MAX_LATENTS = 16_384  # wider SAEs are saved as trained (about 4.4 GB of sums at this width)
+REFIT_MAX_LATENTS = 16_384  # wider SAEs are saved as trained (about 4.3 GB at this width)
 REFIT_RIDGE = 1e-4
 
 
@@ -86,36 +87,73 @@ def csr_codes(codes: Tensor) -> Tensor:
     return csr_rows(rows, cols, codes[rows, cols], (codes.shape[0], codes.shape[1]))
 
 
-def _add_codes_gram(total: Tensor, f: Tensor) -> None:
-    """`total [d_sae, d_sae] += FᵀF` (float32) for one batch's codes F (sparse CSR `[b, d_sae]`): Fᵀ
-    sparse times F dense, added in place (L0·d_sae a token). Not the sparse-sparse product (Σ L0² a
-    token, 2-3 times faster at width 4,096): torch 2.13's CPU kernel for it leaks its result, about
-    25 MB a batch of 4,096 at width 4,096 (measured: 0.5 GB every 20 calls), which killed the
-    18-layer transcoder suite for memory at its seventh layer."""
-    with warnings.catch_warnings(), torch.no_grad():
+def _add_codes_gram(total: Tensor, codes: list[Tensor]) -> None:
+    """`total [d_sae, d_sae] += FᵀF` (float64) for the codes F of several batches (each sparse CSR
+    `[b, d_sae]`), stacked. On a CPU: scipy's sparse-times-sparse product (Σ L0² multiply-adds a
+    token, not the L0·d_sae of a sparse-times-dense one, which streams a dense row per pair through
+    memory), the latents split in row chunks over `torch.get_num_threads()` threads (scipy lets go
+    of the GIL), each chunk's sparse result added into its rows of `total`: at width 4,096, 16
+    batches of 4,096 tokens 3.9 s -> 0.8 s on 2 cores. torch's own sparse-sparse kernel is not used:
+    torch 2.13's CPU one leaks its result (about 25 MB a batch of 4,096 at width 4,096), which killed
+    the 18-layer transcoder suite for memory at its seventh layer. Elsewhere (CUDA): Fᵀ sparse times
+    F dense, batch by batch."""
+    if total.device.type != "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for f in codes:
+                total += f.t().to_sparse_csr() @ f.to_dense()
+        return
+    import scipy.sparse  # imported here: only the CPU refit needs it
+
+    d_sae = total.shape[0]
+    crows, offset = [torch.zeros(1, dtype=torch.int64)], 0
+    for f in codes:
+        crows.append(f.crow_indices()[1:].long() + offset)
+        offset += int(f.crow_indices()[-1])
+    stacked = scipy.sparse.csr_matrix(
+        (
+            torch.cat([f.values() for f in codes]).detach().double().numpy(),
+            torch.cat([f.col_indices() for f in codes]).numpy(),
+            torch.cat(crows).numpy(),
+        ),
+        shape=(sum(f.shape[0] for f in codes), d_sae),
+    )
+    by_latent = stacked.T.tocsr()  # [d_sae, tokens]
+    # chunks of about equal pairs (a latent's rows cost its tokens), several per thread to even them out
+    threads = max(1, torch.get_num_threads())
+    share = torch.from_numpy(by_latent.indptr.astype("int64"))
+    cuts = torch.searchsorted(share, torch.linspace(0, int(share[-1]), 4 * threads + 1)[1:-1].long())
+    bounds = sorted({0, d_sae, *cuts.tolist()})
+
+    def add_chunk(a: int, b: int) -> None:
+        part = (by_latent[a:b] @ stacked).tocsr()  # [b - a, d_sae], float64
+        chunk = torch.sparse_csr_tensor(
+            torch.from_numpy(part.indptr.astype("int64")),
+            torch.from_numpy(part.indices.astype("int64")),
+            torch.from_numpy(part.data),
+            (b - a, d_sae),
+        )
+        rows = total[a:b]
+        rows.add_(chunk if rows.is_contiguous() else chunk.to_dense())  # a transcoder's: a block of its Gram
+
+    with warnings.catch_warnings(), torch.no_grad(), ThreadPoolExecutor(threads) as pool:
         warnings.simplefilter("ignore", UserWarning)
-        torch.addmm(total, f.t().to_sparse_csr(), f.to_dense(), out=total)
-
-
-def _add_double(total: Tensor, part: Tensor, rows: int = 1024) -> None:
-    """`total += part` (float64 += float32) a block of rows at a time: no float64 copy of all of
-    `part` (2 GB at width 16,384), and no mixed-type add (20 times slower)."""
-    for i in range(0, len(part), rows):
-        total[i : i + rows] += part[i : i + rows].double()
+        list(pool.map(add_chunk, bounds[:-1], bounds[1:]))
 
 
 class NormalEquations:
     """The normal equations ZᵀZ and ZᵀY of a least-squares decoder, summed batch by batch: Z is a
-    batch's codes `[b, d_sae]` (sparse in fact: their Gram part is one sparse-times-dense product per
-    batch) beside `n_extra` dense columns (a transcoder's input for its skip, a constant for its
-    output bias), Y what they must give `[b, d_out]`. Batches are summed in float32 and join the
-    float64 sums every REFIT_FLUSH batches (a float64 add per batch costs as much as the product)."""
+    batch's codes `[b, d_sae]` (sparse) beside `n_extra` dense columns (a transcoder's input for its
+    skip, a constant for its output bias), Y what they must give `[b, d_out]`. The codes of
+    REFIT_FLUSH batches are kept and their Gram part summed at once in float64 (`_add_codes_gram`);
+    the other parts are summed in float32 and join the float64 sums then too (a float64 add per
+    batch would cost as much as their products)."""
 
     def __init__(self, d_sae: int, n_extra: int, d_out: int, device: torch.device | str) -> None:
         self.d_sae, size = d_sae, d_sae + n_extra
         self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.rhs = torch.zeros(size, d_out, dtype=torch.float64, device=device)
-        self._codes = torch.zeros(d_sae, d_sae, device=device)  # the codes' part, float32 since the flush
+        self._codes: list[Tensor] = []  # the codes since the flush, sparse CSR [b, d_sae] each
         self._gram = torch.zeros(n_extra, size, device=device)  # the extras' rows (their columns: symmetric)
         self._rhs = torch.zeros(size, d_out, device=device)
         self._batches = 0
@@ -125,7 +163,7 @@ class NormalEquations:
         """One batch: the codes `f [b, d_sae]` (sparse CSR: `sparse_codes`, `csr_codes`), `extra [b,
         n_extra]` (None when there are none), `y [b, d_out]`."""
         d_sae = self.d_sae
-        _add_codes_gram(self._codes, f)
+        self._codes.append(f)
         ft = f.t()  # [d_sae, b]
         self._rhs[:d_sae] += ft @ y
         if extra is not None:
@@ -138,11 +176,13 @@ class NormalEquations:
             self.flush()
 
     def flush(self) -> None:
-        """Move the float32 sums into the float64 ones."""
-        _add_double(self.gram[: self.d_sae, : self.d_sae], self._codes)
+        """Sum the kept codes' Gram part, and move the float32 sums into the float64 ones."""
+        if self._codes:
+            _add_codes_gram(self.gram[: self.d_sae, : self.d_sae], self._codes)
+        self._codes = []
         self.gram[self.d_sae :] += self._gram.double()
         self.rhs += self._rhs.double()
-        for part in (self._codes, self._gram, self._rhs):
+        for part in (self._gram, self._rhs):
             part.zero_()
 
     def finish(self) -> tuple[Tensor, Tensor]:
@@ -271,7 +311,7 @@ def refit_clt(
         return 0
     # float64 gram and rhs, and the float32 sums between flushes (NormalEquations)
     size, d = width + n_extra, clt.cfg.d_model
-    per_layer = 8 * size * (size + d) + 4 * (width * width + n_extra * size + size * d)
+    per_layer = 8 * size * (size + d) + 4 * (n_extra * size + size * d)
     group = max(1, REFIT_CLT_BYTES // per_layer)
     seen = 0
     for first in range(0, n, group):

@@ -1,8 +1,8 @@
 """One SAE in training (`Trainee`): its optimiser; the running counts that training watches (tokens
 since each latent last fired, every latent's firing rate, the batch FVU) and the sums over the final
 part of training that its log and folder name need; the spike guard (a batch FVU far above its running
-value sends the SAE back to its last checkpoint with half the learning rate); and its measurement on
-held-out activations at the end.
+value sends the SAE back to its last good state, kept every 50 steps, with half the learning rate);
+and its measurement on held-out activations at the end.
 
 Knows nothing of the step loop, checkpoints on disk or the saved folder (see `loop`, `checkpoint`).
 """
@@ -54,7 +54,7 @@ class Trainee:
     final: dict[str, Any] = field(default_factory=dict)  # sums over the final part of training
     fvu: float | None = None  # running batch FVU, what the spike guard compares with
     recoveries: int = 0  # spikes recovered from (each halves lr)
-    good: dict[str, Any] | None = None  # the state at the last checkpoint, to recover a spike from
+    good: dict[str, Any] | None = None  # the state a spike goes back to (`recipe.GOOD_EVERY`)
 
     @property
     def arch(self) -> Architecture:
@@ -165,7 +165,7 @@ def spiked(t: Trainee, loss: float, fvu: float, cfg: TrainConfig, warm: bool) ->
 
 
 def recover(t: Trainee, step_index: int, fvu: float) -> None:
-    """Go back to the last checkpoint's state with half the learning rate, or stop with a message
+    """Go back to the last good state (`keep_good`) with half the learning rate, or stop with a message
     once MAX_RECOVERIES spikes have been recovered from (nothing of this run is saved)."""
     if t.good is None or t.recoveries >= MAX_RECOVERIES:
         raise TrainingError(
