@@ -477,3 +477,31 @@ def test_a_damaged_shard_is_named_and_harvest_recomputes_it_once_deleted(
     shard.unlink()
     harvest(tiny_model, SITES[:1], tmp_path, 200, **SMALL)
     assert {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")} == good
+
+
+def _safetensors_bytes(header: Any, data: bytes = bytes(range(16))) -> memoryview:
+    text = json.dumps(header).encode()
+    return memoryview(bytearray(len(text).to_bytes(8, "little") + text + data))
+
+
+def test_a_shard_header_that_does_not_fit_its_data_is_an_error_naming_the_shard(tmp_path: Path) -> None:
+    """The store reads a shard's tensors straight from its bytes (views, no copy); a header that is
+    not one, or whose offsets do not match a tensor's shape or lie outside the data, is a StoreError
+    naming the shard, not a wrong tensor."""
+    from gemmascope.activations.shards import shard_tensors
+
+    path = tmp_path / "shard-00000.safetensors"
+    data = _safetensors_bytes({"acts": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})
+    acts = shard_tensors(path, data)["acts"]
+    assert torch.equal(acts, torch.frombuffer(bytearray(range(16)), dtype=torch.float32).view(2, 2))
+    data[-1] = 7  # a view of the bytes
+    assert acts.view(torch.uint8)[-1, -1] == 7
+    for header in (
+        [1, 2],
+        {"acts": {"dtype": "F32", "shape": [2, 2], "data_offsets": [4, 0]}},
+        {"acts": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}},
+        {"acts": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}},
+        {"acts": {"dtype": "Q9", "shape": [2, 2], "data_offsets": [0, 16]}},
+    ):
+        with pytest.raises(StoreError, match="cannot read shard .*shard-00000.safetensors"):
+            shard_tensors(path, _safetensors_bytes(header))

@@ -108,7 +108,7 @@ def test_the_gram_of_several_batches_is_their_stacked_codes_gram(threads: int) -
         codes = torch.rand(rows, 50, generator=g) * (torch.rand(rows, 50, generator=g) < 0.2)
         codes[:, 3] = 0
         parts.append(codes if rows != 1 else torch.zeros(1, 50))
-    total = torch.full((50, 50), 2.0, dtype=torch.float64)
+    total = torch.full((50, 53), 2.0, dtype=torch.float64)  # a transcoder's: 3 extra columns past the codes'
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -116,7 +116,8 @@ def test_the_gram_of_several_batches_is_their_stacked_codes_gram(threads: int) -
     finally:
         torch.set_num_threads(before)
     f = torch.cat(parts).double()
-    assert torch.allclose(total, 2 + f.T @ f, atol=1e-12)
+    assert torch.allclose(total[:, :50], 2 + f.T @ f, atol=1e-12)
+    assert (total[:, 50:] == 2).all()  # the extras' columns are not the codes' to fill
 
 
 def trainee(store: ActivationStore, spec: TrainSpec, seed: int = 0) -> Trainee:

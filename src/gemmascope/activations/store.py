@@ -109,8 +109,8 @@ class ActivationStore:
         batch holds the same token positions. With `scaled`, each site's activations are divided by C.
 
         Shuffling: each epoch visits this rank's shards in a random order, pours their tokens into a
-        buffer and, once it holds `buffer_tokens`, serves random batches until half remains. Memory stays
-        about `buffer_tokens` plus one shard's tokens per site. The order depends only on (seed, epoch,
+        buffer and, once it holds `buffer_tokens`, serves random batches until half remains. Memory: per
+        site two buffers of `buffer_tokens` plus the largest shard's tokens, and one shard's bytes. The order depends only on (seed, epoch,
         rank).
 
         Data-parallel (`world_size` > 1): rank r reads shards r, r+W, r+2W, ... and no others. Every

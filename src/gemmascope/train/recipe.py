@@ -156,7 +156,8 @@ class ShortRun:
     """... or this fraction of a narrower width."""
     spike_factor: float = 10.0
     """The spike guard: a batch FVU this many times its running value (after the lr warm-up) means the
-    last steps broke the SAE; it goes back to its last checkpoint with half the lr."""
+    last steps broke the SAE; it goes back to its last good state (every `GOOD_EVERY` steps) with half
+    the lr."""
     max_scaled_norm: float = 3.0
     """Tokens whose scaled norm ‖x/C‖ exceeds this are left out of training, as BOS is. Not in the
     report, which covers Gemma 2: Gemma 3 270M has massive activations on a few ordinary tokens (at

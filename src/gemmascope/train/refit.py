@@ -52,7 +52,8 @@ from gemmascope.train.trainee import Trainee, training_pair
 # of squares (a latent seen on a handful of tokens keeps part of what training gave it; 1e-3 cost
 # 0.0003 of FVU, 1e-2 0.018, against none).
 REFIT_BATCH = 4096
-REFIT_FLUSH = 16  # batches summed in float32 before they join the float64 sums
+REFIT_FLUSH = 16  # batches whose codes' Gram is one product (and whose other sums join the float64 ones)
+REFIT_CLT_FLUSH = 4  # the same for each layer of a CLT, whose layers all keep their codes at once
 # `sparse_codes` encodes this many [tokens, d_sae] pre-activations at a time (8 MB: 512 tokens at
 # width 4,096), read for their nonzeros while in cache
 REFIT_BLOCK_ELEMENTS = 2**21
@@ -87,25 +88,26 @@ def csr_codes(codes: Tensor) -> Tensor:
     return csr_rows(rows, cols, codes[rows, cols], (codes.shape[0], codes.shape[1]))
 
 
-def _add_codes_gram(total: Tensor, codes: list[Tensor]) -> None:
-    """`total [d_sae, d_sae] += FᵀF` (float64) for the codes F of several batches (each sparse CSR
+def _add_codes_gram(rows: Tensor, codes: list[Tensor]) -> None:
+    """`rows [d_sae, n] += FᵀF` (float64; n >= d_sae: the codes' rows of a Gram matrix whose first
+    d_sae columns are the codes', contiguous) for the codes F of several batches (each sparse CSR
     `[b, d_sae]`), stacked. On a CPU: scipy's sparse-times-sparse product (Σ L0² multiply-adds a
-    token, not the L0·d_sae of a sparse-times-dense one, which streams a dense row per pair through
+    token, not the L0·d_sae of a sparse-times-dense one, which streams a dense row per code through
     memory), the latents split in row chunks over `torch.get_num_threads()` threads (scipy lets go
-    of the GIL), each chunk's sparse result added into its rows of `total`: at width 4,096, 16
-    batches of 4,096 tokens 3.9 s -> 0.8 s on 2 cores. torch's own sparse-sparse kernel is not used:
-    torch 2.13's CPU one leaks its result (about 25 MB a batch of 4,096 at width 4,096), which killed
-    the 18-layer transcoder suite for memory at its seventh layer. Elsewhere (CUDA): Fᵀ sparse times
-    F dense, batch by batch."""
-    if total.device.type != "cpu":
+    of the GIL), each chunk's sparse result added into its own rows: at width 4,096, 16 batches of
+    4,096 tokens 3.9 s -> 0.8 s on 2 cores. torch's own sparse-sparse kernel is not used: torch
+    2.13's CPU one leaks its result (about 25 MB a batch of 4,096 at width 4,096), which killed the
+    18-layer transcoder suite for memory at its seventh layer. Elsewhere (CUDA): Fᵀ sparse times F
+    dense, batch by batch."""
+    d_sae, n = rows.shape
+    if rows.device.type != "cpu":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for f in codes:
-                total += f.t().to_sparse_csr() @ f.to_dense()
+                rows[:, :d_sae] += f.t().to_sparse_csr() @ f.to_dense()
         return
     import scipy.sparse  # imported here: only the CPU refit needs it
 
-    d_sae = total.shape[0]
     crows, offset = [torch.zeros(1, dtype=torch.int64)], 0
     for f in codes:
         crows.append(f.crow_indices()[1:].long() + offset)
@@ -127,14 +129,14 @@ def _add_codes_gram(total: Tensor, codes: list[Tensor]) -> None:
 
     def add_chunk(a: int, b: int) -> None:
         part = (by_latent[a:b] @ stacked).tocsr()  # [b - a, d_sae], float64
-        chunk = torch.sparse_csr_tensor(
-            torch.from_numpy(part.indptr.astype("int64")),
-            torch.from_numpy(part.indices.astype("int64")),
-            torch.from_numpy(part.data),
-            (b - a, d_sae),
+        rows[a:b].add_(
+            torch.sparse_csr_tensor(
+                torch.from_numpy(part.indptr.astype("int64")),
+                torch.from_numpy(part.indices.astype("int64")),
+                torch.from_numpy(part.data),
+                (b - a, n),  # the codes' columns are the first d_sae
+            )
         )
-        rows = total[a:b]
-        rows.add_(chunk if rows.is_contiguous() else chunk.to_dense())  # a transcoder's: a block of its Gram
 
     with warnings.catch_warnings(), torch.no_grad(), ThreadPoolExecutor(threads) as pool:
         warnings.simplefilter("ignore", UserWarning)
@@ -149,8 +151,10 @@ class NormalEquations:
     the other parts are summed in float32 and join the float64 sums then too (a float64 add per
     batch would cost as much as their products)."""
 
-    def __init__(self, d_sae: int, n_extra: int, d_out: int, device: torch.device | str) -> None:
-        self.d_sae, size = d_sae, d_sae + n_extra
+    def __init__(
+        self, d_sae: int, n_extra: int, d_out: int, device: torch.device | str, flush_every: int = REFIT_FLUSH
+    ) -> None:
+        self.d_sae, size, self.flush_every = d_sae, d_sae + n_extra, flush_every
         self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
         self.rhs = torch.zeros(size, d_out, dtype=torch.float64, device=device)
         self._codes: list[Tensor] = []  # the codes since the flush, sparse CSR [b, d_sae] each
@@ -172,13 +176,13 @@ class NormalEquations:
             self._rhs[d_sae:] += extra.t() @ y
         self.n += len(y)
         self._batches += 1
-        if self._batches % REFIT_FLUSH == 0:
+        if self._batches % self.flush_every == 0:
             self.flush()
 
     def flush(self) -> None:
         """Sum the kept codes' Gram part, and move the float32 sums into the float64 ones."""
         if self._codes:
-            _add_codes_gram(self.gram[: self.d_sae, : self.d_sae], self._codes)
+            _add_codes_gram(self.gram[: self.d_sae], self._codes)  # the codes' rows: contiguous
         self._codes = []
         self.gram[self.d_sae :] += self._gram.double()
         self.rhs += self._rhs.double()
@@ -346,7 +350,10 @@ def _refit_sums(
     """One pass of `refit_clt`: the normal equations of the `targets` layers, and the tokens read."""
     ins, outs = clt_sites(clt)
     n, width, device = clt.n_layers, clt.width, clt.b_dec.device
-    equations = {t: NormalEquations(width, _refit_extra(clt), clt.cfg.d_model, device) for t in targets}
+    equations = {
+        t: NormalEquations(width, _refit_extra(clt), clt.cfg.d_model, device, REFIT_CLT_FLUSH)
+        for t in targets
+    }
     last = targets[-1]
     seen = 0
     bar = tqdm(

@@ -178,7 +178,7 @@ def recover(t: Trainee, step_index: int, fvu: float) -> None:
     t.lr, t.recoveries = lr / 2, recoveries + 1
     tqdm.write(
         f"{t.spec.name}: batch FVU {fvu:.3g} at step {step_index + 1} is a spike; back to the last "
-        f"checkpoint with lr {t.lr:g}"
+        f"good state with lr {t.lr:g}"
     )
 
 
