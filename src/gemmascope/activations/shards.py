@@ -37,8 +37,8 @@ def tensor_sha256(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
-def verify_shard(path: Path, entry: dict[str, Any], full: bool) -> bytes | None:
-    """Check a listed shard's size (and with `full` its SHA-256); return its bytes when read."""
+def verify_shard(path: Path, entry: dict[str, Any], full: bool) -> None:
+    """Check a listed shard's size (and with `full` its SHA-256)."""
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -50,15 +50,16 @@ def verify_shard(path: Path, entry: dict[str, Any], full: bool) -> bytes | None:
             f"shard {str(path)!r} is truncated or damaged: {size} bytes on disk, the manifest says {entry['bytes']}; "
             "delete it and run harvest again to rewrite it"
         )
-    if not full:
-        return None
-    data = path.read_bytes()
+    if full:
+        _check_sha256(path, entry, path.read_bytes())
+
+
+def _check_sha256(path: Path, entry: dict[str, Any], data: bytes | memoryview) -> None:
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise StoreError(
             f"shard {str(path)!r} is damaged: its SHA-256 differs from the manifest's; "
             "delete it and run harvest again to rewrite it"
         )
-    return data
 
 
 def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -104,11 +105,7 @@ def read_verified(path: Path, entry: dict[str, Any], scratch: bytearray | None =
         raise StoreError(f"shard {str(path)!r} ended after {done} of its {size} bytes; run harvest again")
     key = (str(path.resolve()), str(entry["sha256"]))
     if key not in _VERIFIED:
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise StoreError(
-                f"shard {str(path)!r} is damaged: its SHA-256 differs from the manifest's; "
-                "delete it and run harvest again to rewrite it"
-            )
+        _check_sha256(path, entry, data)
         _VERIFIED.add(key)
     return data
 
