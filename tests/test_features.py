@@ -156,6 +156,11 @@ def test_top_correlations_equal_numpy_pearson() -> None:
         order = np.argsort(-full[:, j])[:3]
         assert b_idx[j].tolist() == order.tolist()
     assert b_idx[7].tolist() == [-1, -1, -1]
+    dense = top_correlations(a, b, k=3, chunk_entries=30)  # dense input: the same
+    assert torch.equal(dense[0], a_idx) and torch.equal(dense[2], b_idx)
+    assert torch.allclose(dense[1], a_corr, atol=1e-6)
+    empty = top_correlations(a[:0].to_sparse(), b[:0].to_sparse(), k=3)  # no tokens: no correlations
+    assert (empty[0] == -1).all() and (empty[1] == -torch.inf).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +260,23 @@ def test_logit_lens_equals_the_direct_matrix_product(
     direct = attn.W_dec.detach() @ o_proj.t() @ w_u
     up_ids, up_vals, _, _ = logit_lens(tiny_model, attn, Site("attn_out", 2), k=3)
     assert torch.allclose(up_vals, direct.topk(3, dim=1).values, atol=1e-4)
+
+
+def test_logit_lens_blocks_give_the_same_tokens(
+    tiny_model: LanguageModel, saes: dict[str, JumpReLUSAE], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lens is the top-k of the top-k of vocabulary blocks, a block of latents at a time: any
+    block sizes (a ragged last block, blocks smaller than k) give the whole product's top-k."""
+    import gemmascope.features.lens as lens
+
+    sae, site = saes["resid_post.1.w96"], Site("resid_post", 1)
+    whole = logit_lens(tiny_model, sae, site, k=10)
+    for rows, block in ((40, 7_000), (96, 6), (1, 1 << 20)):
+        monkeypatch.setattr(lens, "_LENS_ROWS", rows)
+        monkeypatch.setattr(lens, "_LENS_BLOCK", block)
+        got = logit_lens(tiny_model, sae, site, k=10)
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[2], whole[2])
+        assert torch.allclose(got[1], whole[1], atol=1e-6) and torch.allclose(got[3], whole[3], atol=1e-6)
 
 
 def test_logit_lens_reads_through_the_final_norms_gain(

@@ -19,7 +19,10 @@ from gemmascope.models import LanguageModel, final_norm_gain
 from gemmascope.sae import SAE
 from gemmascope.sites import Site
 
-_CHUNK_ENTRIES = 1 << 24  # logits or cosines held at once (64 MiB of fp32)
+_CHUNK_ENTRIES = 1 << 24  # decoder cosines held at once (64 MiB of fp32)
+# The logit lens: a block of latents times a block of the vocabulary a product, each block's top-k
+# kept (at width 4,096, 64 latents times the whole vocabulary took 14 s; these blocks 9.5 s)
+_LENS_ROWS, _LENS_BLOCK = 512, 8192
 
 
 def unembedding(model: LanguageModel) -> Tensor:
@@ -60,7 +63,8 @@ def logit_lens(
     progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The logit lens of latents (all by default, else `latents [n]`): `W_dec[i] @ diag(g) W_U`
-    (`output_directions`; through `W_O` for `attn_out`), computed exactly, a chunk of latents at a time.
+    (`output_directions`; through `W_O` for `attn_out`), computed exactly, a block of latents times a
+    block of the vocabulary at a time.
     Returns the top-k promoted token ids and values `[n, k]` and the top-k suppressed token ids and
     values `[n, k]` (most negative first)."""
     directions = output_directions(model, sae, site)
@@ -69,21 +73,38 @@ def logit_lens(
     w_u = unembedding(model).to(directions.dtype)
     n, vocab = directions.shape[0], w_u.shape[1]
     k = min(k, vocab)
-    step = max(1, _CHUNK_ENTRIES // vocab)
     up_ids, up_vals, down_ids, down_vals = [], [], [], []
     with torch.no_grad():
-        for start in tqdm(range(0, n, step), desc="logit lens", unit="chunk", disable=not progress):
-            logits = directions[start : start + step] @ w_u  # [chunk, vocab]
-            up = logits.topk(k, dim=1)
-            down = logits.topk(k, dim=1, largest=False)
-            up_ids.append(up.indices)
-            up_vals.append(up.values)
-            down_ids.append(down.indices)
-            down_vals.append(down.values)
+        for start in tqdm(range(0, n, _LENS_ROWS), desc="logit lens", unit="chunk", disable=not progress):
+            rows = directions[start : start + _LENS_ROWS]
+            ups, downs = [], []  # each vocabulary block's top-k, then the top-k of those
+            for first in range(0, vocab, _LENS_BLOCK):
+                logits = rows @ w_u[:, first : first + _LENS_BLOCK]  # [rows, block]
+                kb = min(k, logits.shape[1])
+                ups.append(_offset(logits.topk(kb, dim=1), first))
+                downs.append(_offset(logits.topk(kb, dim=1, largest=False), first))
+            ids, vals = _merge(ups, k, largest=True)
+            up_ids.append(ids)
+            up_vals.append(vals)
+            ids, vals = _merge(downs, k, largest=False)
+            down_ids.append(ids)
+            down_vals.append(vals)
     if not up_ids:
         empty_ids, empty_vals = torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
         return empty_ids, empty_vals, empty_ids, empty_vals
     return torch.cat(up_ids), torch.cat(up_vals), torch.cat(down_ids), torch.cat(down_vals)
+
+
+def _offset(top: torch.return_types.topk, first: int) -> tuple[Tensor, Tensor]:
+    """A vocabulary block's top-k as (token ids, values), its ids shifted to the whole vocabulary."""
+    return top.indices + first, top.values
+
+
+def _merge(blocks: list[tuple[Tensor, Tensor]], k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """The top-k `[rows, k]` (ids, values) over the blocks' top-k candidates."""
+    ids, vals = torch.cat([b[0] for b in blocks], 1), torch.cat([b[1] for b in blocks], 1)
+    top = vals.topk(k, dim=1, largest=largest)
+    return ids.gather(1, top.indices), top.values
 
 
 def lens_agreement(model: LanguageModel, token_ids: Tensor) -> Tensor:

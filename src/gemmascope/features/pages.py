@@ -81,8 +81,8 @@ def _examples(
     flat_token = token[live]
     lo, hi = trim_bounds(rows, flat_token, special)
     ctx = rows.shape[1]
-    flat_payload = payload[live]
     group_of = torch.arange(g)[:, None].expand(g, k)[live]
+    payloads = _rounded(payload[live].double().numpy(), decimals[group_of].numpy())
     out: list[list[dict[str, Any]]] = [[] for _ in range(g)]
     row_ids = rows.tolist()
     for j, (t, a, b, grp) in enumerate(
@@ -90,15 +90,23 @@ def _examples(
     ):
         r, p = divmod(t, ctx)
         ids = row_ids[r][p + a : p + b + 1]
-        acts = np.round(
-            flat_payload[j, WINDOW + a : WINDOW + b + 1].double().numpy(), int(decimals[grp])
-        ).tolist()
+        acts = payloads[j][WINDOW + a : WINDOW + b + 1]
         out[grp].append(
             {"tokens": token_texts(tokenizer, ids, decode), "acts": acts, "focus": -a, "value": acts[-a]}
         )
     for examples in out:
         examples.sort(key=lambda e: -e["value"])
     return out
+
+
+def _rounded(payload: np.ndarray, decimals: np.ndarray) -> list[list[float]]:
+    """`payload [m, w]` as lists, row j rounded to `decimals[j]` places (a call of `np.round` per
+    distinct number of places, not per window)."""
+    out = np.empty_like(payload)
+    for d in np.unique(decimals).tolist():
+        pick = decimals == d
+        out[pick] = np.round(payload[pick], int(d))
+    return out.tolist()
 
 
 def feature_pages(

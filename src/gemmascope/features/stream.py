@@ -11,6 +11,7 @@ Pure tensor code: knows nothing of models, corpora, windows' text or SQLite.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -242,17 +243,23 @@ class SparseSample:
 
 def top_correlations(a: Tensor, b: Tensor, k: int, chunk_entries: int = 1 << 24) -> tuple[Tensor, ...]:
     """Pearson correlations between the columns of two activation matrices over the same tokens,
-    `a [n, d_a]` and `b [n, d_b]` (sparse COO or dense), computed exactly, `b`'s columns a chunk at
-    a time so at most `chunk_entries` correlations are in memory. Returns, for each latent of `a`,
-    the `k` latents of `b` with the highest correlation (`a_index [d_a, k]`, `a_corr [d_a, k]`) and
-    the same for each latent of `b` over `a` (`b_index [d_b, k]`, `b_corr [d_b, k]`). Latents that
-    never vary over the sample have no correlations: their slots hold index -1 and corr -inf."""
+    `a [n, d_a]` and `b [n, d_b]` (CPU tensors, sparse COO or dense), computed exactly, `b`'s columns
+    a chunk at a time so at most `chunk_entries` correlations are in memory. Returns, for each latent
+    of `a`, the `k` latents of `b` with the highest correlation (`a_index [d_a, k]`, `a_corr [d_a,
+    k]`) and the same for each latent of `b` over `a` (`b_index [d_b, k]`, `b_corr [d_b, k]`).
+    Latents that never vary over the sample have no correlations: their slots hold index -1 and corr
+    -inf. With each column scaled by its spread, corr = aᵀb / (n σ_a σ_b) − (μ_a/σ_a)(μ_b/σ_b)ᵀ, the
+    first term by scipy's sparse-times-sparse product in float64: Σ over tokens of L0_a·L0_b
+    multiply-adds, where aᵀ times dense columns of b costs nnz(a)·d_b (at width 4,096 over 8,192
+    tokens 1.6 -> 0.7 s a pair; split over threads it was slower)."""
     n, d_a = a.shape
     d_b = b.shape[1]
     a_mean, a_std = _column_moments(a)
     b_mean, b_std = _column_moments(b)
-    a_t = a.t().coalesce() if a.is_sparse else a.t()
-    b_dense_cols = b.to_dense() if not b.is_sparse else None
+    a_scale = torch.where(a_std > 0, 1 / (n * a_std), 0)
+    b_scale = torch.where(b_std > 0, 1 / b_std, 0)
+    a_t, b_cols = _scipy_csr(a, a_scale, transpose=True), _scipy_csr(b, b_scale).tocsc()
+    a_shift, b_shift = a_mean * a_scale * n, b_mean * b_scale  # μ/σ
     k_a, k_b = min(k, d_b), min(k, d_a)
     a_corr = torch.full((d_a, k_a), -torch.inf)
     a_index = torch.full((d_a, k_a), -1, dtype=torch.long)
@@ -261,42 +268,50 @@ def top_correlations(a: Tensor, b: Tensor, k: int, chunk_entries: int = 1 << 24)
     step = max(1, chunk_entries // max(d_a, 1))
     for start in range(0, d_b, step):
         stop = min(d_b, start + step)
-        cols = b_dense_cols[:, start:stop] if b_dense_cols is not None else _dense_columns(b, start, stop)
-        cross = (torch.sparse.mm(a_t, cols) if a_t.is_sparse else a_t @ cols) / n  # [d_a, c]
-        cov = cross - a_mean[:, None] * b_mean[None, start:stop]
-        denom = a_std[:, None] * b_std[None, start:stop]
-        corr = torch.where(denom > 0, cov / denom.clamp_min(1e-30), -torch.inf)
+        corr = torch.from_numpy((a_t @ b_cols[:, start:stop].tocsr()).toarray())  # [d_a, c] float64
+        corr = corr.addr_(a_shift, b_shift[start:stop], alpha=-1).float()
+        corr[~(a_std > 0)] = -torch.inf  # never varies (or no tokens: NaN)
+        corr[:, ~(b_std[start:stop] > 0)] = -torch.inf
         # running top-k over b for each latent of a
         cand_corr = torch.cat([a_corr, corr], dim=1)
         cand_index = torch.cat([a_index, torch.arange(start, stop).expand(d_a, -1)], dim=1)
         a_corr, pick = cand_corr.topk(k_a, dim=1)
         a_index = cand_index.gather(1, pick)
         # complete top-k over a for each latent of b in this chunk
-        top = corr.topk(k_b, dim=0)
-        b_corr[start:stop] = top.values.t()
-        b_index[start:stop] = top.indices.t()
+        top = corr.t().contiguous().topk(k_b, dim=1)
+        b_corr[start:stop] = top.values
+        b_index[start:stop] = top.indices
     a_index[~torch.isfinite(a_corr)] = -1
     b_index[~torch.isfinite(b_corr)] = -1
     return a_index, a_corr, b_index, b_corr
 
 
+def _scipy_csr(m: Tensor, column_scale: Tensor, transpose: bool = False) -> Any:
+    """`m [n, d]` (sparse COO or dense) with each column times `column_scale [d]`, or its transpose,
+    as a float64 scipy CSR matrix."""
+    import scipy.sparse  # imported here: only the index's flow needs it
+
+    m = m.detach().cpu()
+    m = (m if m.is_sparse else m.to_sparse()).coalesce()
+    rows, cols = m.indices()
+    value = m.values().double() * column_scale.double()[cols]
+    shape = tuple(m.shape)
+    if transpose:
+        rows, cols, shape = cols, rows, shape[::-1]
+    return scipy.sparse.csr_matrix((value.numpy(), (rows.numpy(), cols.numpy())), shape=shape)
+
+
 def _column_moments(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Per column mean and (population) standard deviation of `m [n, d]`, sparse or dense."""
-    n = m.shape[0]
-    if m.is_sparse:
-        s = torch.sparse.sum(m, 0).to_dense()
-        sq = torch.sparse.sum(m * m, 0).to_dense()
+    """Per column mean and (population) standard deviation `[d]` (float64) of `m [n, d]`, sparse or
+    dense."""
+    n, d = m.shape
+    if m.is_sparse:  # sums over the stored entries by column (float64)
+        m = m.coalesce()
+        column, value = m.indices()[1], m.values().double()
+        s = torch.bincount(column, weights=value, minlength=d)
+        sq = torch.bincount(column, weights=value * value, minlength=d)
     else:
-        s, sq = m.sum(0), (m * m).sum(0)
+        s, sq = m.double().sum(0), m.double().square().sum(0)
     mean = s / n
     var = (sq / n - mean * mean).clamp_min(0)
     return mean, var.sqrt()
-
-
-def _dense_columns(m: Tensor, start: int, stop: int) -> Tensor:
-    """Columns `start:stop` of a sparse COO matrix `m [n, d]` as a dense `[n, stop - start]`."""
-    index, value = m.indices(), m.values()
-    keep = (index[1] >= start) & (index[1] < stop)
-    out = torch.zeros(m.shape[0], stop - start)
-    out[index[0, keep], index[1, keep] - start] = value[keep]
-    return out
