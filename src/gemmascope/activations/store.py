@@ -110,8 +110,8 @@ class ActivationStore:
 
         Shuffling: each epoch visits this rank's shards in a random order, pours their tokens into a
         buffer and, once it holds `buffer_tokens`, serves random batches until half remains. Memory: per
-        site two buffers of `buffer_tokens` plus the largest shard's tokens, and one shard's bytes. The order depends only on (seed, epoch,
-        rank).
+        site two buffers of `buffer_tokens` plus the largest shard's tokens, and one shard's bytes. The
+        order depends only on (seed, epoch, rank).
 
         Data-parallel (`world_size` > 1): rank r reads shards r, r+W, r+2W, ... and no others. Every
         rank yields the same number of batches per epoch, floor(min over ranks of its non-special tokens /
