@@ -4,7 +4,7 @@ that latent is worth.
 
     python benchmarks/concepts.py RUN_DIR [--sae ID ...] [--joint] [--concepts dog,cat] [--strengths 0.25,0.5,1,2]
         [--seeds 3] [--max-new-tokens 30] [--side-effect-tokens 1024] [--out benchmarks/results/concepts.json]
-        [--plot docs/concepts.png] [--quick]
+        [--plot docs/concepts.png] [--quick | --detection-only]
 
 Per concept (files in examples/concepts/CONCEPT/: selection.txt, heldout.txt, words.txt) and SAE
 (with --joint: per concept, one pick over all the SAEs at once, the search ranking every SAE's
@@ -22,6 +22,10 @@ latents by the same scale-free separation, as `gemmascope contrast RUN` does):
     words.txt), against the ΔLM loss it costs on held-out text (`effects.side_effects`).
 (c) reading: whether the latent's feature page names the concept: the share of its top 10 examples
     whose window holds a concept word, and whether its explanation does.
+Beside (a), the oracle: the best held-out F1 of any single latent of the pick's SAEs, chosen on the
+held-out labels themselves (a bound on what any search could find: it says whether the search or the
+dictionary limits detection). `--detection-only` measures (a), (c) and the oracle, not (b): minutes,
+for comparing dictionaries.
 
 Prints one table, writes the JSON and a plot (F1 per concept; mention share against cost per strength).
 """
@@ -89,6 +93,11 @@ def mentions(text: str, words: list[str]) -> bool:
     return any(re.search(rf"(?<![a-z]){re.escape(w.lower())}(?![a-z])", low) for w in words)
 
 
+def mention_share(texts: list[str], words: list[str]) -> float:
+    """The share of `texts` that mention one of `words` (0 for no texts)."""
+    return sum(mentions(t, words) for t in texts) / max(len(texts), 1)
+
+
 def concept_token_ids(model: LanguageModel, words: list[str]) -> list[int]:
     """The single-token forms of the concept's words (' dog', ' Dog', 'dog', ...) as token ids
     (`features.word_token_ids` of each)."""
@@ -104,6 +113,22 @@ def best_threshold(pos: torch.Tensor, neg: torch.Tensor) -> float:
         if f1 > best_f1:
             best, best_f1 = t, f1
     return best
+
+
+def oracle_f1(acts: torch.Tensor, is_pos: torch.Tensor) -> tuple[int, float]:
+    """The latent of `acts [n, d_sae]` (pooled activations of n sentences) with the best F1 of
+    `is_pos [n]` over every threshold of the form "fires when > t", and that F1: all latents at
+    once, by sorting each column and counting the positives above every cut between distinct values."""
+    values, order = acts.float().sort(dim=0, descending=True)  # [n, d]
+    hits = is_pos[order].float().cumsum(0)  # [n, d] positives among the top k+1
+    k = torch.arange(1, acts.shape[0] + 1, dtype=torch.float32)[:, None]  # predicted positives
+    f1 = 2 * hits / (k + is_pos.sum())
+    cut = torch.ones_like(values, dtype=torch.bool)
+    cut[:-1] = values[:-1] > values[1:]  # a threshold can fall only between distinct values,
+    cut[-1] = values[-1] > 0  # and is at least 0 (as `best_threshold`'s)
+    f1 = torch.where(cut, f1, torch.zeros_like(f1)).amax(0)  # [d]
+    best = int(f1.argmax())
+    return best, float(f1[best])
 
 
 def f1_score(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> float:
@@ -181,6 +206,7 @@ def measure_sae(
     pooled_held = encode(model, saes, heldout_texts, pool="max").pooled["max"]  # {id: [n, d_sae]}
     pooled_sel = encode(model, saes, select_texts, pool="max").pooled["max"]
     baseline = completions(model, sets["prompts"], [], args.seeds, args.max_new_tokens)
+    is_pos_held_of = {n: torch.tensor([o == n for o in heldout_owner]) for n in names}
     rows = []
     for name in sets["measured"]:
         concept = sets["concepts"][name]
@@ -194,7 +220,10 @@ def measure_sae(
         key, latent = str(top["sae_id"]), int(top["index"])
         sae = saes[key]
         is_pos_sel = torch.tensor([o == name for o in select_owner])
-        is_pos_held = torch.tensor([o == name for o in heldout_owner])
+        is_pos_held = is_pos_held_of[name]
+        oracle = max(
+            ((k, *oracle_f1(pooled_held[k], is_pos_held)) for k in saes), key=lambda o: o[2]
+        )  # (sae id, latent, F1)
         sel = pooled_sel[key][:, latent]
         threshold = best_threshold(sel[is_pos_sel], sel[~is_pos_sel])
         held = pooled_held[key][:, latent]
@@ -215,7 +244,7 @@ def measure_sae(
                     "p_clean": p0,
                     "p_steered": p1,
                     "ratio": p1 / p0 if p0 > 0 else float("nan"),
-                    "mention_share": sum(mentions(t, concept["words"]) for t in texts) / len(texts),
+                    "mention_share": mention_share(texts, concept["words"]),
                     "delta_lm_loss": cost["delta_lm_loss"],
                     "kl": cost["kl"],
                     "completions": texts,
@@ -233,7 +262,8 @@ def measure_sae(
             "f1_selection": f1_score(sel[is_pos_sel], sel[~is_pos_sel], threshold),
             "f1_heldout": f1,
             "f1_heldout_fires": f1_score(held[is_pos_held], held[~is_pos_held], 0.0),
-            "baseline_mention_share": sum(mentions(t, concept["words"]) for t in baseline) / len(baseline),
+            "oracle": {"sae_id": oracle[0], "latent": oracle[1], "f1_heldout": oracle[2]},
+            "baseline_mention_share": mention_share(baseline, concept["words"]),
             "steering": steer_rows,
             "best": None if best is None else {k: v for k, v in best.items() if k != "completions"},
             "page": page,
@@ -250,6 +280,7 @@ def summary_line(row: dict[str, Any]) -> str:
     page = row["page"]
     return (
         f"{row['concept']:<9} {row['sae_id']:<30} {row['latent']:>6} {row['f1_heldout']:6.2f} "
+        f"{row['oracle']['f1_heldout']:6.2f} "
         f"{best.get('multiple', float('nan')):5.2f} {best.get('mention_share', float('nan')):6.2f} "
         f"{row['baseline_mention_share']:5.2f} {best.get('ratio', float('nan')):7.2f} "
         f"{best.get('delta_lm_loss', float('nan')):6.3f} "
@@ -259,7 +290,7 @@ def summary_line(row: dict[str, Any]) -> str:
 
 
 HEADER = (
-    f"{'concept':<9} {'sae':<30} {'latent':>6} {'F1':>6} {'x max':>5} {'mention':>6} {'base':>5} "
+    f"{'concept':<9} {'sae':<30} {'latent':>6} {'F1':>6} {'oracle':>6} {'x max':>5} {'mention':>6} {'base':>5} "
     f"{'p ratio':>7} {'ΔLM':>6} {'page':>5}  explanation"
 )
 
@@ -267,19 +298,28 @@ HEADER = (
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in rows if r.get("latent") is not None]
     keys = sorted({r["pick"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    steered = any(r["steering"] for r in rows)  # not with --detection-only: the F1 panel alone
+    fig, axes = plt.subplots(1, 2 if steered else 1, figsize=(14 if steered else 8, 5), squeeze=False)
+    axes = axes[0]
     width = 0.8 / max(len(keys), 1)
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     for k, key in enumerate(keys):
         f1 = {r["concept"]: r["f1_heldout"] for r in rows if r["pick"] == key}
-        axes[0].bar(
-            [i + k * width for i in range(len(concepts))], [f1.get(c, 0) for c in concepts], width, label=key
-        )
+        xs = [i + k * width for i in range(len(concepts))]
+        axes[0].bar(xs, [f1.get(c, 0) for c in concepts], width, label=key)
+        oracle = {r["concept"]: r["oracle"]["f1_heldout"] for r in rows if r["pick"] == key and "oracle" in r}
+        axes[0].scatter(
+            xs, [oracle.get(c, float("nan")) for c in concepts], marker="_", s=120, color="black",
+            label="oracle (best latent on the held-out labels)" if k == 0 else None,
+        )  # fmt: skip
     axes[0].axhline(F1_TARGET, color="grey", linestyle="--", linewidth=1)
     axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(concepts))], concepts, rotation=45, ha="right")
     axes[0].set_ylabel("held-out F1 of the contrast pick")
     axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower left")
+    if not steered:
+        _save(fig, path)
+        return
     for r in rows:
         xs = [s["delta_lm_loss"] for s in r["steering"]]
         ys = [s["mention_share"] for s in r["steering"]]
@@ -287,12 +327,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[1].axvline(MAX_COST, color="grey", linestyle="--", linewidth=1)
     axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axes[1].set_xscale("symlog", linthresh=0.05)
-    axes[1].set_xlim(
-        left=min(0.0, *(s["delta_lm_loss"] for r in rows for s in r["steering"]))
-    )  # no empty negatives
+    axes[1].set_xlim(left=min([0.0] + [s["delta_lm_loss"] for r in rows for s in r["steering"]]))
     axes[1].set_xlabel("held-out ΔLM loss of the steer (nats)")
     axes[1].set_ylabel("share of completions mentioning the concept")
     axes[1].legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -313,13 +355,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=30)
     parser.add_argument("--side-effect-tokens", type=int, default=1024)
-    parser.add_argument("--quick", action="store_true", help="strengths 0.5,1 and 1 seed: for sweeps")
+    effort = parser.add_mutually_exclusive_group()
+    effort.add_argument("--quick", action="store_true", help="strengths 0.5,1 and 1 seed: for sweeps")
+    effort.add_argument(
+        "--detection-only", action="store_true", help="detection, the oracle and the page; no steering"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/concepts.json"))
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     args.strengths = [float(s) for s in args.strengths.split(",")]
     if args.quick:
         args.strengths, args.seeds = [0.5, 1.0], 1
+    if args.detection_only:
+        args.strengths, args.seeds = [], 0
     concepts = [c.strip() for c in args.concepts.split(",")]
     unknown = sorted(set(concepts) - set(CONCEPTS))
     if unknown:
@@ -348,10 +396,12 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
     for key in sorted({r["pick"] for r in rows}):
         mine = [r for r in rows if r["pick"] == key and r.get("latent") is not None]
         detected = [r["concept"] for r in mine if r["f1_heldout"] >= F1_TARGET]
+        oracle = [r["concept"] for r in mine if r["oracle"]["f1_heldout"] >= F1_TARGET]
         steered = [r["concept"] for r in mine if r["best"] and r["best"]["mention_share"] >= 0.5]
         named = [r["concept"] for r in mine if r["page"].get("names")]
         print(
-            f"{key}: detection F1 >= {F1_TARGET}: {len(detected)}/{len(mine)} {detected}; "
+            f"{key}: detection F1 >= {F1_TARGET}: {len(detected)}/{len(mine)} {detected} "
+            f"(oracle {len(oracle)}); "
             f"steered (>= half mention at ΔLM <= {MAX_COST}): {len(steered)} {steered}; "
             f"page names it: {len(named)} {named}"
         )
