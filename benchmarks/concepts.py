@@ -399,11 +399,14 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
         oracle = [r["concept"] for r in mine if r["oracle"]["f1_heldout"] >= F1_TARGET]
         steered = [r["concept"] for r in mine if r["best"] and r["best"]["mention_share"] >= 0.5]
         named = [r["concept"] for r in mine if r["page"].get("names")]
+        steering = (
+            f"steered (>= half mention at ΔLM <= {MAX_COST}): {len(steered)} {steered}"
+            if any(r["steering"] for r in mine)
+            else "steering not measured"
+        )
         print(
             f"{key}: detection F1 >= {F1_TARGET}: {len(detected)}/{len(mine)} {detected} "
-            f"(oracle {len(oracle)}); "
-            f"steered (>= half mention at ΔLM <= {MAX_COST}): {len(steered)} {steered}; "
-            f"page names it: {len(named)} {named}"
+            f"(oracle {len(oracle)}); {steering}; page names it: {len(named)} {named}"
         )
 
 
