@@ -573,6 +573,34 @@ def test_the_logit_lens_is_named_only_where_it_is_coherent() -> None:
     assert baseline_explanation(page, known) == 'fires on "sea"'
 
 
+def test_a_lens_led_by_words_of_the_corpus_is_named_whatever_follows() -> None:
+    """A male latent's lens: " his", " himself", " he", then other scripts' words for the same
+    (a minority of readable tokens, which the coherence share alone refuses): named by its words
+    of the corpus, when they lead it and its tokens agree at least LENS_LEAD_AGREES."""
+    from gemmascope.features import baseline_explanation
+    from gemmascope.features.explain import LENS_AGREES, LENS_LEAD_AGREES, coherent_lens
+
+    page = _page(["."] * 4, [(10, ["."] * 5)])
+    known = {"his", "himself", "he", "him", "."}
+    lens = [" his", " himself", " he", "他", "彼", " его", "他的", " him", "他们", "彼は"]
+    page["logit_lens"] = {"promoted": [{"token": t, "value": 1.0} for t in lens], "agreement": 0.5}
+    assert coherent_lens(page, known) == [" his", " himself", " he", " him"]
+    assert baseline_explanation(page, known) == 'fires on "."; promotes "his", "himself", "he"'
+    # agreeing, but under the lead's bar: the share rule decides, and 4 of 10 readable is junk
+    page["logit_lens"]["agreement"] = (LENS_AGREES + LENS_LEAD_AGREES) / 2
+    assert coherent_lens(page, known) == []
+    page["logit_lens"]["agreement"] = 0.5
+    # led by two words only, or by a mark that is no word: junk
+    page["logit_lens"]["promoted"][2]["token"] = " 彼女"
+    assert coherent_lens(page, known) == []
+    page["logit_lens"]["promoted"][2]["token"] = "."
+    assert coherent_lens(page, known) == []
+    # without the corpus's words (no vocabulary to check against), only the share rule names
+    page["logit_lens"]["promoted"][2]["token"] = " he"
+    assert coherent_lens(page, known) == [" his", " himself", " he", " him"]
+    assert coherent_lens(page) == lens
+
+
 def test_lens_agreement_is_the_mean_cosine_of_centred_output_embeddings(tiny_model: LanguageModel) -> None:
     """`lens_agreement` computed the slow way: every ordered pair of distinct tokens of a row; a row
     of one token repeated agrees fully (the built pages' values: the direct-product test above)."""

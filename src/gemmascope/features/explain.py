@@ -36,6 +36,8 @@ LENS_COHERENT = 0.5  # the logit lens is named only when this share of its top t
 LENS_AGREES = 0.15  # ... and its top tokens agree this much (`lens.lens_agreement`; a random direction's
 # lens: 0.08 median, 0.16 at the 90th percentile): a readable lens of unrelated words is noise
 PLAIN_WORD = 5  # letters of a plain (ASCII) word a lens may name though the index corpus lacks it
+LENS_LEAD = 3  # a lens led by this many words of the index corpus (`led_lens`) ...
+LENS_LEAD_AGREES = 0.3  # ... that agree this much names them, whatever follows them
 CONTEXT_SHARE = 0.2  # a context word of a broad latent is in at least this share of its distinct windows ...
 CONTEXT_LIFT = 5.0  # ... this many times as often as a window of the corpus holds it
 CONTEXT_OVERLAP = 0.5  # a window sharing more than this share of its words with one kept is the same text
@@ -104,7 +106,8 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
     words a reader knows all the same, named when the lens says one of them in two forms (its first
     `PLAIN_WORD` letters twice: " temperatures", " temperature"), as a random direction's does not.
     A lens whose top tokens do not agree (its `agreement` under `LENS_AGREES`, where the page has
-    one: " energized", " BLINK", " Wolverine") is never named."""
+    one: " energized", " BLINK", " Wolverine") is never named. Where that rule names nothing, a lens
+    led by words of the corpus (`led_lens`) is named by them."""
     promoted = [p["token"] for p in agreeing_lens(feature)]
 
     def readable(token: str) -> bool:
@@ -115,14 +118,30 @@ def coherent_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | No
 
     kept = [t for t in promoted if readable(t)]
     if not promoted or len(kept) < LENS_COHERENT * len(promoted):
-        return []
+        return led_lens(feature, known_tokens)
     if known_tokens is not None and any(lens_word(t) not in known_tokens for t in kept):
         # plain words the corpus lacks: only a lens that says one word twice (" tournament",
         # " Tournaments") is about something; a random direction's lens is plain words too
         stems = Counter(lens_word(t)[:PLAIN_WORD] for t in kept)
         if stems.most_common(1)[0][1] < 2:
-            return []
+            return led_lens(feature, known_tokens)
     return kept
+
+
+def led_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | None) -> list[str]:
+    """The lens's tokens that are words of the index corpus (`known_tokens`), when its `LENS_LEAD`
+    strongest tokens are all such words (letters or digits) and its tokens agree at least
+    `LENS_LEAD_AGREES`, whatever follows them: a male latent's lens " his", " himself", " he" goes
+    on with "他", "彼" and other scripts' words for the same, which `coherent_lens`'s share counts
+    as junk; a lens of countries may hold one the corpus lacks. Else none."""
+    lens = feature.get("logit_lens") or {}
+    promoted = [p["token"] for p in lens.get("promoted") or []]
+    if known_tokens is None or float(lens.get("agreement", 0.0)) < LENS_LEAD_AGREES:
+        return []
+    lead = [lens_word(t) for t in promoted[:LENS_LEAD]]
+    if len(lead) < LENS_LEAD or not all(w in known_tokens and w.isalnum() for w in lead):
+        return []
+    return [t for t in promoted if lens_word(t) in known_tokens]
 
 
 def context_words(feature: Mapping[str, Any], corpus_words: CorpusWords, n: int = 3) -> list[str]:
