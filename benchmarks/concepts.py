@@ -4,7 +4,7 @@ that latent is worth.
 
     python benchmarks/concepts.py RUN_DIR [--sae ID ...] [--joint] [--concepts dog,cat] [--strengths 0.25,0.5,1,2]
         [--seeds 3] [--max-new-tokens 30] [--side-effect-tokens 1024] [--out benchmarks/results/concepts.json]
-        [--plot docs/concepts.png] [--quick | --detection-only]
+        [--plot docs/concepts.png] [--quick | --detection-only] [--bootstrap 200]
 
 Per concept (files in examples/concepts/CONCEPT/: selection.txt, heldout.txt, words.txt) and SAE
 (with --joint: per concept, one pick over all the SAEs at once, the search ranking every SAE's
@@ -25,7 +25,10 @@ latents by the same scale-free separation, as `gemmascope contrast RUN` does):
 Beside (a), the oracle: the best held-out F1 of any single latent of the pick's SAEs, chosen on the
 held-out labels themselves (a bound on what any search could find: it says whether the search or the
 dictionary limits detection). `--detection-only` measures (a), (c) and the oracle, not (b): minutes,
-for comparing dictionaries.
+for comparing dictionaries. With 24 selection sentences a concept, the pick and its threshold depend
+on which sentences were written: `--bootstrap N` (default 200) redoes (a) on N resamples of them
+(`bootstrap_detection`) and prints the detected count's mean and spread, so two dictionaries are
+compared by more than one draw.
 
 Prints one table, writes the JSON and a plot (F1 per concept; mention share against cost per strength).
 """
@@ -47,8 +50,8 @@ import torch  # noqa: E402
 
 from gemmascope.effects import side_effects  # noqa: E402
 from gemmascope.features import FeatureIndex  # noqa: E402
-from gemmascope.features.contrast import contrast  # noqa: E402
-from gemmascope.features.encode import encode  # noqa: E402
+from gemmascope.features.contrast import contrast, separation  # noqa: E402
+from gemmascope.features.encode import HIDE_DENSE, dense_latents, encode  # noqa: E402
 from gemmascope.features.lens import word_token_ids  # noqa: E402
 from gemmascope.models import LanguageModel, prompt_tokens  # noqa: E402
 from gemmascope.opening import open_run  # noqa: E402
@@ -64,6 +67,7 @@ STRENGTHS = (0.25, 0.5, 1.0, 2.0)  # x the latent's max activation in the featur
 MAX_COST = 0.5  # nats of held-out ΔLM loss a steer may cost (the issue's target)
 F1_TARGET = 0.8
 B_PER_CONCEPT = 12  # selection sentences of each other concept in the contrast's B set (at most 200 prompts)
+BOOTSTRAP = 200  # resamples of the selection sentences for the detected count's spread
 
 
 def read_lines(path: Path) -> list[str]:
@@ -189,9 +193,10 @@ def page_names_concept(index: FeatureIndex | None, key: str, latent: int, words:
 
 def measure_sae(
     model: LanguageModel, saes: dict[str, SAE], index: FeatureIndex | None, sets: dict[str, Any], args: Any
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of one pick: the contrast search over `saes` (one SAE, or with --joint every SAE of
-    the run at once, as `gemmascope contrast RUN` searches), its top latent measured in its SAE."""
+    the run at once, as `gemmascope contrast RUN` searches), its top latent measured in its SAE; and
+    the detection's spread over resamples of the selection sentences (`bootstrap_detection`)."""
     pick = "joint" if len(saes) > 1 else next(iter(saes))
     densities = {k: index.densities(k) for k in saes} if index is not None else None
     names = list(sets["concepts"])
@@ -270,7 +275,84 @@ def measure_sae(
         }
         rows.append(row)
         print(summary_line(row), flush=True)
-    return rows
+    spread = bootstrap_detection(
+        pooled_sel, pooled_held, select_owner, heldout_owner, sets["measured"], densities, args.bootstrap
+    )
+    differ = [r["concept"] for r in rows if r.get("latent") is not None
+              and spread["picks"][r["concept"]] != {"sae_id": r["sae_id"], "latent": r["latent"]}]  # fmt: skip
+    if differ:
+        raise SystemExit(f"the bootstrap's own pick differs from the contrast search's for {differ}")
+    return rows, {"pick": pick, **spread}
+
+
+def bootstrap_detection(
+    pooled_sel: dict[str, torch.Tensor],
+    pooled_held: dict[str, torch.Tensor],
+    select_owner: list[str],
+    heldout_owner: list[str],
+    measured: list[str],
+    densities: dict[str, torch.Tensor] | None,
+    n: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How much the detected count owes to which selection sentences were written: the whole
+    detection (contrast pick, its selection threshold, its held-out F1) again on `n` resamples of
+    the selection sentences, each concept's and the other sentences' drawn with replacement (same
+    sizes), the held-out sentences fixed. The pick is the contrast search's own arithmetic on the
+    max-pooled values (`separation`, dense latents hidden, the best over every SAE); resample 0 is
+    the sentences as written, checked to pick what `contrast` picked. Returns the count of concepts
+    detected (F1 >= F1_TARGET) per resample, its mean and spread, and each concept's share of
+    resamples that detect it, and the picks of resample 0."""
+    gen = torch.Generator().manual_seed(seed)
+    groups: dict[str, list[int]] = {}
+    for i, owner in enumerate(select_owner):
+        groups.setdefault(owner, []).append(i)
+    hidden = {
+        k: dense_latents(None if densities is None else densities.get(k), HIDE_DENSE) for k in pooled_sel
+    }
+    counts, detected = [], {name: 0 for name in measured}
+    picks: dict[str, tuple[str, int]] = {}
+    for b in range(n + 1):
+        drawn = {o: g if b == 0 else [g[j] for j in torch.randint(len(g), (len(g),), generator=gen)]
+                 for o, g in groups.items()}  # fmt: skip
+        order = [i for g in drawn.values() for i in g]
+        owner = [o for o, g in drawn.items() for _ in g]
+        count = 0
+        for name in measured:
+            b_rows = [i for o, g in drawn.items() if o not in (name, "other") for i in g[:B_PER_CONCEPT]]
+            b_rows += drawn.get("other", [])
+            best = None
+            for key, acts in pooled_sel.items():
+                effect = separation(acts[drawn[name]], acts[b_rows])
+                if hidden[key] is not None:
+                    effect = effect.masked_fill(hidden[key], float("-inf"))
+                value, latent = effect.max(0)
+                if best is None or float(value) > best[0]:
+                    best = (float(value), key, int(latent))
+            assert best is not None
+            _, key, latent = best
+            if b == 0:
+                picks[name] = (key, latent)
+            sel = pooled_sel[key][order, latent]
+            is_pos = torch.tensor([o == name for o in owner])
+            threshold = best_threshold(sel[is_pos], sel[~is_pos])
+            held = pooled_held[key][:, latent]
+            is_held = torch.tensor([o == name for o in heldout_owner])
+            hit = f1_score(held[is_held], held[~is_held], threshold) >= F1_TARGET
+            count += hit
+            if b > 0:
+                detected[name] += hit
+        counts.append(count)
+    resampled = torch.tensor(counts[1:], dtype=torch.float64)
+    return {
+        "n": n,
+        "as_written": counts[0],
+        "mean": float(resampled.mean()) if n else float("nan"),
+        "sd": float(resampled.std()) if n > 1 else float("nan"),
+        "counts": {c: counts[1:].count(c) for c in sorted(set(counts[1:]))},
+        "detected_share": {name: detected[name] / n for name in measured} if n else {},
+        "picks": {name: {"sae_id": k, "latent": i} for name, (k, i) in picks.items()},
+    }
 
 
 def summary_line(row: dict[str, Any]) -> str:
@@ -360,6 +442,10 @@ def main() -> None:
     effort.add_argument(
         "--detection-only", action="store_true", help="detection, the oracle and the page; no steering"
     )
+    parser.add_argument(
+        "--bootstrap", type=int, default=BOOTSTRAP,
+        help="resamples of the selection sentences for the detected count's spread (0: none)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/concepts.json"))
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -368,6 +454,8 @@ def main() -> None:
         args.strengths, args.seeds = [0.5, 1.0], 1
     if args.detection_only:
         args.strengths, args.seeds = [], 0
+    if args.bootstrap < 0:
+        raise SystemExit(f"--bootstrap {args.bootstrap}: expected 0 (none) or more resamples")
     concepts = [c.strip() for c in args.concepts.split(",")]
     unknown = sorted(set(concepts) - set(CONCEPTS))
     if unknown:
@@ -377,14 +465,16 @@ def main() -> None:
     model, index = run.model, run.index()
     started = time.monotonic()
     print(HEADER)
-    rows = []
+    rows, spreads = [], []
     picks = [dict(run.saes)] if args.joint else [{key: sae} for key, sae in run.saes.items()]
     for saes in picks:
-        rows += measure_sae(model, saes, index, sets, args)
+        measured, spread = measure_sae(model, saes, index, sets, args)
+        rows += measured
+        spreads.append(spread)
     seconds = time.monotonic() - started
-    print_targets(rows)
+    print_targets(rows, spreads)
     out = {"run": str(args.run_dir), "strengths": args.strengths, "seeds": args.seeds, "seconds": seconds,
-           "max_new_tokens": args.max_new_tokens, "rows": rows}  # fmt: skip
+           "max_new_tokens": args.max_new_tokens, "rows": rows, "bootstrap": spreads}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     if args.plot is not None:
@@ -392,7 +482,7 @@ def main() -> None:
     print(f"wrote {args.out} ({seconds:.0f} s)")
 
 
-def print_targets(rows: list[dict[str, Any]]) -> None:
+def print_targets(rows: list[dict[str, Any]], spreads: list[dict[str, Any]]) -> None:
     for key in sorted({r["pick"] for r in rows}):
         mine = [r for r in rows if r["pick"] == key and r.get("latent") is not None]
         detected = [r["concept"] for r in mine if r["f1_heldout"] >= F1_TARGET]
@@ -408,6 +498,14 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
             f"{key}: detection F1 >= {F1_TARGET}: {len(detected)}/{len(mine)} {detected} "
             f"(oracle {len(oracle)}); {steering}; page names it: {len(named)} {named}"
         )
+        spread = next(s for s in spreads if s["pick"] == key)
+        if spread["n"]:
+            likely = {c: round(v, 2) for c, v in spread["detected_share"].items() if v > 0}
+            print(
+                f"  over {spread['n']} resamples of the selection sentences: detected "
+                f"{spread['mean']:.1f} ± {spread['sd']:.1f} (from {min(spread['counts'])} to "
+                f"{max(spread['counts'])}); each concept's share of resamples detecting it: {likely}"
+            )
 
 
 if __name__ == "__main__":
