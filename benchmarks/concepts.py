@@ -25,7 +25,7 @@ latents by the same scale-free separation, as `gemmascope contrast RUN` does):
 Beside (a), the oracle: the best held-out F1 of any single latent of the pick's SAEs, chosen on the
 held-out labels themselves (a bound on what any search could find: it says whether the search or the
 dictionary limits detection). `--detection-only` measures (a), (c) and the oracle, not (b): minutes,
-for comparing dictionaries. With 24 selection sentences a concept, the pick and its threshold depend
+for comparing dictionaries. With 48 selection sentences a concept, the pick and its threshold depend
 on which sentences were written: `--bootstrap N` (default 200) redoes (a) on N resamples of them
 (`bootstrap_detection`) and prints the detected count's mean and spread, so two dictionaries are
 compared by more than one draw.
@@ -66,7 +66,7 @@ CONCEPTS = (
 STRENGTHS = (0.25, 0.5, 1.0, 2.0)  # x the latent's max activation in the feature index
 MAX_COST = 0.5  # nats of held-out ΔLM loss a steer may cost (the target)
 F1_TARGET = 0.8
-B_PER_CONCEPT = 12  # selection sentences of each other concept in the contrast's B set (at most 200 prompts)
+B_PER_CONCEPT = 9  # sentences of each other concept in the B set, beside the 80 others (at most 200)
 BOOTSTRAP = 200  # resamples of the selection sentences for the detected count's spread
 
 
