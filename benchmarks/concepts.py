@@ -25,7 +25,7 @@ latents by the same scale-free separation, as `gemmascope contrast RUN` does):
 Beside (a), the oracle: the best held-out F1 of any single latent of the pick's SAEs, chosen on the
 held-out labels themselves (a bound on what any search could find: it says whether the search or the
 dictionary limits detection). `--detection-only` measures (a), (c) and the oracle, not (b): minutes,
-for comparing dictionaries. With 48 selection sentences a concept, the pick and its threshold depend
+for comparing dictionaries. With 24 selection sentences a concept, the pick and its threshold depend
 on which sentences were written: `--bootstrap N` (default 200) redoes (a) on N resamples of them
 (`bootstrap_detection`) and prints the detected count's mean and spread, so two dictionaries are
 compared by more than one draw.
@@ -47,11 +47,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from detection import (  # noqa: E402  (benchmarks/detection.py, beside this script)
+    B_PER_CONCEPT,
+    F1_TARGET,
+    best_threshold,
+    bootstrap_detection,
+    f1_score,
+    oracle_f1,
+)
 
 from gemmascope.effects import side_effects  # noqa: E402
 from gemmascope.features import FeatureIndex  # noqa: E402
-from gemmascope.features.contrast import contrast, separation  # noqa: E402
-from gemmascope.features.encode import HIDE_DENSE, dense_latents, encode  # noqa: E402
+from gemmascope.features.contrast import contrast  # noqa: E402
+from gemmascope.features.encode import encode  # noqa: E402
 from gemmascope.features.lens import word_token_ids  # noqa: E402
 from gemmascope.models import LanguageModel, prompt_tokens  # noqa: E402
 from gemmascope.opening import open_run  # noqa: E402
@@ -65,8 +73,6 @@ CONCEPTS = (
 )  # fmt: skip
 STRENGTHS = (0.25, 0.5, 1.0, 2.0)  # x the latent's max activation in the feature index
 MAX_COST = 0.5  # nats of held-out ΔLM loss a steer may cost (the issue's target)
-F1_TARGET = 0.8
-B_PER_CONCEPT = 9  # sentences of each other concept in the B set, beside the 80 others (at most 200)
 BOOTSTRAP = 200  # resamples of the selection sentences for the detected count's spread
 
 
@@ -91,6 +97,14 @@ def load_sets(concepts: list[str]) -> dict[str, Any]:
     return sets
 
 
+def labelled(sets: dict[str, Any], part: str) -> tuple[list[str], list[str]]:
+    """Every concept's `part` sentences ("selection" or "heldout") then the other ones, and each one's owner."""
+    pairs = [(t, n) for n, c in sets["concepts"].items() for t in c[part]] + [
+        (t, "other") for t in sets[f"other_{part}"]
+    ]
+    return [t for t, _ in pairs], [n for _, n in pairs]
+
+
 def mentions(text: str, words: list[str]) -> bool:
     """Whether `text` holds one of `words` as a whole word (case-insensitive)."""
     low = text.lower()
@@ -106,40 +120,6 @@ def concept_token_ids(model: LanguageModel, words: list[str]) -> list[int]:
     """The single-token forms of the concept's words (' dog', ' Dog', 'dog', ...) as token ids
     (`features.word_token_ids` of each)."""
     return sorted({i for w in words for i in word_token_ids(model, w)})
-
-
-def best_threshold(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """The activation threshold (fires when > it) with the best F1 of `pos` against `neg`."""
-    candidates = torch.cat([torch.zeros(1), pos, neg]).unique()
-    best, best_f1 = 0.0, -1.0
-    for t in candidates.tolist():
-        f1 = f1_score(pos, neg, t)
-        if f1 > best_f1:
-            best, best_f1 = t, f1
-    return best
-
-
-def oracle_f1(acts: torch.Tensor, is_pos: torch.Tensor) -> tuple[int, float]:
-    """The latent of `acts [n, d_sae]` (pooled activations of n sentences) with the best F1 of
-    `is_pos [n]` over every threshold of the form "fires when > t", and that F1: all latents at
-    once, by sorting each column and counting the positives above every cut between distinct values."""
-    values, order = acts.float().sort(dim=0, descending=True)  # [n, d]
-    hits = is_pos[order].float().cumsum(0)  # [n, d] positives among the top k+1
-    k = torch.arange(1, acts.shape[0] + 1, dtype=torch.float32)[:, None]  # predicted positives
-    f1 = 2 * hits / (k + is_pos.sum())
-    cut = torch.ones_like(values, dtype=torch.bool)
-    cut[:-1] = values[:-1] > values[1:]  # a threshold can fall only between distinct values,
-    cut[-1] = values[-1] > 0  # and is at least 0 (as `best_threshold`'s)
-    f1 = torch.where(cut, f1, torch.zeros_like(f1)).amax(0)  # [d]
-    best = int(f1.argmax())
-    return best, float(f1[best])
-
-
-def f1_score(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> float:
-    tp = int((pos > threshold).sum())
-    fp = int((neg > threshold).sum())
-    fn = pos.numel() - tp
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
 def next_token_ratio(
@@ -200,18 +180,15 @@ def measure_sae(
     pick = "joint" if len(saes) > 1 else next(iter(saes))
     densities = {k: index.densities(k) for k in saes} if index is not None else None
     names = list(sets["concepts"])
-    heldout_texts = [t for n in names for t in sets["concepts"][n]["heldout"]] + sets["other_heldout"]
-    heldout_owner = [n for n in names for _ in sets["concepts"][n]["heldout"]] + ["other"] * len(
-        sets["other_heldout"]
-    )
-    select_texts = [t for n in names for t in sets["concepts"][n]["selection"]] + sets["other_selection"]
-    select_owner = [n for n in names for _ in sets["concepts"][n]["selection"]] + ["other"] * len(
-        sets["other_selection"]
-    )
+    heldout_texts, heldout_owner = labelled(sets, "heldout")
+    select_texts, select_owner = labelled(sets, "selection")
     pooled_held = encode(model, saes, heldout_texts, pool="max").pooled["max"]  # {id: [n, d_sae]}
     pooled_sel = encode(model, saes, select_texts, pool="max").pooled["max"]
     baseline = completions(model, sets["prompts"], [], args.seeds, args.max_new_tokens)
     is_pos_held_of = {n: torch.tensor([o == n for o in heldout_owner]) for n in names}
+    spread = bootstrap_detection(
+        pooled_sel, pooled_held, select_owner, heldout_owner, sets["measured"], densities, args.bootstrap
+    )
     rows = []
     for name in sets["measured"]:
         concept = sets["concepts"][name]
@@ -223,6 +200,8 @@ def measure_sae(
             continue
         top = found["results"][0]
         key, latent = str(top["sae_id"]), int(top["index"])
+        if spread["picks"][name] != {"sae_id": key, "latent": latent}:  # before the minutes of steering
+            raise SystemExit(f"{name}: the bootstrap's pick {spread['picks'][name]} is not the contrast's")
         sae = saes[key]
         is_pos_sel = torch.tensor([o == name for o in select_owner])
         is_pos_held = is_pos_held_of[name]
@@ -275,84 +254,7 @@ def measure_sae(
         }
         rows.append(row)
         print(summary_line(row), flush=True)
-    spread = bootstrap_detection(
-        pooled_sel, pooled_held, select_owner, heldout_owner, sets["measured"], densities, args.bootstrap
-    )
-    differ = [r["concept"] for r in rows if r.get("latent") is not None
-              and spread["picks"][r["concept"]] != {"sae_id": r["sae_id"], "latent": r["latent"]}]  # fmt: skip
-    if differ:
-        raise SystemExit(f"the bootstrap's own pick differs from the contrast search's for {differ}")
     return rows, {"pick": pick, **spread}
-
-
-def bootstrap_detection(
-    pooled_sel: dict[str, torch.Tensor],
-    pooled_held: dict[str, torch.Tensor],
-    select_owner: list[str],
-    heldout_owner: list[str],
-    measured: list[str],
-    densities: dict[str, torch.Tensor] | None,
-    n: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """How much the detected count owes to which selection sentences were written: the whole
-    detection (contrast pick, its selection threshold, its held-out F1) again on `n` resamples of
-    the selection sentences, each concept's and the other sentences' drawn with replacement (same
-    sizes), the held-out sentences fixed. The pick is the contrast search's own arithmetic on the
-    max-pooled values (`separation`, dense latents hidden, the best over every SAE); resample 0 is
-    the sentences as written, checked to pick what `contrast` picked. Returns the count of concepts
-    detected (F1 >= F1_TARGET) per resample, its mean and spread, and each concept's share of
-    resamples that detect it, and the picks of resample 0."""
-    gen = torch.Generator().manual_seed(seed)
-    groups: dict[str, list[int]] = {}
-    for i, owner in enumerate(select_owner):
-        groups.setdefault(owner, []).append(i)
-    hidden = {
-        k: dense_latents(None if densities is None else densities.get(k), HIDE_DENSE) for k in pooled_sel
-    }
-    counts, detected = [], {name: 0 for name in measured}
-    picks: dict[str, tuple[str, int]] = {}
-    for b in range(n + 1):
-        drawn = {o: g if b == 0 else [g[j] for j in torch.randint(len(g), (len(g),), generator=gen)]
-                 for o, g in groups.items()}  # fmt: skip
-        order = [i for g in drawn.values() for i in g]
-        owner = [o for o, g in drawn.items() for _ in g]
-        count = 0
-        for name in measured:
-            b_rows = [i for o, g in drawn.items() if o not in (name, "other") for i in g[:B_PER_CONCEPT]]
-            b_rows += drawn.get("other", [])
-            best = None
-            for key, acts in pooled_sel.items():
-                effect = separation(acts[drawn[name]], acts[b_rows])
-                if hidden[key] is not None:
-                    effect = effect.masked_fill(hidden[key], float("-inf"))
-                value, latent = effect.max(0)
-                if best is None or float(value) > best[0]:
-                    best = (float(value), key, int(latent))
-            assert best is not None
-            _, key, latent = best
-            if b == 0:
-                picks[name] = (key, latent)
-            sel = pooled_sel[key][order, latent]
-            is_pos = torch.tensor([o == name for o in owner])
-            threshold = best_threshold(sel[is_pos], sel[~is_pos])
-            held = pooled_held[key][:, latent]
-            is_held = torch.tensor([o == name for o in heldout_owner])
-            hit = f1_score(held[is_held], held[~is_held], threshold) >= F1_TARGET
-            count += hit
-            if b > 0:
-                detected[name] += hit
-        counts.append(count)
-    resampled = torch.tensor(counts[1:], dtype=torch.float64)
-    return {
-        "n": n,
-        "as_written": counts[0],
-        "mean": float(resampled.mean()) if n else float("nan"),
-        "sd": float(resampled.std()) if n > 1 else float("nan"),
-        "counts": {c: counts[1:].count(c) for c in sorted(set(counts[1:]))},
-        "detected_share": {name: detected[name] / n for name in measured} if n else {},
-        "picks": {name: {"sae_id": k, "latent": i} for name, (k, i) in picks.items()},
-    }
 
 
 def summary_line(row: dict[str, Any]) -> str:

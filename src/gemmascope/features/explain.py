@@ -133,15 +133,14 @@ def led_lens(feature: Mapping[str, Any], known_tokens: Collection[str] | None) -
     strongest tokens are all such words (letters or digits) and its tokens agree at least
     `LENS_LEAD_AGREES`, whatever follows them: a male latent's lens " his", " himself", " he" goes
     on with "他", "彼" and other scripts' words for the same, which `coherent_lens`'s share counts
-    as junk; a lens of countries may hold one the corpus lacks. Else none."""
+    as junk; a lens of countries may hold one the corpus lacks. A page without `agreement` (an
+    index built before it) never is. Else none."""
     lens = feature.get("logit_lens") or {}
     promoted = [p["token"] for p in lens.get("promoted") or []]
     if known_tokens is None or float(lens.get("agreement", 0.0)) < LENS_LEAD_AGREES:
         return []
-    lead = [lens_word(t) for t in promoted[:LENS_LEAD]]
-    if len(lead) < LENS_LEAD or not all(w in known_tokens and w.isalnum() for w in lead):
-        return []
-    return [t for t in promoted if lens_word(t) in known_tokens]
+    words = [t for t in promoted if lens_word(t) in known_tokens and lens_word(t).isalnum()]
+    return words if len(promoted) >= LENS_LEAD and promoted[:LENS_LEAD] == words[:LENS_LEAD] else []
 
 
 def context_words(feature: Mapping[str, Any], corpus_words: CorpusWords, n: int = 3) -> list[str]:
