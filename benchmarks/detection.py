@@ -73,13 +73,15 @@ def bootstrap_detection(
     hidden = {
         k: dense_latents(None if densities is None else densities.get(k), HIDE_DENSE) for k in pooled_sel
     }
+    owner = [o for o, g in groups.items() for _ in g]  # every resample keeps each group's size and place
+    is_pos_of = {name: torch.tensor([o == name for o in owner]) for name in measured}
+    is_held_of = {name: torch.tensor([o == name for o in heldout_owner]) for name in measured}
     counts, detected = [], {name: 0 for name in measured}
     picks: dict[str, tuple[str, int]] = {}
     for b in range(n + 1):
         drawn = {o: g if b == 0 else [g[j] for j in torch.randint(len(g), (len(g),), generator=gen)]
                  for o, g in groups.items()}  # fmt: skip
         order = [i for g in drawn.values() for i in g]
-        owner = [o for o, g in drawn.items() for _ in g]
         count = 0
         for name in measured:
             b_rows = [i for o, g in drawn.items() if o not in (name, "other") for i in g[:B_PER_CONCEPT]]
@@ -97,10 +99,10 @@ def bootstrap_detection(
             if b == 0:
                 picks[name] = (key, latent)
             sel = pooled_sel[key][order, latent]
-            is_pos = torch.tensor([o == name for o in owner])
+            is_pos = is_pos_of[name]
             threshold = best_threshold(sel[is_pos], sel[~is_pos])
             held = pooled_held[key][:, latent]
-            is_held = torch.tensor([o == name for o in heldout_owner])
+            is_held = is_held_of[name]
             hit = f1_score(held[is_held], held[~is_held], threshold) >= F1_TARGET
             count += hit
             if b > 0:
